@@ -1,0 +1,56 @@
+"""Bit packing of b-bit indices along the last dimension: the one definition of the byte layout.
+
+Layout: the n indices form a little-endian bit stream; index i occupies bits [i·b, (i+1)·b) of the
+row, bit k of the stream is bit (k mod 8) of byte k // 8. So 4-bit puts index 2j in the low nibble
+of byte j and index 2j+1 in the high nibble; 3-bit puts 8 indices in 3 bytes (a d=128 vector is 48
+bytes), an index may straddle two bytes. Kernels and caches ask `packed_bytes` for sizes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+PACKABLE_BITS = (1, 2, 3, 4, 8)
+
+
+def validate_packable(num_indices: int, bits: int) -> None:
+    if bits not in PACKABLE_BITS:
+        raise ValueError(f"bits must be one of {PACKABLE_BITS} for packing, got {bits!r}")
+    if (num_indices * bits) % 8:
+        raise ValueError(
+            f"the last dimension ({num_indices}) times bits ({bits}) must be a multiple of 8 to pack into whole bytes"
+        )
+
+
+def packed_bytes(num_indices: int, bits: int) -> int:
+    """Bytes that `num_indices` indices of `bits` bits take after packing."""
+    validate_packable(num_indices, bits)
+    return num_indices * bits // 8
+
+
+def pack_indices(indices: torch.Tensor, bits: int) -> torch.Tensor:
+    """[..., n] integer indices < 2**bits -> [..., n·bits/8] uint8."""
+    validate_packable(indices.shape[-1], bits)
+    if bits == 8:
+        return indices.to(torch.uint8)
+    shifts = torch.arange(bits, device=indices.device, dtype=torch.int32)
+    stream = (indices.to(torch.int32).unsqueeze(-1) >> shifts) & 1  # [..., n, bits]
+    stream = stream.reshape(*indices.shape[:-1], -1, 8)
+    weights = torch.arange(8, device=indices.device, dtype=torch.int32)
+    return (stream << weights).sum(dim=-1).to(torch.uint8)
+
+
+def unpack_indices(packed: torch.Tensor, bits: int, num_indices: int) -> torch.Tensor:
+    """[..., n·bits/8] uint8 -> [..., n] uint8 indices (inverse of `pack_indices`)."""
+    if packed.dtype != torch.uint8:
+        raise ValueError(f"packed must be uint8, got {packed.dtype}")
+    expected = packed_bytes(num_indices, bits)
+    if packed.shape[-1] != expected:
+        raise ValueError(f"packed has {packed.shape[-1]} bytes in its last dimension, expected {expected}")
+    if bits == 8:
+        return packed
+    shifts = torch.arange(8, device=packed.device, dtype=torch.int32)
+    stream = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & 1  # [..., bytes, 8]
+    stream = stream.reshape(*packed.shape[:-1], num_indices, bits)
+    weights = torch.arange(bits, device=packed.device, dtype=torch.int32)
+    return (stream << weights).sum(dim=-1).to(torch.uint8)
