@@ -1,4 +1,5 @@
-"""`turboquant` command line: presets | verify | generate | demo. User errors print one line, exit 2."""
+"""turboquant: TurboQuant KV-cache compression. Commands: presets | verify | generate | demo.
+User errors print one line and exit 2."""
 
 from __future__ import annotations
 
@@ -34,6 +35,72 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _codec_config(args: argparse.Namespace) -> TurboQuantConfig:
+    overrides = {}
+    if args.window is not None:
+        overrides["residual_window"] = args.window
+    if args.sinks is not None:
+        overrides["sink_tokens"] = args.sinks
+    return TurboQuantConfig.from_preset(args.preset, **overrides)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Per-layer K/V/attention cosine and next-token agreement on the evaluation text; exit 1 on FAIL."""
+    import json
+
+    from .hf.models import eval_text, load_model
+    from .hf.verify import format_report, verify
+
+    config = _codec_config(args)
+    model, tokenizer = load_model(args.model)
+    report = verify(model, tokenizer, eval_text(), config, args.prefill, args.decode_tokens, progress=not args.json)
+    print(json.dumps(report.to_dict(), indent=1) if args.json else format_report(report))
+    return 0 if report.passed else 1
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Greedy generation with TurboQuantCache (and DynamicCache beside it with --compare)."""
+    import time
+
+    import torch
+    from transformers import DynamicCache
+
+    from .hf.cache import TurboQuantCache
+    from .hf.models import load_model
+
+    config = _codec_config(args)
+    model, tokenizer = load_model(args.model)
+    messages = [{"role": "user", "content": args.prompt}]
+    if tokenizer.chat_template:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    else:
+        text = args.prompt
+    inputs = tokenizer(text, return_tensors="pt").to(model.device)
+    runs = [("turboquant " + args.preset, lambda: TurboQuantCache(model.config, config))]
+    if args.compare:
+        runs.insert(0, ("bf16/fp32 DynamicCache", lambda: DynamicCache(config=model.config)))
+    for name, make_cache in runs:
+        cache = make_cache()
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(**inputs, past_key_values=cache, max_new_tokens=args.max_new_tokens, do_sample=False)
+        seconds = time.perf_counter() - start
+        new = out[0, inputs.input_ids.shape[1]:]
+        kv_bytes = cache.nbytes() if isinstance(cache, TurboQuantCache) else sum(
+            t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+        print(f"=== {name}: {len(new) / seconds:.1f} tokens/s, KV cache {kv_bytes:,} bytes")
+        print(tokenizer.decode(new, skip_special_tokens=True).strip())
+    return 0
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2",
+                        help="'smollm2' (embedded SmolLM2-135M-Instruct, default), a local HF directory, a .gguf file, or a hub id")
+    parser.add_argument("--preset", default="k4v4", choices=sorted(PRESETS), help="bits for keys and values (default k4v4)")
+    parser.add_argument("--window", type=int, default=None, help="recent tokens kept full precision (default 128)")
+    parser.add_argument("--sinks", type=int, default=None, help="first tokens kept full precision (default 4)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="turboquant", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -41,13 +108,29 @@ def build_parser() -> argparse.ArgumentParser:
     presets.add_argument("--head-dim", type=int, default=128, help="head dimension (default 128)")
     presets.add_argument("--tokens", type=int, default=4096, help="tokens to compress (default 4096)")
     presets.set_defaults(func=cmd_presets)
-    demo = sub.add_parser("demo", help="what `make demo` runs")
-    demo.set_defaults(func=cmd_demo, head_dim=128, tokens=4096)
+    verify = sub.add_parser("verify", help="per-layer fidelity and next-token agreement on a real model; exit 1 on FAIL",
+                            description=cmd_verify.__doc__)
+    _add_model_options(verify)
+    verify.add_argument("--prefill", type=int, default=256, help="prompt tokens before decoding (default 256)")
+    verify.add_argument("--decode-tokens", type=int, default=128, help="teacher-forced decode steps (default 128)")
+    verify.add_argument("--json", action="store_true", help="print the report as JSON")
+    verify.set_defaults(func=cmd_verify)
+    generate = sub.add_parser("generate", help="generate with the compressed cache", description=cmd_generate.__doc__)
+    _add_model_options(generate)
+    generate.add_argument("prompt", help="the user message")
+    generate.add_argument("--compare", action="store_true", help="also run DynamicCache and print both")
+    generate.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    generate.set_defaults(func=cmd_generate)
+    demo = sub.add_parser("demo", help="what `make demo` runs: verify, then generate --compare, on the embedded model")
+    demo.set_defaults(func=cmd_demo)
     return parser
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    return cmd_presets(args)
+    parser = build_parser()
+    status = cmd_verify(parser.parse_args(["verify"]))
+    prompt = "Explain in two sentences why the sky is blue."
+    return status or cmd_generate(parser.parse_args(["generate", "--compare", prompt]))
 
 
 def main(argv: list[str] | None = None) -> int:

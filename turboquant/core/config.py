@@ -44,6 +44,19 @@ class TurboQuantConfig:
     norm_correction: bool = True
     rotation: str = "auto"
     seed: int = 0
+    # Exact transforms (see `hf/cache.py`): subtract a per-channel mean shared by all tokens before
+    # quantizing and add it back after; softmax is shift-invariant and Σp = 1, so kernels can fold it.
+    center_keys: bool = True
+    center_values: bool = True
+    # Key channels with the largest spread (chosen per head from the first chunk) stay full precision;
+    # the rest are TurboQuant-coded at head_dim − key_outlier_channels (paper, Section 4.3).
+    key_outlier_channels: int = 0
+    # Cache policy: the first `sink_tokens` and the latest `residual_window` tokens stay full precision;
+    # `boundary_layers` first and last layers use `boundary_bits` (None = full precision).
+    sink_tokens: int = 4
+    residual_window: int = 128
+    boundary_layers: int = 0
+    boundary_bits: int | None = None
 
     def __post_init__(self) -> None:
         for role in ("key", "value"):
@@ -55,8 +68,12 @@ class TurboQuantConfig:
                 raise ValueError(f"{role}_bits must be one of {allowed} for the {kind} quantizer, got {bits!r}")
         if self.rotation not in ROTATION_KINDS:
             raise ValueError(f"rotation must be one of {ROTATION_KINDS}, got {self.rotation!r}")
-        if not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        for name in ("seed", "sink_tokens", "residual_window", "boundary_layers", "key_outlier_channels"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        if self.boundary_bits not in (None, *PACKABLE_BITS):
+            raise ValueError(f"boundary_bits must be None (full precision) or one of {PACKABLE_BITS}, got {self.boundary_bits!r}")
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "TurboQuantConfig":
@@ -73,8 +90,18 @@ class TurboQuantConfig:
         resolve_rotation_kind(self.rotation, head_dim)
         self.bytes_per_token_per_head(head_dim)  # raises if the indices do not pack into whole bytes
 
+    def for_layer(self, layer_idx: int, num_layers: int) -> "TurboQuantConfig | None":
+        """The codec of one layer: self, a boundary-bits variant, or None (keep full precision)."""
+        if not (layer_idx < self.boundary_layers or layer_idx >= num_layers - self.boundary_layers):
+            return self
+        if self.boundary_bits is None:
+            return None
+        return self.replace(key_bits=self.boundary_bits, value_bits=self.boundary_bits,
+                            key_quantizer="mse", value_quantizer="mse")
+
     def key_bytes(self, head_dim: int) -> int:
-        return vector_bytes(head_dim, self.key_bits, self.key_quantizer)
+        outliers = self.key_outlier_channels
+        return vector_bytes(head_dim - outliers, self.key_bits, self.key_quantizer) + BASELINE_BYTES_PER_ELEMENT * outliers
 
     def value_bytes(self, head_dim: int) -> int:
         return vector_bytes(head_dim, self.value_bits, self.value_quantizer)
@@ -97,6 +124,10 @@ class TurboQuantConfig:
         self.check_head_dim(head_dim)
         rotation = make_rotation(head_dim, self.rotation_seed(layer_idx), self.rotation)
         bits, kind = getattr(self, f"{role}_bits"), getattr(self, f"{role}_quantizer")
+        if role == "key" and self.key_outlier_channels:
+            head_dim -= self.key_outlier_channels
+            self.check_head_dim(head_dim)
+            rotation = make_rotation(head_dim, self.rotation_seed(layer_idx), self.rotation)
         if kind == "prod":
             qjl_seed = self.rotation_seed(layer_idx) + 500_009  # independent of the rotation's stream
             return ProdQuantizer(head_dim, bits, rotation, qjl_seed, self.norm_correction)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .codebook import lloyd_max_codebook
-from .packing import PACKABLE_BITS
+from .packing import PACKABLE_BITS, pack_indices, unpack_indices
 from .rotation import Rotation
 
 PROD_BITS = tuple(b + 1 for b in PACKABLE_BITS if b + 1 <= 5)  # MSE stage must be packable: 2, 3, 4, 5
@@ -82,6 +82,14 @@ class MSEQuantizer:
 
     def dequantize(self, code: MSECode) -> torch.Tensor:
         return self.rotation.inverse(self.dequantize_rotated(code))
+
+    def quantize_packed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [..., dim] -> (packed indices [..., dim·bits/8] uint8, norms [...] float32): the stored form."""
+        code = self.quantize(x)
+        return pack_indices(code.indices, self.bits), code.norms
+
+    def dequantize_packed(self, packed: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+        return self.dequantize(MSECode(unpack_indices(packed, self.bits, self.dim), norms))
 
 
 def make_qjl_matrix(dim: int, seed: int) -> torch.Tensor:

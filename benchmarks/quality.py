@@ -1,0 +1,183 @@
+"""Quality of TurboQuantCache on a real model: next-token agreement, perplexity, greedy divergence, passkey.
+
+    python benchmarks/quality.py [--model smollm2] [--device cuda] [--rows all|NAME,NAME] [--out FILE]
+
+Every row is teacher-forced on the shipped evaluation text through the decode path: prefill 256
+tokens, then 1,024 single-token steps reading the cache. Agreement = 1 − mean total-variation
+distance to the DynamicCache run's next-token distributions. Writes JSON (device, versions, date,
+every cell) and prints a markdown table; `--table FILE.json` re-prints the table of a saved run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from turboquant.core import TurboQuantConfig
+from turboquant.hf.cache import TurboQuantCache
+from turboquant.hf.evaluate import compare_logits, decode_logits, greedy_divergence
+from turboquant.hf.models import eval_text, load_model
+
+PLAIN = dict(center_keys=False, center_values=False, norm_correction=False, sink_tokens=0, residual_window=0)
+PRESETS = ("k4v4", "k4v3", "k3v4", "k3v3", "k2v2")
+
+
+def rows() -> dict[str, dict]:
+    """name -> TurboQuantConfig kwargs. 'plain-*' is textbook TurboQuant (no centering, no norm
+    correction, no full-precision tokens); 'default' rows are what a user gets from the preset."""
+    table = {"plain-k4v4": dict(preset="k4v4", **PLAIN), "plain-k3v3": dict(preset="k3v3", **PLAIN)}
+    for preset in PRESETS:
+        for window in (128, 0):
+            for norm_correction in (True, False):
+                name = f"{preset}-w{window}" + ("" if norm_correction else "-nonc")
+                extra = {} if window else dict(residual_window=0, sink_tokens=0)
+                table[name] = dict(preset=preset, norm_correction=norm_correction, **extra)
+    table["k3v3-w128-out8"] = dict(preset="k3v3", key_outlier_channels=8)
+    table["k4v4-w128-out8"] = dict(preset="k4v4", key_outlier_channels=8)
+    return table
+
+
+def make_config(spec: dict) -> TurboQuantConfig:
+    spec = dict(spec)
+    return TurboQuantConfig.from_preset(spec.pop("preset"), **spec)
+
+
+PASSKEY_FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ")
+
+
+def passkey_prompt(tokenizer, context: int, depth: float, key: int) -> torch.Tensor:
+    """A ~`context`-token haystack with 'The pass key is KEY.' at relative `depth`, then the question."""
+    needle = f" The pass key is {key}. Remember it. {key} is the pass key. "
+    question = " What is the pass key? The pass key is"
+    filler_tokens = len(tokenizer(PASSKEY_FILLER).input_ids)
+    budget = context - len(tokenizer(needle + question).input_ids) - 8
+    repeats = max(1, budget // filler_tokens)
+    before = int(repeats * depth)
+    text = PASSKEY_FILLER * before + needle + PASSKEY_FILLER * (repeats - before) + question
+    return tokenizer(text, return_tensors="pt").input_ids
+
+
+@torch.no_grad()
+def passkey_accuracy(model, tokenizer, make_cache, contexts=(1024, 2048, 4096, 8000), depths=5) -> dict:
+    rng = random.Random(0)
+    result = {}
+    for context in contexts:
+        hits = 0
+        for d in range(depths):
+            key = rng.randrange(10000, 99999)
+            ids = passkey_prompt(tokenizer, context, d / max(depths - 1, 1), key).to(model.device)
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=make_cache(),
+                                 max_new_tokens=8, do_sample=False)
+            hits += str(key) in tokenizer.decode(out[0, ids.shape[1]:])
+        result[str(context)] = hits / depths
+    return result
+
+
+GREEDY_PROMPTS = [
+    "Write a short story about a lighthouse keeper.", "Explain how a refrigerator works.",
+    "What are the main causes of the French Revolution?", "Give me three tips for learning a new language.",
+    "Describe the water cycle to a ten-year-old.", "Why do cats purr?", "Summarize the plot of Hamlet.",
+    "How do vaccines train the immune system?", "Write a haiku about autumn and explain it.",
+    "What is the difference between weather and climate?",
+]
+
+
+def greedy_rows(model, tokenizer, make_cache, new_tokens=128) -> dict:
+    firsts, identical = [], 0
+    for text in GREEDY_PROMPTS:
+        chat = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(chat, return_tensors="pt").input_ids.to(model.device)
+        first, same = greedy_divergence(model, ids, new_tokens, make_cache)
+        firsts.append(first)
+        identical += same
+    return {"mean_first_divergence": sum(firsts) / len(firsts), "identical": identical, "prompts": len(firsts),
+            "new_tokens": new_tokens, "first_divergence": firsts}
+
+
+def markdown(result: dict) -> str:
+    lines = [f"Quality on {result['model']} ({result['device']}, {result['date']}): prefill {result['prefill']}, "
+             f"{result['decode_tokens']} teacher-forced decode steps; baseline PPL {result['baseline_perplexity']:.3f}.", "",
+             "| row | bytes/token/head | agreement | top-1 | PPL change | greedy first divergence (identical/10) | passkey 1K/2K/4K/8K |",
+             "|---|---|---|---|---|---|---|"]
+    for name, row in result["rows"].items():
+        greedy = row.get("greedy")
+        greedy_cell = f"{greedy['mean_first_divergence']:.1f} ({greedy['identical']})" if greedy else ""
+        passkey = row.get("passkey")
+        passkey_cell = "/".join(f"{v:.0%}" for v in passkey.values()) if passkey else ""
+        lines.append(f"| {name} | {row['bytes_per_token_per_head']} | {row['agreement']:.2%} | {row['top1_match']:.2%} | "
+                     f"{row['perplexity_change']:+.2%} | {greedy_cell} | {passkey_cell} |")
+    if "baseline_passkey" in result:
+        lines.append(f"| DynamicCache | {result['bf16_bytes_per_token_per_head']} | 100% | 100% | 0 | | "
+                     + "/".join(f"{v:.0%}" for v in result["baseline_passkey"].values()) + " |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--rows", default="all", help="comma-separated row names, or 'all'")
+    parser.add_argument("--prefill", type=int, default=256)
+    parser.add_argument("--decode-tokens", type=int, default=1024)
+    parser.add_argument("--extras", default="k4v4-w128,k3v3-w128,k3v3-w128-out8",
+                        help="rows that also get greedy and passkey runs")
+    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/quality-<model>.json)")
+    parser.add_argument("--table", default=None, help="print the markdown table of a saved JSON and exit")
+    args = parser.parse_args()
+    if args.table:
+        print(markdown(json.loads(Path(args.table).read_text())))
+        return 0
+
+    table = rows()
+    names = list(table) if args.rows == "all" else args.rows.split(",")
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        parser.error(f"unknown rows {unknown}; known: {', '.join(table)}")
+    model, tokenizer = load_model(args.model, device=args.device)
+    ids = tokenizer(eval_text(), return_tensors="pt").input_ids[:, : args.prefill + args.decode_tokens].to(args.device)
+    targets = ids[0, args.prefill:]
+    start = time.time()
+    baseline = decode_logits(model, ids, args.prefill, progress="DynamicCache")
+    head_dim = model.config.head_dim if getattr(model.config, "head_dim", None) else model.config.hidden_size // model.config.num_attention_heads
+    result = {
+        "model": args.model, "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
+        "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__, "python": sys.version.split()[0],
+        "prefill": args.prefill, "decode_tokens": int(targets.numel()), "head_dim": head_dim,
+        "bf16_bytes_per_token_per_head": 4 * head_dim,
+        "baseline_perplexity": compare_logits(baseline, baseline, targets).baseline_perplexity, "rows": {},
+    }
+    extras = set(args.extras.split(",")) if args.extras else set()
+    if extras & set(names):
+        result["baseline_passkey"] = passkey_accuracy(model, tokenizer, lambda: None)
+    out = Path(args.out or f"benchmarks/results/quality-{args.model.replace('/', '_')}.json")
+    for name in names:
+        config = make_config(table[name])
+        logits = decode_logits(model, ids, args.prefill, TurboQuantCache(model.config, config), progress=name)
+        agreement = compare_logits(baseline, logits, targets)
+        row = {"config": table[name], "bytes_per_token_per_head": config.bytes_per_token_per_head(head_dim),
+               "agreement": agreement.agreement, "top1_match": agreement.top1_match,
+               "perplexity": agreement.perplexity, "perplexity_change": agreement.perplexity_change}
+        if name in extras:
+            make_cache = lambda config=config: TurboQuantCache(model.config, config)
+            row["greedy"] = greedy_rows(model, tokenizer, make_cache)
+            row["passkey"] = passkey_accuracy(model, tokenizer, make_cache)
+        result["rows"][name] = row
+        print(f"{name}: agreement {row['agreement']:.4f}, PPL {row['perplexity_change']:+.2%} "
+              f"({time.time() - start:.0f}s)", flush=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1) + "\n")
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""TurboQuantCache on tiny random models built offline from config objects."""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from transformers import DynamicCache  # noqa: E402
+
+from turboquant.core import TurboQuantConfig  # noqa: E402
+from turboquant.hf.cache import TurboQuantCache, TurboQuantLayer  # noqa: E402
+
+EXACT = dict(residual_window=10**6)  # nothing is ever compressed: must equal DynamicCache exactly
+
+
+def tiny_llama(head_dim=64, layers=2, **extra):
+    config = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=4 * head_dim, intermediate_size=64, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim, max_position_embeddings=4096, **extra)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def tiny_gemma(version):
+    common = dict(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=32, sliding_window=8, max_position_embeddings=512)
+    if version == 2:
+        config = transformers.Gemma2Config(**common, layer_types=["sliding_attention", "full_attention"] * 2)
+        cls = transformers.Gemma2ForCausalLM
+    else:
+        config = transformers.Gemma3TextConfig(**common, layer_types=["sliding_attention"] * 3 + ["full_attention"])
+        cls = transformers.Gemma3ForCausalLM
+    torch.manual_seed(0)
+    return cls(config).eval()
+
+
+def greedy(model, input_ids, cache, **kwargs):
+    options = {"max_new_tokens": 12, "do_sample": False, "pad_token_id": 0, **kwargs}
+    torch.manual_seed(0)  # the same draws for both caches when sampling
+    with torch.no_grad():
+        return model.generate(input_ids, attention_mask=torch.ones_like(input_ids), past_key_values=cache, **options)
+
+
+def prompt(length=40, batch=1, seed=1):
+    return torch.randint(3, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("head_dim", [64, 80, 96, 128, 256])
+def test_uncompressed_window_matches_dynamic_cache_exactly(head_dim):
+    model = tiny_llama(head_dim)
+    ids = prompt()
+    expected = greedy(model, ids, DynamicCache(config=model.config))
+    assert torch.equal(greedy(model, ids, TurboQuantCache(model.config, TurboQuantConfig(**EXACT))), expected)
+
+
+@pytest.mark.parametrize("head_dim", [64, 80, 96, 128, 256])
+def test_compressed_logits_stay_close(head_dim):
+    model = tiny_llama(head_dim)
+    ids = prompt(64)
+    with torch.no_grad():
+        reference = model(ids).logits[0, -16:]
+        cache = TurboQuantCache(model.config, TurboQuantConfig(residual_window=0, sink_tokens=0))
+        model(ids[:, :48], past_key_values=cache)
+        steps = [model(ids[:, i : i + 1], past_key_values=cache).logits[0, -1] for i in range(48, 64)]
+    assert cache.layers[0].packed_keys.shape[2] == 64  # with no window even the newest token is compressed
+    cosine = torch.nn.functional.cosine_similarity(torch.stack(steps), reference, dim=-1)
+    assert cosine.min() > 0.98  # every token compressed at 4 bits, random weights: ~0.99 typical
+
+
+def test_layer_stores_sinks_compressed_middle_and_window():
+    config = TurboQuantConfig(sink_tokens=3, residual_window=5)
+    layer = TurboQuantLayer(config, layer_idx=0)
+    keys, values = torch.randn(2, 2, 20, 64), torch.randn(2, 2, 20, 64)
+    k1, v1 = layer.update(keys[:, :, :12], values[:, :, :12])
+    k2, v2 = layer.update(keys[:, :, 12:], values[:, :, 12:])
+    assert layer.get_seq_length() == 20 and k2.shape == keys.shape
+    assert torch.equal(k2[:, :, :3], keys[:, :, :3]) and torch.equal(k2[:, :, -5:], keys[:, :, -5:])
+    assert layer.packed_keys.shape == (2, 2, 12, 32)  # 4-bit, d=64: 32 bytes per vector
+    # The middle equals the codec reference: dequantize(quantize(x − center)) + center.
+    center = keys[:, :, :12].mean(dim=2, keepdim=True)
+    quantizer = config.make_quantizer("key", 64, 0)
+    reference = quantizer.dequantize(quantizer.quantize(keys[:, :, 3:15] - center)) + center
+    assert torch.allclose(k2[:, :, 3:15], reference, atol=1e-5)
+    assert torch.equal(k1, torch.cat([keys[:, :, :3], k2[:, :, 3:7], keys[:, :, 7:12]], dim=2))
+
+
+def test_compact_and_incremental_modes_agree():
+    model = tiny_llama()
+    ids = prompt()
+    config = TurboQuantConfig.from_preset("k3v3", residual_window=4)
+    out_incremental = greedy(model, ids, TurboQuantCache(model.config, config, mode="incremental"))
+    out_compact = greedy(model, ids, TurboQuantCache(model.config, config, mode="compact"))
+    assert torch.equal(out_incremental, out_compact)
+
+
+def test_key_outlier_channels_stay_exact():
+    config = TurboQuantConfig(sink_tokens=0, residual_window=0, key_outlier_channels=8)
+    layer = TurboQuantLayer(config, layer_idx=1)
+    keys = torch.randn(1, 2, 30, 64)
+    keys[..., [3, 17]] *= 50  # two heavy channels
+    keys_hat, _ = layer.update(keys, torch.randn(1, 2, 30, 64))
+    assert torch.equal(keys_hat[..., [3, 17]], keys[..., [3, 17]])
+    cosine = torch.nn.functional.cosine_similarity(keys_hat, keys, dim=-1)
+    assert cosine.min() > 0.999
+    assert config.key_bytes(64) == 28 + 4 + 16
+
+
+@pytest.mark.parametrize("version", [2, 3])
+def test_gemma_sliding_layers_stay_uncompressed(version):
+    model = tiny_gemma(version)
+    cache = TurboQuantCache(model.config, TurboQuantConfig(**EXACT))
+    kinds = [type(layer).__name__ for layer in cache.layers]
+    assert kinds.count("TurboQuantLayer") == len(model.config.layer_types) - model.config.layer_types.count("sliding_attention")
+    ids = prompt(30)
+    assert torch.equal(greedy(model, ids, cache), greedy(model, ids, DynamicCache(config=model.config)))
+    compressed = TurboQuantCache(model.config, TurboQuantConfig(residual_window=2, sink_tokens=0))
+    assert greedy(model, ids, compressed).shape == (1, 42)
+    assert compressed.layers[-1].packed_keys is not None
+
+
+def test_batch_with_left_padding():
+    model = tiny_llama()
+    ids = prompt(30, batch=2)
+    mask = torch.ones_like(ids)
+    mask[1, :10] = 0  # the second row is shorter, left-padded
+    ids[1, :10] = 0
+    kwargs = dict(attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        expected = model.generate(ids, past_key_values=DynamicCache(config=model.config), **kwargs)
+        exact = model.generate(ids, past_key_values=TurboQuantCache(model.config, TurboQuantConfig(**EXACT)), **kwargs)
+        compressed = model.generate(ids, past_key_values=TurboQuantCache(model.config, TurboQuantConfig(residual_window=4)),
+                                    **kwargs)
+    assert torch.equal(exact, expected)
+    assert compressed.shape == expected.shape
+
+
+def test_beam_search_and_multiple_return_sequences_reorder_the_cache():
+    model = tiny_llama()
+    ids = prompt(24)
+    for kwargs in (dict(num_beams=3, num_return_sequences=2), dict(num_return_sequences=2, do_sample=True)):
+        expected = greedy(model, ids, DynamicCache(config=model.config), **kwargs)
+        got = greedy(model, ids, TurboQuantCache(model.config, TurboQuantConfig(**EXACT)), **kwargs)
+        assert torch.equal(got, expected)
+        assert greedy(model, ids, TurboQuantCache(model.config, TurboQuantConfig(residual_window=3)), **kwargs).shape == expected.shape
+
+
+def test_long_cache_with_large_norms_keeps_every_layer_accurate():
+    """16K tokens whose keys grow to norms ~1e4: fp32 norms keep the cosine (fp16 would overflow past 65504)."""
+    config = TurboQuantConfig(sink_tokens=0, residual_window=0)
+    generator = torch.Generator().manual_seed(3)
+    for layer_idx in range(4):
+        layer = TurboQuantLayer(config, layer_idx)
+        scale = torch.logspace(0, 4, 16384).view(1, 1, -1, 1)
+        keys = torch.randn(1, 2, 16384, 128, generator=generator) * scale
+        values = torch.randn(1, 2, 16384, 128, generator=generator) * scale
+        for chunk in range(0, 16384, 4096):
+            keys_hat, values_hat = layer.update(keys[:, :, chunk : chunk + 4096], values[:, :, chunk : chunk + 4096])
+        assert layer.key_norms.dtype == torch.float32
+        for x, x_hat in ((keys, keys_hat), (values, values_hat)):
+            assert torch.nn.functional.cosine_similarity(x_hat, x, dim=-1).min() > 0.97
+            assert torch.nn.functional.cosine_similarity(x_hat, x, dim=-1).mean() > 0.99
+
+
+def test_memory_accounting():
+    model = tiny_llama(head_dim=128, layers=2)
+    cache = TurboQuantCache(model.config, TurboQuantConfig(residual_window=0, sink_tokens=0, center_keys=False,
+                                                           center_values=False))
+    with torch.no_grad():
+        model(prompt(100), past_key_values=cache)
+    # 2 layers × 2 kv heads × 100 tokens × 136 B, vs 2 × 2 × 100 × 2 × 128 × 4 B (fp32 model) for DynamicCache.
+    assert cache.nbytes() == 2 * 2 * 100 * 136 + 2 * 2 * 2 * 128 * 4  # + the (zero) centers
+    assert cache.dynamic_cache_nbytes() == 2 * 2 * 100 * 2 * 128 * 4
+
+
+def test_bad_configurations_are_clear_errors():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="preset"):
+        TurboQuantCache(model.config, "k5v5")
+    with pytest.raises(ValueError, match="mse"):
+        TurboQuantCache(model.config, TurboQuantConfig(key_quantizer="prod"))
+    with pytest.raises(ValueError, match="decoder-only"):
+        TurboQuantCache(transformers.T5Config(), "k4v4")
+    with pytest.raises(ValueError, match="mode"):
+        TurboQuantCache(model.config, "k4v4", mode="fast")

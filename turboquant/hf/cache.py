@@ -1,0 +1,265 @@
+"""`TurboQuantCache`: a transformers `Cache` whose full-attention layers hold TurboQuant-compressed K/V.
+
+Per layer, tokens are kept in three runs, in position order: the first `sink_tokens` tokens and the
+latest `residual_window` tokens stay in the model's dtype; everything between is stored compressed
+(packed indices + fp32 norms). Keys and values are centered by a per-channel mean of the first chunk
+the layer sees; the mean is added back exactly on dequantization, so only the spread is quantized.
+
+Modes:
+- "incremental": newly compressed tokens are dequantized once into a running buffer. Fast decode,
+  but that buffer is as large as a DynamicCache: no live memory saving (only `nbytes` shrinks).
+- "compact": only compressed data persists; each layer is dequantized when it is used. Decode cost
+  grows with the context; the GPU path that reads compressed data directly lives in `hf/attention.py`.
+Sliding-window layers (Gemma-2/3, Mistral) stay uncompressed: their cache is bounded anyway.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
+
+from ..core import TurboQuantConfig
+from ..core.quantizer import MSEQuantizer
+
+MODES = ("incremental", "compact")
+FULL_ATTENTION_TYPES = ("full_attention",)
+SLIDING_TYPES = ("sliding_attention", "chunked_attention")
+
+
+def _cat(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
+    return b if a is None else torch.cat([a, b], dim=2)
+
+
+class TurboQuantLayer(DynamicLayer):
+    """One layer's cache. Tensors are [batch, kv_heads, tokens, ...] like transformers' layers."""
+
+    def __init__(self, config: TurboQuantConfig, layer_idx: int, mode: str = "incremental"):
+        super().__init__()
+        if config.key_quantizer != "mse" or config.value_quantizer != "mse":
+            raise ValueError(
+                "TurboQuantCache dequantizes before attention, where a QJL sketch only adds variance: "
+                "use key_quantizer='mse' and value_quantizer='mse'"
+            )
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.config, self.layer_idx, self.mode = config, layer_idx, mode
+        self._reset_storage()
+
+    def _reset_storage(self) -> None:
+        self.sink_keys = self.sink_values = None  # [B, H, ≤sink_tokens, D], model dtype
+        self.keys = self.values = None  # the recent window, [B, H, ≤residual_window, D]
+        self.packed_keys = self.packed_values = None  # [B, H, N, D·bits/8] uint8
+        self.key_norms = self.value_norms = None  # [B, H, N] float32
+        self.key_center = self.value_center = None  # [B, H, 1, D] float32
+        self.outlier_channels = self.inlier_channels = None  # [B, H, 1, n] int64 channel indices
+        self.outlier_keys = None  # [B, H, N, key_outlier_channels], model dtype
+        self.dequantized_keys = self.dequantized_values = None  # incremental mode: [B, H, N, D]
+        self.num_tokens = 0
+        self.is_initialized = False
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        head_dim = key_states.shape[-1]
+        if value_states.shape[-1] != head_dim:
+            raise ValueError(f"keys and values must share head_dim, got {head_dim} and {value_states.shape[-1]}")
+        self.key_quantizer = self.config.make_quantizer("key", head_dim, self.layer_idx)
+        self.value_quantizer = self.config.make_quantizer("value", head_dim, self.layer_idx)
+        zero = torch.zeros(*key_states.shape[:2], 1, head_dim, device=self.device, dtype=torch.float32)
+        # One chunk's mean is enough: the offsets these remove are properties of the channel, not the token.
+        self.key_center = key_states.float().mean(dim=2, keepdim=True) if self.config.center_keys else zero
+        self.value_center = value_states.float().mean(dim=2, keepdim=True) if self.config.center_values else zero
+        if self.config.key_outlier_channels:
+            spread = (key_states.float() - self.key_center).abs().mean(dim=2, keepdim=True)
+            order = spread.argsort(dim=-1, descending=True)
+            self.outlier_channels = order[..., : self.config.key_outlier_channels].sort(dim=-1).values
+            self.inlier_channels = order[..., self.config.key_outlier_channels :].sort(dim=-1).values
+        self.is_initialized = True
+
+    # ---- storage ---------------------------------------------------------------------------------
+    def _split(self, keys: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
+        return keys.gather(-1, which.expand(*keys.shape[:-1], which.shape[-1]))
+
+    def _compress(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        centered = keys.float() - self.key_center
+        if self.outlier_channels is not None:
+            self.outlier_keys = _cat(self.outlier_keys, self._split(keys, self.outlier_channels))
+            centered = self._split(centered, self.inlier_channels)
+        packed_k, norms_k = self.key_quantizer.quantize_packed(centered)
+        packed_v, norms_v = self.value_quantizer.quantize_packed(values.float() - self.value_center)
+        self.packed_keys, self.key_norms = _cat(self.packed_keys, packed_k), _cat(self.key_norms, norms_k)
+        self.packed_values, self.value_norms = _cat(self.packed_values, packed_v), _cat(self.value_norms, norms_v)
+        if self.mode == "incremental":
+            self.dequantized_keys = _cat(self.dequantized_keys, self._decode_keys(packed_k, norms_k, self.outlier_keys[:, :, -packed_k.shape[2]:] if self.outlier_keys is not None else None))
+            self.dequantized_values = _cat(
+                self.dequantized_values, self._decode(self.value_quantizer, packed_v, norms_v, self.value_center)
+            )
+
+    def _decode(self, quantizer: MSEQuantizer, packed: torch.Tensor, norms: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
+        return (quantizer.dequantize_packed(packed, norms) + center).to(self.dtype)
+
+    def _decode_keys(self, packed: torch.Tensor, norms: torch.Tensor, outliers: torch.Tensor | None) -> torch.Tensor:
+        if outliers is None:
+            return self._decode(self.key_quantizer, packed, norms, self.key_center)
+        inliers = self.key_quantizer.dequantize_packed(packed, norms) + self._split(self.key_center, self.inlier_channels)
+        keys = torch.empty(*inliers.shape[:-1], self.key_center.shape[-1], dtype=self.dtype, device=inliers.device)
+        keys.scatter_(-1, self.inlier_channels.expand(*inliers.shape), inliers.to(self.dtype))
+        keys.scatter_(-1, self.outlier_channels.expand(*outliers.shape), outliers)
+        return keys
+
+    def compressed_kv(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The dequantized middle run (compressed tokens), or None if there is none."""
+        if self.packed_keys is None:
+            return None
+        if self.mode == "incremental":
+            return self.dequantized_keys, self.dequantized_values
+        return (
+            self._decode_keys(self.packed_keys, self.key_norms, self.outlier_keys),
+            self._decode(self.value_quantizer, self.packed_values, self.value_norms, self.value_center),
+        )
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.num_tokens += key_states.shape[2]
+        sink_room = self.config.sink_tokens - (0 if self.sink_keys is None else self.sink_keys.shape[2])
+        if sink_room > 0:
+            self.sink_keys = _cat(self.sink_keys, key_states[:, :, :sink_room])
+            self.sink_values = _cat(self.sink_values, value_states[:, :, :sink_room])
+            key_states, value_states = key_states[:, :, sink_room:], value_states[:, :, sink_room:]
+        self.keys, self.values = _cat(self.keys, key_states), _cat(self.values, value_states)
+        overflow = self.keys.shape[2] - self.config.residual_window
+        if overflow > 0:
+            self._compress(self.keys[:, :, :overflow], self.values[:, :, :overflow])
+            self.keys, self.values = self.keys[:, :, overflow:], self.values[:, :, overflow:]
+        return self._assemble()
+
+    def _assemble(self) -> tuple[torch.Tensor, torch.Tensor]:
+        runs = [(self.sink_keys, self.sink_values), self.compressed_kv(), (self.keys, self.values)]
+        runs = [run for run in runs if run is not None and run[0] is not None and run[0].shape[2] > 0]
+        if len(runs) == 1:
+            return runs[0]
+        return torch.cat([k for k, _ in runs], dim=2), torch.cat([v for _, v in runs], dim=2)
+
+    # ---- the CacheLayerMixin contract ----------------------------------------------------------
+    def get_seq_length(self) -> int:
+        return self.num_tokens
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.num_tokens + query_length, 0
+
+    def reset(self) -> None:
+        self._reset_storage()
+
+    def _map_batch(self, fn) -> None:
+        for name in ("sink_keys", "sink_values", "keys", "values", "packed_keys", "packed_values", "key_norms",
+                     "value_norms", "key_center", "value_center", "dequantized_keys", "dequantized_values",
+                     "outlier_channels", "inlier_channels", "outlier_keys"):
+            tensor = getattr(self, name)
+            if tensor is not None:
+                setattr(self, name, fn(tensor))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_batch(lambda t: t[indices, ...])
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last `tokens_to_remove` tokens (negative, as transformers passes it) or keep `max_length`."""
+        keep = self.num_tokens + tokens_to_remove if tokens_to_remove < 0 else tokens_to_remove
+        keep = max(0, min(keep, self.num_tokens))
+        if keep == self.num_tokens or not self.is_initialized:
+            return
+        sinks = 0 if self.sink_keys is None else self.sink_keys.shape[2]
+        compressed = 0 if self.packed_keys is None else self.packed_keys.shape[2]
+        recent_keep = max(0, keep - sinks - compressed)
+        compressed_keep = max(0, min(compressed, keep - sinks))
+        if self.keys is not None:
+            self.keys, self.values = self.keys[:, :, :recent_keep], self.values[:, :, :recent_keep]
+        if self.packed_keys is not None:
+            for name in ("packed_keys", "packed_values", "key_norms", "value_norms", "dequantized_keys",
+                         "dequantized_values", "outlier_keys"):
+                tensor = getattr(self, name)
+                if tensor is not None:
+                    setattr(self, name, tensor[:, :, :compressed_keep])
+        if self.sink_keys is not None:
+            self.sink_keys, self.sink_values = self.sink_keys[:, :, :keep], self.sink_values[:, :, :keep]
+        self.num_tokens = keep
+
+    # ---- accounting -----------------------------------------------------------------------------
+    def nbytes(self) -> int:
+        """Bytes this layer must keep: compressed data, full-precision runs and centers (not the
+        incremental mode's dequantized buffer, which is a speed cache)."""
+        tensors = (self.sink_keys, self.sink_values, self.keys, self.values, self.packed_keys, self.packed_values,
+                   self.key_norms, self.value_norms, self.key_center, self.value_center, self.outlier_keys)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def uncompressed_nbytes(self) -> int:
+        """What a DynamicLayer would hold for the same tokens."""
+        if not self.is_initialized:
+            return 0
+        batch, heads, _, head_dim = self.key_center.shape
+        return 2 * batch * heads * self.num_tokens * head_dim * torch.empty((), dtype=self.dtype).element_size()
+
+
+def _layer_types(text_config) -> list[str]:
+    layer_types = getattr(text_config, "layer_types", None)
+    if layer_types is not None:
+        return list(layer_types)
+    sliding = getattr(text_config, "sliding_window", None) is not None and getattr(text_config, "use_sliding_window", True)
+    return ["sliding_attention" if sliding else "full_attention"] * text_config.num_hidden_layers
+
+
+def _layer_nbytes(layer) -> int:
+    if isinstance(layer, TurboQuantLayer):
+        return layer.nbytes()
+    if not getattr(layer, "is_initialized", False) or layer.keys is None:
+        return 0
+    return sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
+
+
+class TurboQuantCache(Cache):
+    """Compressed KV cache for `model.generate(..., past_key_values=TurboQuantCache(model.config))`.
+
+    `config` is a `TurboQuantConfig` or a preset name ("k4v4", "k3v3", ...). Sliding-window layers
+    and `config.boundary_layers` first/last layers (when `boundary_bits` is None) stay uncompressed.
+    """
+
+    def __init__(self, model_config, config: TurboQuantConfig | str = "k4v4", mode: str = "incremental"):
+        if isinstance(config, str):
+            config = TurboQuantConfig.from_preset(config)
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        text_config = model_config.get_text_config(decoder=True)
+        if getattr(model_config, "is_encoder_decoder", False) or getattr(text_config, "num_hidden_layers", None) is None:
+            raise ValueError("TurboQuantCache needs the config of a decoder-only model (with num_hidden_layers)")
+        layer_types = _layer_types(text_config)
+        layers = []
+        for idx, layer_type in enumerate(layer_types):
+            if layer_type in SLIDING_TYPES:
+                window = getattr(text_config, "sliding_window", None) or getattr(text_config, "attention_chunk_size")
+                layers.append(DynamicSlidingWindowLayer(sliding_window=window))
+            elif layer_type in FULL_ATTENTION_TYPES:
+                layer_config = config.for_layer(idx, len(layer_types))
+                layers.append(DynamicLayer() if layer_config is None else TurboQuantLayer(layer_config, idx, mode))
+            else:
+                raise ValueError(f"layer {idx} has attention type {layer_type!r}, which TurboQuantCache cannot hold")
+        super().__init__(layers=layers)
+        self.config, self.mode = config, mode
+
+    def compressed_layers(self) -> list[int]:
+        return [i for i, layer in enumerate(self.layers) if isinstance(layer, TurboQuantLayer)]
+
+    def nbytes(self) -> int:
+        """Bytes the cache must hold now (compressed layers plus the ones kept uncompressed)."""
+        return sum(_layer_nbytes(layer) for layer in self.layers)
+
+    def dynamic_cache_nbytes(self) -> int:
+        """Bytes a DynamicCache would hold for the same tokens (sliding layers as they are)."""
+        return sum(
+            layer.uncompressed_nbytes() if isinstance(layer, TurboQuantLayer) else _layer_nbytes(layer)
+            for layer in self.layers
+        )
