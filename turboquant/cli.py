@@ -65,7 +65,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
     from transformers import DynamicCache
 
-    from .hf.cache import TurboQuantCache
+    from .hf.cache import TurboQuantCache, kv_cache_nbytes
     from .hf.models import load_model
 
     config = _codec_config(args)
@@ -86,9 +86,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             out = model.generate(**inputs, past_key_values=cache, max_new_tokens=args.max_new_tokens, do_sample=False)
         seconds = time.perf_counter() - start
         new = out[0, inputs.input_ids.shape[1]:]
-        kv_bytes = cache.nbytes() if isinstance(cache, TurboQuantCache) else sum(
-            t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
-        print(f"=== {name}: {len(new) / seconds:.1f} tokens/s, KV cache {kv_bytes:,} bytes")
+        print(f"=== {name}: {len(new) / seconds:.1f} tokens/s, KV cache {kv_cache_nbytes(cache):,} bytes")
         print(tokenizer.decode(new, skip_special_tokens=True).strip())
     return 0
 

@@ -121,13 +121,11 @@ class TurboQuantConfig:
         """The quantizer for keys (role="key") or values (role="value") of one layer."""
         if role not in ("key", "value"):
             raise ValueError(f"role must be 'key' or 'value', got {role!r}")
+        if role == "key":
+            head_dim -= self.key_outlier_channels  # those channels are stored as they are
         self.check_head_dim(head_dim)
         rotation = make_rotation(head_dim, self.rotation_seed(layer_idx), self.rotation)
         bits, kind = getattr(self, f"{role}_bits"), getattr(self, f"{role}_quantizer")
-        if role == "key" and self.key_outlier_channels:
-            head_dim -= self.key_outlier_channels
-            self.check_head_dim(head_dim)
-            rotation = make_rotation(head_dim, self.rotation_seed(layer_idx), self.rotation)
         if kind == "prod":
             qjl_seed = self.rotation_seed(layer_idx) + 500_009  # independent of the rotation's stream
             return ProdQuantizer(head_dim, bits, rotation, qjl_seed, self.norm_correction)

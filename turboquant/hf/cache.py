@@ -81,15 +81,17 @@ class TurboQuantLayer(DynamicLayer):
 
     def _compress(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         centered = keys.float() - self.key_center
+        new_outliers = None
         if self.outlier_channels is not None:
-            self.outlier_keys = _cat(self.outlier_keys, self._split(keys, self.outlier_channels))
+            new_outliers = self._split(keys, self.outlier_channels)
+            self.outlier_keys = _cat(self.outlier_keys, new_outliers)
             centered = self._split(centered, self.inlier_channels)
         packed_k, norms_k = self.key_quantizer.quantize_packed(centered)
         packed_v, norms_v = self.value_quantizer.quantize_packed(values.float() - self.value_center)
         self.packed_keys, self.key_norms = _cat(self.packed_keys, packed_k), _cat(self.key_norms, norms_k)
         self.packed_values, self.value_norms = _cat(self.packed_values, packed_v), _cat(self.value_norms, norms_v)
         if self.mode == "incremental":
-            self.dequantized_keys = _cat(self.dequantized_keys, self._decode_keys(packed_k, norms_k, self.outlier_keys[:, :, -packed_k.shape[2]:] if self.outlier_keys is not None else None))
+            self.dequantized_keys = _cat(self.dequantized_keys, self._decode_keys(packed_k, norms_k, new_outliers))
             self.dequantized_values = _cat(
                 self.dequantized_values, self._decode(self.value_quantizer, packed_v, norms_v, self.value_center)
             )
@@ -213,6 +215,11 @@ def _layer_types(text_config) -> list[str]:
     return ["sliding_attention" if sliding else "full_attention"] * text_config.num_hidden_layers
 
 
+def kv_cache_nbytes(cache: Cache) -> int:
+    """Bytes a transformers cache holds now; for a TurboQuantCache, what must be kept (`nbytes`)."""
+    return sum(_layer_nbytes(layer) for layer in cache.layers)
+
+
 def _layer_nbytes(layer) -> int:
     if isinstance(layer, TurboQuantLayer):
         return layer.nbytes()
@@ -255,7 +262,7 @@ class TurboQuantCache(Cache):
 
     def nbytes(self) -> int:
         """Bytes the cache must hold now (compressed layers plus the ones kept uncompressed)."""
-        return sum(_layer_nbytes(layer) for layer in self.layers)
+        return kv_cache_nbytes(self)
 
     def dynamic_cache_nbytes(self) -> int:
         """Bytes a DynamicCache would hold for the same tokens (sliding layers as they are)."""

@@ -55,7 +55,8 @@ def _attention_modules(model) -> list[torch.nn.Module]:
 
 
 def _record_attention_outputs(model) -> tuple[list[list[torch.Tensor]], list]:
-    outputs: list[list[torch.Tensor]] = [[] for _ in _attention_modules(model)]
+    modules = _attention_modules(model)
+    outputs: list[list[torch.Tensor]] = [[] for _ in modules]
 
     def hook(index):
         def record(module, args, output):
@@ -63,7 +64,7 @@ def _record_attention_outputs(model) -> tuple[list[list[torch.Tensor]], list]:
             outputs[index].append(hidden[:, -1].detach().float())
         return record
 
-    handles = [m.register_forward_hook(hook(i)) for i, m in enumerate(_attention_modules(model))]
+    handles = [m.register_forward_hook(hook(i)) for i, m in enumerate(modules)]
     return outputs, handles
 
 
@@ -82,7 +83,7 @@ def _mean_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).mean().item()
 
 
-def _kv_cosines(model, reference_cache, layer: TurboQuantLayer, layer_idx: int) -> tuple[float, float] | None:
+def _kv_cosines(reference_cache, layer: TurboQuantLayer, layer_idx: int) -> tuple[float, float] | None:
     """Cosine of the layer's reconstruction on the compressed tokens, recomputed from the baseline K/V."""
     keys, values = reference_cache.layers[layer_idx].keys, reference_cache.layers[layer_idx].values
     probe = TurboQuantLayer(layer.config, layer_idx, "compact")
@@ -116,7 +117,7 @@ def verify(model, tokenizer, text: str, config: TurboQuantConfig, prefill: int =
         if not isinstance(layer, TurboQuantLayer):
             report.status = "sliding window: uncompressed" if getattr(layer, "is_sliding", False) else "boundary layer: uncompressed"
         else:
-            cosines = _kv_cosines(model, baseline_cache, layer, idx)
+            cosines = _kv_cosines(baseline_cache, layer, idx)
             if cosines is not None:
                 report.key_cosine, report.value_cosine = cosines
         if idx < len(our_attention):
