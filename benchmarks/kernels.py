@@ -1,0 +1,290 @@
+"""Kernel benchmark (CUDA): TurboQuant decode/extend/store kernels side by side with
+(a) bf16 FlashAttention-3 over a paged bf16 cache (vLLM's `vllm_flash_attn`, the offline bundle) and
+(b) vLLM 0.26's own TurboQuant decode kernel (`triton_turboquant_decode_attention`) at the same bits.
+
+    python benchmarks/kernels.py [--out benchmarks/results/kernels-h100.json] [--quick]
+
+Every time is one CUDA-graph replay of 20 back-to-back calls divided by 20 (launch overhead hidden, as in
+vLLM's decode graphs), median of 5 replays. GB/s = cache bytes the call must read ÷ time; the copy
+bandwidth is (read + written bytes) ÷ time of a 4 GiB device-to-device copy. Caches hold random codes and
+norms: the kernels' speed does not depend on the values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from turboquant.core import TurboQuantConfig  # noqa: E402
+from turboquant.kernels.codec import KernelCodec  # noqa: E402
+from turboquant.kernels.decode import paged_decode_attention  # noqa: E402
+from turboquant.kernels.extend import extend_attention  # noqa: E402
+from turboquant.kernels.store import compress_store  # noqa: E402
+
+BLOCK_SIZE = 16  # vLLM's default page size, for all three caches
+CALLS_PER_GRAPH = 20
+
+
+def graph_time_ms(fn) -> float:
+    fn()
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(CALLS_PER_GRAPH):
+            fn()
+    graph.replay()
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / CALLS_PER_GRAPH)
+    del graph
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbs() -> float:
+    src = torch.empty(4 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = graph_time_ms(lambda: dst.copy_(src))
+    del src, dst
+    return 2 * (4 << 30) / ms / 1e6
+
+
+def block_table_for(batch: int, context: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    blocks_per_seq = math.ceil(context / BLOCK_SIZE)
+    num_blocks = batch * blocks_per_seq
+    table = torch.randperm(num_blocks, device="cuda", dtype=torch.int64).to(torch.int32).reshape(batch, blocks_per_seq)
+    return table, torch.full((batch,), context, dtype=torch.int32, device="cuda"), num_blocks
+
+
+def random_compressed_cache(codec: KernelCodec, num_blocks: int) -> torch.Tensor:
+    cache = torch.randint(0, 256, codec.layout.cache_shape(num_blocks), dtype=torch.uint8, device="cuda")
+    for norms in codec.layout.views(cache)[2:]:
+        norms.uniform_(0.5, 2.0)
+    return cache
+
+
+class Baselines:
+    """vLLM's FA3 and TurboQuant kernels, when vLLM is importable."""
+
+    def __init__(self):
+        try:
+            from vllm.vllm_flash_attn import flash_attn_varlen_func, is_fa_version_supported
+            from vllm.v1.attention.ops.triton_turboquant_decode import triton_turboquant_decode_attention
+            from vllm.model_executor.layers.quantization.turboquant.config import TurboQuantConfig as VllmTQ
+            from vllm.model_executor.layers.quantization.turboquant.centroids import get_centroids
+        except ImportError as error:
+            self.error = f"vLLM not importable: {error}"
+            return
+        self.error = None if is_fa_version_supported(3) else "FA3 not supported here"
+        self.flash_attn_varlen_func = flash_attn_varlen_func
+        self.tq_decode, self.VllmTQ, self.get_centroids = triton_turboquant_decode_attention, VllmTQ, get_centroids
+
+    def fa3_decode(self, query, key_cache, value_cache, table, seq_lens, context):
+        batch = query.shape[0]
+        cu_q = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
+        return lambda: self.flash_attn_varlen_func(
+            query, key_cache, value_cache, max_seqlen_q=1, cu_seqlens_q=cu_q, max_seqlen_k=context,
+            seqused_k=seq_lens, softmax_scale=query.shape[-1] ** -0.5, causal=True, block_table=table, fa_version=3)
+
+    def fa3_extend(self, query, key_cache, value_cache, table, seq_lens, chunk, context):
+        cu_q = torch.tensor([0, chunk], dtype=torch.int32, device="cuda")
+        return lambda: self.flash_attn_varlen_func(
+            query, key_cache, value_cache, max_seqlen_q=chunk, cu_seqlens_q=cu_q, max_seqlen_k=context,
+            seqused_k=seq_lens, softmax_scale=query.shape[-1] ** -0.5, causal=True, block_table=table, fa_version=3)
+
+    def vllm_tq_decode(self, preset, query, num_kv_heads, table, seq_lens, num_blocks):
+        head_dim = query.shape[-1]
+        config = self.VllmTQ.from_cache_dtype(preset, head_dim)
+        cache = torch.randint(0, 256, (num_blocks, BLOCK_SIZE, num_kv_heads, config.slot_size_aligned),
+                              dtype=torch.uint8, device="cuda")
+        hadamard = torch.tensor([[1.0]])
+        while hadamard.shape[0] < head_dim:
+            hadamard = torch.cat([torch.cat([hadamard, hadamard], 1), torch.cat([hadamard, -hadamard], 1)], 0)
+        rotation = (hadamard / math.sqrt(head_dim)).cuda()
+        centroids = self.get_centroids(head_dim, config.centroid_bits).cuda()
+        fn = lambda: self.tq_decode(
+            query=query, kv_cache=cache, block_table=table, seq_lens=seq_lens, Pi=rotation, centroids=centroids,
+            scale=head_dim**-0.5, mse_bits=config.key_mse_bits, key_packed_size=config.key_packed_size,
+            value_quant_bits=config.effective_value_quant_bits, key_fp8=config.key_fp8,
+            norm_correction=config.norm_correction, PiT=rotation.T.contiguous(), max_num_kv_splits=32)
+        return fn, cache, config.slot_size_aligned
+
+
+def decode_cell(baselines: Baselines, shape: dict, batch: int, context: int, preset: str, vllm_preset: str | None,
+                copy_gbs: float) -> dict:
+    num_q_heads, num_kv_heads, head_dim = shape["num_q_heads"], shape["num_kv_heads"], shape["head_dim"]
+    codec = KernelCodec.from_config(TurboQuantConfig.from_preset(preset), head_dim, num_kv_heads, BLOCK_SIZE,
+                                    device="cuda")
+    table, seq_lens, num_blocks = block_table_for(batch, context)
+    query = torch.randn(batch, num_q_heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    tokens = batch * context
+    cell = {"shape": shape["name"], "batch": batch, "context": context, "preset": preset}
+
+    cache = random_compressed_cache(codec, num_blocks)
+    ms = graph_time_ms(lambda: paged_decode_attention(query, cache, codec, table, seq_lens, head_dim**-0.5))
+    ours_bytes = tokens * codec.layout.bytes_per_token
+    cell["ours"] = {"ms": ms, "bytes": ours_bytes, "gbs": ours_bytes / ms / 1e6,
+                    "fraction_of_copy_bw": ours_bytes / ms / 1e6 / copy_gbs}
+    del cache
+
+    if baselines.error is None:
+        key_cache = torch.randn(num_blocks, BLOCK_SIZE, num_kv_heads, head_dim, device="cuda", dtype=torch.bfloat16)
+        value_cache = torch.randn_like(key_cache)
+        ms = graph_time_ms(baselines.fa3_decode(query, key_cache, value_cache, table, seq_lens, context))
+        bf16_bytes = 2 * key_cache.numel() * 2 * tokens // (num_blocks * BLOCK_SIZE)
+        cell["fa3_bf16"] = {"ms": ms, "bytes": bf16_bytes, "gbs": bf16_bytes / ms / 1e6}
+        del key_cache, value_cache
+        cell["speedup_vs_fa3"] = cell["fa3_bf16"]["ms"] / cell["ours"]["ms"]
+        if vllm_preset:
+            fn, tq_cache, slot = baselines.vllm_tq_decode(vllm_preset, query, num_kv_heads, table, seq_lens, num_blocks)
+            ms = graph_time_ms(fn)
+            tq_bytes = tokens * num_kv_heads * slot
+            cell["vllm_tq"] = {"preset": vllm_preset, "ms": ms, "bytes": tq_bytes, "gbs": tq_bytes / ms / 1e6}
+            cell["speedup_vs_vllm_tq"] = ms / cell["ours"]["ms"]
+            del tq_cache
+    torch.cuda.empty_cache()
+    return cell
+
+
+def fits(shape: dict, batch: int, context: int) -> bool:
+    bf16_bytes = 4 * batch * context * shape["num_kv_heads"] * shape["head_dim"]
+    return bf16_bytes < 0.6 * torch.cuda.get_device_properties(0).total_memory
+
+
+def store_cells(shape: dict) -> list[dict]:
+    out = []
+    for preset in ("k4v4", "k3v3"):
+        codec = KernelCodec.from_config(TurboQuantConfig.from_preset(preset), shape["head_dim"], shape["num_kv_heads"],
+                                        BLOCK_SIZE, device="cuda")
+        for tokens in (32, 2048):
+            cache = codec.layout.allocate(math.ceil(tokens / BLOCK_SIZE) + 1, "cuda")
+            keys = torch.randn(tokens, shape["num_kv_heads"], shape["head_dim"], device="cuda", dtype=torch.bfloat16)
+            values = torch.randn_like(keys)
+            slots = torch.arange(tokens, dtype=torch.int32, device="cuda")
+            ms = graph_time_ms(lambda: compress_store(keys, values, slots, cache, codec))
+            out.append({"shape": shape["name"], "preset": preset, "tokens": tokens, "ms": ms,
+                        "us_per_token": 1000 * ms / tokens})
+    return out
+
+
+def extend_cells(baselines: Baselines, shape: dict, prefix: int, chunks: list[int]) -> list[dict]:
+    num_q_heads, num_kv_heads, head_dim = shape["num_q_heads"], shape["num_kv_heads"], shape["head_dim"]
+    codec = KernelCodec.from_config(TurboQuantConfig.from_preset("k4v4"), head_dim, num_kv_heads, BLOCK_SIZE,
+                                    device="cuda")
+    out = []
+    for chunk in chunks:
+        context = prefix + chunk
+        table, seq_lens, num_blocks = block_table_for(1, context)
+        cache = random_compressed_cache(codec, num_blocks)
+        query = torch.randn(chunk, num_q_heads, head_dim, device="cuda", dtype=torch.bfloat16)
+        keys = torch.randn(chunk, num_kv_heads, head_dim, device="cuda", dtype=torch.bfloat16)
+        values = torch.randn_like(keys)
+        starts = torch.tensor([0, chunk], dtype=torch.int32, device="cuda")
+        ms = graph_time_ms(lambda: extend_attention(query, keys, values, starts, seq_lens, cache, codec, table,
+                                                    head_dim**-0.5, chunk))
+        cell = {"shape": shape["name"], "prefix": prefix, "chunk": chunk, "preset": "k4v4", "ours_ms": ms}
+        del cache
+        if baselines.error is None:
+            key_cache = torch.randn(num_blocks, BLOCK_SIZE, num_kv_heads, head_dim, device="cuda", dtype=torch.bfloat16)
+            value_cache = torch.randn_like(key_cache)
+            cell["fa3_bf16_ms"] = graph_time_ms(
+                baselines.fa3_extend(query, key_cache, value_cache, table, seq_lens, chunk, context))
+            cell["ratio_to_fa3"] = ms / cell["fa3_bf16_ms"]
+            del key_cache, value_cache
+        out.append(cell)
+        torch.cuda.empty_cache()
+    return out
+
+
+LLAMA_8B = {"name": "llama-3.1-8b", "num_q_heads": 32, "num_kv_heads": 8, "head_dim": 128}
+HEAD_64 = {"name": "llama-3.2-1b (d=64)", "num_q_heads": 32, "num_kv_heads": 8, "head_dim": 64}
+HEAD_256 = {"name": "gemma-2-9b (d=256)", "num_q_heads": 16, "num_kv_heads": 8, "head_dim": 256}
+
+
+def markdown(result: dict) -> str:
+    lines = [f"Device: {result['device']}, {result['date']}; copy bandwidth {result['copy_gbs']:.0f} GB/s "
+             f"(read + write). Times per call (CUDA graph), ms.", "",
+             "| shape | preset | batch | context | ours ms | ours GB/s (% copy) | FA3 bf16 ms | vs FA3 | vLLM TQ ms | vs vLLM TQ |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for c in result["decode"]:
+        fa3 = c.get("fa3_bf16", {})
+        tq = c.get("vllm_tq", {})
+        lines.append(
+            f"| {c['shape']} | {c['preset']} | {c['batch']} | {c['context']} | {c['ours']['ms']:.3f} | "
+            f"{c['ours']['gbs']:.0f} ({100 * c['ours']['fraction_of_copy_bw']:.0f}%) | "
+            f"{fa3.get('ms', float('nan')):.3f} | {c.get('speedup_vs_fa3', float('nan')):.2f}x | "
+            f"{tq.get('ms', float('nan')):.3f} | {c.get('speedup_vs_vllm_tq', float('nan')):.2f}x |")
+    lines += ["", "| extend: shape | prefix | chunk | ours ms | FA3 bf16 ms | ours / FA3 |", "|---|---:|---:|---:|---:|---:|"]
+    for c in result["extend"]:
+        lines.append(f"| {c['shape']} | {c['prefix']} | {c['chunk']} | {c['ours_ms']:.3f} | "
+                     f"{c.get('fa3_bf16_ms', float('nan')):.3f} | {c.get('ratio_to_fa3', float('nan')):.2f} |")
+    lines += ["", "| store: shape | preset | tokens | ms | µs/token |", "|---|---|---:|---:|---:|"]
+    for c in result["store"]:
+        lines.append(f"| {c['shape']} | {c['preset']} | {c['tokens']} | {c['ms']:.4f} | {c['us_per_token']:.4f} |")
+    return "\n".join(lines)
+
+
+def save(result: dict, path: str) -> None:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    out.with_suffix(".md").write_text(markdown(result) + "\n")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="benchmarks/results/kernels-h100.json")
+    parser.add_argument("--quick", action="store_true", help="a few cells only (smoke run)")
+    parser.add_argument("--table", default=None, help="print the markdown table of a saved JSON and exit")
+    args = parser.parse_args()
+    if args.table:
+        print(markdown(json.loads(Path(args.table).read_text())))
+        return 0
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA device")
+    import triton
+
+    baselines = Baselines()
+    result = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
+              "torch": torch.__version__, "triton": triton.__version__, "block_size": BLOCK_SIZE,
+              "baselines": baselines.error or "vLLM FA3 (vllm_flash_attn) and triton_turboquant_decode_attention",
+              "copy_gbs": copy_bandwidth_gbs(), "decode": [], "extend": [], "store": []}
+    print(f"copy bandwidth {result['copy_gbs']:.0f} GB/s; baselines: {result['baselines']}", flush=True)
+    batches, contexts = ((8, 32), (1024, 16384)) if args.quick else ((1, 8, 32, 64), (1024, 4096, 16384, 32768, 131072))
+    plan = [(LLAMA_8B, b, c, "k4v4", "turboquant_4bit_nc") for b in batches for c in contexts]
+    plan += [(LLAMA_8B, b, c, "k3v3", "turboquant_3bit_nc") for b in (8, 32) for c in (4096, 32768)]
+    plan += [(shape, 32, c, "k4v4", "turboquant_4bit_nc") for shape in (HEAD_64, HEAD_256) for c in (4096, 16384)]
+    for shape, batch, context, preset, vllm_preset in plan:
+        if not fits(shape, batch, context):
+            print(f"skip {shape['name']} b{batch} x {context}: bf16 cache does not fit", flush=True)
+            continue
+        cell = decode_cell(baselines, shape, batch, context, preset, vllm_preset, result["copy_gbs"])
+        result["decode"].append(cell)
+        print(json.dumps(cell), flush=True)
+        save(result, args.out)
+    result["extend"] = extend_cells(baselines, LLAMA_8B, 16384, [512, 2048])
+    result["store"] = store_cells(LLAMA_8B)
+    save(result, args.out)
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

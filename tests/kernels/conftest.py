@@ -1,0 +1,26 @@
+"""Kernel tests run the Triton kernels natively on a GPU and in Triton's interpreter on the CPU.
+TRITON_INTERPRET must be set before `triton.jit` wraps the kernels, i.e. before they are imported."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+
+@pytest.fixture
+def device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def generator(request) -> torch.Generator:
+    """Fresh random inputs on every run; the seed is printed with any failure to reproduce it."""
+    seed = int(torch.randint(0, 2**31 - 1, ()).item()) ^ os.getpid()
+    request.node.user_properties.append(("seed", seed))
+    print(f"seed={seed}")
+    return torch.Generator().manual_seed(seed)

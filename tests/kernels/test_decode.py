@@ -1,0 +1,74 @@
+import pytest
+import torch
+
+from turboquant.kernels.decode import paged_decode_attention
+from turboquant.kernels.reference import decode_reference
+
+from .paged import filled_cache, make_codec
+
+# (head_dim, key_bits, value_bits, block_size, num_q_heads, num_kv_heads): every bit width on each side,
+# every head_dim, block sizes 16–128, MHA and GQA groups of 1, 4, 6 and 8.
+CASES = [
+    (64, 4, 4, 16, 8, 2), (80, 3, 8, 32, 6, 1), (96, 2, 3, 16, 4, 4), (128, 8, 2, 64, 32, 4),
+    (256, 4, 3, 128, 8, 2), (128, 3, 4, 16, 16, 2),
+]
+# Scores and the value sum multiply fp16 operands (q and the levels, 11-bit significands) with fp32
+# accumulation; on O(1) outputs that is a few 1e-4, so 4e-3 leaves room without hiding a wrong level.
+TOLERANCE = dict(atol=4e-3, rtol=4e-3)
+
+
+@pytest.mark.parametrize("head_dim,key_bits,value_bits,block_size,num_q_heads,num_kv_heads", CASES)
+@pytest.mark.parametrize("options", [{}, {"sliding_window": 37}, {"softcap": 4.0}])
+def test_decode_matches_reference(head_dim, key_bits, value_bits, block_size, num_q_heads, num_kv_heads, options,
+                                  device, generator):
+    codec = make_codec(head_dim, key_bits, value_bits, num_kv_heads, block_size, device)
+    seq_lens = [150, 1, 64, 97]
+    cache, block_table = filled_cache(codec, seq_lens, generator, device)
+    query = torch.randn(len(seq_lens), num_q_heads, head_dim, generator=generator).to(device)
+    lengths = torch.tensor(seq_lens, dtype=torch.int32, device=device)
+    out = paged_decode_attention(query, cache, codec, block_table, lengths, head_dim**-0.5, num_splits=3, **options)
+    expected = decode_reference(query, cache, codec, block_table, lengths, head_dim**-0.5, **options)
+    torch.testing.assert_close(out, expected, **TOLERANCE)
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 5, 16])
+def test_decode_does_not_depend_on_splits(num_splits, device, generator):
+    codec = make_codec(64, 4, 4, 2, 16, device)
+    seq_lens = [130, 3]
+    cache, block_table = filled_cache(codec, seq_lens, generator, device)
+    query = torch.randn(2, 4, 64, generator=generator).to(device)
+    lengths = torch.tensor(seq_lens, dtype=torch.int32, device=device)
+    expected = decode_reference(query, cache, codec, block_table, lengths, 0.125)
+    out = paged_decode_attention(query, cache, codec, block_table, lengths, 0.125, num_splits=num_splits)
+    torch.testing.assert_close(out, expected, **TOLERANCE)
+
+
+def test_decode_empty_sequence_and_bf16_query(device, generator):
+    codec = make_codec(128, 4, 4, 2, 16, device)
+    cache, block_table = filled_cache(codec, [40, 40], generator, device)
+    query = torch.randn(2, 4, 128, generator=generator).to(device, torch.bfloat16)
+    lengths = torch.tensor([0, 40], dtype=torch.int32, device=device)
+    out = paged_decode_attention(query, cache, codec, block_table, lengths, 128**-0.5)
+    assert out.dtype == torch.bfloat16
+    assert (out[0] == 0).all()
+    expected = decode_reference(query, cache, codec, block_table, lengths, 128**-0.5)
+    torch.testing.assert_close(out[1].float(), expected[1], atol=2e-2, rtol=2e-2)  # bf16 output rounding
+
+
+def test_decode_rejects_bad_input(device, generator):
+    codec = make_codec(64, 4, 4, 2, 16, device)
+    cache, block_table = filled_cache(codec, [20], generator, device)
+    query = torch.randn(1, 4, 64, device=device)
+    lengths = torch.tensor([20], dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match="query"):
+        paged_decode_attention(query[..., :32], cache, codec, block_table, lengths, 0.1)
+    with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+        paged_decode_attention(query[:, :3], cache, codec, block_table, lengths, 0.1)
+    with pytest.raises(ValueError, match="seq_lens"):
+        paged_decode_attention(query, cache, codec, block_table, lengths.long(), 0.1)
+    with pytest.raises(ValueError, match="block_table"):
+        paged_decode_attention(query, cache, codec, block_table.long(), lengths, 0.1)
+    with pytest.raises(ValueError, match="cache"):
+        paged_decode_attention(query, cache[..., :-4], codec, block_table, lengths, 0.1)
+    with pytest.raises(ValueError, match="sliding_window"):
+        paged_decode_attention(query, cache, codec, block_table, lengths, 0.1, sliding_window=0)

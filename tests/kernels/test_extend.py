@@ -1,0 +1,48 @@
+import pytest
+import torch
+
+from turboquant.kernels.extend import extend_attention
+from turboquant.kernels.reference import extend_reference
+
+from .paged import filled_cache, make_codec
+from .test_decode import CASES, TOLERANCE
+
+
+def chunks(query_lens: list[int], device: str) -> torch.Tensor:
+    starts = torch.zeros(len(query_lens) + 1, dtype=torch.int32)
+    starts[1:] = torch.tensor(query_lens).cumsum(0)
+    return starts.to(device)
+
+
+@pytest.mark.parametrize("head_dim,key_bits,value_bits,block_size,num_q_heads,num_kv_heads", CASES)
+@pytest.mark.parametrize("options", [{}, {"sliding_window": 29}, {"softcap": 4.0}])
+def test_extend_matches_reference(head_dim, key_bits, value_bits, block_size, num_q_heads, num_kv_heads, options,
+                                  device, generator):
+    codec = make_codec(head_dim, key_bits, value_bits, num_kv_heads, block_size, device)
+    prefix_lens, query_lens = [90, 0, 33], [21, 70, 1]  # a chunk after a prefix, a first chunk, one token
+    cache, block_table = filled_cache(codec, [p + q for p, q in zip(prefix_lens, query_lens)], generator, device)
+    tokens = sum(query_lens)
+    query = torch.randn(tokens, num_q_heads, head_dim, generator=generator).to(device)
+    keys = (torch.randn(tokens, num_kv_heads, head_dim, generator=generator) * 2).to(device, torch.bfloat16)
+    values = torch.randn(tokens, num_kv_heads, head_dim, generator=generator).to(device, torch.bfloat16)
+    seq_lens = torch.tensor([p + q for p, q in zip(prefix_lens, query_lens)], dtype=torch.int32, device=device)
+    starts = chunks(query_lens, device)
+    out = extend_attention(query, keys, values, starts, seq_lens, cache, codec, block_table, head_dim**-0.5,
+                           max(query_lens), **options)
+    expected = extend_reference(query, keys, values, starts, seq_lens, cache, codec, block_table, head_dim**-0.5,
+                                **options)
+    torch.testing.assert_close(out, expected, **TOLERANCE)
+
+
+def test_extend_rejects_bad_input(device, generator):
+    codec = make_codec(64, 4, 4, 2, 16, device)
+    cache, block_table = filled_cache(codec, [20], generator, device)
+    query, keys = torch.randn(5, 4, 64, device=device), torch.randn(5, 2, 64, device=device)
+    seq_lens = torch.tensor([20], dtype=torch.int32, device=device)
+    starts = chunks([5], device)
+    with pytest.raises(ValueError, match="query must be"):
+        extend_attention(query[:4], keys, keys, starts, seq_lens, cache, codec, block_table, 0.1, 5)
+    with pytest.raises(ValueError, match="query_start"):
+        extend_attention(query, keys, keys, starts[:1], seq_lens, cache, codec, block_table, 0.1, 5)
+    with pytest.raises(ValueError, match="values"):
+        extend_attention(query, keys, keys[:, :, :32], starts, seq_lens, cache, codec, block_table, 0.1, 5)

@@ -1,0 +1,64 @@
+import pytest
+import torch
+
+from turboquant.core import unpack_indices
+from turboquant.kernels.reference import compress_store_reference
+from turboquant.kernels.store import compress_store
+
+from .paged import make_codec
+
+# (head_dim, key_bits, value_bits, block_size): every supported bit width on each side, every head_dim.
+CASES = [(64, 4, 4, 16), (80, 3, 8, 32), (96, 2, 3, 16), (128, 8, 2, 64), (256, 4, 3, 128), (128, 3, 4, 16)]
+
+
+@pytest.mark.parametrize("head_dim,key_bits,value_bits,block_size", CASES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_compress_store_matches_reference(head_dim, key_bits, value_bits, block_size, dtype, device, generator):
+    codec = make_codec(head_dim, key_bits, value_bits, num_kv_heads=2, block_size=block_size, device=device)
+    num_blocks, num_tokens = 4, 37
+    keys = (torch.randn(num_tokens, 2, head_dim, generator=generator) * 4 + 1).to(dtype)
+    values = torch.randn(num_tokens, 2, head_dim, generator=generator).to(dtype)
+    slots = torch.randperm(num_blocks * block_size, generator=generator)[:num_tokens].to(torch.int32)
+    slots[5] = -1  # padding slots are skipped
+    keys[7] = 0  # a zero vector stores norm 0
+    cache, expected = codec.layout.allocate(num_blocks, device), codec.layout.allocate(num_blocks, device)
+    compress_store(keys.to(device), values.to(device), slots.to(device), cache, codec)
+    compress_store_reference(keys.to(device), values.to(device), slots.to(device), expected, codec)
+
+    layout = codec.layout
+    same_codes = []
+    for got, want, bits in zip(layout.views(cache)[:2], layout.views(expected)[:2], (key_bits, value_bits)):
+        got_idx = unpack_indices(got, bits, head_dim).int()
+        want_idx = unpack_indices(want, bits, head_dim).int()
+        # The kernel rotates by a dense fp32 matmul, the reference by the fast transform: a coordinate
+        # within float rounding of a decision boundary may land one level over, nothing more.
+        assert (got_idx - want_idx).abs().max() <= 1
+        assert (got_idx != want_idx).float().mean() < 1e-3
+        same_codes.append((got_idx == want_idx).all(dim=-1))
+    for got, want, same in zip(layout.views(cache)[2:], layout.views(expected)[2:], same_codes):
+        torch.testing.assert_close(got[same], want[same], rtol=2e-6, atol=1e-6)
+        # A level moved by one changes the norm correction of that vector by a fraction of a percent.
+        torch.testing.assert_close(got[~same], want[~same], rtol=1e-2, atol=1e-6)
+    untouched = torch.ones(num_blocks * block_size, dtype=torch.bool)
+    untouched[slots[slots >= 0].long()] = False
+    key_norms = codec.layout.views(cache)[2].transpose(1, 2).reshape(-1, 2)
+    assert (key_norms[untouched.to(device)] == 0).all()
+
+
+def test_compress_store_rejects_bad_input(device):
+    codec = make_codec(64, 4, 4, num_kv_heads=2, block_size=16, device=device)
+    cache = codec.layout.allocate(2, device)
+    keys = torch.randn(3, 2, 64, device=device)
+    slots = torch.arange(3, dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match="keys"):
+        compress_store(keys[:, :1], keys, slots, cache, codec)
+    with pytest.raises(ValueError, match="dtype"):
+        compress_store(keys.int(), keys, slots, cache, codec)
+    with pytest.raises(ValueError, match="slot_mapping"):
+        compress_store(keys, keys, slots[:2], cache, codec)
+    with pytest.raises(ValueError, match="cache must have shape"):
+        compress_store(keys, keys, slots, cache[:, :1].contiguous(), codec)
+    with pytest.raises(ValueError, match="contiguous"):
+        compress_store(keys, keys, slots, torch.cat([cache, cache], dim=2)[:, :, : cache.shape[2]], codec)
+    with pytest.raises(ValueError, match="uint8"):
+        compress_store(keys, keys, slots, cache.float(), codec)

@@ -1,0 +1,9 @@
+"""Triton kernels over the paged compressed cache (needs `triton`; the PyTorch definitions they are
+tested against are in `reference.py`)."""
+
+from .codec import KernelCodec
+from .decode import paged_decode_attention
+from .extend import extend_attention
+from .store import compress_store
+
+__all__ = ["KernelCodec", "compress_store", "paged_decode_attention", "extend_attention"]

@@ -1,0 +1,84 @@
+"""`KernelCodec`: one layer's TurboQuant codec as the device tensors the kernels read.
+
+The kernels implement the MSE codec only (rotation, per-coordinate Lloyd–Max levels, fp32 norms with
+optional norm correction). Centering, sink tokens and full-precision windows are cache policies that
+live above the kernels; a QJL (prod) key code is not implemented by the kernels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..core import MSEQuantizer, TurboQuantConfig
+from ..core.paged_layout import PagedLayout
+
+KERNEL_HEAD_DIMS = (64, 80, 96, 128, 256)
+KERNEL_BITS = (2, 3, 4, 8)
+
+
+@dataclass(frozen=True, eq=False)
+class KernelCodec:
+    layout: PagedLayout
+    key_quantizer: MSEQuantizer  # the PyTorch definition the kernels are tested against
+    value_quantizer: MSEQuantizer
+    rotation: torch.Tensor  # [head_dim, head_dim] float32; row i is the i-th rotated coordinate
+    key_centroids: torch.Tensor  # [2**key_bits] float32
+    key_boundaries: torch.Tensor  # [2**key_bits - 1] float32
+    value_centroids: torch.Tensor
+    value_boundaries: torch.Tensor
+    # Attention multiplies levels in fp16 on the tensor cores (10-bit mantissa, like tf32; finer than bf16).
+    key_centroids_fp16: torch.Tensor
+    value_centroids_fp16: torch.Tensor
+
+    @property
+    def norm_correction(self) -> bool:
+        return self.key_quantizer.norm_correction
+
+    @property
+    def device(self) -> torch.device:
+        return self.rotation.device
+
+    @classmethod
+    def from_config(cls, config: TurboQuantConfig, head_dim: int, num_kv_heads: int, block_size: int,
+                    layer_idx: int = 0, device: torch.device | str = "cpu") -> "KernelCodec":
+        if config.key_quantizer != "mse" or config.value_quantizer != "mse":
+            raise ValueError("the kernels implement the mse quantizer only; set key_quantizer='mse' and value_quantizer='mse'")
+        if config.key_outlier_channels:
+            raise ValueError("the kernels do not split outlier key channels; set key_outlier_channels=0")
+        if head_dim not in KERNEL_HEAD_DIMS:
+            raise ValueError(f"head_dim must be one of {KERNEL_HEAD_DIMS} for the kernels, got {head_dim!r}")
+        for role in ("key", "value"):
+            bits = getattr(config, f"{role}_bits")
+            if bits not in KERNEL_BITS:
+                raise ValueError(f"{role}_bits must be one of {KERNEL_BITS} for the kernels, got {bits!r}")
+        layout = PagedLayout(head_dim, config.key_bits, config.value_bits, block_size, num_kv_heads)
+        key_quantizer = config.make_quantizer("key", head_dim, layer_idx)
+        value_quantizer = config.make_quantizer("value", head_dim, layer_idx)
+        assert key_quantizer.rotation is value_quantizer.rotation  # one rotation per layer: q is rotated once
+        key_book, value_book = key_quantizer.codebook, value_quantizer.codebook
+        return cls(
+            layout, key_quantizer, value_quantizer,
+            rotation=key_quantizer.rotation.matrix().to(device),
+            key_centroids=key_book.centroids.to(device), key_boundaries=key_book.boundaries.to(device),
+            value_centroids=value_book.centroids.to(device), value_boundaries=value_book.boundaries.to(device),
+            key_centroids_fp16=key_book.centroids.half().to(device),
+            value_centroids_fp16=value_book.centroids.half().to(device),
+        )
+
+
+@dataclass(frozen=True)
+class PackedBits:
+    """How b-bit indices group into bytes, as kernel constants: `coords` indices fill `group_bytes`
+    bytes (2 and 4 bits: one byte; 3 bits: 8 indices in 3 bytes; 8 bits: one index per byte)."""
+
+    bits: int
+    coords: int
+    group_bytes: int
+
+    @classmethod
+    def of(cls, bits: int) -> "PackedBits":
+        if bits not in KERNEL_BITS:
+            raise ValueError(f"bits must be one of {KERNEL_BITS}, got {bits!r}")
+        return cls(bits, 8, 3) if bits == 3 else cls(bits, 8 // bits, 1)

@@ -1,0 +1,184 @@
+"""Decode attention over the paged compressed cache (flash-decoding: split-K + a reduction).
+
+Per (sequence, kv head, split) one program walks its share of the tokens: it unpacks key indices,
+scores them against the rotated query in fp16 on the tensor cores (keys are never un-rotated), scales
+each score by the key's fp32 norm, and keeps an fp32 online softmax. Values are accumulated in the
+rotated space with their norms folded into the probabilities; the result is un-rotated once.
+All query heads of a GQA group share one read of their K/V. The grid depends only on the batch size,
+the number of kv heads and `num_splits`, so it can be captured in a CUDA graph.
+Reference: `reference.decode_reference`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .codec import KernelCodec, PackedBits
+from .launch import FLOAT_DTYPES, check_block_table, check_codec_device, check_device_tensor, head_dim_pad
+from .packed_tile import load_indices, load_norms
+
+
+def decode_launch(head_dim: int, key_bits: int, value_bits: int) -> dict:
+    """Tokens per tile and Triton's warps/pipeline depth, from a sweep on an H100 (b32 × 16K, k4v4/k3v3/k8v4)."""
+    if head_dim <= 128:
+        return dict(TILE=128, num_warps=4, num_stages=2)
+    if 3 in (key_bits, value_bits):  # d=256 at 3 bits: a 64-token tile exceeds shared memory
+        return dict(TILE=32, num_warps=4, num_stages=1)
+    return dict(TILE=64, num_warps=4, num_stages=2)
+
+
+@triton.jit
+def tanh(x):
+    return 2 * tl.sigmoid(2 * x) - 1
+
+
+@triton.jit
+def _decode_split_kernel(
+    query_ptr, cache_ptr, block_table_ptr, seq_lens_ptr, key_centroids_ptr, value_centroids_ptr,
+    partial_out_ptr, partial_lse_ptr,
+    stride_query_seq, stride_query_head, stride_table_seq, scale, softcap, sliding_window,
+    NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, HEAD_PAGE_BYTES: tl.constexpr, VALUES_OFFSET: tl.constexpr,
+    KEY_NORMS_OFFSET: tl.constexpr, VALUE_NORMS_OFFSET: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    KEY_BITS: tl.constexpr, KEY_COORDS: tl.constexpr, KEY_GROUP_BYTES: tl.constexpr, KEY_BYTES: tl.constexpr,
+    VALUE_BITS: tl.constexpr, VALUE_COORDS: tl.constexpr, VALUE_GROUP_BYTES: tl.constexpr,
+    VALUE_BYTES: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, TILE: tl.constexpr,
+):
+    seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    first = 0
+    if USE_WINDOW:
+        first = tl.maximum(seq_len - sliding_window, 0)
+    per_split = tl.cdiv(tl.cdiv(seq_len - first, NUM_SPLITS), TILE) * TILE
+    lo = first + split * per_split
+    hi = tl.minimum(lo + per_split, seq_len)
+
+    group = tl.arange(0, GROUP_PAD)
+    heads = kv_head * GROUP + group
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    query = tl.load(query_ptr + seq * stride_query_seq + heads[:, None] * stride_query_head + dims[None, :],
+                    mask=(group < GROUP)[:, None] & (dims < HEAD_DIM)[None, :], other=0.0)
+    query = (query * scale).to(tl.float16)
+
+    running_max = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
+    running_sum = tl.zeros([GROUP_PAD], dtype=tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], dtype=tl.float32)
+
+    table_ptr = block_table_ptr + seq * stride_table_seq
+    for start in range(lo, hi, TILE):
+        tokens = start + tl.arange(0, TILE)
+        valid = tokens < hi
+        blocks = tl.load(table_ptr + tokens // BLOCK_SIZE, mask=valid, other=0)
+        page_ptrs = cache_ptr + (blocks.to(tl.int64) * NUM_KV_HEADS + kv_head) * HEAD_PAGE_BYTES
+        offsets = tokens % BLOCK_SIZE
+
+        key_indices = load_indices(page_ptrs + offsets * KEY_BYTES, valid, KEY_BITS, KEY_COORDS, KEY_GROUP_BYTES,
+                                   HEAD_DIM, HEAD_DIM_PAD, TILE)
+        keys = tl.load(key_centroids_ptr + key_indices)
+        key_norms = load_norms(page_ptrs + KEY_NORMS_OFFSET + offsets * 4, valid)
+        scores = tl.dot(query, tl.trans(keys)) * key_norms[None, :]
+        if USE_SOFTCAP:
+            scores = softcap * tanh(scores / softcap)
+        scores = tl.where(valid[None, :], scores * 1.4426950408889634, float("-inf"))  # log2 units
+
+        new_max = tl.maximum(running_max, tl.max(scores, axis=1))
+        correction = tl.exp2(running_max - new_max)
+        probs = tl.exp2(scores - new_max[:, None])
+        running_sum = running_sum * correction + tl.sum(probs, axis=1)
+
+        value_indices = load_indices(page_ptrs + VALUES_OFFSET + offsets * VALUE_BYTES, valid, VALUE_BITS,
+                                     VALUE_COORDS, VALUE_GROUP_BYTES, HEAD_DIM, HEAD_DIM_PAD, TILE)
+        values = tl.load(value_centroids_ptr + value_indices)
+        value_norms = load_norms(page_ptrs + VALUE_NORMS_OFFSET + offsets * 4, valid)
+        acc = acc * correction[:, None] + tl.dot((probs * value_norms[None, :]).to(tl.float16), values)
+        running_max = new_max
+
+    partial = (seq * NUM_KV_HEADS * GROUP + heads) * NUM_SPLITS + split
+    head_mask = group < GROUP
+    out = acc / tl.maximum(running_sum, 1e-30)[:, None]
+    tl.store(partial_out_ptr + partial[:, None] * HEAD_DIM_PAD + dims[None, :], out, mask=head_mask[:, None])
+    lse = tl.where(running_sum > 0, running_max + tl.log2(tl.maximum(running_sum, 1e-30)), float("-inf"))
+    tl.store(partial_lse_ptr + partial, lse, mask=head_mask)
+
+
+@triton.jit
+def _decode_reduce_kernel(partial_out_ptr, partial_lse_ptr, out_ptr, NUM_SPLITS: tl.constexpr,
+                          NUM_SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
+    row = tl.program_id(0)  # seq · num_q_heads + head
+    splits = tl.arange(0, NUM_SPLITS_PAD)
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    lse = tl.load(partial_lse_ptr + row * NUM_SPLITS + splits, mask=splits < NUM_SPLITS, other=float("-inf"))
+    top = tl.max(lse, axis=0)
+    top = tl.where(top == float("-inf"), 0.0, top)  # an empty sequence: every weight is 0
+    weights = tl.exp2(lse - top)
+    partial = tl.load(partial_out_ptr + (row * NUM_SPLITS + splits)[:, None] * HEAD_DIM_PAD + dims[None, :],
+                      mask=(splits < NUM_SPLITS)[:, None], other=0.0)
+    out = tl.sum(weights[:, None] * partial, axis=0) / tl.maximum(tl.sum(weights, axis=0), 1e-30)
+    tl.store(out_ptr + row * HEAD_DIM + dims, out, mask=dims < HEAD_DIM)
+
+
+def default_num_splits(batch: int, num_kv_heads: int, max_tokens: int, tile: int, num_sms: int = 132) -> int:
+    """Enough programs to fill the device about twice, but no split shorter than two tiles."""
+    wanted = max(1, math.ceil(2 * num_sms / max(1, batch * num_kv_heads)))
+    longest = max(1, max_tokens // (2 * tile))
+    return int(min(triton.next_power_of_2(wanted), triton.next_power_of_2(longest), 64))
+
+
+def paged_decode_attention(query: torch.Tensor, cache: torch.Tensor, codec: KernelCodec, block_table: torch.Tensor,
+                           seq_lens: torch.Tensor, scale: float, sliding_window: int | None = None,
+                           softcap: float | None = None, num_splits: int | None = None) -> torch.Tensor:
+    """query [batch, num_q_heads, head_dim] (the token at position seq_len − 1 of each sequence) →
+    attention output of the same shape and dtype. block_table int32 [batch, max_blocks], seq_lens int32
+    [batch]. A CUDA graph must fix `num_splits` (the default depends only on shapes, not on values)."""
+    layout = codec.layout
+    layout.check_cache(cache)
+    check_codec_device(codec, cache)
+    if not isinstance(query, torch.Tensor) or query.ndim != 3 or query.shape[-1] != layout.head_dim:
+        raise ValueError(f"query must be [batch, num_q_heads, {layout.head_dim}], got "
+                         f"{tuple(query.shape) if isinstance(query, torch.Tensor) else type(query).__name__}")
+    check_device_tensor(query, "query", FLOAT_DTYPES, None, cache.device)
+    batch, num_q_heads = query.shape[:2]
+    if num_q_heads % layout.num_kv_heads:
+        raise ValueError(f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads ({layout.num_kv_heads})")
+    check_block_table(block_table, seq_lens, batch, layout.block_size, cache.device)
+    if sliding_window is not None and sliding_window <= 0:
+        raise ValueError(f"sliding_window must be a positive number of tokens or None, got {sliding_window!r}")
+    if softcap is not None and softcap <= 0:
+        raise ValueError(f"softcap must be positive or None, got {softcap!r}")
+    launch = decode_launch(layout.head_dim, layout.key_bits, layout.value_bits)
+    if num_splits is None:
+        num_splits = default_num_splits(batch, layout.num_kv_heads, block_table.shape[1] * layout.block_size,
+                                        launch["TILE"])
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits!r}")
+
+    group = num_q_heads // layout.num_kv_heads
+    pad = head_dim_pad(layout.head_dim)
+    rotated_query = query.float() @ codec.rotation.T  # rotate q once; keys stay in the rotated space
+    partial_out = torch.empty(batch, num_q_heads, num_splits, pad, device=cache.device, dtype=torch.float32)
+    partial_lse = torch.empty(batch, num_q_heads, num_splits, device=cache.device, dtype=torch.float32)
+    key_bits, value_bits = PackedBits.of(layout.key_bits), PackedBits.of(layout.value_bits)
+    _decode_split_kernel[(batch, layout.num_kv_heads, num_splits)](
+        rotated_query, cache, block_table, seq_lens, codec.key_centroids_fp16, codec.value_centroids_fp16,
+        partial_out, partial_lse, rotated_query.stride(0), rotated_query.stride(1), block_table.stride(0),
+        float(scale), float(softcap or 0.0), int(sliding_window or 0),
+        NUM_KV_HEADS=layout.num_kv_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        NUM_SPLITS=num_splits, BLOCK_SIZE=layout.block_size, HEAD_PAGE_BYTES=layout.head_page_bytes,
+        VALUES_OFFSET=layout.values_offset, KEY_NORMS_OFFSET=layout.key_norms_offset,
+        VALUE_NORMS_OFFSET=layout.value_norms_offset, HEAD_DIM=layout.head_dim, HEAD_DIM_PAD=pad,
+        KEY_BITS=key_bits.bits, KEY_COORDS=key_bits.coords, KEY_GROUP_BYTES=key_bits.group_bytes,
+        KEY_BYTES=layout.key_bytes, VALUE_BITS=value_bits.bits, VALUE_COORDS=value_bits.coords,
+        VALUE_GROUP_BYTES=value_bits.group_bytes, VALUE_BYTES=layout.value_bytes,
+        USE_SOFTCAP=softcap is not None, USE_WINDOW=sliding_window is not None, **launch,
+    )
+    rotated_out = torch.empty(batch, num_q_heads, layout.head_dim, device=cache.device, dtype=torch.float32)
+    _decode_reduce_kernel[(batch * num_q_heads,)](
+        partial_out, partial_lse, rotated_out, NUM_SPLITS=num_splits,
+        NUM_SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=layout.head_dim, HEAD_DIM_PAD=pad,
+    )
+    return (rotated_out @ codec.rotation).to(query.dtype)  # un-rotate the weighted value sum once

@@ -1,0 +1,185 @@
+"""Extend (chunked prefill) attention: a chunk of new queries attends to (a) the compressed prefix in
+the paged cache, unpacked tile by tile in registers, and (b) causally to the chunk's own fresh
+full-precision K/V — what chunked prefill and prefix caching need. One program owns a block of query
+tokens times all query heads of one GQA group, so each compressed tile is unpacked once for the group.
+Everything runs in the rotated space (q and the fresh K/V are rotated once); the output is un-rotated
+once. Reference: `reference.extend_reference`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .codec import KernelCodec, PackedBits
+from .decode import tanh
+from .launch import FLOAT_DTYPES, check_block_table, check_codec_device, check_device_tensor, check_kv, head_dim_pad
+from .packed_tile import load_indices, load_norms
+
+
+def extend_launch(head_dim: int) -> dict:
+    """Query rows (tokens × heads of one group) per program, key tokens per tile, and Triton's
+    warps/pipeline depth, from a sweep on an H100 (16K prefix, 2K chunk, d=128)."""
+    if head_dim <= 128:
+        return dict(ROWS=256, TILE=64, num_warps=8, num_stages=1)
+    return dict(ROWS=32, TILE=32, num_warps=4, num_stages=1)
+
+
+@triton.jit
+def _online_softmax_step(scores, visible, running_max, running_sum, acc, values):
+    """One flash-attention update with fp32 statistics; `scores` are in log2 units, `values` fp16."""
+    scores = tl.where(visible, scores, float("-inf"))
+    new_max = tl.maximum(running_max, tl.max(scores, axis=1))
+    shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # a row that sees nothing yet
+    correction = tl.exp2(running_max - shift)
+    probs = tl.exp2(scores - shift[:, None])
+    running_sum = running_sum * correction + tl.sum(probs, axis=1)
+    acc = acc * correction[:, None] + tl.dot(probs.to(tl.float16), values)
+    return new_max, running_sum, acc
+
+
+@triton.jit
+def _extend_kernel(
+    query_ptr, keys_ptr, values_ptr, cache_ptr, block_table_ptr, seq_lens_ptr, query_start_ptr,
+    key_centroids_ptr, value_centroids_ptr, out_ptr,
+    stride_query_token, stride_query_head, stride_kv_token, stride_kv_head, stride_table_seq,
+    scale, softcap, sliding_window,
+    NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, QUERY_TOKENS: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, HEAD_PAGE_BYTES: tl.constexpr, VALUES_OFFSET: tl.constexpr,
+    KEY_NORMS_OFFSET: tl.constexpr, VALUE_NORMS_OFFSET: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    KEY_BITS: tl.constexpr, KEY_COORDS: tl.constexpr, KEY_GROUP_BYTES: tl.constexpr, KEY_BYTES: tl.constexpr,
+    VALUE_BITS: tl.constexpr, VALUE_COORDS: tl.constexpr, VALUE_GROUP_BYTES: tl.constexpr,
+    VALUE_BYTES: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, TILE: tl.constexpr,
+):
+    seq, query_block, kv_head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    query_start = tl.load(query_start_ptr + seq)
+    query_len = tl.load(query_start_ptr + seq + 1) - query_start
+    first_token = query_block * QUERY_TOKENS
+    if first_token >= query_len:
+        return
+    prefix_len = tl.load(seq_lens_ptr + seq) - query_len
+
+    ROWS: tl.constexpr = QUERY_TOKENS * GROUP_PAD
+    rows = tl.arange(0, ROWS)
+    token = first_token + rows // GROUP_PAD  # chunk-relative position of each row
+    member = rows % GROUP_PAD
+    row_valid = (token < query_len) & (member < GROUP)
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    dim_mask = dims < HEAD_DIM
+    row_offsets = (query_start + token) * stride_query_token + (kv_head * GROUP + member) * stride_query_head
+    query = tl.load(query_ptr + row_offsets[:, None] + dims[None, :], mask=row_valid[:, None] & dim_mask[None, :],
+                    other=0.0)
+    query = (query * scale).to(tl.float16)
+    query_pos = prefix_len + token
+
+    running_max = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+    running_sum = tl.zeros([ROWS], dtype=tl.float32)
+    acc = tl.zeros([ROWS, HEAD_DIM_PAD], dtype=tl.float32)
+
+    # (a) the compressed prefix
+    lo = 0
+    if USE_WINDOW:
+        lo = tl.maximum(prefix_len + first_token - sliding_window + 1, 0) // TILE * TILE
+    for start in range(lo, prefix_len, TILE):
+        positions = start + tl.arange(0, TILE)
+        valid = positions < prefix_len
+        blocks = tl.load(block_table_ptr + seq * stride_table_seq + positions // BLOCK_SIZE, mask=valid, other=0)
+        page_ptrs = cache_ptr + (blocks.to(tl.int64) * NUM_KV_HEADS + kv_head) * HEAD_PAGE_BYTES
+        offsets = positions % BLOCK_SIZE
+        key_indices = load_indices(page_ptrs + offsets * KEY_BYTES, valid, KEY_BITS, KEY_COORDS, KEY_GROUP_BYTES,
+                                   HEAD_DIM, HEAD_DIM_PAD, TILE)
+        keys = tl.load(key_centroids_ptr + key_indices)
+        scores = tl.dot(query, tl.trans(keys)) * load_norms(page_ptrs + KEY_NORMS_OFFSET + offsets * 4, valid)[None, :]
+        if USE_SOFTCAP:
+            scores = softcap * tanh(scores / softcap)
+        visible = valid[None, :]
+        if USE_WINDOW:
+            visible = visible & (positions[None, :] > query_pos[:, None] - sliding_window)
+        value_indices = load_indices(page_ptrs + VALUES_OFFSET + offsets * VALUE_BYTES, valid, VALUE_BITS,
+                                     VALUE_COORDS, VALUE_GROUP_BYTES, HEAD_DIM, HEAD_DIM_PAD, TILE)
+        # Value norms scale the value rows; fp16 keeps them exact enough next to 2–8-bit levels.
+        values = (tl.load(value_centroids_ptr + value_indices).to(tl.float32)
+                  * load_norms(page_ptrs + VALUE_NORMS_OFFSET + offsets * 4, valid)[:, None]).to(tl.float16)
+        running_max, running_sum, acc = _online_softmax_step(scores * 1.4426950408889634, visible, running_max,
+                                                             running_sum, acc, values)
+
+    # (b) the chunk itself, causal
+    lo = 0
+    if USE_WINDOW:
+        lo = tl.maximum(first_token - sliding_window + 1, 0) // TILE * TILE
+    hi = tl.minimum(first_token + QUERY_TOKENS, query_len)
+    for start in range(lo, hi, TILE):
+        positions = start + tl.arange(0, TILE)  # chunk-relative
+        valid = positions < hi
+        kv_offsets = (query_start + positions) * stride_kv_token + kv_head * stride_kv_head
+        kv_mask = valid[:, None] & dim_mask[None, :]
+        keys = tl.load(keys_ptr + kv_offsets[:, None] + dims[None, :], mask=kv_mask, other=0.0).to(tl.float16)
+        scores = tl.dot(query, tl.trans(keys))
+        if USE_SOFTCAP:
+            scores = softcap * tanh(scores / softcap)
+        visible = valid[None, :] & (positions[None, :] <= token[:, None])
+        if USE_WINDOW:
+            visible = visible & (positions[None, :] > token[:, None] - sliding_window)
+        values = tl.load(values_ptr + kv_offsets[:, None] + dims[None, :], mask=kv_mask, other=0.0).to(tl.float16)
+        running_max, running_sum, acc = _online_softmax_step(scores * 1.4426950408889634, visible, running_max,
+                                                             running_sum, acc, values)
+
+    out = acc / tl.maximum(running_sum, 1e-30)[:, None]
+    out_offsets = (query_start + token) * stride_query_token + (kv_head * GROUP + member) * stride_query_head
+    tl.store(out_ptr + out_offsets[:, None] + dims[None, :], out, mask=row_valid[:, None] & dim_mask[None, :])
+
+
+def extend_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, query_start: torch.Tensor,
+                     seq_lens: torch.Tensor, cache: torch.Tensor, codec: KernelCodec, block_table: torch.Tensor,
+                     scale: float, max_query_len: int, sliding_window: int | None = None,
+                     softcap: float | None = None) -> torch.Tensor:
+    """query [tokens, num_q_heads, d] and the chunk's fresh keys/values [tokens, num_kv_heads, d];
+    sequence i owns rows query_start[i]:query_start[i+1] (int32 [batch + 1]) and has seq_lens[i]
+    tokens in total, the compressed prefix first. `max_query_len` bounds the chunk lengths (the grid)."""
+    layout = codec.layout
+    layout.check_cache(cache)
+    check_codec_device(codec, cache)
+    check_kv(keys, values, layout)
+    num_tokens = keys.shape[0]
+    if not isinstance(query, torch.Tensor) or query.ndim != 3 or query.shape[0] != num_tokens \
+            or query.shape[-1] != layout.head_dim or query.shape[1] % layout.num_kv_heads:
+        raise ValueError(f"query must be [{num_tokens}, num_q_heads, {layout.head_dim}] with num_q_heads a multiple "
+                         f"of {layout.num_kv_heads}, got {tuple(getattr(query, 'shape', ()))}")
+    for name, tensor in (("query", query), ("keys", keys), ("values", values)):
+        check_device_tensor(tensor, name, FLOAT_DTYPES, None, cache.device)
+    batch = seq_lens.shape[0] if isinstance(seq_lens, torch.Tensor) else 0
+    check_block_table(block_table, seq_lens, batch, layout.block_size, cache.device)
+    check_device_tensor(query_start, "query_start", (torch.int32,), (batch + 1,), cache.device)
+    if sliding_window is not None and sliding_window <= 0:
+        raise ValueError(f"sliding_window must be a positive number of tokens or None, got {sliding_window!r}")
+    if softcap is not None and softcap <= 0:
+        raise ValueError(f"softcap must be positive or None, got {softcap!r}")
+
+    num_q_heads = query.shape[1]
+    group = num_q_heads // layout.num_kv_heads
+    group_pad = triton.next_power_of_2(group)
+    launch = extend_launch(layout.head_dim)
+    query_tokens = max(1, launch.pop("ROWS") // group_pad)
+    rotation = codec.rotation
+    rotated_query = query.float() @ rotation.T
+    rotated_keys, rotated_values = keys.float() @ rotation.T, values.float() @ rotation.T
+    rotated_out = torch.zeros(num_tokens, num_q_heads, layout.head_dim, device=cache.device, dtype=torch.float32)
+    key_bits, value_bits = PackedBits.of(layout.key_bits), PackedBits.of(layout.value_bits)
+    grid = (batch, triton.cdiv(max(max_query_len, 1), query_tokens), layout.num_kv_heads)
+    _extend_kernel[grid](
+        rotated_query, rotated_keys, rotated_values, cache, block_table, seq_lens, query_start,
+        codec.key_centroids_fp16, codec.value_centroids_fp16, rotated_out,
+        rotated_query.stride(0), rotated_query.stride(1), rotated_keys.stride(0), rotated_keys.stride(1),
+        block_table.stride(0), float(scale), float(softcap or 0.0), int(sliding_window or 0),
+        NUM_KV_HEADS=layout.num_kv_heads, GROUP=group, GROUP_PAD=group_pad, QUERY_TOKENS=query_tokens,
+        BLOCK_SIZE=layout.block_size, HEAD_PAGE_BYTES=layout.head_page_bytes, VALUES_OFFSET=layout.values_offset,
+        KEY_NORMS_OFFSET=layout.key_norms_offset, VALUE_NORMS_OFFSET=layout.value_norms_offset,
+        HEAD_DIM=layout.head_dim, HEAD_DIM_PAD=head_dim_pad(layout.head_dim),
+        KEY_BITS=key_bits.bits, KEY_COORDS=key_bits.coords, KEY_GROUP_BYTES=key_bits.group_bytes,
+        KEY_BYTES=layout.key_bytes, VALUE_BITS=value_bits.bits, VALUE_COORDS=value_bits.coords,
+        VALUE_GROUP_BYTES=value_bits.group_bytes, VALUE_BYTES=layout.value_bytes,
+        USE_SOFTCAP=softcap is not None, USE_WINDOW=sliding_window is not None, **launch,
+    )
+    return (rotated_out @ rotation).to(query.dtype)

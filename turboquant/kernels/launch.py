@@ -1,0 +1,51 @@
+"""Argument checks shared by the kernel wrappers: every bad input is a ValueError before launch,
+never an illegal memory access after it."""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from ..core.paged_layout import PagedLayout
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def head_dim_pad(head_dim: int) -> int:
+    return triton.next_power_of_2(head_dim)
+
+
+def check_device_tensor(tensor, name: str, dtypes, shape, device: torch.device) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if dtypes is not None and tensor.dtype not in dtypes:
+        raise ValueError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {tensor.dtype}")
+    if shape is not None and tuple(tensor.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(tensor.shape)}")
+    if tensor.device != device:
+        raise ValueError(f"{name} is on {tensor.device}, the cache on {device}")
+    if tensor.numel() and tensor.stride(-1) != 1:
+        raise ValueError(f"{name} must be contiguous in its last dimension")
+
+
+def check_kv(keys: torch.Tensor, values: torch.Tensor, layout: PagedLayout) -> None:
+    shape = (keys.shape[0] if isinstance(keys, torch.Tensor) else 0, layout.num_kv_heads, layout.head_dim)
+    for name, tensor in (("keys", keys), ("values", values)):
+        if not isinstance(tensor, torch.Tensor) or tensor.ndim != 3:
+            raise ValueError(f"{name} must be a [tokens, {layout.num_kv_heads}, {layout.head_dim}] tensor")
+        check_device_tensor(tensor, name, FLOAT_DTYPES, shape, tensor.device)
+
+
+def check_codec_device(codec, cache: torch.Tensor) -> None:
+    if codec.device != cache.device:
+        raise ValueError(f"the codec's tensors are on {codec.device}, the cache on {cache.device}")
+
+
+def check_block_table(block_table: torch.Tensor, seq_lens: torch.Tensor, batch: int, block_size: int,
+                      device: torch.device) -> None:
+    check_device_tensor(seq_lens, "seq_lens", (torch.int32,), (batch,), device)
+    if not isinstance(block_table, torch.Tensor) or block_table.ndim != 2 or block_table.shape[0] != batch:
+        raise ValueError(f"block_table must be an int32 tensor [{batch}, max_blocks_per_seq]")
+    check_device_tensor(block_table, "block_table", (torch.int32,), None, device)
+    if block_table.shape[1] == 0:
+        raise ValueError("block_table has no columns")

@@ -1,0 +1,97 @@
+"""PyTorch definitions of what each kernel computes: slow, obviously correct, used by the tests.
+
+Attention here runs in the original (un-rotated) space on fully dequantized K/V in fp32, the way the
+textbook writes it; the kernels instead score in the rotated space and un-rotate once, which is the
+same number because the rotation is orthogonal.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..core import MSECode, unpack_indices
+from .codec import KernelCodec
+
+
+def compress_store_reference(keys: torch.Tensor, values: torch.Tensor, slot_mapping: torch.Tensor,
+                             cache: torch.Tensor, codec: KernelCodec) -> None:
+    """Quantize keys/values [tokens, kv_heads, head_dim] and write token i to slot slot_mapping[i]
+    (= block · block_size + offset; negative slots are skipped)."""
+    layout = codec.layout
+    key_codes, value_codes, key_norms, value_norms = layout.views(cache)
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    blocks, offsets = slots // layout.block_size, slots % layout.block_size
+    for quantizer, x, codes, norms in ((codec.key_quantizer, keys, key_codes, key_norms),
+                                       (codec.value_quantizer, values, value_codes, value_norms)):
+        packed, vector_norms = quantizer.quantize_packed(x[keep].float())
+        codes[blocks, :, offsets] = packed
+        norms[blocks, :, offsets] = vector_norms
+
+
+def gather_sequence_reference(cache: torch.Tensor, codec: KernelCodec, block_table_row: torch.Tensor,
+                              num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dequantized keys and values [num_tokens, kv_heads, head_dim] (fp32, original space) of one sequence."""
+    layout = codec.layout
+    key_codes, value_codes, key_norms, value_norms = layout.views(cache)
+    positions = torch.arange(num_tokens, device=cache.device)
+    blocks = block_table_row.long()[positions // layout.block_size]
+    offsets = positions % layout.block_size
+    out = []
+    for quantizer, codes, norms in ((codec.key_quantizer, key_codes, key_norms),
+                                    (codec.value_quantizer, value_codes, value_norms)):
+        indices = unpack_indices(codes[blocks, :, offsets], quantizer.bits, layout.head_dim)
+        out.append(quantizer.dequantize(MSECode(indices, norms[blocks, :, offsets])))
+    return out[0], out[1]
+
+
+def attention_reference(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                        query_positions: torch.Tensor, key_positions: torch.Tensor, scale: float,
+                        sliding_window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+    """fp32 causal GQA attention. query [q, Hq, d], keys/values [k, Hkv, d]; a query at position p
+    sees keys at positions j with j ≤ p and, with a window W, j > p − W."""
+    group = query.shape[1] // keys.shape[1]
+    keys = keys.float().repeat_interleave(group, dim=1)
+    values = values.float().repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", query.float(), keys) * scale
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+    visible = key_positions[None, :] <= query_positions[:, None]
+    if sliding_window:
+        visible &= key_positions[None, :] > query_positions[:, None] - sliding_window
+    scores = scores.masked_fill(~visible, float("-inf"))
+    return torch.einsum("hqk,khd->qhd", scores.softmax(dim=-1), values)
+
+
+def decode_reference(query: torch.Tensor, cache: torch.Tensor, codec: KernelCodec, block_table: torch.Tensor,
+                     seq_lens: torch.Tensor, scale: float, sliding_window: int | None = None,
+                     softcap: float | None = None) -> torch.Tensor:
+    """One new query per sequence, query [batch, Hq, d] at position seq_len − 1 → [batch, Hq, d] fp32."""
+    out = torch.zeros(query.shape, dtype=torch.float32, device=query.device)
+    for seq, length in enumerate(seq_lens.tolist()):
+        if length == 0:
+            continue
+        keys, values = gather_sequence_reference(cache, codec, block_table[seq], length)
+        positions = torch.arange(length, device=query.device)
+        out[seq] = attention_reference(query[seq : seq + 1], keys, values, positions[-1:], positions,
+                                       scale, sliding_window, softcap)[0]
+    return out
+
+
+def extend_reference(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, query_start: torch.Tensor,
+                     seq_lens: torch.Tensor, cache: torch.Tensor, codec: KernelCodec, block_table: torch.Tensor,
+                     scale: float, sliding_window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+    """A chunk of new tokens per sequence: query [tokens, Hq, d] with fresh keys/values [tokens, Hkv, d];
+    sequence i's chunk is rows query_start[i]:query_start[i+1] and follows a compressed prefix of
+    seq_lens[i] − chunk length tokens. The chunk attends to the prefix and causally to itself."""
+    out = torch.zeros(query.shape, dtype=torch.float32, device=query.device)
+    for seq, length in enumerate(seq_lens.tolist()):
+        start, end = int(query_start[seq]), int(query_start[seq + 1])
+        prefix = length - (end - start)
+        prefix_keys, prefix_values = gather_sequence_reference(cache, codec, block_table[seq], prefix)
+        all_keys = torch.cat([prefix_keys, keys[start:end].float()])
+        all_values = torch.cat([prefix_values, values[start:end].float()])
+        positions = torch.arange(length, device=query.device)
+        out[start:end] = attention_reference(query[start:end], all_keys, all_values, positions[prefix:], positions,
+                                             scale, sliding_window, softcap)
+    return out

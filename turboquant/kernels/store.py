@@ -1,0 +1,108 @@
+"""Compress-store: new keys and values → normalized, rotated, quantized, packed, written to their
+slots of the paged cache. One launch per layer; the rotation is a tile matmul inside the kernel.
+Reference: `reference.compress_store_reference`."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .codec import KernelCodec, PackedBits
+from .launch import check_device_tensor, check_kv, head_dim_pad
+from .packed_tile import store_indices
+
+TOKENS_PER_PROGRAM = 16
+
+
+@triton.jit
+def _quantize_rows(x_ptr, stride_token, stride_head, tokens, rows_valid, head, rotation_ptr, centroids_ptr,
+                   boundaries_ptr, code_ptrs, norm_ptrs, NORM_CORRECTION: tl.constexpr, BITS: tl.constexpr,
+                   COORDS: tl.constexpr, GROUP_BYTES: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   HEAD_DIM_PAD: tl.constexpr, COLUMNS: tl.constexpr, ROWS: tl.constexpr):
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    x = tl.load(x_ptr + tokens[:, None] * stride_token + head * stride_head + dims[None, :],
+                mask=rows_valid[:, None] & (dims < HEAD_DIM)[None, :], other=0.0).to(tl.float32)
+    norms = tl.sqrt(tl.sum(x * x, axis=1))
+    inverse_norms = 1.0 / tl.maximum(norms, 1.1754943508222875e-38)
+    levels_sq = tl.zeros([ROWS], dtype=tl.float32)
+    # Rotated coordinates are produced COLUMNS at a time so R (up to 256×256 fp32) never sits whole on chip.
+    for block in tl.static_range(HEAD_DIM_PAD // COLUMNS):
+        columns = block * COLUMNS + tl.arange(0, COLUMNS)
+        rotation = tl.load(rotation_ptr + columns[:, None] * HEAD_DIM + dims[None, :],
+                           mask=(columns[:, None] < HEAD_DIM) & (dims[None, :] < HEAD_DIM), other=0.0)
+        # ieee: tf32 rounding would move coordinates across decision boundaries the reference keeps.
+        unit = tl.dot(x, tl.trans(rotation), input_precision="ieee") * inverse_norms[:, None]
+        # Nearest level = number of decision boundaries below the value (torch.bucketize), by binary search.
+        indices = tl.zeros([ROWS, COLUMNS], dtype=tl.int32)
+        for step in tl.static_range(BITS):
+            candidate = indices + (1 << (BITS - 1 - step))
+            indices = tl.where(unit > tl.load(boundaries_ptr + candidate - 1), candidate, indices)
+        if NORM_CORRECTION:
+            levels = tl.where((columns < HEAD_DIM)[None, :], tl.load(centroids_ptr + indices), 0.0)
+            levels_sq += tl.sum(levels * levels, axis=1)
+        store_indices(code_ptrs + block * (COLUMNS * BITS // 8), rows_valid, indices, BITS, COORDS, GROUP_BYTES,
+                      HEAD_DIM - block * COLUMNS, COLUMNS, ROWS)
+    if NORM_CORRECTION:
+        norms = norms / tl.maximum(tl.sqrt(levels_sq), 1.1754943508222875e-38)
+    tl.store(norm_ptrs.to(tl.pointer_type(tl.float32)), norms, mask=rows_valid)
+
+
+@triton.jit
+def _compress_store_kernel(
+    keys_ptr, values_ptr, slot_mapping_ptr, rotation_ptr, cache_ptr,
+    key_centroids_ptr, key_boundaries_ptr, value_centroids_ptr, value_boundaries_ptr,
+    num_tokens, stride_key_token, stride_key_head, stride_value_token, stride_value_head,
+    NUM_KV_HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_PAGE_BYTES: tl.constexpr,
+    VALUES_OFFSET: tl.constexpr, KEY_NORMS_OFFSET: tl.constexpr, VALUE_NORMS_OFFSET: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, NORM_CORRECTION: tl.constexpr,
+    KEY_BITS: tl.constexpr, KEY_COORDS: tl.constexpr, KEY_GROUP_BYTES: tl.constexpr, KEY_BYTES: tl.constexpr,
+    VALUE_BITS: tl.constexpr, VALUE_COORDS: tl.constexpr, VALUE_GROUP_BYTES: tl.constexpr,
+    VALUE_BYTES: tl.constexpr, COLUMNS: tl.constexpr, ROWS: tl.constexpr,
+):
+    tile, head, role = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    tokens = tile * ROWS + tl.arange(0, ROWS)
+    slots = tl.load(slot_mapping_ptr + tokens, mask=tokens < num_tokens, other=-1).to(tl.int64)
+    rows_valid = slots >= 0  # vLLM pads with slot −1
+    slots = tl.maximum(slots, 0)
+    page_ptrs = cache_ptr + ((slots // BLOCK_SIZE) * NUM_KV_HEADS + head) * HEAD_PAGE_BYTES
+    offsets = slots % BLOCK_SIZE
+    if role == 0:
+        _quantize_rows(keys_ptr, stride_key_token, stride_key_head, tokens, rows_valid, head, rotation_ptr,
+                       key_centroids_ptr, key_boundaries_ptr, page_ptrs + offsets * KEY_BYTES,
+                       page_ptrs + KEY_NORMS_OFFSET + offsets * 4, NORM_CORRECTION, KEY_BITS, KEY_COORDS,
+                       KEY_GROUP_BYTES, HEAD_DIM, HEAD_DIM_PAD, COLUMNS, ROWS)
+    else:
+        _quantize_rows(values_ptr, stride_value_token, stride_value_head, tokens, rows_valid, head, rotation_ptr,
+                       value_centroids_ptr, value_boundaries_ptr, page_ptrs + VALUES_OFFSET + offsets * VALUE_BYTES,
+                       page_ptrs + VALUE_NORMS_OFFSET + offsets * 4, NORM_CORRECTION, VALUE_BITS, VALUE_COORDS,
+                       VALUE_GROUP_BYTES, HEAD_DIM, HEAD_DIM_PAD, COLUMNS, ROWS)
+
+
+def compress_store(keys: torch.Tensor, values: torch.Tensor, slot_mapping: torch.Tensor, cache: torch.Tensor,
+                   codec: KernelCodec) -> None:
+    """Write keys/values [tokens, kv_heads, head_dim] (fp16/bf16/fp32) into `cache` at slot_mapping[i]
+    (int32/int64 [tokens], block · block_size + offset; negative = skip)."""
+    layout = codec.layout
+    check_kv(keys, values, layout)
+    layout.check_cache(cache)
+    check_device_tensor(slot_mapping, "slot_mapping", (torch.int32, torch.int64), (keys.shape[0],), cache.device)
+    check_device_tensor(keys, "keys", None, None, cache.device)
+    num_tokens = keys.shape[0]
+    if num_tokens == 0:
+        return
+    key_bits, value_bits = PackedBits.of(layout.key_bits), PackedBits.of(layout.value_bits)
+    grid = (triton.cdiv(num_tokens, TOKENS_PER_PROGRAM), layout.num_kv_heads, 2)
+    _compress_store_kernel[grid](
+        keys, values, slot_mapping, codec.rotation, cache,
+        codec.key_centroids, codec.key_boundaries, codec.value_centroids, codec.value_boundaries,
+        num_tokens, keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
+        NUM_KV_HEADS=layout.num_kv_heads, BLOCK_SIZE=layout.block_size, HEAD_PAGE_BYTES=layout.head_page_bytes,
+        VALUES_OFFSET=layout.values_offset, KEY_NORMS_OFFSET=layout.key_norms_offset,
+        VALUE_NORMS_OFFSET=layout.value_norms_offset, HEAD_DIM=layout.head_dim,
+        HEAD_DIM_PAD=head_dim_pad(layout.head_dim), NORM_CORRECTION=codec.norm_correction,
+        KEY_BITS=key_bits.bits, KEY_COORDS=key_bits.coords, KEY_GROUP_BYTES=key_bits.group_bytes,
+        KEY_BYTES=layout.key_bytes, VALUE_BITS=value_bits.bits, VALUE_COORDS=value_bits.coords,
+        VALUE_GROUP_BYTES=value_bits.group_bytes, VALUE_BYTES=layout.value_bytes, ROWS=TOKENS_PER_PROGRAM,
+        COLUMNS=min(head_dim_pad(layout.head_dim), 64),
+    )
