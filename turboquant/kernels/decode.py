@@ -18,7 +18,8 @@ import triton
 import triton.language as tl
 
 from .codec import KernelCodec, PackedBits
-from .launch import FLOAT_DTYPES, check_block_table, check_codec_device, check_device_tensor, head_dim_pad
+from .launch import (FLOAT_DTYPES, check_block_table, check_codec_device, check_device_tensor, head_dim_pad,
+                     multiprocessor_count)
 from .packed_tile import load_indices, load_norms
 
 
@@ -122,7 +123,7 @@ def _decode_reduce_kernel(partial_out_ptr, partial_lse_ptr, out_ptr, NUM_SPLITS:
     tl.store(out_ptr + row * HEAD_DIM + dims, out, mask=dims < HEAD_DIM)
 
 
-def default_num_splits(batch: int, num_kv_heads: int, max_tokens: int, tile: int, num_sms: int = 132) -> int:
+def default_num_splits(batch: int, num_kv_heads: int, max_tokens: int, tile: int, num_sms: int) -> int:
     """Enough programs to fill the device about twice, but no split shorter than two tiles."""
     wanted = max(1, math.ceil(2 * num_sms / max(1, batch * num_kv_heads)))
     longest = max(1, max_tokens // (2 * tile))
@@ -153,7 +154,7 @@ def paged_decode_attention(query: torch.Tensor, cache: torch.Tensor, codec: Kern
     launch = decode_launch(layout.head_dim, layout.key_bits, layout.value_bits)
     if num_splits is None:
         num_splits = default_num_splits(batch, layout.num_kv_heads, block_table.shape[1] * layout.block_size,
-                                        launch["TILE"])
+                                        launch["TILE"], multiprocessor_count(cache.device))
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits!r}")
 

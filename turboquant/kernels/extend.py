@@ -8,22 +8,31 @@ once. Reference: `reference.extend_reference`.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import triton
 import triton.language as tl
 
 from .codec import KernelCodec, PackedBits
 from .decode import tanh
-from .launch import FLOAT_DTYPES, check_block_table, check_codec_device, check_device_tensor, check_kv, head_dim_pad
+from .launch import (FLOAT_DTYPES, check_block_table, check_codec_device, check_device_tensor, check_kv, head_dim_pad,
+                     multiprocessor_count)
 from .packed_tile import load_indices, load_norms
 
 
-def extend_launch(head_dim: int) -> dict:
+def extend_launch(head_dim: int, num_programs: Callable[[int], int], num_sms: int) -> dict:
     """Query rows (tokens × heads of one group) per program, key tokens per tile, and Triton's
-    warps/pipeline depth, from a sweep on an H100 (16K prefix, 2K chunk, d=128)."""
-    if head_dim <= 128:
+    warps/pipeline depth, from a sweep on an H100 (16K prefix, 2K chunk, d=128). Each program unpacks
+    the whole prefix, so rows are as many as possible while the grid still covers the device."""
+    if head_dim > 128:
+        return dict(ROWS=32, TILE=32, num_warps=4, num_stages=1)
+    rows = 256
+    while rows > 64 and num_programs(rows) < num_sms:
+        rows //= 2
+    if rows == 256:
         return dict(ROWS=256, TILE=64, num_warps=8, num_stages=1)
-    return dict(ROWS=32, TILE=32, num_warps=4, num_stages=1)
+    return dict(ROWS=rows, TILE=64, num_warps=4, num_stages=2)
 
 
 @triton.jit
@@ -160,7 +169,8 @@ def extend_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
     num_q_heads = query.shape[1]
     group = num_q_heads // layout.num_kv_heads
     group_pad = triton.next_power_of_2(group)
-    launch = extend_launch(layout.head_dim)
+    launch = extend_launch(layout.head_dim, lambda rows: batch * layout.num_kv_heads * triton.cdiv(
+        max(max_query_len, 1), max(1, rows // group_pad)), multiprocessor_count(cache.device))
     query_tokens = max(1, launch.pop("ROWS") // group_pad)
     rotation = codec.rotation
     rotated_query = query.float() @ rotation.T

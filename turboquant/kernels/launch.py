@@ -11,6 +11,11 @@ from ..core.paged_layout import PagedLayout
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def multiprocessor_count(device: torch.device) -> int:
+    """SMs of a CUDA device; 132 (an H100) for the CPU interpreter, where it only shapes the grid."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+
+
 def head_dim_pad(head_dim: int) -> int:
     return triton.next_power_of_2(head_dim)
 

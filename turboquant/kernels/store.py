@@ -26,7 +26,7 @@ def _quantize_rows(x_ptr, stride_token, stride_head, tokens, rows_valid, head, r
     norms = tl.sqrt(tl.sum(x * x, axis=1))
     inverse_norms = 1.0 / tl.maximum(norms, 1.1754943508222875e-38)
     levels_sq = tl.zeros([ROWS], dtype=tl.float32)
-    # Rotated coordinates are produced COLUMNS at a time so R (up to 256×256 fp32) never sits whole on chip.
+    # Rotated coordinates are produced COLUMNS at a time: a whole 256×256 fp32 R exceeds shared memory.
     for block in tl.static_range(HEAD_DIM_PAD // COLUMNS):
         columns = block * COLUMNS + tl.arange(0, COLUMNS)
         rotation = tl.load(rotation_ptr + columns[:, None] * HEAD_DIM + dims[None, :],
@@ -104,5 +104,5 @@ def compress_store(keys: torch.Tensor, values: torch.Tensor, slot_mapping: torch
         KEY_BITS=key_bits.bits, KEY_COORDS=key_bits.coords, KEY_GROUP_BYTES=key_bits.group_bytes,
         KEY_BYTES=layout.key_bytes, VALUE_BITS=value_bits.bits, VALUE_COORDS=value_bits.coords,
         VALUE_GROUP_BYTES=value_bits.group_bytes, VALUE_BYTES=layout.value_bytes, ROWS=TOKENS_PER_PROGRAM,
-        COLUMNS=min(head_dim_pad(layout.head_dim), 64),
+        COLUMNS=head_dim_pad(layout.head_dim) if layout.head_dim <= 128 else 64,
     )
