@@ -26,7 +26,8 @@ from turboquant.hf.cache import TurboQuantCache
 from turboquant.hf.evaluate import compare_logits, decode_logits, greedy_divergence
 from turboquant.hf.models import eval_text, load_model
 
-PLAIN = dict(center_keys=False, center_values=False, norm_correction=False, sink_tokens=0, residual_window=0)
+PLAIN = dict(center_keys=False, center_values=False, norm_correction=False, sink_tokens=0, residual_window=0,
+             boundary_layers=0)
 PRESETS = ("k4v4", "k4v3", "k3v4", "k3v3", "k2v2")
 
 
@@ -39,9 +40,11 @@ def rows() -> dict[str, dict]:
             for norm_correction in (True, False):
                 name = f"{preset}-w{window}" + ("" if norm_correction else "-nonc")
                 extra = {} if window else dict(residual_window=0, sink_tokens=0)
-                table[name] = dict(preset=preset, norm_correction=norm_correction, **extra)
-    table["k3v3-w128-out8"] = dict(preset="k3v3", key_outlier_channels=8)
-    table["k4v4-w128-out8"] = dict(preset="k4v4", key_outlier_channels=8)
+                table[name] = dict(preset=preset, norm_correction=norm_correction, boundary_layers=0, **extra)
+    for preset in ("k4v4", "k3v3"):  # first and last layer at 8 bits
+        table[f"{preset}-w128-b1"] = dict(preset=preset, boundary_layers=1, boundary_bits=8)
+    table["k3v3-w128-out8"] = dict(preset="k3v3", key_outlier_channels=8, boundary_layers=0)
+    table["k4v4-w128-out8"] = dict(preset="k4v4", key_outlier_channels=8, boundary_layers=0)
     return table
 
 

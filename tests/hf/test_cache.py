@@ -169,12 +169,20 @@ def test_long_cache_with_large_norms_keeps_every_layer_accurate():
 def test_memory_accounting():
     model = tiny_llama(head_dim=128, layers=2)
     cache = TurboQuantCache(model.config, TurboQuantConfig(residual_window=0, sink_tokens=0, center_keys=False,
-                                                           center_values=False))
+                                                           center_values=False, boundary_layers=0))
     with torch.no_grad():
         model(prompt(100), past_key_values=cache)
     # 2 layers × 2 kv heads × 100 tokens × 136 B, vs 2 × 2 × 100 × 2 × 128 × 4 B (fp32 model) for DynamicCache.
     assert cache.nbytes() == 2 * 2 * 100 * 136 + 2 * 2 * 2 * 128 * 4  # + the (zero) centers
     assert cache.dynamic_cache_nbytes() == 2 * 2 * 100 * 2 * 128 * 4
+
+
+def test_default_boundary_layers_use_8_bits():
+    model = tiny_llama(head_dim=64, layers=4)
+    cache = TurboQuantCache(model.config, "k4v4")
+    assert [(layer.config.key_bits, layer.config.value_bits) for layer in cache.layers] == [(8, 8), (4, 4), (4, 4), (8, 8)]
+    keep = TurboQuantCache(model.config, TurboQuantConfig(boundary_layers=1, boundary_bits=None))
+    assert cache.compressed_layers() == [0, 1, 2, 3] and keep.compressed_layers() == [1, 2]
 
 
 def test_bad_configurations_are_clear_errors():

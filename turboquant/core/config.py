@@ -52,11 +52,12 @@ class TurboQuantConfig:
     # the rest are TurboQuant-coded at head_dim − key_outlier_channels (paper, Section 4.3).
     key_outlier_channels: int = 0
     # Cache policy: the first `sink_tokens` and the latest `residual_window` tokens stay full precision;
-    # `boundary_layers` first and last layers use `boundary_bits` (None = full precision).
+    # `boundary_layers` first and last layers use `boundary_bits` (None = full precision). The default
+    # (first and last layer at 8 bits) restored passkey parity on SmolLM2 at k4v4 (benchmarks/quality.py).
     sink_tokens: int = 4
     residual_window: int = 128
-    boundary_layers: int = 0
-    boundary_bits: int | None = None
+    boundary_layers: int = 1
+    boundary_bits: int | None = 8
 
     def __post_init__(self) -> None:
         for role in ("key", "value"):

@@ -30,16 +30,20 @@ def _cat(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
     return b if a is None else torch.cat([a, b], dim=2)
 
 
+def check_mse(config: TurboQuantConfig) -> None:
+    if config.key_quantizer != "mse" or config.value_quantizer != "mse":
+        raise ValueError(
+            "TurboQuantCache dequantizes before attention, where a QJL sketch only adds variance: "
+            "use key_quantizer='mse' and value_quantizer='mse'"
+        )
+
+
 class TurboQuantLayer(DynamicLayer):
     """One layer's cache. Tensors are [batch, kv_heads, tokens, ...] like transformers' layers."""
 
     def __init__(self, config: TurboQuantConfig, layer_idx: int, mode: str = "incremental"):
         super().__init__()
-        if config.key_quantizer != "mse" or config.value_quantizer != "mse":
-            raise ValueError(
-                "TurboQuantCache dequantizes before attention, where a QJL sketch only adds variance: "
-                "use key_quantizer='mse' and value_quantizer='mse'"
-            )
+        check_mse(config)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.config, self.layer_idx, self.mode = config, layer_idx, mode
@@ -240,6 +244,7 @@ class TurboQuantCache(Cache):
             config = TurboQuantConfig.from_preset(config)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        check_mse(config)  # also when every layer is a boundary layer, which is always mse
         text_config = model_config.get_text_config(decoder=True)
         if getattr(model_config, "is_encoder_decoder", False) or getattr(text_config, "num_hidden_layers", None) is None:
             raise ValueError("TurboQuantCache needs the config of a decoder-only model (with num_hidden_layers)")

@@ -17,9 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .codec import KernelCodec, PackedBits
+from .codec import KernelCodec
 from .launch import (FLOAT_DTYPES, check_block_table, check_codec_device, check_device_tensor, head_dim_pad,
-                     multiprocessor_count)
+                     multiprocessor_count, page_constants)
 from .packed_tile import load_indices, load_norms
 
 
@@ -163,18 +163,12 @@ def paged_decode_attention(query: torch.Tensor, cache: torch.Tensor, codec: Kern
     rotated_query = query.float() @ codec.rotation.T  # rotate q once; keys stay in the rotated space
     partial_out = torch.empty(batch, num_q_heads, num_splits, pad, device=cache.device, dtype=torch.float32)
     partial_lse = torch.empty(batch, num_q_heads, num_splits, device=cache.device, dtype=torch.float32)
-    key_bits, value_bits = PackedBits.of(layout.key_bits), PackedBits.of(layout.value_bits)
     _decode_split_kernel[(batch, layout.num_kv_heads, num_splits)](
         rotated_query, cache, block_table, seq_lens, codec.key_centroids_fp16, codec.value_centroids_fp16,
         partial_out, partial_lse, rotated_query.stride(0), rotated_query.stride(1), block_table.stride(0),
         float(scale), float(softcap or 0.0), int(sliding_window or 0),
-        NUM_KV_HEADS=layout.num_kv_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
-        NUM_SPLITS=num_splits, BLOCK_SIZE=layout.block_size, HEAD_PAGE_BYTES=layout.head_page_bytes,
-        VALUES_OFFSET=layout.values_offset, KEY_NORMS_OFFSET=layout.key_norms_offset,
-        VALUE_NORMS_OFFSET=layout.value_norms_offset, HEAD_DIM=layout.head_dim, HEAD_DIM_PAD=pad,
-        KEY_BITS=key_bits.bits, KEY_COORDS=key_bits.coords, KEY_GROUP_BYTES=key_bits.group_bytes,
-        KEY_BYTES=layout.key_bytes, VALUE_BITS=value_bits.bits, VALUE_COORDS=value_bits.coords,
-        VALUE_GROUP_BYTES=value_bits.group_bytes, VALUE_BYTES=layout.value_bytes,
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), NUM_SPLITS=num_splits,
+        **page_constants(layout),
         USE_SOFTCAP=softcap is not None, USE_WINDOW=sliding_window is not None, **launch,
     )
     rotated_out = torch.empty(batch, num_q_heads, layout.head_dim, device=cache.device, dtype=torch.float32)

@@ -14,10 +14,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .codec import KernelCodec, PackedBits
+from .codec import KernelCodec
 from .decode import tanh
-from .launch import (FLOAT_DTYPES, check_block_table, check_codec_device, check_device_tensor, check_kv, head_dim_pad,
-                     multiprocessor_count)
+from .launch import (FLOAT_DTYPES, check_block_table, check_codec_device, check_device_tensor, check_kv,
+                     multiprocessor_count, page_constants)
 from .packed_tile import load_indices, load_norms
 
 
@@ -176,20 +176,13 @@ def extend_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
     rotated_query = query.float() @ rotation.T
     rotated_keys, rotated_values = keys.float() @ rotation.T, values.float() @ rotation.T
     rotated_out = torch.zeros(num_tokens, num_q_heads, layout.head_dim, device=cache.device, dtype=torch.float32)
-    key_bits, value_bits = PackedBits.of(layout.key_bits), PackedBits.of(layout.value_bits)
     grid = (batch, triton.cdiv(max(max_query_len, 1), query_tokens), layout.num_kv_heads)
     _extend_kernel[grid](
         rotated_query, rotated_keys, rotated_values, cache, block_table, seq_lens, query_start,
         codec.key_centroids_fp16, codec.value_centroids_fp16, rotated_out,
         rotated_query.stride(0), rotated_query.stride(1), rotated_keys.stride(0), rotated_keys.stride(1),
         block_table.stride(0), float(scale), float(softcap or 0.0), int(sliding_window or 0),
-        NUM_KV_HEADS=layout.num_kv_heads, GROUP=group, GROUP_PAD=group_pad, QUERY_TOKENS=query_tokens,
-        BLOCK_SIZE=layout.block_size, HEAD_PAGE_BYTES=layout.head_page_bytes, VALUES_OFFSET=layout.values_offset,
-        KEY_NORMS_OFFSET=layout.key_norms_offset, VALUE_NORMS_OFFSET=layout.value_norms_offset,
-        HEAD_DIM=layout.head_dim, HEAD_DIM_PAD=head_dim_pad(layout.head_dim),
-        KEY_BITS=key_bits.bits, KEY_COORDS=key_bits.coords, KEY_GROUP_BYTES=key_bits.group_bytes,
-        KEY_BYTES=layout.key_bytes, VALUE_BITS=value_bits.bits, VALUE_COORDS=value_bits.coords,
-        VALUE_GROUP_BYTES=value_bits.group_bytes, VALUE_BYTES=layout.value_bytes,
+        GROUP=group, GROUP_PAD=group_pad, QUERY_TOKENS=query_tokens, **page_constants(layout),
         USE_SOFTCAP=softcap is not None, USE_WINDOW=sliding_window is not None, **launch,
     )
     return (rotated_out @ rotation).to(query.dtype)

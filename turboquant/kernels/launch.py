@@ -7,6 +7,7 @@ import torch
 import triton
 
 from ..core.paged_layout import PagedLayout
+from .codec import PackedBits
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -18,6 +19,19 @@ def multiprocessor_count(device: torch.device) -> int:
 
 def head_dim_pad(head_dim: int) -> int:
     return triton.next_power_of_2(head_dim)
+
+
+def page_constants(layout: PagedLayout) -> dict:
+    """The constexpr arguments every kernel takes to address a page and unpack its codes."""
+    key_bits, value_bits = PackedBits.of(layout.key_bits), PackedBits.of(layout.value_bits)
+    return dict(
+        NUM_KV_HEADS=layout.num_kv_heads, BLOCK_SIZE=layout.block_size, HEAD_PAGE_BYTES=layout.head_page_bytes,
+        VALUES_OFFSET=layout.values_offset, KEY_NORMS_OFFSET=layout.key_norms_offset,
+        VALUE_NORMS_OFFSET=layout.value_norms_offset, HEAD_DIM=layout.head_dim,
+        HEAD_DIM_PAD=head_dim_pad(layout.head_dim), KEY_BITS=key_bits.bits, KEY_COORDS=key_bits.coords,
+        KEY_GROUP_BYTES=key_bits.group_bytes, KEY_BYTES=layout.key_bytes, VALUE_BITS=value_bits.bits,
+        VALUE_COORDS=value_bits.coords, VALUE_GROUP_BYTES=value_bits.group_bytes, VALUE_BYTES=layout.value_bytes,
+    )
 
 
 def check_device_tensor(tensor, name: str, dtypes, shape, device: torch.device) -> None:

@@ -8,8 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .codec import KernelCodec, PackedBits
-from .launch import check_device_tensor, check_kv, head_dim_pad
+from .codec import KernelCodec
+from .launch import check_device_tensor, check_kv, head_dim_pad, page_constants
 from .packed_tile import store_indices
 
 TOKENS_PER_PROGRAM = 16
@@ -91,18 +91,11 @@ def compress_store(keys: torch.Tensor, values: torch.Tensor, slot_mapping: torch
     num_tokens = keys.shape[0]
     if num_tokens == 0:
         return
-    key_bits, value_bits = PackedBits.of(layout.key_bits), PackedBits.of(layout.value_bits)
     grid = (triton.cdiv(num_tokens, TOKENS_PER_PROGRAM), layout.num_kv_heads, 2)
     _compress_store_kernel[grid](
         keys, values, slot_mapping, codec.rotation, cache,
         codec.key_centroids, codec.key_boundaries, codec.value_centroids, codec.value_boundaries,
         num_tokens, keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
-        NUM_KV_HEADS=layout.num_kv_heads, BLOCK_SIZE=layout.block_size, HEAD_PAGE_BYTES=layout.head_page_bytes,
-        VALUES_OFFSET=layout.values_offset, KEY_NORMS_OFFSET=layout.key_norms_offset,
-        VALUE_NORMS_OFFSET=layout.value_norms_offset, HEAD_DIM=layout.head_dim,
-        HEAD_DIM_PAD=head_dim_pad(layout.head_dim), NORM_CORRECTION=codec.norm_correction,
-        KEY_BITS=key_bits.bits, KEY_COORDS=key_bits.coords, KEY_GROUP_BYTES=key_bits.group_bytes,
-        KEY_BYTES=layout.key_bytes, VALUE_BITS=value_bits.bits, VALUE_COORDS=value_bits.coords,
-        VALUE_GROUP_BYTES=value_bits.group_bytes, VALUE_BYTES=layout.value_bytes, ROWS=TOKENS_PER_PROGRAM,
+        NORM_CORRECTION=codec.norm_correction, ROWS=TOKENS_PER_PROGRAM, **page_constants(layout),
         COLUMNS=head_dim_pad(layout.head_dim) if layout.head_dim <= 128 else 64,
     )
