@@ -33,7 +33,7 @@ PRESETS = ("k4v4", "k4v3", "k3v4", "k3v3", "k2v2")
 
 def rows() -> dict[str, dict]:
     """name -> TurboQuantConfig kwargs. 'plain-*' is textbook TurboQuant (no centering, no norm
-    correction, no full-precision tokens); 'default' rows are what a user gets from the preset."""
+    correction, no full-precision tokens); '-w128-b1' rows are what a user gets from the preset."""
     table = {"plain-k4v4": dict(preset="k4v4", **PLAIN), "plain-k3v3": dict(preset="k3v3", **PLAIN)}
     for preset in PRESETS:
         for window in (128, 0):
@@ -130,7 +130,7 @@ def main() -> int:
     parser.add_argument("--rows", default="all", help="comma-separated row names, or 'all'")
     parser.add_argument("--prefill", type=int, default=256)
     parser.add_argument("--decode-tokens", type=int, default=1024)
-    parser.add_argument("--extras", default="k4v4-w128,k3v3-w128,k3v3-w128-out8",
+    parser.add_argument("--extras", default="k4v4-w128-b1,k3v3-w128-b1",
                         help="rows that also get greedy and passkey runs")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/quality-<model>.json)")
     parser.add_argument("--table", default=None, help="print the markdown table of a saved JSON and exit")
