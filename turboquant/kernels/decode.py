@@ -146,7 +146,7 @@ def paged_decode_attention(query: torch.Tensor, cache: torch.Tensor, codec: Kern
     batch, num_q_heads = query.shape[:2]
     if num_q_heads % layout.num_kv_heads:
         raise ValueError(f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads ({layout.num_kv_heads})")
-    check_block_table(block_table, seq_lens, batch, layout.block_size, cache.device)
+    check_block_table(block_table, seq_lens, batch, cache.device)
     if sliding_window is not None and sliding_window <= 0:
         raise ValueError(f"sliding_window must be a positive number of tokens or None, got {sliding_window!r}")
     if softcap is not None and softcap <= 0:

@@ -150,16 +150,15 @@ def extend_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
     layout = codec.layout
     layout.check_cache(cache)
     check_codec_device(codec, cache)
-    check_kv(keys, values, layout)
+    check_kv(keys, values, layout, cache.device)
     num_tokens = keys.shape[0]
     if not isinstance(query, torch.Tensor) or query.ndim != 3 or query.shape[0] != num_tokens \
             or query.shape[-1] != layout.head_dim or query.shape[1] % layout.num_kv_heads:
         raise ValueError(f"query must be [{num_tokens}, num_q_heads, {layout.head_dim}] with num_q_heads a multiple "
                          f"of {layout.num_kv_heads}, got {tuple(getattr(query, 'shape', ()))}")
-    for name, tensor in (("query", query), ("keys", keys), ("values", values)):
-        check_device_tensor(tensor, name, FLOAT_DTYPES, None, cache.device)
+    check_device_tensor(query, "query", FLOAT_DTYPES, None, cache.device)
     batch = seq_lens.shape[0] if isinstance(seq_lens, torch.Tensor) else 0
-    check_block_table(block_table, seq_lens, batch, layout.block_size, cache.device)
+    check_block_table(block_table, seq_lens, batch, cache.device)
     check_device_tensor(query_start, "query_start", (torch.int32,), (batch + 1,), cache.device)
     if sliding_window is not None and sliding_window <= 0:
         raise ValueError(f"sliding_window must be a positive number of tokens or None, got {sliding_window!r}")

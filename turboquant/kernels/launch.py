@@ -47,12 +47,12 @@ def check_device_tensor(tensor, name: str, dtypes, shape, device: torch.device) 
         raise ValueError(f"{name} must be contiguous in its last dimension")
 
 
-def check_kv(keys: torch.Tensor, values: torch.Tensor, layout: PagedLayout) -> None:
+def check_kv(keys: torch.Tensor, values: torch.Tensor, layout: PagedLayout, device: torch.device) -> None:
     shape = (keys.shape[0] if isinstance(keys, torch.Tensor) else 0, layout.num_kv_heads, layout.head_dim)
     for name, tensor in (("keys", keys), ("values", values)):
         if not isinstance(tensor, torch.Tensor) or tensor.ndim != 3:
             raise ValueError(f"{name} must be a [tokens, {layout.num_kv_heads}, {layout.head_dim}] tensor")
-        check_device_tensor(tensor, name, FLOAT_DTYPES, shape, tensor.device)
+        check_device_tensor(tensor, name, FLOAT_DTYPES, shape, device)
 
 
 def check_codec_device(codec, cache: torch.Tensor) -> None:
@@ -60,8 +60,7 @@ def check_codec_device(codec, cache: torch.Tensor) -> None:
         raise ValueError(f"the codec's tensors are on {codec.device}, the cache on {cache.device}")
 
 
-def check_block_table(block_table: torch.Tensor, seq_lens: torch.Tensor, batch: int, block_size: int,
-                      device: torch.device) -> None:
+def check_block_table(block_table: torch.Tensor, seq_lens: torch.Tensor, batch: int, device: torch.device) -> None:
     check_device_tensor(seq_lens, "seq_lens", (torch.int32,), (batch,), device)
     if not isinstance(block_table, torch.Tensor) or block_table.ndim != 2 or block_table.shape[0] != batch:
         raise ValueError(f"block_table must be an int32 tensor [{batch}, max_blocks_per_seq]")

@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from .codec import KernelCodec
-from .launch import check_device_tensor, check_kv, head_dim_pad, page_constants
+from .launch import check_codec_device, check_device_tensor, check_kv, head_dim_pad, page_constants
 from .packed_tile import store_indices
 
 TOKENS_PER_PROGRAM = 16
@@ -84,10 +84,10 @@ def compress_store(keys: torch.Tensor, values: torch.Tensor, slot_mapping: torch
     """Write keys/values [tokens, kv_heads, head_dim] (fp16/bf16/fp32) into `cache` at slot_mapping[i]
     (int32/int64 [tokens], block · block_size + offset; negative = skip)."""
     layout = codec.layout
-    check_kv(keys, values, layout)
     layout.check_cache(cache)
+    check_codec_device(codec, cache)
+    check_kv(keys, values, layout, cache.device)
     check_device_tensor(slot_mapping, "slot_mapping", (torch.int32, torch.int64), (keys.shape[0],), cache.device)
-    check_device_tensor(keys, "keys", None, None, cache.device)
     num_tokens = keys.shape[0]
     if num_tokens == 0:
         return
