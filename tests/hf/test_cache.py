@@ -10,6 +10,7 @@ from turboquant.core import TurboQuantConfig  # noqa: E402
 from turboquant.hf.cache import TurboQuantCache, TurboQuantLayer  # noqa: E402
 
 EXACT = dict(residual_window=10**6)  # nothing is ever compressed: must equal DynamicCache exactly
+# The tiny models have 2–4 layers; tests of the preset's bits turn off the 8-bit first/last layers.
 
 
 def tiny_llama(head_dim=64, layers=2, **extra):
@@ -58,7 +59,7 @@ def test_compressed_logits_stay_close(head_dim):
     ids = prompt(64)
     with torch.no_grad():
         reference = model(ids).logits[0, -16:]
-        cache = TurboQuantCache(model.config, TurboQuantConfig(residual_window=0, sink_tokens=0))
+        cache = TurboQuantCache(model.config, TurboQuantConfig(residual_window=0, sink_tokens=0, boundary_layers=0))
         model(ids[:, :48], past_key_values=cache)
         steps = [model(ids[:, i : i + 1], past_key_values=cache).logits[0, -1] for i in range(48, 64)]
     assert cache.layers[0].packed_keys.shape[2] == 64  # with no window even the newest token is compressed
@@ -86,7 +87,7 @@ def test_layer_stores_sinks_compressed_middle_and_window():
 def test_compact_and_incremental_modes_agree():
     model = tiny_llama()
     ids = prompt()
-    config = TurboQuantConfig.from_preset("k3v3", residual_window=4)
+    config = TurboQuantConfig.from_preset("k3v3", residual_window=4, boundary_layers=0)
     out_incremental = greedy(model, ids, TurboQuantCache(model.config, config, mode="incremental"))
     out_compact = greedy(model, ids, TurboQuantCache(model.config, config, mode="compact"))
     assert torch.equal(out_incremental, out_compact)
@@ -118,7 +119,7 @@ def test_gemma_sliding_layers_stay_uncompressed(version):
     assert kinds.count("TurboQuantLayer") == len(model.config.layer_types) - model.config.layer_types.count("sliding_attention")
     ids = prompt(30)
     assert torch.equal(greedy(model, ids, cache), greedy(model, ids, DynamicCache(config=model.config)))
-    compressed = TurboQuantCache(model.config, TurboQuantConfig(residual_window=2, sink_tokens=0))
+    compressed = TurboQuantCache(model.config, TurboQuantConfig(residual_window=2, sink_tokens=0, boundary_layers=0))
     assert greedy(model, ids, compressed).shape == (1, 42)
     assert compressed.layers[-1].packed_keys is not None
 
@@ -133,7 +134,7 @@ def test_batch_with_left_padding():
     with torch.no_grad():
         expected = model.generate(ids, past_key_values=DynamicCache(config=model.config), **kwargs)
         exact = model.generate(ids, past_key_values=TurboQuantCache(model.config, TurboQuantConfig(**EXACT)), **kwargs)
-        compressed = model.generate(ids, past_key_values=TurboQuantCache(model.config, TurboQuantConfig(residual_window=4)),
+        compressed = model.generate(ids, past_key_values=TurboQuantCache(model.config, TurboQuantConfig(residual_window=4, boundary_layers=0)),
                                     **kwargs)
     assert torch.equal(exact, expected)
     assert compressed.shape == expected.shape
@@ -146,7 +147,7 @@ def test_beam_search_and_multiple_return_sequences_reorder_the_cache():
         expected = greedy(model, ids, DynamicCache(config=model.config), **kwargs)
         got = greedy(model, ids, TurboQuantCache(model.config, TurboQuantConfig(**EXACT)), **kwargs)
         assert torch.equal(got, expected)
-        assert greedy(model, ids, TurboQuantCache(model.config, TurboQuantConfig(residual_window=3)), **kwargs).shape == expected.shape
+        assert greedy(model, ids, TurboQuantCache(model.config, TurboQuantConfig(residual_window=3, boundary_layers=0)), **kwargs).shape == expected.shape
 
 
 def test_long_cache_with_large_norms_keeps_every_layer_accurate():
