@@ -1,13 +1,10 @@
-"""Kernel tests run the Triton kernels natively on a GPU and in Triton's interpreter on the CPU.
-TRITON_INTERPRET must be set before `triton.jit` wraps the kernels, i.e. before they are imported."""
+"""Kernel tests run the Triton kernels natively on a GPU and in Triton's interpreter on the CPU
+(TRITON_INTERPRET is set in tests/conftest.py, before any test module imports the kernels)."""
 
 import os
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 pytest.importorskip("triton")
 

@@ -1,0 +1,68 @@
+"""The vLLM engine configurations the vLLM benchmarks compare, and how they run them: one subprocess per
+engine (a fresh GPU each time), which prints one `RESULT {json}` line; vLLM's own log gives KV capacity.
+
+Needs the offline vLLM bundle on the GPU host (`../shared/gpu/README.md`); the upstream `turboquant_*`
+rows also need its FA2 parts. Our rows need this package installed (its `vllm.general_plugins` entry point).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import re
+import subprocess
+import sys
+
+ENGINES: dict[str, dict] = {
+    "bf16": dict(attention_backend="FLASH_ATTN"),
+    "fp8": dict(attention_backend="FLASH_ATTN", kv_cache_dtype="fp8"),
+    "upstream-turboquant_4bit_nc": dict(kv_cache_dtype="turboquant_4bit_nc"),
+    "upstream-turboquant_3bit_nc": dict(kv_cache_dtype="turboquant_3bit_nc"),
+    **{f"ours-{preset}": dict(attention_backend="CUSTOM", additional_config={"turboquant": preset})
+       for preset in ("k4v4", "k4v3", "k3v3")},
+    # every layer at the preset's bits (the default keeps the first and last layer at 8 bits)
+    **{f"ours-{preset}-b0": dict(attention_backend="CUSTOM",
+                                 additional_config={"turboquant": {"preset": preset, "boundary_layers": 0}})
+       for preset in ("k4v4", "k3v3")},
+}
+
+
+def engine_kwargs(name: str) -> dict:
+    if name not in ENGINES:
+        raise SystemExit(f"unknown engine {name!r}; choose from {sorted(ENGINES)}")
+    return dict(ENGINES[name])
+
+
+def run_engine(script: str, name: str, args: list[str], timeout_s: int) -> dict:
+    """Run `script --worker NAME ARGS…` and collect its RESULT line plus vLLM's KV-capacity log lines."""
+    row = {"engine": name}
+    try:
+        done = subprocess.run([sys.executable, script, "--worker", name, *args], capture_output=True, text=True,
+                              timeout=timeout_s)
+        log, row["rc"] = done.stdout + done.stderr, done.returncode
+    except subprocess.TimeoutExpired as expired:
+        log, row["rc"] = (expired.stdout or b"").decode() + (expired.stderr or b"").decode(), "timeout"
+    for line in log.splitlines():
+        if line.startswith("RESULT "):
+            row.update(json.loads(line[len("RESULT "):]))
+        if match := re.search(r"GPU KV cache size: ([\d,]+) tokens", line):
+            row["kv_tokens"] = int(match.group(1).replace(",", ""))
+        if match := re.search(r"Available KV cache memory: ([\d.]+) GiB", line):
+            row["kv_gib"] = float(match.group(1))
+    if row["rc"] != 0:
+        row["error_tail"] = [line for line in log.splitlines() if line.strip()][-15:]
+    return row
+
+
+def report(rows: list[dict], markdown, out: str | None, **fields) -> None:
+    """Print the markdown table of one run and write OUT.json / OUT.md (device and date included)."""
+    import torch
+
+    result = {"device": torch.cuda.get_device_name(0), "date": datetime.date.today().isoformat(), **fields,
+              "rows": rows}
+    print(markdown(result))
+    if out:
+        with open(out + ".json", "w") as f:
+            json.dump(result, f, indent=1)
+        with open(out + ".md", "w") as f:
+            f.write(markdown(result))

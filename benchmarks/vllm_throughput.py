@@ -1,0 +1,108 @@
+"""KV capacity and output throughput in vLLM: a Llama-3.1-8B-shaped model with dummy weights, CUDA graphs
+on, one engine per subprocess, every engine under the same memory budget, side by side in one run.
+
+Cases (batch × prompt → output tokens, random prompt tokens, greedy, ignore_eos): 32 × 1024 → 128,
+16 × 6144 → 128, 4 × 32768 → 128. KV tokens are vLLM's own "GPU KV cache size" log line.
+
+    python benchmarks/vllm_throughput.py --model /tmp/models/llama8b-shape --out benchmarks/results/vllm-throughput-h100
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from vllm_engines import ENGINES, engine_kwargs, report, run_engine  # noqa: E402
+
+CASES = [(32, 1024, 128), (16, 6144, 128), (4, 32768, 128)]
+DEFAULT_ENGINES = ["bf16", "fp8", "upstream-turboquant_4bit_nc", "upstream-turboquant_3bit_nc",
+                   "ours-k4v4", "ours-k4v4-b0", "ours-k4v3", "ours-k3v3"]
+MAX_MODEL_LEN = 32768 + 256
+
+
+def case_name(batch: int, prompt: int, output: int) -> str:
+    return f"b{batch}x{prompt}->{output}"
+
+
+def worker(name: str, model: str, cases: list[tuple[int, int, int]]) -> None:
+    from vllm import LLM, SamplingParams
+
+    start = time.perf_counter()
+    llm = LLM(model=model, load_format="dummy", max_model_len=MAX_MODEL_LEN, gpu_memory_utilization=0.85, seed=0,
+              **engine_kwargs(name))
+    result = {"startup_s": round(time.perf_counter() - start, 1)}
+    rng = random.Random(0)
+    for batch, prompt, output in cases:
+        warmup, prompts = ([{"prompt_token_ids": [rng.randrange(100, 40000) for _ in range(prompt)]}
+                            for _ in range(batch)] for _ in range(2))
+        params = SamplingParams(max_tokens=output, ignore_eos=True, temperature=0)
+        # Warm-up on other prompts of the same shapes: every kernel the timed run needs (chunked-prefill
+        # shapes included) is JIT-compiled here, and the timed prompts miss the prefix cache.
+        llm.generate(warmup, SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
+        start = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        seconds = time.perf_counter() - start
+        generated = sum(len(out.outputs[0].token_ids) for out in outs)
+        result[case_name(batch, prompt, output)] = {"tok_s": round(generated / seconds, 1), "wall_s": round(seconds, 2)}
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def markdown(result: dict) -> str:
+    rows = result["rows"]
+    base = next((r for r in rows if r["engine"] == "bf16" and r.get("rc") == 0), None)
+    names = [case_name(*c) for c in CASES]
+    lines = [f"# vLLM KV capacity and throughput ({result['device']}, {result['date']})", "",
+             f"Model `{result['model']}` (dummy weights), gpu_memory_utilization 0.85, CUDA graphs on, "
+             f"max_model_len {MAX_MODEL_LEN}. Output tok/s (× bf16).", "",
+             *([f"**Note:** {result['note']}", ""] if result.get("note") else []),
+             "| engine | KV tokens (× bf16) | " + " | ".join(names) + " | startup s |",
+             "|---|---|" + "---|" * len(names) + "---|"]
+    for row in rows:
+        if row.get("rc") != 0:
+            lines.append(f"| {row['engine']} | failed (rc {row.get('rc')}) |" + " |" * (len(names) + 1))
+            continue
+        kv = row.get("kv_tokens")
+        kv_cell = f"{kv:,}" + (f" ({kv / base['kv_tokens']:.2f}x)" if base and base.get("kv_tokens") and kv else "")
+        cells = []
+        for name in names:
+            cell = row.get(name)
+            if not cell:
+                cells.append("—")
+                continue
+            ratio = f" ({cell['tok_s'] / base[name]['tok_s']:.2f}x)" if base and base.get(name) else ""
+            cells.append(f"{cell['tok_s']}{ratio}")
+        lines.append(f"| {row['engine']} | {kv_cell} | " + " | ".join(cells) + f" | {row.get('startup_s')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="/tmp/models/llama8b-shape",
+                        help="model directory (config + tokenizer; the bundle's llama8b-shape)")
+    parser.add_argument("--engines", default=",".join(DEFAULT_ENGINES), help=f"comma list from {sorted(ENGINES)}")
+    parser.add_argument("--cases", default="all", help="'all' or a comma list of case indices (0-based)")
+    parser.add_argument("--merge", help="a previous OUT.json whose rows are kept unless re-measured here")
+    parser.add_argument("--out", help="write OUT.json and OUT.md")
+    parser.add_argument("--timeout", type=int, default=540, help="seconds per engine")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    cases = CASES if args.cases == "all" else [CASES[int(i)] for i in args.cases.split(",")]
+    if args.worker:
+        return worker(args.worker, args.model, cases)
+    rows = json.load(open(args.merge))["rows"] if args.merge and os.path.exists(args.merge) else []
+    for name in args.engines.split(","):
+        row = run_engine(__file__, name, ["--model", args.model, "--cases", args.cases], args.timeout)
+        print(json.dumps(row), flush=True)
+        rows = [r for r in rows if r["engine"] != name] + [row]
+    order = list(ENGINES)
+    rows.sort(key=lambda r: order.index(r["engine"]))
+    report(rows, markdown, args.out, model=os.path.basename(os.path.normpath(args.model)))
+
+
+if __name__ == "__main__":
+    main()

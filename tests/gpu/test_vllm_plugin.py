@@ -1,0 +1,108 @@
+"""The vLLM plugin end to end, on the GPU host (CUDA, the offline vLLM bundle, this package installed so
+its entry point is visible, and SmolLM2 converted by the bundle). Each engine runs in its own process.
+
+    TURBOQUANT_VLLM_MODEL=/tmp/models/smollm2 python -m pytest -q tests/gpu
+"""
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+import torch
+
+MODEL = os.environ.get("TURBOQUANT_VLLM_MODEL", "/tmp/models/smollm2")
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vLLM"),
+    pytest.mark.skipif(not os.path.isdir(MODEL), reason=f"needs a model directory at {MODEL}"),
+]
+
+ENGINE = dict(model=MODEL, attention_backend="CUSTOM", enforce_eager=True, gpu_memory_utilization=0.3,
+              max_model_len=1024)
+
+
+def run_python(code: str, timeout_s: int = 400) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout_s)
+
+
+def result_of(done: subprocess.CompletedProcess) -> dict:
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert done.returncode == 0 and lines, done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+SERVER_MODULES = ("uvicorn", "model_hosting_container_standards")  # not in the slim offline bundle
+
+
+@pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in SERVER_MODULES),
+                    reason=f"vllm serve needs {SERVER_MODULES}")
+def test_serve_answers_an_openai_chat_request():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", MODEL, "--attention-backend", "CUSTOM",
+         "--port", str(port), "--enforce-eager", "--gpu-memory-utilization", "0.3", "--max-model-len", "1024"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 400
+        while time.time() < deadline:
+            assert server.poll() is None, server.stdout.read()[-3000:]
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(2)
+        body = json.dumps({"model": MODEL, "max_tokens": 24, "temperature": 0,
+                           "messages": [{"role": "user", "content": "What is the capital of France?"}]}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", body,
+                                         {"Content-Type": "application/json"})
+        reply = json.load(urllib.request.urlopen(request, timeout=60))
+        assert reply["choices"][0]["message"]["content"].strip()
+    finally:
+        server.terminate()
+        log = server.communicate(timeout=60)[0]
+    assert "Using AttentionBackendEnum.CUSTOM backend" in log
+
+
+LOAD = """
+import json
+from vllm import LLM, SamplingParams
+from turboquant.hf.models import eval_text
+llm = LLM(**ENGINE, enable_prefix_caching=True, num_gpu_blocks_override=96, max_num_seqs=64,
+          disable_log_stats=False)
+tokens = llm.get_tokenizer()(eval_text(), add_special_tokens=False).input_ids
+prefixes = [tokens[i * 1000:i * 1000 + 200] for i in range(4)]
+suffixes = [tokens[5000 + j * 20:5000 + (j + 1) * 20] for j in range(16)]
+prompts = [{"prompt_token_ids": p + s} for p in prefixes for s in suffixes]
+params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
+together = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
+preemptions = sum(getattr(m, "value", 0) for m in llm.get_metrics() if "preempt" in m.name)
+alone = [list(llm.generate([p], params, use_tqdm=False)[0].outputs[0].token_ids) for p in prompts]
+print("RESULT " + json.dumps({"together": together, "alone": alone, "preemptions": preemptions}))
+"""
+
+
+def test_concurrent_requests_with_shared_prefixes_and_preemption_match_one_by_one():
+    result = result_of(run_python(f"ENGINE = {ENGINE!r}\n{LOAD}"))
+    assert result["preemptions"] > 0, "the KV budget was meant to force preemption"
+    same = sum(a == b for a, b in zip(result["together"], result["alone"]))
+    assert same == len(result["alone"]) == 64, f"{same}/64 identical"
+
+
+@pytest.mark.parametrize("additional_config, message", [
+    ({"turboquant": "k5v5"}, "preset must be one of"),
+    ({"turboquant": {"preset": "k4v4", "window": 64}}, "unknown key"),
+])
+def test_bad_configuration_fails_at_engine_start_with_one_clear_message(additional_config, message):
+    engine = {**ENGINE, "additional_config": additional_config}
+    done = run_python(f"from vllm import LLM\nLLM(**{engine!r})\nprint('STARTED')")
+    assert done.returncode != 0 and "STARTED" not in done.stdout
+    assert message in done.stdout + done.stderr

@@ -1,0 +1,61 @@
+"""The vLLM plugin's configuration and registration logic, without vLLM."""
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from turboquant.vllm.settings import VllmSettings
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_default_is_k4v4_with_8_bit_boundary_layers():
+    settings = VllmSettings.from_additional_config({})
+    assert settings == VllmSettings(preset="k4v4", boundary_layers=1, boundary_bits=8)
+    bits = [(c.key_bits, c.value_bits) for c in (settings.layer_config(i, 4, 128) for i in range(4))]
+    assert bits == [(8, 8), (4, 4), (4, 4), (8, 8)]
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("k3v3", VllmSettings(preset="k3v3")),
+    ({"preset": "k4v3", "boundary_layers": 0}, VllmSettings(preset="k4v3", boundary_layers=0)),
+    ({"boundary_bits": 4, "seed": 7}, VllmSettings(boundary_bits=4, seed=7)),
+])
+def test_parses_a_preset_name_or_a_dict(value, expected):
+    assert VllmSettings.from_additional_config({"turboquant": value, "other_plugin": 1}) == expected
+
+
+@pytest.mark.parametrize("value, message", [
+    ("k5v5", "preset must be one of"),
+    ({"preset": "k4v4", "window": 128}, "unknown key"),
+    ({"boundary_bits": None}, "boundary_bits must be one of"),
+    ({"boundary_layers": -1}, "boundary_layers must be a non-negative integer"),
+    (4, "must be a preset name or a dict"),
+])
+def test_bad_settings_are_value_errors_that_name_the_setting(value, message):
+    with pytest.raises(ValueError, match=message):
+        VllmSettings.from_additional_config({"turboquant": value})
+
+
+def test_layer_codec_stores_every_token_compressed_with_the_preset_bits():
+    config = VllmSettings(preset="k3v3", boundary_layers=0).layer_config(5, 32, 128)
+    assert (config.key_bits, config.value_bits, config.key_quantizer, config.value_quantizer) == (3, 3, "mse", "mse")
+    assert (config.sink_tokens, config.residual_window, config.center_keys, config.center_values) == (0, 0, False, False)
+    assert config.bytes_per_token_per_head(128) == 48 + 48 + 8  # what vLLM's page size is built from
+
+
+@pytest.mark.parametrize("head_dim, layer_idx", [(72, 0), (512, 0), (128, 32)])
+def test_unservable_head_dim_or_layer_is_refused(head_dim, layer_idx):
+    with pytest.raises(ValueError):
+        VllmSettings().layer_config(layer_idx, 32, head_dim)
+
+
+def test_entry_point_is_declared_and_importing_the_plugin_does_not_import_vllm():
+    entry_points = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"]
+    assert entry_points["vllm.general_plugins"] == {"turboquant": "turboquant.vllm.plugin:register"}
+    code = ("import sys, turboquant.vllm, turboquant.vllm.plugin as p, turboquant.vllm.settings; "
+            "assert callable(p.register); assert 'vllm' not in sys.modules, 'vllm was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

@@ -1,0 +1,216 @@
+"""The vLLM attention backend: a thin adapter from vLLM 0.26's v1 metadata to our kernels.
+
+Each step: `do_kv_cache_update` compresses the new tokens into the paged cache (`compress_store`); then
+`forward` runs decode requests through `paged_decode_attention` (split-K over the compressed pages,
+CUDA-graph safe: the split count depends only on shapes) and prefill chunks through `extend_attention`
+(the compressed prefix, read in the kernel, + the chunk's own K/V in full precision, as vLLM's
+chunked prefill hands them over). A chunk with no cached prefix needs no compressed data at all and
+goes to vLLM's FlashAttention when the bundle ships it: the same arithmetic, faster.
+
+The cache of one layer is uint8 [num_blocks, num_kv_heads, head_page_bytes] (`core/paged_layout.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from vllm.config import get_current_vllm_config
+from vllm.model_executor.models.utils import extract_layer_index
+from vllm.v1.attention.backend import (
+    AttentionBackend,
+    AttentionCGSupport,
+    AttentionImpl,
+    AttentionMetadata,
+    AttentionMetadataBuilder,
+    AttentionType,
+    CommonAttentionMetadata,
+)
+from vllm.v1.attention.backends.fa_utils import get_flash_attn_version, is_flash_attn_varlen_func_available
+from vllm.v1.attention.backends.utils import split_decodes_and_prefills
+
+from ..kernels import KernelCodec, compress_store, extend_attention, paged_decode_attention
+from ..kernels.codec import KERNEL_HEAD_DIMS
+from ..kernels.decode import decode_launch, default_num_splits
+from ..kernels.launch import multiprocessor_count
+from .settings import VllmSettings
+
+if is_flash_attn_varlen_func_available():
+    from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func
+else:
+    flash_attn_varlen_func = None
+
+KERNEL_BLOCK_SIZES = [16, 32, 64, 128]
+
+
+class TurboQuantBackend(AttentionBackend):
+    accept_output_buffer: bool = True
+    forward_includes_kv_cache_update: bool = False
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16]
+    # The model's dtype: the compressed format is chosen by the plugin's settings, not by this string.
+    supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto", "float16", "bfloat16"]
+
+    @staticmethod
+    def get_name() -> str:
+        return "CUSTOM"
+
+    @staticmethod
+    def get_supported_kernel_block_sizes() -> list[int]:
+        return KERNEL_BLOCK_SIZES
+
+    @classmethod
+    def get_supported_head_sizes(cls) -> list[int]:
+        return list(KERNEL_HEAD_DIMS)
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type == AttentionType.DECODER
+
+    @classmethod
+    def supports_sliding_window(cls) -> bool:
+        return True
+
+    @classmethod
+    def supports_compute_capability(cls, capability) -> bool:
+        return capability.major >= 8  # fp16 tensor-core tl.dot
+
+    @staticmethod
+    def get_impl_cls() -> type["TurboQuantImpl"]:
+        return TurboQuantImpl
+
+    @staticmethod
+    def get_builder_cls() -> type["TurboQuantMetadataBuilder"]:
+        return TurboQuantMetadataBuilder
+
+    @staticmethod
+    def get_kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_size: int,
+                           cache_dtype_str: str = "auto") -> tuple[int, ...]:
+        # The page bytes depend on the layer's bits (8-bit boundary layers), which this static hook is
+        # not told; vLLM views the layer's raw buffer with this shape, so -1 takes its exact size.
+        return (num_blocks, num_kv_heads, -1)
+
+
+@dataclass
+class TurboQuantMetadata(AttentionMetadata):
+    seq_lens: torch.Tensor  # int32 [num_reqs]: tokens in each sequence, this step's included
+    block_table: torch.Tensor  # int32 [num_reqs, max_blocks]
+    num_actual_tokens: int
+    num_decodes: int  # decode requests come first (reorder_batch_threshold = 1)
+    num_decode_tokens: int
+    num_prefills: int
+    prefill_query_start: torch.Tensor  # int32 [num_prefills + 1], relative to the first prefill token
+    prefill_max_query_len: int
+    prefill_has_prefix: bool  # some prefill chunk attends to tokens already in the cache
+
+
+class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self._init_reorder_batch_threshold(1)
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> TurboQuantMetadata:
+        common = common_attn_metadata
+        num_decodes, num_prefills, num_decode_tokens, _ = split_decodes_and_prefills(common, decode_threshold=1)
+        query_start_cpu = common.query_start_loc_cpu[num_decodes:]
+        query_lens_cpu = query_start_cpu[1:] - query_start_cpu[:-1]
+        seq_lens_cpu = common.seq_lens_cpu_upper_bound  # exact for prefill rows
+        has_prefix = num_prefills > 0 and (
+            seq_lens_cpu is None or bool((seq_lens_cpu[num_decodes:] > query_lens_cpu).any()))
+        return TurboQuantMetadata(
+            seq_lens=common.seq_lens,
+            block_table=common.block_table_tensor,
+            num_actual_tokens=common.num_actual_tokens,
+            num_decodes=num_decodes,
+            num_decode_tokens=num_decode_tokens,
+            num_prefills=num_prefills,
+            prefill_query_start=common.query_start_loc[num_decodes:] - num_decode_tokens,
+            prefill_max_query_len=int(query_lens_cpu.max()) if num_prefills else 0,
+            prefill_has_prefix=has_prefix,
+        )
+
+
+class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
+    def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int | None = None,
+                 alibi_slopes: list[float] | None = None, sliding_window: int | None = None,
+                 kv_cache_dtype: str = "auto", logits_soft_cap: float | None = None,
+                 attn_type: str = AttentionType.DECODER, kv_sharing_target_layer_name: str | None = None,
+                 **extra) -> None:
+        if alibi_slopes is not None:
+            raise ValueError("turboquant: ALiBi attention is not supported")
+        if attn_type != AttentionType.DECODER:
+            raise ValueError(f"turboquant serves decoder self-attention only, not {attn_type}")
+        if head_size not in KERNEL_HEAD_DIMS:
+            raise ValueError(f"turboquant serves head_dim {KERNEL_HEAD_DIMS}, this model has {head_size}")
+        vllm_config = get_current_vllm_config()
+        self.settings = VllmSettings.from_additional_config(vllm_config.additional_config)  # bad config: fail at start
+        self.num_layers = vllm_config.model_config.get_total_num_hidden_layers()
+        self.kv_cache_dtype = kv_cache_dtype
+        self.num_heads, self.head_size, self.scale = num_heads, head_size, float(scale)
+        self.num_kv_heads = num_kv_heads or num_heads
+        self.sliding_window = sliding_window
+        self.softcap = logits_soft_cap if logits_soft_cap else None
+        self.fa_version = get_flash_attn_version(head_size=head_size) if flash_attn_varlen_func else None
+        self.codec: KernelCodec | None = None
+
+    def _codec(self, layer, kv_cache: torch.Tensor) -> KernelCodec:
+        """Built on the first call, when the layer's name (its index, hence its bits) and cache are known."""
+        if self.codec is None:
+            layer_idx = extract_layer_index(layer.layer_name)
+            config = self.settings.layer_config(layer_idx, self.num_layers, self.head_size)
+            head_page_bytes = kv_cache.shape[-1]
+            block_size = head_page_bytes // config.bytes_per_token_per_head(self.head_size)
+            self.codec = KernelCodec.from_config(config, self.head_size, self.num_kv_heads, block_size, layer_idx,
+                                                 kv_cache.device)
+            self.codec.layout.check_cache(kv_cache)
+        return self.codec
+
+    def do_kv_cache_update(self, layer, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                           slot_mapping: torch.Tensor) -> None:
+        num_tokens = slot_mapping.shape[0]
+        if num_tokens == 0 or kv_cache.numel() == 0:
+            return
+        compress_store(key[:num_tokens], value[:num_tokens], slot_mapping, kv_cache, self._codec(layer, kv_cache))
+
+    def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                attn_metadata: TurboQuantMetadata, output: torch.Tensor | None = None,
+                output_scale: torch.Tensor | None = None, output_block_scale: torch.Tensor | None = None):
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("turboquant does not fuse output quantization")
+        if attn_metadata is None:  # vLLM's profiling run: no cache yet
+            return output.fill_(0)
+        meta, codec = attn_metadata, self._codec(layer, kv_cache)
+        decodes, decode_tokens, num_tokens = meta.num_decodes, meta.num_decode_tokens, meta.num_actual_tokens
+        output = output.view(-1, self.num_heads, self.head_size)
+        if decodes:
+            block_table = meta.block_table[:decodes]
+            output[:decode_tokens] = paged_decode_attention(
+                query[:decode_tokens], kv_cache, codec, block_table, meta.seq_lens[:decodes], self.scale,
+                self.sliding_window, self.softcap, num_splits=self._num_splits(decodes, block_table, codec))
+        if meta.num_prefills:
+            rows = slice(decode_tokens, num_tokens)
+            output[rows] = self._prefill(query[rows], key[rows], value[rows], kv_cache, codec, meta)
+        return output
+
+    def _prefill(self, query, key, value, kv_cache, codec, meta: TurboQuantMetadata) -> torch.Tensor:
+        if not meta.prefill_has_prefix and self.fa_version is not None:
+            return flash_attn_varlen_func(
+                q=query, k=key, v=value, max_seqlen_q=meta.prefill_max_query_len,
+                cu_seqlens_q=meta.prefill_query_start, max_seqlen_k=meta.prefill_max_query_len,
+                cu_seqlens_k=meta.prefill_query_start, softmax_scale=self.scale, causal=True,
+                window_size=[self.sliding_window - 1, 0] if self.sliding_window else [-1, -1],
+                softcap=self.softcap or 0.0, fa_version=self.fa_version)
+        prefills = slice(meta.num_decodes, None)
+        return extend_attention(
+            query, key, value, meta.prefill_query_start, meta.seq_lens[prefills], kv_cache, codec,
+            meta.block_table[prefills], self.scale, meta.prefill_max_query_len, self.sliding_window, self.softcap)
+
+    def _num_splits(self, batch: int, block_table: torch.Tensor, codec: KernelCodec) -> int:
+        # From shapes only (batch, table width), so a captured CUDA graph replays with the same grid.
+        layout = codec.layout
+        tile = decode_launch(layout.head_dim, layout.key_bits, layout.value_bits)["TILE"]
+        return default_num_splits(batch, layout.num_kv_heads, block_table.shape[1] * layout.block_size, tile,
+                                  multiprocessor_count(block_table.device))

@@ -1,0 +1,66 @@
+"""What the vLLM plugin stores, read from vLLM's `additional_config` (no vLLM import: CPU-testable).
+
+    vllm serve MODEL --attention-backend CUSTOM                                   # k4v4, the default
+    vllm serve MODEL --attention-backend CUSTOM --additional-config '{"turboquant": "k3v3"}'
+    vllm serve MODEL --attention-backend CUSTOM \
+        --additional-config '{"turboquant": {"preset": "k3v3", "boundary_layers": 0}}'
+
+`additional_config` is vLLM's per-engine dictionary for plugins: it travels to every worker and is part
+of vLLM's compile-cache hash. Inside vLLM the cache holds every token compressed (paged blocks are
+shared by prefix caching, so there is no per-request full-precision window, sink or centering mean);
+the tokens of the chunk being prefilled are attended to in full precision.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from ..core import PRESETS, TurboQuantConfig
+from ..kernels.codec import KERNEL_BITS, KERNEL_HEAD_DIMS
+
+CONFIG_KEY = "turboquant"
+
+
+@dataclass(frozen=True)
+class VllmSettings:
+    preset: str = "k4v4"
+    # The first and last `boundary_layers` layers store 8-bit codes (the HF default; see core/config.py).
+    boundary_layers: int = 1
+    boundary_bits: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"turboquant preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
+        for name in ("boundary_layers", "seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"turboquant {name} must be a non-negative integer, got {value!r}")
+        if self.boundary_bits not in KERNEL_BITS:
+            raise ValueError(f"turboquant boundary_bits must be one of {KERNEL_BITS} in vLLM, got {self.boundary_bits!r}")
+
+    @classmethod
+    def from_additional_config(cls, additional_config) -> "VllmSettings":
+        """Parse `additional_config["turboquant"]`: a preset name or a dict of this class's fields."""
+        value = (additional_config or {}).get(CONFIG_KEY, {}) if isinstance(additional_config, dict) else {}
+        if isinstance(value, str):
+            value = {"preset": value}
+        if not isinstance(value, dict):
+            raise ValueError(f'additional_config["{CONFIG_KEY}"] must be a preset name or a dict, got {value!r}')
+        accepted = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(value) - accepted)
+        if unknown:
+            raise ValueError(f'unknown key(s) {unknown} in additional_config["{CONFIG_KEY}"]; accepted: {sorted(accepted)}')
+        return cls(**value)
+
+    def layer_config(self, layer_idx: int, num_layers: int, head_dim: int) -> TurboQuantConfig:
+        """The codec of one attention layer; raises ValueError for a head_dim the kernels do not serve."""
+        if head_dim not in KERNEL_HEAD_DIMS:
+            raise ValueError(f"turboquant serves head_dim {KERNEL_HEAD_DIMS} in vLLM, this model has {head_dim}")
+        if not 0 <= layer_idx < num_layers:
+            raise ValueError(f"layer index {layer_idx} is outside the model's {num_layers} layers")
+        base = TurboQuantConfig.from_preset(
+            self.preset, seed=self.seed, boundary_layers=self.boundary_layers, boundary_bits=self.boundary_bits,
+            sink_tokens=0, residual_window=0, center_keys=False, center_values=False)
+        return base.for_layer(layer_idx, num_layers)
