@@ -196,3 +196,7 @@ def test_bad_configurations_are_clear_errors():
         TurboQuantCache(transformers.T5Config(), "k4v4")
     with pytest.raises(ValueError, match="mode"):
         TurboQuantCache(model.config, "k4v4", mode="fast")
+    mla = transformers.DeepseekV2Config(num_hidden_layers=2, kv_lora_rank=64, qk_nope_head_dim=64,
+                                        qk_rope_head_dim=32, v_head_dim=64)
+    with pytest.raises(ValueError, match="latent attention"):  # refused up front, not mid-generate
+        TurboQuantCache(mla, "k4v4")

@@ -248,6 +248,10 @@ class TurboQuantCache(Cache):
         text_config = model_config.get_text_config(decoder=True)
         if getattr(model_config, "is_encoder_decoder", False) or getattr(text_config, "num_hidden_layers", None) is None:
             raise ValueError("TurboQuantCache needs the config of a decoder-only model (with num_hidden_layers)")
+        if getattr(text_config, "kv_lora_rank", None):
+            # transformers caches MLA as per-head keys [nope | rope] and narrower values, not the latent
+            raise ValueError("TurboQuantCache does not hold multi-head latent attention (MLA, kv_lora_rank is set) "
+                             "caches; use DynamicCache for this model")
         layer_types = _layer_types(text_config)
         layers = []
         for idx, layer_type in enumerate(layer_types):

@@ -75,8 +75,9 @@ def _run(model, input_ids, prefill, cache, progress):
     finally:
         for handle in handles:
             handle.remove()
-    # Skip the prefill's entry: compare the decode steps, which read the cache.
-    return logits, [torch.cat(steps[1:], dim=0) for steps in outputs]
+    # Skip the prefill's entry: compare the decode steps, which read the cache. Attention modules that
+    # never ran (a vision-language model's vision tower on text input) have no cache layer either.
+    return logits, [torch.cat(steps[1:], dim=0) for steps in outputs if steps]
 
 
 def _mean_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -98,9 +99,15 @@ def _kv_cosines(reference_cache, layer: TurboQuantLayer, layer_idx: int) -> tupl
 
 def verify(model, tokenizer, text: str, config: TurboQuantConfig, prefill: int = 256, decode_tokens: int = 128,
            progress: bool = True) -> VerifyReport:
+    input_ids = tokenizer(text, return_tensors="pt").input_ids[:, : prefill + decode_tokens].to(model.device)
+    return verify_ids(model, input_ids, config, prefill, progress)
+
+
+def verify_ids(model, input_ids: torch.Tensor, config: TurboQuantConfig, prefill: int = 256,
+               progress: bool = True) -> VerifyReport:
+    """`verify` on token ids [1, tokens]: the first `prefill` are prefilled, the rest teacher-forced."""
     from transformers import DynamicCache
 
-    input_ids = tokenizer(text, return_tensors="pt").input_ids[:, : prefill + decode_tokens].to(model.device)
     if input_ids.shape[1] < prefill + 2:
         raise ValueError(f"the text has {input_ids.shape[1]} tokens, fewer than prefill + 2 = {prefill + 2}")
     baseline_cache = DynamicCache(config=model.config)
