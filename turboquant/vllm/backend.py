@@ -32,8 +32,6 @@ from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 
 from ..kernels import KernelCodec, compress_store, extend_attention, paged_decode_attention
 from ..kernels.codec import KERNEL_HEAD_DIMS
-from ..kernels.decode import decode_launch, default_num_splits
-from ..kernels.launch import multiprocessor_count
 from .settings import VllmSettings
 
 if is_flash_attn_varlen_func_available():
@@ -143,8 +141,6 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
             raise ValueError("turboquant: ALiBi attention is not supported")
         if attn_type != AttentionType.DECODER:
             raise ValueError(f"turboquant serves decoder self-attention only, not {attn_type}")
-        if head_size not in KERNEL_HEAD_DIMS:
-            raise ValueError(f"turboquant serves head_dim {KERNEL_HEAD_DIMS}, this model has {head_size}")
         vllm_config = get_current_vllm_config()
         self.settings = VllmSettings.from_additional_config(vllm_config.additional_config)  # bad config: fail at start
         self.num_layers = vllm_config.model_config.get_total_num_hidden_layers()
@@ -186,10 +182,11 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
         decodes, decode_tokens, num_tokens = meta.num_decodes, meta.num_decode_tokens, meta.num_actual_tokens
         output = output.view(-1, self.num_heads, self.head_size)
         if decodes:
-            block_table = meta.block_table[:decodes]
+            # The kernel's default split count depends only on shapes (batch, block-table width), so a
+            # captured CUDA graph replays with the same grid.
             output[:decode_tokens] = paged_decode_attention(
-                query[:decode_tokens], kv_cache, codec, block_table, meta.seq_lens[:decodes], self.scale,
-                self.sliding_window, self.softcap, num_splits=self._num_splits(decodes, block_table, codec))
+                query[:decode_tokens], kv_cache, codec, meta.block_table[:decodes], meta.seq_lens[:decodes],
+                self.scale, self.sliding_window, self.softcap)
         if meta.num_prefills:
             rows = slice(decode_tokens, num_tokens)
             output[rows] = self._prefill(query[rows], key[rows], value[rows], kv_cache, codec, meta)
@@ -207,10 +204,3 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
         return extend_attention(
             query, key, value, meta.prefill_query_start, meta.seq_lens[prefills], kv_cache, codec,
             meta.block_table[prefills], self.scale, meta.prefill_max_query_len, self.sliding_window, self.softcap)
-
-    def _num_splits(self, batch: int, block_table: torch.Tensor, codec: KernelCodec) -> int:
-        # From shapes only (batch, table width), so a captured CUDA graph replays with the same grid.
-        layout = codec.layout
-        tile = decode_launch(layout.head_dim, layout.key_bits, layout.value_bits)["TILE"]
-        return default_num_splits(batch, layout.num_kv_heads, block_table.shape[1] * layout.block_size, tile,
-                                  multiprocessor_count(block_table.device))

@@ -8,6 +8,8 @@ of un-rotating the weight. This PyTorch path dequantizes the weight: it is the r
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -16,7 +18,10 @@ from ..core import MSEQuantizer, make_rotation, packed_bytes
 WEIGHT_BITS = (2, 3, 4)
 
 
+@functools.lru_cache(maxsize=None)
 def weight_quantizer(group_size: int, bits: int, seed: int = 0) -> MSEQuantizer:
+    """One quantizer (rotation + codebook) per shape, shared by every layer: a dense QR rotation is
+    not rebuilt for each of a model's hundreds of Linear layers."""
     if bits not in WEIGHT_BITS:
         raise ValueError(f"bits must be one of {WEIGHT_BITS}, got {bits!r}")
     if not isinstance(group_size, int) or group_size < 16 or group_size * bits % 8:
