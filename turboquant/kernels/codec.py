@@ -13,6 +13,7 @@ import torch
 
 from ..core import MSEQuantizer, TurboQuantConfig
 from ..core.paged_layout import PagedLayout
+from .lut_asm import dequant_asm
 
 KERNEL_HEAD_DIMS = (64, 80, 96, 128, 256)
 KERNEL_BITS = (2, 3, 4, 8)
@@ -29,8 +30,14 @@ class KernelCodec:
     value_centroids: torch.Tensor
     value_boundaries: torch.Tensor
     # Attention multiplies levels in fp16 on the tensor cores (10-bit mantissa, like tf32; finer than bf16).
+    # They are made exactly antisymmetric, as the Lloyd–Max levels of a symmetric law are, so the
+    # byte-permute lookup (`lut_asm.py`) can store magnitudes only.
     key_centroids_fp16: torch.Tensor
     value_centroids_fp16: torch.Tensor
+    # Byte-permute lookup PTX for 3- and 4-bit codebooks ("" otherwise), built here on the host: a
+    # kernel wrapper must not read device tensors back (CUDA graph capture).
+    key_lut_asm: str
+    value_lut_asm: str
 
     @property
     def norm_correction(self) -> bool:
@@ -58,14 +65,23 @@ class KernelCodec:
         value_quantizer = config.make_quantizer("value", head_dim, layer_idx)
         assert key_quantizer.rotation is value_quantizer.rotation  # one rotation per layer: q is rotated once
         key_book, value_book = key_quantizer.codebook, value_quantizer.codebook
+        key_levels, value_levels = _antisymmetric_fp16(key_book.centroids), _antisymmetric_fp16(value_book.centroids)
         return cls(
             layout, key_quantizer, value_quantizer,
             rotation=key_quantizer.rotation.matrix().to(device),
             key_centroids=key_book.centroids.to(device), key_boundaries=key_book.boundaries.to(device),
             value_centroids=value_book.centroids.to(device), value_boundaries=value_book.boundaries.to(device),
-            key_centroids_fp16=key_book.centroids.half().to(device),
-            value_centroids_fp16=value_book.centroids.half().to(device),
+            key_centroids_fp16=key_levels.to(device), value_centroids_fp16=value_levels.to(device),
+            key_lut_asm=_lut_asm(key_levels), value_lut_asm=_lut_asm(value_levels),
         )
+
+
+def _antisymmetric_fp16(levels: torch.Tensor) -> torch.Tensor:
+    return ((levels - levels.flip(0)) / 2).half().cpu()
+
+
+def _lut_asm(levels: torch.Tensor) -> str:
+    return dequant_asm(levels) if levels.numel() in (8, 16) else ""
 
 
 @dataclass(frozen=True)

@@ -19,17 +19,21 @@ import triton.language as tl
 
 from .codec import KernelCodec
 from .launch import (FLOAT_DTYPES, check_block_table, check_codec_device, check_device_tensor, head_dim_pad,
-                     multiprocessor_count, page_constants)
-from .packed_tile import load_indices, load_norms
+                     lookup_constants, multiprocessor_count, page_constants)
+from .packed_tile import load_levels, load_norms
 
 
-def decode_launch(head_dim: int, key_bits: int, value_bits: int) -> dict:
-    """Tokens per tile and Triton's warps/pipeline depth, from a sweep on an H100 (b32 × 16K, k4v4/k3v3/k8v4)."""
-    if head_dim <= 128:
-        return dict(TILE=128, num_warps=4, num_stages=2)
-    if 3 in (key_bits, value_bits):  # d=256 at 3 bits: a 64-token tile exceeds shared memory
-        return dict(TILE=32, num_warps=4, num_stages=1)
-    return dict(TILE=64, num_warps=4, num_stages=2)
+def decode_launch(head_dim: int, key_bits: int, value_bits: int, byte_permute: bool) -> dict:
+    """Tokens per tile and Triton's warps/pipeline depth, from sweeps on an H100 (b32 × 16K/32K, b8 × 32K;
+    benchmarks/results/launch-sweep-h100.json). Byte-permute lookups (`lut_asm.py`) run best without
+    software pipelining, 4-bit ones with the shorter tile."""
+    if head_dim > 128:
+        if 3 in (key_bits, value_bits):  # d=256 at 3 bits: a 64-token tile exceeds shared memory
+            return dict(TILE=32, num_warps=4, num_stages=1)
+        return dict(TILE=64, num_warps=4, num_stages=2)
+    if byte_permute:
+        return dict(TILE=64 if 4 in (key_bits, value_bits) else 128, num_warps=4, num_stages=1)
+    return dict(TILE=128, num_warps=4, num_stages=2)
 
 
 @triton.jit
@@ -46,9 +50,9 @@ def _decode_split_kernel(
     BLOCK_SIZE: tl.constexpr, HEAD_PAGE_BYTES: tl.constexpr, VALUES_OFFSET: tl.constexpr,
     KEY_NORMS_OFFSET: tl.constexpr, VALUE_NORMS_OFFSET: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    KEY_BITS: tl.constexpr, KEY_COORDS: tl.constexpr, KEY_GROUP_BYTES: tl.constexpr, KEY_BYTES: tl.constexpr,
-    VALUE_BITS: tl.constexpr, VALUE_COORDS: tl.constexpr, VALUE_GROUP_BYTES: tl.constexpr,
-    VALUE_BYTES: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, TILE: tl.constexpr,
+    KEY_BITS: tl.constexpr, KEY_BYTES: tl.constexpr, KEY_LUT: tl.constexpr, VALUE_BITS: tl.constexpr,
+    VALUE_BYTES: tl.constexpr, VALUE_LUT: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr,
+    TILE: tl.constexpr,
 ):
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
@@ -78,9 +82,8 @@ def _decode_split_kernel(
         page_ptrs = cache_ptr + (blocks.to(tl.int64) * NUM_KV_HEADS + kv_head) * HEAD_PAGE_BYTES
         offsets = tokens % BLOCK_SIZE
 
-        key_indices = load_indices(page_ptrs + offsets * KEY_BYTES, valid, KEY_BITS, KEY_COORDS, KEY_GROUP_BYTES,
-                                   HEAD_DIM, HEAD_DIM_PAD, TILE)
-        keys = tl.load(key_centroids_ptr + key_indices)
+        keys = load_levels(page_ptrs + offsets * KEY_BYTES, valid, key_centroids_ptr, KEY_BITS, KEY_BYTES,
+                           HEAD_DIM_PAD, KEY_LUT)
         key_norms = load_norms(page_ptrs + KEY_NORMS_OFFSET + offsets * 4, valid)
         scores = tl.dot(query, tl.trans(keys)) * key_norms[None, :]
         if USE_SOFTCAP:
@@ -92,9 +95,8 @@ def _decode_split_kernel(
         probs = tl.exp2(scores - new_max[:, None])
         running_sum = running_sum * correction + tl.sum(probs, axis=1)
 
-        value_indices = load_indices(page_ptrs + VALUES_OFFSET + offsets * VALUE_BYTES, valid, VALUE_BITS,
-                                     VALUE_COORDS, VALUE_GROUP_BYTES, HEAD_DIM, HEAD_DIM_PAD, TILE)
-        values = tl.load(value_centroids_ptr + value_indices)
+        values = load_levels(page_ptrs + VALUES_OFFSET + offsets * VALUE_BYTES, valid, value_centroids_ptr,
+                             VALUE_BITS, VALUE_BYTES, HEAD_DIM_PAD, VALUE_LUT)
         value_norms = load_norms(page_ptrs + VALUE_NORMS_OFFSET + offsets * 4, valid)
         acc = acc * correction[:, None] + tl.dot((probs * value_norms[None, :]).to(tl.float16), values)
         running_max = new_max
@@ -151,7 +153,9 @@ def paged_decode_attention(query: torch.Tensor, cache: torch.Tensor, codec: Kern
         raise ValueError(f"sliding_window must be a positive number of tokens or None, got {sliding_window!r}")
     if softcap is not None and softcap <= 0:
         raise ValueError(f"softcap must be positive or None, got {softcap!r}")
-    launch = decode_launch(layout.head_dim, layout.key_bits, layout.value_bits)
+    lookups = lookup_constants(codec)
+    launch = decode_launch(layout.head_dim, layout.key_bits, layout.value_bits,
+                           bool(lookups["KEY_LUT"] and lookups["VALUE_LUT"]))
     if num_splits is None:
         num_splits = default_num_splits(batch, layout.num_kv_heads, block_table.shape[1] * layout.block_size,
                                         launch["TILE"], multiprocessor_count(cache.device))
@@ -168,7 +172,7 @@ def paged_decode_attention(query: torch.Tensor, cache: torch.Tensor, codec: Kern
         partial_out, partial_lse, rotated_query.stride(0), rotated_query.stride(1), block_table.stride(0),
         float(scale), float(softcap or 0.0), int(sliding_window or 0),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), NUM_SPLITS=num_splits,
-        **page_constants(layout),
+        **page_constants(layout), **lookups,
         USE_SOFTCAP=softcap is not None, USE_WINDOW=sliding_window is not None, **launch,
     )
     rotated_out = torch.empty(batch, num_q_heads, layout.head_dim, device=cache.device, dtype=torch.float32)

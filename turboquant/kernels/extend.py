@@ -8,8 +8,6 @@ once. Reference: `reference.extend_reference`.
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import triton
 import triton.language as tl
@@ -17,34 +15,30 @@ import triton.language as tl
 from .codec import KernelCodec
 from .decode import tanh
 from .launch import (FLOAT_DTYPES, check_block_table, check_codec_device, check_device_tensor, check_kv,
-                     multiprocessor_count, page_constants)
-from .packed_tile import load_indices, load_norms
+                     lookup_constants, page_constants)
+from .packed_tile import load_levels, load_norms
 
 
-def extend_launch(head_dim: int, num_programs: Callable[[int], int], num_sms: int) -> dict:
+def extend_launch(head_dim: int) -> dict:
     """Query rows (tokens × heads of one group) per program, key tokens per tile, and Triton's
-    warps/pipeline depth, from a sweep on an H100 (16K prefix, 2K chunk, d=128). Each program unpacks
-    the whole prefix, so rows are as many as possible while the grid still covers the device."""
+    warps/pipeline depth, from sweeps on an H100 (16K prefix, 512 and 2K chunks, d=128;
+    benchmarks/results/launch-sweep-h100.json): more rows per program spill registers."""
     if head_dim > 128:
         return dict(ROWS=32, TILE=32, num_warps=4, num_stages=1)
-    rows = 256
-    while rows > 64 and num_programs(rows) < num_sms:
-        rows //= 2
-    if rows == 256:
-        return dict(ROWS=256, TILE=64, num_warps=8, num_stages=1)
-    return dict(ROWS=rows, TILE=64, num_warps=4, num_stages=2)
+    return dict(ROWS=64, TILE=128, num_warps=4, num_stages=1)
 
 
 @triton.jit
-def _online_softmax_step(scores, visible, running_max, running_sum, acc, values):
-    """One flash-attention update with fp32 statistics; `scores` are in log2 units, `values` fp16."""
+def _online_softmax_step(scores, visible, running_max, running_sum, acc, values, value_scales):
+    """One flash-attention update with fp32 statistics; `scores` are in log2 units, `values` fp16 rows
+    that count `value_scales` times (their norms; folded into the probabilities, not the rows)."""
     scores = tl.where(visible, scores, float("-inf"))
     new_max = tl.maximum(running_max, tl.max(scores, axis=1))
     shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # a row that sees nothing yet
     correction = tl.exp2(running_max - shift)
     probs = tl.exp2(scores - shift[:, None])
     running_sum = running_sum * correction + tl.sum(probs, axis=1)
-    acc = acc * correction[:, None] + tl.dot(probs.to(tl.float16), values)
+    acc = acc * correction[:, None] + tl.dot((probs * value_scales[None, :]).to(tl.float16), values)
     return new_max, running_sum, acc
 
 
@@ -58,9 +52,8 @@ def _extend_kernel(
     BLOCK_SIZE: tl.constexpr, HEAD_PAGE_BYTES: tl.constexpr, VALUES_OFFSET: tl.constexpr,
     KEY_NORMS_OFFSET: tl.constexpr, VALUE_NORMS_OFFSET: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    KEY_BITS: tl.constexpr, KEY_COORDS: tl.constexpr, KEY_GROUP_BYTES: tl.constexpr, KEY_BYTES: tl.constexpr,
-    VALUE_BITS: tl.constexpr, VALUE_COORDS: tl.constexpr, VALUE_GROUP_BYTES: tl.constexpr,
-    VALUE_BYTES: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, TILE: tl.constexpr,
+    KEY_BITS: tl.constexpr, KEY_BYTES: tl.constexpr, KEY_LUT: tl.constexpr, VALUE_BITS: tl.constexpr,
+    VALUE_BYTES: tl.constexpr, VALUE_LUT: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, TILE: tl.constexpr,
 ):
     seq, query_block, kv_head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     query_start = tl.load(query_start_ptr + seq)
@@ -97,22 +90,19 @@ def _extend_kernel(
         blocks = tl.load(block_table_ptr + seq * stride_table_seq + positions // BLOCK_SIZE, mask=valid, other=0)
         page_ptrs = cache_ptr + (blocks.to(tl.int64) * NUM_KV_HEADS + kv_head) * HEAD_PAGE_BYTES
         offsets = positions % BLOCK_SIZE
-        key_indices = load_indices(page_ptrs + offsets * KEY_BYTES, valid, KEY_BITS, KEY_COORDS, KEY_GROUP_BYTES,
-                                   HEAD_DIM, HEAD_DIM_PAD, TILE)
-        keys = tl.load(key_centroids_ptr + key_indices)
+        keys = load_levels(page_ptrs + offsets * KEY_BYTES, valid, key_centroids_ptr, KEY_BITS, KEY_BYTES,
+                           HEAD_DIM_PAD, KEY_LUT)
         scores = tl.dot(query, tl.trans(keys)) * load_norms(page_ptrs + KEY_NORMS_OFFSET + offsets * 4, valid)[None, :]
         if USE_SOFTCAP:
             scores = softcap * tanh(scores / softcap)
         visible = valid[None, :]
         if USE_WINDOW:
             visible = visible & (positions[None, :] > query_pos[:, None] - sliding_window)
-        value_indices = load_indices(page_ptrs + VALUES_OFFSET + offsets * VALUE_BYTES, valid, VALUE_BITS,
-                                     VALUE_COORDS, VALUE_GROUP_BYTES, HEAD_DIM, HEAD_DIM_PAD, TILE)
-        # Value norms scale the value rows; fp16 keeps them exact enough next to 2–8-bit levels.
-        values = (tl.load(value_centroids_ptr + value_indices).to(tl.float32)
-                  * load_norms(page_ptrs + VALUE_NORMS_OFFSET + offsets * 4, valid)[:, None]).to(tl.float16)
+        values = load_levels(page_ptrs + VALUES_OFFSET + offsets * VALUE_BYTES, valid, value_centroids_ptr,
+                             VALUE_BITS, VALUE_BYTES, HEAD_DIM_PAD, VALUE_LUT)
+        value_norms = load_norms(page_ptrs + VALUE_NORMS_OFFSET + offsets * 4, valid)
         running_max, running_sum, acc = _online_softmax_step(scores * 1.4426950408889634, visible, running_max,
-                                                             running_sum, acc, values)
+                                                             running_sum, acc, values, value_norms)
 
     # (b) the chunk itself, causal
     lo = 0
@@ -132,8 +122,9 @@ def _extend_kernel(
         if USE_WINDOW:
             visible = visible & (positions[None, :] > token[:, None] - sliding_window)
         values = tl.load(values_ptr + kv_offsets[:, None] + dims[None, :], mask=kv_mask, other=0.0).to(tl.float16)
+        ones = tl.full([TILE], 1.0, tl.float32)
         running_max, running_sum, acc = _online_softmax_step(scores * 1.4426950408889634, visible, running_max,
-                                                             running_sum, acc, values)
+                                                             running_sum, acc, values, ones)
 
     out = acc / tl.maximum(running_sum, 1e-30)[:, None]
     out_offsets = (query_start + token) * stride_query_token + (kv_head * GROUP + member) * stride_query_head
@@ -168,8 +159,7 @@ def extend_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
     num_q_heads = query.shape[1]
     group = num_q_heads // layout.num_kv_heads
     group_pad = triton.next_power_of_2(group)
-    launch = extend_launch(layout.head_dim, lambda rows: batch * layout.num_kv_heads * triton.cdiv(
-        max(max_query_len, 1), max(1, rows // group_pad)), multiprocessor_count(cache.device))
+    launch = extend_launch(layout.head_dim)
     query_tokens = max(1, launch.pop("ROWS") // group_pad)
     rotation = codec.rotation
     rotated_query = query.float() @ rotation.T
@@ -182,6 +172,7 @@ def extend_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
         rotated_query.stride(0), rotated_query.stride(1), rotated_keys.stride(0), rotated_keys.stride(1),
         block_table.stride(0), float(scale), float(softcap or 0.0), int(sliding_window or 0),
         GROUP=group, GROUP_PAD=group_pad, QUERY_TOKENS=query_tokens, **page_constants(layout),
+        **lookup_constants(codec, bits=(4,)),  # 3-bit byte permutes into wgmma tiles: Triton 3.6 fails to compile
         USE_SOFTCAP=softcap is not None, USE_WINDOW=sliding_window is not None, **launch,
     )
     return (rotated_out @ rotation).to(query.dtype)

@@ -7,7 +7,8 @@ import torch
 import triton
 
 from ..core.paged_layout import PagedLayout
-from .codec import PackedBits
+from .codec import KernelCodec
+from .lut_asm import LUT_BITS, byte_permute_available
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -22,16 +23,25 @@ def head_dim_pad(head_dim: int) -> int:
 
 
 def page_constants(layout: PagedLayout) -> dict:
-    """The constexpr arguments every kernel takes to address a page and unpack its codes."""
-    key_bits, value_bits = PackedBits.of(layout.key_bits), PackedBits.of(layout.value_bits)
+    """The constexpr arguments every kernel takes to address a page and its codes."""
     return dict(
         NUM_KV_HEADS=layout.num_kv_heads, BLOCK_SIZE=layout.block_size, HEAD_PAGE_BYTES=layout.head_page_bytes,
         VALUES_OFFSET=layout.values_offset, KEY_NORMS_OFFSET=layout.key_norms_offset,
         VALUE_NORMS_OFFSET=layout.value_norms_offset, HEAD_DIM=layout.head_dim,
-        HEAD_DIM_PAD=head_dim_pad(layout.head_dim), KEY_BITS=key_bits.bits, KEY_COORDS=key_bits.coords,
-        KEY_GROUP_BYTES=key_bits.group_bytes, KEY_BYTES=layout.key_bytes, VALUE_BITS=value_bits.bits,
-        VALUE_COORDS=value_bits.coords, VALUE_GROUP_BYTES=value_bits.group_bytes, VALUE_BYTES=layout.value_bytes,
+        HEAD_DIM_PAD=head_dim_pad(layout.head_dim), KEY_BITS=layout.key_bits, KEY_BYTES=layout.key_bytes,
+        VALUE_BITS=layout.value_bits, VALUE_BYTES=layout.value_bytes,
     )
+
+
+def lookup_constants(codec: KernelCodec, bits: tuple[int, ...] = LUT_BITS) -> dict:
+    """How the attention kernels turn indices into levels: byte-permute PTX for codes of `bits` bits
+    (see `lut_asm.py`), else "" (gather from the fp16 codebook)."""
+    available = byte_permute_available(codec.device)
+
+    def lut(role: str) -> str:
+        wanted = available and getattr(codec.layout, f"{role}_bits") in bits
+        return getattr(codec, f"{role}_lut_asm") if wanted else ""
+    return dict(KEY_LUT=lut("key"), VALUE_LUT=lut("value"))
 
 
 def check_device_tensor(tensor, name: str, dtypes, shape, device: torch.device) -> None:

@@ -2,6 +2,8 @@
 of `core/packing.py` (little-endian bit stream: `COORDS` indices share `GROUP_BYTES` bytes).
 
 Rows are addressed by pointer, one per token, so the same helpers serve paged and contiguous caches.
+Reads go by 32-bit words: a word holds 8 indices at 4 bits, 16 at 2 and 4 at 8; a 3-bit group of 8
+indices (3 bytes) is funnel-shifted out of the two words it touches.
 """
 
 import triton
@@ -9,19 +11,95 @@ import triton.language as tl
 
 
 @triton.jit
-def load_indices(row_ptrs, row_mask, BITS: tl.constexpr, COORDS: tl.constexpr, GROUP_BYTES: tl.constexpr,
-                 HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, ROWS: tl.constexpr):
-    """[ROWS, HEAD_DIM_PAD] int32 indices of the packed rows at `row_ptrs` (uint8*); padding reads as 0."""
-    GROUPS_PAD: tl.constexpr = HEAD_DIM_PAD // COORDS
-    groups = tl.arange(0, GROUPS_PAD)
-    mask = row_mask[:, None] & (groups < HEAD_DIM // COORDS)[None, :]
-    word = tl.zeros([ROWS, GROUPS_PAD], dtype=tl.int32)
-    for j in tl.static_range(GROUP_BYTES):
-        byte = tl.load(row_ptrs[:, None] + groups[None, :] * GROUP_BYTES + j, mask=mask, other=0)
+def _load_words(row_ptrs, row_mask, ROW_BYTES: tl.constexpr, WORDS: tl.constexpr):
+    """[ROWS, WORDS] int32: the first WORDS words of each row; words past the row read 0."""
+    words = tl.arange(0, WORDS)
+    if WORDS <= ROW_BYTES // 4:
+        mask = row_mask[:, None]  # a mask constant along the row lets the loads vectorize
+    else:
+        mask = row_mask[:, None] & (words < tl.cdiv(ROW_BYTES, 4))[None, :]
+    if ROW_BYTES % 4 == 0:
+        return tl.load(row_ptrs.to(tl.pointer_type(tl.int32))[:, None] + words[None, :], mask=mask, other=0)
+    else:
+        return _word_bytewise(row_ptrs, row_mask, words, ROW_BYTES)
+
+
+@triton.jit
+def _word_bytewise(row_ptrs, row_mask, words, ROW_BYTES: tl.constexpr):
+    """[ROWS, len(words)] int32 words of rows whose length is not a multiple of 4 bytes (3-bit codes
+    of head_dim 80), assembled from bytes; bytes past the row read 0."""
+    word = tl.zeros([row_ptrs.shape[0], words.shape[0]], dtype=tl.int32)
+    for j in tl.static_range(4):
+        mask = row_mask[:, None] & (words * 4 + j < ROW_BYTES)[None, :]
+        byte = tl.load(row_ptrs[:, None] + words[None, :] * 4 + j, mask=mask, other=0)
         word = word | (byte.to(tl.int32) << (8 * j))
-    shifts = tl.arange(0, COORDS) * BITS
-    indices = (word[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
-    return tl.reshape(indices, [ROWS, HEAD_DIM_PAD])
+    return word
+
+
+@triton.jit
+def _fields(word, BITS: tl.constexpr, COUNT: tl.constexpr):
+    """[ROWS, N] words → [ROWS, N, COUNT] int32: the COUNT fields of BITS bits of each word, lowest first."""
+    shifts = tl.arange(0, COUNT) * BITS
+    return (word[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
+
+
+@triton.jit
+def _repeat8(x):
+    """x[..., None] repeated 8 times along a trailing axis held by one thread (the asm reads the first)."""
+    x2 = tl.join(x, x)
+    x4 = tl.join(x2, x2)
+    return tl.join(x4, x4)
+
+
+@triton.jit
+def _groups3(row_ptrs, row_mask, ROW_BYTES: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
+    """[ROWS, HEAD_DIM_PAD // 8] int32: each 3-byte group of eight 3-bit indices as a 24-bit value."""
+    groups = tl.arange(0, HEAD_DIM_PAD // 8)
+    words = groups * 3 // 4
+    ROW_WORDS: tl.constexpr = tl.cdiv(ROW_BYTES, 4)
+    if ROW_BYTES % 4 == 0:
+        word_ptrs = row_ptrs.to(tl.pointer_type(tl.int32))[:, None] + words[None, :]
+        low = tl.load(word_ptrs, mask=row_mask[:, None] & (words < ROW_WORDS)[None, :], other=0)
+        high = tl.load(word_ptrs + 1, mask=row_mask[:, None] & (words + 1 < ROW_WORDS)[None, :], other=0)
+    else:
+        low = _word_bytewise(row_ptrs, row_mask, words, ROW_BYTES)
+        high = _word_bytewise(row_ptrs, row_mask, words + 1, ROW_BYTES)
+    shift = (groups * 3) % 4 * 8  # 0, 24, 16, 8: the group's first bit in its first word
+    low = low.to(tl.uint32, bitcast=True) >> shift[None, :].to(tl.uint32)
+    high = tl.where(shift[None, :] == 0, 0, high.to(tl.uint32, bitcast=True) << (32 - shift[None, :]).to(tl.uint32))
+    return ((low | high) & 0xFFFFFF).to(tl.int32, bitcast=True)
+
+
+@triton.jit
+def load_indices(row_ptrs, row_mask, BITS: tl.constexpr, ROW_BYTES: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
+    """[ROWS, HEAD_DIM_PAD] int32 indices of the packed rows at `row_ptrs` (uint8*); coordinates past
+    the row, and masked rows, read index 0."""
+    ROWS: tl.constexpr = row_ptrs.shape[0]
+    if BITS == 3:
+        fields = _fields(_groups3(row_ptrs, row_mask, ROW_BYTES, HEAD_DIM_PAD), 3, 8)
+    else:
+        PER_WORD: tl.constexpr = 32 // BITS
+        words = _load_words(row_ptrs, row_mask, ROW_BYTES, HEAD_DIM_PAD // PER_WORD)
+        fields = _fields(words, BITS, PER_WORD)
+    return tl.reshape(fields, [ROWS, HEAD_DIM_PAD])
+
+
+@triton.jit
+def load_levels(row_ptrs, row_mask, centroids_ptr, BITS: tl.constexpr, ROW_BYTES: tl.constexpr,
+                HEAD_DIM_PAD: tl.constexpr, LUT_ASM: tl.constexpr):
+    """[ROWS, HEAD_DIM_PAD] fp16 codebook levels of the packed rows: by byte permutation when the
+    wrapper passes the codec's PTX (`lut_asm.py`), else by gathering from `centroids_ptr` (fp16)."""
+    ROWS: tl.constexpr = row_ptrs.shape[0]
+    if LUT_ASM == "":
+        return tl.load(centroids_ptr + load_indices(row_ptrs, row_mask, BITS, ROW_BYTES, HEAD_DIM_PAD))
+    else:
+        if BITS == 3:
+            packed = _groups3(row_ptrs, row_mask, ROW_BYTES, HEAD_DIM_PAD)
+        else:
+            packed = _load_words(row_ptrs, row_mask, ROW_BYTES, HEAD_DIM_PAD // 8)
+        levels = tl.inline_asm_elementwise(LUT_ASM, "=r,=r,=r,=r,r,r,r,r,r,r,r,r", [_repeat8(packed)],
+                                           dtype=tl.float16, is_pure=True, pack=8)
+        return tl.reshape(levels, [ROWS, HEAD_DIM_PAD])
 
 
 @triton.jit

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .codec import KernelCodec
+from .codec import KernelCodec, PackedBits
 from .launch import check_codec_device, check_device_tensor, check_kv, head_dim_pad, page_constants
 from .packed_tile import store_indices
 
@@ -92,10 +92,13 @@ def compress_store(keys: torch.Tensor, values: torch.Tensor, slot_mapping: torch
     if num_tokens == 0:
         return
     grid = (triton.cdiv(num_tokens, TOKENS_PER_PROGRAM), layout.num_kv_heads, 2)
+    key_bits, value_bits = PackedBits.of(layout.key_bits), PackedBits.of(layout.value_bits)
     _compress_store_kernel[grid](
         keys, values, slot_mapping, codec.rotation, cache,
         codec.key_centroids, codec.key_boundaries, codec.value_centroids, codec.value_boundaries,
         num_tokens, keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
         NORM_CORRECTION=codec.norm_correction, ROWS=TOKENS_PER_PROGRAM, **page_constants(layout),
+        KEY_COORDS=key_bits.coords, KEY_GROUP_BYTES=key_bits.group_bytes, VALUE_COORDS=value_bits.coords,
+        VALUE_GROUP_BYTES=value_bits.group_bytes,
         COLUMNS=head_dim_pad(layout.head_dim) if layout.head_dim <= 128 else 64,
     )

@@ -1,0 +1,63 @@
+"""The two ways the attention kernels turn packed indices into fp16 levels agree exactly: the
+byte-permute PTX (`lut_asm.py`, GPU only) and the gather from the codebook (what the interpreter runs)."""
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from turboquant.core import unpack_indices
+from turboquant.kernels.lut_asm import dequant_asm
+from turboquant.kernels.packed_tile import load_levels
+
+from .paged import make_codec
+
+
+@triton.jit
+def _levels_kernel(codes_ptr, centroids_ptr, out_ptr, num_rows, BITS: tl.constexpr, ROW_BYTES: tl.constexpr,
+                   HEAD_DIM_PAD: tl.constexpr, ROWS: tl.constexpr, LUT_ASM: tl.constexpr):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    levels = load_levels(codes_ptr + rows * ROW_BYTES, rows < num_rows, centroids_ptr, BITS, ROW_BYTES,
+                         HEAD_DIM_PAD, LUT_ASM)
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    tl.store(out_ptr + rows[:, None] * HEAD_DIM_PAD + dims[None, :], levels, mask=(rows < num_rows)[:, None])
+
+
+def levels(codes: torch.Tensor, centroids: torch.Tensor, bits: int, head_dim: int, lut_asm: str) -> torch.Tensor:
+    pad = triton.next_power_of_2(head_dim)
+    out = torch.full((codes.shape[0], pad), float("nan"), dtype=torch.float16, device=codes.device)
+    _levels_kernel[(triton.cdiv(codes.shape[0], 32),)](codes, centroids, out, codes.shape[0], BITS=bits,
+                                                        ROW_BYTES=codes.shape[1], HEAD_DIM_PAD=pad, ROWS=32,
+                                                        LUT_ASM=lut_asm)
+    return out[:, :head_dim]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="PTX needs CUDA")
+@pytest.mark.parametrize("head_dim", [64, 96, 128, 256])
+@pytest.mark.parametrize("bits", [3, 4])
+def test_byte_permute_lookup_equals_gather(head_dim, bits, generator):
+    codec = make_codec(head_dim, bits, bits, num_kv_heads=1, block_size=16, device="cuda")
+    centroids = codec.key_centroids_fp16
+    codes = torch.randint(0, 256, (1000, head_dim * bits // 8), generator=generator, dtype=torch.uint8).cuda()
+    gathered = levels(codes, centroids, bits, head_dim, "")
+    permuted = levels(codes, centroids, bits, head_dim, dequant_asm(centroids))
+    assert not gathered.isnan().any()
+    torch.testing.assert_close(permuted, gathered, rtol=0, atol=0)
+
+
+def test_gather_lookup_matches_unpacked_indices(generator, device):
+    """The gather path against core/packing's unpack, for every packable width the kernels take."""
+    for head_dim, bits in ((64, 2), (64, 3), (80, 3), (64, 4), (64, 8)):  # d=80 at 3 bits: 30-byte rows
+        codec = make_codec(head_dim, bits, bits, num_kv_heads=1, block_size=16, device=device)
+        codes = torch.randint(0, 256, (40, head_dim * bits // 8), generator=generator, dtype=torch.uint8).to(device)
+        expected = codec.key_centroids_fp16[unpack_indices(codes, bits, head_dim).long()]
+        got = levels(codes, codec.key_centroids_fp16, bits, head_dim, "")
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_asm_refuses_codebooks_it_cannot_hold():
+    with pytest.raises(ValueError, match="3- and 4-bit"):
+        dequant_asm(torch.linspace(-1, 1, 4))
+    with pytest.raises(ValueError, match="antisymmetric"):
+        dequant_asm(torch.linspace(-1, 2, 16))

@@ -1,0 +1,71 @@
+"""Codebook lookups by byte permutation (PTX `prmt`), built per codebook as an inline-asm string.
+
+Decode and extend attention are bound by the instructions that turn packed indices into fp16 levels,
+not by memory. A global-memory gather costs an address computation, a load and a 16-bit shared-memory
+store per coordinate. `prmt` instead selects four bytes out of an 8-byte table held in two registers,
+so one instruction looks up the low (or high) bytes of four levels: 8 fp16 levels cost about 18
+integer instructions and no memory access.
+
+- 3 bits: 8 levels, one table; a 24-bit group of 8 indices is spread to one index per nibble.
+- 4 bits: 16 levels, but the codebook is antisymmetric (c[15 − i] = −c[i]), so an 8-entry table of
+  magnitudes plus a sign bit suffices.
+
+The strings are built once per codec (`KernelCodec`) and are constants of the kernels (one
+specialization per codebook). The Triton interpreter cannot run PTX, so on the CPU the kernels gather
+from the codebook instead.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+LUT_BITS = (3, 4)
+
+
+def _byte_tables(levels: torch.Tensor) -> tuple[int, int, int, int]:
+    """8 fp16 levels → (low bytes of levels 0–3, of 4–7, high bytes of 0–3, of 4–7) as 32-bit words."""
+    bits = levels.to(torch.float16).cpu().view(torch.int16).int() & 0xFFFF
+    low, high = (bits & 0xFF).tolist(), (bits >> 8).tolist()
+    word = lambda four: sum(byte << (8 * i) for i, byte in enumerate(four))  # noqa: E731
+    return word(low[:4]), word(low[4:]), word(high[:4]), word(high[4:])
+
+
+def _lookup_half(selector: str, sign: str | None, first_out: int) -> str:
+    """Four levels selected by the nibbles of `selector`'s low 16 bits → two fp16x2 outputs."""
+    flip = (f"not.b32 t, {sign};\nand.b32 t, t, 0x80808080;\nxor.b32 hi, hi, t;\n" if sign else "")
+    return (f"prmt.b32 lo, tl0, tl1, {selector};\nprmt.b32 hi, th0, th1, {selector};\n{flip}"
+            f"prmt.b32 ${first_out}, lo, hi, 0x5140;\nprmt.b32 ${first_out + 1}, lo, hi, 0x7362;\n")
+
+
+def dequant_asm(centroids: torch.Tensor) -> str:
+    """PTX mapping one 32-bit input ($4: a word of eight 4-bit indices, or a 24-bit group of eight
+    3-bit indices) to eight fp16 levels in $0..$3 (pairs in index order)."""
+    levels = centroids.to(torch.float16)
+    bits = {8: 3, 16: 4}.get(levels.numel())
+    if bits is None:
+        raise ValueError(f"byte-permute lookups serve 3- and 4-bit codebooks, got {levels.numel()} levels")
+    if bits == 4:
+        if not torch.equal(levels[:8], -levels[8:].flip(0)):
+            raise ValueError("a 4-bit byte-permute lookup needs an antisymmetric codebook")
+        levels = levels[8:]  # magnitudes; index i ≥ 8 → +levels[i − 8], i < 8 → −levels[7 − i]
+    tables = _byte_tables(levels)
+    head = (".reg .b32 j, jh, lo, hi, t, tl0, tl1, th0, th1;\n"
+            + "".join(f"mov.b32 {name}, {value:#010x};\n" for name, value in zip(("tl0", "tl1", "th0", "th1"), tables)))
+    if bits == 3:  # fields at bits 3k → nibble k: halves apart, then pairs apart, then fields apart
+        body = ("and.b32 j, $4, 0x00000fff;\nshl.b32 t, $4, 4;\nand.b32 t, t, 0x0fff0000;\nor.b32 j, j, t;\n"
+                "shl.b32 t, j, 2;\nand.b32 t, t, 0x3f003f00;\nand.b32 j, j, 0x003f003f;\nor.b32 j, j, t;\n"
+                "shl.b32 t, j, 1;\nand.b32 t, t, 0x70707070;\nand.b32 j, j, 0x07070707;\nor.b32 j, j, t;\n"
+                "shr.b32 jh, j, 16;\n" + _lookup_half("j", None, 0) + _lookup_half("jh", None, 2))
+    else:  # magnitude index j = i & 7 for i ≥ 8, 7 − i below; bit 3 of each nibble, moved to bit 7 of a byte, is the sign
+        body = (".reg .b32 f, up, slo, shi;\nshr.b32 f, $4, 3;\nand.b32 f, f, 0x11111111;\nmul.lo.u32 f, f, 7;\n"
+                "xor.b32 j, $4, f;\nnot.b32 j, j;\nand.b32 j, j, 0x77777777;\nshr.b32 jh, j, 16;\n"
+                "shl.b32 up, $4, 4;\nprmt.b32 slo, up, $4, 0x5140;\nprmt.b32 shi, up, $4, 0x7362;\n"
+                + _lookup_half("j", "slo", 0) + _lookup_half("jh", "shi", 2))
+    return "{\n" + head + body + "}"
+
+
+def byte_permute_available(device: torch.device) -> bool:
+    """PTX runs on CUDA devices, not in the Triton interpreter."""
+    return device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
