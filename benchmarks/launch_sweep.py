@@ -1,89 +1,137 @@
 """Launch-config sweep for the decode and extend kernels on the GPU host: byte-permute lookups
 (`turboquant/kernels/lut_asm.py`) against the codebook gather, several tile/warps/stages choices,
 kernel-only times (do_bench medians, random codes). The chosen defaults live in `decode_launch` and
-`extend_launch`. Run: python benchmarks/launch_sweep.py  (writes $OUT/launch-sweep.json, default /tmp/out)."""
-import sys, json, os
-sys.path.insert(0, ".")
-import torch, triton
-from turboquant.core import TurboQuantConfig
-from turboquant.kernels.codec import KernelCodec
-from turboquant.kernels import extend as E
-from turboquant.kernels.decode import _decode_split_kernel, default_num_splits
-from turboquant.kernels.launch import page_constants, head_dim_pad, lookup_constants
-dev = torch.device("cuda")
-results = []
-OUT = os.environ.get("OUT", "/tmp/out"); os.makedirs(OUT, exist_ok=True)
+`extend_launch`.
 
-def setup(batch, ctx, kb, vb, d=128, hkv=8, hq=32, bs=16):
-    codec = KernelCodec.from_config(TurboQuantConfig(key_bits=kb, value_bits=vb), d, hkv, bs, device=dev)
-    layout = codec.layout
-    nblk_seq = ctx // bs
-    nb = batch * nblk_seq + 1
-    cache = torch.randint(0, 256, layout.cache_shape(nb), dtype=torch.uint8, device=dev)
-    _, _, kn, vn = layout.views(cache)
-    kn.copy_(torch.rand_like(kn) + 0.5); vn.copy_(torch.rand_like(vn) + 0.5)
-    table = (torch.randperm(nb - 1, device=dev)[: batch * nblk_seq] + 1).int().view(batch, nblk_seq)
-    seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device=dev)
-    q = torch.randn(batch, hq, d, device=dev)
-    return codec, cache, table, seq_lens, q
+    python benchmarks/launch_sweep.py --out /tmp/out/launch-sweep.json
+"""
 
-def decode_run(codec, cache, table, seq_lens, q, tile, warps, stages, splits, lut):
-    layout = codec.layout; batch, hq, d = q.shape
-    po = torch.empty(batch, hq, splits, head_dim_pad(d), device=dev); pl = torch.empty(batch, hq, splits, device=dev)
-    luts = lookup_constants(codec) if lut else dict(KEY_LUT="", VALUE_LUT="")
-    def run():
-        return _decode_split_kernel[(batch, layout.num_kv_heads, splits)](q, cache, table, seq_lens, codec.key_centroids_fp16, codec.value_centroids_fp16,
-            po, pl, q.stride(0), q.stride(1), table.stride(0), 0.088, 0.0, 0, GROUP=hq // layout.num_kv_heads, GROUP_PAD=16,
-            NUM_SPLITS=splits, **page_constants(layout), **luts, USE_SOFTCAP=False, USE_WINDOW=False, TILE=tile, num_warps=warps, num_stages=stages)
-    return run, po, pl
+from __future__ import annotations
 
-cases = [(32, 16384, 4, 4), (8, 32768, 4, 4), (32, 32768, 4, 4), (1, 1024, 4, 4), (32, 1024, 4, 4), (32, 16384, 3, 3), (32, 16384, 8, 8)]
-configs = [("gather", 128, 4, 2), ("lut", 128, 4, 2), ("lut", 128, 4, 1), ("lut", 64, 4, 2), ("lut", 64, 4, 1), ("lut", 128, 8, 2), ("lut", 64, 8, 2), ("lut", 256, 8, 2), ("lut", 32, 4, 2)]
-for batch, ctx, kb, vb in cases:
-    codec, cache, table, seq_lens, q = setup(batch, ctx, kb, vb)
-    nbytes = batch * ctx * codec.layout.bytes_per_token
-    ref = None
-    for name, tile, warps, stages in configs:
-        if kb == 8 and name == "lut" and (tile, warps, stages) != (128, 4, 2): continue
-        splits = default_num_splits(batch, 8, ctx, tile, 132)
+import argparse
+import contextlib
+import json
+from pathlib import Path
+
+import torch
+import triton
+
+from kernels import BLOCK_SIZE, block_table_for, random_compressed_cache  # benchmarks/kernels.py
+
+from turboquant.core import TurboQuantConfig  # noqa: E402 (kernels.py puts the repository on sys.path)
+from turboquant.kernels import extend as extend_module  # noqa: E402
+from turboquant.kernels.codec import KernelCodec  # noqa: E402
+from turboquant.kernels.decode import _decode_split_kernel, default_num_splits  # noqa: E402
+from turboquant.kernels.launch import head_dim_pad, lookup_constants, page_constants  # noqa: E402
+
+HEAD_DIM, NUM_KV_HEADS, NUM_Q_HEADS = 128, 8, 32  # Llama-3.1-8B attention
+GATHER = dict(KEY_LUT="", VALUE_LUT="")
+DECODE_CASES = [(32, 16384, 4, 4), (8, 32768, 4, 4), (32, 32768, 4, 4), (1, 1024, 4, 4), (32, 1024, 4, 4),
+                (32, 16384, 3, 3), (32, 16384, 8, 8)]
+DECODE_CONFIGS = [("gather", 128, 4, 2), ("lut", 128, 4, 2), ("lut", 128, 4, 1), ("lut", 64, 4, 2), ("lut", 64, 4, 1),
+                  ("lut", 128, 8, 2), ("lut", 64, 8, 2), ("lut", 256, 8, 2), ("lut", 32, 4, 2)]
+EXTEND_CONFIGS = [("gather", 256, 64, 8), ("lut", 256, 64, 8), ("lut", 128, 64, 8), ("lut", 128, 64, 4), ("lut", 64, 64, 4),
+                  ("lut", 128, 32, 4), ("lut", 128, 128, 8), ("lut", 64, 128, 4)]  # (lookup, ROWS, TILE, warps)
+
+
+def make_codec(key_bits: int, value_bits: int) -> KernelCodec:
+    config = TurboQuantConfig(key_bits=key_bits, value_bits=value_bits)
+    return KernelCodec.from_config(config, HEAD_DIM, NUM_KV_HEADS, BLOCK_SIZE, device="cuda")
+
+
+def decode_rows(batch: int, context: int, key_bits: int, value_bits: int) -> list[dict]:
+    codec = make_codec(key_bits, value_bits)
+    table, seq_lens, num_blocks = block_table_for(batch, context)
+    cache = random_compressed_cache(codec, num_blocks)
+    query = torch.randn(batch, NUM_Q_HEADS, HEAD_DIM, device="cuda")
+    compressed_bytes = batch * context * codec.layout.bytes_per_token
+    rows, reference = [], None
+    for lookup, tile, warps, stages in DECODE_CONFIGS:
+        if key_bits == 8 and lookup == "lut" and (tile, warps, stages) != (128, 4, 2):
+            continue  # 8-bit codes always gather: one lut row suffices
+        row = dict(kernel="decode", case=f"b{batch}x{context} k{key_bits}v{value_bits}", variant=lookup, tile=tile,
+                   warps=warps, stages=stages)
+        splits = default_num_splits(batch, NUM_KV_HEADS, context, tile, 132)
+        partial_out = torch.empty(batch, NUM_Q_HEADS, splits, head_dim_pad(HEAD_DIM), device="cuda")
+        partial_lse = torch.empty(batch, NUM_Q_HEADS, splits, device="cuda")
+        lookups = lookup_constants(codec) if lookup == "lut" else GATHER
+
+        def run():
+            return _decode_split_kernel[(batch, NUM_KV_HEADS, splits)](
+                query, cache, table, seq_lens, codec.key_centroids_fp16, codec.value_centroids_fp16,
+                partial_out, partial_lse, query.stride(0), query.stride(1), table.stride(0), HEAD_DIM**-0.5, 0.0, 0,
+                GROUP=NUM_Q_HEADS // NUM_KV_HEADS, GROUP_PAD=16, NUM_SPLITS=splits, **page_constants(codec.layout),
+                **lookups, USE_SOFTCAP=False, USE_WINDOW=False, TILE=tile, num_warps=warps, num_stages=stages)
         try:
-            run, po, pl = decode_run(codec, cache, table, seq_lens, q, tile, warps, stages, splits, name == "lut")
-            k = run(); torch.cuda.synchronize()
-            w = torch.softmax(pl * 0.6931471805599453, dim=-1)
-            out = (po * w[..., None]).sum(2)
-            if ref is None: ref = out; err = None
-            else: err = ((out - ref).norm() / ref.norm()).item()
+            kernel = run()
+            weights = torch.softmax(partial_lse * 0.6931471805599453, dim=-1)  # lse is in log2 units
+            out = (partial_out * weights[..., None]).sum(2)
+            reference = out if reference is None else reference
             ms = triton.testing.do_bench(run, warmup=50, rep=300, return_mode="median")
-            row = dict(kernel="decode", case=f"b{batch}x{ctx} k{kb}v{vb}", variant=name, tile=tile, warps=warps, stages=stages, splits=splits,
-                       ms=round(ms, 4), gbps=round(nbytes / ms / 1e6), regs=k.n_regs, spills=k.n_spills, err=err)
-        except Exception as e:
-            row = dict(kernel="decode", case=f"b{batch}x{ctx} k{kb}v{vb}", variant=name, tile=tile, warps=warps, stages=stages, error=repr(e)[:400])
-        results.append(row); print(row, flush=True); json.dump(results, open(os.path.join(OUT, 'launch-sweep.json'), 'w'), indent=1)
+            row.update(splits=splits, ms=round(ms, 4), gbps=round(compressed_bytes / ms / 1e6), regs=kernel.n_regs,
+                       spills=kernel.n_spills, err=((out - reference).norm() / reference.norm()).item())
+        except Exception as error:  # a config that does not compile is a row, not the end of the sweep
+            row.update(error=repr(error)[:400])
+        rows.append(row)
+        print(row, flush=True)
+    return rows
 
-# extend: 16K prefix, chunk 512/2048: lut vs gather and launch configs
-for chunk in (512, 2048):
-    for kb in (4, 3):
-        codec, cache, table, seq_lens, _ = setup(1, 16384 + chunk, kb, kb)
-        seq_lens = torch.tensor([16384 + chunk], dtype=torch.int32, device=dev)
-        starts = torch.tensor([0, chunk], dtype=torch.int32, device=dev)
-        q = torch.randn(chunk, 32, 128, device=dev, dtype=torch.bfloat16)
-        k = torch.randn(chunk, 8, 128, device=dev, dtype=torch.bfloat16); v = torch.randn_like(k)
-        ref = None
-        for name, launch in [("gather", dict(ROWS=256, TILE=64, num_warps=8, num_stages=1)), ("lut", dict(ROWS=256, TILE=64, num_warps=8, num_stages=1)),
-                             ("lut", dict(ROWS=128, TILE=64, num_warps=8, num_stages=1)), ("lut", dict(ROWS=128, TILE=64, num_warps=4, num_stages=1)),
-                             ("lut", dict(ROWS=64, TILE=64, num_warps=4, num_stages=1)), ("lut", dict(ROWS=128, TILE=32, num_warps=4, num_stages=1)),
-                             ("lut", dict(ROWS=128, TILE=128, num_warps=8, num_stages=1)), ("lut", dict(ROWS=64, TILE=128, num_warps=4, num_stages=1))]:
-            orig_l, orig_e = E.lookup_constants, E.extend_launch
-            if name == "gather": E.lookup_constants = lambda codec, bits=(): dict(KEY_LUT="", VALUE_LUT="")
-            E.extend_launch = lambda *a, launch=launch: dict(launch)
+
+@contextlib.contextmanager
+def extend_overrides(lookups: dict | None, launch: dict):
+    """extend_attention with a fixed launch config (and, for the gather rows, no byte-permute PTX)."""
+    saved = extend_module.lookup_constants, extend_module.extend_launch
+    if lookups is not None:
+        extend_module.lookup_constants = lambda codec, bits=(): lookups
+    extend_module.extend_launch = lambda head_dim: dict(launch)
+    try:
+        yield
+    finally:
+        extend_module.lookup_constants, extend_module.extend_launch = saved
+
+
+def extend_rows(chunk: int, bits: int, prefix: int = 16384) -> list[dict]:
+    codec = make_codec(bits, bits)
+    table, seq_lens, num_blocks = block_table_for(1, prefix + chunk)
+    cache = random_compressed_cache(codec, num_blocks)
+    starts = torch.tensor([0, chunk], dtype=torch.int32, device="cuda")
+    query = torch.randn(chunk, NUM_Q_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    keys = torch.randn(chunk, NUM_KV_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    values = torch.randn_like(keys)
+    rows, reference = [], None
+    for lookup, query_rows, tile, warps in EXTEND_CONFIGS:
+        launch = dict(ROWS=query_rows, TILE=tile, num_warps=warps, num_stages=1)
+        row = dict(kernel="extend", case=f"prefix{prefix} chunk{chunk} k{bits}v{bits}", variant=lookup, **launch)
+        with extend_overrides(GATHER if lookup == "gather" else None, launch):
+            def run():
+                return extend_module.extend_attention(query, keys, values, starts, seq_lens, cache, codec, table,
+                                                      HEAD_DIM**-0.5, chunk)
             try:
-                run = lambda: E.extend_attention(q, k, v, starts, seq_lens, cache, codec, table, 0.088, chunk)
-                out = run(); torch.cuda.synchronize()
-                if ref is None: ref = out.float(); err = None
-                else: err = ((out.float() - ref).norm() / ref.norm()).item()
+                out = run().float()
+                reference = out if reference is None else reference
                 ms = triton.testing.do_bench(run, warmup=20, rep=200, return_mode="median")
-                row = dict(kernel="extend", case=f"prefix16384 chunk{chunk} k{kb}v{kb}", variant=name, **launch, ms=round(ms, 4), err=err)
-            except Exception as e:
-                row = dict(kernel="extend", case=f"prefix16384 chunk{chunk} k{kb}v{kb}", variant=name, **launch, error=repr(e)[:300])
-            E.lookup_constants, E.extend_launch = orig_l, orig_e
-            results.append(row); print(row, flush=True); json.dump(results, open(os.path.join(OUT, 'launch-sweep.json'), 'w'), indent=1)
+                row.update(ms=round(ms, 4), err=((out - reference).norm() / reference.norm()).item())
+            except Exception as error:
+                row.update(error=repr(error)[:300])
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("/tmp/out/launch-sweep.json"))
+    args = parser.parse_args()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for case in DECODE_CASES:
+        rows += decode_rows(*case)
+        args.out.write_text(json.dumps(rows, indent=1))  # partial results survive a timeout
+    for chunk in (512, 2048):
+        for bits in (4, 3):
+            rows += extend_rows(chunk, bits)
+            args.out.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -13,7 +13,7 @@ import torch
 
 from ..core import MSEQuantizer, TurboQuantConfig
 from ..core.paged_layout import PagedLayout
-from .lut_asm import dequant_asm
+from .lut_asm import LUT_BITS, dequant_asm
 
 KERNEL_HEAD_DIMS = (64, 80, 96, 128, 256)
 KERNEL_BITS = (2, 3, 4, 8)
@@ -72,16 +72,14 @@ class KernelCodec:
             key_centroids=key_book.centroids.to(device), key_boundaries=key_book.boundaries.to(device),
             value_centroids=value_book.centroids.to(device), value_boundaries=value_book.boundaries.to(device),
             key_centroids_fp16=key_levels.to(device), value_centroids_fp16=value_levels.to(device),
-            key_lut_asm=_lut_asm(key_levels), value_lut_asm=_lut_asm(value_levels),
+            key_lut_asm=dequant_asm(key_levels) if config.key_bits in LUT_BITS else "",
+            value_lut_asm=dequant_asm(value_levels) if config.value_bits in LUT_BITS else "",
         )
 
 
 def _antisymmetric_fp16(levels: torch.Tensor) -> torch.Tensor:
     return ((levels - levels.flip(0)) / 2).half().cpu()
 
-
-def _lut_asm(levels: torch.Tensor) -> str:
-    return dequant_asm(levels) if levels.numel() in (8, 16) else ""
 
 
 @dataclass(frozen=True)

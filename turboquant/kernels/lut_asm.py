@@ -58,7 +58,8 @@ def dequant_asm(centroids: torch.Tensor) -> str:
                 "shl.b32 t, j, 2;\nand.b32 t, t, 0x3f003f00;\nand.b32 j, j, 0x003f003f;\nor.b32 j, j, t;\n"
                 "shl.b32 t, j, 1;\nand.b32 t, t, 0x70707070;\nand.b32 j, j, 0x07070707;\nor.b32 j, j, t;\n"
                 "shr.b32 jh, j, 16;\n" + _lookup_half("j", None, 0) + _lookup_half("jh", None, 2))
-    else:  # magnitude index j = i & 7 for i ≥ 8, 7 − i below; bit 3 of each nibble, moved to bit 7 of a byte, is the sign
+    else:  # magnitude index j = i & 7 for i ≥ 8, 7 − i below; bit 3 of each nibble, moved to bit 7
+        # of a byte, is the sign
         body = (".reg .b32 f, up, slo, shi;\nshr.b32 f, $4, 3;\nand.b32 f, f, 0x11111111;\nmul.lo.u32 f, f, 7;\n"
                 "xor.b32 j, $4, f;\nnot.b32 j, j;\nand.b32 j, j, 0x77777777;\nshr.b32 jh, j, 16;\n"
                 "shl.b32 up, $4, 4;\nprmt.b32 slo, up, $4, 0x5140;\nprmt.b32 shi, up, $4, 0x7362;\n"

@@ -11,29 +11,29 @@ import triton.language as tl
 
 
 @triton.jit
-def _load_words(row_ptrs, row_mask, ROW_BYTES: tl.constexpr, WORDS: tl.constexpr):
-    """[ROWS, WORDS] int32: the first WORDS words of each row; words past the row read 0."""
-    words = tl.arange(0, WORDS)
-    if WORDS <= ROW_BYTES // 4:
-        mask = row_mask[:, None]  # a mask constant along the row lets the loads vectorize
+def _load_words(row_ptrs, row_mask, words, ROW_BYTES: tl.constexpr, ALL_IN_ROW: tl.constexpr):
+    """[ROWS, len(words)] int32: words `words` of each row; words past the row read 0. ALL_IN_ROW says
+    none is past it, so the mask stays constant along the row and the loads can vectorize. Rows whose
+    length is not a multiple of 4 bytes (3-bit codes of head_dim 80) are assembled from bytes."""
+    if ROW_BYTES % 4 != 0:
+        word = tl.zeros([row_ptrs.shape[0], words.shape[0]], dtype=tl.int32)
+        for j in tl.static_range(4):
+            mask = row_mask[:, None] & (words * 4 + j < ROW_BYTES)[None, :]
+            byte = tl.load(row_ptrs[:, None] + words[None, :] * 4 + j, mask=mask, other=0)
+            word = word | (byte.to(tl.int32) << (8 * j))
+        return word
     else:
-        mask = row_mask[:, None] & (words < tl.cdiv(ROW_BYTES, 4))[None, :]
-    if ROW_BYTES % 4 == 0:
+        if ALL_IN_ROW:
+            mask = row_mask[:, None]
+        else:
+            mask = row_mask[:, None] & (words < ROW_BYTES // 4)[None, :]
         return tl.load(row_ptrs.to(tl.pointer_type(tl.int32))[:, None] + words[None, :], mask=mask, other=0)
-    else:
-        return _word_bytewise(row_ptrs, row_mask, words, ROW_BYTES)
 
 
 @triton.jit
-def _word_bytewise(row_ptrs, row_mask, words, ROW_BYTES: tl.constexpr):
-    """[ROWS, len(words)] int32 words of rows whose length is not a multiple of 4 bytes (3-bit codes
-    of head_dim 80), assembled from bytes; bytes past the row read 0."""
-    word = tl.zeros([row_ptrs.shape[0], words.shape[0]], dtype=tl.int32)
-    for j in tl.static_range(4):
-        mask = row_mask[:, None] & (words * 4 + j < ROW_BYTES)[None, :]
-        byte = tl.load(row_ptrs[:, None] + words[None, :] * 4 + j, mask=mask, other=0)
-        word = word | (byte.to(tl.int32) << (8 * j))
-    return word
+def _leading_words(row_ptrs, row_mask, ROW_BYTES: tl.constexpr, WORDS: tl.constexpr):
+    """[ROWS, WORDS] int32: the first WORDS words of each row."""
+    return _load_words(row_ptrs, row_mask, tl.arange(0, WORDS), ROW_BYTES, WORDS <= ROW_BYTES // 4)
 
 
 @triton.jit
@@ -56,14 +56,8 @@ def _groups3(row_ptrs, row_mask, ROW_BYTES: tl.constexpr, HEAD_DIM_PAD: tl.const
     """[ROWS, HEAD_DIM_PAD // 8] int32: each 3-byte group of eight 3-bit indices as a 24-bit value."""
     groups = tl.arange(0, HEAD_DIM_PAD // 8)
     words = groups * 3 // 4
-    ROW_WORDS: tl.constexpr = tl.cdiv(ROW_BYTES, 4)
-    if ROW_BYTES % 4 == 0:
-        word_ptrs = row_ptrs.to(tl.pointer_type(tl.int32))[:, None] + words[None, :]
-        low = tl.load(word_ptrs, mask=row_mask[:, None] & (words < ROW_WORDS)[None, :], other=0)
-        high = tl.load(word_ptrs + 1, mask=row_mask[:, None] & (words + 1 < ROW_WORDS)[None, :], other=0)
-    else:
-        low = _word_bytewise(row_ptrs, row_mask, words, ROW_BYTES)
-        high = _word_bytewise(row_ptrs, row_mask, words + 1, ROW_BYTES)
+    low = _load_words(row_ptrs, row_mask, words, ROW_BYTES, False)
+    high = _load_words(row_ptrs, row_mask, words + 1, ROW_BYTES, False)
     shift = (groups * 3) % 4 * 8  # 0, 24, 16, 8: the group's first bit in its first word
     low = low.to(tl.uint32, bitcast=True) >> shift[None, :].to(tl.uint32)
     high = tl.where(shift[None, :] == 0, 0, high.to(tl.uint32, bitcast=True) << (32 - shift[None, :]).to(tl.uint32))
@@ -79,7 +73,7 @@ def load_indices(row_ptrs, row_mask, BITS: tl.constexpr, ROW_BYTES: tl.constexpr
         fields = _fields(_groups3(row_ptrs, row_mask, ROW_BYTES, HEAD_DIM_PAD), 3, 8)
     else:
         PER_WORD: tl.constexpr = 32 // BITS
-        words = _load_words(row_ptrs, row_mask, ROW_BYTES, HEAD_DIM_PAD // PER_WORD)
+        words = _leading_words(row_ptrs, row_mask, ROW_BYTES, HEAD_DIM_PAD // PER_WORD)
         fields = _fields(words, BITS, PER_WORD)
     return tl.reshape(fields, [ROWS, HEAD_DIM_PAD])
 
@@ -96,7 +90,7 @@ def load_levels(row_ptrs, row_mask, centroids_ptr, BITS: tl.constexpr, ROW_BYTES
         if BITS == 3:
             packed = _groups3(row_ptrs, row_mask, ROW_BYTES, HEAD_DIM_PAD)
         else:
-            packed = _load_words(row_ptrs, row_mask, ROW_BYTES, HEAD_DIM_PAD // 8)
+            packed = _leading_words(row_ptrs, row_mask, ROW_BYTES, HEAD_DIM_PAD // 8)
         levels = tl.inline_asm_elementwise(LUT_ASM, "=r,=r,=r,=r,r,r,r,r,r,r,r,r", [_repeat8(packed)],
                                            dtype=tl.float16, is_pure=True, pack=8)
         return tl.reshape(levels, [ROWS, HEAD_DIM_PAD])
