@@ -58,10 +58,11 @@ def decode_rows(batch: int, context: int, key_bits: int, value_bits: int) -> lis
 
         def run():
             return _decode_split_kernel[(batch, NUM_KV_HEADS, splits)](
-                query, cache, table, seq_lens, codec.key_centroids_fp16, codec.value_centroids_fp16,
+                query, cache, table, seq_lens, seq_lens, codec.key_centroids_fp16, codec.value_centroids_fp16,
                 partial_out, partial_lse, query.stride(0), query.stride(1), table.stride(0), HEAD_DIM**-0.5, 0.0, 0,
                 GROUP=NUM_Q_HEADS // NUM_KV_HEADS, GROUP_PAD=16, NUM_SPLITS=splits, **page_constants(codec.layout),
-                **lookups, USE_SOFTCAP=False, USE_WINDOW=False, TILE=tile, num_warps=warps, num_stages=stages)
+                **lookups, USE_SOFTCAP=False, USE_WINDOW=False, USE_STARTS=False, TILE=tile, num_warps=warps,
+                num_stages=stages)
         try:
             kernel = run()
             weights = torch.softmax(partial_lse * 0.6931471805599453, dim=-1)  # lse is in log2 units

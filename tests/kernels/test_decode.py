@@ -72,3 +72,21 @@ def test_decode_rejects_bad_input(device, generator):
         paged_decode_attention(query, cache[..., :-4], codec, block_table, lengths, 0.1)
     with pytest.raises(ValueError, match="sliding_window"):
         paged_decode_attention(query, cache, codec, block_table, lengths, 0.1, sliding_window=0)
+
+
+@pytest.mark.parametrize("head_dim,key_bits,value_bits,block_size,num_q_heads,num_kv_heads", [CASES[0], CASES[4]])
+def test_decode_key_starts_and_log_sum_exp(head_dim, key_bits, value_bits, block_size, num_q_heads, num_kv_heads,
+                                          device, generator):
+    codec = make_codec(head_dim, key_bits, value_bits, num_kv_heads, block_size, device)
+    seq_lens = [150, 64, 97, 5]
+    cache, block_table = filled_cache(codec, seq_lens, generator, device)
+    query = torch.randn(len(seq_lens), num_q_heads, head_dim, generator=generator).to(device)
+    lengths = torch.tensor(seq_lens, dtype=torch.int32, device=device)
+    starts = torch.tensor([0, 30, 96, 7], dtype=torch.int32, device=device)  # the last hides every key
+    out, lse = paged_decode_attention(query, cache, codec, block_table, lengths, head_dim**-0.5, num_splits=4,
+                                      key_starts=starts, return_lse=True)
+    expected, expected_lse = decode_reference(query, cache, codec, block_table, lengths, head_dim**-0.5,
+                                              key_starts=starts, return_lse=True)
+    torch.testing.assert_close(out, expected, **TOLERANCE)
+    torch.testing.assert_close(lse, expected_lse, **TOLERANCE)
+    assert (out[3] == 0).all() and (lse[3] == float("-inf")).all()

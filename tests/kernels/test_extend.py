@@ -46,3 +46,25 @@ def test_extend_rejects_bad_input(device, generator):
         extend_attention(query, keys, keys, starts[:1], seq_lens, cache, codec, block_table, 0.1, 5)
     with pytest.raises(ValueError, match="values"):
         extend_attention(query, keys, keys[:, :, :32], starts, seq_lens, cache, codec, block_table, 0.1, 5)
+
+
+@pytest.mark.parametrize("head_dim,key_bits,value_bits,block_size,num_q_heads,num_kv_heads", [CASES[1], CASES[3]])
+def test_extend_key_starts_and_log_sum_exp(head_dim, key_bits, value_bits, block_size, num_q_heads, num_kv_heads,
+                                          device, generator):
+    codec = make_codec(head_dim, key_bits, value_bits, num_kv_heads, block_size, device)
+    prefix_lens, query_lens = [90, 40, 0], [21, 3, 9]
+    seq_lens = [p + q for p, q in zip(prefix_lens, query_lens)]
+    cache, block_table = filled_cache(codec, seq_lens, generator, device)
+    tokens = sum(query_lens)
+    query = torch.randn(tokens, num_q_heads, head_dim, generator=generator).to(device)
+    keys = torch.randn(tokens, num_kv_heads, head_dim, generator=generator).to(device)
+    values = torch.randn(tokens, num_kv_heads, head_dim, generator=generator).to(device)
+    lengths = torch.tensor(seq_lens, dtype=torch.int32, device=device)
+    key_starts = torch.tensor([17, 40, 0], dtype=torch.int32, device=device)  # inside, at the end of a prefix
+    starts = chunks(query_lens, device)
+    out, lse = extend_attention(query, keys, values, starts, lengths, cache, codec, block_table, head_dim**-0.5,
+                                max(query_lens), key_starts=key_starts, return_lse=True)
+    expected, expected_lse = extend_reference(query, keys, values, starts, lengths, cache, codec, block_table,
+                                              head_dim**-0.5, key_starts=key_starts, return_lse=True)
+    torch.testing.assert_close(out, expected, **TOLERANCE)
+    torch.testing.assert_close(lse, expected_lse, **TOLERANCE)

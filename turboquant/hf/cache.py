@@ -5,23 +5,32 @@ latest `residual_window` tokens stay in the model's dtype; everything between is
 (packed indices + fp32 norms). Keys and values are centered by a per-channel mean of the first chunk
 the layer sees; the mean is added back exactly on dequantization, so only the spread is quantized.
 
+Each forward call attends to the tokens compressed before it and, at full precision, to the sinks,
+the recent window and its own new tokens (as in vLLM, a chunk is compressed after it has been seen).
+
 Modes:
 - "incremental": newly compressed tokens are dequantized once into a running buffer. Fast decode,
   but that buffer is as large as a DynamicCache: no live memory saving (only `nbytes` shrinks).
 - "compact": only compressed data persists; each layer is dequantized when it is used. Decode cost
-  grows with the context; the GPU path that reads compressed data directly lives in `hf/attention.py`.
+  grows with the context.
+- "fused": compressed tokens live in the kernels' paged layout (`pages.py`) and attention reads them
+  directly (`attention.py`, the model must use attn_implementation="turboquant"); no full-precision
+  copy of them exists. Needs a CUDA device (or Triton's interpreter, TRITON_INTERPRET=1, on the CPU).
 Sliding-window layers (Gemma-2/3, Mistral) stay uncompressed: their cache is bounded anyway.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
 from ..core import TurboQuantConfig
 from ..core.quantizer import MSEQuantizer
+from .attention import ATTENTION_NAME, PendingAttention
 
-MODES = ("incremental", "compact")
+MODES = ("incremental", "compact", "fused")
 FULL_ATTENTION_TYPES = ("full_attention",)
 SLIDING_TYPES = ("sliding_attention", "chunked_attention")
 
@@ -58,12 +67,13 @@ class TurboQuantLayer(DynamicLayer):
         self.outlier_channels = self.inlier_channels = None  # [B, H, 1, n] int64 channel indices
         self.outlier_keys = None  # [B, H, N, key_outlier_channels], model dtype
         self.dequantized_keys = self.dequantized_values = None  # incremental mode: [B, H, N, D]
+        self.pages = None  # fused mode: a SequencePages holding the compressed run
         self.num_tokens = 0
         self.is_initialized = False
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
-        head_dim = key_states.shape[-1]
+        batch, num_kv_heads, _, head_dim = key_states.shape
         if value_states.shape[-1] != head_dim:
             raise ValueError(f"keys and values must share head_dim, got {head_dim} and {value_states.shape[-1]}")
         self.key_quantizer = self.config.make_quantizer("key", head_dim, self.layer_idx)
@@ -77,6 +87,13 @@ class TurboQuantLayer(DynamicLayer):
             order = spread.argsort(dim=-1, descending=True)
             self.outlier_channels = order[..., : self.config.key_outlier_channels].sort(dim=-1).values
             self.inlier_channels = order[..., self.config.key_outlier_channels :].sort(dim=-1).values
+        if self.mode == "fused":
+            if self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+                raise ValueError(f"mode='fused' runs Triton kernels: the cache must be on a CUDA device, not "
+                                 f"{self.device} (on the CPU only under TRITON_INTERPRET=1, for tests)")
+            from .pages import SequencePages  # needs triton, which only this mode uses
+
+            self.pages = SequencePages(self.config, head_dim, num_kv_heads, batch, self.layer_idx, self.device)
         self.is_initialized = True
 
     # ---- storage ---------------------------------------------------------------------------------
@@ -85,6 +102,9 @@ class TurboQuantLayer(DynamicLayer):
 
     def _compress(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         centered = keys.float() - self.key_center
+        if self.pages is not None:
+            self.pages.append(centered, values.float() - self.value_center)
+            return
         new_outliers = None
         if self.outlier_channels is not None:
             new_outliers = self._split(keys, self.outlier_channels)
@@ -112,8 +132,15 @@ class TurboQuantLayer(DynamicLayer):
         keys.scatter_(-1, self.outlier_channels.expand(*outliers.shape), outliers)
         return keys
 
+    def compressed_tokens(self) -> int:
+        if self.pages is not None:
+            return self.pages.num_tokens
+        return 0 if self.packed_keys is None else self.packed_keys.shape[2]
+
     def compressed_kv(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The dequantized middle run (compressed tokens), or None if there is none."""
+        if self.pages is not None:
+            raise RuntimeError("a fused-mode layer never dequantizes its compressed tokens")
         if self.packed_keys is None:
             return None
         if self.mode == "incremental":
@@ -123,7 +150,9 @@ class TurboQuantLayer(DynamicLayer):
             self._decode(self.value_quantizer, self.packed_values, self.value_norms, self.value_center),
         )
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Store a chunk [B, H, L, D]; return what this call attends to: K/V tensors, or in fused mode a
+        `PendingAttention` (twice, in the places of keys and values) for the turboquant attention."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self.num_tokens += key_states.shape[2]
@@ -132,15 +161,23 @@ class TurboQuantLayer(DynamicLayer):
             self.sink_keys = _cat(self.sink_keys, key_states[:, :, :sink_room])
             self.sink_values = _cat(self.sink_values, value_states[:, :, :sink_room])
             key_states, value_states = key_states[:, :, sink_room:], value_states[:, :, sink_room:]
-        self.keys, self.values = _cat(self.keys, key_states), _cat(self.values, value_states)
+        recent_keys, recent_values = _cat(self.keys, key_states), _cat(self.values, value_states)
+        if self.pages is not None:
+            sinks = 0 if self.sink_keys is None else self.sink_keys.shape[2]
+            attended = PendingAttention(self.pages, self.compressed_tokens(), sinks,
+                                        _cat(self.sink_keys, recent_keys), _cat(self.sink_values, recent_values),
+                                        self.key_center, self.value_center)
+        else:
+            attended = self._assemble(self.compressed_kv(), recent_keys, recent_values)
+        self.keys, self.values = recent_keys, recent_values
         overflow = self.keys.shape[2] - self.config.residual_window
         if overflow > 0:
             self._compress(self.keys[:, :, :overflow], self.values[:, :, :overflow])
             self.keys, self.values = self.keys[:, :, overflow:], self.values[:, :, overflow:]
-        return self._assemble()
+        return (attended, attended) if self.pages is not None else attended
 
-    def _assemble(self) -> tuple[torch.Tensor, torch.Tensor]:
-        runs = [(self.sink_keys, self.sink_values), self.compressed_kv(), (self.keys, self.values)]
+    def _assemble(self, compressed, recent_keys: torch.Tensor, recent_values: torch.Tensor):
+        runs = [(self.sink_keys, self.sink_values), compressed, (recent_keys, recent_values)]
         runs = [run for run in runs if run is not None and run[0] is not None and run[0].shape[2] > 0]
         if len(runs) == 1:
             return runs[0]
@@ -163,6 +200,8 @@ class TurboQuantLayer(DynamicLayer):
             tensor = getattr(self, name)
             if tensor is not None:
                 setattr(self, name, fn(tensor))
+        if self.pages is not None:
+            self.pages.map_sequences(fn)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -180,11 +219,13 @@ class TurboQuantLayer(DynamicLayer):
         if keep == self.num_tokens or not self.is_initialized:
             return
         sinks = 0 if self.sink_keys is None else self.sink_keys.shape[2]
-        compressed = 0 if self.packed_keys is None else self.packed_keys.shape[2]
+        compressed = self.compressed_tokens()
         recent_keep = max(0, keep - sinks - compressed)
         compressed_keep = max(0, min(compressed, keep - sinks))
         if self.keys is not None:
             self.keys, self.values = self.keys[:, :, :recent_keep], self.values[:, :, :recent_keep]
+        if self.pages is not None:
+            self.pages.truncate(compressed_keep)
         if self.packed_keys is not None:
             for name in ("packed_keys", "packed_values", "key_norms", "value_norms", "dequantized_keys",
                          "dequantized_values", "outlier_keys"):
@@ -201,7 +242,8 @@ class TurboQuantLayer(DynamicLayer):
         incremental mode's dequantized buffer, which is a speed cache)."""
         tensors = (self.sink_keys, self.sink_values, self.keys, self.values, self.packed_keys, self.packed_values,
                    self.key_norms, self.value_norms, self.key_center, self.value_center, self.outlier_keys)
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        pages = 0 if self.pages is None else self.pages.nbytes()  # with its spare capacity
+        return pages + sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def uncompressed_nbytes(self) -> int:
         """What a DynamicLayer would hold for the same tokens."""
@@ -232,11 +274,34 @@ def _layer_nbytes(layer) -> int:
     return sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
 
 
+def _check_fused(model_config, text_config, layers: list) -> None:
+    """Everything the fused mode cannot serve fails here, at construction, not in the middle of generate."""
+    implementation = getattr(text_config, "_attn_implementation", None) or model_config._attn_implementation
+    if implementation != ATTENTION_NAME:
+        raise ValueError(f"mode='fused' needs the model loaded with attn_implementation={ATTENTION_NAME!r} (import "
+                         f"turboquant.hf first), got {implementation!r}")
+    if getattr(text_config, "attn_logit_softcapping", None) and any(
+            isinstance(layer, TurboQuantLayer) and layer.config.center_keys for layer in layers):
+        raise ValueError("mode='fused' cannot fold centered keys into soft-capped scores; use center_keys=False")
+    from ..kernels.codec import KernelCodec  # the checks the kernels make, without building device tensors
+    from .pages import BLOCK_SIZE
+
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+    num_kv_heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
+    for idx, layer in enumerate(layers):
+        if isinstance(layer, TurboQuantLayer):
+            try:
+                KernelCodec.from_config(layer.config, head_dim, num_kv_heads, BLOCK_SIZE, idx)
+            except ValueError as error:
+                raise ValueError(f"mode='fused', layer {idx}: {error}") from None
+
+
 class TurboQuantCache(Cache):
     """Compressed KV cache for `model.generate(..., past_key_values=TurboQuantCache(model.config))`.
 
     `config` is a `TurboQuantConfig` or a preset name ("k4v4", "k3v3", ...). Sliding-window layers
     and `config.boundary_layers` first/last layers (when `boundary_bits` is None) stay uncompressed.
+    `mode` is one of MODES (see the module docstring); "fused" is the one that saves GPU memory at run time.
     """
 
     def __init__(self, model_config, config: TurboQuantConfig | str = "k4v4", mode: str = "incremental"):
@@ -263,6 +328,8 @@ class TurboQuantCache(Cache):
                 layers.append(DynamicLayer() if layer_config is None else TurboQuantLayer(layer_config, idx, mode))
             else:
                 raise ValueError(f"layer {idx} has attention type {layer_type!r}, which TurboQuantCache cannot hold")
+        if mode == "fused":
+            _check_fused(model_config, text_config, layers)
         super().__init__(layers=layers)
         self.config, self.mode = config, mode
 

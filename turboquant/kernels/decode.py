@@ -43,7 +43,7 @@ def tanh(x):
 
 @triton.jit
 def _decode_split_kernel(
-    query_ptr, cache_ptr, block_table_ptr, seq_lens_ptr, key_centroids_ptr, value_centroids_ptr,
+    query_ptr, cache_ptr, block_table_ptr, seq_lens_ptr, key_starts_ptr, key_centroids_ptr, value_centroids_ptr,
     partial_out_ptr, partial_lse_ptr,
     stride_query_seq, stride_query_head, stride_table_seq, scale, softcap, sliding_window,
     NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr,
@@ -52,13 +52,15 @@ def _decode_split_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     KEY_BITS: tl.constexpr, KEY_BYTES: tl.constexpr, KEY_LUT: tl.constexpr, VALUE_BITS: tl.constexpr,
     VALUE_BYTES: tl.constexpr, VALUE_LUT: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr,
-    TILE: tl.constexpr,
+    USE_STARTS: tl.constexpr, TILE: tl.constexpr,
 ):
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
     first = 0
     if USE_WINDOW:
         first = tl.maximum(seq_len - sliding_window, 0)
+    if USE_STARTS:
+        first = tl.minimum(tl.maximum(first, tl.load(key_starts_ptr + seq)), seq_len)
     per_split = tl.cdiv(tl.cdiv(seq_len - first, NUM_SPLITS), TILE) * TILE
     lo = first + split * per_split
     hi = tl.minimum(lo + per_split, seq_len)
@@ -110,8 +112,9 @@ def _decode_split_kernel(
 
 
 @triton.jit
-def _decode_reduce_kernel(partial_out_ptr, partial_lse_ptr, out_ptr, NUM_SPLITS: tl.constexpr,
-                          NUM_SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
+def _decode_reduce_kernel(partial_out_ptr, partial_lse_ptr, out_ptr, lse_ptr, NUM_SPLITS: tl.constexpr,
+                          NUM_SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                          RETURN_LSE: tl.constexpr):
     row = tl.program_id(0)  # seq · num_q_heads + head
     splits = tl.arange(0, NUM_SPLITS_PAD)
     dims = tl.arange(0, HEAD_DIM_PAD)
@@ -121,8 +124,12 @@ def _decode_reduce_kernel(partial_out_ptr, partial_lse_ptr, out_ptr, NUM_SPLITS:
     weights = tl.exp2(lse - top)
     partial = tl.load(partial_out_ptr + (row * NUM_SPLITS + splits)[:, None] * HEAD_DIM_PAD + dims[None, :],
                       mask=(splits < NUM_SPLITS)[:, None], other=0.0)
-    out = tl.sum(weights[:, None] * partial, axis=0) / tl.maximum(tl.sum(weights, axis=0), 1e-30)
+    total = tl.sum(weights, axis=0)
+    out = tl.sum(weights[:, None] * partial, axis=0) / tl.maximum(total, 1e-30)
     tl.store(out_ptr + row * HEAD_DIM + dims, out, mask=dims < HEAD_DIM)
+    if RETURN_LSE:  # natural log, like torch.logsumexp
+        lse = tl.where(total > 0, (top + tl.log2(tl.maximum(total, 1e-30))) * 0.6931471805599453, float("-inf"))
+        tl.store(lse_ptr + row, lse)
 
 
 def default_num_splits(batch: int, num_kv_heads: int, max_tokens: int, tile: int, num_sms: int) -> int:
@@ -134,10 +141,15 @@ def default_num_splits(batch: int, num_kv_heads: int, max_tokens: int, tile: int
 
 def paged_decode_attention(query: torch.Tensor, cache: torch.Tensor, codec: KernelCodec, block_table: torch.Tensor,
                            seq_lens: torch.Tensor, scale: float, sliding_window: int | None = None,
-                           softcap: float | None = None, num_splits: int | None = None) -> torch.Tensor:
+                           softcap: float | None = None, num_splits: int | None = None,
+                           key_starts: torch.Tensor | None = None,
+                           return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """query [batch, num_q_heads, head_dim] (the token at position seq_len − 1 of each sequence) →
     attention output of the same shape and dtype. block_table int32 [batch, max_blocks], seq_lens int32
-    [batch]. A CUDA graph must fix `num_splits` (the default depends only on shapes, not on values)."""
+    [batch]. A CUDA graph must fix `num_splits` (the default depends only on shapes, not on values).
+    `key_starts` (int32 [batch]) hides each sequence's keys before that position (left padding);
+    `return_lse` also returns the fp32 log-sum-exp of the scores [batch, num_q_heads] (−inf where no key
+    is visible), so a caller can merge this output with attention over keys held elsewhere."""
     layout = codec.layout
     layout.check_cache(cache)
     check_codec_device(codec, cache)
@@ -153,6 +165,8 @@ def paged_decode_attention(query: torch.Tensor, cache: torch.Tensor, codec: Kern
         raise ValueError(f"sliding_window must be a positive number of tokens or None, got {sliding_window!r}")
     if softcap is not None and softcap <= 0:
         raise ValueError(f"softcap must be positive or None, got {softcap!r}")
+    if key_starts is not None:
+        check_device_tensor(key_starts, "key_starts", (torch.int32,), (batch,), cache.device)
     lookups = lookup_constants(codec)
     launch = decode_launch(layout.head_dim, layout.key_bits, layout.value_bits,
                            bool(lookups["KEY_LUT"] and lookups["VALUE_LUT"]))
@@ -168,16 +182,21 @@ def paged_decode_attention(query: torch.Tensor, cache: torch.Tensor, codec: Kern
     partial_out = torch.empty(batch, num_q_heads, num_splits, pad, device=cache.device, dtype=torch.float32)
     partial_lse = torch.empty(batch, num_q_heads, num_splits, device=cache.device, dtype=torch.float32)
     _decode_split_kernel[(batch, layout.num_kv_heads, num_splits)](
-        rotated_query, cache, block_table, seq_lens, codec.key_centroids_fp16, codec.value_centroids_fp16,
+        rotated_query, cache, block_table, seq_lens, seq_lens if key_starts is None else key_starts,
+        codec.key_centroids_fp16, codec.value_centroids_fp16,
         partial_out, partial_lse, rotated_query.stride(0), rotated_query.stride(1), block_table.stride(0),
         float(scale), float(softcap or 0.0), int(sliding_window or 0),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), NUM_SPLITS=num_splits,
         **page_constants(layout), **lookups,
-        USE_SOFTCAP=softcap is not None, USE_WINDOW=sliding_window is not None, **launch,
+        USE_SOFTCAP=softcap is not None, USE_WINDOW=sliding_window is not None, USE_STARTS=key_starts is not None,
+        **launch,
     )
     rotated_out = torch.empty(batch, num_q_heads, layout.head_dim, device=cache.device, dtype=torch.float32)
+    lse = torch.empty(batch, num_q_heads, device=cache.device, dtype=torch.float32) if return_lse else partial_lse
     _decode_reduce_kernel[(batch * num_q_heads,)](
-        partial_out, partial_lse, rotated_out, NUM_SPLITS=num_splits,
+        partial_out, partial_lse, rotated_out, lse, NUM_SPLITS=num_splits,
         NUM_SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=layout.head_dim, HEAD_DIM_PAD=pad,
+        RETURN_LSE=return_lse,
     )
-    return (rotated_out @ codec.rotation).to(query.dtype)  # un-rotate the weighted value sum once
+    out = (rotated_out @ codec.rotation).to(query.dtype)  # un-rotate the weighted value sum once
+    return (out, lse) if return_lse else out

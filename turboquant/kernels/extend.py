@@ -44,8 +44,8 @@ def _online_softmax_step(scores, visible, running_max, running_sum, acc, values,
 
 @triton.jit
 def _extend_kernel(
-    query_ptr, keys_ptr, values_ptr, cache_ptr, block_table_ptr, seq_lens_ptr, query_start_ptr,
-    key_centroids_ptr, value_centroids_ptr, out_ptr,
+    query_ptr, keys_ptr, values_ptr, cache_ptr, block_table_ptr, seq_lens_ptr, query_start_ptr, key_starts_ptr,
+    key_centroids_ptr, value_centroids_ptr, out_ptr, lse_ptr,
     stride_query_token, stride_query_head, stride_kv_token, stride_kv_head, stride_table_seq,
     scale, softcap, sliding_window,
     NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, QUERY_TOKENS: tl.constexpr,
@@ -54,7 +54,7 @@ def _extend_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     KEY_BITS: tl.constexpr, KEY_BYTES: tl.constexpr, KEY_LUT: tl.constexpr, VALUE_BITS: tl.constexpr,
     VALUE_BYTES: tl.constexpr, VALUE_LUT: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr,
-    TILE: tl.constexpr,
+    USE_STARTS: tl.constexpr, RETURN_LSE: tl.constexpr, TILE: tl.constexpr,
 ):
     seq, query_block, kv_head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     query_start = tl.load(query_start_ptr + seq)
@@ -63,6 +63,9 @@ def _extend_kernel(
     if first_token >= query_len:
         return
     prefix_len = tl.load(seq_lens_ptr + seq) - query_len
+    key_start = 0
+    if USE_STARTS:
+        key_start = tl.load(key_starts_ptr + seq)
 
     ROWS: tl.constexpr = QUERY_TOKENS * GROUP_PAD
     rows = tl.arange(0, ROWS)
@@ -82,9 +85,9 @@ def _extend_kernel(
     acc = tl.zeros([ROWS, HEAD_DIM_PAD], dtype=tl.float32)
 
     # (a) the compressed prefix
-    lo = 0
+    lo = key_start // TILE * TILE
     if USE_WINDOW:
-        lo = tl.maximum(prefix_len + first_token - sliding_window + 1, 0) // TILE * TILE
+        lo = tl.maximum(tl.maximum(prefix_len + first_token - sliding_window + 1, 0) // TILE * TILE, lo)
     for start in range(lo, prefix_len, TILE):
         positions = start + tl.arange(0, TILE)
         valid = positions < prefix_len
@@ -96,7 +99,7 @@ def _extend_kernel(
         scores = tl.dot(query, tl.trans(keys)) * load_norms(page_ptrs + KEY_NORMS_OFFSET + offsets * 4, valid)[None, :]
         if USE_SOFTCAP:
             scores = softcap * tanh(scores / softcap)
-        visible = valid[None, :]
+        visible = valid[None, :] & (positions[None, :] >= key_start)
         if USE_WINDOW:
             visible = visible & (positions[None, :] > query_pos[:, None] - sliding_window)
         values = load_levels(page_ptrs + VALUES_OFFSET + offsets * VALUE_BYTES, valid, value_centroids_ptr,
@@ -120,6 +123,7 @@ def _extend_kernel(
         if USE_SOFTCAP:
             scores = softcap * tanh(scores / softcap)
         visible = valid[None, :] & (positions[None, :] <= token[:, None])
+        visible = visible & (prefix_len + positions[None, :] >= key_start)
         if USE_WINDOW:
             visible = visible & (positions[None, :] > token[:, None] - sliding_window)
         values = tl.load(values_ptr + kv_offsets[:, None] + dims[None, :], mask=kv_mask, other=0.0).to(tl.float16)
@@ -130,15 +134,22 @@ def _extend_kernel(
     out = acc / tl.maximum(running_sum, 1e-30)[:, None]
     out_offsets = (query_start + token) * stride_query_token + (kv_head * GROUP + member) * stride_query_head
     tl.store(out_ptr + out_offsets[:, None] + dims[None, :], out, mask=row_valid[:, None] & dim_mask[None, :])
+    if RETURN_LSE:  # natural log, like torch.logsumexp; rows are (token, q head) of out
+        lse = tl.where(running_sum > 0, (running_max + tl.log2(tl.maximum(running_sum, 1e-30))) * 0.6931471805599453,
+                       float("-inf"))
+        lse_rows = (query_start + token) * (NUM_KV_HEADS * GROUP) + kv_head * GROUP + member
+        tl.store(lse_ptr + lse_rows, lse, mask=row_valid)
 
 
 def extend_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, query_start: torch.Tensor,
                      seq_lens: torch.Tensor, cache: torch.Tensor, codec: KernelCodec, block_table: torch.Tensor,
                      scale: float, max_query_len: int, sliding_window: int | None = None,
-                     softcap: float | None = None) -> torch.Tensor:
+                     softcap: float | None = None, key_starts: torch.Tensor | None = None,
+                     return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """query [tokens, num_q_heads, d] and the chunk's fresh keys/values [tokens, num_kv_heads, d];
     sequence i owns rows query_start[i]:query_start[i+1] (int32 [batch + 1]) and has seq_lens[i]
-    tokens in total, the compressed prefix first. `max_query_len` bounds the chunk lengths (the grid)."""
+    tokens in total, the compressed prefix first. `max_query_len` bounds the chunk lengths (the grid).
+    `key_starts` and `return_lse` as in `paged_decode_attention` (lse: [tokens, num_q_heads])."""
     layout = codec.layout
     layout.check_cache(cache)
     check_codec_device(codec, cache)
@@ -156,6 +167,8 @@ def extend_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
         raise ValueError(f"sliding_window must be a positive number of tokens or None, got {sliding_window!r}")
     if softcap is not None and softcap <= 0:
         raise ValueError(f"softcap must be positive or None, got {softcap!r}")
+    if key_starts is not None:
+        check_device_tensor(key_starts, "key_starts", (torch.int32,), (batch,), cache.device)
 
     num_q_heads = query.shape[1]
     group = num_q_heads // layout.num_kv_heads
@@ -166,14 +179,18 @@ def extend_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
     rotated_query = query.float() @ rotation.T
     rotated_keys, rotated_values = keys.float() @ rotation.T, values.float() @ rotation.T
     rotated_out = torch.zeros(num_tokens, num_q_heads, layout.head_dim, device=cache.device, dtype=torch.float32)
+    lse = torch.full((num_tokens, num_q_heads), float("-inf"), device=cache.device) if return_lse else rotated_out
     grid = (batch, triton.cdiv(max(max_query_len, 1), query_tokens), layout.num_kv_heads)
     _extend_kernel[grid](
         rotated_query, rotated_keys, rotated_values, cache, block_table, seq_lens, query_start,
-        codec.key_centroids_fp16, codec.value_centroids_fp16, rotated_out,
+        seq_lens if key_starts is None else key_starts, codec.key_centroids_fp16, codec.value_centroids_fp16,
+        rotated_out, lse,
         rotated_query.stride(0), rotated_query.stride(1), rotated_keys.stride(0), rotated_keys.stride(1),
         block_table.stride(0), float(scale), float(softcap or 0.0), int(sliding_window or 0),
         GROUP=group, GROUP_PAD=group_pad, QUERY_TOKENS=query_tokens, **page_constants(layout),
         **lookup_constants(codec, bits=(4,)),  # 3-bit byte permutes into wgmma tiles: Triton 3.6 fails to compile
-        USE_SOFTCAP=softcap is not None, USE_WINDOW=sliding_window is not None, **launch,
+        USE_SOFTCAP=softcap is not None, USE_WINDOW=sliding_window is not None, USE_STARTS=key_starts is not None,
+        RETURN_LSE=return_lse, **launch,
     )
-    return (rotated_out @ rotation).to(query.dtype)
+    out = (rotated_out @ rotation).to(query.dtype)
+    return (out, lse) if return_lse else out

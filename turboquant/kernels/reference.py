@@ -47,44 +47,56 @@ def gather_sequence_reference(cache: torch.Tensor, codec: KernelCodec, block_tab
 
 def attention_reference(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                         query_positions: torch.Tensor, key_positions: torch.Tensor, scale: float,
-                        sliding_window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+                        sliding_window: int | None = None, softcap: float | None = None,
+                        key_start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 causal GQA attention. query [q, Hq, d], keys/values [k, Hkv, d]; a query at position p
-    sees keys at positions j with j ≤ p and, with a window W, j > p − W."""
+    sees keys at positions j with key_start ≤ j ≤ p and, with a window W, j > p − W.
+    Returns the output [q, Hq, d] and the log-sum-exp of the scores [q, Hq] (−inf where nothing is seen)."""
     group = query.shape[1] // keys.shape[1]
     keys = keys.float().repeat_interleave(group, dim=1)
     values = values.float().repeat_interleave(group, dim=1)
     scores = torch.einsum("qhd,khd->hqk", query.float(), keys) * scale
     if softcap:
         scores = softcap * torch.tanh(scores / softcap)
-    visible = key_positions[None, :] <= query_positions[:, None]
+    visible = (key_positions[None, :] <= query_positions[:, None]) & (key_positions[None, :] >= key_start)
     if sliding_window:
         visible &= key_positions[None, :] > query_positions[:, None] - sliding_window
     scores = scores.masked_fill(~visible, float("-inf"))
-    return torch.einsum("hqk,khd->qhd", scores.softmax(dim=-1), values)
+    lse = scores.logsumexp(dim=-1)
+    probs = torch.where(visible, (scores - lse[..., None]).exp(), 0.0)
+    return torch.einsum("hqk,khd->qhd", probs, values), lse.T
 
 
 def decode_reference(query: torch.Tensor, cache: torch.Tensor, codec: KernelCodec, block_table: torch.Tensor,
                      seq_lens: torch.Tensor, scale: float, sliding_window: int | None = None,
-                     softcap: float | None = None) -> torch.Tensor:
-    """One new query per sequence, query [batch, Hq, d] at position seq_len − 1 → [batch, Hq, d] fp32."""
+                     softcap: float | None = None, key_starts: torch.Tensor | None = None,
+                     return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """One new query per sequence, query [batch, Hq, d] at position seq_len − 1 → [batch, Hq, d] fp32
+    (and the log-sum-exp [batch, Hq]); sequence i sees no key before key_starts[i]."""
     out = torch.zeros(query.shape, dtype=torch.float32, device=query.device)
+    lse = torch.full(query.shape[:2], float("-inf"), device=query.device)
     for seq, length in enumerate(seq_lens.tolist()):
         if length == 0:
             continue
         keys, values = gather_sequence_reference(cache, codec, block_table[seq], length)
         positions = torch.arange(length, device=query.device)
-        out[seq] = attention_reference(query[seq : seq + 1], keys, values, positions[-1:], positions,
-                                       scale, sliding_window, softcap)[0]
-    return out
+        start = 0 if key_starts is None else int(key_starts[seq])
+        seq_out, seq_lse = attention_reference(query[seq : seq + 1], keys, values, positions[-1:], positions,
+                                               scale, sliding_window, softcap, start)
+        out[seq], lse[seq] = seq_out[0], seq_lse[0]
+    return (out, lse) if return_lse else out
 
 
 def extend_reference(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, query_start: torch.Tensor,
                      seq_lens: torch.Tensor, cache: torch.Tensor, codec: KernelCodec, block_table: torch.Tensor,
-                     scale: float, sliding_window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+                     scale: float, sliding_window: int | None = None, softcap: float | None = None,
+                     key_starts: torch.Tensor | None = None,
+                     return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """A chunk of new tokens per sequence: query [tokens, Hq, d] with fresh keys/values [tokens, Hkv, d];
     sequence i's chunk is rows query_start[i]:query_start[i+1] and follows a compressed prefix of
     seq_lens[i] − chunk length tokens. The chunk attends to the prefix and causally to itself."""
     out = torch.zeros(query.shape, dtype=torch.float32, device=query.device)
+    lse = torch.full(query.shape[:2], float("-inf"), device=query.device)
     for seq, length in enumerate(seq_lens.tolist()):
         start, end = int(query_start[seq]), int(query_start[seq + 1])
         prefix = length - (end - start)
@@ -92,6 +104,8 @@ def extend_reference(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
         all_keys = torch.cat([prefix_keys, keys[start:end].float()])
         all_values = torch.cat([prefix_values, values[start:end].float()])
         positions = torch.arange(length, device=query.device)
-        out[start:end] = attention_reference(query[start:end], all_keys, all_values, positions[prefix:], positions,
-                                             scale, sliding_window, softcap)
-    return out
+        key_start = 0 if key_starts is None else int(key_starts[seq])
+        out[start:end], lse[start:end] = attention_reference(query[start:end], all_keys, all_values,
+                                                             positions[prefix:], positions, scale, sliding_window,
+                                                             softcap, key_start)
+    return (out, lse) if return_lse else out
