@@ -12,11 +12,15 @@ sliding-window, another cache) gets transformers' SDPA attention unchanged.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+if TYPE_CHECKING:  # pages.py needs triton; this module must import without it
+    from .pages import SequencePages
 
 ATTENTION_NAME = "turboquant"
 
@@ -26,7 +30,7 @@ class PendingAttention:
     """What one attention call of a fused layer reads: the first `compressed_tokens` of `pages`, and
     full-precision keys/values [B, H, n, D] (`sink_tokens` sinks, then the recent window and the chunk)."""
 
-    pages: object  # a SequencePages
+    pages: SequencePages
     compressed_tokens: int
     sink_tokens: int
     keys: torch.Tensor
