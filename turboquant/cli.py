@@ -1,10 +1,11 @@
-"""turboquant: TurboQuant KV-cache compression. Commands: presets | verify | generate | demo.
+"""turboquant: TurboQuant KV-cache compression. Commands: presets | verify | generate | demo | compress-weights.
 User errors print one line and exit 2."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .core import PRESETS, TurboQuantConfig
 
@@ -91,6 +92,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compress_weights(args: argparse.Namespace) -> int:
+    """Compress every Linear layer but the output head to TurboQuant codes and write a native checkpoint
+    (load it with `--model DIR` in the other commands, or turboquant.hf.checkpoint.load_quantized)."""
+    from .hf.checkpoint import save_quantized
+    from .hf.models import load_model
+    from .weights import quantize_model
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"--out {out} exists and is not empty")
+    import torch
+
+    model, tokenizer = load_model(args.model, dtype=torch.bfloat16)
+    quantize_model(model, bits=args.bits, group_size=args.group_size)
+    save_quantized(model, out, tokenizer)
+    size = sum(f.stat().st_size for f in out.iterdir())
+    print(f"wrote {out}: {size / 2**20:.1f} MiB (TQ{args.bits}, groups of {args.group_size})")
+    return 0
+
+
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2",
                         help="'smollm2' (embedded SmolLM2-135M-Instruct, default), a local HF directory, a .gguf file, or a hub id")
@@ -119,6 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--compare", action="store_true", help="also run DynamicCache and print both")
     generate.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
     generate.set_defaults(func=cmd_generate)
+    compress = sub.add_parser("compress-weights", help="write a weight-compressed native checkpoint",
+                              description=cmd_compress_weights.__doc__)
+    compress.add_argument("--model", default="smollm2", help="as for the other commands (default: embedded SmolLM2)")
+    compress.add_argument("--bits", type=int, default=4, help="bits per weight: 2, 3 or 4 (default 4)")
+    compress.add_argument("--group-size", type=int, default=128,
+                          help="weights per group along each row, one fp16 norm each (default 128)")
+    compress.add_argument("--out", required=True, help="directory to write (must be new or empty)")
+    compress.set_defaults(func=cmd_compress_weights)
     demo = sub.add_parser("demo", help="what `make demo` runs: verify, then generate --compare, on the embedded model")
     demo.set_defaults(func=cmd_demo)
     return parser

@@ -74,3 +74,16 @@ def test_presets_table(capsys):
     assert main(["presets", "--head-dim", "64", "--tokens", "64"]) == 0
     out = capsys.readouterr().out
     assert "k4v4" in out and "k3v3" in out
+
+
+def test_compress_weights_writes_a_checkpoint_the_other_commands_load(tmp_path, capsys):
+    model_dir = save_tiny_llama(tmp_path / "llama")
+    out = tmp_path / "tq3"
+    assert main(["compress-weights", "--model", model_dir, "--bits", "3", "--group-size", "64", "--out", str(out)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert main(["generate", "--model", str(out), "--max-new-tokens", "4", "the cat"]) == 0
+    assert "tokens/s" in capsys.readouterr().out
+    assert main(["compress-weights", "--model", model_dir, "--group-size", "64", "--out", str(out)]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert main(["compress-weights", "--model", model_dir, "--bits", "5", "--out", str(tmp_path / "x")]) == 2
+    assert "bits must be one of" in capsys.readouterr().err

@@ -80,12 +80,17 @@ def resolve_model_path(name: str) -> str | Path:
 
 
 def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """(model, tokenizer) for a causal LM, in eval mode. Raises ValueError for user errors."""
+    """(model, tokenizer) for a causal LM, in eval mode. Raises ValueError for user errors. A weight
+    checkpoint written by `turboquant compress-weights` loads as it was saved (`dtype` does not apply)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .checkpoint import is_quantized_checkpoint, load_quantized
 
     source = resolve_model_path(name)
     if isinstance(source, Path) and source.suffix == ".gguf":
         model, tokenizer = _load_gguf(source, dtype)
+    elif isinstance(source, Path) and is_quantized_checkpoint(source):
+        model, tokenizer = load_quantized(source, device), AutoTokenizer.from_pretrained(source)
     else:
         try:
             config = AutoConfig.from_pretrained(source)

@@ -1,0 +1,53 @@
+"""Native checkpoints of weight-compressed models: save → load gives the same model, built without
+materialising the compressed weights."""
+
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from turboquant.hf.checkpoint import WEIGHTS_CONFIG, load_quantized, save_quantized  # noqa: E402
+from turboquant.weights import TQLinear, quantize_model  # noqa: E402
+
+
+def tiny_model(tie: bool):
+    config = transformers.LlamaConfig(vocab_size=96, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie)
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_save_then_load_gives_identical_outputs(tie, tmp_path):
+    model = quantize_model(tiny_model(tie), bits=3, group_size=64, progress=False)
+    save_quantized(model, tmp_path)
+    loaded = load_quantized(tmp_path)
+    ids = torch.randint(0, 96, (2, 17))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    assert sum(isinstance(m, TQLinear) for m in loaded.modules()) == 2 * 7  # q k v o gate up down per layer
+    assert not any(t.is_meta for t in [*loaded.parameters(), *loaded.buffers()])
+    meta = json.loads((tmp_path / WEIGHTS_CONFIG).read_text())
+    assert (meta["bits"], meta["group_size"]) == (3, 64)
+    assert ("lm_head.weight" in meta["ties"]) == tie  # a tied head is stored once
+    if tie:
+        assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+
+
+def test_loading_never_builds_a_full_weight_for_a_compressed_layer(tmp_path, monkeypatch):
+    save_quantized(quantize_model(tiny_model(False), bits=4, group_size=64, progress=False), tmp_path)
+    shapes = []
+    original = torch.nn.Linear.reset_parameters
+    monkeypatch.setattr(torch.nn.Linear, "reset_parameters",
+                        lambda self: shapes.append(self.weight.device.type) or original(self))
+    load_quantized(tmp_path)
+    assert shapes and set(shapes) == {"meta"}  # every Linear weight was created on the meta device
+
+
+def test_checkpoint_errors(tmp_path):
+    with pytest.raises(ValueError, match="no TQLinear layers"):
+        save_quantized(tiny_model(False), tmp_path)
+    with pytest.raises(ValueError, match="not a turboquant weight checkpoint"):
+        load_quantized(tmp_path)
