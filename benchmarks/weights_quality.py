@@ -49,6 +49,16 @@ def round_to_nearest(model, bits: int, group_size: int):
     return model
 
 
+def report(result: dict, lines: list[str], out: str | None) -> None:
+    """Print the markdown table; with `out`, also write OUT.json (every cell) and OUT.md."""
+    print("\n".join(lines))
+    if out:
+        with open(out + ".json", "w") as f:
+            json.dump(result, f, indent=1)
+        with open(out + ".md", "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=DEFAULT_MODEL)
@@ -80,12 +90,7 @@ def main() -> None:
              "| method | bits | group | bits/weight | PPL | change |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['method']} | {r['bits']} | {r['group_size']} | {r['bits_per_weight']} | {r['perplexity']} | "
               f"{r['change_pct']:+.2f}% |" for r in rows]
-    print("\n".join(lines))
-    if args.out:
-        with open(args.out + ".json", "w") as f:
-            json.dump(result, f, indent=1)
-        with open(args.out + ".md", "w") as f:
-            f.write("\n".join(lines) + "\n")
+    report(result, lines, args.out)
 
 
 if __name__ == "__main__":

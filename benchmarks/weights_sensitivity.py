@@ -16,7 +16,7 @@ import torch
 
 from turboquant.hf.models import DEFAULT_MODEL, eval_text, load_model
 from turboquant.weights import quantize_model
-from weights_quality import perplexity
+from weights_quality import perplexity, report
 
 BITS, GROUP = 4, 64
 
@@ -54,12 +54,7 @@ def main() -> None:
              f"PPL over {result['tokens']} evaluation-text tokens, baseline {baseline:.3f}; only the named Linear "
              "layers compressed in each row.", "", "| compressed | Linear layers | PPL change |", "|---|---|---|"]
     lines += [f"| {r['compressed']} | {r['layers']} | {r['change_pct']:+.2f}% |" for r in rows]
-    print("\n".join(lines))
-    if args.out:
-        with open(args.out + ".json", "w") as f:
-            json.dump(result, f, indent=1)
-        with open(args.out + ".md", "w") as f:
-            f.write("\n".join(lines) + "\n")
+    report(result, lines, args.out)
 
 
 if __name__ == "__main__":
