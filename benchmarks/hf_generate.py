@@ -191,9 +191,11 @@ def fits(batch: int, context: int, shape: str) -> bool:
     return kv < 40 * 2**30
 
 
-def speed(shape: str, contexts: list[int], batches: list[int], new_tokens: int) -> list[dict]:
+CACHES = ("dynamic", *(f"turboquant-{p}" for p in PRESETS), "quanto-int4")
+
+
+def speed(shape: str, contexts: list[int], batches: list[int], new_tokens: int, kinds=CACHES) -> list[dict]:
     model = random_model(shape)
-    kinds = ["dynamic", *(f"turboquant-{p}" for p in PRESETS), "quanto-int4"]
     for kind in kinds:  # compile and autotune everything once (a prefill chunk into a compressed cache too)
         try:
             time_generation(model, kind, 1, PREFILL_CHUNK + 512, 2)
@@ -252,6 +254,7 @@ def main(argv=None) -> None:
     parser.add_argument("--contexts", default="8192,32768")
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--caches", default=",".join(CACHES), help="speed section: comma list from %(default)s")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/hf-generate-h100.json"))
     args = parser.parse_args(argv)
     sections = args.sections.split(",")
@@ -268,7 +271,7 @@ def main(argv=None) -> None:
         result["fidelity"] = fidelity(args.model, json.loads(args.cpu_reference.read_text()))
     if "speed" in sections:
         result["speed"] = speed(args.shape, [int(c) for c in args.contexts.split(",")],
-                                [int(b) for b in args.batches.split(",")], args.new_tokens)
+                                [int(b) for b in args.batches.split(",")], args.new_tokens, args.caches.split(","))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     markdown = table(result)
