@@ -175,11 +175,12 @@ def time_generation(model, kind: str, batch: int, context: int, new_tokens: int,
         token = model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
     torch.cuda.synchronize()
     decode_s = time.perf_counter() - start
+    held = held_bytes(cache)
     row = dict(cache=kind, batch=batch, context=context, new_tokens=new_tokens, prefill_s=round(prefill_s, 3),
                ms_per_token=round(1000 * decode_s / new_tokens, 3),
                peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3),
                peak_over_start_gib=round((torch.cuda.max_memory_allocated() - before) / 2**30, 3),
-               cache_held_gib=None if held_bytes(cache) is None else round(held_bytes(cache) / 2**30, 3))
+               cache_held_gib=None if held is None else round(held / 2**30, 3))
     del cache, prompt, logits
     return row
 

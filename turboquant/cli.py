@@ -95,6 +95,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_compress_weights(args: argparse.Namespace) -> int:
     """Compress every Linear layer but the output head to TurboQuant codes and write a native checkpoint
     (load it with `--model DIR` in the other commands, or turboquant.hf.checkpoint.load_quantized)."""
+    import torch
+
     from .hf.checkpoint import save_quantized
     from .hf.models import load_model
     from .weights import quantize_model
@@ -102,8 +104,6 @@ def cmd_compress_weights(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"--out {out} exists and is not empty")
-    import torch
-
     model, tokenizer = load_model(args.model, dtype=torch.bfloat16)
     quantize_model(model, bits=args.bits, group_size=args.group_size)
     save_quantized(model, out, tokenizer)

@@ -283,15 +283,13 @@ def _check_fused(model_config, text_config, layers: list) -> None:
     if getattr(text_config, "attn_logit_softcapping", None) and any(
             isinstance(layer, TurboQuantLayer) and layer.config.center_keys for layer in layers):
         raise ValueError("mode='fused' cannot fold centered keys into soft-capped scores; use center_keys=False")
-    from ..kernels.codec import KernelCodec  # the checks the kernels make, without building device tensors
-    from .pages import BLOCK_SIZE
+    from ..kernels.codec import KernelCodec
 
     head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
-    num_kv_heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
     for idx, layer in enumerate(layers):
         if isinstance(layer, TurboQuantLayer):
             try:
-                KernelCodec.from_config(layer.config, head_dim, num_kv_heads, BLOCK_SIZE, idx)
+                KernelCodec.check_config(layer.config, head_dim)
             except ValueError as error:
                 raise ValueError(f"mode='fused', layer {idx}: {error}") from None
 

@@ -28,7 +28,7 @@ class SequencePages:
         self.codec = KernelCodec.from_config(config, head_dim, num_kv_heads, BLOCK_SIZE, layer_idx, device)
         self.batch, self.num_tokens, self.blocks_per_seq = batch, 0, 0
         self.cache = self.codec.layout.allocate(0, device)
-        self.block_table = torch.zeros(batch, 0, dtype=torch.int32, device=device)
+        self._number_blocks()
 
     def _reserve(self, tokens: int) -> None:
         blocks = -(-tokens // GROW_TOKENS) * GROW_TOKENS // BLOCK_SIZE
@@ -40,7 +40,7 @@ class SequencePages:
         grown.view(self.batch, blocks, *page)[:, : self.blocks_per_seq] = self.cache.view(
             self.batch, self.blocks_per_seq, *page)
         self.cache, self.blocks_per_seq = grown, blocks
-        self.block_table = torch.arange(self.batch * blocks, dtype=torch.int32, device=device).view(self.batch, blocks)
+        self._number_blocks()
 
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Compress and store keys/values [batch, kv_heads, n, head_dim] after the tokens already held."""
@@ -88,7 +88,11 @@ class SequencePages:
         pages = fn(self.cache.view(self.batch, self.blocks_per_seq, *page))
         self.batch = pages.shape[0]
         self.cache = pages.reshape(-1, *page).contiguous()
-        self.block_table = torch.arange(self.cache.shape[0], dtype=torch.int32,
+        self._number_blocks()
+
+    def _number_blocks(self) -> None:
+        """Sequence i owns blocks i · blocks_per_seq onwards, in order."""
+        self.block_table = torch.arange(self.batch * self.blocks_per_seq, dtype=torch.int32,
                                         device=self.cache.device).view(self.batch, self.blocks_per_seq)
 
     def nbytes(self) -> int:

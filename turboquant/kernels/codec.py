@@ -47,9 +47,9 @@ class KernelCodec:
     def device(self) -> torch.device:
         return self.rotation.device
 
-    @classmethod
-    def from_config(cls, config: TurboQuantConfig, head_dim: int, num_kv_heads: int, block_size: int,
-                    layer_idx: int = 0, device: torch.device | str = "cpu") -> "KernelCodec":
+    @staticmethod
+    def check_config(config: TurboQuantConfig, head_dim: int) -> None:
+        """Raise ValueError unless the kernels implement `config` at `head_dim` (builds nothing)."""
         if config.key_quantizer != "mse" or config.value_quantizer != "mse":
             raise ValueError("the kernels implement the mse quantizer only; set key_quantizer='mse' and value_quantizer='mse'")
         if config.key_outlier_channels:
@@ -60,6 +60,11 @@ class KernelCodec:
             bits = getattr(config, f"{role}_bits")
             if bits not in KERNEL_BITS:
                 raise ValueError(f"{role}_bits must be one of {KERNEL_BITS} for the kernels, got {bits!r}")
+
+    @classmethod
+    def from_config(cls, config: TurboQuantConfig, head_dim: int, num_kv_heads: int, block_size: int,
+                    layer_idx: int = 0, device: torch.device | str = "cpu") -> "KernelCodec":
+        cls.check_config(config, head_dim)
         layout = PagedLayout(head_dim, config.key_bits, config.value_bits, block_size, num_kv_heads)
         key_quantizer = config.make_quantizer("key", head_dim, layer_idx)
         value_quantizer = config.make_quantizer("value", head_dim, layer_idx)
