@@ -11,11 +11,13 @@ from .paged import make_codec
 CASES = [(64, 4, 4, 16), (80, 3, 8, 32), (96, 2, 3, 16), (128, 8, 2, 64), (256, 4, 3, 128), (128, 3, 4, 16)]
 
 
-@pytest.mark.parametrize("head_dim,key_bits,value_bits,block_size", CASES)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_compress_store_matches_reference(head_dim, key_bits, value_bits, block_size, dtype, device, generator):
+@pytest.mark.parametrize("head_dim,key_bits,value_bits,block_size,num_tokens",
+                         [(*case, 37) for case in CASES] + [(128, 4, 4, 16, 600)])  # 600: the 64-row programs
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_compress_store_matches_reference(head_dim, key_bits, value_bits, block_size, num_tokens, dtype, device,
+                                          generator):
     codec = make_codec(head_dim, key_bits, value_bits, num_kv_heads=2, block_size=block_size, device=device)
-    num_blocks, num_tokens = 4, 37
+    num_blocks = -(-num_tokens // block_size) + 2
     keys = (torch.randn(num_tokens, 2, head_dim, generator=generator) * 4 + 1).to(dtype)
     values = torch.randn(num_tokens, 2, head_dim, generator=generator).to(dtype)
     slots = torch.randperm(num_blocks * block_size, generator=generator)[:num_tokens].to(torch.int32)

@@ -17,6 +17,8 @@ from .lut_asm import LUT_BITS, dequant_asm
 
 KERNEL_HEAD_DIMS = (64, 80, 96, 128, 256)
 KERNEL_BITS = (2, 3, 4, 8)
+# The rotation as three 16-bit parts, R = P0 + P1/s + P2/s² (`rotate.py` says why).
+PART_SCALES = {torch.bfloat16: 256.0, torch.float16: 2048.0}
 
 
 @dataclass(frozen=True, eq=False)
@@ -25,6 +27,8 @@ class KernelCodec:
     key_quantizer: MSEQuantizer  # the PyTorch definition the kernels are tested against
     value_quantizer: MSEQuantizer
     rotation: torch.Tensor  # [head_dim, head_dim] float32; row i is the i-th rotated coordinate
+    rotation_bf16_parts: torch.Tensor  # [3, head_dim, head_dim]: see `rotation_parts`
+    rotation_fp16_parts: torch.Tensor
     key_centroids: torch.Tensor  # [2**key_bits] float32
     key_boundaries: torch.Tensor  # [2**key_bits - 1] float32
     value_centroids: torch.Tensor
@@ -71,15 +75,27 @@ class KernelCodec:
         assert key_quantizer.rotation is value_quantizer.rotation  # one rotation per layer: q is rotated once
         key_book, value_book = key_quantizer.codebook, value_quantizer.codebook
         key_levels, value_levels = _antisymmetric_fp16(key_book.centroids), _antisymmetric_fp16(value_book.centroids)
+        rotation = key_quantizer.rotation.matrix()
         return cls(
             layout, key_quantizer, value_quantizer,
-            rotation=key_quantizer.rotation.matrix().to(device),
+            rotation=rotation.to(device),
+            rotation_bf16_parts=rotation_parts(rotation, torch.bfloat16).to(device),
+            rotation_fp16_parts=rotation_parts(rotation, torch.float16).to(device),
             key_centroids=key_book.centroids.to(device), key_boundaries=key_book.boundaries.to(device),
             value_centroids=value_book.centroids.to(device), value_boundaries=value_book.boundaries.to(device),
             key_centroids_fp16=key_levels.to(device), value_centroids_fp16=value_levels.to(device),
             key_lut_asm=dequant_asm(key_levels) if config.key_bits in LUT_BITS else "",
             value_lut_asm=dequant_asm(value_levels) if config.value_bits in LUT_BITS else "",
         )
+
+
+def rotation_parts(rotation: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[3, d, d] of `dtype`: P0, P1, P2 with rotation = P0 + P1/s + P2/s² to ~2^-24 (s = PART_SCALES[dtype])."""
+    scale, rest, parts = PART_SCALES[dtype], rotation.double(), []
+    for _ in range(3):
+        parts.append(rest.to(dtype))
+        rest = (rest - parts[-1].double()) * scale
+    return torch.stack(parts).contiguous()
 
 
 def _antisymmetric_fp16(levels: torch.Tensor) -> torch.Tensor:

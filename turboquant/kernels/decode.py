@@ -21,6 +21,7 @@ from .codec import KernelCodec
 from .launch import (FLOAT_DTYPES, check_block_table, check_codec_device, check_device_tensor, head_dim_pad,
                      lookup_constants, multiprocessor_count, page_constants)
 from .packed_tile import load_levels, load_norms
+from .rotate import rotate
 
 
 def decode_launch(head_dim: int, key_bits: int, value_bits: int, byte_permute: bool) -> dict:
@@ -142,14 +143,15 @@ def default_num_splits(batch: int, num_kv_heads: int, max_tokens: int, tile: int
 def paged_decode_attention(query: torch.Tensor, cache: torch.Tensor, codec: KernelCodec, block_table: torch.Tensor,
                            seq_lens: torch.Tensor, scale: float, sliding_window: int | None = None,
                            softcap: float | None = None, num_splits: int | None = None,
-                           key_starts: torch.Tensor | None = None,
-                           return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                           key_starts: torch.Tensor | None = None, return_lse: bool = False,
+                           out: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """query [batch, num_q_heads, head_dim] (the token at position seq_len − 1 of each sequence) →
     attention output of the same shape and dtype. block_table int32 [batch, max_blocks], seq_lens int32
     [batch]. A CUDA graph must fix `num_splits` (the default depends only on shapes, not on values).
     `key_starts` (int32 [batch]) hides each sequence's keys before that position (left padding);
     `return_lse` also returns the fp32 log-sum-exp of the scores [batch, num_q_heads] (−inf where no key
-    is visible), so a caller can merge this output with attention over keys held elsewhere."""
+    is visible), so a caller can merge this output with attention over keys held elsewhere. `out` (the
+    query's shape) receives the output in place of a new tensor."""
     layout = codec.layout
     layout.check_cache(cache)
     check_codec_device(codec, cache)
@@ -178,7 +180,7 @@ def paged_decode_attention(query: torch.Tensor, cache: torch.Tensor, codec: Kern
 
     group = num_q_heads // layout.num_kv_heads
     pad = head_dim_pad(layout.head_dim)
-    rotated_query = query.float() @ codec.rotation.T  # rotate q once; keys stay in the rotated space
+    rotated_query = rotate(query, codec)  # rotate q once; keys stay in the rotated space
     partial_out = torch.empty(batch, num_q_heads, num_splits, pad, device=cache.device, dtype=torch.float32)
     partial_lse = torch.empty(batch, num_q_heads, num_splits, device=cache.device, dtype=torch.float32)
     _decode_split_kernel[(batch, layout.num_kv_heads, num_splits)](
@@ -198,5 +200,6 @@ def paged_decode_attention(query: torch.Tensor, cache: torch.Tensor, codec: Kern
         NUM_SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=layout.head_dim, HEAD_DIM_PAD=pad,
         RETURN_LSE=return_lse,
     )
-    out = (rotated_out @ codec.rotation).to(query.dtype)  # un-rotate the weighted value sum once
+    # un-rotate the weighted value sum once, cast and store into the caller's tensor
+    out = rotate(rotated_out, codec, inverse=True, out=torch.empty_like(query) if out is None else out)
     return (out, lse) if return_lse else out

@@ -17,6 +17,7 @@ from .decode import tanh
 from .launch import (FLOAT_DTYPES, check_block_table, check_codec_device, check_device_tensor, check_kv,
                      lookup_constants, page_constants)
 from .packed_tile import load_levels, load_norms
+from .rotate import rotate
 
 
 def extend_launch(head_dim: int) -> dict:
@@ -145,11 +146,12 @@ def extend_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
                      seq_lens: torch.Tensor, cache: torch.Tensor, codec: KernelCodec, block_table: torch.Tensor,
                      scale: float, max_query_len: int, sliding_window: int | None = None,
                      softcap: float | None = None, key_starts: torch.Tensor | None = None,
-                     return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                     return_lse: bool = False,
+                     out: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """query [tokens, num_q_heads, d] and the chunk's fresh keys/values [tokens, num_kv_heads, d];
     sequence i owns rows query_start[i]:query_start[i+1] (int32 [batch + 1]) and has seq_lens[i]
     tokens in total, the compressed prefix first. `max_query_len` bounds the chunk lengths (the grid).
-    `key_starts` and `return_lse` as in `paged_decode_attention` (lse: [tokens, num_q_heads])."""
+    `key_starts`, `return_lse` and `out` as in `paged_decode_attention` (lse: [tokens, num_q_heads])."""
     layout = codec.layout
     layout.check_cache(cache)
     check_codec_device(codec, cache)
@@ -175,9 +177,7 @@ def extend_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
     group_pad = triton.next_power_of_2(group)
     launch = extend_launch(layout.head_dim)
     query_tokens = max(1, launch.pop("ROWS") // group_pad)
-    rotation = codec.rotation
-    rotated_query = query.float() @ rotation.T
-    rotated_keys, rotated_values = keys.float() @ rotation.T, values.float() @ rotation.T
+    rotated_query, rotated_keys, rotated_values = rotate(query, codec), rotate(keys, codec), rotate(values, codec)
     rotated_out = torch.zeros(num_tokens, num_q_heads, layout.head_dim, device=cache.device, dtype=torch.float32)
     lse = torch.full((num_tokens, num_q_heads), float("-inf"), device=cache.device) if return_lse else rotated_out
     grid = (batch, triton.cdiv(max(max_query_len, 1), query_tokens), layout.num_kv_heads)
@@ -192,5 +192,5 @@ def extend_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
         USE_SOFTCAP=softcap is not None, USE_WINDOW=sliding_window is not None, USE_STARTS=key_starts is not None,
         RETURN_LSE=return_lse, **launch,
     )
-    out = (rotated_out @ rotation).to(query.dtype)
+    out = rotate(rotated_out, codec, inverse=True, out=torch.empty_like(query) if out is None else out)
     return (out, lse) if return_lse else out

@@ -1,5 +1,6 @@
 """Compress-store: new keys and values → normalized, rotated, quantized, packed, written to their
-slots of the paged cache. One launch per layer; the rotation is a tile matmul inside the kernel.
+slots of the paged cache. One launch per layer; the rotation is a tile matmul inside the kernel
+(`rotate.rotated_columns`).
 Reference: `reference.compress_store_reference`."""
 
 from __future__ import annotations
@@ -11,33 +12,33 @@ import triton.language as tl
 from .codec import KernelCodec, PackedBits
 from .launch import check_codec_device, check_device_tensor, check_kv, head_dim_pad, page_constants
 from .packed_tile import store_indices
-
-TOKENS_PER_PROGRAM = 16
+from .rotate import rotated_columns, rotation_columns, rotation_operand
 
 
 @triton.jit
 def _quantize_rows(x_ptr, stride_token, stride_head, tokens, rows_valid, head, rotation_ptr, centroids_ptr,
                    boundaries_ptr, code_ptrs, norm_ptrs, NORM_CORRECTION: tl.constexpr, BITS: tl.constexpr,
                    COORDS: tl.constexpr, GROUP_BYTES: tl.constexpr, HEAD_DIM: tl.constexpr,
-                   HEAD_DIM_PAD: tl.constexpr, COLUMNS: tl.constexpr, ROWS: tl.constexpr):
+                   HEAD_DIM_PAD: tl.constexpr, PART_SCALE: tl.constexpr, COLUMNS: tl.constexpr, ROWS: tl.constexpr):
     dims = tl.arange(0, HEAD_DIM_PAD)
     x = tl.load(x_ptr + tokens[:, None] * stride_token + head * stride_head + dims[None, :],
-                mask=rows_valid[:, None] & (dims < HEAD_DIM)[None, :], other=0.0).to(tl.float32)
-    norms = tl.sqrt(tl.sum(x * x, axis=1))
+                mask=rows_valid[:, None] & (dims < HEAD_DIM)[None, :], other=0.0)
+    x32 = x.to(tl.float32)
+    norms = tl.sqrt(tl.sum(x32 * x32, axis=1))
     inverse_norms = 1.0 / tl.maximum(norms, 1.1754943508222875e-38)
     levels_sq = tl.zeros([ROWS], dtype=tl.float32)
-    # Rotated coordinates are produced COLUMNS at a time: a whole 256×256 fp32 R exceeds shared memory.
     for block in tl.static_range(HEAD_DIM_PAD // COLUMNS):
         columns = block * COLUMNS + tl.arange(0, COLUMNS)
-        rotation = tl.load(rotation_ptr + columns[:, None] * HEAD_DIM + dims[None, :],
-                           mask=(columns[:, None] < HEAD_DIM) & (dims[None, :] < HEAD_DIM), other=0.0)
-        # ieee: tf32 rounding would move coordinates across decision boundaries the reference keeps.
-        unit = tl.dot(x, tl.trans(rotation), input_precision="ieee") * inverse_norms[:, None]
-        # Nearest level = number of decision boundaries below the value (torch.bucketize), by binary search.
+        unit = rotated_columns(x, rotation_ptr, columns, dims, HEAD_DIM, PART_SCALE, False) * inverse_norms[:, None]
+        # Nearest level = number of decision boundaries below the value (torch.bucketize).
         indices = tl.zeros([ROWS, COLUMNS], dtype=tl.int32)
-        for step in tl.static_range(BITS):
-            candidate = indices + (1 << (BITS - 1 - step))
-            indices = tl.where(unit > tl.load(boundaries_ptr + candidate - 1), candidate, indices)
+        if BITS <= 4:  # count the ≤ 15 boundaries below: uniform loads, no gathers
+            for j in tl.static_range((1 << BITS) - 1):
+                indices += (unit > tl.load(boundaries_ptr + j)).to(tl.int32)
+        else:  # binary search over 255 boundaries
+            for step in tl.static_range(BITS):
+                candidate = indices + (1 << (BITS - 1 - step))
+                indices = tl.where(unit > tl.load(boundaries_ptr + candidate - 1), candidate, indices)
         if NORM_CORRECTION:
             levels = tl.where((columns < HEAD_DIM)[None, :], tl.load(centroids_ptr + indices), 0.0)
             levels_sq += tl.sum(levels * levels, axis=1)
@@ -58,7 +59,7 @@ def _compress_store_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, NORM_CORRECTION: tl.constexpr,
     KEY_BITS: tl.constexpr, KEY_COORDS: tl.constexpr, KEY_GROUP_BYTES: tl.constexpr, KEY_BYTES: tl.constexpr,
     VALUE_BITS: tl.constexpr, VALUE_COORDS: tl.constexpr, VALUE_GROUP_BYTES: tl.constexpr,
-    VALUE_BYTES: tl.constexpr, COLUMNS: tl.constexpr, ROWS: tl.constexpr,
+    VALUE_BYTES: tl.constexpr, PART_SCALE: tl.constexpr, COLUMNS: tl.constexpr, ROWS: tl.constexpr,
 ):
     tile, head, role = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     tokens = tile * ROWS + tl.arange(0, ROWS)
@@ -71,12 +72,12 @@ def _compress_store_kernel(
         _quantize_rows(keys_ptr, stride_key_token, stride_key_head, tokens, rows_valid, head, rotation_ptr,
                        key_centroids_ptr, key_boundaries_ptr, page_ptrs + offsets * KEY_BYTES,
                        page_ptrs + KEY_NORMS_OFFSET + offsets * 4, NORM_CORRECTION, KEY_BITS, KEY_COORDS,
-                       KEY_GROUP_BYTES, HEAD_DIM, HEAD_DIM_PAD, COLUMNS, ROWS)
+                       KEY_GROUP_BYTES, HEAD_DIM, HEAD_DIM_PAD, PART_SCALE, COLUMNS, ROWS)
     else:
         _quantize_rows(values_ptr, stride_value_token, stride_value_head, tokens, rows_valid, head, rotation_ptr,
                        value_centroids_ptr, value_boundaries_ptr, page_ptrs + VALUES_OFFSET + offsets * VALUE_BYTES,
                        page_ptrs + VALUE_NORMS_OFFSET + offsets * 4, NORM_CORRECTION, VALUE_BITS, VALUE_COORDS,
-                       VALUE_GROUP_BYTES, HEAD_DIM, HEAD_DIM_PAD, COLUMNS, ROWS)
+                       VALUE_GROUP_BYTES, HEAD_DIM, HEAD_DIM_PAD, PART_SCALE, COLUMNS, ROWS)
 
 
 def compress_store(keys: torch.Tensor, values: torch.Tensor, slot_mapping: torch.Tensor, cache: torch.Tensor,
@@ -91,14 +92,18 @@ def compress_store(keys: torch.Tensor, values: torch.Tensor, slot_mapping: torch
     num_tokens = keys.shape[0]
     if num_tokens == 0:
         return
-    grid = (triton.cdiv(num_tokens, TOKENS_PER_PROGRAM), layout.num_kv_heads, 2)
+    if values.dtype != keys.dtype:
+        raise ValueError(f"keys and values must have one dtype, got {keys.dtype} and {values.dtype}")
+    rows = 16 if num_tokens <= 512 else 64  # decode steps: more programs; prefill: fewer rotation loads
+    grid = (triton.cdiv(num_tokens, rows), layout.num_kv_heads, 2)
     key_bits, value_bits = PackedBits.of(layout.key_bits), PackedBits.of(layout.value_bits)
+    rotation, part_scale = rotation_operand(codec, keys.dtype, inverse=False)
     _compress_store_kernel[grid](
-        keys, values, slot_mapping, codec.rotation, cache,
+        keys, values, slot_mapping, rotation, cache,
         codec.key_centroids, codec.key_boundaries, codec.value_centroids, codec.value_boundaries,
         num_tokens, keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
-        NORM_CORRECTION=codec.norm_correction, ROWS=TOKENS_PER_PROGRAM, **page_constants(layout),
+        NORM_CORRECTION=codec.norm_correction, ROWS=rows, PART_SCALE=part_scale, **page_constants(layout),
         KEY_COORDS=key_bits.coords, KEY_GROUP_BYTES=key_bits.group_bytes, VALUE_COORDS=value_bits.coords,
         VALUE_GROUP_BYTES=value_bits.group_bytes,
-        COLUMNS=head_dim_pad(layout.head_dim) if layout.head_dim <= 128 else 64,
+        COLUMNS=rotation_columns(head_dim_pad(layout.head_dim), part_scale),
     )

@@ -184,23 +184,25 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
         if decodes:
             # The kernel's default split count depends only on shapes (batch, block-table width), so a
             # captured CUDA graph replays with the same grid.
-            output[:decode_tokens] = paged_decode_attention(
+            paged_decode_attention(
                 query[:decode_tokens], kv_cache, codec, meta.block_table[:decodes], meta.seq_lens[:decodes],
-                self.scale, self.sliding_window, self.softcap)
+                self.scale, self.sliding_window, self.softcap, out=output[:decode_tokens])
         if meta.num_prefills:
             rows = slice(decode_tokens, num_tokens)
-            output[rows] = self._prefill(query[rows], key[rows], value[rows], kv_cache, codec, meta)
+            self._prefill(query[rows], key[rows], value[rows], kv_cache, codec, meta, output[rows])
         return output
 
-    def _prefill(self, query, key, value, kv_cache, codec, meta: TurboQuantMetadata) -> torch.Tensor:
+    def _prefill(self, query, key, value, kv_cache, codec, meta: TurboQuantMetadata, out: torch.Tensor) -> None:
         if not meta.prefill_has_prefix and self.fa_version is not None:
-            return flash_attn_varlen_func(
+            flash_attn_varlen_func(
                 q=query, k=key, v=value, max_seqlen_q=meta.prefill_max_query_len,
                 cu_seqlens_q=meta.prefill_query_start, max_seqlen_k=meta.prefill_max_query_len,
                 cu_seqlens_k=meta.prefill_query_start, softmax_scale=self.scale, causal=True,
                 window_size=[self.sliding_window - 1, 0] if self.sliding_window else [-1, -1],
-                softcap=self.softcap or 0.0, fa_version=self.fa_version)
+                softcap=self.softcap or 0.0, fa_version=self.fa_version, out=out)
+            return
         prefills = slice(meta.num_decodes, None)
-        return extend_attention(
+        extend_attention(
             query, key, value, meta.prefill_query_start, meta.seq_lens[prefills], kv_cache, codec,
-            meta.block_table[prefills], self.scale, meta.prefill_max_query_len, self.sliding_window, self.softcap)
+            meta.block_table[prefills], self.scale, meta.prefill_max_query_len, self.sliding_window, self.softcap,
+            out=out)

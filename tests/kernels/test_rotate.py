@@ -1,0 +1,47 @@
+import pytest
+import torch
+
+from turboquant.kernels.codec import PART_SCALES, rotation_parts
+from turboquant.kernels.rotate import rotate
+
+from .paged import make_codec
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rotation_parts_sum_to_the_rotation(dtype):
+    rotation = torch.linalg.qr(torch.randn(96, 96, dtype=torch.float64))[0].float()
+    parts = rotation_parts(rotation, dtype).double()
+    scale = PART_SCALES[dtype]
+    rebuilt = parts[0] + parts[1] / scale + parts[2] / scale**2
+    assert (rebuilt - rotation.double()).abs().max() < 2**-24 * rotation.abs().max()
+
+
+@pytest.mark.parametrize("head_dim", [64, 80, 128, 256])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("tokens", [5, 300])  # 16-row and 64-row programs
+def test_rotate_matches_fp32_matmul(head_dim, dtype, tokens, device, generator):
+    if tokens == 300 and head_dim in (80, 256) and device == "cpu":
+        pytest.skip("the 64-row programs are covered at head_dim 64 and 128 under the interpreter")
+    codec = make_codec(head_dim, 4, 4, num_kv_heads=2, block_size=16, device=device)
+    # A strided view, as vLLM hands over q out of the fused qkv projection.
+    packed = torch.randn(tokens, 7, head_dim, generator=generator).mul(3).to(dtype).to(device)
+    x = packed[:, 1:6]
+    got = rotate(x, codec)
+    want = x.double() @ codec.rotation.double().T
+    assert got.dtype == torch.float32 and got.shape == x.shape
+    # fp32 accuracy: a tf32 or single-bf16 rotation would be off by ~1e-3 relative and fail this.
+    assert ((got.double() - want).abs().max() / want.abs().max()).item() < 2e-6
+
+    back = torch.empty(tokens, 5, head_dim, dtype=dtype, device=device)
+    assert rotate(got, codec, inverse=True, out=back) is back
+    torch.testing.assert_close(back.float(), x.float(), rtol=1e-2, atol=2e-2 if dtype != torch.float32 else 1e-5)
+
+
+def test_rotate_rejects_bad_input(device):
+    codec = make_codec(64, 4, 4, num_kv_heads=2, block_size=16, device=device)
+    with pytest.raises(ValueError, match="x must be"):
+        rotate(torch.zeros(3, 2, 32, device=device), codec)
+    with pytest.raises(ValueError, match="x must be"):
+        rotate(torch.zeros(3, 2, 64, dtype=torch.int32, device=device), codec)
+    with pytest.raises(ValueError, match="out must be"):
+        rotate(torch.zeros(3, 2, 64, device=device), codec, out=torch.zeros(3, 2, 32, device=device))

@@ -1,0 +1,105 @@
+"""The layer's rotation on the tensor cores at fp32 accuracy: rotate queries (and fresh keys/values)
+into the codes' space, and un-rotate the attention output, one launch each.
+
+A 16-bit x is exact in its own dtype, so x @ Rᵀ is computed from three 16-bit parts of R,
+R = P0 + P1/s + P2/s² (s = 2^8 for bf16, 2^11 for fp16): every product is exact and the sums are
+fp32, so the result matches an fp32 matmul to ~1e-7 while running as 16-bit MMAs. An fp32 x uses
+Triton's tf32x3 dots instead. A plain tf32 or bf16 rotation would move coordinates across the
+quantizer's decision boundaries that the PyTorch reference keeps.
+
+Reference: `x.float() @ rotation.T` (and `@ rotation` for the inverse).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .codec import PART_SCALES
+from .launch import FLOAT_DTYPES, head_dim_pad
+
+
+
+def rotation_columns(head_dim_pad: int, part_scale: float) -> int:
+    """Rotated coordinates per dot: a whole 256-wide R tile spills, and fp32 (tf32x3) tiles take twice the
+    registers of 16-bit ones."""
+    return 32 if part_scale == 0 and head_dim_pad >= 256 else min(64, head_dim_pad)
+
+
+@triton.jit
+def rotated_columns(x, rotation_ptr, columns, dims, HEAD_DIM: tl.constexpr, PART_SCALE: tl.constexpr,
+                    INVERSE: tl.constexpr):
+    """fp32 columns `columns` of x @ Rᵀ (x @ R when INVERSE) for x [rows, HEAD_DIM_PAD], zero-padded.
+    PART_SCALE > 0: x is 16-bit and rotation_ptr holds its three parts; PART_SCALE == 0: fp32 R."""
+    if INVERSE:
+        offsets = dims[None, :] * HEAD_DIM + columns[:, None]
+    else:
+        offsets = columns[:, None] * HEAD_DIM + dims[None, :]
+    mask = (columns[:, None] < HEAD_DIM) & (dims[None, :] < HEAD_DIM)
+    if PART_SCALE == 0:
+        y = tl.dot(x.to(tl.float32), tl.trans(tl.load(rotation_ptr + offsets, mask=mask, other=0.0)),
+                   input_precision="tf32x3")
+    else:
+        size: tl.constexpr = HEAD_DIM * HEAD_DIM
+        y = tl.dot(x, tl.trans(tl.load(rotation_ptr + 2 * size + offsets, mask=mask, other=0.0)))
+        y = tl.dot(x, tl.trans(tl.load(rotation_ptr + size + offsets, mask=mask, other=0.0)), y * (1.0 / PART_SCALE))
+        y = tl.dot(x, tl.trans(tl.load(rotation_ptr + offsets, mask=mask, other=0.0)), y * (1.0 / PART_SCALE))
+    return y
+
+
+@triton.jit
+def _rotate_kernel(x_ptr, rotation_ptr, out_ptr, num_tokens, stride_x_token, stride_x_head, stride_out_token,
+                   stride_out_head, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, PART_SCALE: tl.constexpr,
+                   INVERSE: tl.constexpr, COLUMNS: tl.constexpr, ROWS: tl.constexpr):
+    tokens = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    head = tl.program_id(1)
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    rows_valid = tokens < num_tokens
+    x = tl.load(x_ptr + tokens[:, None] * stride_x_token + head * stride_x_head + dims[None, :],
+                mask=rows_valid[:, None] & (dims < HEAD_DIM)[None, :], other=0.0)
+    for block in tl.static_range(HEAD_DIM_PAD // COLUMNS):
+        columns = block * COLUMNS + tl.arange(0, COLUMNS)
+        y = rotated_columns(x, rotation_ptr, columns, dims, HEAD_DIM, PART_SCALE, INVERSE)
+        tl.store(out_ptr + tokens[:, None] * stride_out_token + head * stride_out_head + columns[None, :],
+                 y.to(out_ptr.dtype.element_ty), mask=rows_valid[:, None] & (columns < HEAD_DIM)[None, :])
+
+
+def rotation_operand(codec, dtype: torch.dtype, inverse: bool) -> tuple[torch.Tensor, float]:
+    """(the tensor `rotated_columns` reads, its PART_SCALE) for an x of `dtype`."""
+    # Triton's CPU interpreter multiplies bf16 tiles as raw integers; there a bf16 x (exact in tf32)
+    # takes the tf32x3 path, which gives the same fp32-accurate result.
+    interpreted_bf16 = dtype == torch.bfloat16 and codec.device.type != "cuda"
+    if inverse or dtype == torch.float32 or interpreted_bf16:
+        return codec.rotation, 0.0
+    return (codec.rotation_bf16_parts if dtype == torch.bfloat16 else codec.rotation_fp16_parts), PART_SCALES[dtype]
+
+
+def rotate(x: torch.Tensor, codec, inverse: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [tokens, heads, head_dim] (fp16/bf16/fp32, any token and head strides) → x @ Rᵀ (x @ R when
+    `inverse`) as fp32, or written into `out` (same shape, any float dtype, cast on store)."""
+    head_dim = codec.layout.head_dim
+    if not isinstance(x, torch.Tensor) or x.ndim != 3 or x.shape[-1] != head_dim or x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"x must be a float tensor [tokens, heads, {head_dim}], got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if x.device != codec.device:
+        raise ValueError(f"x is on {x.device}, the codec on {codec.device}")
+    if out is None:
+        out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    elif out.shape != x.shape or out.dtype not in FLOAT_DTYPES or out.device != x.device or out.stride(-1) != 1:
+        raise ValueError(f"out must be a float tensor of shape {tuple(x.shape)} on {x.device}, contiguous in its "
+                         "last dimension")
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    tokens, heads = x.shape[:2]
+    if tokens == 0 or heads == 0:
+        return out
+    operand, part_scale = rotation_operand(codec, x.dtype, inverse)
+    rows = 16 if tokens <= 256 else 64
+    pad = head_dim_pad(head_dim)
+    _rotate_kernel[(triton.cdiv(tokens, rows), heads)](
+        x, operand, out, tokens, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, PART_SCALE=part_scale, INVERSE=inverse,
+        COLUMNS=rotation_columns(pad, part_scale), ROWS=rows,
+    )
+    return out
