@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -34,14 +36,20 @@ def engine_kwargs(name: str) -> dict:
 
 
 def run_engine(script: str, name: str, args: list[str], timeout_s: int) -> dict:
-    """Run `script --worker NAME ARGS…` and collect its RESULT line plus vLLM's KV-capacity log lines."""
+    """Run `script --worker NAME ARGS…` and collect its RESULT line plus vLLM's KV-capacity log lines.
+
+    The worker runs in its own process group, killed whole on timeout: vLLM's engine-core child would
+    otherwise outlive it, keep its GPU memory and fail the next engine's start."""
     row = {"engine": name}
+    worker = subprocess.Popen([sys.executable, script, "--worker", name, *args], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        done = subprocess.run([sys.executable, script, "--worker", name, *args], capture_output=True, text=True,
-                              timeout=timeout_s)
-        log, row["rc"] = done.stdout + done.stderr, done.returncode
-    except subprocess.TimeoutExpired as expired:
-        log, row["rc"] = (expired.stdout or b"").decode() + (expired.stderr or b"").decode(), "timeout"
+        log, _ = worker.communicate(timeout=timeout_s)
+        row["rc"] = worker.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(worker.pid, signal.SIGKILL)
+        log, _ = worker.communicate()
+        row["rc"] = "timeout"
     for line in log.splitlines():
         if line.startswith("RESULT "):
             row.update(json.loads(line[len("RESULT "):]))
@@ -50,7 +58,9 @@ def run_engine(script: str, name: str, args: list[str], timeout_s: int) -> dict:
         if match := re.search(r"Available KV cache memory: ([\d.]+) GiB", line):
             row["kv_gib"] = float(match.group(1))
     if row["rc"] != 0:
-        row["error_tail"] = [line for line in log.splitlines() if line.strip()][-15:]
+        lines = [line for line in log.splitlines() if line.strip()]
+        row["error_causes"] = [line for line in lines if re.search(r"Error|Exception", line)][-5:]
+        row["error_tail"] = lines[-15:]
     return row
 
 
