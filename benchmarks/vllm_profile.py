@@ -1,0 +1,83 @@
+"""Where vLLM's time goes, per engine: prefill-only vs whole-generate timings and the top CUDA kernels
+(torch.profiler, engine in-process) for a few batch × prompt → output cases, Llama-3.1-8B shape, dummy
+weights, CUDA graphs on. This is what showed compress-store taking 30% of our GPU time (fixed since).
+
+    python benchmarks/vllm_profile.py ENGINE OUT.json [--cases 32x1024x128,16x6144x128]
+
+decode_step_ms = (whole − prefill-only) / (output − 1); the kernel table covers a 24-token generate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the profiler must see the engine's kernels
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from vllm_engines import engine_kwargs  # noqa: E402
+
+PROFILED_TOKENS = 24
+
+
+def kernel_table(prof, top: int = 30) -> dict:
+    rows = []
+    for event in prof.key_averages():
+        if "CUDA" in str(getattr(event, "device_type", "")):
+            rows.append((event.self_device_time_total, event.count, event.key[:110]))
+    rows.sort(reverse=True)
+    return {"kernel_ms_total": round(sum(r[0] for r in rows) / 1e3, 1),
+            "top": [{"ms": round(t / 1e3, 2), "calls": n, "kernel": k} for t, n, k in rows[:top]]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("engine", help="an engine name from vllm_engines.ENGINES")
+    parser.add_argument("out", help="OUT.json")
+    parser.add_argument("--model", default="/tmp/models/llama8b-shape")
+    parser.add_argument("--cases", default="32x1024x128,16x6144x128", help="BATCHxPROMPTxOUTPUT, comma list")
+    args = parser.parse_args()
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from vllm import LLM, SamplingParams
+
+    start = time.perf_counter()
+    llm = LLM(model=args.model, load_format="dummy", max_model_len=33024, gpu_memory_utilization=0.85, seed=0,
+              **engine_kwargs(args.engine))
+    config = llm.llm_engine.vllm_config
+    result = {"engine": args.engine, "device": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d"),
+              "startup_s": round(time.perf_counter() - start, 1),
+              "max_num_batched_tokens": config.scheduler_config.max_num_batched_tokens,
+              "cudagraph_mode": str(config.compilation_config.cudagraph_mode)}
+    rng = random.Random(0)
+
+    def prompts(batch, length):
+        return [{"prompt_token_ids": [rng.randrange(100, 40000) for _ in range(length)]} for _ in range(batch)]
+
+    def generate(batch_prompts, tokens):
+        torch.cuda.synchronize()
+        begin = time.perf_counter()
+        llm.generate(batch_prompts, SamplingParams(max_tokens=tokens, ignore_eos=True, temperature=0), use_tqdm=False)
+        torch.cuda.synchronize()
+        return time.perf_counter() - begin
+
+    for case in args.cases.split(","):
+        batch, length, output = map(int, case.split("x"))
+        generate(prompts(batch, length), output)  # warm-up: the same schedule, other prompts
+        prefill, whole = generate(prompts(batch, length), 1), generate(prompts(batch, length), output)
+        row = {"prefill_s": round(prefill, 3), "whole_s": round(whole, 3),
+               "decode_step_ms": round((whole - prefill) / (output - 1) * 1e3, 2)}
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            row["profiled_wall_s"] = round(generate(prompts(batch, length), PROFILED_TOKENS), 3)
+        row.update(kernel_table(prof))
+        result[f"b{batch}x{length}->{output}"] = row
+        print(case, json.dumps({k: v for k, v in row.items() if k != "top"}), flush=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
