@@ -20,7 +20,6 @@ from .codec import PART_SCALES
 from .launch import FLOAT_DTYPES, head_dim_pad
 
 
-
 def rotation_columns(head_dim_pad: int, part_scale: float) -> int:
     """Rotated coordinates per dot: a whole 256-wide R tile spills, and fp32 (tf32x3) tiles take twice the
     registers of 16-bit ones."""
