@@ -3,7 +3,8 @@
 Every nn.Linear but the output head is replaced by a `TQLinear` (embeddings and lm_head unchanged); PPL
 over the first `--tokens` tokens in non-overlapping 1024-token windows, against the unquantized model.
 Rows "rtnB:G" are the round-to-nearest baseline at the same bits: asymmetric min/max per group of G with
-an fp16 scale and zero (B + 32/G bits per weight), applied in place.
+an fp16 scale and zero (B + 32/G bits per weight), applied in place. Rows "ktB:G" are TurboQuant with the
+kurtosis rule (`turboquant.weights.HEAVY_TAIL`: heavy-tailed tensors at 4 bits or kept in 16 bits).
 
     python benchmarks/weights_quality.py --out benchmarks/results/weights-smollm2
 """
@@ -19,7 +20,7 @@ import math
 import torch
 
 from turboquant.hf.models import DEFAULT_MODEL, eval_text, load_model
-from turboquant.weights import quantize_model
+from turboquant.weights import HEAVY_TAIL, TQLinear, quantize_model
 
 WINDOW = 1024
 
@@ -49,6 +50,18 @@ def round_to_nearest(model, bits: int, group_size: int):
     return model
 
 
+def average_bits(model) -> float:
+    """Bits per weight over the Linear layers but the head: codes + one fp16 norm per group, 16 if kept."""
+    total = count = 0
+    for name, module in model.named_modules():
+        if isinstance(module, TQLinear):
+            numel = module.in_features * module.out_features
+            total, count = total + numel * (module.bits + 16 / module.group_size), count + numel
+        elif isinstance(module, torch.nn.Linear) and not name.endswith("lm_head"):
+            total, count = total + 16 * module.weight.numel(), count + module.weight.numel()
+    return total / count
+
+
 def report(result: dict, lines: list[str], out: str | None) -> None:
     """Print the markdown table; with `out`, also write OUT.json (every cell) and OUT.md."""
     print("\n".join(lines))
@@ -64,7 +77,8 @@ def main() -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--rows", default="4:64,3:64,4:192,3:192,rtn4:64,rtn3:64",
-                        help="comma list of bits:group_size (TurboQuant) or rtnBITS:group_size (baseline)")
+                        help="comma list of bits:group_size (TurboQuant), ktBITS:group_size (with the kurtosis "
+                             "rule) or rtnBITS:group_size (baseline)")
     parser.add_argument("--out", help="write OUT.json and OUT.md")
     args = parser.parse_args()
     model, tokenizer = load_model(args.model)
@@ -72,12 +86,14 @@ def main() -> None:
     baseline = perplexity(model, ids)
     rows = []
     for row in args.rows.split(","):
-        method = "rtn" if row.startswith("rtn") else "turboquant"
-        bits, group_size = map(int, row.removeprefix("rtn").split(":"))
+        method = {"rtn": "rtn", "kt": "turboquant+kurtosis"}.get(row.rstrip("0123456789:"), "turboquant")
+        bits, group_size = map(int, row.lstrip("rtnk").split(":"))
         if method == "rtn":
             quantized, linear_bits = round_to_nearest(copy.deepcopy(model), bits, group_size), bits + 32 / group_size
         else:  # indices + one fp16 norm per group
-            quantized, linear_bits = quantize_model(copy.deepcopy(model), bits, group_size), bits + 16 / group_size
+            heavy_tail = HEAVY_TAIL if method == "turboquant+kurtosis" else None
+            quantized = quantize_model(copy.deepcopy(model), bits, group_size, heavy_tail=heavy_tail)
+            linear_bits = average_bits(quantized)
         ppl = perplexity(quantized, ids)
         rows.append({"method": method, "bits": bits, "group_size": group_size, "perplexity": round(ppl, 4),
                      "change_pct": round(100 * (ppl / baseline - 1), 2), "bits_per_weight": round(linear_bits, 3)})

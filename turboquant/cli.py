@@ -4,6 +4,7 @@ User errors print one line and exit 2."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -99,16 +100,19 @@ def cmd_compress_weights(args: argparse.Namespace) -> int:
 
     from .hf.checkpoint import save_quantized
     from .hf.models import load_model
-    from .weights import quantize_model
+    from .weights import HEAVY_TAIL, quantize_model
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"--out {out} exists and is not empty")
     model, tokenizer = load_model(args.model, dtype=torch.bfloat16)
-    quantize_model(model, bits=args.bits, group_size=args.group_size)
+    quantize_model(model, bits=args.bits, group_size=args.group_size, heavy_tail=HEAVY_TAIL if args.heavy_tail else None)
     save_quantized(model, out, tokenizer)
     size = sum(f.stat().st_size for f in out.iterdir())
     print(f"wrote {out}: {size / 2**20:.1f} MiB (TQ{args.bits}, groups of {args.group_size})")
+    if args.heavy_tail:
+        bits = json.loads((out / "turboquant_weights.json").read_text())
+        print(f"heavy-tailed tensors at other bits: {bits['layer_bits'] or 'none'}")
     return 0
 
 
@@ -147,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--group-size", type=int, default=128,
                           help="weights per group along each row, one fp16 norm each (default 128)")
     compress.add_argument("--out", required=True, help="directory to write (must be new or empty)")
+    compress.add_argument("--heavy-tail", action="store_true",
+                          help="per-tensor bits from excess kurtosis: above 10 → 4 bits, above 30 → kept unquantized "
+                               "(turboquant.weights.HEAVY_TAIL)")
     compress.set_defaults(func=cmd_compress_weights)
     demo = sub.add_parser("demo", help="what `make demo` runs: verify, then generate --compare, on the embedded model")
     demo.set_defaults(func=cmd_demo)

@@ -87,3 +87,7 @@ def test_compress_weights_writes_a_checkpoint_the_other_commands_load(tmp_path, 
     assert "not empty" in capsys.readouterr().err
     assert main(["compress-weights", "--model", model_dir, "--bits", "5", "--out", str(tmp_path / "x")]) == 2
     assert "bits must be one of" in capsys.readouterr().err
+    # the kurtosis rule: a tiny random model has Gaussian weights, so every layer keeps --bits
+    assert main(["compress-weights", "--model", model_dir, "--bits", "3", "--group-size", "64", "--heavy-tail",
+                 "--out", str(tmp_path / "kt")]) == 0
+    assert "heavy-tailed tensors at other bits: none" in capsys.readouterr().out

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
@@ -34,6 +35,20 @@ def test_save_then_load_gives_identical_outputs(tie, tmp_path):
     assert ("lm_head.weight" in meta["ties"]) == tie  # a tied head is stored once
     if tie:
         assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+
+
+def test_layers_at_other_bits_load_at_their_bits(tmp_path):
+    model = quantize_model(tiny_model(False), bits=3, group_size=64, progress=False)
+    mlp = model.model.layers[1].mlp
+    mlp.down_proj = TQLinear.from_linear(nn.Linear(256, 128, bias=False), bits=4, group_size=64)  # as the kurtosis rule would
+    save_quantized(model, tmp_path)
+    meta = json.loads((tmp_path / WEIGHTS_CONFIG).read_text())
+    assert meta["bits"] == 3 and meta["layer_bits"] == {"model.layers.1.mlp.down_proj": 4}
+    loaded = load_quantized(tmp_path)
+    assert loaded.model.layers[1].mlp.down_proj.bits == 4 and loaded.model.layers[0].mlp.down_proj.bits == 3
+    ids = torch.randint(0, 96, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
 
 
 def test_loading_never_builds_a_full_weight_for_a_compressed_layer(tmp_path, monkeypatch):

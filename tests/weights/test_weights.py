@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from turboquant.weights import TQLinear, quantize_model
+from turboquant.weights import HEAVY_TAIL, TQLinear, quantize_model
+from turboquant.weights.model import excess_kurtosis
 
 
 @pytest.fixture
@@ -58,3 +59,20 @@ def test_bad_arguments_fail_before_anything_changes(bits, group_size, message, g
     with pytest.raises(ValueError, match=message):
         quantize_model(model, bits=bits, group_size=group_size, progress=False)
     assert all(type(m) is nn.Linear for m in model)
+
+
+def test_kurtosis_rule_gives_heavy_tailed_tensors_more_bits_or_none(generator):
+    gaussian = linear(128, 128, generator)
+    heavy, heavier = linear(128, 128, generator), linear(128, 128, generator)
+    with torch.no_grad():  # sparse large entries: excess kurtosis ~16 and ~100
+        for layer, every in ((heavy, 40), (heavier, 200)):
+            flat = layer.weight.view(-1)
+            flat[::every] *= 5 if every == 40 else 12
+    kurtosis = [excess_kurtosis(m.weight) for m in (gaussian, heavy, heavier)]
+    assert abs(kurtosis[0]) < 1 and HEAVY_TAIL[0] < kurtosis[1] < HEAVY_TAIL[1] < kurtosis[2]
+    model = nn.Sequential(gaussian, heavy, heavier)
+    quantize_model(model, bits=3, group_size=128, progress=False, heavy_tail=HEAVY_TAIL)
+    assert [getattr(m, "bits", None) for m in model] == [3, 4, None]
+    assert type(model[2]) is nn.Linear  # kept as it was
+    with pytest.raises(ValueError, match="heavy_tail must be"):
+        quantize_model(nn.Sequential(linear(128, 32, generator)), bits=3, group_size=128, heavy_tail=(30.0, 10.0))

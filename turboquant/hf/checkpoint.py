@@ -2,7 +2,8 @@
 
 A directory holds the HF `config.json` (and tokenizer files), `model.safetensors` (every tensor of the
 state dict: TQLinear codes and norms, the rest as they are; a tied weight is stored once) and
-`turboquant_weights.json` (bits, group size, seed, which Linear layers are TQLinear, which names are ties).
+`turboquant_weights.json` (bits, the layers at other bits, group size, seed, which Linear layers are
+TQLinear, which names are ties).
 Loading builds the model with its parameters on the meta device, swaps in TQLinear shells and assigns
 the stored tensors read straight to the target device, so no full-precision copy of a compressed weight
 is ever made there.
@@ -10,6 +11,7 @@ is ever made there.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 from pathlib import Path
@@ -30,14 +32,18 @@ def is_quantized_checkpoint(path: str | Path) -> bool:
 
 
 def save_quantized(model: nn.Module, directory: str | Path, tokenizer=None) -> Path:
-    """Write a model whose Linear layers were swapped by `quantize_model` (same bits and group size)."""
+    """Write a model whose Linear layers were swapped by `quantize_model` (one group size; bits may differ
+    per layer, as the kurtosis rule chooses them)."""
     layers = {name: m for name, m in model.named_modules() if isinstance(m, TQLinear)}
     if not layers:
         raise ValueError("the model has no TQLinear layers: run turboquant.weights.quantize_model first")
-    shapes = {(m.bits, m.group_size, m.seed) for m in layers.values()}
+    shapes = {(m.group_size, m.seed) for m in layers.values()}
     if len(shapes) != 1:
-        raise ValueError(f"save_quantized stores one bits/group_size/seed per model, found {sorted(shapes)}")
-    bits, group_size, seed = shapes.pop()
+        raise ValueError(f"save_quantized stores one group_size/seed per model, found {sorted(shapes)}")
+    group_size, seed = shapes.pop()
+    counts = collections.Counter(m.bits for m in layers.values())
+    bits = counts.most_common(1)[0][0]
+    layer_bits = {name: m.bits for name, m in sorted(layers.items()) if m.bits != bits}
     state, ties, seen = {}, {}, {}
     for name, tensor in model.state_dict().items():
         key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape))
@@ -53,7 +59,8 @@ def save_quantized(model: nn.Module, directory: str | Path, tokenizer=None) -> P
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     (directory / WEIGHTS_CONFIG).write_text(json.dumps(dict(
-        format=FORMAT_VERSION, bits=bits, group_size=group_size, seed=seed, layers=sorted(layers), ties=ties,
+        format=FORMAT_VERSION, bits=bits, layer_bits=layer_bits, group_size=group_size, seed=seed,
+        layers=sorted(layers), ties=ties,
     ), indent=1) + "\n")
     return directory
 
@@ -92,7 +99,8 @@ def load_quantized(directory: str | Path, device: str | torch.device = "cpu"):
     for name in meta["layers"]:
         linear = model.get_submodule(name)
         parent_name, _, child = name.rpartition(".")
-        shell = TQLinear(linear.in_features, linear.out_features, linear.bias is not None, meta["bits"],
+        bits = meta.get("layer_bits", {}).get(name, meta["bits"])
+        shell = TQLinear(linear.in_features, linear.out_features, linear.bias is not None, bits,
                          meta["group_size"], meta["seed"], device="meta")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, shell)
     state = load_file(directory / TENSORS, device=str(device))

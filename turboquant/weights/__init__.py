@@ -3,6 +3,6 @@ TurboQuant MSE code (the group's norm + b-bit Lloyd–Max indices of its rotated
 case of HIGGS. No calibration data. `quantize_model` swaps `nn.Linear` for `TQLinear`."""
 
 from .linear import TQLinear
-from .model import quantize_model
+from .model import HEAVY_TAIL, quantize_model
 
-__all__ = ["TQLinear", "quantize_model"]
+__all__ = ["HEAVY_TAIL", "TQLinear", "quantize_model"]
