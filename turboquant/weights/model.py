@@ -18,7 +18,7 @@ from .linear import TQLinear, weight_quantizer
 
 # The output head (often tied to the embedding) stays in the model's dtype, like the embeddings.
 KEEP = ("lm_head",)
-# (to_4bit, to_keep) excess-kurtosis thresholds; a Gaussian has 0, most LLM weights 0–8.
+# (to_4bit, to_keep) excess-kurtosis thresholds; a Gaussian has 0, most of SmolLM2's tensors 0.1–8.
 HEAVY_TAIL = (10.0, 30.0)
 
 
