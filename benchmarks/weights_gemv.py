@@ -1,0 +1,84 @@
+"""Weight GEMV (CUDA): `tq_linear_gemv` over TQ3/TQ4 codes side by side with bf16 cuBLAS
+(`torch.nn.functional.linear`) on Llama-3.1-8B's Linear shapes, batch 1 and a few small batches.
+
+    python benchmarks/weights_gemv.py [--out benchmarks/results/weights-h100]
+
+Each time is one CUDA-graph replay of 20 back-to-back calls divided by 20, median of 5 replays (the
+input rotation, one small matmul, is included in ours). Weights are random: speed does not depend on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from turboquant.weights import TQLinear  # noqa: E402
+from turboquant.weights.gemv import tq_linear_gemv  # noqa: E402
+
+SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (in_features, out_features)
+CALLS = 20
+
+
+def graph_ms(fn) -> float:
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(CALLS):
+            fn()
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / CALLS)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", help="write OUT.json and OUT.md")
+    parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--batches", default="1,4,16")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("needs a CUDA device")
+    rows = []
+    for in_features, out_features in SHAPES:
+        linear = nn.Linear(in_features, out_features, bias=False, dtype=torch.bfloat16)  # quantized on the CPU
+        weight = linear.weight.detach().cuda()
+        for bits in (3, 4):
+            layer = TQLinear.from_linear(linear, bits, args.group_size).to("cuda")
+            for batch in map(int, args.batches.split(",")):
+                x = torch.randn(batch, in_features, device="cuda", dtype=torch.bfloat16)
+                error = ((tq_linear_gemv(x, layer).float() - layer(x).float()).norm() / layer(x).float().norm()).item()
+                ours = graph_ms(lambda: tq_linear_gemv(x, layer))
+                cublas = graph_ms(lambda: nn.functional.linear(x, weight))
+                rows.append(dict(shape=f"{in_features}x{out_features}", bits=bits, batch=batch, ours_ms=round(ours, 4),
+                                 bf16_cublas_ms=round(cublas, 4), speedup=round(cublas / ours, 3),
+                                 relative_error_vs_reference=error))
+                print(json.dumps(rows[-1]), flush=True)
+    result = {"device": torch.cuda.get_device_name(0), "date": datetime.date.today().isoformat(),
+              "group_size": args.group_size, "rows": rows}
+    lines = [f"# Weight GEMV ({result['device']}, {result['date']}), group size {args.group_size}", "",
+             "| shape (in x out) | bits | batch | ours ms | bf16 cuBLAS ms | speedup |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['shape']} | {r['bits']} | {r['batch']} | {r['ours_ms']} | {r['bf16_cublas_ms']} | {r['speedup']}x |"
+              for r in rows]
+    print("\n".join(lines))
+    if args.out:
+        Path(args.out + ".json").write_text(json.dumps(result, indent=1))
+        Path(args.out + ".md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
