@@ -3,8 +3,8 @@
 
     python benchmarks/weights_gemv.py [--out benchmarks/results/weights-h100]
 
-Each time is one CUDA-graph replay of 20 back-to-back calls divided by 20, median of 5 replays (the
-input rotation, one small matmul, is included in ours). Weights are random: speed does not depend on them.
+Times as in `benchmarks/kernels.py` (one CUDA-graph replay of back-to-back calls, median of 5; the input
+rotation, one small matmul, is included in ours). Weights are random: speed does not depend on them.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -20,29 +19,13 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernels import graph_time_ms  # noqa: E402
+
 from turboquant.weights import TQLinear  # noqa: E402
 from turboquant.weights.gemv import tq_linear_gemv  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (in_features, out_features)
-CALLS = 20
-
-
-def graph_ms(fn) -> float:
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(CALLS):
-            fn()
-    times = []
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / CALLS)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -62,8 +45,8 @@ def main() -> None:
             for batch in map(int, args.batches.split(",")):
                 x = torch.randn(batch, in_features, device="cuda", dtype=torch.bfloat16)
                 error = ((tq_linear_gemv(x, layer).float() - layer(x).float()).norm() / layer(x).float().norm()).item()
-                ours = graph_ms(lambda: tq_linear_gemv(x, layer))
-                cublas = graph_ms(lambda: nn.functional.linear(x, weight))
+                ours = graph_time_ms(lambda: tq_linear_gemv(x, layer))
+                cublas = graph_time_ms(lambda: nn.functional.linear(x, weight))
                 rows.append(dict(shape=f"{in_features}x{out_features}", bits=bits, batch=batch, ours_ms=round(ours, 4),
                                  bf16_cublas_ms=round(cublas, 4), speedup=round(cublas / ours, 3),
                                  relative_error_vs_reference=error))
