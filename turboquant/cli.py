@@ -98,7 +98,7 @@ def cmd_compress_weights(args: argparse.Namespace) -> int:
     (load it with `--model DIR` in the other commands, or turboquant.hf.checkpoint.load_quantized)."""
     import torch
 
-    from .hf.checkpoint import save_quantized
+    from .hf.checkpoint import WEIGHTS_CONFIG, save_quantized
     from .hf.models import load_model
     from .weights import HEAVY_TAIL, quantize_model
 
@@ -111,7 +111,7 @@ def cmd_compress_weights(args: argparse.Namespace) -> int:
     size = sum(f.stat().st_size for f in out.iterdir())
     print(f"wrote {out}: {size / 2**20:.1f} MiB (TQ{args.bits}, groups of {args.group_size})")
     if args.heavy_tail:
-        bits = json.loads((out / "turboquant_weights.json").read_text())
+        bits = json.loads((out / WEIGHTS_CONFIG).read_text())
         print(f"heavy-tailed tensors at other bits: {bits['layer_bits'] or 'none'}")
     return 0
 
