@@ -35,6 +35,22 @@ def engine_kwargs(name: str) -> dict:
     return dict(ENGINES[name])
 
 
+# The 8B-shape benchmarks (throughput, profile): one engine setting, prompts of random token ids.
+MAX_MODEL_LEN = 32768 + 256
+
+
+def dummy_weight_engine(name: str, model: str):
+    """An `LLM` for engine `name` over `model` with dummy weights, CUDA graphs on, 85% of the GPU."""
+    from vllm import LLM
+
+    return LLM(model=model, load_format="dummy", max_model_len=MAX_MODEL_LEN, gpu_memory_utilization=0.85, seed=0,
+               **engine_kwargs(name))
+
+
+def random_prompts(rng, batch: int, length: int) -> list[dict]:
+    return [{"prompt_token_ids": [rng.randrange(100, 40000) for _ in range(length)]} for _ in range(batch)]
+
+
 def run_engine(script: str, name: str, args: list[str], timeout_s: int) -> dict:
     """Run `script --worker NAME ARGS…` and collect its RESULT line plus vLLM's KV-capacity log lines.
 

@@ -18,7 +18,7 @@ import time
 
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the profiler must see the engine's kernels
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from vllm_engines import engine_kwargs  # noqa: E402
+from vllm_engines import dummy_weight_engine, random_prompts  # noqa: E402
 
 PROFILED_TOKENS = 24
 
@@ -42,20 +42,16 @@ def main() -> None:
     args = parser.parse_args()
     import torch
     from torch.profiler import ProfilerActivity, profile
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
     start = time.perf_counter()
-    llm = LLM(model=args.model, load_format="dummy", max_model_len=33024, gpu_memory_utilization=0.85, seed=0,
-              **engine_kwargs(args.engine))
+    llm = dummy_weight_engine(args.engine, args.model)
     config = llm.llm_engine.vllm_config
     result = {"engine": args.engine, "device": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d"),
               "startup_s": round(time.perf_counter() - start, 1),
               "max_num_batched_tokens": config.scheduler_config.max_num_batched_tokens,
               "cudagraph_mode": str(config.compilation_config.cudagraph_mode)}
     rng = random.Random(0)
-
-    def prompts(batch, length):
-        return [{"prompt_token_ids": [rng.randrange(100, 40000) for _ in range(length)]} for _ in range(batch)]
 
     def generate(batch_prompts, tokens):
         torch.cuda.synchronize()
@@ -66,12 +62,13 @@ def main() -> None:
 
     for case in args.cases.split(","):
         batch, length, output = map(int, case.split("x"))
-        generate(prompts(batch, length), output)  # warm-up: the same schedule, other prompts
-        prefill, whole = generate(prompts(batch, length), 1), generate(prompts(batch, length), output)
+        generate(random_prompts(rng, batch, length), output)  # warm-up: the same schedule, other prompts
+        prefill = generate(random_prompts(rng, batch, length), 1)
+        whole = generate(random_prompts(rng, batch, length), output)
         row = {"prefill_s": round(prefill, 3), "whole_s": round(whole, 3),
                "decode_step_ms": round((whole - prefill) / (output - 1) * 1e3, 2)}
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            row["profiled_wall_s"] = round(generate(prompts(batch, length), PROFILED_TOKENS), 3)
+            row["profiled_wall_s"] = round(generate(random_prompts(rng, batch, length), PROFILED_TOKENS), 3)
         row.update(kernel_table(prof))
         result[f"b{batch}x{length}->{output}"] = row
         print(case, json.dumps({k: v for k, v in row.items() if k != "top"}), flush=True)

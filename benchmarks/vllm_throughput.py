@@ -17,12 +17,12 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from vllm_engines import ENGINES, engine_kwargs, report, run_engine  # noqa: E402
+from vllm_engines import (ENGINES, MAX_MODEL_LEN, dummy_weight_engine, random_prompts, report,  # noqa: E402
+                          run_engine)
 
 CASES = [(32, 1024, 128), (16, 6144, 128), (4, 32768, 128)]
 DEFAULT_ENGINES = ["bf16", "fp8", "upstream-turboquant_4bit_nc", "upstream-turboquant_3bit_nc",
                    "ours-k4v4", "ours-k4v4-b0", "ours-k4v3", "ours-k3v3"]
-MAX_MODEL_LEN = 32768 + 256
 
 
 def case_name(batch: int, prompt: int, output: int) -> str:
@@ -30,16 +30,14 @@ def case_name(batch: int, prompt: int, output: int) -> str:
 
 
 def worker(name: str, model: str, cases: list[tuple[int, int, int]]) -> None:
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
     start = time.perf_counter()
-    llm = LLM(model=model, load_format="dummy", max_model_len=MAX_MODEL_LEN, gpu_memory_utilization=0.85, seed=0,
-              **engine_kwargs(name))
+    llm = dummy_weight_engine(name, model)
     result = {"startup_s": round(time.perf_counter() - start, 1)}
     rng = random.Random(0)
     for batch, prompt, output in cases:
-        warmup, prompts = ([{"prompt_token_ids": [rng.randrange(100, 40000) for _ in range(prompt)]}
-                            for _ in range(batch)] for _ in range(2))
+        warmup, prompts = random_prompts(rng, batch, prompt), random_prompts(rng, batch, prompt)
         params = SamplingParams(max_tokens=output, ignore_eos=True, temperature=0)
         # Warm-up: the same schedule on other prompts, so every Triton specialization the timed run
         # needs (mixed prefill + decode steps included) is compiled here, and the timed prompts miss the
