@@ -46,6 +46,9 @@ def test_extend_rejects_bad_input(device, generator):
         extend_attention(query, keys, keys, starts[:1], seq_lens, cache, codec, block_table, 0.1, 5)
     with pytest.raises(ValueError, match="values"):
         extend_attention(query, keys, keys[:, :, :32], starts, seq_lens, cache, codec, block_table, 0.1, 5)
+    with pytest.raises(ValueError, match="out must be"):
+        extend_attention(query, keys, keys, starts, seq_lens, cache, codec, block_table, 0.1, 5,
+                         out=torch.empty(5, 2, 64, device=device))
 
 
 @pytest.mark.parametrize("head_dim,key_bits,value_bits,block_size,num_q_heads,num_kv_heads", [CASES[1], CASES[3]])
