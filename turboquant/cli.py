@@ -4,7 +4,6 @@ User errors print one line and exit 2."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -98,9 +97,9 @@ def cmd_compress_weights(args: argparse.Namespace) -> int:
     (load it with `--model DIR` in the other commands, or turboquant.hf.checkpoint.load_quantized)."""
     import torch
 
-    from .hf.checkpoint import WEIGHTS_CONFIG, save_quantized
+    from .hf.checkpoint import save_quantized
     from .hf.models import load_model
-    from .weights import HEAVY_TAIL, quantize_model
+    from .weights import HEAVY_TAIL, TQLinear, quantize_model
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
@@ -111,8 +110,8 @@ def cmd_compress_weights(args: argparse.Namespace) -> int:
     size = sum(f.stat().st_size for f in out.iterdir())
     print(f"wrote {out}: {size / 2**20:.1f} MiB (TQ{args.bits}, groups of {args.group_size})")
     if args.heavy_tail:
-        bits = json.loads((out / WEIGHTS_CONFIG).read_text())
-        print(f"heavy-tailed tensors at other bits: {bits['layer_bits'] or 'none'}")
+        moved = {name: m.bits for name, m in model.named_modules() if isinstance(m, TQLinear) and m.bits != args.bits}
+        print(f"heavy-tailed tensors at other bits: {moved or 'none'}")
     return 0
 
 
