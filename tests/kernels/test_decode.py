@@ -74,7 +74,7 @@ def test_decode_rejects_bad_input(device, generator):
         paged_decode_attention(query, cache, codec, block_table, lengths.long(), 0.1)
     with pytest.raises(ValueError, match="block_table"):
         paged_decode_attention(query, cache, codec, block_table.long(), lengths, 0.1)
-    with pytest.raises(ValueError, match="out must be"):
+    with pytest.raises(ValueError, match="out must have shape"):
         paged_decode_attention(query, cache, codec, block_table, lengths, 0.1, out=torch.empty(1, 4, 32, device=device))
     with pytest.raises(ValueError, match="cache"):
         paged_decode_attention(query, cache[..., :-4], codec, block_table, lengths, 0.1)

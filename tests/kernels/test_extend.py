@@ -46,7 +46,7 @@ def test_extend_rejects_bad_input(device, generator):
         extend_attention(query, keys, keys, starts[:1], seq_lens, cache, codec, block_table, 0.1, 5)
     with pytest.raises(ValueError, match="values"):
         extend_attention(query, keys, keys[:, :, :32], starts, seq_lens, cache, codec, block_table, 0.1, 5)
-    with pytest.raises(ValueError, match="out must be"):
+    with pytest.raises(ValueError, match="out must have shape"):
         extend_attention(query, keys, keys, starts, seq_lens, cache, codec, block_table, 0.1, 5,
                          out=torch.empty(5, 2, 64, device=device))
 

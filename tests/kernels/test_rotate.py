@@ -43,5 +43,5 @@ def test_rotate_rejects_bad_input(device):
         rotate(torch.zeros(3, 2, 32, device=device), codec)
     with pytest.raises(ValueError, match="x must be"):
         rotate(torch.zeros(3, 2, 64, dtype=torch.int32, device=device), codec)
-    with pytest.raises(ValueError, match="out must be"):
+    with pytest.raises(ValueError, match="out must have shape"):
         rotate(torch.zeros(3, 2, 64, device=device), codec, out=torch.zeros(3, 2, 32, device=device))

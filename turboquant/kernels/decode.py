@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .codec import KernelCodec
-from .launch import (FLOAT_DTYPES, check_block_table, check_codec_device, check_device_tensor, check_out, head_dim_pad,
+from .launch import (FLOAT_DTYPES, check_block_table, check_codec_device, check_device_tensor, head_dim_pad,
                      lookup_constants, multiprocessor_count, page_constants)
 from .packed_tile import load_levels, load_norms
 from .rotate import rotate
@@ -170,7 +170,7 @@ def paged_decode_attention(query: torch.Tensor, cache: torch.Tensor, codec: Kern
     if key_starts is not None:
         check_device_tensor(key_starts, "key_starts", (torch.int32,), (batch,), cache.device)
     if out is not None:
-        check_out(out, query.shape, cache.device)
+        check_device_tensor(out, "out", FLOAT_DTYPES, query.shape, cache.device)
     lookups = lookup_constants(codec)
     launch = decode_launch(layout.head_dim, layout.key_bits, layout.value_bits,
                            bool(lookups["KEY_LUT"] and lookups["VALUE_LUT"]))

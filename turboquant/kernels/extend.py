@@ -14,7 +14,7 @@ import triton.language as tl
 
 from .codec import KernelCodec
 from .decode import tanh
-from .launch import (FLOAT_DTYPES, check_block_table, check_codec_device, check_device_tensor, check_kv, check_out,
+from .launch import (FLOAT_DTYPES, check_block_table, check_codec_device, check_device_tensor, check_kv,
                      lookup_constants, page_constants)
 from .packed_tile import load_levels, load_norms
 from .rotate import rotate
@@ -172,7 +172,7 @@ def extend_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
     if key_starts is not None:
         check_device_tensor(key_starts, "key_starts", (torch.int32,), (batch,), cache.device)
     if out is not None:
-        check_out(out, query.shape, cache.device)
+        check_device_tensor(out, "out", FLOAT_DTYPES, query.shape, cache.device)
 
     num_q_heads = query.shape[1]
     group = num_q_heads // layout.num_kv_heads

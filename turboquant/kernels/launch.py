@@ -57,14 +57,6 @@ def check_device_tensor(tensor, name: str, dtypes, shape, device: torch.device) 
         raise ValueError(f"{name} must be contiguous in its last dimension")
 
 
-def check_out(out: torch.Tensor, shape, device: torch.device) -> None:
-    """An output tensor a wrapper writes into: float, `shape`, on `device`, contiguous in its last dimension."""
-    if (not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(shape) or out.dtype not in FLOAT_DTYPES
-            or out.device != device or out.stride(-1) != 1):
-        raise ValueError(f"out must be a float tensor of shape {tuple(shape)} on {device}, contiguous in its "
-                         "last dimension")
-
-
 def check_kv(keys: torch.Tensor, values: torch.Tensor, layout: PagedLayout, device: torch.device) -> None:
     shape = (keys.shape[0] if isinstance(keys, torch.Tensor) else 0, layout.num_kv_heads, layout.head_dim)
     for name, tensor in (("keys", keys), ("values", values)):

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .codec import PART_SCALES
-from .launch import FLOAT_DTYPES, check_out, head_dim_pad
+from .launch import FLOAT_DTYPES, check_device_tensor, head_dim_pad
 
 
 def rotation_columns(head_dim_pad: int, part_scale: float) -> int:
@@ -85,7 +85,7 @@ def rotate(x: torch.Tensor, codec, inverse: bool = False, out: torch.Tensor | No
         raise ValueError(f"x is on {x.device}, the codec on {codec.device}")
     if out is None:
         out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-    check_out(out, x.shape, x.device)
+    check_device_tensor(out, "out", FLOAT_DTYPES, x.shape, x.device)
     if x.stride(-1) != 1:
         x = x.contiguous()
     tokens, heads = x.shape[:2]
