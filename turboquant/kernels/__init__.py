@@ -4,6 +4,7 @@ tested against are in `reference.py`)."""
 from .codec import KernelCodec
 from .decode import paged_decode_attention
 from .extend import extend_attention
+from .gather import gather_sequences
 from .store import compress_store
 
-__all__ = ["KernelCodec", "compress_store", "paged_decode_attention", "extend_attention"]
+__all__ = ["KernelCodec", "compress_store", "paged_decode_attention", "extend_attention", "gather_sequences"]

@@ -47,7 +47,7 @@ def rotated_columns(x, rotation_ptr, columns, dims, HEAD_DIM: tl.constexpr, PART
     return y
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens"])  # num_tokens changes every step: one variant for all
 def _rotate_kernel(x_ptr, rotation_ptr, out_ptr, num_tokens, stride_x_token, stride_x_head, stride_out_token,
                    stride_out_head, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, PART_SCALE: tl.constexpr,
                    INVERSE: tl.constexpr, COLUMNS: tl.constexpr, ROWS: tl.constexpr):
@@ -64,12 +64,12 @@ def _rotate_kernel(x_ptr, rotation_ptr, out_ptr, num_tokens, stride_x_token, str
                  y.to(out_ptr.dtype.element_ty), mask=rows_valid[:, None] & (columns < HEAD_DIM)[None, :])
 
 
-def rotation_operand(codec, dtype: torch.dtype, inverse: bool) -> tuple[torch.Tensor, float]:
-    """(the tensor `rotated_columns` reads, its PART_SCALE) for an x of `dtype`."""
+def rotation_operand(codec, dtype: torch.dtype) -> tuple[torch.Tensor, float]:
+    """(the tensor `rotated_columns` reads, its PART_SCALE) for an x of `dtype`, either direction."""
     # Triton's CPU interpreter multiplies bf16 tiles as raw integers; there a bf16 x (exact in tf32)
     # takes the tf32x3 path, which gives the same fp32-accurate result.
     interpreted_bf16 = dtype == torch.bfloat16 and codec.device.type != "cuda"
-    if inverse or dtype == torch.float32 or interpreted_bf16:
+    if dtype == torch.float32 or interpreted_bf16:
         return codec.rotation, 0.0
     return (codec.rotation_bf16_parts if dtype == torch.bfloat16 else codec.rotation_fp16_parts), PART_SCALES[dtype]
 
@@ -91,7 +91,7 @@ def rotate(x: torch.Tensor, codec, inverse: bool = False, out: torch.Tensor | No
     tokens, heads = x.shape[:2]
     if tokens == 0 or heads == 0:
         return out
-    operand, part_scale = rotation_operand(codec, x.dtype, inverse)
+    operand, part_scale = rotation_operand(codec, x.dtype)
     rows = 16 if tokens <= 256 else 64
     pad = head_dim_pad(head_dim)
     _rotate_kernel[(triton.cdiv(tokens, rows), heads)](
