@@ -1,8 +1,10 @@
 """Kernel benchmark (CUDA): TurboQuant decode/extend/store kernels side by side with
 (a) bf16 FlashAttention-3 over a paged bf16 cache (vLLM's `vllm_flash_attn`, the offline bundle) and
 (b) vLLM 0.26's own TurboQuant decode kernel (`triton_turboquant_decode_attention`) at the same bits.
+Extend is timed two ways: the fused kernel, and what the vLLM backend runs for long chunks (gather the
+prefix with `gather_sequences`, then FA3 varlen on the contiguous K/V).
 
-    python benchmarks/kernels.py [--out benchmarks/results/kernels-h100.json] [--quick]
+    python benchmarks/kernels.py [--out benchmarks/results/kernels-h100.json] [--quick] [--only extend]
 
 Every time is one CUDA-graph replay of 20 back-to-back calls divided by 20 (launch overhead hidden, as in
 vLLM's decode graphs), median of 5 replays. GB/s = cache bytes the call must read ÷ time; the copy
@@ -27,6 +29,7 @@ from turboquant.core import TurboQuantConfig  # noqa: E402
 from turboquant.kernels.codec import KernelCodec  # noqa: E402
 from turboquant.kernels.decode import paged_decode_attention  # noqa: E402
 from turboquant.kernels.extend import extend_attention  # noqa: E402
+from turboquant.kernels.gather import gather_sequences  # noqa: E402
 from turboquant.kernels.store import compress_store  # noqa: E402
 
 BLOCK_SIZE = 16  # vLLM's default page size, for all three caches
@@ -108,6 +111,14 @@ class Baselines:
         return lambda: self.flash_attn_varlen_func(
             query, key_cache, value_cache, max_seqlen_q=chunk, cu_seqlens_q=cu_q, max_seqlen_k=context,
             seqused_k=seq_lens, softmax_scale=query.shape[-1] ** -0.5, causal=True, block_table=table, fa_version=3)
+
+    def fa3_gathered_extend(self, query, keys, values, chunk, context):
+        """FA3 over contiguous K/V of one sequence whose last `chunk` keys are the queries' own."""
+        cu_q = torch.tensor([0, chunk], dtype=torch.int32, device="cuda")
+        cu_k = torch.tensor([0, context], dtype=torch.int32, device="cuda")
+        return lambda: self.flash_attn_varlen_func(
+            query, keys, values, max_seqlen_q=chunk, cu_seqlens_q=cu_q, max_seqlen_k=context, cu_seqlens_k=cu_k,
+            softmax_scale=query.shape[-1] ** -0.5, causal=True, fa_version=3)
 
     def vllm_tq_decode(self, preset, query, num_kv_heads, table, seq_lens, num_blocks):
         head_dim = query.shape[-1]
@@ -200,14 +211,29 @@ def extend_cells(baselines: Baselines, shape: dict, prefix: int, chunks: list[in
         ms = graph_time_ms(lambda: extend_attention(query, keys, values, starts, seq_lens, cache, codec, table,
                                                     head_dim**-0.5, chunk))
         cell = {"shape": shape["name"], "prefix": prefix, "chunk": chunk, "preset": "k4v4", "ours_ms": ms}
-        del cache
+        gathered_keys = torch.empty(context, num_kv_heads, head_dim, device="cuda", dtype=torch.bfloat16)
+        gathered_values = torch.empty_like(gathered_keys)
+        key_start = torch.tensor([0, context], dtype=torch.int32, device="cuda")
+
+        def gather():
+            gather_sequences(keys, values, starts, seq_lens, cache, codec, table, key_start, context, gathered_keys,
+                             gathered_values)
+        cell["gather_ms"] = graph_time_ms(gather)
         if baselines.error is None:
+            attend = baselines.fa3_gathered_extend(query, gathered_keys, gathered_values, chunk, context)
+
+            def gather_then_attend():
+                gather()
+                attend()
+            cell["gather_fa3_ms"] = graph_time_ms(gather_then_attend)
             key_cache = torch.randn(num_blocks, BLOCK_SIZE, num_kv_heads, head_dim, device="cuda", dtype=torch.bfloat16)
             value_cache = torch.randn_like(key_cache)
             cell["fa3_bf16_ms"] = graph_time_ms(
                 baselines.fa3_extend(query, key_cache, value_cache, table, seq_lens, chunk, context))
             cell["ratio_to_fa3"] = ms / cell["fa3_bf16_ms"]
+            cell["gather_fa3_ratio_to_fa3"] = cell["gather_fa3_ms"] / cell["fa3_bf16_ms"]
             del key_cache, value_cache
+        del cache, gathered_keys, gathered_values
         out.append(cell)
         torch.cuda.empty_cache()
     return out
@@ -219,23 +245,29 @@ HEAD_256 = {"name": "gemma-2-9b (d=256)", "num_q_heads": 16, "num_kv_heads": 8, 
 
 
 def markdown(result: dict) -> str:
+    nan = float("nan")
     lines = [f"Device: {result['device']}, {result['date']}; copy bandwidth {result['copy_gbs']:.0f} GB/s "
-             f"(read + write). Times per call (CUDA graph), ms.", "",
-             "| shape | preset | batch | context | ours ms | ours GB/s (% copy) | FA3 bf16 ms | vs FA3 | vLLM TQ ms | vs vLLM TQ |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"(read + write). Times per call (CUDA graph), ms."]
+    if result["decode"]:
+        lines += ["", "| shape | preset | batch | context | ours ms | ours GB/s (% copy) | FA3 bf16 ms | vs FA3 | "
+                  "vLLM TQ ms | vs vLLM TQ |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for c in result["decode"]:
         fa3 = c.get("fa3_bf16", {})
         tq = c.get("vllm_tq", {})
         lines.append(
             f"| {c['shape']} | {c['preset']} | {c['batch']} | {c['context']} | {c['ours']['ms']:.3f} | "
             f"{c['ours']['gbs']:.0f} ({100 * c['ours']['fraction_of_copy_bw']:.0f}%) | "
-            f"{fa3.get('ms', float('nan')):.3f} | {c.get('speedup_vs_fa3', float('nan')):.2f}x | "
-            f"{tq.get('ms', float('nan')):.3f} | {c.get('speedup_vs_vllm_tq', float('nan')):.2f}x |")
-    lines += ["", "| extend: shape | prefix | chunk | ours ms | FA3 bf16 ms | ours / FA3 |", "|---|---:|---:|---:|---:|---:|"]
+            f"{fa3.get('ms', nan):.3f} | {c.get('speedup_vs_fa3', nan):.2f}x | "
+            f"{tq.get('ms', nan):.3f} | {c.get('speedup_vs_vllm_tq', nan):.2f}x |")
+    if result["extend"]:
+        lines += ["", "| extend: shape | prefix | chunk | fused ms | FA3 bf16 ms | fused / FA3 | gather ms | "
+                  "gather + FA3 ms | (gather + FA3) / FA3 |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for c in result["extend"]:
         lines.append(f"| {c['shape']} | {c['prefix']} | {c['chunk']} | {c['ours_ms']:.3f} | "
-                     f"{c.get('fa3_bf16_ms', float('nan')):.3f} | {c.get('ratio_to_fa3', float('nan')):.2f} |")
-    lines += ["", "| store: shape | preset | tokens | ms | µs/token |", "|---|---|---:|---:|---:|"]
+                     f"{c.get('fa3_bf16_ms', nan):.3f} | {c.get('ratio_to_fa3', nan):.2f} | {c.get('gather_ms', nan):.3f} | "
+                     f"{c.get('gather_fa3_ms', nan):.3f} | {c.get('gather_fa3_ratio_to_fa3', nan):.2f} |")
+    if result["store"]:
+        lines += ["", "| store: shape | preset | tokens | ms | µs/token |", "|---|---|---:|---:|---:|"]
     for c in result["store"]:
         lines.append(f"| {c['shape']} | {c['preset']} | {c['tokens']} | {c['ms']:.4f} | {c['us_per_token']:.4f} |")
     return "\n".join(lines)
@@ -252,6 +284,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="benchmarks/results/kernels-h100.json")
     parser.add_argument("--quick", action="store_true", help="a few cells only (smoke run)")
+    parser.add_argument("--only", choices=("decode", "extend", "store"), action="append",
+                        help="run only these sections (repeatable; default: all)")
     parser.add_argument("--table", default=None, help="print the markdown table of a saved JSON and exit")
     args = parser.parse_args()
     if args.table:
@@ -267,11 +301,12 @@ def main() -> int:
               "baselines": baselines.error or "vLLM FA3 (vllm_flash_attn) and triton_turboquant_decode_attention",
               "copy_gbs": copy_bandwidth_gbs(), "decode": [], "extend": [], "store": []}
     print(f"copy bandwidth {result['copy_gbs']:.0f} GB/s; baselines: {result['baselines']}", flush=True)
+    sections = set(args.only or ("decode", "extend", "store"))
     batches, contexts = ((8, 32), (1024, 16384)) if args.quick else ((1, 8, 32, 64), (1024, 4096, 16384, 32768, 131072))
     plan = [(LLAMA_8B, b, c, "k4v4", "turboquant_4bit_nc") for b in batches for c in contexts]
     plan += [(LLAMA_8B, b, c, "k3v3", "turboquant_3bit_nc") for b in (8, 32) for c in (4096, 32768)]
     plan += [(shape, 32, c, "k4v4", "turboquant_4bit_nc") for shape in (HEAD_64, HEAD_256) for c in (4096, 16384)]
-    for shape, batch, context, preset, vllm_preset in plan:
+    for shape, batch, context, preset, vllm_preset in plan if "decode" in sections else []:
         if not fits(shape, batch, context):
             print(f"skip {shape['name']} b{batch} x {context}: bf16 cache does not fit", flush=True)
             continue
@@ -279,8 +314,10 @@ def main() -> int:
         result["decode"].append(cell)
         print(json.dumps(cell), flush=True)
         save(result, args.out)
-    result["extend"] = extend_cells(baselines, LLAMA_8B, 16384, [512, 2048])
-    result["store"] = store_cells(LLAMA_8B)
+    if "extend" in sections:
+        result["extend"] = extend_cells(baselines, LLAMA_8B, 16384, [64, 128, 512, 2048])
+    if "store" in sections:
+        result["store"] = store_cells(LLAMA_8B)
     save(result, args.out)
     print(markdown(result))
     return 0

@@ -18,26 +18,28 @@ def backend(monkeypatch):
     from turboquant.vllm import backend
 
     config = SimpleNamespace(additional_config={"turboquant": "k4v4"},
-                             model_config=SimpleNamespace(get_total_num_hidden_layers=lambda: 4),
+                             model_config=SimpleNamespace(get_total_num_hidden_layers=lambda: 4, max_model_len=200),
                              parallel_config=SimpleNamespace(decode_context_parallel_size=1),
                              speculative_config=None)
     monkeypatch.setattr(backend, "get_current_vllm_config", lambda: config)
     return backend, config
 
 
-def test_decode_and_prefill_rows_match_the_references(backend):
+def run_batch(backend, prefix: list[int], new: list[int]):
+    """Fill a cache with each sequence's prefix, then run one step of `new` tokens per sequence through
+    the backend. Returns (metadata, output [tokens, HEADS, HEAD_DIM] fp32, query, keys, values, and what
+    the references need)."""
     from vllm.v1.attention.backend import CommonAttentionMetadata
-
-    from turboquant.kernels.reference import decode_reference, extend_reference
 
     module, config = backend
     device = "cuda" if torch.cuda.is_available() else "cpu"
     generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
     impl = module.TurboQuantImpl(HEADS, HEAD_DIM, HEAD_DIM ** -0.5, KV_HEADS)
     layer = SimpleNamespace(layer_name="model.layers.1.self_attn.attn")  # a 4-bit (non-boundary) layer
-    cache = torch.zeros(NUM_BLOCKS, KV_HEADS, BLOCK_SIZE * (32 + 32 + 8), dtype=torch.uint8, device=device)
-    block_table = torch.tensor([[0, 1, 2, 0], [3, 4, 0, 0], [5, 6, 7, 0], [8, 9, 0, 0]], dtype=torch.int32)
-    prefix, new = [39, 22, 30, 0], [1, 1, 10, 20]  # two decodes, a chunk after a prefix, a first chunk
+    blocks_per_seq = max(-(-(p + n) // BLOCK_SIZE) for p, n in zip(prefix, new))
+    order = torch.randperm(len(prefix) * blocks_per_seq + 3, generator=generator)
+    block_table = order[: len(prefix) * blocks_per_seq].reshape(len(prefix), blocks_per_seq).to(torch.int32)
+    cache = torch.zeros(order.numel(), KV_HEADS, BLOCK_SIZE * (32 + 32 + 8), dtype=torch.uint8, device=device)
 
     def slots(seq, start, count):
         positions = torch.arange(start, start + count)
@@ -55,27 +57,49 @@ def test_decode_and_prefill_rows_match_the_references(backend):
     slot_mapping = torch.cat([slots(seq, prefix[seq], count) for seq, count in enumerate(new)])
     impl.do_kv_cache_update(layer, keys, values, cache, slot_mapping)
 
-    query_start = torch.tensor([0, 1, 2, 12, 32], dtype=torch.int32)
+    query_start = torch.zeros(len(new) + 1, dtype=torch.int32)
+    query_start[1:] = torch.tensor(new).cumsum(0)
     seq_lens = torch.tensor([p + n for p, n in zip(prefix, new)], dtype=torch.int32)
     common = CommonAttentionMetadata(
         query_start_loc=query_start.to(device), query_start_loc_cpu=query_start, seq_lens=seq_lens.to(device),
-        num_reqs=4, num_actual_tokens=tokens, max_query_len=20, max_seq_len=int(seq_lens.max()),
+        num_reqs=len(new), num_actual_tokens=tokens, max_query_len=max(new), max_seq_len=int(seq_lens.max()),
         block_table_tensor=block_table.to(device), slot_mapping=slot_mapping, seq_lens_cpu_upper_bound=seq_lens)
     meta = module.TurboQuantMetadataBuilder(SimpleNamespace(), ["x"], config, device).build(0, common)
-    assert (meta.num_decodes, meta.num_prefills, meta.prefill_has_prefix) == (2, 2, True)
     output = torch.full((tokens + 3, HEADS * HEAD_DIM), float("nan"), dtype=torch.bfloat16, device=device)
     padded = torch.cat([query, randn(3, HEADS, HEAD_DIM)])  # CUDA-graph padding rows are left alone
     impl.forward(layer, padded, keys, values, cache, meta, output)
-    output = output.view(-1, HEADS, HEAD_DIM).float()
+    assert output[tokens:].isnan().all()
+    references = SimpleNamespace(cache=cache, codec=impl.codec, block_table=block_table.to(device),
+                                 query_start=query_start.to(device), seq_lens=seq_lens.to(device), scale=impl.scale)
+    return meta, output[:tokens].view(-1, HEADS, HEAD_DIM).float(), query, keys, values, references
 
-    codec, table = impl.codec, block_table.to(device)
-    expected_decode = decode_reference(query[:2].float(), cache, codec, table[:2], seq_lens[:2].to(device), impl.scale)
-    expected_prefill = extend_reference(query[2:].float(), keys[2:].float(), values[2:].float(),
-                                        (query_start[2:] - 2).to(device), seq_lens[2:].to(device), cache, codec,
-                                        table[2:], impl.scale)
+
+def test_decode_and_prefill_rows_match_the_references(backend):
+    from turboquant.kernels.reference import decode_reference, extend_reference
+
+    # two decodes, a short chunk after a prefix, a first chunk: the fused extend kernel's case
+    meta, output, query, keys, values, ref = run_batch(backend, prefix=[39, 22, 30, 0], new=[1, 1, 10, 20])
+    assert (meta.num_decodes, meta.num_prefills, meta.prefill_has_prefix) == (2, 2, True)
+    assert meta.prefill_groups is None
+    expected_decode = decode_reference(query[:2].float(), ref.cache, ref.codec, ref.block_table[:2], ref.seq_lens[:2],
+                                       ref.scale)
+    expected_prefill = extend_reference(query[2:].float(), keys[2:].float(), values[2:].float(), ref.query_start[2:] - 2,
+                                        ref.seq_lens[2:], ref.cache, ref.codec, ref.block_table[2:], ref.scale)
     # bf16 output rounding (2^-8 relative) and fp16 level products inside the kernels
     torch.testing.assert_close(output[:2], expected_decode, atol=2e-2, rtol=2e-2)
-    torch.testing.assert_close(output[2:tokens], expected_prefill, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(output[2:], expected_prefill, atol=2e-2, rtol=2e-2)
+
+
+def test_long_chunks_gather_their_prefixes_in_groups(backend):
+    from turboquant.kernels.reference import extend_reference
+
+    # long chunks: gathered for FlashAttention where vLLM ships it, in two groups (max_model_len 200)
+    meta, output, query, keys, values, ref = run_batch(backend, prefix=[40, 0, 70], new=[100, 30, 90])
+    assert meta.num_prefills == 3 and [group.requests for group in meta.prefill_groups] == [slice(0, 2), slice(2, 3)]
+    expected = extend_reference(query.float(), keys.float(), values.float(), ref.query_start, ref.seq_lens, ref.cache,
+                                ref.codec, ref.block_table, ref.scale)
+    # as above, plus the gathered K/V's bf16 rounding (2^-9 relative)
+    torch.testing.assert_close(output, expected, atol=2e-2, rtol=2e-2)
 
 
 def test_a_batch_of_first_chunks_has_no_prefix(backend):

@@ -2,10 +2,15 @@
 
 Each step: `do_kv_cache_update` compresses the new tokens into the paged cache (`compress_store`); then
 `forward` runs decode requests through `paged_decode_attention` (split-K over the compressed pages,
-CUDA-graph safe: the split count depends only on shapes) and prefill chunks through `extend_attention`
-(the compressed prefix, read in the kernel, + the chunk's own K/V in full precision, as vLLM's
-chunked prefill hands them over). A chunk with no cached prefix needs no compressed data at all and
-goes to vLLM's FlashAttention when the bundle ships it: the same arithmetic, faster.
+CUDA-graph safe: the split count depends only on shapes) and prefill chunks, which attend to their
+compressed prefix and in full precision to their own K/V (as vLLM's chunked prefill hands them over),
+one of three ways, all computing the same attention:
+- no chunk has a cached prefix: vLLM's FlashAttention on the chunks alone (no compressed data at all);
+- long chunks (`prefill_groups.GATHER_MIN_CHUNK`: prefix-weighted mean length ≥ 32): `gather_sequences`
+  dequantizes each prefix once into a shared workspace of vLLM's, then FlashAttention varlen. The fused
+  kernel would unpack the prefix again for every block of queries and runs about 3x FlashAttention's time;
+- short chunks, or no FlashAttention: the fused `extend_attention`, which reads the compressed prefix
+  directly and beats writing it out when few queries share it.
 
 The cache of one layer is uint8 [num_blocks, num_kv_heads, head_page_bytes] (`core/paged_layout.py`).
 """
@@ -29,9 +34,11 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.attention.backends.fa_utils import get_flash_attn_version, is_flash_attn_varlen_func_available
 from vllm.v1.attention.backends.utils import split_decodes_and_prefills
+from vllm.v1.worker.workspace import current_workspace_manager, is_workspace_manager_initialized
 
-from ..kernels import KernelCodec, compress_store, extend_attention, paged_decode_attention
+from ..kernels import KernelCodec, compress_store, extend_attention, gather_sequences, paged_decode_attention
 from ..kernels.codec import KERNEL_HEAD_DIMS
+from .prefill_groups import PrefillGroup, prefill_groups
 from .settings import VllmSettings
 
 if is_flash_attn_varlen_func_available():
@@ -100,6 +107,21 @@ class TurboQuantMetadata(AttentionMetadata):
     prefill_query_start: torch.Tensor  # int32 [num_prefills + 1], relative to the first prefill token
     prefill_max_query_len: int
     prefill_has_prefix: bool  # some prefill chunk attends to tokens already in the cache
+    # Set when the prefixes are gathered for FlashAttention: consecutive prefill requests whose keys fit
+    # the workspace together.
+    prefill_groups: list["PrefillGroup"] | None = None
+
+
+def gather_workspace(num_keys: int, num_kv_heads: int, head_size: int, dtype: torch.dtype,
+                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values [num_keys, num_kv_heads, head_size] in vLLM's shared workspace (reserved by the
+    builder for the model's maximum length, so it never grows after vLLM locks it), or fresh tensors
+    where vLLM runs without one."""
+    shape = (num_keys, num_kv_heads, head_size)
+    if is_workspace_manager_initialized():
+        keys, values = current_workspace_manager().get_simultaneous((shape, dtype), (shape, dtype))
+        return keys, values
+    return torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device)
 
 
 class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
@@ -108,6 +130,10 @@ class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self._init_reorder_batch_threshold(1)
+        self.gather_capacity = vllm_config.model_config.max_model_len  # keys one gather may hold
+        if is_workspace_manager_initialized():  # reserve it now, while vLLM profiles memory
+            gather_workspace(self.gather_capacity, kv_cache_spec.num_kv_heads, kv_cache_spec.head_size,
+                             vllm_config.model_config.dtype, device)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> TurboQuantMetadata:
@@ -118,6 +144,10 @@ class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
         seq_lens_cpu = common.seq_lens_cpu_upper_bound  # exact for prefill rows
         has_prefix = num_prefills > 0 and (
             seq_lens_cpu is None or bool((seq_lens_cpu[num_decodes:] > query_lens_cpu).any()))
+        groups = None
+        if has_prefix and seq_lens_cpu is not None:
+            groups = prefill_groups(query_lens_cpu.tolist(), seq_lens_cpu[num_decodes:].tolist(),
+                                    self.gather_capacity, self.device)
         return TurboQuantMetadata(
             seq_lens=common.seq_lens,
             block_table=common.block_table_tensor,
@@ -128,6 +158,7 @@ class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
             prefill_query_start=common.query_start_loc[num_decodes:] - num_decode_tokens,
             prefill_max_query_len=int(query_lens_cpu.max()) if num_prefills else 0,
             prefill_has_prefix=has_prefix,
+            prefill_groups=groups,
         )
 
 
@@ -193,16 +224,31 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
         return output
 
     def _prefill(self, query, key, value, kv_cache, codec, meta: TurboQuantMetadata, out: torch.Tensor) -> None:
-        if not meta.prefill_has_prefix and self.fa_version is not None:
-            flash_attn_varlen_func(
-                q=query, k=key, v=value, max_seqlen_q=meta.prefill_max_query_len,
-                cu_seqlens_q=meta.prefill_query_start, max_seqlen_k=meta.prefill_max_query_len,
-                cu_seqlens_k=meta.prefill_query_start, softmax_scale=self.scale, causal=True,
-                window_size=[self.sliding_window - 1, 0] if self.sliding_window else [-1, -1],
-                softcap=self.softcap or 0.0, fa_version=self.fa_version, out=out)
+        if self.fa_version is not None and not meta.prefill_has_prefix:
+            self._flash_attention(query, key, value, meta.prefill_query_start, meta.prefill_query_start,
+                                  meta.prefill_max_query_len, meta.prefill_max_query_len, out)
             return
         prefills = slice(meta.num_decodes, None)
+        seq_lens, block_table = meta.seq_lens[prefills], meta.block_table[prefills]
+        if self.fa_version is not None and meta.prefill_groups is not None:
+            for group in meta.prefill_groups:
+                rows, requests = group.rows, group.requests
+                keys, values = gather_workspace(group.num_keys, self.num_kv_heads, self.head_size, query.dtype,
+                                                query.device)
+                gather_sequences(key[rows], value[rows], group.query_start, seq_lens[requests], kv_cache, codec,
+                                 block_table[requests], group.key_start, group.max_seq_len, keys, values)
+                self._flash_attention(query[rows], keys, values, group.query_start, group.key_start,
+                                      group.max_query_len, group.max_seq_len, out[rows])
+            return
         extend_attention(
-            query, key, value, meta.prefill_query_start, meta.seq_lens[prefills], kv_cache, codec,
-            meta.block_table[prefills], self.scale, meta.prefill_max_query_len, self.sliding_window, self.softcap,
-            out=out)
+            query, key, value, meta.prefill_query_start, seq_lens, kv_cache, codec, block_table, self.scale,
+            meta.prefill_max_query_len, self.sliding_window, self.softcap, out=out)
+
+    def _flash_attention(self, query, keys, values, query_start, key_start, max_query_len: int, max_seq_len: int,
+                         out: torch.Tensor) -> None:
+        """Causal varlen FlashAttention; each sequence's queries are its last keys (bottom-right aligned)."""
+        flash_attn_varlen_func(
+            q=query, k=keys, v=values, max_seqlen_q=max_query_len, cu_seqlens_q=query_start,
+            max_seqlen_k=max_seq_len, cu_seqlens_k=key_start, softmax_scale=self.scale, causal=True,
+            window_size=[self.sliding_window - 1, 0] if self.sliding_window else [-1, -1],
+            softcap=self.softcap or 0.0, fa_version=self.fa_version, out=out)

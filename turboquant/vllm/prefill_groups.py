@@ -1,0 +1,61 @@
+"""Which way a step's prefill chunks attend to their compressed prefixes, and in what groups (no vLLM
+import: CPU-testable). The backend (`backend.py`) gathers the prefixes for FlashAttention when the
+chunks are long, a group of consecutive requests at a time so the gathered keys fit its workspace."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# Prefix-weighted mean chunk length from which gathering the prefixes beats the fused extend kernel. On an
+# H100 (16K prefix, `benchmarks/results/kernels-extend-h100.md`) gathering + FlashAttention won at every
+# chunk measured, 64 to 2048 tokens (2.5–4.4x); the fused kernel keeps many short chunks, which fill the
+# GPU with its programs while gathering would write every prefix out for a few queries each.
+GATHER_MIN_CHUNK = 32
+
+
+@dataclass
+class PrefillGroup:
+    requests: slice  # of the prefill requests
+    rows: slice  # of the prefill query tokens
+    query_start: torch.Tensor  # int32 [len + 1], from 0
+    key_start: torch.Tensor  # int32 [len + 1], from 0: rows of the gathered keys/values
+    num_keys: int
+    max_query_len: int
+    max_seq_len: int
+
+
+def prefill_groups(query_lens: list[int], seq_lens: list[int], capacity: int,
+                   device: torch.device) -> list[PrefillGroup] | None:
+    """Groups of consecutive prefill requests whose gathered keys fit `capacity` rows, or None when the
+    chunks are too short for gathering to pay (`GATHER_MIN_CHUNK`). A sequence longer than the capacity
+    cannot happen: the capacity is the model's maximum length."""
+    prefixes = [seq - query for query, seq in zip(query_lens, seq_lens)]
+    if sum(q * p for q, p in zip(query_lens, prefixes)) < GATHER_MIN_CHUNK * sum(prefixes):
+        return None
+    bounds, keys = [0], 0
+    for index, length in enumerate(seq_lens):
+        if keys + length > capacity and index > bounds[-1]:
+            bounds.append(index)
+            keys = 0
+        keys += length
+    bounds.append(len(seq_lens))
+    starts, spans = [], []
+    for first, last in zip(bounds, bounds[1:]):
+        query_start, key_start = [0], [0]
+        for query, seq in zip(query_lens[first:last], seq_lens[first:last]):
+            query_start.append(query_start[-1] + query)
+            key_start.append(key_start[-1] + seq)
+        starts += query_start + key_start
+        spans.append((first, last, query_start, key_start))
+    packed = torch.tensor(starts, dtype=torch.int32).to(device, non_blocking=True)  # one copy per step
+    groups, offset, row = [], 0, 0
+    for first, last, query_start, key_start in spans:
+        count = last - first + 1
+        groups.append(PrefillGroup(
+            requests=slice(first, last), rows=slice(row, row + query_start[-1]),
+            query_start=packed[offset:offset + count], key_start=packed[offset + count:offset + 2 * count],
+            num_keys=key_start[-1], max_query_len=max(query_lens[first:last]), max_seq_len=max(seq_lens[first:last])))
+        offset, row = offset + 2 * count, row + query_start[-1]
+    return groups
