@@ -18,8 +18,8 @@ import triton
 import triton.language as tl
 
 from .codec import KernelCodec
-from .launch import (FLOAT_DTYPES, check_block_table, check_codec_device, check_device_tensor, head_dim_pad,
-                     lookup_constants, multiprocessor_count, page_constants)
+from .launch import (FLOAT_DTYPES, SLICED_METADATA, check_block_table, check_codec_device, check_device_tensor,
+                     head_dim_pad, lookup_constants, multiprocessor_count, page_constants)
 from .packed_tile import load_levels, load_norms
 from .rotate import rotate
 
@@ -42,7 +42,7 @@ def tanh(x):
     return 2 * tl.sigmoid(2 * x) - 1
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=SLICED_METADATA)
 def _decode_split_kernel(
     query_ptr, cache_ptr, block_table_ptr, seq_lens_ptr, key_starts_ptr, key_centroids_ptr, value_centroids_ptr,
     partial_out_ptr, partial_lse_ptr,

@@ -14,8 +14,8 @@ import triton.language as tl
 
 from .codec import KernelCodec
 from .decode import tanh
-from .launch import (FLOAT_DTYPES, check_block_table, check_codec_device, check_device_tensor, check_kv,
-                     lookup_constants, page_constants)
+from .launch import (FLOAT_DTYPES, SLICED_METADATA, check_block_table, check_codec_device, check_device_tensor,
+                     check_kv, lookup_constants, page_constants)
 from .packed_tile import load_levels, load_norms
 from .rotate import rotate
 
@@ -43,7 +43,7 @@ def _online_softmax_step(scores, visible, running_max, running_sum, acc, values,
     return new_max, running_sum, acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=SLICED_METADATA)
 def _extend_kernel(
     query_ptr, keys_ptr, values_ptr, cache_ptr, block_table_ptr, seq_lens_ptr, query_start_ptr, key_starts_ptr,
     key_centroids_ptr, value_centroids_ptr, out_ptr, lse_ptr,

@@ -11,6 +11,11 @@ from .codec import KernelCodec
 from .lut_asm import LUT_BITS, byte_permute_available
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Per-step metadata that a serving engine hands over as slices (seq_lens[num_decodes:], a group's starts).
+# Triton specializes pointer arguments on 16-byte alignment, so a slice at a new offset compiles a new
+# kernel variant in the middle of serving, seconds each. These are read a scalar or a gathered tile at a
+# time: alignment buys them nothing.
+SLICED_METADATA = ("block_table_ptr", "seq_lens_ptr", "query_start_ptr", "key_start_ptr", "key_starts_ptr")
 
 
 def multiprocessor_count(device: torch.device) -> int:

@@ -49,7 +49,7 @@ def _quantize_rows(x_ptr, stride_token, stride_head, tokens, rows_valid, head, r
     tl.store(norm_ptrs.to(tl.pointer_type(tl.float32)), norms, mask=rows_valid)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens"])  # num_tokens changes every step: one variant for all
 def _compress_store_kernel(
     keys_ptr, values_ptr, slot_mapping_ptr, rotation_ptr, cache_ptr,
     key_centroids_ptr, key_boundaries_ptr, value_centroids_ptr, value_boundaries_ptr,
@@ -97,7 +97,7 @@ def compress_store(keys: torch.Tensor, values: torch.Tensor, slot_mapping: torch
     rows = 16 if num_tokens <= 512 else 64  # decode steps: more programs; prefill: fewer rotation loads
     grid = (triton.cdiv(num_tokens, rows), layout.num_kv_heads, 2)
     key_bits, value_bits = PackedBits.of(layout.key_bits), PackedBits.of(layout.value_bits)
-    rotation, part_scale = rotation_operand(codec, keys.dtype, inverse=False)
+    rotation, part_scale = rotation_operand(codec, keys.dtype)
     _compress_store_kernel[grid](
         keys, values, slot_mapping, rotation, cache,
         codec.key_centroids, codec.key_boundaries, codec.value_centroids, codec.value_boundaries,
