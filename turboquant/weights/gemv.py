@@ -18,7 +18,7 @@ import triton.language as tl
 from ..kernels.packed_tile import load_levels
 from .linear import TQLinear
 
-ROWS_PER_PROGRAM = 64
+ROWS_PER_PROGRAM = 16  # of 16, 32, 64 on an H100 (benchmarks/weights_gemv.py): fastest for TQ3 at batch 1
 
 
 @functools.lru_cache(maxsize=None)
