@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kernels import graph_time_ms  # noqa: E402
 
 from turboquant.weights import TQLinear  # noqa: E402
+from turboquant.weights import gemv  # noqa: E402
 from turboquant.weights.gemv import tq_linear_gemv  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (in_features, out_features)
@@ -32,10 +33,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", help="write OUT.json and OUT.md")
     parser.add_argument("--group-size", type=int, default=128)
-    parser.add_argument("--batches", default="1,4,16")
+    parser.add_argument("--batches", default="1,4,16,32")
+    parser.add_argument("--rows-per-program", type=int, default=gemv.ROWS_PER_PROGRAM,
+                        help="output rows per program (a launch sweep; default: the kernel's)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA device")
+    gemv.ROWS_PER_PROGRAM = args.rows_per_program
     rows = []
     for in_features, out_features in SHAPES:
         linear = nn.Linear(in_features, out_features, bias=False, dtype=torch.bfloat16)  # quantized on the CPU
@@ -52,8 +56,9 @@ def main() -> None:
                                  relative_error_vs_reference=error))
                 print(json.dumps(rows[-1]), flush=True)
     result = {"device": torch.cuda.get_device_name(0), "date": datetime.date.today().isoformat(),
-              "group_size": args.group_size, "rows": rows}
-    lines = [f"# Weight GEMV ({result['device']}, {result['date']}), group size {args.group_size}", "",
+              "group_size": args.group_size, "rows_per_program": args.rows_per_program, "rows": rows}
+    lines = [f"# Weight GEMV ({result['device']}, {result['date']}), group size {args.group_size}, "
+             f"{args.rows_per_program} rows per program", "",
              "| shape (in x out) | bits | batch | ours ms | bf16 cuBLAS ms | speedup |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['shape']} | {r['bits']} | {r['batch']} | {r['ours_ms']} | {r['bf16_cublas_ms']} | {r['speedup']}x |"
               for r in rows]

@@ -13,7 +13,7 @@ import torch
 
 from ..core import MSEQuantizer, TurboQuantConfig
 from ..core.paged_layout import PagedLayout
-from .lut_asm import LUT_BITS, dequant_asm
+from .lut_asm import LUT_BITS, antisymmetric_fp16, dequant_asm
 
 KERNEL_HEAD_DIMS = (64, 80, 96, 128, 256)
 KERNEL_BITS = (2, 3, 4, 8)
@@ -74,7 +74,7 @@ class KernelCodec:
         value_quantizer = config.make_quantizer("value", head_dim, layer_idx)
         assert key_quantizer.rotation is value_quantizer.rotation  # one rotation per layer: q is rotated once
         key_book, value_book = key_quantizer.codebook, value_quantizer.codebook
-        key_levels, value_levels = _antisymmetric_fp16(key_book.centroids), _antisymmetric_fp16(value_book.centroids)
+        key_levels, value_levels = antisymmetric_fp16(key_book.centroids), antisymmetric_fp16(value_book.centroids)
         rotation = key_quantizer.rotation.matrix()
         return cls(
             layout, key_quantizer, value_quantizer,
@@ -96,10 +96,6 @@ def rotation_parts(rotation: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         parts.append(rest.to(dtype))
         rest = (rest - parts[-1].double()) * scale
     return torch.stack(parts).contiguous()
-
-
-def _antisymmetric_fp16(levels: torch.Tensor) -> torch.Tensor:
-    return ((levels - levels.flip(0)) / 2).half().cpu()
 
 
 

@@ -24,6 +24,12 @@ import torch
 LUT_BITS = (3, 4)
 
 
+def antisymmetric_fp16(levels: torch.Tensor) -> torch.Tensor:
+    """Levels of a symmetric law as fp16 on the CPU, made exactly antisymmetric (c[−i] = −c[i]) so a
+    4-bit lookup can store magnitudes only."""
+    return ((levels - levels.flip(0)) / 2).half().cpu()
+
+
 def _byte_tables(levels: torch.Tensor) -> tuple[int, int, int, int]:
     """8 fp16 levels → (low bytes of levels 0–3, of 4–7, high bytes of 0–3, of 4–7) as 32-bit words."""
     bits = levels.to(torch.float16).cpu().view(torch.int16).int() & 0xFFFF
