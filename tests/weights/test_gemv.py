@@ -21,11 +21,26 @@ def test_gemv_matches_the_dequantized_linear(bits, group_size, bias, batch):
         linear.weight.copy_(torch.randn(80, 256, generator=generator) * 0.05)
     layer = TQLinear.from_linear(linear, bits, group_size).to(device)
     x = torch.randn(*batch, 256, generator=generator).to(device)
-    want = layer(x)
+    want = nn.functional.linear(x, layer.dequantize(), layer.bias)
     got = tq_linear_gemv(x, layer)
     assert got.shape == want.shape and got.dtype == x.dtype
     # fp16 codebook levels against the fp32 codebook of the reference: ~1e-3 relative
     torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3 * want.abs().max().item())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernel path of forward runs on CUDA")
+def test_forward_reads_the_codes_for_decode_sized_inputs(monkeypatch):
+    from turboquant.weights import gemv, linear as linear_module
+
+    calls = []
+    monkeypatch.setattr(gemv, "tq_linear_gemv", lambda x, layer: calls.append(x.shape) or tq_linear_gemv(x, layer))
+    layer = TQLinear.from_linear(nn.Linear(256, 80), 4, 64).cuda()
+    rows = linear_module.KERNEL_MAX_ROWS
+    for shape in [(1, 1, 256), (rows, 256), (rows + 1, 256)]:
+        x = torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
+        want = nn.functional.linear(x.float(), layer.dequantize(), layer.bias.float())
+        torch.testing.assert_close(layer(x).float(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+    assert calls == [(1, 1, 256), (rows, 256)]  # more rows than KERNEL_MAX_ROWS: dequantize once instead
 
 
 def test_gemv_rejects_bad_input():

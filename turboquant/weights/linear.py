@@ -2,13 +2,16 @@
 
 weight [out, in] → groups [out, in / group_size, group_size]; per group: the fp16 norm (with norm
 correction, ‖w‖/‖ŵ‖) and packed b-bit indices of R·w/‖w‖. Because R is orthogonal,
-W·x = Σ_g norm_g · levels(idx_g) · (R·x_g), so a GEMV kernel can rotate the input once per group instead
-of un-rotating the weight. This PyTorch path dequantizes the weight: it is the reference (and slow).
+W·x = Σ_g norm_g · levels(idx_g) · (R·x_g), so a kernel can rotate the input once per group instead of
+un-rotating the weight (`gemv.py`). `forward` runs it for decode-sized inputs on CUDA; otherwise, and as
+the reference the kernel is tested against, it dequantizes the weight (slow: every call rebuilds it).
+Both compute the same product; the kernel's fp16 operands round it differently (~1e-3 relative).
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 
 import torch
 from torch import nn
@@ -16,6 +19,9 @@ from torch import nn
 from ..core import MSEQuantizer, make_rotation, packed_bytes
 
 WEIGHT_BITS = (2, 3, 4)
+# Inputs of at most this many rows (decode steps) read the codes in the kernel; a prefill's many rows
+# dequantize the weight once for one cuBLAS matmul instead of re-reading the codes per tile of 32 rows.
+KERNEL_MAX_ROWS = 64
 
 
 @functools.lru_cache(maxsize=None)
@@ -64,7 +70,17 @@ class TQLinear(nn.Module):
         groups = self.quantizer.dequantize_packed(self.packed, self.norms.float())
         return groups.reshape(self.out_features, self.in_features)
 
+    def uses_kernel(self, x: torch.Tensor) -> bool:
+        """Whether `forward(x)` runs the Triton kernel: a CUDA input of at most KERNEL_MAX_ROWS rows, a
+        power-of-two group size, and Triton installed."""
+        return (x.is_cuda and x.numel() <= KERNEL_MAX_ROWS * self.in_features
+                and self.group_size & (self.group_size - 1) == 0 and importlib.util.find_spec("triton") is not None)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.uses_kernel(x):
+            from .gemv import tq_linear_gemv  # imports Triton, which the CPU-only install may lack
+
+            return tq_linear_gemv(x, self)
         weight = self.dequantize().to(x.dtype)
         return nn.functional.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
 
