@@ -6,8 +6,8 @@ This is how a long prefill chunk attends to a compressed prefix fastest: the fus
 unpacks the prefix again for every block of queries, so its cost grows with the chunk length, while
 here the prefix is unpacked once per chunk and the attention runs at FlashAttention's speed. The
 price is bandwidth: 4 bytes per coordinate written and read back, which a short chunk does not repay
-(the vLLM backend picks per step). The fp16 levels are un-rotated by R rounded to fp16 (2^-12
-relative, finer than the 16-bit K/V that FlashAttention reads), scaled by the fp32 norm, cast on store.
+(the vLLM backend picks per step). The fp16 levels are un-rotated by R rounded to fp16 (2^-11
+relative: no coarser than the 16-bit K/V that FlashAttention reads), scaled by the fp32 norm, cast on store.
 Reference: `reference.gather_sequence_reference` per sequence, then the chunk's own K/V.
 """
 
@@ -21,8 +21,6 @@ from .codec import KernelCodec
 from .launch import (FLOAT_DTYPES, SLICED_METADATA, check_block_table, check_codec_device, check_device_tensor,
                      check_kv, head_dim_pad, lookup_constants, page_constants)
 from .packed_tile import load_levels, load_norms
-
-
 
 # Tokens per program and output coordinates per dot: 64 × 32 compiles for sm_90 without spilling at every
 # head_dim (Triton 3.6 ptxas: 168–251 registers); 64 × 64 spills, 32 × 32 reloads R twice as often.
