@@ -131,7 +131,11 @@ class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self._init_reorder_batch_threshold(1)
         self.gather_capacity = vllm_config.model_config.max_model_len  # keys one gather may hold
-        if is_workspace_manager_initialized():  # reserve it now, while vLLM profiles memory
+        # Gathering lays keys out by CPU sequence lengths: exact for prefill rows, optimistic for the
+        # speculative-decoding rows this backend also runs as prefills. With speculative decoding every
+        # prefill keeps the fused kernel, which reads the exact lengths on the GPU.
+        self.gathers = vllm_config.speculative_config is None
+        if self.gathers and is_workspace_manager_initialized():  # reserve it now, while vLLM profiles memory
             gather_workspace(self.gather_capacity, kv_cache_spec.num_kv_heads, kv_cache_spec.head_size,
                              vllm_config.model_config.dtype, device)
 
@@ -145,7 +149,7 @@ class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
         has_prefix = num_prefills > 0 and (
             seq_lens_cpu is None or bool((seq_lens_cpu[num_decodes:] > query_lens_cpu).any()))
         groups = None
-        if has_prefix and seq_lens_cpu is not None:
+        if has_prefix and seq_lens_cpu is not None and self.gathers:
             groups = prefill_groups(query_lens_cpu.tolist(), seq_lens_cpu[num_decodes:].tolist(),
                                     self.gather_capacity, self.device)
         return TurboQuantMetadata(
