@@ -51,6 +51,12 @@ def random_prompts(rng, batch: int, length: int) -> list[dict]:
     return [{"prompt_token_ids": [rng.randrange(100, 40000) for _ in range(length)]} for _ in range(batch)]
 
 
+# A worker prints these around each timed call; vLLM's JIT monitor lines between them name the Triton
+# kernels that compiled inside the timing (which then measured the compiler, not the kernels).
+TIMED_START, TIMED_END = "TIMED-START", "TIMED-END"
+JIT_WARNING = re.compile(r"Triton kernel JIT compilation during inference: (\w+)")
+
+
 def run_engine(script: str, name: str, args: list[str], timeout_s: int) -> dict:
     """Run `script --worker NAME ARGS…` and collect its RESULT line plus vLLM's KV-capacity log lines.
 
@@ -66,7 +72,14 @@ def run_engine(script: str, name: str, args: list[str], timeout_s: int) -> dict:
         os.killpg(worker.pid, signal.SIGKILL)
         log, _ = worker.communicate()
         row["rc"] = "timeout"
+    timed_case = None
     for line in log.splitlines():
+        if line.startswith(TIMED_START):
+            timed_case = line[len(TIMED_START):].strip()
+        elif line.startswith(TIMED_END):
+            timed_case = None
+        elif timed_case and (match := JIT_WARNING.search(line)):
+            row.setdefault("jit_in_timed", {}).setdefault(timed_case, []).append(match.group(1))
         if line.startswith("RESULT "):
             row.update(json.loads(line[len("RESULT "):]))
         if match := re.search(r"GPU KV cache size: ([\d,]+) tokens", line):
