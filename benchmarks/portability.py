@@ -3,7 +3,8 @@ random config that keeps the real model's attention layout (head_dim, GQA ratio,
 soft-capping, q/k norms, M-RoPE), run through `TurboQuantCache` on the CPU.
 
 Per architecture: `generate` with the cache runs; `verify` (teacher-forced, 256-token prefill + 64 steps)
-gives the per-layer K/V reconstruction cosine (gate: ≥ 0.99 at k4v4 on every compressed layer) and says
+gives the per-layer K/V reconstruction cosine on the compressed tokens (gate: ≥ 0.99 at k4v4 on every
+compressed layer) and the attention outputs' cosine to DynamicCache's (reported), and says
 which layers stayed uncompressed and why; an architecture the cache cannot hold must be refused with a
 ValueError at construction. Random weights: next-token agreement is reported, not gated.
 
@@ -116,6 +117,7 @@ def measure(name: str, preset: str) -> dict:
         compressed_layers=[r.layer for r in compressed],
         uncompressed_layers={r.layer: r.status for r in report.layers if r.status != "compressed"},
         min_kv_cosine=round(min(cosines), 5) if cosines else None,
+        min_attention_cosine=round(min(r.attention_cosine for r in report.layers), 5),
         agreement=round(report.agreement, 4),
         kv_bytes=report.kv_bytes, dynamic_kv_bytes=report.dynamic_kv_bytes,
         seconds=round(time.perf_counter() - start, 1),
@@ -128,16 +130,17 @@ def markdown(result: dict) -> str:
     lines = [f"# Portability, Hugging Face path ({result['device']}, {result['date']}, preset {result['preset']})", "",
              f"Small random configs with each model's attention layout; {PREFILL}-token prefill + {DECODE} "
              "teacher-forced steps; gate: every compressed layer's K/V cosine ≥ 0.99 and `generate` runs.", "",
-             "| architecture | layout | result | compressed layers | uncompressed (why) | min K/V cosine | agreement |",
-             "|---|---|---|---|---|---|---|"]
+             "| architecture | layout | result | compressed layers | uncompressed (why) | min K/V cosine | "
+             "min attention cosine | agreement |", "|---|---|---|---|---|---|---|---|"]
     for row in result["rows"]:
         if row["status"] != "ok":
             lines.append(f"| {row['architecture']} | {row['layout']} | {row['status']}"
-                         f"{': ' + row['reason'] if row.get('reason') else ''} | | | | |")
+                         f"{': ' + row['reason'] if row.get('reason') else ''} | | | | | |")
             continue
         why = "; ".join(f"{k}: {v}" for k, v in row["uncompressed_layers"].items()) or "—"
         lines.append(f"| {row['architecture']} | {row['layout']} | {'PASS' if row['passed'] else 'FAIL'} | "
-                     f"{row['compressed_layers']} | {why} | {row['min_kv_cosine']} | {row['agreement']:.2%} |")
+                     f"{row['compressed_layers']} | {why} | {row['min_kv_cosine']} | {row['min_attention_cosine']} | "
+                     f"{row['agreement']:.2%} |")
     return "\n".join(lines) + "\n"
 
 

@@ -30,7 +30,8 @@ def test_verify_prints_a_per_layer_report(tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert status in (0, 1) and report["passed"] == (status == 0)
     assert [layer["layer"] for layer in report["layers"]] == [0, 1]
-    assert all(0.9 < layer["key_cosine"] <= 1.0 for layer in report["layers"])
+    # below 1: the cosines are measured on the compressed tokens (8-bit boundary layers, 2 of 2 here, included)
+    assert all(0.9 < layer["key_cosine"] < 1.0 and 0.9 < layer["value_cosine"] < 1.0 for layer in report["layers"])
     assert report["tokens"] == {"prefill": 40, "decode": 8}
     assert report["kv_bytes"] < report["dynamic_kv_bytes"]
 

@@ -200,7 +200,41 @@ def test_bad_configurations_are_clear_errors():
         TurboQuantCache(transformers.T5Config(), "k4v4")
     with pytest.raises(ValueError, match="mode"):
         TurboQuantCache(model.config, "k4v4", mode="fast")
-    mla = transformers.DeepseekV2Config(num_hidden_layers=2, kv_lora_rank=64, qk_nope_head_dim=64,
-                                        qk_rope_head_dim=32, v_head_dim=64)
-    with pytest.raises(ValueError, match="latent attention"):  # refused up front, not mid-generate
-        TurboQuantCache(mla, "k4v4")
+    mla = tiny_mla().config
+    with pytest.raises(ValueError, match="MLA latents"):  # refused up front, not mid-generate
+        TurboQuantCache(mla, "k4v4", mode="fused")
+
+
+def tiny_mla():
+    torch.manual_seed(0)
+    config = transformers.DeepseekV2Config(
+        vocab_size=256, hidden_size=128, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=4, kv_lora_rank=64, q_lora_rank=None, qk_nope_head_dim=32, qk_rope_head_dim=16,
+        v_head_dim=32, first_k_dense_replace=3, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+    return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+def test_mla_latent_is_compressed_and_its_rope_key_kept(monkeypatch):
+    from turboquant.hf import cache as cache_module
+    from turboquant.hf.verify import verify_ids
+
+    model = tiny_mla()
+    if not cache_module.caches_mla_latent(model.config):
+        pytest.skip("this transformers caches MLA per head, not the latent")
+    ids = torch.randint(0, 256, (1, 200), generator=torch.Generator().manual_seed(1))
+    config = TurboQuantConfig.from_preset("k4v4", sink_tokens=4, residual_window=16)
+    report = verify_ids(model, ids, config, prefill=136, progress=False)
+    middle = report.layers[1]  # a 4-bit layer; the first and last store 8-bit codes
+    assert middle.status == "compressed" and 0.99 <= middle.key_cosine < 0.9999 and middle.value_cosine == 1.0
+    assert all(layer.attention_cosine >= 0.99 for layer in report.layers)  # the gate at 4 bits
+    cache = TurboQuantCache(model.config, config)
+    with torch.no_grad():
+        model(ids[:, :136], past_key_values=cache)
+    layer = cache.layers[1]
+    assert layer.latent and layer.packed_values is None and layer.exact_values.dtype == torch.float32
+    # kv_c [1, 1, tokens, 64] as 4-bit codes + norm; k_pe [.., 16] as it is
+    assert layer.packed_keys.shape == (1, 1, 136 - 4 - 16, 32) and layer.exact_values.shape[-1] == 16
+    assert cache.nbytes() < cache.dynamic_cache_nbytes()
+    monkeypatch.setattr(cache_module, "caches_mla_latent", lambda text_config: False)
+    with pytest.raises(ValueError, match="caches per-head keys and values"):
+        TurboQuantCache(model.config, "k4v4")

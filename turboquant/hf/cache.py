@@ -17,10 +17,16 @@ Modes:
   directly (`attention.py`, the model must use attn_implementation="turboquant"); no full-precision
   copy of them exists. Needs a CUDA device (or Triton's interpreter, TRITON_INTERPRET=1, on the CPU).
 Sliding-window layers (Gemma-2/3, Mistral) stay uncompressed: their cache is bounded anyway.
+
+Multi-head latent attention (DeepSeek-V2/V3 and their kin): transformers caches the latent, keys = the
+normalized kv_c [B, 1, L, kv_lora_rank] and values = the shared RoPE key k_pe [B, 1, L, rope_dim], and
+up-projects per head after the cache. A latent layer compresses kv_c and keeps k_pe exact (it carries the
+position and is small); the fused mode does not serve it.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 
 import torch
@@ -50,12 +56,14 @@ def check_mse(config: TurboQuantConfig) -> None:
 class TurboQuantLayer(DynamicLayer):
     """One layer's cache. Tensors are [batch, kv_heads, tokens, ...] like transformers' layers."""
 
-    def __init__(self, config: TurboQuantConfig, layer_idx: int, mode: str = "incremental"):
+    def __init__(self, config: TurboQuantConfig, layer_idx: int, mode: str = "incremental", latent: bool = False):
         super().__init__()
         check_mse(config)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        self.config, self.layer_idx, self.mode = config, layer_idx, mode
+        if latent and mode == "fused":
+            raise ValueError("mode='fused' does not read MLA latents; use mode='incremental' or 'compact'")
+        self.config, self.layer_idx, self.mode, self.latent = config, layer_idx, mode, latent
         self._reset_storage()
 
     def _reset_storage(self) -> None:
@@ -67,6 +75,7 @@ class TurboQuantLayer(DynamicLayer):
         self.outlier_channels = self.inlier_channels = None  # [B, H, 1, n] int64 channel indices
         self.outlier_keys = None  # [B, H, N, key_outlier_channels], model dtype
         self.dequantized_keys = self.dequantized_values = None  # incremental mode: [B, H, N, D]
+        self.exact_values = None  # latent layers: the compressed run's values (k_pe), kept as they are
         self.pages = None  # fused mode: a SequencePages holding the compressed run
         self.num_tokens = 0
         self.is_initialized = False
@@ -74,14 +83,17 @@ class TurboQuantLayer(DynamicLayer):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         batch, num_kv_heads, _, head_dim = key_states.shape
-        if value_states.shape[-1] != head_dim:
+        if value_states.shape[-1] != head_dim and not self.latent:
             raise ValueError(f"keys and values must share head_dim, got {head_dim} and {value_states.shape[-1]}")
         self.key_quantizer = self.config.make_quantizer("key", head_dim, self.layer_idx)
-        self.value_quantizer = self.config.make_quantizer("value", head_dim, self.layer_idx)
-        zero = torch.zeros(*key_states.shape[:2], 1, head_dim, device=self.device, dtype=torch.float32)
-        # One chunk's mean is enough: the offsets these remove are properties of the channel, not the token.
-        self.key_center = key_states.float().mean(dim=2, keepdim=True) if self.config.center_keys else zero
-        self.value_center = value_states.float().mean(dim=2, keepdim=True) if self.config.center_values else zero
+        self.value_quantizer = None if self.latent else self.config.make_quantizer("value", head_dim, self.layer_idx)
+        def center(states: torch.Tensor, wanted: bool) -> torch.Tensor:
+            # One chunk's mean is enough: the offsets it removes are properties of the channel, not the token.
+            if wanted:
+                return states.float().mean(dim=2, keepdim=True)
+            return torch.zeros(*states.shape[:2], 1, states.shape[-1], device=self.device, dtype=torch.float32)
+        self.key_center = center(key_states, self.config.center_keys)
+        self.value_center = center(value_states, self.config.center_values and not self.latent)
         if self.config.key_outlier_channels:
             spread = (key_states.float() - self.key_center).abs().mean(dim=2, keepdim=True)
             order = spread.argsort(dim=-1, descending=True)
@@ -111,11 +123,15 @@ class TurboQuantLayer(DynamicLayer):
             self.outlier_keys = _cat(self.outlier_keys, new_outliers)
             centered = self._split(centered, self.inlier_channels)
         packed_k, norms_k = self.key_quantizer.quantize_packed(centered)
-        packed_v, norms_v = self.value_quantizer.quantize_packed(values.float() - self.value_center)
         self.packed_keys, self.key_norms = _cat(self.packed_keys, packed_k), _cat(self.key_norms, norms_k)
-        self.packed_values, self.value_norms = _cat(self.packed_values, packed_v), _cat(self.value_norms, norms_v)
         if self.mode == "incremental":
             self.dequantized_keys = _cat(self.dequantized_keys, self._decode_keys(packed_k, norms_k, new_outliers))
+        if self.latent:
+            self.exact_values = _cat(self.exact_values, values)
+            return
+        packed_v, norms_v = self.value_quantizer.quantize_packed(values.float() - self.value_center)
+        self.packed_values, self.value_norms = _cat(self.packed_values, packed_v), _cat(self.value_norms, norms_v)
+        if self.mode == "incremental":
             self.dequantized_values = _cat(
                 self.dequantized_values, self._decode(self.value_quantizer, packed_v, norms_v, self.value_center)
             )
@@ -144,11 +160,14 @@ class TurboQuantLayer(DynamicLayer):
         if self.packed_keys is None:
             return None
         if self.mode == "incremental":
-            return self.dequantized_keys, self.dequantized_values
-        return (
-            self._decode_keys(self.packed_keys, self.key_norms, self.outlier_keys),
-            self._decode(self.value_quantizer, self.packed_values, self.value_norms, self.value_center),
-        )
+            keys = self.dequantized_keys
+        else:
+            keys = self._decode_keys(self.packed_keys, self.key_norms, self.outlier_keys)
+        if self.latent:
+            return keys, self.exact_values
+        if self.mode == "incremental":
+            return keys, self.dequantized_values
+        return keys, self._decode(self.value_quantizer, self.packed_values, self.value_norms, self.value_center)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Store a chunk [B, H, L, D]; return what this call attends to: K/V tensors, or in fused mode a
@@ -196,7 +215,7 @@ class TurboQuantLayer(DynamicLayer):
     def _map_batch(self, fn) -> None:
         for name in ("sink_keys", "sink_values", "keys", "values", "packed_keys", "packed_values", "key_norms",
                      "value_norms", "key_center", "value_center", "dequantized_keys", "dequantized_values",
-                     "outlier_channels", "inlier_channels", "outlier_keys"):
+                     "outlier_channels", "inlier_channels", "outlier_keys", "exact_values"):
             tensor = getattr(self, name)
             if tensor is not None:
                 setattr(self, name, fn(tensor))
@@ -228,7 +247,7 @@ class TurboQuantLayer(DynamicLayer):
             self.pages.truncate(compressed_keep)
         if self.packed_keys is not None:
             for name in ("packed_keys", "packed_values", "key_norms", "value_norms", "dequantized_keys",
-                         "dequantized_values", "outlier_keys"):
+                         "dequantized_values", "outlier_keys", "exact_values"):
                 tensor = getattr(self, name)
                 if tensor is not None:
                     setattr(self, name, tensor[:, :, :compressed_keep])
@@ -241,7 +260,8 @@ class TurboQuantLayer(DynamicLayer):
         """Bytes this layer must keep: compressed data, full-precision runs and centers (not the
         incremental mode's dequantized buffer, which is a speed cache)."""
         tensors = (self.sink_keys, self.sink_values, self.keys, self.values, self.packed_keys, self.packed_values,
-                   self.key_norms, self.value_norms, self.key_center, self.value_center, self.outlier_keys)
+                   self.key_norms, self.value_norms, self.key_center, self.value_center, self.outlier_keys,
+                   self.exact_values)
         pages = 0 if self.pages is None else self.pages.nbytes()  # with its spare capacity
         return pages + sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
@@ -249,8 +269,9 @@ class TurboQuantLayer(DynamicLayer):
         """What a DynamicLayer would hold for the same tokens."""
         if not self.is_initialized:
             return 0
-        batch, heads, _, head_dim = self.key_center.shape
-        return 2 * batch * heads * self.num_tokens * head_dim * torch.empty((), dtype=self.dtype).element_size()
+        batch, heads, _, key_dim = self.key_center.shape
+        value_dim = self.value_center.shape[-1]
+        return batch * heads * self.num_tokens * (key_dim + value_dim) * torch.empty((), dtype=self.dtype).element_size()
 
 
 def _layer_types(text_config) -> list[str]:
@@ -272,6 +293,17 @@ def _layer_nbytes(layer) -> int:
     if not getattr(layer, "is_initialized", False) or layer.keys is None:
         return 0
     return sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
+
+
+def caches_mla_latent(text_config) -> bool:
+    """Whether transformers caches this MLA model's latent (kv_c and k_pe, one "head" each) rather than
+    per-head keys and values: its attention up-projects the cached latent (`expand_kv`)."""
+    model_type = getattr(text_config, "model_type", "")
+    try:
+        module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    except ImportError:
+        return False
+    return any(isinstance(obj, type) and callable(getattr(obj, "expand_kv", None)) for obj in vars(module).values())
 
 
 def _check_fused(model_config, text_config, layers: list) -> None:
@@ -311,10 +343,11 @@ class TurboQuantCache(Cache):
         text_config = model_config.get_text_config(decoder=True)
         if getattr(model_config, "is_encoder_decoder", False) or getattr(text_config, "num_hidden_layers", None) is None:
             raise ValueError("TurboQuantCache needs the config of a decoder-only model (with num_hidden_layers)")
-        if getattr(text_config, "kv_lora_rank", None):
-            # transformers caches MLA as per-head keys [nope | rope] and narrower values, not the latent
-            raise ValueError("TurboQuantCache does not hold multi-head latent attention (MLA, kv_lora_rank is set) "
-                             "caches; use DynamicCache for this model")
+        latent = bool(getattr(text_config, "kv_lora_rank", None))
+        if latent and not caches_mla_latent(text_config):
+            raise ValueError("TurboQuantCache holds multi-head latent attention (MLA) caches only where transformers "
+                             f"caches the latent (an attention with `expand_kv`); {text_config.model_type} in this "
+                             "transformers version caches per-head keys and values: use DynamicCache for this model")
         layer_types = _layer_types(text_config)
         layers = []
         for idx, layer_type in enumerate(layer_types):
@@ -323,7 +356,7 @@ class TurboQuantCache(Cache):
                 layers.append(DynamicSlidingWindowLayer(sliding_window=window))
             elif layer_type in FULL_ATTENTION_TYPES:
                 layer_config = config.for_layer(idx, len(layer_types))
-                layers.append(DynamicLayer() if layer_config is None else TurboQuantLayer(layer_config, idx, mode))
+                layers.append(DynamicLayer() if layer_config is None else TurboQuantLayer(layer_config, idx, mode, latent))
             else:
                 raise ValueError(f"layer {idx} has attention type {layer_type!r}, which TurboQuantCache cannot hold")
         if mode == "fused":

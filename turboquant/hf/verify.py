@@ -87,14 +87,14 @@ def _mean_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 def _kv_cosines(reference_cache, layer: TurboQuantLayer, layer_idx: int) -> tuple[float, float] | None:
     """Cosine of the layer's reconstruction on the compressed tokens, recomputed from the baseline K/V."""
     keys, values = reference_cache.layers[layer_idx].keys, reference_cache.layers[layer_idx].values
-    probe = TurboQuantLayer(layer.config, layer_idx, "compact")
-    keys_hat, values_hat = probe.update(keys, values)
-    start = layer.config.sink_tokens
-    stop = keys.shape[2] - layer.config.residual_window
-    if stop <= start:
+    probe = TurboQuantLayer(layer.config, layer_idx, "compact", layer.latent)
+    probe.update(keys, values)  # returns what this call attends to (exact); the middle run is compressed after
+    compressed = probe.compressed_kv()
+    if compressed is None:
         return None
-    return (_mean_cosine(keys_hat[:, :, start:stop], keys[:, :, start:stop]),
-            _mean_cosine(values_hat[:, :, start:stop], values[:, :, start:stop]))
+    start = 0 if probe.sink_keys is None else probe.sink_keys.shape[2]
+    stop = start + compressed[0].shape[2]
+    return (_mean_cosine(compressed[0], keys[:, :, start:stop]), _mean_cosine(compressed[1], values[:, :, start:stop]))
 
 
 def verify(model, tokenizer, text: str, config: TurboQuantConfig, prefill: int = 256, decode_tokens: int = 128,
