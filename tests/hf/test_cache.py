@@ -201,7 +201,7 @@ def test_bad_configurations_are_clear_errors():
     with pytest.raises(ValueError, match="mode"):
         TurboQuantCache(model.config, "k4v4", mode="fast")
     mla = tiny_mla().config
-    with pytest.raises(ValueError, match="MLA latents"):  # refused up front, not mid-generate
+    with pytest.raises(ValueError, match="MLA"):  # refused up front, not mid-generate (the latent, or per-head)
         TurboQuantCache(mla, "k4v4", mode="fused")
 
 
