@@ -160,14 +160,12 @@ class TurboQuantLayer(DynamicLayer):
         if self.packed_keys is None:
             return None
         if self.mode == "incremental":
-            keys = self.dequantized_keys
+            keys, values = self.dequantized_keys, self.dequantized_values
         else:
             keys = self._decode_keys(self.packed_keys, self.key_norms, self.outlier_keys)
-        if self.latent:
-            return keys, self.exact_values
-        if self.mode == "incremental":
-            return keys, self.dequantized_values
-        return keys, self._decode(self.value_quantizer, self.packed_values, self.value_norms, self.value_center)
+            values = None if self.latent else self._decode(self.value_quantizer, self.packed_values,
+                                                           self.value_norms, self.value_center)
+        return keys, self.exact_values if self.latent else values
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Store a chunk [B, H, L, D]; return what this call attends to: K/V tensors, or in fused mode a

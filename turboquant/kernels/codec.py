@@ -98,7 +98,6 @@ def rotation_parts(rotation: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.stack(parts).contiguous()
 
 
-
 @dataclass(frozen=True)
 class PackedBits:
     """How b-bit indices group into bytes, as kernel constants: `coords` indices fill `group_bytes`

@@ -115,10 +115,10 @@ def gather_sequences(keys: torch.Tensor, values: torch.Tensor, query_start: torc
     if batch == 0 or max_seq_len <= 0:
         return
     _gather_kernel[(batch, triton.cdiv(max_seq_len, GATHER_ROWS), 2 * layout.num_kv_heads)](
-        keys, values, cache, block_table, seq_lens, query_start, key_start,
-        codec.rotation_fp16_parts[0],
+        keys, values, cache, block_table, seq_lens, query_start, key_start, codec.rotation_fp16_parts[0],
         codec.key_centroids_fp16, codec.value_centroids_fp16, out_keys, out_values,
-        keys.stride(0), keys.stride(1), values.stride(0), values.stride(1), out_keys.stride(0), out_keys.stride(1), block_table.stride(0),
+        keys.stride(0), keys.stride(1), values.stride(0), values.stride(1), out_keys.stride(0), out_keys.stride(1),
+        block_table.stride(0),
         **page_constants(layout),
         **lookup_constants(codec, bits=(4,)),  # 3-bit byte permutes into tl.dot tiles: Triton 3.6 fails to compile
         COLUMNS=min(GATHER_COLUMNS, head_dim_pad(layout.head_dim)), ROWS=GATHER_ROWS, num_warps=4, num_stages=1,

@@ -5,6 +5,7 @@ chunks are long, a group of consecutive requests at a time so the gathered keys 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 
@@ -43,10 +44,8 @@ def prefill_groups(query_lens: list[int], seq_lens: list[int], capacity: int,
     bounds.append(len(seq_lens))
     starts, spans = [], []
     for first, last in zip(bounds, bounds[1:]):
-        query_start, key_start = [0], [0]
-        for query, seq in zip(query_lens[first:last], seq_lens[first:last]):
-            query_start.append(query_start[-1] + query)
-            key_start.append(key_start[-1] + seq)
+        query_start = list(accumulate(query_lens[first:last], initial=0))
+        key_start = list(accumulate(seq_lens[first:last], initial=0))
         starts += query_start + key_start
         spans.append((first, last, query_start, key_start))
     packed = torch.tensor(starts, dtype=torch.int32).to(device, non_blocking=True)  # one copy per step

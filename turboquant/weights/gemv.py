@@ -6,7 +6,7 @@ once for a tile of up to 32 batch rows, turns them into fp16 levels (`kernels/pa
 byte permutation for 4-bit codes), multiplies them with the rotated input on the tensor cores
 (fp16 operands, fp32 accumulation) and scales by the group norms. The groups are split over several
 programs whose fp32 partial sums are added at the end, so a batch-1 call still fills the GPU.
-Reference: `TQLinear.forward` (dequantize, then `F.linear`).
+Reference: `TQLinear.dequantize`, then `F.linear` (what `TQLinear.forward` runs off the kernel's path).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import triton.language as tl
 from ..kernels.launch import multiprocessor_count
 from ..kernels.lut_asm import antisymmetric_fp16, byte_permute_available, dequant_asm
 from ..kernels.packed_tile import load_levels
-from .linear import TQLinear
+from .linear import TQLinear, kernel_group_size
 
 ROWS_PER_PROGRAM = 64  # of 16, 32, 64 on an H100 (benchmarks/weights_gemv.py --rows-per-program)
 # Codes turned into levels by byte permutation. 3-bit codes gather from the codebook instead: on an H100,
@@ -69,7 +69,7 @@ def tq_linear_gemv(x: torch.Tensor, layer: TQLinear) -> torch.Tensor:
     if not isinstance(layer, TQLinear):
         raise TypeError(f"expected a TQLinear, got {type(layer).__name__}")
     group_size = layer.group_size
-    if group_size & (group_size - 1) or group_size < 16:
+    if not kernel_group_size(group_size):
         raise ValueError(f"the GEMV kernel needs a power-of-two group_size of at least 16 (a tensor-core tile), "
                          f"the layer has {group_size}")
     if not isinstance(x, torch.Tensor) or x.shape[-1] != layer.in_features or not x.is_floating_point():

@@ -22,6 +22,12 @@ WEIGHT_BITS = (2, 3, 4)
 # Inputs of at most this many rows (decode steps) read the codes in the kernel; a prefill's many rows
 # dequantize the weight once for one cuBLAS matmul instead of re-reading the codes per tile of 32 rows.
 KERNEL_MAX_ROWS = 64
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None  # the CPU-only install may lack it
+
+
+def kernel_group_size(group_size: int) -> bool:
+    """Whether the kernel tiles groups of this size: a power of two of at least 16 (a tensor-core tile)."""
+    return group_size >= 16 and group_size & (group_size - 1) == 0
 
 
 @functools.lru_cache(maxsize=None)
@@ -72,13 +78,13 @@ class TQLinear(nn.Module):
 
     def uses_kernel(self, x: torch.Tensor) -> bool:
         """Whether `forward(x)` runs the Triton kernel: a CUDA input of at most KERNEL_MAX_ROWS rows, a
-        power-of-two group size, and Triton installed."""
-        return (x.is_cuda and x.numel() <= KERNEL_MAX_ROWS * self.in_features
-                and self.group_size & (self.group_size - 1) == 0 and importlib.util.find_spec("triton") is not None)
+        group size it tiles, and Triton installed."""
+        return (TRITON_INSTALLED and x.is_cuda and x.numel() <= KERNEL_MAX_ROWS * self.in_features
+                and kernel_group_size(self.group_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.uses_kernel(x):
-            from .gemv import tq_linear_gemv  # imports Triton, which the CPU-only install may lack
+            from .gemv import tq_linear_gemv  # imports Triton
 
             return tq_linear_gemv(x, self)
         weight = self.dequantize().to(x.dtype)
