@@ -61,6 +61,22 @@ def test_decode_empty_sequence_and_bf16_query(device, generator):
     torch.testing.assert_close(out[1].float(), expected[1], atol=2e-2, rtol=2e-2)  # bf16 output rounding
 
 
+@pytest.mark.parametrize("head_dim", [64, 96, 128, 256])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16bit_queries_match_the_reference_in_their_own_dtype(head_dim, dtype, device, generator):
+    """vLLM hands bf16/fp16 queries over as they are: they are rotated from their 16-bit parts."""
+    codec = make_codec(head_dim, 4, 3, 2, 16, device)
+    seq_lens = [70, 33]
+    cache, block_table = filled_cache(codec, seq_lens, generator, device)
+    query = torch.randn(2, 8, head_dim, generator=generator).to(device, dtype)
+    lengths = torch.tensor(seq_lens, dtype=torch.int32, device=device)
+    out = paged_decode_attention(query, cache, codec, block_table, lengths, head_dim**-0.5, num_splits=2)
+    expected = decode_reference(query, cache, codec, block_table, lengths, head_dim**-0.5)
+    assert out.dtype == dtype
+    rounding = 2e-2 if dtype == torch.bfloat16 else 4e-3  # of the 16-bit output
+    torch.testing.assert_close(out.float(), expected, atol=rounding, rtol=rounding)
+
+
 def test_decode_rejects_bad_input(device, generator):
     codec = make_codec(64, 4, 4, 2, 16, device)
     cache, block_table = filled_cache(codec, [20], generator, device)
