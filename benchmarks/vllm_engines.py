@@ -22,9 +22,9 @@ ENGINES: dict[str, dict] = {
     "upstream-turboquant_3bit_nc": dict(kv_cache_dtype="turboquant_3bit_nc"),
     **{f"ours-{preset}": dict(attention_backend="CUSTOM", additional_config={"turboquant": preset})
        for preset in ("k4v4", "k4v3", "k3v3")},
-    # every layer at the preset's bits (the default keeps the first and last layer at 8 bits)
-    **{f"ours-{preset}-b0": dict(attention_backend="CUSTOM",
-                                 additional_config={"turboquant": {"preset": preset, "boundary_layers": 0}})
+    # the first and last layer at 8 bits (every layer is at the preset's bits by default)
+    **{f"ours-{preset}-b1": dict(attention_backend="CUSTOM",
+                                 additional_config={"turboquant": {"preset": preset, "boundary_layers": 1}})
        for preset in ("k4v4", "k3v3")},
 }
 

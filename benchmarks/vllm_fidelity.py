@@ -24,7 +24,7 @@ from vllm_engines import ENGINES, engine_kwargs, report, run_engine  # noqa: E40
 PREFIX_TOKENS, CONTINUATION_TOKENS, TOP = 512, 128, 20
 GREEDY_PROMPTS, GREEDY_PROMPT_TOKENS, GREEDY_TOKENS = 20, 128, 64
 DEFAULT_ENGINES = ["bf16", "fp8", "upstream-turboquant_4bit_nc", "upstream-turboquant_3bit_nc",
-                   "ours-k4v4", "ours-k4v4-b0", "ours-k3v3", "ours-k3v3-b0"]
+                   "ours-k4v4", "ours-k4v4-b1", "ours-k3v3", "ours-k3v3-b1"]
 
 
 def text_tokens(tokenizer) -> list[int]:

@@ -22,7 +22,7 @@ from vllm_engines import (ENGINES, MAX_MODEL_LEN, TIMED_END, TIMED_START, dummy_
 
 CASES = [(32, 1024, 128), (16, 6144, 128), (4, 32768, 128)]
 DEFAULT_ENGINES = ["bf16", "fp8", "upstream-turboquant_4bit_nc", "upstream-turboquant_3bit_nc",
-                   "ours-k4v4", "ours-k4v4-b0", "ours-k4v3", "ours-k3v3"]
+                   "ours-k4v4", "ours-k4v3", "ours-k3v3"]
 
 
 def case_name(batch: int, prompt: int, output: int) -> str:

@@ -12,16 +12,24 @@ from turboquant.vllm.settings import VllmSettings
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_default_is_k4v4_with_8_bit_boundary_layers():
+def layer_bits(settings: VllmSettings, num_layers: int = 4) -> list[tuple[int, int]]:
+    return [(c.key_bits, c.value_bits) for c in (settings.layer_config(i, num_layers, 128) for i in range(num_layers))]
+
+
+def test_default_is_k4v4_in_every_layer():
     settings = VllmSettings.from_additional_config({})
-    assert settings == VllmSettings(preset="k4v4", boundary_layers=1, boundary_bits=8)
-    bits = [(c.key_bits, c.value_bits) for c in (settings.layer_config(i, 4, 128) for i in range(4))]
-    assert bits == [(8, 8), (4, 4), (4, 4), (8, 8)]
+    assert settings == VllmSettings(preset="k4v4", boundary_layers=0)
+    assert layer_bits(settings) == [(4, 4)] * 4
+
+
+def test_boundary_layers_store_8_bit_codes_when_asked():
+    settings = VllmSettings.from_additional_config({"turboquant": {"boundary_layers": 1}})
+    assert layer_bits(settings) == [(8, 8), (4, 4), (4, 4), (8, 8)]
 
 
 @pytest.mark.parametrize("value, expected", [
     ("k3v3", VllmSettings(preset="k3v3")),
-    ({"preset": "k4v3", "boundary_layers": 0}, VllmSettings(preset="k4v3", boundary_layers=0)),
+    ({"preset": "k4v3", "boundary_layers": 2}, VllmSettings(preset="k4v3", boundary_layers=2)),
     ({"boundary_bits": 4, "seed": 7}, VllmSettings(boundary_bits=4, seed=7)),
 ])
 def test_parses_a_preset_name_or_a_dict(value, expected):

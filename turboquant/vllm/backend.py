@@ -91,8 +91,8 @@ class TurboQuantBackend(AttentionBackend):
     @staticmethod
     def get_kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_size: int,
                            cache_dtype_str: str = "auto") -> tuple[int, ...]:
-        # The page bytes depend on the layer's bits (8-bit boundary layers), which this static hook is
-        # not told; vLLM views the layer's raw buffer with this shape, so -1 takes its exact size.
+        # The page bytes depend on the layer's bits (8-bit boundary layers, when configured), which this
+        # static hook is not told; vLLM views the layer's raw buffer with this shape, so -1 takes its exact size.
         return (num_blocks, num_kv_heads, -1)
 
 

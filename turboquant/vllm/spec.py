@@ -5,8 +5,8 @@ that method only knows bf16/fp8 and vLLM's own `turboquant_*` dtypes. A plugin c
 so `patch_attention_spec` wraps that one method: a layer served by our backend returns vLLM's own
 `TQFullAttentionSpec` (a full-attention spec whose page is `block_size · num_kv_heads · tq_slot_size`
 bytes) with our bytes per token and head; every other layer is untouched. Layers with different bit
-widths (8-bit boundary layers) get different page sizes; vLLM keeps them in one group of full-attention
-layers (`UniformTypeKVCacheSpecs`) and gives each its own memory.
+widths (8-bit boundary layers, when configured) get different page sizes; vLLM keeps them in one group
+of full-attention layers (`UniformTypeKVCacheSpecs`) and gives each its own memory.
 """
 
 from __future__ import annotations
