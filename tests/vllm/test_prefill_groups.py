@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from turboquant.vllm.prefill_groups import GATHER_MIN_CHUNK, prefill_groups
+from turboquant.vllm.prefill_groups import GATHER_MIN_CHUNK, engine_gathers, prefill_groups
 
 
 def test_short_chunks_after_long_prefixes_stay_fused():
@@ -32,3 +32,9 @@ def test_groups_cover_every_request_in_order_within_capacity(capacity):
         assert (group.max_query_len, group.max_seq_len) == (max(queries), max(lengths))
         assert group.rows.stop - group.rows.start == sum(queries)
     assert len(groups) == {10**6: 1, 1000: 2, 600: 3, 400: 5}[capacity]
+
+
+def test_speculative_decoding_and_micro_batching_engines_keep_the_fused_kernel():
+    assert engine_gathers(speculative_decoding=False, micro_batching=False)
+    assert not engine_gathers(speculative_decoding=True, micro_batching=False)
+    assert not engine_gathers(speculative_decoding=False, micro_batching=True)

@@ -38,7 +38,7 @@ from vllm.v1.worker.workspace import current_workspace_manager, is_workspace_man
 
 from ..kernels import KernelCodec, compress_store, extend_attention, gather_sequences, paged_decode_attention
 from ..kernels.codec import KERNEL_HEAD_DIMS
-from .prefill_groups import PrefillGroup, prefill_groups
+from .prefill_groups import PrefillGroup, engine_gathers, prefill_groups
 from .settings import VllmSettings
 
 if is_flash_attn_varlen_func_available():
@@ -131,10 +131,8 @@ class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self._init_reorder_batch_threshold(1)
         self.gather_capacity = vllm_config.model_config.max_model_len  # keys one gather may hold
-        # Gathering lays keys out by CPU sequence lengths: exact for prefill rows, optimistic for the
-        # speculative-decoding rows this backend also runs as prefills. With speculative decoding every
-        # prefill keeps the fused kernel, which reads the exact lengths on the GPU.
-        self.gathers = vllm_config.speculative_config is None
+        self.gathers = engine_gathers(vllm_config.speculative_config is not None,
+                                      vllm_config.parallel_config.use_ubatching)
         if self.gathers and is_workspace_manager_initialized():  # reserve it now, while vLLM profiles memory
             gather_workspace(self.gather_capacity, kv_cache_spec.num_kv_heads, kv_cache_spec.head_size,
                              vllm_config.model_config.dtype, device)

@@ -16,6 +16,15 @@ import torch
 GATHER_MIN_CHUNK = 32
 
 
+def engine_gathers(speculative_decoding: bool, micro_batching: bool) -> bool:
+    """Whether an engine may gather prefixes at all; otherwise every prefill keeps the fused kernel.
+    Speculative decoding: the gather layout is built from vLLM's CPU sequence lengths, which are
+    optimistic for draft rows (the fused kernel reads the exact lengths on the GPU). Micro-batching
+    (dual-batch overlap): vLLM keeps one workspace per micro-batch, and the reservation the builder makes
+    at start covers only the first, so the second would grow its own after vLLM locks growth, mid-request."""
+    return not speculative_decoding and not micro_batching
+
+
 @dataclass
 class PrefillGroup:
     requests: slice  # of the prefill requests
