@@ -11,6 +11,7 @@ import torch
 
 from ..core import MSECode, unpack_indices
 from .codec import KernelCodec
+from .latent import LatentCodec
 
 
 def compress_store_reference(keys: torch.Tensor, values: torch.Tensor, slot_mapping: torch.Tensor,
@@ -109,3 +110,44 @@ def extend_reference(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
                                                              positions[prefix:], positions, scale, sliding_window,
                                                              softcap, key_start)
     return (out, lse) if return_lse else out
+
+
+def latent_store_reference(kv_c: torch.Tensor, k_pe: torch.Tensor, slot_mapping: torch.Tensor, cache: torch.Tensor,
+                           codec: LatentCodec) -> None:
+    """Quantize kv_c [tokens, latent_dim], keep k_pe [tokens, rope_dim], write token i to slot slot_mapping[i]."""
+    layout = codec.layout
+    codes, norms, rope = layout.views(cache)
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    blocks, offsets = slots // layout.block_size, slots % layout.block_size
+    packed, vector_norms = codec.quantizer.quantize_packed(kv_c[keep].float())
+    codes[blocks, offsets], norms[blocks, offsets], rope[blocks, offsets] = packed, vector_norms, k_pe[keep]
+
+
+def latent_decode_reference(q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, codec: LatentCodec,
+                            block_table: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                            return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """MLA decode on the dequantized latent, fp32: scores = scale · (q_latent · kv_c + q_pe · k_pe),
+    output = softmax · kv_c → [batch, heads, latent_dim] (and the log-sum-exp [batch, heads])."""
+    out = torch.zeros(q_latent.shape, dtype=torch.float32, device=q_latent.device)
+    lse = torch.full(q_latent.shape[:2], float("-inf"), device=q_latent.device)
+    for seq, length in enumerate(seq_lens.tolist()):
+        if length == 0:
+            continue
+        kv_c, k_pe = latent_gather_reference(cache, codec, block_table[seq], 0, length)
+        scores = (q_latent[seq].float() @ kv_c.T + q_pe[seq].float() @ k_pe.float().T) * scale
+        lse[seq] = scores.logsumexp(dim=-1)
+        out[seq] = (scores - lse[seq][:, None]).exp() @ kv_c
+    return (out, lse) if return_lse else out
+
+
+def latent_gather_reference(cache: torch.Tensor, codec: LatentCodec, block_table_row: torch.Tensor, start: int,
+                            length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """kv_c (dequantized, fp32) [length, latent_dim] and k_pe [length, rope_dim] of one sequence's
+    cached tokens start:start + length."""
+    layout = codec.layout
+    codes, norms, rope = layout.views(cache)
+    positions = torch.arange(start, start + length, device=cache.device)
+    blocks = block_table_row.long()[positions // layout.block_size]
+    offsets = positions % layout.block_size
+    return codec.quantizer.dequantize_packed(codes[blocks, offsets], norms[blocks, offsets]), rope[blocks, offsets]
