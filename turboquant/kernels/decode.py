@@ -42,6 +42,16 @@ def tanh(x):
     return 2 * tl.sigmoid(2 * x) - 1
 
 
+@triton.jit
+def online_softmax_step(scores, running_max, running_sum):
+    """One tile of an fp32 online softmax over log2-unit scores [rows, tile] → (probabilities, the factor
+    that rescales what was summed before, the new running max, the new running sum)."""
+    new_max = tl.maximum(running_max, tl.max(scores, axis=1))
+    correction = tl.exp2(running_max - new_max)
+    probs = tl.exp2(scores - new_max[:, None])
+    return probs, correction, new_max, running_sum * correction + tl.sum(probs, axis=1)
+
+
 @triton.jit(do_not_specialize_on_alignment=SLICED_METADATA)
 def _decode_split_kernel(
     query_ptr, cache_ptr, block_table_ptr, seq_lens_ptr, key_starts_ptr, key_centroids_ptr, value_centroids_ptr,
@@ -93,10 +103,7 @@ def _decode_split_kernel(
             scores = softcap * tanh(scores / softcap)
         scores = tl.where(valid[None, :], scores * 1.4426950408889634, float("-inf"))  # log2 units
 
-        new_max = tl.maximum(running_max, tl.max(scores, axis=1))
-        correction = tl.exp2(running_max - new_max)
-        probs = tl.exp2(scores - new_max[:, None])
-        running_sum = running_sum * correction + tl.sum(probs, axis=1)
+        probs, correction, new_max, running_sum = online_softmax_step(scores, running_max, running_sum)
 
         values = load_levels(page_ptrs + VALUES_OFFSET + offsets * VALUE_BYTES, valid, value_centroids_ptr,
                              VALUE_BITS, VALUE_BYTES, HEAD_DIM_PAD, VALUE_LUT)

@@ -28,7 +28,7 @@ from ..core import MSEQuantizer, TurboQuantConfig
 from ..core.config import NORM_BYTES
 from ..core.packing import packed_bytes
 from .codec import PackedBits, rotation_parts
-from .decode import _decode_reduce_kernel, default_num_splits
+from .decode import _decode_reduce_kernel, default_num_splits, online_softmax_step
 from .gather import GATHER_COLUMNS, GATHER_ROWS, _gather_rows
 from .launch import FLOAT_DTYPES, check_device_tensor, head_dim_pad, multiprocessor_count
 from .lut_asm import LUT_BITS, antisymmetric_fp16, byte_permute_available, dequant_asm
@@ -249,10 +249,7 @@ def _latent_decode_split_kernel(
         k_pe = _load_rope(page_ptrs, offsets, valid, ROPE_OFFSET, ROPE_DIM, ROPE_PAD, ROPE_BF16)
         scores = tl.dot(q_latent, tl.trans(latent)) * norms[None, :] + tl.dot(q_pe, tl.trans(k_pe.to(tl.float16)))
         scores = tl.where(valid[None, :], scores * 1.4426950408889634, float("-inf"))  # log2 units
-        new_max = tl.maximum(running_max, tl.max(scores, axis=1))
-        correction = tl.exp2(running_max - new_max)
-        probs = tl.exp2(scores - new_max[:, None])
-        running_sum = running_sum * correction + tl.sum(probs, axis=1)
+        probs, correction, new_max, running_sum = online_softmax_step(scores, running_max, running_sum)
         acc = acc * correction[:, None] + tl.dot((probs * norms[None, :]).to(tl.float16), latent)
         running_max = new_max
 
