@@ -89,6 +89,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         new = out[0, inputs.input_ids.shape[1]:]
         print(f"=== {name}: {len(new) / seconds:.1f} tokens/s, KV cache {kv_cache_nbytes(cache):,} bytes")
         print(tokenizer.decode(new, skip_special_tokens=True).strip())
+    full_precision = config.sink_tokens + config.residual_window
+    if out.shape[1] <= full_precision:
+        print(f"(all {out.shape[1]} tokens are within the {config.sink_tokens} sink + {config.residual_window} recent "
+              "tokens kept in full precision, so nothing is compressed yet: generate more tokens to see the saving)")
     return 0
 
 
@@ -162,8 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_demo(args: argparse.Namespace) -> int:
     parser = build_parser()
     status = cmd_verify(parser.parse_args(["verify"]))
-    prompt = "Explain in two sentences why the sky is blue."
-    return status or cmd_generate(parser.parse_args(["generate", "--compare", prompt]))
+    from .hf.models import eval_text
+
+    # A passage longer than the full-precision window (4 sink + 128 recent tokens), so the cache sizes differ.
+    passage = " ".join(eval_text().split("\n\n")[1:3])
+    prompt = f"Summarize this text in two sentences.\n\n{passage}"
+    return status or cmd_generate(parser.parse_args(["generate", "--compare", "--max-new-tokens", "96", prompt]))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,6 +41,10 @@ def test_generate_compare_prints_both_runs(tmp_path, capsys):
     assert main(["generate", "--model", model_dir, "--compare", "--max-new-tokens", "5", "the a of"]) == 0
     out = capsys.readouterr().out
     assert "DynamicCache" in out and "turboquant k4v4" in out and "tokens/s" in out
+    assert "nothing is compressed yet" in out  # 8 tokens, all inside the full-precision window
+    assert main(["generate", "--model", model_dir, "--window", "2", "--sinks", "0", "--max-new-tokens", "5",
+                 "the a of"]) == 0
+    assert "nothing is compressed yet" not in capsys.readouterr().out
 
 
 def test_missing_model_is_one_line_error(capsys):
