@@ -25,10 +25,13 @@ def test_mse_round_trip(dim, bits, norm_correction, lead, seed, scale):
     code = quantizer.quantize(x)
     assert code.indices.shape == x.shape and code.indices.dtype == torch.uint8
     assert code.norms.shape == x.shape[:-1] and code.norms.dtype == torch.float32
-    # Every rotated coordinate took its nearest level.
+    # Every rotated coordinate took its nearest level (a value on a decision boundary, within float
+    # rounding, may take either neighbour: hypothesis found one at dim 80, 3 bits, seed 381526).
     unit_rotated = quantizer.rotation.apply(x / x.norm(dim=-1, keepdim=True))
-    nearest = (unit_rotated.unsqueeze(-1) - quantizer.codebook.centroids).abs().argmin(-1)
-    assert torch.equal(code.indices.long(), nearest)
+    centroids = quantizer.codebook.centroids
+    nearest = (unit_rotated.unsqueeze(-1) - centroids).abs().argmin(-1)
+    chosen_distance = (unit_rotated - centroids[code.indices.long()]).abs()
+    torch.testing.assert_close(chosen_distance, (unit_rotated - centroids[nearest]).abs(), rtol=0, atol=1e-6)
     x_hat = quantizer.dequantize(code)
     assert x_hat.shape == x.shape
     if norm_correction:
