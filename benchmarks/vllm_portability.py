@@ -44,8 +44,8 @@ def write_model(name: str, directory: str) -> str:
 def worker(engine: str, model: str) -> None:
     from vllm import LLM, SamplingParams
 
-    multimodal = os.path.exists(os.path.join(model, "config.json")) and "vision_config" in open(
-        os.path.join(model, "config.json")).read()
+    with open(os.path.join(model, "config.json")) as f:  # written by write_model
+        multimodal = "vision_config" in json.load(f)
     llm = LLM(model=model, load_format="dummy", skip_tokenizer_init=True, enforce_eager=True, seed=0,
               max_model_len=MAX_MODEL_LEN, gpu_memory_utilization=0.2, enable_prefix_caching=True,
               **({"language_model_only": True} if multimodal else {}), **engine_kwargs(engine))

@@ -30,7 +30,8 @@ from ..core.packing import packed_bytes
 from .codec import PackedBits, rotation_parts
 from .decode import _decode_reduce_kernel, default_num_splits, online_softmax_step
 from .gather import GATHER_COLUMNS, GATHER_ROWS, _gather_rows
-from .launch import FLOAT_DTYPES, check_device_tensor, head_dim_pad, multiprocessor_count
+from .launch import (FLOAT_DTYPES, check_block_table, check_codec_device, check_device_tensor, head_dim_pad,
+                     multiprocessor_count)
 from .lut_asm import LUT_BITS, antisymmetric_fp16, byte_permute_available, dequant_asm
 from .packed_tile import load_levels, load_norms
 from .rotate import rotate, rotation_columns, rotation_operand
@@ -92,6 +93,14 @@ class LatentLayout:
             raise ValueError(f"cache must be a contiguous uint8 tensor [num_blocks, {self.page_bytes}], got "
                              f"{getattr(cache, 'dtype', type(cache).__name__)} {tuple(getattr(cache, 'shape', ()))}")
 
+    def kernel_constants(self) -> dict:
+        """The constexpr arguments every latent kernel takes to address a page."""
+        return dict(BLOCK_SIZE=self.block_size, PAGE_BYTES=self.page_bytes, NORMS_OFFSET=self.norms_offset,
+                    ROPE_OFFSET=self.rope_offset, CODE_BYTES=self.code_bytes, LATENT_DIM=self.latent_dim,
+                    LATENT_PAD=head_dim_pad(self.latent_dim), ROPE_DIM=self.rope_dim,
+                    ROPE_PAD=triton.next_power_of_2(self.rope_dim), ROPE_BF16=self.rope_dtype == torch.bfloat16,
+                    BITS=self.bits)
+
     def views(self, cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(codes [blocks, block_size, code_bytes], norms [blocks, block_size], k_pe [blocks, block_size, rope_dim])."""
         codes = cache[:, :self.norms_offset].view(-1, self.block_size, self.code_bytes)
@@ -138,15 +147,25 @@ class LatentCodec:
                    lut_asm=dequant_asm(levels) if layout.bits in LUT_BITS else "")
 
 
+@triton.jit
+def _rope_ptrs(page_ptrs, offsets, ROPE_OFFSET: tl.constexpr, ROPE_DIM: tl.constexpr, ROPE_BF16: tl.constexpr):
+    """Typed pointers to the k_pe row of each token at `offsets` of its page."""
+    ptrs = page_ptrs + ROPE_OFFSET + offsets * (2 * ROPE_DIM)
+    if ROPE_BF16:
+        return ptrs.to(tl.pointer_type(tl.bfloat16))
+    else:
+        return ptrs.to(tl.pointer_type(tl.float16))
+
+
 @triton.jit(do_not_specialize=["num_tokens"])
 def _latent_store_kernel(kv_c_ptr, k_pe_ptr, slot_mapping_ptr, rotation_ptr, cache_ptr, centroids_ptr,
                          boundaries_ptr, num_tokens, stride_kv_c, stride_k_pe,
                          BLOCK_SIZE: tl.constexpr, PAGE_BYTES: tl.constexpr, NORMS_OFFSET: tl.constexpr,
                          ROPE_OFFSET: tl.constexpr, CODE_BYTES: tl.constexpr, LATENT_DIM: tl.constexpr,
                          LATENT_PAD: tl.constexpr, ROPE_DIM: tl.constexpr, ROPE_PAD: tl.constexpr,
-                         NORM_CORRECTION: tl.constexpr, BITS: tl.constexpr, COORDS: tl.constexpr,
-                         GROUP_BYTES: tl.constexpr, PART_SCALE: tl.constexpr, COLUMNS: tl.constexpr,
-                         ROWS: tl.constexpr):
+                         ROPE_BF16: tl.constexpr, NORM_CORRECTION: tl.constexpr, BITS: tl.constexpr,
+                         COORDS: tl.constexpr, GROUP_BYTES: tl.constexpr, PART_SCALE: tl.constexpr,
+                         COLUMNS: tl.constexpr, ROWS: tl.constexpr):
     tokens = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     slots = tl.load(slot_mapping_ptr + tokens, mask=tokens < num_tokens, other=-1).to(tl.int64)
     rows_valid = slots >= 0  # vLLM pads with slot −1
@@ -159,7 +178,7 @@ def _latent_store_kernel(kv_c_ptr, k_pe_ptr, slot_mapping_ptr, rotation_ptr, cac
     dims = tl.arange(0, ROPE_PAD)
     mask = rows_valid[:, None] & (dims < ROPE_DIM)[None, :]
     k_pe = tl.load(k_pe_ptr + tokens[:, None] * stride_k_pe + dims[None, :], mask=mask)
-    rope_ptrs = (page_ptrs + ROPE_OFFSET + offsets * (2 * ROPE_DIM)).to(tl.pointer_type(k_pe_ptr.dtype.element_ty))
+    rope_ptrs = _rope_ptrs(page_ptrs, offsets, ROPE_OFFSET, ROPE_DIM, ROPE_BF16)
     tl.store(rope_ptrs[:, None] + dims[None, :], k_pe, mask=mask)
 
 
@@ -173,8 +192,7 @@ def latent_store(kv_c: torch.Tensor, k_pe: torch.Tensor, slot_mapping: torch.Ten
     check_device_tensor(kv_c, "kv_c", FLOAT_DTYPES, (num_tokens, layout.latent_dim), cache.device)
     check_device_tensor(k_pe, "k_pe", (layout.rope_dtype,), (num_tokens, layout.rope_dim), cache.device)
     check_device_tensor(slot_mapping, "slot_mapping", (torch.int32, torch.int64), (num_tokens,), cache.device)
-    if codec.device != cache.device:
-        raise ValueError(f"the codec's tensors are on {codec.device}, the cache on {cache.device}")
+    check_codec_device(codec, cache)
     if num_tokens == 0:
         return
     rows = 16
@@ -183,10 +201,8 @@ def latent_store(kv_c: torch.Tensor, k_pe: torch.Tensor, slot_mapping: torch.Ten
     pad = head_dim_pad(layout.latent_dim)
     _latent_store_kernel[(triton.cdiv(num_tokens, rows),)](
         kv_c, k_pe, slot_mapping, rotation, cache, codec.centroids, codec.boundaries, num_tokens, kv_c.stride(0),
-        k_pe.stride(0), BLOCK_SIZE=layout.block_size, PAGE_BYTES=layout.page_bytes, NORMS_OFFSET=layout.norms_offset,
-        ROPE_OFFSET=layout.rope_offset, CODE_BYTES=layout.code_bytes, LATENT_DIM=layout.latent_dim, LATENT_PAD=pad,
-        ROPE_DIM=layout.rope_dim, ROPE_PAD=triton.next_power_of_2(layout.rope_dim),
-        NORM_CORRECTION=codec.quantizer.norm_correction, BITS=layout.bits, COORDS=packing.coords,
+        k_pe.stride(0), **layout.kernel_constants(), NORM_CORRECTION=codec.quantizer.norm_correction,
+        COORDS=packing.coords,
         GROUP_BYTES=packing.group_bytes, PART_SCALE=part_scale, ROWS=rows,
         # a 512-wide latent: narrower rotation tiles over 8 warps (wider ones spill, checked with ptxas for sm_90)
         COLUMNS=32 if pad >= 512 else rotation_columns(pad, part_scale), num_warps=8 if pad >= 512 else 4,
@@ -198,11 +214,7 @@ def _load_rope(page_ptrs, offsets, valid, ROPE_OFFSET: tl.constexpr, ROPE_DIM: t
                ROPE_BF16: tl.constexpr):
     """[rows, ROPE_PAD] k_pe of the tokens at `offsets` of their pages, in the stored dtype (0 past ROPE_DIM)."""
     rope_dims = tl.arange(0, ROPE_PAD)
-    rope_ptrs = page_ptrs + ROPE_OFFSET + offsets * (2 * ROPE_DIM)
-    if ROPE_BF16:
-        rope_ptrs = rope_ptrs.to(tl.pointer_type(tl.bfloat16))
-    else:
-        rope_ptrs = rope_ptrs.to(tl.pointer_type(tl.float16))
+    rope_ptrs = _rope_ptrs(page_ptrs, offsets, ROPE_OFFSET, ROPE_DIM, ROPE_BF16)
     return tl.load(rope_ptrs[:, None] + rope_dims[None, :], mask=valid[:, None] & (rope_dims < ROPE_DIM)[None, :],
                    other=0.0)
 
@@ -269,18 +281,14 @@ def latent_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tenso
     [batch]; a CUDA graph must fix `num_splits`."""
     layout = codec.layout
     layout.check_cache(cache)
-    if codec.device != cache.device:
-        raise ValueError(f"the codec's tensors are on {codec.device}, the cache on {cache.device}")
+    check_codec_device(codec, cache)
     if not isinstance(q_latent, torch.Tensor) or q_latent.ndim != 3 or q_latent.shape[-1] != layout.latent_dim:
         raise ValueError(f"q_latent must be [batch, heads, {layout.latent_dim}], got "
                          f"{tuple(getattr(q_latent, 'shape', ())) or type(q_latent).__name__}")
     check_device_tensor(q_latent, "q_latent", FLOAT_DTYPES, None, cache.device)
     batch, num_heads = q_latent.shape[:2]
     check_device_tensor(q_pe, "q_pe", FLOAT_DTYPES, (batch, num_heads, layout.rope_dim), cache.device)
-    check_device_tensor(seq_lens, "seq_lens", (torch.int32,), (batch,), cache.device)
-    if not isinstance(block_table, torch.Tensor) or block_table.ndim != 2 or block_table.shape[0] != batch:
-        raise ValueError(f"block_table must be an int32 tensor [{batch}, max_blocks_per_seq]")
-    check_device_tensor(block_table, "block_table", (torch.int32,), None, cache.device)
+    check_block_table(block_table, seq_lens, batch, cache.device)
     pad = head_dim_pad(layout.latent_dim)
     tile = 16 if pad >= 512 else 32
     head_blocks = triton.cdiv(num_heads, HEADS_PER_PROGRAM)
@@ -296,11 +304,7 @@ def latent_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tenso
         rotated_query, q_pe, cache, block_table, seq_lens, codec.centroids_fp16, partial_out, partial_lse,
         rotated_query.stride(0), rotated_query.stride(1), q_pe.stride(0), q_pe.stride(1), block_table.stride(0),
         float(scale), NUM_HEADS=num_heads, HEADS=HEADS_PER_PROGRAM, NUM_SPLITS=num_splits,
-        BLOCK_SIZE=layout.block_size, PAGE_BYTES=layout.page_bytes, NORMS_OFFSET=layout.norms_offset,
-        ROPE_OFFSET=layout.rope_offset, CODE_BYTES=layout.code_bytes, LATENT_DIM=layout.latent_dim, LATENT_PAD=pad,
-        ROPE_DIM=layout.rope_dim, ROPE_PAD=triton.next_power_of_2(layout.rope_dim),
-        ROPE_BF16=layout.rope_dtype == torch.bfloat16, BITS=layout.bits,
-        LUT=codec.lut_asm if byte_permute_available(cache.device) else "", TILE=tile,
+        **layout.kernel_constants(), LUT=codec.lut_asm if byte_permute_available(cache.device) else "", TILE=tile,
         num_warps=8 if pad >= 512 else 4,
     )
     rotated_out = torch.empty(batch, num_heads, layout.latent_dim, device=cache.device, dtype=torch.float32)
@@ -355,8 +359,7 @@ def latent_gather(cache: torch.Tensor, codec: LatentCodec, block_table: torch.Te
     cu_seq_lens int32 [batch + 1], seq_starts int32 [batch]; `max_len` bounds the lengths (the grid)."""
     layout = codec.layout
     layout.check_cache(cache)
-    if codec.device != cache.device:
-        raise ValueError(f"the codec's tensors are on {codec.device}, the cache on {cache.device}")
+    check_codec_device(codec, cache)
     batch = block_table.shape[0] if isinstance(block_table, torch.Tensor) and block_table.ndim == 2 else -1
     if batch < 0:
         raise ValueError("block_table must be an int32 tensor [batch, max_blocks_per_seq]")
@@ -375,10 +378,6 @@ def latent_gather(cache: torch.Tensor, codec: LatentCodec, block_table: torch.Te
     _latent_gather_kernel[(batch, triton.cdiv(max_len, rows))](
         cache, block_table, cu_seq_lens, cu_seq_lens if seq_starts is None else seq_starts,
         codec.rotation_fp16_parts[0], codec.centroids_fp16, out_kv_c, out_k_pe, block_table.stride(0),
-        out_kv_c.stride(0), out_k_pe.stride(0), BLOCK_SIZE=layout.block_size, PAGE_BYTES=layout.page_bytes,
-        NORMS_OFFSET=layout.norms_offset, ROPE_OFFSET=layout.rope_offset, CODE_BYTES=layout.code_bytes,
-        LATENT_DIM=layout.latent_dim, LATENT_PAD=pad, ROPE_DIM=layout.rope_dim,
-        ROPE_PAD=triton.next_power_of_2(layout.rope_dim), ROPE_BF16=layout.rope_dtype == torch.bfloat16,
-        BITS=layout.bits, LUT=lut, USE_STARTS=seq_starts is not None, COLUMNS=min(GATHER_COLUMNS, pad),
-        ROWS=rows, num_warps=4, num_stages=1,
+        out_kv_c.stride(0), out_k_pe.stride(0), **layout.kernel_constants(), LUT=lut,
+        USE_STARTS=seq_starts is not None, COLUMNS=min(GATHER_COLUMNS, pad), ROWS=rows, num_warps=4, num_stages=1,
     )
