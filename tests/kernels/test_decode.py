@@ -97,3 +97,29 @@ def test_decode_rejects_bad_input(device, generator):
     with pytest.raises(ValueError, match="sliding_window"):
         paged_decode_attention(query, cache, codec, block_table, lengths, 0.1, sliding_window=0)
 
+
+
+@pytest.mark.parametrize("num_splits, split_block", [(5, 2), (8, 8), (3, 1)])
+def test_split_reduction_in_blocks_matches_one_softmax(num_splits, split_block, device, generator):
+    """The reduction merges partial outputs `split_block` splits at a time (wide latents would spill
+    holding them all); a split that saw no key (lse −inf) and a row that saw none at all weigh 0."""
+    import triton
+
+    from turboquant.kernels.decode import _decode_reduce_kernel
+
+    rows, head_dim, pad = 3, 24, 32
+    partial = torch.randn(rows, num_splits, pad, generator=generator)
+    lse = torch.randn(rows, num_splits, generator=generator) * 3
+    lse[0, 0] = float("-inf")
+    lse[2] = float("-inf")
+    out, out_lse = torch.empty(rows, head_dim), torch.empty(rows)
+    _decode_reduce_kernel[(rows,)](
+        partial.to(device), lse.to(device), out := out.to(device), out_lse := out_lse.to(device),
+        NUM_SPLITS=num_splits, NUM_SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim,
+        HEAD_DIM_PAD=pad, SPLIT_BLOCK=split_block, RETURN_LSE=True)
+    weights = torch.softmax(lse * 0.6931471805599453, dim=-1).nan_to_num(0.0)  # lse is in log2 units
+    expected = (weights[..., None] * partial).sum(1)[:, :head_dim]
+    torch.testing.assert_close(out.cpu(), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out_lse.cpu()[:2], torch.logsumexp(lse[:2] * 0.6931471805599453, -1), atol=1e-5,
+                               rtol=1e-5)
+    assert out_lse[2] == float("-inf") and (out[2] == 0).all()

@@ -75,6 +75,23 @@ def test_decode_matches_reference(latent_dim, rope_dim, bits, block_size, heads,
     assert (out[2] == 0).all()  # an empty sequence
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_decode_in_the_rotated_space(dtype, device, generator):
+    """`rotated=True`: the caller's projections hold R, so q arrives as q·Rᵀ and the output stays rotated."""
+    codec = make(64, 16, 4, 16, device)
+    seq_lens = [40, 9]
+    cache, table = filled(codec, seq_lens, generator, device)
+    q_latent = torch.randn(2, 5, 64, generator=generator).to(device)
+    q_pe = torch.randn(2, 5, 16, generator=generator).to(device, dtype)
+    lengths = torch.tensor(seq_lens, dtype=torch.int32, device=device)
+    rotation = codec.rotation
+    out = latent_decode((q_latent @ rotation.T).to(dtype), q_pe, cache, codec, table, lengths, 0.1, rotated=True)
+    assert out.dtype == dtype
+    expected = latent_decode_reference(q_latent, q_pe, cache, codec, table, lengths, 0.1) @ rotation.T
+    tolerance = TOLERANCE if dtype == torch.float32 else dict(atol=2e-3 + 4e-3, rtol=4e-3)  # plus fp16 output
+    torch.testing.assert_close(out.float(), expected, **tolerance)
+
+
 @pytest.mark.parametrize("latent_dim,rope_dim,bits,block_size,heads", CASES)
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
 def test_gather_matches_reference(latent_dim, rope_dim, bits, block_size, heads, out_dtype, device, generator):

@@ -122,22 +122,33 @@ def _decode_split_kernel(
 @triton.jit
 def _decode_reduce_kernel(partial_out_ptr, partial_lse_ptr, out_ptr, lse_ptr, NUM_SPLITS: tl.constexpr,
                           NUM_SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-                          RETURN_LSE: tl.constexpr):
+                          SPLIT_BLOCK: tl.constexpr, RETURN_LSE: tl.constexpr):
     row = tl.program_id(0)  # seq · num_q_heads + head
     splits = tl.arange(0, NUM_SPLITS_PAD)
     dims = tl.arange(0, HEAD_DIM_PAD)
     lse = tl.load(partial_lse_ptr + row * NUM_SPLITS + splits, mask=splits < NUM_SPLITS, other=float("-inf"))
     top = tl.max(lse, axis=0)
     top = tl.where(top == float("-inf"), 0.0, top)  # an empty sequence: every weight is 0
-    weights = tl.exp2(lse - top)
-    partial = tl.load(partial_out_ptr + (row * NUM_SPLITS + splits)[:, None] * HEAD_DIM_PAD + dims[None, :],
-                      mask=(splits < NUM_SPLITS)[:, None], other=0.0)
-    total = tl.sum(weights, axis=0)
-    out = tl.sum(weights[:, None] * partial, axis=0) / tl.maximum(total, 1e-30)
-    tl.store(out_ptr + row * HEAD_DIM + dims, out, mask=dims < HEAD_DIM)
+    total = tl.sum(tl.exp2(lse - top), axis=0)
+    out = tl.zeros([HEAD_DIM_PAD], dtype=tl.float32)
+    for first in tl.static_range(0, NUM_SPLITS_PAD, SPLIT_BLOCK):  # [SPLIT_BLOCK, HEAD_DIM_PAD] at a time
+        block = first + tl.arange(0, SPLIT_BLOCK)
+        valid = block < NUM_SPLITS
+        weights = tl.exp2(tl.load(partial_lse_ptr + row * NUM_SPLITS + block, mask=valid, other=float("-inf")) - top)
+        partial = tl.load(partial_out_ptr + (row * NUM_SPLITS + block)[:, None] * HEAD_DIM_PAD + dims[None, :],
+                          mask=valid[:, None], other=0.0)
+        out += tl.sum(weights[:, None] * partial, axis=0)
+    out = out / tl.maximum(total, 1e-30)
+    tl.store(out_ptr + row * HEAD_DIM + dims, out.to(out_ptr.dtype.element_ty), mask=dims < HEAD_DIM)
     if RETURN_LSE:  # natural log, like torch.logsumexp
         lse = tl.where(total > 0, (top + tl.log2(tl.maximum(total, 1e-30))) * 0.6931471805599453, float("-inf"))
         tl.store(lse_ptr + row, lse)
+
+
+def reduce_split_block(num_splits_pad: int, head_dim_pad: int) -> int:
+    """Partial outputs the reduction holds at once: at most 8K fp32 values (more spill to local memory,
+    which cost a 512-wide latent ~1 ms per call)."""
+    return max(1, min(num_splits_pad, 8192 // head_dim_pad))
 
 
 def default_num_splits(batch: int, num_kv_heads: int, max_tokens: int, tile: int, num_sms: int) -> int:
@@ -207,7 +218,7 @@ def paged_decode_attention(query: torch.Tensor, cache: torch.Tensor, codec: Kern
     _decode_reduce_kernel[(batch * num_q_heads,)](
         partial_out, partial_lse, rotated_out, lse, NUM_SPLITS=num_splits,
         NUM_SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=layout.head_dim, HEAD_DIM_PAD=pad,
-        RETURN_LSE=return_lse,
+        SPLIT_BLOCK=reduce_split_block(triton.next_power_of_2(num_splits), pad), RETURN_LSE=return_lse,
     )
     # un-rotate the weighted value sum once, cast and store into the caller's tensor
     out = rotate(rotated_out, codec, inverse=True, out=torch.empty_like(query) if out is None else out)

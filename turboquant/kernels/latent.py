@@ -28,16 +28,21 @@ from ..core import MSEQuantizer, TurboQuantConfig
 from ..core.config import NORM_BYTES
 from ..core.packing import packed_bytes
 from .codec import PackedBits, rotation_parts
-from .decode import _decode_reduce_kernel, default_num_splits, online_softmax_step
+from .decode import _decode_reduce_kernel, default_num_splits, online_softmax_step, reduce_split_block
 from .gather import GATHER_COLUMNS, GATHER_ROWS, _gather_rows
 from .launch import (FLOAT_DTYPES, check_block_table, check_codec_device, check_device_tensor, head_dim_pad,
                      multiprocessor_count)
 from .lut_asm import LUT_BITS, antisymmetric_fp16, byte_permute_available, dequant_asm
 from .packed_tile import load_levels, load_norms
 from .rotate import rotate, rotation_columns, rotation_operand
-from .store import _quantize_rows
+from .store import _load_rows, _quantize_block
 
 HEADS_PER_PROGRAM = 16  # query heads that share one read of a latent tile (tl.dot needs 16 rows)
+
+
+def latent_token_bytes(latent_dim: int, rope_dim: int, bits: int) -> int:
+    """Bytes one token takes in a latent page: its kv_c codes, fp32 norm and 16-bit k_pe."""
+    return packed_bytes(latent_dim, bits) + NORM_BYTES + 2 * rope_dim
 
 
 @dataclass(frozen=True)
@@ -77,12 +82,12 @@ class LatentLayout:
         return self.norms_offset + self.block_size * NORM_BYTES
 
     @property
-    def page_bytes(self) -> int:
-        return self.rope_offset + self.block_size * self.rope_dim * 2
+    def bytes_per_token(self) -> int:
+        return latent_token_bytes(self.latent_dim, self.rope_dim, self.bits)
 
     @property
-    def bytes_per_token(self) -> int:
-        return self.page_bytes // self.block_size
+    def page_bytes(self) -> int:
+        return self.block_size * self.bytes_per_token
 
     def allocate(self, num_blocks: int, device) -> torch.Tensor:
         return torch.zeros(num_blocks, self.page_bytes, dtype=torch.uint8, device=device)
@@ -157,29 +162,62 @@ def _rope_ptrs(page_ptrs, offsets, ROPE_OFFSET: tl.constexpr, ROPE_DIM: tl.const
         return ptrs.to(tl.pointer_type(tl.float16))
 
 
+@triton.jit
+def _slot_pages(slot_mapping_ptr, tokens, num_tokens, BLOCK_SIZE: tl.constexpr, PAGE_BYTES: tl.constexpr, cache_ptr):
+    """(valid rows, page pointers, offsets in the page) of `tokens`' slots; vLLM pads with slot −1."""
+    slots = tl.load(slot_mapping_ptr + tokens, mask=tokens < num_tokens, other=-1).to(tl.int64)
+    rows_valid = slots >= 0
+    slots = tl.maximum(slots, 0)
+    return rows_valid, cache_ptr + (slots // BLOCK_SIZE) * PAGE_BYTES, slots % BLOCK_SIZE
+
+
 @triton.jit(do_not_specialize=["num_tokens"])
 def _latent_store_kernel(kv_c_ptr, k_pe_ptr, slot_mapping_ptr, rotation_ptr, cache_ptr, centroids_ptr,
-                         boundaries_ptr, num_tokens, stride_kv_c, stride_k_pe,
+                         boundaries_ptr, levels_sq_ptr, num_tokens, stride_kv_c, stride_k_pe,
                          BLOCK_SIZE: tl.constexpr, PAGE_BYTES: tl.constexpr, NORMS_OFFSET: tl.constexpr,
                          ROPE_OFFSET: tl.constexpr, CODE_BYTES: tl.constexpr, LATENT_DIM: tl.constexpr,
                          LATENT_PAD: tl.constexpr, ROPE_DIM: tl.constexpr, ROPE_PAD: tl.constexpr,
                          ROPE_BF16: tl.constexpr, NORM_CORRECTION: tl.constexpr, BITS: tl.constexpr,
                          COORDS: tl.constexpr, GROUP_BYTES: tl.constexpr, PART_SCALE: tl.constexpr,
                          COLUMNS: tl.constexpr, ROWS: tl.constexpr):
+    """One block of COLUMNS rotated coordinates of ROWS tokens per program, so the few tokens of a decode
+    step still spread over the device (one program per 16 tokens took 57 µs for a 512-wide latent: 16
+    column blocks in sequence). Program column 0 also stores the raw norm and k_pe; with norm correction
+    each program leaves its Σ level² for `_latent_norms_kernel`."""
     tokens = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    slots = tl.load(slot_mapping_ptr + tokens, mask=tokens < num_tokens, other=-1).to(tl.int64)
-    rows_valid = slots >= 0  # vLLM pads with slot −1
-    slots = tl.maximum(slots, 0)
-    page_ptrs = cache_ptr + (slots // BLOCK_SIZE) * PAGE_BYTES
-    offsets = slots % BLOCK_SIZE
-    _quantize_rows(kv_c_ptr, stride_kv_c, 0, tokens, rows_valid, 0, rotation_ptr, centroids_ptr, boundaries_ptr,
-                   page_ptrs + offsets * CODE_BYTES, page_ptrs + NORMS_OFFSET + offsets * 4, NORM_CORRECTION,
-                   BITS, COORDS, GROUP_BYTES, LATENT_DIM, LATENT_PAD, PART_SCALE, COLUMNS, ROWS)
-    dims = tl.arange(0, ROPE_PAD)
-    mask = rows_valid[:, None] & (dims < ROPE_DIM)[None, :]
-    k_pe = tl.load(k_pe_ptr + tokens[:, None] * stride_k_pe + dims[None, :], mask=mask)
-    rope_ptrs = _rope_ptrs(page_ptrs, offsets, ROPE_OFFSET, ROPE_DIM, ROPE_BF16)
-    tl.store(rope_ptrs[:, None] + dims[None, :], k_pe, mask=mask)
+    block = tl.program_id(1)
+    rows_valid, page_ptrs, offsets = _slot_pages(slot_mapping_ptr, tokens, num_tokens, BLOCK_SIZE, PAGE_BYTES,
+                                                 cache_ptr)
+    x, norms = _load_rows(kv_c_ptr, stride_kv_c, 0, tokens, rows_valid, 0, LATENT_DIM, LATENT_PAD)
+    levels_sq = _quantize_block(x, 1.0 / tl.maximum(norms, 1.1754943508222875e-38), block, rotation_ptr,
+                                centroids_ptr, boundaries_ptr, page_ptrs + offsets * CODE_BYTES, rows_valid,
+                                NORM_CORRECTION, BITS, COORDS, GROUP_BYTES, LATENT_DIM, LATENT_PAD, PART_SCALE,
+                                COLUMNS, ROWS)
+    if NORM_CORRECTION:
+        tl.store(levels_sq_ptr + tokens * (LATENT_PAD // COLUMNS) + block, levels_sq, mask=tokens < num_tokens)
+    if block == 0:
+        tl.store((page_ptrs + NORMS_OFFSET + offsets * 4).to(tl.pointer_type(tl.float32)), norms, mask=rows_valid)
+        dims = tl.arange(0, ROPE_PAD)
+        mask = rows_valid[:, None] & (dims < ROPE_DIM)[None, :]
+        k_pe = tl.load(k_pe_ptr + tokens[:, None] * stride_k_pe + dims[None, :], mask=mask)
+        rope_ptrs = _rope_ptrs(page_ptrs, offsets, ROPE_OFFSET, ROPE_DIM, ROPE_BF16)
+        tl.store(rope_ptrs[:, None] + dims[None, :], k_pe, mask=mask)
+
+
+@triton.jit(do_not_specialize=["num_tokens"])
+def _latent_norms_kernel(slot_mapping_ptr, cache_ptr, levels_sq_ptr, num_tokens, BLOCK_SIZE: tl.constexpr,
+                         PAGE_BYTES: tl.constexpr, NORMS_OFFSET: tl.constexpr, BLOCKS: tl.constexpr,
+                         ROWS: tl.constexpr):
+    """Norm correction: stored norm = ‖x‖ / ‖levels‖, the column blocks' Σ level² summed in a fixed order."""
+    tokens = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    rows_valid, page_ptrs, offsets = _slot_pages(slot_mapping_ptr, tokens, num_tokens, BLOCK_SIZE, PAGE_BYTES,
+                                                 cache_ptr)
+    blocks = tl.arange(0, BLOCKS)
+    levels_sq = tl.sum(tl.load(levels_sq_ptr + tokens[:, None] * BLOCKS + blocks[None, :],
+                               mask=rows_valid[:, None], other=1.0), axis=1)
+    norm_ptrs = (page_ptrs + NORMS_OFFSET + offsets * 4).to(tl.pointer_type(tl.float32))
+    norms = tl.load(norm_ptrs, mask=rows_valid, other=0.0)
+    tl.store(norm_ptrs, norms / tl.maximum(tl.sqrt(levels_sq), 1.1754943508222875e-38), mask=rows_valid)
 
 
 def latent_store(kv_c: torch.Tensor, k_pe: torch.Tensor, slot_mapping: torch.Tensor, cache: torch.Tensor,
@@ -199,14 +237,20 @@ def latent_store(kv_c: torch.Tensor, k_pe: torch.Tensor, slot_mapping: torch.Ten
     packing = PackedBits.of(layout.bits)
     rotation, part_scale = rotation_operand(codec, kv_c.dtype)
     pad = head_dim_pad(layout.latent_dim)
-    _latent_store_kernel[(triton.cdiv(num_tokens, rows),)](
-        kv_c, k_pe, slot_mapping, rotation, cache, codec.centroids, codec.boundaries, num_tokens, kv_c.stride(0),
-        k_pe.stride(0), **layout.kernel_constants(), NORM_CORRECTION=codec.quantizer.norm_correction,
-        COORDS=packing.coords,
-        GROUP_BYTES=packing.group_bytes, PART_SCALE=part_scale, ROWS=rows,
-        # a 512-wide latent: narrower rotation tiles over 8 warps (wider ones spill, checked with ptxas for sm_90)
-        COLUMNS=32 if pad >= 512 else rotation_columns(pad, part_scale), num_warps=8 if pad >= 512 else 4,
+    # a 512-wide latent: narrower rotation tiles over 8 warps (wider ones spill, checked with ptxas for sm_90)
+    columns = 32 if pad >= 512 else rotation_columns(pad, part_scale)
+    norm_correction = codec.quantizer.norm_correction
+    levels_sq = torch.empty(num_tokens, pad // columns, device=cache.device, dtype=torch.float32)
+    _latent_store_kernel[(triton.cdiv(num_tokens, rows), pad // columns)](
+        kv_c, k_pe, slot_mapping, rotation, cache, codec.centroids, codec.boundaries, levels_sq, num_tokens,
+        kv_c.stride(0), k_pe.stride(0), **layout.kernel_constants(), NORM_CORRECTION=norm_correction,
+        COORDS=packing.coords, GROUP_BYTES=packing.group_bytes, PART_SCALE=part_scale, COLUMNS=columns, ROWS=rows,
+        num_warps=8 if pad >= 512 else 4,
     )
+    if norm_correction:
+        _latent_norms_kernel[(triton.cdiv(num_tokens, 64),)](
+            slot_mapping, cache, levels_sq, num_tokens, BLOCK_SIZE=layout.block_size, PAGE_BYTES=layout.page_bytes,
+            NORMS_OFFSET=layout.norms_offset, BLOCKS=pad // columns, ROWS=64)
 
 
 @triton.jit
@@ -242,7 +286,7 @@ def _latent_decode_split_kernel(
                        mask=head_mask[:, None] & (dims < LATENT_DIM)[None, :], other=0.0)
     q_pe = tl.load(q_pe_ptr + seq * stride_pe_seq + heads[:, None] * stride_pe_head + rope_dims[None, :],
                    mask=head_mask[:, None] & (rope_dims < ROPE_DIM)[None, :], other=0.0)
-    q_latent = (q_latent * scale).to(tl.float16)
+    q_latent = (q_latent.to(tl.float32) * scale).to(tl.float16)
     q_pe = (q_pe.to(tl.float32) * scale).to(tl.float16)
 
     running_max = tl.full([HEADS], float("-inf"), dtype=tl.float32)
@@ -274,11 +318,12 @@ def _latent_decode_split_kernel(
 
 def latent_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, codec: LatentCodec,
                   block_table: torch.Tensor, seq_lens: torch.Tensor, scale: float, num_splits: int | None = None,
-                  return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                  return_lse: bool = False, rotated: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Absorbed MLA decode: q_latent [batch, heads, latent_dim] and q_pe [batch, heads, rope_dim] (the
     token at position seq_len − 1) → the attention-weighted kv_c [batch, heads, latent_dim] in q_latent's
     dtype (and the fp32 log-sum-exp [batch, heads]). block_table int32 [batch, max_blocks], seq_lens int32
-    [batch]; a CUDA graph must fix `num_splits`."""
+    [batch]; a CUDA graph must fix `num_splits`. `rotated`: q_latent is already in the codes' space
+    (q_latent · Rᵀ) and the result stays there, for a caller that folded R into its projections."""
     layout = codec.layout
     layout.check_cache(cache)
     check_codec_device(codec, cache)
@@ -297,7 +342,7 @@ def latent_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tenso
                                         multiprocessor_count(cache.device))
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits!r}")
-    rotated_query = rotate(q_latent, codec)  # rotate q once; kv_c stays in the rotated space
+    rotated_query = q_latent if rotated else rotate(q_latent, codec)  # kv_c stays in the rotated space
     partial_out = torch.empty(batch, num_heads, num_splits, pad, device=cache.device, dtype=torch.float32)
     partial_lse = torch.empty(batch, num_heads, num_splits, device=cache.device, dtype=torch.float32)
     _latent_decode_split_kernel[(batch, head_blocks, num_splits)](
@@ -305,16 +350,18 @@ def latent_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tenso
         rotated_query.stride(0), rotated_query.stride(1), q_pe.stride(0), q_pe.stride(1), block_table.stride(0),
         float(scale), NUM_HEADS=num_heads, HEADS=HEADS_PER_PROGRAM, NUM_SPLITS=num_splits,
         **layout.kernel_constants(), LUT=codec.lut_asm if byte_permute_available(cache.device) else "", TILE=tile,
-        num_warps=8 if pad >= 512 else 4,
+        # 512 wide: one stage (116 registers, not 230) ran 1.0–1.5x faster on an H100
+        num_warps=8 if pad >= 512 else 4, num_stages=1 if pad >= 512 else 3,
     )
-    rotated_out = torch.empty(batch, num_heads, layout.latent_dim, device=cache.device, dtype=torch.float32)
+    out_dtype = q_latent.dtype if rotated else torch.float32  # un-rotating an fp32 sum keeps its accuracy
+    rotated_out = torch.empty(batch, num_heads, layout.latent_dim, device=cache.device, dtype=out_dtype)
     lse = torch.empty(batch, num_heads, device=cache.device, dtype=torch.float32) if return_lse else partial_lse
     _decode_reduce_kernel[(batch * num_heads,)](
         partial_out, partial_lse, rotated_out, lse, NUM_SPLITS=num_splits,
         NUM_SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=layout.latent_dim, HEAD_DIM_PAD=pad,
-        RETURN_LSE=return_lse,
+        SPLIT_BLOCK=reduce_split_block(triton.next_power_of_2(num_splits), pad), RETURN_LSE=return_lse,
     )
-    out = rotate(rotated_out, codec, inverse=True, out=torch.empty_like(q_latent))
+    out = rotated_out if rotated else rotate(rotated_out, codec, inverse=True, out=torch.empty_like(q_latent))
     return (out, lse) if return_lse else out
 
 

@@ -98,10 +98,9 @@ def load_levels(row_ptrs, row_mask, centroids_ptr, BITS: tl.constexpr, ROW_BYTES
 
 @triton.jit
 def store_indices(row_ptrs, row_mask, indices, BITS: tl.constexpr, COORDS: tl.constexpr,
-                  GROUP_BYTES: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-                  ROWS: tl.constexpr):
+                  GROUP_BYTES: tl.constexpr, HEAD_DIM, HEAD_DIM_PAD: tl.constexpr, ROWS: tl.constexpr):
     """Pack int32 indices [ROWS, HEAD_DIM_PAD] (< 2**BITS) into the rows at `row_ptrs`; only the first
-    HEAD_DIM indices of a row are written."""
+    HEAD_DIM indices of a row are written (HEAD_DIM may be a runtime value: a block of a wider row)."""
     GROUPS_PAD: tl.constexpr = HEAD_DIM_PAD // COORDS
     grouped = tl.reshape(indices, [ROWS, GROUPS_PAD, COORDS])
     shifts = tl.arange(0, COORDS) * BITS

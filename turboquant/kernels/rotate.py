@@ -51,17 +51,17 @@ def rotated_columns(x, rotation_ptr, columns, dims, HEAD_DIM: tl.constexpr, PART
 def _rotate_kernel(x_ptr, rotation_ptr, out_ptr, num_tokens, stride_x_token, stride_x_head, stride_out_token,
                    stride_out_head, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, PART_SCALE: tl.constexpr,
                    INVERSE: tl.constexpr, COLUMNS: tl.constexpr, ROWS: tl.constexpr):
+    # one block of output columns per program: a few tokens (decode) still spread over the device
     tokens = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     head = tl.program_id(1)
+    columns = tl.program_id(2) * COLUMNS + tl.arange(0, COLUMNS)
     dims = tl.arange(0, HEAD_DIM_PAD)
     rows_valid = tokens < num_tokens
     x = tl.load(x_ptr + tokens[:, None] * stride_x_token + head * stride_x_head + dims[None, :],
                 mask=rows_valid[:, None] & (dims < HEAD_DIM)[None, :], other=0.0)
-    for block in tl.static_range(HEAD_DIM_PAD // COLUMNS):
-        columns = block * COLUMNS + tl.arange(0, COLUMNS)
-        y = rotated_columns(x, rotation_ptr, columns, dims, HEAD_DIM, PART_SCALE, INVERSE)
-        tl.store(out_ptr + tokens[:, None] * stride_out_token + head * stride_out_head + columns[None, :],
-                 y.to(out_ptr.dtype.element_ty), mask=rows_valid[:, None] & (columns < HEAD_DIM)[None, :])
+    y = rotated_columns(x, rotation_ptr, columns, dims, HEAD_DIM, PART_SCALE, INVERSE)
+    tl.store(out_ptr + tokens[:, None] * stride_out_token + head * stride_out_head + columns[None, :],
+             y.to(out_ptr.dtype.element_ty), mask=rows_valid[:, None] & (columns < HEAD_DIM)[None, :])
 
 
 def rotation_operand(codec, dtype: torch.dtype) -> tuple[torch.Tensor, float]:
@@ -94,9 +94,9 @@ def rotate(x: torch.Tensor, codec, inverse: bool = False, out: torch.Tensor | No
     operand, part_scale = rotation_operand(codec, x.dtype)
     rows = 16 if tokens <= 256 else 64
     pad = head_dim_pad(head_dim)
-    _rotate_kernel[(triton.cdiv(tokens, rows), heads)](
+    columns = rotation_columns(pad, part_scale)
+    _rotate_kernel[(triton.cdiv(tokens, rows), heads, pad // columns)](
         x, operand, out, tokens, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, PART_SCALE=part_scale, INVERSE=inverse,
-        COLUMNS=rotation_columns(pad, part_scale), ROWS=rows,
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, PART_SCALE=part_scale, INVERSE=inverse, COLUMNS=columns, ROWS=rows,
     )
     return out

@@ -16,34 +16,56 @@ from .rotate import rotated_columns, rotation_columns, rotation_operand
 
 
 @triton.jit
-def _quantize_rows(x_ptr, stride_token, stride_head, tokens, rows_valid, head, rotation_ptr, centroids_ptr,
-                   boundaries_ptr, code_ptrs, norm_ptrs, NORM_CORRECTION: tl.constexpr, BITS: tl.constexpr,
-                   COORDS: tl.constexpr, GROUP_BYTES: tl.constexpr, HEAD_DIM: tl.constexpr,
-                   HEAD_DIM_PAD: tl.constexpr, PART_SCALE: tl.constexpr, COLUMNS: tl.constexpr, ROWS: tl.constexpr):
+def _load_rows(x_ptr, stride_token, stride_head, tokens, rows_valid, head, HEAD_DIM: tl.constexpr,
+               HEAD_DIM_PAD: tl.constexpr):
+    """(x [ROWS, HEAD_DIM_PAD] zero-padded, its fp32 row norms)."""
     dims = tl.arange(0, HEAD_DIM_PAD)
     x = tl.load(x_ptr + tokens[:, None] * stride_token + head * stride_head + dims[None, :],
                 mask=rows_valid[:, None] & (dims < HEAD_DIM)[None, :], other=0.0)
     x32 = x.to(tl.float32)
-    norms = tl.sqrt(tl.sum(x32 * x32, axis=1))
+    return x, tl.sqrt(tl.sum(x32 * x32, axis=1))
+
+
+@triton.jit
+def _quantize_block(x, inverse_norms, block, rotation_ptr, centroids_ptr, boundaries_ptr, code_ptrs, rows_valid,
+                    NORM_CORRECTION: tl.constexpr, BITS: tl.constexpr, COORDS: tl.constexpr,
+                    GROUP_BYTES: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                    PART_SCALE: tl.constexpr, COLUMNS: tl.constexpr, ROWS: tl.constexpr):
+    """Rotate, quantize and pack coordinates block·COLUMNS … of each row; returns the rows' Σ level² over
+    them (0 without norm correction)."""
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    columns = block * COLUMNS + tl.arange(0, COLUMNS)
+    unit = rotated_columns(x, rotation_ptr, columns, dims, HEAD_DIM, PART_SCALE, False) * inverse_norms[:, None]
+    # Nearest level = number of decision boundaries below the value (torch.bucketize).
+    indices = tl.zeros([ROWS, COLUMNS], dtype=tl.int32)
+    if BITS <= 4:  # count the ≤ 15 boundaries below: uniform loads, no gathers
+        for j in tl.static_range((1 << BITS) - 1):
+            indices += (unit > tl.load(boundaries_ptr + j)).to(tl.int32)
+    else:  # binary search over 255 boundaries
+        for step in tl.static_range(BITS):
+            candidate = indices + (1 << (BITS - 1 - step))
+            indices = tl.where(unit > tl.load(boundaries_ptr + candidate - 1), candidate, indices)
+    levels_sq = tl.zeros([ROWS], dtype=tl.float32)
+    if NORM_CORRECTION:
+        levels = tl.where((columns < HEAD_DIM)[None, :], tl.load(centroids_ptr + indices), 0.0)
+        levels_sq = tl.sum(levels * levels, axis=1)
+    store_indices(code_ptrs + block * (COLUMNS * BITS // 8), rows_valid, indices, BITS, COORDS, GROUP_BYTES,
+                  HEAD_DIM - block * COLUMNS, COLUMNS, ROWS)
+    return levels_sq
+
+
+@triton.jit
+def _quantize_rows(x_ptr, stride_token, stride_head, tokens, rows_valid, head, rotation_ptr, centroids_ptr,
+                   boundaries_ptr, code_ptrs, norm_ptrs, NORM_CORRECTION: tl.constexpr, BITS: tl.constexpr,
+                   COORDS: tl.constexpr, GROUP_BYTES: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   HEAD_DIM_PAD: tl.constexpr, PART_SCALE: tl.constexpr, COLUMNS: tl.constexpr, ROWS: tl.constexpr):
+    x, norms = _load_rows(x_ptr, stride_token, stride_head, tokens, rows_valid, head, HEAD_DIM, HEAD_DIM_PAD)
     inverse_norms = 1.0 / tl.maximum(norms, 1.1754943508222875e-38)
     levels_sq = tl.zeros([ROWS], dtype=tl.float32)
     for block in tl.static_range(HEAD_DIM_PAD // COLUMNS):
-        columns = block * COLUMNS + tl.arange(0, COLUMNS)
-        unit = rotated_columns(x, rotation_ptr, columns, dims, HEAD_DIM, PART_SCALE, False) * inverse_norms[:, None]
-        # Nearest level = number of decision boundaries below the value (torch.bucketize).
-        indices = tl.zeros([ROWS, COLUMNS], dtype=tl.int32)
-        if BITS <= 4:  # count the ≤ 15 boundaries below: uniform loads, no gathers
-            for j in tl.static_range((1 << BITS) - 1):
-                indices += (unit > tl.load(boundaries_ptr + j)).to(tl.int32)
-        else:  # binary search over 255 boundaries
-            for step in tl.static_range(BITS):
-                candidate = indices + (1 << (BITS - 1 - step))
-                indices = tl.where(unit > tl.load(boundaries_ptr + candidate - 1), candidate, indices)
-        if NORM_CORRECTION:
-            levels = tl.where((columns < HEAD_DIM)[None, :], tl.load(centroids_ptr + indices), 0.0)
-            levels_sq += tl.sum(levels * levels, axis=1)
-        store_indices(code_ptrs + block * (COLUMNS * BITS // 8), rows_valid, indices, BITS, COORDS, GROUP_BYTES,
-                      HEAD_DIM - block * COLUMNS, COLUMNS, ROWS)
+        levels_sq += _quantize_block(x, inverse_norms, block, rotation_ptr, centroids_ptr, boundaries_ptr, code_ptrs,
+                                     rows_valid, NORM_CORRECTION, BITS, COORDS, GROUP_BYTES, HEAD_DIM, HEAD_DIM_PAD,
+                                     PART_SCALE, COLUMNS, ROWS)
     if NORM_CORRECTION:
         norms = norms / tl.maximum(tl.sqrt(levels_sq), 1.1754943508222875e-38)
     tl.store(norm_ptrs.to(tl.pointer_type(tl.float32)), norms, mask=rows_valid)
