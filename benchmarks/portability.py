@@ -73,8 +73,9 @@ ARCHITECTURES = {
                                        vision_feature_layer=[-1, -2]))),
     "deepseek-v2 (MLA)": ("DeepSeek-V2: multi-head latent attention",
                           lambda: tf.DeepseekV2Config(**COMMON, num_attention_heads=4, num_key_value_heads=4,
-                                                      hidden_size=256, kv_lora_rank=64, q_lora_rank=None,
-                                                      qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
+                                                      hidden_size=256, kv_lora_rank=256, q_lora_rank=None,
+                                                      # head dims vLLM's MLA serves (latent 256/512 + RoPE 64)
+                                                      qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
                                                       first_k_dense_replace=LAYERS, n_routed_experts=4,
                                                       num_experts_per_tok=2, moe_intermediate_size=64)),
 }

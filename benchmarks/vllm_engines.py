@@ -17,6 +17,8 @@ import sys
 
 ENGINES: dict[str, dict] = {
     "bf16": dict(attention_backend="FLASH_ATTN"),
+    # vLLM's own choice of backend: FLASH_ATTN, or for MLA models (DeepSeek-V2/V3) FLASH_ATTN_MLA on Hopper
+    "bf16-auto": dict(),
     "fp8": dict(attention_backend="FLASH_ATTN", kv_cache_dtype="fp8"),
     "upstream-turboquant_4bit_nc": dict(kv_cache_dtype="turboquant_4bit_nc"),
     "upstream-turboquant_3bit_nc": dict(kv_cache_dtype="turboquant_3bit_nc"),

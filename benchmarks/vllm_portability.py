@@ -24,7 +24,7 @@ from portability import ARCHITECTURES, VOCAB  # benchmarks/portability.py
 from vllm_engines import engine_kwargs, report, run_engine
 
 PROMPT, NEW_TOKENS, MAX_MODEL_LEN = 300, 16, 2048
-DEFAULT_ENGINES = ["bf16", "ours-k4v4"]
+DEFAULT_ENGINES = ["bf16-auto", "ours-k4v4"]
 
 
 def write_model(name: str, directory: str) -> str:
@@ -73,7 +73,7 @@ def markdown(result: dict) -> str:
         if "not_built" in rows:
             lines.append(f"| {name} | {ARCHITECTURES[name][0]} | not built: {rows['not_built']} | | |")
             continue
-        bf16, ours = rows.get("bf16", {}), rows.get("ours-k4v4", {})
+        bf16, ours = rows.get("bf16-auto", {}), rows.get("ours-k4v4", {})
         same = "—"
         if bf16.get("tokens") and ours.get("tokens"):
             same = f"{sum(a == b for a, b in zip(bf16['tokens'], ours['tokens']))}/{NEW_TOKENS}"

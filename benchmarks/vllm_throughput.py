@@ -5,6 +5,9 @@ Cases (batch × prompt → output tokens, random prompt tokens, greedy, ignore_e
 16 × 6144 → 128, 4 × 32768 → 128. KV tokens are vLLM's own "GPU KV cache size" log line.
 
     python benchmarks/vllm_throughput.py --model /tmp/models/llama8b-shape --out benchmarks/results/vllm-throughput-h100
+
+An MLA model (`model_shapes.py deepseek-v2-lite`) runs with `--engines bf16-auto,ours-k4v4,ours-k3v3`: ours
+compresses its latent cache (`turboquant/vllm/latent_backend.py`).
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ def worker(name: str, model: str, cases: list[tuple[int, int, int]]) -> None:
 
 def markdown(result: dict) -> str:
     rows = result["rows"]
-    base = next((r for r in rows if r["engine"] == "bf16" and r.get("rc") == 0), None)
+    base = next((r for r in rows if r["engine"] in ("bf16", "bf16-auto") and r.get("rc") == 0), None)
     names = [case_name(*c) for c in CASES]
     lines = [f"# vLLM KV capacity and throughput ({result['device']}, {result['date']})", "",
              f"Model `{result['model']}` (dummy weights), gpu_memory_utilization 0.85, CUDA graphs on, "

@@ -19,7 +19,7 @@ def backend(monkeypatch):
 
     config = SimpleNamespace(additional_config={"turboquant": "k4v4"},
                              model_config=SimpleNamespace(get_total_num_hidden_layers=lambda: 4, max_model_len=200),
-                             parallel_config=SimpleNamespace(decode_context_parallel_size=1),
+                             parallel_config=SimpleNamespace(decode_context_parallel_size=1, use_ubatching=False),
                              speculative_config=None)
     monkeypatch.setattr(backend, "get_current_vllm_config", lambda: config)
     return backend, config

@@ -3,6 +3,7 @@
 import subprocess
 import sys
 import tomllib
+from types import SimpleNamespace
 from pathlib import Path
 
 import pytest
@@ -67,3 +68,24 @@ def test_entry_point_is_declared_and_importing_the_plugin_does_not_import_vllm()
     code = ("import sys, turboquant.vllm, turboquant.vllm.plugin as p, turboquant.vllm.settings; "
             "assert callable(p.register); assert 'vllm' not in sys.modules, 'vllm was imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_mla_layers_store_the_latent_at_the_key_bits_of_any_width():
+    settings = VllmSettings.from_additional_config({"turboquant": {"preset": "k3v3", "boundary_layers": 1}})
+    assert [settings.latent_config(i, 4).key_bits for i in range(4)] == [8, 3, 3, 8]
+    with pytest.raises(ValueError, match="outside the model"):
+        settings.latent_config(4, 4)
+
+
+@pytest.mark.parametrize("dtype, kv_cache_dtype, sparse, message", [
+    ("bfloat16", "auto", True, "sparse MLA"),
+    ("float32", "auto", False, "float16 or bfloat16"),
+    ("bfloat16", "fp8", False, "leave --kv-cache-dtype at 'auto'"),
+])
+def test_mla_layers_we_cannot_serve_are_refused_with_what_to_change(dtype, kv_cache_dtype, sparse, message):
+    from turboquant.vllm.plugin import check_latent_layer
+
+    backend = SimpleNamespace(supported_dtypes=["float16", "bfloat16"], supported_kv_cache_dtypes=["auto", "bfloat16"])
+    with pytest.raises(ValueError, match=message):
+        check_latent_layer(backend, dtype, kv_cache_dtype, sparse)
+    check_latent_layer(backend, "bfloat16", "auto", False)  # what we serve passes

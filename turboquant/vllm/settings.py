@@ -60,6 +60,13 @@ class VllmSettings:
         """The codec of one attention layer; raises ValueError for a head_dim the kernels do not serve."""
         if head_dim not in KERNEL_HEAD_DIMS:
             raise ValueError(f"turboquant serves head_dim {KERNEL_HEAD_DIMS} in vLLM, this model has {head_dim}")
+        return self._config(layer_idx, num_layers)
+
+    def latent_config(self, layer_idx: int, num_layers: int) -> TurboQuantConfig:
+        """The codec of one MLA layer: its latent kv_c takes the key bits (any width that packs)."""
+        return self._config(layer_idx, num_layers)
+
+    def _config(self, layer_idx: int, num_layers: int) -> TurboQuantConfig:
         if not 0 <= layer_idx < num_layers:
             raise ValueError(f"layer index {layer_idx} is outside the model's {num_layers} layers")
         base = TurboQuantConfig.from_preset(
