@@ -49,9 +49,9 @@ else:
 KERNEL_BLOCK_SIZES = [16, 32, 64, 128]
 
 
-class TurboQuantBackend(AttentionBackend):
-    accept_output_buffer: bool = True
-    forward_includes_kv_cache_update: bool = False
+class CompressedCacheBackend:
+    """What our per-head and latent backends tell vLLM alike (listed first among their bases)."""
+
     supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16]
     # The model's dtype: the compressed format is chosen by the plugin's settings, not by this string.
     supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto", "float16", "bfloat16"]
@@ -65,6 +65,15 @@ class TurboQuantBackend(AttentionBackend):
         return KERNEL_BLOCK_SIZES
 
     @classmethod
+    def supports_compute_capability(cls, capability) -> bool:
+        return capability.major >= 8  # fp16 tensor-core tl.dot
+
+
+class TurboQuantBackend(CompressedCacheBackend, AttentionBackend):
+    accept_output_buffer: bool = True
+    forward_includes_kv_cache_update: bool = False
+
+    @classmethod
     def get_supported_head_sizes(cls) -> list[int]:
         return list(KERNEL_HEAD_DIMS)
 
@@ -75,10 +84,6 @@ class TurboQuantBackend(AttentionBackend):
     @classmethod
     def supports_sliding_window(cls) -> bool:
         return True
-
-    @classmethod
-    def supports_compute_capability(cls, capability) -> bool:
-        return capability.major >= 8  # fp16 tensor-core tl.dot
 
     @staticmethod
     def get_impl_cls() -> type["TurboQuantImpl"]:

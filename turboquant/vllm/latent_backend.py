@@ -32,30 +32,14 @@ from vllm.v1.attention.ops.triton_merge_attn_states import mask_empty_context
 
 from ..kernels import LatentCodec, latent_decode, latent_gather, latent_store
 from ..kernels.latent import latent_token_bytes
-from .backend import KERNEL_BLOCK_SIZES
+from .backend import CompressedCacheBackend
 from .settings import VllmSettings
 
 
-class TurboQuantLatentBackend(MLACommonBackend):
-    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16]
-    # The model's dtype: the compressed format is chosen by the plugin's settings, not by this string.
-    supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto", "float16", "bfloat16"]
-
-    @staticmethod
-    def get_name() -> str:
-        return "CUSTOM"
-
-    @staticmethod
-    def get_supported_kernel_block_sizes() -> list[int]:
-        return KERNEL_BLOCK_SIZES
-
+class TurboQuantLatentBackend(CompressedCacheBackend, MLACommonBackend):
     @classmethod
     def get_supported_head_sizes(cls) -> list[int]:
         return []  # any latent that packs; checked when the codec is built
-
-    @classmethod
-    def supports_compute_capability(cls, capability) -> bool:
-        return capability.major >= 8  # fp16 tensor-core tl.dot
 
     @staticmethod
     def get_impl_cls() -> type["TurboQuantLatentImpl"]:
