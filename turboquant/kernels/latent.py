@@ -35,7 +35,7 @@ from .launch import (FLOAT_DTYPES, check_block_table, check_codec_device, check_
 from .lut_asm import LUT_BITS, antisymmetric_fp16, byte_permute_available, dequant_asm
 from .packed_tile import load_levels, load_norms
 from .rotate import rotate, rotation_columns, rotation_operand
-from .store import _load_rows, _quantize_block
+from .store import _load_rows, _quantize_block, _safe_divide, _slots
 
 HEADS_PER_PROGRAM = 16  # query heads that share one read of a latent tile (tl.dot needs 16 rows)
 
@@ -162,15 +162,6 @@ def _rope_ptrs(page_ptrs, offsets, ROPE_OFFSET: tl.constexpr, ROPE_DIM: tl.const
         return ptrs.to(tl.pointer_type(tl.float16))
 
 
-@triton.jit
-def _slot_pages(slot_mapping_ptr, tokens, num_tokens, BLOCK_SIZE: tl.constexpr, PAGE_BYTES: tl.constexpr, cache_ptr):
-    """(valid rows, page pointers, offsets in the page) of `tokens`' slots; vLLM pads with slot −1."""
-    slots = tl.load(slot_mapping_ptr + tokens, mask=tokens < num_tokens, other=-1).to(tl.int64)
-    rows_valid = slots >= 0
-    slots = tl.maximum(slots, 0)
-    return rows_valid, cache_ptr + (slots // BLOCK_SIZE) * PAGE_BYTES, slots % BLOCK_SIZE
-
-
 @triton.jit(do_not_specialize=["num_tokens"])
 def _latent_store_kernel(kv_c_ptr, k_pe_ptr, slot_mapping_ptr, rotation_ptr, cache_ptr, centroids_ptr,
                          boundaries_ptr, levels_sq_ptr, num_tokens, stride_kv_c, stride_k_pe,
@@ -186,13 +177,12 @@ def _latent_store_kernel(kv_c_ptr, k_pe_ptr, slot_mapping_ptr, rotation_ptr, cac
     each program leaves its Σ level² for `_latent_norms_kernel`."""
     tokens = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     block = tl.program_id(1)
-    rows_valid, page_ptrs, offsets = _slot_pages(slot_mapping_ptr, tokens, num_tokens, BLOCK_SIZE, PAGE_BYTES,
-                                                 cache_ptr)
-    x, norms = _load_rows(kv_c_ptr, stride_kv_c, 0, tokens, rows_valid, 0, LATENT_DIM, LATENT_PAD)
-    levels_sq = _quantize_block(x, 1.0 / tl.maximum(norms, 1.1754943508222875e-38), block, rotation_ptr,
-                                centroids_ptr, boundaries_ptr, page_ptrs + offsets * CODE_BYTES, rows_valid,
-                                NORM_CORRECTION, BITS, COORDS, GROUP_BYTES, LATENT_DIM, LATENT_PAD, PART_SCALE,
-                                COLUMNS, ROWS)
+    rows_valid, blocks, offsets = _slots(slot_mapping_ptr, tokens, num_tokens, BLOCK_SIZE)
+    page_ptrs = cache_ptr + blocks * PAGE_BYTES
+    x, norms, inverse_norms = _load_rows(kv_c_ptr, stride_kv_c, 0, tokens, rows_valid, 0, LATENT_DIM, LATENT_PAD)
+    levels_sq = _quantize_block(x, inverse_norms, block, rotation_ptr, centroids_ptr, boundaries_ptr,
+                                page_ptrs + offsets * CODE_BYTES, rows_valid, NORM_CORRECTION, BITS, COORDS,
+                                GROUP_BYTES, LATENT_DIM, LATENT_PAD, PART_SCALE, COLUMNS, ROWS)
     if NORM_CORRECTION:
         tl.store(levels_sq_ptr + tokens * (LATENT_PAD // COLUMNS) + block, levels_sq, mask=tokens < num_tokens)
     if block == 0:
@@ -210,14 +200,13 @@ def _latent_norms_kernel(slot_mapping_ptr, cache_ptr, levels_sq_ptr, num_tokens,
                          ROWS: tl.constexpr):
     """Norm correction: stored norm = ‖x‖ / ‖levels‖, the column blocks' Σ level² summed in a fixed order."""
     tokens = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    rows_valid, page_ptrs, offsets = _slot_pages(slot_mapping_ptr, tokens, num_tokens, BLOCK_SIZE, PAGE_BYTES,
-                                                 cache_ptr)
-    blocks = tl.arange(0, BLOCKS)
-    levels_sq = tl.sum(tl.load(levels_sq_ptr + tokens[:, None] * BLOCKS + blocks[None, :],
+    rows_valid, blocks, offsets = _slots(slot_mapping_ptr, tokens, num_tokens, BLOCK_SIZE)
+    columns = tl.arange(0, BLOCKS)
+    levels_sq = tl.sum(tl.load(levels_sq_ptr + tokens[:, None] * BLOCKS + columns[None, :],
                                mask=rows_valid[:, None], other=1.0), axis=1)
-    norm_ptrs = (page_ptrs + NORMS_OFFSET + offsets * 4).to(tl.pointer_type(tl.float32))
+    norm_ptrs = (cache_ptr + blocks * PAGE_BYTES + NORMS_OFFSET + offsets * 4).to(tl.pointer_type(tl.float32))
     norms = tl.load(norm_ptrs, mask=rows_valid, other=0.0)
-    tl.store(norm_ptrs, norms / tl.maximum(tl.sqrt(levels_sq), 1.1754943508222875e-38), mask=rows_valid)
+    tl.store(norm_ptrs, _safe_divide(norms, tl.sqrt(levels_sq)), mask=rows_valid)
 
 
 def latent_store(kv_c: torch.Tensor, k_pe: torch.Tensor, slot_mapping: torch.Tensor, cache: torch.Tensor,

@@ -16,14 +16,29 @@ from .rotate import rotated_columns, rotation_columns, rotation_operand
 
 
 @triton.jit
+def _slots(slot_mapping_ptr, tokens, num_tokens, BLOCK_SIZE: tl.constexpr):
+    """(valid rows, cache blocks, offsets in the block) of `tokens`' slots; vLLM pads with slot −1."""
+    slots = tl.load(slot_mapping_ptr + tokens, mask=tokens < num_tokens, other=-1).to(tl.int64)
+    rows_valid = slots >= 0
+    slots = tl.maximum(slots, 0)
+    return rows_valid, slots // BLOCK_SIZE, slots % BLOCK_SIZE
+
+
+@triton.jit
+def _safe_divide(numerators, denominators):
+    return numerators / tl.maximum(denominators, 1.1754943508222875e-38)  # a zero vector keeps norm 0
+
+
+@triton.jit
 def _load_rows(x_ptr, stride_token, stride_head, tokens, rows_valid, head, HEAD_DIM: tl.constexpr,
                HEAD_DIM_PAD: tl.constexpr):
-    """(x [ROWS, HEAD_DIM_PAD] zero-padded, its fp32 row norms)."""
+    """(x [ROWS, HEAD_DIM_PAD] zero-padded, its fp32 row norms, their inverses)."""
     dims = tl.arange(0, HEAD_DIM_PAD)
     x = tl.load(x_ptr + tokens[:, None] * stride_token + head * stride_head + dims[None, :],
                 mask=rows_valid[:, None] & (dims < HEAD_DIM)[None, :], other=0.0)
     x32 = x.to(tl.float32)
-    return x, tl.sqrt(tl.sum(x32 * x32, axis=1))
+    norms = tl.sqrt(tl.sum(x32 * x32, axis=1))
+    return x, norms, _safe_divide(1.0, norms)
 
 
 @triton.jit
@@ -59,15 +74,15 @@ def _quantize_rows(x_ptr, stride_token, stride_head, tokens, rows_valid, head, r
                    boundaries_ptr, code_ptrs, norm_ptrs, NORM_CORRECTION: tl.constexpr, BITS: tl.constexpr,
                    COORDS: tl.constexpr, GROUP_BYTES: tl.constexpr, HEAD_DIM: tl.constexpr,
                    HEAD_DIM_PAD: tl.constexpr, PART_SCALE: tl.constexpr, COLUMNS: tl.constexpr, ROWS: tl.constexpr):
-    x, norms = _load_rows(x_ptr, stride_token, stride_head, tokens, rows_valid, head, HEAD_DIM, HEAD_DIM_PAD)
-    inverse_norms = 1.0 / tl.maximum(norms, 1.1754943508222875e-38)
+    x, norms, inverse_norms = _load_rows(x_ptr, stride_token, stride_head, tokens, rows_valid, head, HEAD_DIM,
+                                         HEAD_DIM_PAD)
     levels_sq = tl.zeros([ROWS], dtype=tl.float32)
     for block in tl.static_range(HEAD_DIM_PAD // COLUMNS):
         levels_sq += _quantize_block(x, inverse_norms, block, rotation_ptr, centroids_ptr, boundaries_ptr, code_ptrs,
                                      rows_valid, NORM_CORRECTION, BITS, COORDS, GROUP_BYTES, HEAD_DIM, HEAD_DIM_PAD,
                                      PART_SCALE, COLUMNS, ROWS)
     if NORM_CORRECTION:
-        norms = norms / tl.maximum(tl.sqrt(levels_sq), 1.1754943508222875e-38)
+        norms = _safe_divide(norms, tl.sqrt(levels_sq))
     tl.store(norm_ptrs.to(tl.pointer_type(tl.float32)), norms, mask=rows_valid)
 
 
@@ -85,11 +100,8 @@ def _compress_store_kernel(
 ):
     tile, head, role = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     tokens = tile * ROWS + tl.arange(0, ROWS)
-    slots = tl.load(slot_mapping_ptr + tokens, mask=tokens < num_tokens, other=-1).to(tl.int64)
-    rows_valid = slots >= 0  # vLLM pads with slot −1
-    slots = tl.maximum(slots, 0)
-    page_ptrs = cache_ptr + ((slots // BLOCK_SIZE) * NUM_KV_HEADS + head) * HEAD_PAGE_BYTES
-    offsets = slots % BLOCK_SIZE
+    rows_valid, blocks, offsets = _slots(slot_mapping_ptr, tokens, num_tokens, BLOCK_SIZE)
+    page_ptrs = cache_ptr + (blocks * NUM_KV_HEADS + head) * HEAD_PAGE_BYTES
     if role == 0:
         _quantize_rows(keys_ptr, stride_key_token, stride_key_head, tokens, rows_valid, head, rotation_ptr,
                        key_centroids_ptr, key_boundaries_ptr, page_ptrs + offsets * KEY_BYTES,

@@ -30,6 +30,7 @@ from vllm.v1.attention.backend import AttentionCGSupport, AttentionType
 from vllm.v1.attention.ops.merge_attn_states import merge_attn_states
 from vllm.v1.attention.ops.triton_merge_attn_states import mask_empty_context
 
+from ..core import TurboQuantConfig
 from ..kernels import LatentCodec, latent_decode, latent_gather, latent_store
 from ..kernels.latent import latent_token_bytes
 from .backend import CompressedCacheBackend
@@ -88,6 +89,7 @@ class TurboQuantLatentImpl(MLACommonImpl[MLACommonMetadata]):
         self.num_layers = vllm_config.model_config.get_total_num_hidden_layers()
         self.supports_quant_query_input = False  # queries stay in the model's dtype
         self.layer_idx: int | None = None  # set by fold_rotation (vLLM does not tell an MLA impl its layer)
+        self.config: TurboQuantConfig | None = None  # the layer's codec settings, also set there
         self.codec: LatentCodec | None = None
 
     def fold_rotation(self, layer) -> None:
@@ -103,7 +105,7 @@ class TurboQuantLatentImpl(MLACommonImpl[MLACommonMetadata]):
             rotation = rotation.to(layer.W_UK_T.device)
             layer.W_UK_T.copy_(layer.W_UK_T.float() @ rotation.T)
             layer.W_UV.copy_(rotation @ layer.W_UV.float())
-        self.layer_idx = layer_idx
+        self.layer_idx, self.config = layer_idx, config
 
     def _codec(self, kv_cache: torch.Tensor, rope_dtype: torch.dtype) -> LatentCodec:
         """Built on the first call, once the layer's cache is known."""
@@ -111,12 +113,10 @@ class TurboQuantLatentImpl(MLACommonImpl[MLACommonMetadata]):
             if self.layer_idx is None:
                 raise RuntimeError("turboquant: the MLA layer's rotation was never folded into its projections "
                                    "(vLLM did not call process_weights_after_loading)")
-            layer_idx = self.layer_idx
-            config = self.settings.latent_config(layer_idx, self.num_layers)
-            token_bytes = latent_token_bytes(self.kv_lora_rank, self.qk_rope_head_dim, config.key_bits)
+            token_bytes = latent_token_bytes(self.kv_lora_rank, self.qk_rope_head_dim, self.config.key_bits)
             block_size = kv_cache.shape[-1] // token_bytes
-            self.codec = LatentCodec.from_config(config, self.kv_lora_rank, self.qk_rope_head_dim, block_size,
-                                                 rope_dtype, layer_idx, kv_cache.device)
+            self.codec = LatentCodec.from_config(self.config, self.kv_lora_rank, self.qk_rope_head_dim, block_size,
+                                                 rope_dtype, self.layer_idx, kv_cache.device)
             self.codec.layout.check_cache(kv_cache)
         return self.codec
 

@@ -54,12 +54,14 @@ def route_latent_layers(latent_backend_cls: type) -> None:
     if getattr(original, "_turboquant", False):
         return
 
-    @functools.wraps(original)
-    def get_attn_backend(head_size, dtype, kv_cache_dtype, use_mla=False, use_sparse=False, **kwargs):
+    def selects_custom() -> bool:
         attention = get_current_vllm_config().attention_config
         kind = get_attn_spec_kind(use_mla=True, has_sliding_window=False, attn_type=AttentionType.DECODER)
-        selected = attention.backend_per_kind.get(kind.value, attention.backend)
-        if use_mla and selected == AttentionBackendEnum.CUSTOM:
+        return attention.backend_per_kind.get(kind.value, attention.backend) == AttentionBackendEnum.CUSTOM
+
+    @functools.wraps(original)
+    def get_attn_backend(head_size, dtype, kv_cache_dtype, use_mla=False, use_sparse=False, **kwargs):
+        if use_mla and selects_custom():
             check_latent_layer(latent_backend_cls, dtype, kv_cache_dtype, use_sparse)
             capability = current_platform.get_device_capability()
             if capability is not None and not latent_backend_cls.supports_compute_capability(capability):
