@@ -12,16 +12,22 @@ from turboquant.cli import main  # noqa: E402
 WORDS = "the a of to and in is it that was for on are with as be at by this have from or one had not but".split()
 
 
-def save_tiny_llama(directory):
-    vocab = {"<unk>": 0, "<eos>": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+VOCAB = {"<unk>": 0, "<eos>": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
+
+
+def save_with_tokenizer(model, directory) -> str:
+    backend = Tokenizer(models.WordLevel(VOCAB, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>")
-    config = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=128, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=2, num_key_value_heads=1, head_dim=64, eos_token_id=1)
-    transformers.LlamaForCausalLM(config).save_pretrained(directory)
+    model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return str(directory)
+
+
+def save_tiny_llama(directory):
+    config = transformers.LlamaConfig(vocab_size=len(VOCAB), hidden_size=128, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, head_dim=64, eos_token_id=1)
+    return save_with_tokenizer(transformers.LlamaForCausalLM(config), directory)
 
 
 def test_verify_prints_a_per_layer_report(tmp_path, capsys):
@@ -34,6 +40,28 @@ def test_verify_prints_a_per_layer_report(tmp_path, capsys):
     assert all(0.9 < layer["key_cosine"] < 1.0 and 0.9 < layer["value_cosine"] < 1.0 for layer in report["layers"])
     assert report["tokens"] == {"prefill": 40, "decode": 8}
     assert report["kv_bytes"] < report["dynamic_kv_bytes"]
+
+
+def test_verify_reads_vision_language_and_cross_attention_models(tmp_path, capsys):
+    """A vision-language checkpoint runs its language tower on the text; Mllama's cross-attention layer
+    is reported uncompressed, with the reason."""
+    text = dict(vocab_size=len(VOCAB), hidden_size=128, intermediate_size=64, num_hidden_layers=3,
+                num_attention_heads=2, num_key_value_heads=1, head_dim=64, eos_token_id=1, pad_token_id=0)
+    llava = transformers.LlavaForConditionalGeneration(transformers.LlavaConfig(
+        text_config=transformers.LlamaConfig(**text),
+        vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=32, patch_size=16)))
+    mllama = transformers.MllamaForCausalLM(transformers.MllamaTextConfig(
+        **{k: v for k, v in text.items() if k != "head_dim"}, cross_attention_layers=[1]))
+    for name, model in (("llava", llava), ("mllama", mllama)):
+        model_dir = save_with_tokenizer(model, tmp_path / name)
+        assert main(["verify", "--model", model_dir, "--prefill", "40", "--decode-tokens", "8", "--window", "4",
+                     "--json"]) in (0, 1)
+        report = json.loads(capsys.readouterr().out)
+        statuses = [layer["status"] for layer in report["layers"]]
+        assert statuses == (["compressed"] * 3 if name == "llava"
+                            else ["compressed", "cross-attention: uncompressed", "compressed"])
+        assert all(layer["key_cosine"] is None for layer in report["layers"] if layer["status"] != "compressed")
 
 
 def test_generate_compare_prints_both_runs(tmp_path, capsys):

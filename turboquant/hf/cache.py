@@ -327,8 +327,9 @@ def _check_fused(model_config, text_config, layers: list) -> None:
 class TurboQuantCache(Cache):
     """Compressed KV cache for `model.generate(..., past_key_values=TurboQuantCache(model.config))`.
 
-    `config` is a `TurboQuantConfig` or a preset name ("k4v4", "k3v3", ...). Sliding-window layers
-    and `config.boundary_layers` first/last layers (when `boundary_bits` is None) stay uncompressed.
+    `config` is a `TurboQuantConfig` or a preset name ("k4v4", "k3v3", ...). Sliding-window layers,
+    cross-attention layers and `config.boundary_layers` first/last layers (when `boundary_bits` is None)
+    stay uncompressed; `uncompressed` maps each such layer to why.
     `mode` is one of MODES (see the module docstring); "fused" is the one that saves GPU memory at run time.
     """
 
@@ -347,14 +348,23 @@ class TurboQuantCache(Cache):
                              f"caches the latent (an attention with `expand_kv`); {text_config.model_type} in this "
                              "transformers version caches per-head keys and values: use DynamicCache for this model")
         layer_types = _layer_types(text_config)
-        layers = []
+        # Mllama-style cross-attention layers hold the image's K/V, written once and read every step: not
+        # the cache that grows, and read back through `layer.keys`, so they stay as transformers keeps them.
+        cross_attention = set(getattr(text_config, "cross_attention_layers", None) or ())
+        layers, self.uncompressed = [], {}
         for idx, layer_type in enumerate(layer_types):
-            if layer_type in SLIDING_TYPES:
+            if idx in cross_attention:
+                layers.append(DynamicLayer())
+                self.uncompressed[idx] = "cross-attention: uncompressed"
+            elif layer_type in SLIDING_TYPES:
                 window = getattr(text_config, "sliding_window", None) or getattr(text_config, "attention_chunk_size")
                 layers.append(DynamicSlidingWindowLayer(sliding_window=window))
+                self.uncompressed[idx] = "sliding window: uncompressed"
             elif layer_type in FULL_ATTENTION_TYPES:
                 layer_config = config.for_layer(idx, len(layer_types))
                 layers.append(DynamicLayer() if layer_config is None else TurboQuantLayer(layer_config, idx, mode, latent))
+                if layer_config is None:
+                    self.uncompressed[idx] = "boundary layer: uncompressed"
             else:
                 raise ValueError(f"layer {idx} has attention type {layer_type!r}, which TurboQuantCache cannot hold")
         if mode == "fused":

@@ -79,6 +79,22 @@ def resolve_model_path(name: str) -> str | Path:
     return name  # a hub id
 
 
+def _generating_class(config):
+    """The class that loads this config as a decoder with a KV cache, or None: a causal LM, a
+    vision-language model (text runs through its language tower), or a text tower saved on its own
+    under its `architectures` name (Mllama's `MllamaForCausalLM`)."""
+    import transformers
+
+    for auto, mapping in ((transformers.AutoModelForCausalLM, transformers.MODEL_FOR_CAUSAL_LM_MAPPING),
+                          (transformers.AutoModelForImageTextToText, transformers.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING)):
+        if type(config) in mapping:
+            return auto
+    for name in getattr(config, "architectures", None) or ():
+        if name.endswith("ForCausalLM") and isinstance(getattr(transformers, name, None), type):
+            return getattr(transformers, name)
+    return None
+
+
 def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """(model, tokenizer) for a causal LM, in eval mode. Raises ValueError for user errors. A weight
     checkpoint written by `turboquant compress-weights` loads as it was saved (`dtype` does not apply)."""
@@ -96,14 +112,13 @@ def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, de
             config = AutoConfig.from_pretrained(source)
         except OSError as error:
             raise ValueError(f"model {name!r} could not be loaded: {str(error).splitlines()[0]}") from None
-        from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
-
+        model_class = _generating_class(config)
         # Encoder models (BERT, RoBERTa) carry is_decoder=False; their causal-LM heads need it set.
-        if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING or getattr(config, "is_decoder", True) is False:
+        if model_class is None or getattr(config, "is_decoder", True) is False:
             raise ValueError(f"model {name!r} ({config.model_type}) is not a decoder-only causal LM; "
                              "its attention has no KV cache to compress")
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        model = model_class.from_pretrained(source, dtype=dtype)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(device).eval(), tokenizer

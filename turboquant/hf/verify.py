@@ -48,13 +48,15 @@ class VerifyReport:
 
 
 def _attention_modules(model) -> list[torch.nn.Module]:
-    modules = [m for name, m in model.named_modules() if name.endswith("self_attn")]
+    """The self-attention modules that know their cache layer (`layer_idx`)."""
+    modules = [m for name, m in model.named_modules()
+               if name.endswith("self_attn") and isinstance(getattr(m, "layer_idx", None), int)]
     if not modules:
-        raise ValueError(f"{type(model).__name__} has no `self_attn` modules to compare")
+        raise ValueError(f"{type(model).__name__} has no `self_attn` modules with a `layer_idx` to compare")
     return modules
 
 
-def _record_attention_outputs(model) -> tuple[list[list[torch.Tensor]], list]:
+def _record_attention_outputs(model) -> tuple[list[list[torch.Tensor]], list[torch.nn.Module], list]:
     modules = _attention_modules(model)
     outputs: list[list[torch.Tensor]] = [[] for _ in modules]
 
@@ -65,19 +67,26 @@ def _record_attention_outputs(model) -> tuple[list[list[torch.Tensor]], list]:
         return record
 
     handles = [m.register_forward_hook(hook(i)) for i, m in enumerate(modules)]
-    return outputs, handles
+    return outputs, modules, handles
 
 
-def _run(model, input_ids, prefill, cache, progress):
-    outputs, handles = _record_attention_outputs(model)
+def _run(model, input_ids, prefill, cache, progress) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """Logits of the decode steps and, per cache layer, its self-attention's outputs at those steps."""
+    outputs, modules, handles = _record_attention_outputs(model)
     try:
         logits = decode_logits(model, input_ids, prefill, cache, progress=progress)
     finally:
         for handle in handles:
             handle.remove()
-    # Skip the prefill's entry: compare the decode steps, which read the cache. Attention modules that
-    # never ran (a vision-language model's vision tower on text input) have no cache layer either.
-    return logits, [torch.cat(steps[1:], dim=0) for steps in outputs if steps]
+    # Skip the prefill's entry: compare the decode steps, which read the cache. Modules that never ran
+    # (a vision tower's on text input) are left out; cross-attention layers have no `self_attn` to match.
+    by_layer = {}
+    for module, steps in zip(modules, outputs):
+        if steps:
+            if module.layer_idx in by_layer:
+                raise ValueError(f"two self-attention modules ran as cache layer {module.layer_idx}")
+            by_layer[module.layer_idx] = torch.cat(steps[1:], dim=0)
+    return logits, by_layer
 
 
 def _mean_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -122,12 +131,12 @@ def verify_ids(model, input_ids: torch.Tensor, config: TurboQuantConfig, prefill
     for idx, layer in enumerate(cache.layers):
         report = LayerReport(idx, "compressed")
         if not isinstance(layer, TurboQuantLayer):
-            report.status = "sliding window: uncompressed" if getattr(layer, "is_sliding", False) else "boundary layer: uncompressed"
+            report.status = cache.uncompressed[idx]
         else:
             cosines = _kv_cosines(baseline_cache, layer, idx)
             if cosines is not None:
                 report.key_cosine, report.value_cosine = cosines
-        if idx < len(our_attention):
+        if idx in our_attention:
             report.attention_cosine = _mean_cosine(our_attention[idx], baseline_attention[idx])
         layers.append(report)
     kv_ok = all(r.key_cosine is None or min(r.key_cosine, r.value_cosine) >= thresholds["kv_cosine"] for r in layers)
@@ -151,7 +160,7 @@ def format_report(report: VerifyReport) -> str:
         f"{report.tokens['decode']} decode steps after a {report.tokens['prefill']}-token prefill",
         f"perplexity {report.perplexity:.3f} vs {report.baseline_perplexity:.3f} ({change:+.2%})",
         f"KV bytes {report.kv_bytes:,} vs DynamicCache {report.dynamic_kv_bytes:,} "
-        f"({report.dynamic_kv_bytes / max(report.kv_bytes, 1):.2f}x smaller)",
+        f"({report.dynamic_kv_bytes / max(report.kv_bytes, 1):.2f}x fewer)",
         f"thresholds: agreement >= {report.thresholds['agreement']:.0%}, K/V cosine >= {report.thresholds['kv_cosine']}",
         "PASS" if report.passed else "FAIL",
     ]
