@@ -28,7 +28,12 @@ ENGINES: dict[str, dict] = {
     **{f"ours-{preset}-b1": dict(attention_backend="CUSTOM",
                                  additional_config={"turboquant": {"preset": preset, "boundary_layers": 1}})
        for preset in ("k4v4", "k3v3")},
+    # weights compressed at load (issue: weight compression), the KV cache as bf16's
+    "ours-weights-tq4": dict(attention_backend="FLASH_ATTN", quantization="turboquant"),
+    "ours-weights-tq3": dict(attention_backend="FLASH_ATTN", quantization="turboquant"),
 }
+# Settings an engine reads from its environment (`--quantization turboquant` takes its bits there).
+ENGINE_ENVIRONMENT: dict[str, dict[str, str]] = {"ours-weights-tq3": {"TURBOQUANT_WEIGHT_BITS": "3"}}
 
 
 def engine_kwargs(name: str) -> dict:
@@ -66,7 +71,8 @@ def run_engine(script: str, name: str, args: list[str], timeout_s: int) -> dict:
     otherwise outlive it, keep its GPU memory and fail the next engine's start."""
     row = {"engine": name}
     worker = subprocess.Popen([sys.executable, script, "--worker", name, *args], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                              env={**os.environ, **ENGINE_ENVIRONMENT.get(name, {})})
     try:
         log, _ = worker.communicate(timeout=timeout_s)
         row["rc"] = worker.returncode

@@ -2,7 +2,8 @@
 on, one engine per subprocess, every engine under the same memory budget, side by side in one run.
 
 Cases (batch × prompt → output tokens, random prompt tokens, greedy, ignore_eos): 32 × 1024 → 128,
-16 × 6144 → 128, 4 × 32768 → 128. KV tokens are vLLM's own "GPU KV cache size" log line.
+16 × 6144 → 128, 4 × 32768 → 128, 1 × 1024 → 128. KV tokens are vLLM's own "GPU KV cache size" log line.
+Weight compression at load: `--engines bf16,ours-weights-tq4,ours-weights-tq3 --cases 3` (batch 1).
 
     python benchmarks/vllm_throughput.py --model /tmp/models/llama8b-shape --out benchmarks/results/vllm-throughput-h100
 
@@ -23,7 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from vllm_engines import (ENGINES, MAX_MODEL_LEN, TIMED_END, TIMED_START, dummy_weight_engine,  # noqa: E402
                           random_prompts, report, run_engine)
 
-CASES = [(32, 1024, 128), (16, 6144, 128), (4, 32768, 128)]
+# the last, batch 1, is where compressed weights should pay: each decode step reads every weight once
+CASES = [(32, 1024, 128), (16, 6144, 128), (4, 32768, 128), (1, 1024, 128)]
 DEFAULT_ENGINES = ["bf16", "fp8", "upstream-turboquant_4bit_nc", "upstream-turboquant_3bit_nc",
                    "ours-k4v4", "ours-k4v3", "ours-k3v3"]
 

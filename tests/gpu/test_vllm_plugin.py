@@ -106,3 +106,39 @@ def test_bad_configuration_fails_at_engine_start_with_one_clear_message(addition
     done = run_python(f"from vllm import LLM\nLLM(**{engine!r})\nprint('STARTED')")
     assert done.returncode != 0 and "STARTED" not in done.stdout
     assert message in done.stdout + done.stderr
+
+
+WEIGHTS = """
+import json, os
+os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # apply_model sends a function to the engine process
+from vllm import LLM, SamplingParams
+prompts = ["The capital of France is", "Water boils at a temperature of", "The largest planet in the solar system is",
+           "Once upon a time, there was a"]
+llm = LLM(model=MODEL, enforce_eager=True, gpu_memory_utilization=0.3, max_model_len=1024, **QUANTIZATION)
+params = SamplingParams(max_tokens=8, temperature=0)
+tokens = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
+methods, nbytes = llm.apply_model(lambda model: (
+    sorted({type(m.quant_method).__name__ for m in model.modules() if getattr(m, "quant_method", None)}),
+    sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])))[0]
+print("RESULT " + json.dumps({"tokens": tokens, "methods": methods, "nbytes": nbytes}))
+"""
+
+
+def test_weight_quantization_method_serves_close_to_bf16(monkeypatch):
+    """`--quantization turboquant` on a bf16 checkpoint: the weights are compressed at load (4 bits, groups
+    of 64: SmolLM2's width 576 has no group of 128) and the engine answers; its first greedy token
+    matches bf16's on most prompts (4-bit weights move SmolLM2's perplexity by tens of percent)."""
+    monkeypatch.setenv("TURBOQUANT_WEIGHT_GROUP_SIZE", "64")
+    bf16 = result_of(run_python(f"MODEL, QUANTIZATION = {MODEL!r}, {{}}\n{WEIGHTS}"))
+    ours = result_of(run_python(f"MODEL, QUANTIZATION = {MODEL!r}, {{'quantization': 'turboquant'}}\n{WEIGHTS}"))
+    assert "TurboQuantLinearMethod" in ours["methods"] and "TurboQuantLinearMethod" not in bf16["methods"]
+    assert ours["nbytes"] < 0.5 * bf16["nbytes"]  # Linear weights at ~4.25 bits; embeddings stay bf16
+    assert all(len(tokens) == 8 for tokens in ours["tokens"])
+    assert sum(a[0] == b[0] for a, b in zip(ours["tokens"], bf16["tokens"])) >= 3
+
+
+def test_weight_group_size_that_does_not_fit_fails_at_engine_start(monkeypatch):
+    monkeypatch.setenv("TURBOQUANT_WEIGHT_GROUP_SIZE", "128")
+    done = run_python(f"MODEL, QUANTIZATION = {MODEL!r}, {{'quantization': 'turboquant'}}\n{WEIGHTS}")
+    assert done.returncode != 0 and "RESULT" not in done.stdout
+    assert "TURBOQUANT_WEIGHT_GROUP_SIZE" in done.stdout + done.stderr

@@ -89,3 +89,18 @@ def test_mla_layers_we_cannot_serve_are_refused_with_what_to_change(dtype, kv_ca
     with pytest.raises(ValueError, match=message):
         check_latent_layer(backend, dtype, kv_cache_dtype, sparse)
     check_latent_layer(backend, "bfloat16", "auto", False)  # what we serve passes
+
+
+def test_weight_settings_from_the_environment():
+    from turboquant.vllm.settings import WeightSettings
+
+    assert WeightSettings.from_environment({}) == WeightSettings(bits=4, group_size=128)
+    assert WeightSettings.from_environment({"TURBOQUANT_WEIGHT_BITS": "3", "TURBOQUANT_WEIGHT_GROUP_SIZE": "64"}) == \
+        WeightSettings(bits=3, group_size=64)
+    with pytest.raises(ValueError, match="TURBOQUANT_WEIGHT_BITS must be an integer, got 'four'"):
+        WeightSettings.from_environment({"TURBOQUANT_WEIGHT_BITS": "four"})
+    with pytest.raises(ValueError, match="turboquant weights .*bits must be one of"):
+        WeightSettings.from_environment({"TURBOQUANT_WEIGHT_BITS": "5"})
+    with pytest.raises(ValueError, match="group_size"):
+        WeightSettings.from_environment({"TURBOQUANT_WEIGHT_GROUP_SIZE": "12"})
+    assert WeightSettings.from_checkpoint({"quant_method": "turboquant", "bits": 2}) == WeightSettings(bits=2)

@@ -5,7 +5,8 @@ selects it), routes MLA layers of such an engine to `TurboQuantLatentBackend` (v
 slot and checks that an MLA layer's backend is an MLA one, so a plugin cannot register both under it)
 and has those layers fold the latent's rotation into their projections after loading, and lets layers
 served by either backend report compressed KV pages (`spec.py`). Nothing changes for an engine
-that does not pick the CUSTOM backend.
+that does not pick the CUSTOM backend. It also registers the weight quantization method
+`--quantization turboquant` (`weights.py`), which an engine uses only when asked.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ def register() -> None:
     from .backend import TurboQuantBackend
     from .latent_backend import TurboQuantLatentBackend
     from .spec import patch_attention_specs
+    from . import weights  # noqa: F401 - registers --quantization turboquant
 
     register_backend(AttentionBackendEnum.CUSTOM, BACKEND_PATH)
     route_latent_layers(TurboQuantLatentBackend)

@@ -73,3 +73,43 @@ class VllmSettings:
             self.preset, seed=self.seed, boundary_layers=self.boundary_layers, boundary_bits=self.boundary_bits,
             sink_tokens=0, residual_window=0, center_keys=False, center_values=False)
         return base.for_layer(layer_idx, num_layers)
+
+
+# `vllm serve MODEL --quantization turboquant`: the weight codes' bits and group size, from the checkpoint's
+# `quantization_config` when it has one, else from these environment variables (vLLM builds the method
+# with no arguments for a bf16 checkpoint, and every worker process inherits the environment).
+WEIGHT_BITS_ENV, WEIGHT_GROUP_SIZE_ENV = "TURBOQUANT_WEIGHT_BITS", "TURBOQUANT_WEIGHT_GROUP_SIZE"
+
+
+@dataclass(frozen=True)
+class WeightSettings:
+    bits: int = 4
+    group_size: int = 128
+
+    def __post_init__(self) -> None:
+        from ..weights.linear import weight_quantizer
+
+        weight_quantizer(self.group_size, self.bits)  # raises ValueError on bits or a group size that cannot pack
+
+    @classmethod
+    def from_environment(cls, environ) -> "WeightSettings":
+        values = {}
+        for field, name in (("bits", WEIGHT_BITS_ENV), ("group_size", WEIGHT_GROUP_SIZE_ENV)):
+            text = environ.get(name)
+            if text is None:
+                continue
+            try:
+                values[field] = int(text)
+            except ValueError:
+                raise ValueError(f"{name} must be an integer, got {text!r}") from None
+        try:
+            return cls(**values)
+        except ValueError as error:
+            raise ValueError(f"turboquant weights ({WEIGHT_BITS_ENV}/{WEIGHT_GROUP_SIZE_ENV}): {error}") from None
+
+    @classmethod
+    def from_checkpoint(cls, quantization_config: dict) -> "WeightSettings":
+        unknown = sorted(set(quantization_config) - {"quant_method", "bits", "group_size"})
+        if unknown:
+            raise ValueError(f"unknown key(s) {unknown} in the checkpoint's turboquant quantization_config")
+        return cls(**{k: v for k, v in quantization_config.items() if k != "quant_method"})

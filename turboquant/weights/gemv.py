@@ -1,4 +1,4 @@
-"""Small-batch matmul over a `TQLinear`'s codes (Triton): y = x·Wᵀ without ever building W.
+"""Small-batch matmul over TurboQuant weight codes (Triton): y = x·Wᵀ without ever building W.
 
 Because the rotation is orthogonal, W·x = Σ_g norm_g · levels(idx_g) · (R·x_g): the input is rotated
 once per group (one small matmul for the whole batch) and each program streams its rows' packed codes
@@ -6,7 +6,7 @@ once for a tile of up to 32 batch rows, turns them into fp16 levels (`kernels/pa
 byte permutation for 4-bit codes), multiplies them with the rotated input on the tensor cores
 (fp16 operands, fp32 accumulation) and scales by the group norms. The groups are split over several
 programs whose fp32 partial sums are added at the end, so a batch-1 call still fills the GPU.
-Reference: `TQLinear.dequantize`, then `F.linear` (what `TQLinear.forward` runs off the kernel's path).
+Reference: `TQLinear.dequantize`, then `F.linear` (what `codes_linear` runs off the kernel's path).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import triton.language as tl
 from ..kernels.launch import multiprocessor_count
 from ..kernels.lut_asm import antisymmetric_fp16, byte_permute_available, dequant_asm
 from ..kernels.packed_tile import load_levels
+from ..core import MSEQuantizer
 from .linear import TQLinear, kernel_group_size
 
 ROWS_PER_PROGRAM = 64  # of 16, 32, 64 on an H100 (benchmarks/weights_gemv.py --rows-per-program)
@@ -68,35 +69,43 @@ def tq_linear_gemv(x: torch.Tensor, layer: TQLinear) -> torch.Tensor:
     """layer(x) for x [..., in_features] (fp16/bf16/fp32), computed from the codes; same dtype as x."""
     if not isinstance(layer, TQLinear):
         raise TypeError(f"expected a TQLinear, got {type(layer).__name__}")
-    group_size = layer.group_size
+    return codes_gemv(x, layer.packed, layer.norms, layer.quantizer, layer.bias)
+
+
+def codes_gemv(x: torch.Tensor, packed: torch.Tensor, norms: torch.Tensor, quantizer: MSEQuantizer,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x·Wᵀ (+ bias) from `packed` [out, groups, bytes] codes and fp16 `norms` [out, groups]; x's dtype."""
+    group_size = quantizer.dim
     if not kernel_group_size(group_size):
         raise ValueError(f"the GEMV kernel needs a power-of-two group_size of at least 16 (a tensor-core tile), "
                          f"the layer has {group_size}")
-    if not isinstance(x, torch.Tensor) or x.shape[-1] != layer.in_features or not x.is_floating_point():
-        raise ValueError(f"x must be a float tensor [..., {layer.in_features}], got "
+    out_features, groups = norms.shape
+    in_features = groups * group_size
+    if not isinstance(x, torch.Tensor) or x.shape[-1] != in_features or not x.is_floating_point():
+        raise ValueError(f"x must be a float tensor [..., {in_features}], got "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-    if x.device != layer.packed.device:
-        raise ValueError(f"x is on {x.device}, the layer on {layer.packed.device}")
-    lead, groups = x.shape[:-1], layer.in_features // group_size
-    rotation, levels, lookup = _device_codec(layer.quantizer, x.device)
+    if x.device != packed.device:
+        raise ValueError(f"x is on {x.device}, the layer on {packed.device}")
+    lead = x.shape[:-1]
+    rotation, levels, lookup = _device_codec(quantizer, x.device)
     # fp16 operands for the tensor cores: the rotated input keeps 11 significant bits (bf16 inputs have 8)
-    rotated = (x.reshape(-1, groups, group_size).float() @ rotation.T).reshape(-1, layer.in_features)
+    rotated = (x.reshape(-1, groups, group_size).float() @ rotation.T).reshape(-1, in_features)
     rotated = rotated.to(torch.float16).contiguous()
     batch = rotated.shape[0]
     if batch == 0:
-        return torch.empty(*lead, layer.out_features, dtype=x.dtype, device=x.device)
+        return torch.empty(*lead, out_features, dtype=x.dtype, device=x.device)
     batch_tile = min(MAX_BATCH_TILE, max(16, triton.next_power_of_2(batch)))
-    row_programs = triton.cdiv(layer.out_features, ROWS_PER_PROGRAM)
+    row_programs = triton.cdiv(out_features, ROWS_PER_PROGRAM)
     splits = group_splits(row_programs, groups, multiprocessor_count(x.device))
     groups_per_split = triton.cdiv(groups, splits)
     splits = triton.cdiv(groups, groups_per_split)
-    partial = torch.empty(splits, batch, layer.out_features, dtype=torch.float32, device=x.device)
+    partial = torch.empty(splits, batch, out_features, dtype=torch.float32, device=x.device)
     _gemv_kernel[(row_programs, splits, triton.cdiv(batch, batch_tile))](
-        rotated, layer.packed, layer.norms, levels, partial, layer.out_features, groups, batch, groups_per_split,
-        rotated.stride(0), GROUP_SIZE=group_size, GROUP_BYTES=layer.packed.shape[-1], BITS=layer.bits,
+        rotated, packed, norms, levels, partial, out_features, groups, batch, groups_per_split,
+        rotated.stride(0), GROUP_SIZE=group_size, GROUP_BYTES=packed.shape[-1], BITS=quantizer.bits,
         LUT=lookup, ROWS=ROWS_PER_PROGRAM, BATCH_TILE=batch_tile,
     )
     out = partial.sum(0) if splits > 1 else partial[0]
-    if layer.bias is not None:
-        out += layer.bias.float()
-    return out.to(x.dtype).reshape(*lead, layer.out_features)
+    if bias is not None:
+        out += bias.float()
+    return out.to(x.dtype).reshape(*lead, out_features)

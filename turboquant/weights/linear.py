@@ -30,6 +30,26 @@ def kernel_group_size(group_size: int) -> bool:
     return group_size >= 16 and group_size & (group_size - 1) == 0
 
 
+def uses_kernel(x: torch.Tensor, in_features: int, group_size: int) -> bool:
+    """Whether `codes_linear(x, ...)` runs the Triton kernel: a CUDA input of at most KERNEL_MAX_ROWS rows,
+    a group size it tiles, and Triton installed."""
+    return (TRITON_INSTALLED and x.is_cuda and x.numel() <= KERNEL_MAX_ROWS * in_features
+            and kernel_group_size(group_size))
+
+
+def codes_linear(x: torch.Tensor, packed: torch.Tensor, norms: torch.Tensor, quantizer: MSEQuantizer,
+                 bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x·Wᵀ (+ bias) for the weight stored as `packed` [out, groups, bytes] codes and `norms` [out, groups]."""
+    out_features, groups = norms.shape
+    in_features = groups * quantizer.dim
+    if uses_kernel(x, in_features, quantizer.dim):
+        from .gemv import codes_gemv  # imports Triton
+
+        return codes_gemv(x, packed, norms, quantizer, bias)
+    weight = quantizer.dequantize_packed(packed, norms.float()).reshape(out_features, in_features).to(x.dtype)
+    return nn.functional.linear(x, weight, None if bias is None else bias.to(x.dtype))
+
+
 @functools.lru_cache(maxsize=None)
 def weight_quantizer(group_size: int, bits: int, seed: int = 0) -> MSEQuantizer:
     """One quantizer (rotation + codebook) per shape, shared by every layer: a dense QR rotation is
@@ -60,15 +80,20 @@ class TQLinear(nn.Module):
     def from_linear(cls, linear: nn.Linear, bits: int, group_size: int, seed: int = 0) -> "TQLinear":
         if isinstance(linear, TQLinear) or not isinstance(linear, nn.Linear):
             raise TypeError(f"expected an nn.Linear, got {type(linear).__name__}")
-        weight = linear.weight.detach()
-        module = cls(linear.in_features, linear.out_features, linear.bias is not None, bits, group_size, seed,
+        return cls.from_weight(linear.weight.detach(), linear.bias, bits, group_size, seed)
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, bits: int, group_size: int,
+                    seed: int = 0) -> "TQLinear":
+        """The layer whose codes quantize `weight` [out, in] (on its device), with `bias` copied."""
+        out_features, in_features = weight.shape
+        module = cls(in_features, out_features, bias is not None, bits, group_size, seed,
                      device=weight.device, dtype=weight.dtype)
-        groups = weight.float().view(linear.out_features, -1, group_size)
-        packed, norms = module.quantizer.quantize_packed(groups)
+        packed, norms = module.quantizer.quantize_packed(weight.detach().float().view(out_features, -1, group_size))
         module.packed.copy_(packed)
         module.norms.copy_(norms.to(torch.float16))
-        if linear.bias is not None:
-            module.bias.data.copy_(linear.bias.detach())
+        if bias is not None:
+            module.bias.data.copy_(bias.detach())
         return module
 
     def dequantize(self) -> torch.Tensor:
@@ -77,18 +102,10 @@ class TQLinear(nn.Module):
         return groups.reshape(self.out_features, self.in_features)
 
     def uses_kernel(self, x: torch.Tensor) -> bool:
-        """Whether `forward(x)` runs the Triton kernel: a CUDA input of at most KERNEL_MAX_ROWS rows, a
-        group size it tiles, and Triton installed."""
-        return (TRITON_INSTALLED and x.is_cuda and x.numel() <= KERNEL_MAX_ROWS * self.in_features
-                and kernel_group_size(self.group_size))
+        return uses_kernel(x, self.in_features, self.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.uses_kernel(x):
-            from .gemv import tq_linear_gemv  # imports Triton
-
-            return tq_linear_gemv(x, self)
-        weight = self.dequantize().to(x.dtype)
-        return nn.functional.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
+        return codes_linear(x, self.packed, self.norms, self.quantizer, self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
