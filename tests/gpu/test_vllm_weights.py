@@ -99,3 +99,51 @@ def test_registered_with_vllm_and_read_from_a_checkpoint(weights_module):
     assert (config.settings.bits, config.settings.group_size) == (3, 64)
     with pytest.raises(ValueError, match="unknown key"):
         weights_module.TurboQuantWeightConfig.from_config({"bits": 3, "groups": 64})
+
+
+@pytest.fixture
+def one_process_group():
+    """vLLM's tensor-parallel state for one process (gloo), inside a config for this device."""
+    import socket
+
+    from vllm.config import DeviceConfig, VllmConfig, set_current_vllm_config
+    from vllm.distributed import (destroy_distributed_environment, destroy_model_parallel,
+                                  init_distributed_environment, initialize_model_parallel)
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with set_current_vllm_config(VllmConfig(device_config=DeviceConfig(device=DEVICE))):
+        init_distributed_environment(world_size=1, rank=0, distributed_init_method=f"tcp://127.0.0.1:{port}",
+                                     local_rank=0, backend="gloo")
+        initialize_model_parallel(1, 1)
+        try:
+            yield
+        finally:
+            destroy_model_parallel()
+            destroy_distributed_environment()
+
+
+def test_merged_qkv_layer_loads_its_shards_then_compresses(one_process_group):
+    """vLLM's QKVParallelLinear with the method: its own loader puts q, k and v into the merged weight,
+    which is then compressed; the layer computes what one TQLinear of the concatenated weight does."""
+    from vllm.model_executor.layers.linear import QKVParallelLinear
+
+    from turboquant.vllm.settings import WeightSettings
+    from turboquant.vllm.weights import TurboQuantLinearMethod, TurboQuantWeightConfig
+    from turboquant.weights import TQLinear
+
+    layer = QKVParallelLinear(128, 32, 4, 2, bias=True, params_dtype=torch.bfloat16, prefix="layers.0.qkv_proj",
+                              quant_config=TurboQuantWeightConfig(WeightSettings(4, 64))).to(DEVICE)
+    assert isinstance(layer.quant_method, TurboQuantLinearMethod)
+    shards = {"q": 128, "k": 64, "v": 64}
+    weights = {s: torch.randn(n, 128, dtype=torch.bfloat16, device=DEVICE) for s, n in shards.items()}
+    biases = {s: torch.randn(n, dtype=torch.bfloat16, device=DEVICE) for s, n in shards.items()}
+    for shard in ("v", "q", "k"):  # any order: each lands at its own rows
+        layer.weight.weight_loader(layer.weight, weights[shard], shard)
+        layer.bias.weight_loader(layer.bias, biases[shard], shard)
+    layer.quant_method.process_weights_after_loading(layer)
+    x = torch.randn(5, 128, dtype=torch.bfloat16, device=DEVICE)
+    got, _ = layer(x)
+    expected = TQLinear.from_weight(torch.cat(list(weights.values())), torch.cat(list(biases.values())), 4, 64)(x)
+    assert (got.float() - expected.float()).abs().max() < 5 * 2**-8 * expected.float().abs().max()

@@ -17,7 +17,8 @@ from __future__ import annotations
 import os
 
 import torch
-from vllm.model_executor.layers.linear import LinearBase, LinearMethodBase, UnquantizedLinearMethod
+from vllm.model_executor.layers.linear import (LinearBase, LinearMethodBase, UnquantizedLinearMethod,
+                                               register_weight_loader_v2_supported_method)
 from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 
@@ -66,6 +67,8 @@ class TurboQuantWeightConfig(QuantizationConfig):
         return TurboQuantLinearMethod(self.settings, prefix) if isinstance(layer, LinearBase) else None
 
 
+# its weight is UnquantizedLinearMethod's parameter, so it takes the same (v2) loaders
+@register_weight_loader_v2_supported_method
 class TurboQuantLinearMethod(LinearMethodBase):
     def __init__(self, settings: WeightSettings, prefix: str):
         self.settings, self.prefix = settings, prefix
