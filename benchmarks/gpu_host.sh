@@ -1,0 +1,21 @@
+# The GPU host's environment for this repository's vLLM tests and benchmarks. On the host, from the repo
+# root, after each transfer of the offline bundle's parts (../shared/gpu/README.md):
+#
+#     source benchmarks/gpu_host.sh
+#
+# It installs the parts that have arrived (the bundle's own script), makes this checkout importable and
+# its `vllm.general_plugins` entry point visible without a pip install (a dist-info in /tmp/tq-site,
+# which vLLM's plugin loader finds on the path), and puts the 8B-shaped config at /tmp/models/llama8b-shape
+# when its copy travelled in .gpu/tools. The host is offline and starts bare: nothing here persists.
+eval "$(bash .gpu/tools/install-vllm-bundle.sh)"
+TQ_SITE=/tmp/tq-site
+mkdir -p "$TQ_SITE/turboquant-0.1.0.dist-info"
+printf 'Metadata-Version: 2.1\nName: turboquant\nVersion: 0.1.0\n' > "$TQ_SITE/turboquant-0.1.0.dist-info/METADATA"
+printf '[vllm.general_plugins]\nturboquant = turboquant.vllm.plugin:register\n' \
+    > "$TQ_SITE/turboquant-0.1.0.dist-info/entry_points.txt"
+export PYTHONPATH="$PWD:$TQ_SITE:$PYTHONPATH"
+if [ -d .gpu/tools/llama8b-shape ] && [ ! -d /tmp/models/llama8b-shape ]; then
+    mkdir -p /tmp/models && cp -r .gpu/tools/llama8b-shape /tmp/models/
+fi
+python3 -c "import importlib.metadata as m; assert any(e.name == 'turboquant' for e in m.entry_points(group='vllm.general_plugins'))" \
+    && echo "# turboquant: importable from $PWD, vLLM entry point registered" >&2
