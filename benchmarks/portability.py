@@ -52,6 +52,13 @@ ARCHITECTURES = {
                 lambda: tf.Gemma3TextConfig(**{**COMMON, "num_hidden_layers": 6}, num_attention_heads=2,
                                             num_key_value_heads=1, head_dim=256, hidden_size=512,
                                             sliding_window=128)),
+    "qwen3-next (hybrid)": ("Qwen3-Next: 3 linear-attention (Gated DeltaNet) : 1 full-attention layers, d256, GQA 8:1",
+                            lambda: tf.Qwen3NextConfig(
+                                **COMMON, num_attention_heads=8, num_key_value_heads=1, head_dim=256, hidden_size=256,
+                                linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=64,
+                                linear_value_head_dim=64, num_experts=4, num_experts_per_tok=2,
+                                moe_intermediate_size=64, shared_expert_intermediate_size=64,
+                                layer_types=["linear_attention"] * 3 + ["full_attention"])),
     "qwen2-vl": ("Qwen2-VL language tower: d128, GQA 7:1, M-RoPE (text tokens)",
                  lambda: tf.Qwen2VLConfig(text_config=dict(
                      **COMMON, num_attention_heads=7, num_key_value_heads=1, hidden_size=896,

@@ -128,6 +128,43 @@ def test_gemma_sliding_layers_stay_uncompressed(version):
     assert compressed.layers[-1].packed_keys is not None
 
 
+def tiny_qwen3_next():
+    torch.manual_seed(0)
+    config = transformers.Qwen3NextConfig(
+        vocab_size=256, hidden_size=128, intermediate_size=128, num_hidden_layers=4, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=64, linear_num_key_heads=2, linear_num_value_heads=2, linear_key_head_dim=32,
+        linear_value_head_dim=32, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+        shared_expert_intermediate_size=64,
+        layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"])
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+def test_hybrid_model_compresses_its_full_attention_layers_only():
+    """Qwen3-Next: linear-attention layers keep the recurrent state transformers gives them, the
+    full-attention layers are compressed, and the cache says which is which."""
+    model = tiny_qwen3_next()
+    config = TurboQuantConfig(residual_window=16, sink_tokens=0, boundary_layers=0)
+    cache = TurboQuantCache(model.config, config)
+    assert cache.compressed_layers() == [1, 3]
+    assert cache.uncompressed == {0: "linear attention: uncompressed", 2: "linear attention: uncompressed"}
+    ids = prompt(120)
+    with torch.no_grad():
+        ours = model.generate(ids, past_key_values=cache, max_new_tokens=6, do_sample=False,
+                              return_dict_in_generate=True, output_logits=True)
+        exact = model.generate(ids, past_key_values=DynamicCache(config=model.config), max_new_tokens=6,
+                               do_sample=False, return_dict_in_generate=True, output_logits=True)
+    assert cache.layers[1].packed_keys is not None  # the full-attention layers did compress
+    cosine = torch.nn.functional.cosine_similarity(torch.cat(ours.logits), torch.cat(exact.logits), dim=-1)
+    assert cosine.min() > 0.99
+
+
+def test_layer_types_the_cache_cannot_hold_are_refused():
+    config = tiny_llama(layers=2).config
+    config.layer_types = ["full_attention", "hybrid"]
+    with pytest.raises(ValueError, match="layer 1 has attention type 'hybrid'"):
+        TurboQuantCache(config, "k4v4")
+
+
 def test_batch_with_left_padding():
     model = tiny_llama()
     ids = prompt(30, batch=2)

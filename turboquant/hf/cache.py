@@ -30,7 +30,7 @@ import importlib
 import os
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
+from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, DynamicLayer, get_layer_types_and_kwargs
 
 from ..core import TurboQuantConfig
 from ..core.quantizer import MSEQuantizer
@@ -38,7 +38,9 @@ from .attention import ATTENTION_NAME, PendingAttention
 
 MODES = ("incremental", "compact", "fused")
 FULL_ATTENTION_TYPES = ("full_attention",)
-SLIDING_TYPES = ("sliding_attention", "chunked_attention")
+# why a layer of another type stays as transformers' DynamicCache would build it
+KEPT_TYPES = {"sliding_attention": "sliding window", "chunked_attention": "sliding window (chunked attention)",
+              "linear_attention": "linear attention", "conv": "convolution state", "dummy": "no cache of its own"}
 
 
 def _cat(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
@@ -272,12 +274,13 @@ class TurboQuantLayer(DynamicLayer):
         return batch * heads * self.num_tokens * (key_dim + value_dim) * torch.empty((), dtype=self.dtype).element_size()
 
 
-def _layer_types(text_config) -> list[str]:
-    layer_types = getattr(text_config, "layer_types", None)
-    if layer_types is not None:
-        return list(layer_types)
-    sliding = getattr(text_config, "sliding_window", None) is not None and getattr(text_config, "use_sliding_window", True)
-    return ["sliding_attention" if sliding else "full_attention"] * text_config.num_hidden_layers
+def _transformers_layers(text_config) -> list[tuple[str, object]]:
+    """(layer type, the cache layer DynamicCache would build for it) per layer, as transformers decides:
+    it infers types a config leaves implicit and drops or stubs the layers that share another's cache.
+    (Its kwargs are one dict for all layers in transformers 5.17, one per layer in later versions.)"""
+    layer_types, kwargs = get_layer_types_and_kwargs(text_config)
+    per_layer = kwargs if isinstance(kwargs, list) else [kwargs] * len(layer_types)
+    return [(t, DYNAMIC_LAYER_TYPE_MAPPING.get(t), k) for t, k in zip(layer_types, per_layer)]
 
 
 def kv_cache_nbytes(cache: Cache) -> int:
@@ -347,24 +350,23 @@ class TurboQuantCache(Cache):
             raise ValueError("TurboQuantCache holds multi-head latent attention (MLA) caches only where transformers "
                              f"caches the latent (an attention with `expand_kv`); {text_config.model_type} in this "
                              "transformers version caches per-head keys and values: use DynamicCache for this model")
-        layer_types = _layer_types(text_config)
+        layer_specs = _transformers_layers(text_config)
         # Mllama-style cross-attention layers hold the image's K/V, written once and read every step: not
         # the cache that grows, and read back through `layer.keys`, so they stay as transformers keeps them.
         cross_attention = set(getattr(text_config, "cross_attention_layers", None) or ())
         layers, self.uncompressed = [], {}
-        for idx, layer_type in enumerate(layer_types):
+        for idx, (layer_type, layer_class, layer_kwargs) in enumerate(layer_specs):
             if idx in cross_attention:
                 layers.append(DynamicLayer())
                 self.uncompressed[idx] = "cross-attention: uncompressed"
-            elif layer_type in SLIDING_TYPES:
-                window = getattr(text_config, "sliding_window", None) or getattr(text_config, "attention_chunk_size")
-                layers.append(DynamicSlidingWindowLayer(sliding_window=window))
-                self.uncompressed[idx] = "sliding window: uncompressed"
             elif layer_type in FULL_ATTENTION_TYPES:
-                layer_config = config.for_layer(idx, len(layer_types))
+                layer_config = config.for_layer(idx, len(layer_specs))
                 layers.append(DynamicLayer() if layer_config is None else TurboQuantLayer(layer_config, idx, mode, latent))
                 if layer_config is None:
                     self.uncompressed[idx] = "boundary layer: uncompressed"
+            elif layer_type in KEPT_TYPES and layer_class is not None:
+                layers.append(layer_class(**layer_kwargs))
+                self.uncompressed[idx] = f"{KEPT_TYPES[layer_type]}: uncompressed"
             else:
                 raise ValueError(f"layer {idx} has attention type {layer_type!r}, which TurboQuantCache cannot hold")
         if mode == "fused":
