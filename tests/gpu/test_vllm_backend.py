@@ -90,6 +90,21 @@ def test_decode_and_prefill_rows_match_the_references(backend):
     torch.testing.assert_close(output[2:], expected_prefill, atol=2e-2, rtol=2e-2)
 
 
+def test_batch_invariant_mode_reads_every_token_from_the_cache(backend, monkeypatch):
+    """VLLM_BATCH_INVARIANT=1: decodes and prefill chunks alike attend to the cache alone (their own
+    chunk's compressed copies included), as cached_attention_reference says."""
+    from vllm import envs
+
+    from turboquant.kernels.reference import cached_attention_reference
+
+    monkeypatch.setattr(envs, "VLLM_BATCH_INVARIANT", True, raising=False)
+    assert backend[0].TurboQuantBackend.supports_batch_invariance()
+    meta, output, query, keys, values, ref = run_batch(backend, prefix=[39, 22, 30, 0], new=[1, 1, 10, 20])
+    expected = cached_attention_reference(query.float(), ref.query_start, ref.seq_lens, ref.cache, ref.codec,
+                                          ref.block_table, ref.scale)
+    torch.testing.assert_close(output, expected, atol=2e-2, rtol=2e-2)
+
+
 def test_long_chunks_gather_their_prefixes_in_groups(backend):
     from turboquant.kernels.reference import extend_reference
 

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from turboquant.kernels.extend import extend_attention
-from turboquant.kernels.reference import extend_reference
+from turboquant.kernels.extend import cached_attention, extend_attention
+from turboquant.kernels.reference import cached_attention_reference, extend_reference
 
 from .paged import filled_cache, make_codec
 from .test_decode import CASES, TOLERANCE
@@ -71,3 +71,63 @@ def test_extend_key_starts_and_log_sum_exp(head_dim, key_bits, value_bits, block
                                               head_dim**-0.5, key_starts=key_starts, return_lse=True)
     torch.testing.assert_close(out, expected, **TOLERANCE)
     torch.testing.assert_close(lse, expected_lse, **TOLERANCE)
+
+
+@pytest.mark.parametrize("head_dim,key_bits,value_bits,block_size,num_q_heads,num_kv_heads", CASES[1::2])
+@pytest.mark.parametrize("options", [{}, {"sliding_window": 29}, {"softcap": 4.0}])
+def test_cached_attention_matches_reference(head_dim, key_bits, value_bits, block_size, num_q_heads, num_kv_heads,
+                                            options, device, generator):
+    codec = make_codec(head_dim, key_bits, value_bits, num_kv_heads, block_size, device)
+    seq_lens, query_lens = [111, 70, 34], [21, 70, 1]  # a later chunk, a whole prompt, a decode step
+    cache, block_table = filled_cache(codec, seq_lens, generator, device)
+    query = torch.randn(sum(query_lens), num_q_heads, head_dim, generator=generator).to(device)
+    seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32, device=device)
+    starts = chunks(query_lens, device)
+    out = cached_attention(query, starts, seq_lens_t, cache, codec, block_table, head_dim**-0.5, max(query_lens),
+                           **options)
+    expected = cached_attention_reference(query, starts, seq_lens_t, cache, codec, block_table, head_dim**-0.5,
+                                          **options)
+    torch.testing.assert_close(out, expected, **TOLERANCE)
+
+
+def test_cached_attention_is_invariant_to_chunking_and_batching(device, generator):
+    """One sequence's outputs, bit for bit: as one prompt, as two chunks, and token by token as decode
+    steps batched with other sequences (vLLM's batch-invariant mode relies on it)."""
+    head_dim, length, options = 128, 48, {"sliding_window": 29}
+    codec = make_codec(head_dim, 4, 4, 2, 16, device)
+    others = [45, 90]
+    cache, block_table = filled_cache(codec, [length, *others], generator, device)
+    query = torch.randn(length, 8, head_dim, generator=generator).to(device)
+
+    def run(rows: slice, seq_len: int, batch_with_others: bool = False) -> torch.Tensor:
+        parts, lens, tables = [query[rows]], [seq_len], [block_table[0]]
+        if batch_with_others:
+            parts += [torch.randn(1, 8, head_dim, generator=generator).to(device) for _ in others]
+            lens, tables = lens + others, tables + list(block_table[1:])
+        lens_t = torch.tensor(lens, dtype=torch.int32, device=device)
+        starts = chunks([p.shape[0] for p in parts], device)
+        out = cached_attention(torch.cat(parts), starts, lens_t, cache, codec, torch.stack(tables), head_dim**-0.5,
+                               max(p.shape[0] for p in parts), **options)
+        return out[:rows.stop - rows.start]
+
+    whole = run(slice(0, length), length)
+    two_chunks = torch.cat([run(slice(0, 19), 19), run(slice(19, length), length)])
+    decode_steps = torch.cat([run(slice(t, t + 1), t + 1, batch_with_others=True) for t in range(length)])
+    # On a GPU a tile's rows are multiplied alike, wherever they sit: bit for bit. The interpreter's
+    # numpy matmul rounds a row by its position in the tile (an fp32 ulp, which can move q's fp16
+    # rounding by one): there, within the kernels' fp16-operand tolerance, which still catches a
+    # wrong position or mask (errors of order 1).
+    exact = dict(atol=0, rtol=0) if device == "cuda" else TOLERANCE
+    torch.testing.assert_close(two_chunks, whole, **exact)
+    torch.testing.assert_close(decode_steps, whole, **exact)
+
+
+def test_cached_attention_rejects_bad_input(device, generator):
+    codec = make_codec(64, 4, 4, 2, 16, device)
+    cache, block_table = filled_cache(codec, [20], generator, device)
+    query, seq_lens, starts = torch.randn(5, 4, 64, device=device), torch.tensor([20], dtype=torch.int32,
+                                                                                  device=device), chunks([5], device)
+    with pytest.raises(ValueError, match="query must be"):
+        cached_attention(query[:, :3], starts, seq_lens, cache, codec, block_table, 0.1, 5)
+    with pytest.raises(ValueError, match="query_start"):
+        cached_attention(query, starts[:1], seq_lens, cache, codec, block_table, 0.1, 5)

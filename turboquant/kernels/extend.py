@@ -4,6 +4,13 @@ full-precision K/V — what chunked prefill and prefix caching need. One program
 tokens times all query heads of one GQA group, so each compressed tile is unpacked once for the group.
 Everything runs in the rotated space (q and the fresh K/V are rotated once); the output is un-rotated
 once. Reference: `reference.extend_reference`.
+
+`cached_attention` is the same kernel for chunks already stored: every query reads every key, its own
+chunk's included, from the cache, causally. A query's result then depends only on its position and
+the cache, not on how the sequence was cut into chunks or batched with others: each query row meets
+the same absolute tiles in the same order whatever the chunk (a tile it cannot see leaves its softmax
+state bit for bit unchanged) in programs of a fixed shape. Decode steps run it too (one-token chunks),
+which is what vLLM's batch-invariant mode asks. Reference: `reference.cached_attention_reference`.
 """
 
 from __future__ import annotations
@@ -55,7 +62,7 @@ def _extend_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     KEY_BITS: tl.constexpr, KEY_BYTES: tl.constexpr, KEY_LUT: tl.constexpr, VALUE_BITS: tl.constexpr,
     VALUE_BYTES: tl.constexpr, VALUE_LUT: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr,
-    USE_STARTS: tl.constexpr, RETURN_LSE: tl.constexpr, TILE: tl.constexpr,
+    USE_STARTS: tl.constexpr, RETURN_LSE: tl.constexpr, CACHED_CHUNK: tl.constexpr, TILE: tl.constexpr,
 ):
     seq, query_block, kv_head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     query_start = tl.load(query_start_ptr + seq)
@@ -63,7 +70,9 @@ def _extend_kernel(
     first_token = query_block * QUERY_TOKENS
     if first_token >= query_len:
         return
-    prefix_len = tl.load(seq_lens_ptr + seq) - query_len
+    seq_len = tl.load(seq_lens_ptr + seq)
+    prefix_len = seq_len - query_len
+    cached_len = seq_len if CACHED_CHUNK else prefix_len  # keys read from the cache
     key_start = 0
     if USE_STARTS:
         key_start = tl.load(key_starts_ptr + seq)
@@ -85,13 +94,13 @@ def _extend_kernel(
     running_sum = tl.zeros([ROWS], dtype=tl.float32)
     acc = tl.zeros([ROWS, HEAD_DIM_PAD], dtype=tl.float32)
 
-    # (a) the compressed prefix
+    # (a) the compressed prefix (and, for a cached chunk, the chunk)
     lo = key_start // TILE * TILE
     if USE_WINDOW:
         lo = tl.maximum(tl.maximum(prefix_len + first_token - sliding_window + 1, 0) // TILE * TILE, lo)
-    for start in range(lo, prefix_len, TILE):
+    for start in range(lo, cached_len, TILE):
         positions = start + tl.arange(0, TILE)
-        valid = positions < prefix_len
+        valid = positions < cached_len
         blocks = tl.load(block_table_ptr + seq * stride_table_seq + positions // BLOCK_SIZE, mask=valid, other=0)
         page_ptrs = cache_ptr + (blocks.to(tl.int64) * NUM_KV_HEADS + kv_head) * HEAD_PAGE_BYTES
         offsets = positions % BLOCK_SIZE
@@ -101,6 +110,8 @@ def _extend_kernel(
         if USE_SOFTCAP:
             scores = softcap * tanh(scores / softcap)
         visible = valid[None, :] & (positions[None, :] >= key_start)
+        if CACHED_CHUNK:
+            visible = visible & (positions[None, :] <= query_pos[:, None])
         if USE_WINDOW:
             visible = visible & (positions[None, :] > query_pos[:, None] - sliding_window)
         values = load_levels(page_ptrs + VALUES_OFFSET + offsets * VALUE_BYTES, valid, value_centroids_ptr,
@@ -109,28 +120,29 @@ def _extend_kernel(
         running_max, running_sum, acc = _online_softmax_step(scores * 1.4426950408889634, visible, running_max,
                                                              running_sum, acc, values, value_norms)
 
-    # (b) the chunk itself, causal
-    lo = 0
-    if USE_WINDOW:
-        lo = tl.maximum(first_token - sliding_window + 1, 0) // TILE * TILE
-    hi = tl.minimum(first_token + QUERY_TOKENS, query_len)
-    for start in range(lo, hi, TILE):
-        positions = start + tl.arange(0, TILE)  # chunk-relative
-        valid = positions < hi
-        kv_offsets = (query_start + positions) * stride_kv_token + kv_head * stride_kv_head
-        kv_mask = valid[:, None] & dim_mask[None, :]
-        keys = tl.load(keys_ptr + kv_offsets[:, None] + dims[None, :], mask=kv_mask, other=0.0).to(tl.float16)
-        scores = tl.dot(query, tl.trans(keys))
-        if USE_SOFTCAP:
-            scores = softcap * tanh(scores / softcap)
-        visible = valid[None, :] & (positions[None, :] <= token[:, None])
-        visible = visible & (prefix_len + positions[None, :] >= key_start)
+    # (b) the chunk itself, causal, from its fresh K/V
+    if not CACHED_CHUNK:
+        lo = 0
         if USE_WINDOW:
-            visible = visible & (positions[None, :] > token[:, None] - sliding_window)
-        values = tl.load(values_ptr + kv_offsets[:, None] + dims[None, :], mask=kv_mask, other=0.0).to(tl.float16)
-        ones = tl.full([TILE], 1.0, tl.float32)
-        running_max, running_sum, acc = _online_softmax_step(scores * 1.4426950408889634, visible, running_max,
-                                                             running_sum, acc, values, ones)
+            lo = tl.maximum(first_token - sliding_window + 1, 0) // TILE * TILE
+        hi = tl.minimum(first_token + QUERY_TOKENS, query_len)
+        for start in range(lo, hi, TILE):
+            positions = start + tl.arange(0, TILE)  # chunk-relative
+            valid = positions < hi
+            kv_offsets = (query_start + positions) * stride_kv_token + kv_head * stride_kv_head
+            kv_mask = valid[:, None] & dim_mask[None, :]
+            keys = tl.load(keys_ptr + kv_offsets[:, None] + dims[None, :], mask=kv_mask, other=0.0).to(tl.float16)
+            scores = tl.dot(query, tl.trans(keys))
+            if USE_SOFTCAP:
+                scores = softcap * tanh(scores / softcap)
+            visible = valid[None, :] & (positions[None, :] <= token[:, None])
+            visible = visible & (prefix_len + positions[None, :] >= key_start)
+            if USE_WINDOW:
+                visible = visible & (positions[None, :] > token[:, None] - sliding_window)
+            values = tl.load(values_ptr + kv_offsets[:, None] + dims[None, :], mask=kv_mask, other=0.0).to(tl.float16)
+            ones = tl.full([TILE], 1.0, tl.float32)
+            running_max, running_sum, acc = _online_softmax_step(scores * 1.4426950408889634, visible, running_max,
+                                                                 running_sum, acc, values, ones)
 
     out = acc / tl.maximum(running_sum, 1e-30)[:, None]
     out_offsets = (query_start + token) * stride_query_token + (kv_head * GROUP + member) * stride_query_head
@@ -152,16 +164,37 @@ def extend_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
     sequence i owns rows query_start[i]:query_start[i+1] (int32 [batch + 1]) and has seq_lens[i]
     tokens in total, the compressed prefix first. `max_query_len` bounds the chunk lengths (the grid).
     `key_starts`, `return_lse` and `out` as in `paged_decode_attention` (lse: [tokens, num_q_heads])."""
+    check_kv(keys, values, codec.layout, cache.device)
+    if not isinstance(query, torch.Tensor) or query.shape[0] != keys.shape[0]:
+        raise ValueError(f"query must be [{keys.shape[0]}, num_q_heads, {codec.layout.head_dim}] (a row per fresh "
+                         f"key), got {tuple(getattr(query, 'shape', ()))}")
+    return _launch(query, keys, values, query_start, seq_lens, cache, codec, block_table, scale, max_query_len,
+                   sliding_window, softcap, key_starts, return_lse, out)
+
+
+def cached_attention(query: torch.Tensor, query_start: torch.Tensor, seq_lens: torch.Tensor, cache: torch.Tensor,
+                     codec: KernelCodec, block_table: torch.Tensor, scale: float, max_query_len: int,
+                     sliding_window: int | None = None, softcap: float | None = None,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention of query [tokens, num_q_heads, d] to the cache alone: sequence i's rows
+    query_start[i]:query_start[i+1] are its last tokens of seq_lens[i], all already stored (decode steps
+    and prefill chunks alike). Invariant to chunking and batching (module docstring)."""
+    return _launch(query, None, None, query_start, seq_lens, cache, codec, block_table, scale, max_query_len,
+                   sliding_window, softcap, None, False, out)
+
+
+def _launch(query, keys, values, query_start, seq_lens, cache, codec, block_table, scale, max_query_len,
+            sliding_window, softcap, key_starts, return_lse, out):
+    """Checks, then the kernel; keys/values None: the chunk is read from the cache (`cached_attention`)."""
     layout = codec.layout
     layout.check_cache(cache)
     check_codec_device(codec, cache)
-    check_kv(keys, values, layout, cache.device)
-    num_tokens = keys.shape[0]
-    if not isinstance(query, torch.Tensor) or query.ndim != 3 or query.shape[0] != num_tokens \
-            or query.shape[-1] != layout.head_dim or query.shape[1] % layout.num_kv_heads:
-        raise ValueError(f"query must be [{num_tokens}, num_q_heads, {layout.head_dim}] with num_q_heads a multiple "
+    if not isinstance(query, torch.Tensor) or query.ndim != 3 or query.shape[-1] != layout.head_dim \
+            or query.shape[1] % layout.num_kv_heads:
+        raise ValueError(f"query must be [tokens, num_q_heads, {layout.head_dim}] with num_q_heads a multiple "
                          f"of {layout.num_kv_heads}, got {tuple(getattr(query, 'shape', ()))}")
     check_device_tensor(query, "query", FLOAT_DTYPES, None, cache.device)
+    num_tokens = query.shape[0]
     batch = seq_lens.shape[0] if isinstance(seq_lens, torch.Tensor) else 0
     check_block_table(block_table, seq_lens, batch, cache.device)
     check_device_tensor(query_start, "query_start", (torch.int32,), (batch + 1,), cache.device)
@@ -179,7 +212,11 @@ def extend_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
     group_pad = triton.next_power_of_2(group)
     launch = extend_launch(layout.head_dim)
     query_tokens = max(1, launch.pop("ROWS") // group_pad)
-    rotated_query, rotated_keys, rotated_values = rotate(query, codec), rotate(keys, codec), rotate(values, codec)
+    cached_chunk = keys is None
+    rotated_query = rotate(query, codec, fixed_tile=cached_chunk)
+    # a cached chunk has no fresh K/V: the kernel never reads these pointers (its part (b) is compiled out)
+    rotated_keys, rotated_values = (rotated_query, rotated_query) if cached_chunk else \
+        (rotate(keys, codec), rotate(values, codec))
     rotated_out = torch.zeros(num_tokens, num_q_heads, layout.head_dim, device=cache.device, dtype=torch.float32)
     lse = torch.full((num_tokens, num_q_heads), float("-inf"), device=cache.device) if return_lse else rotated_out
     grid = (batch, triton.cdiv(max(max_query_len, 1), query_tokens), layout.num_kv_heads)
@@ -192,7 +229,8 @@ def extend_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
         GROUP=group, GROUP_PAD=group_pad, QUERY_TOKENS=query_tokens, **page_constants(layout),
         **lookup_constants(codec, bits=(4,)),  # 3-bit byte permutes into wgmma tiles: Triton 3.6 fails to compile
         USE_SOFTCAP=softcap is not None, USE_WINDOW=sliding_window is not None, USE_STARTS=key_starts is not None,
-        RETURN_LSE=return_lse, **launch,
+        RETURN_LSE=return_lse, CACHED_CHUNK=cached_chunk, **launch,
     )
-    out = rotate(rotated_out, codec, inverse=True, out=torch.empty_like(query) if out is None else out)
+    out = rotate(rotated_out, codec, inverse=True, out=torch.empty_like(query) if out is None else out,
+                 fixed_tile=cached_chunk)
     return (out, lse) if return_lse else out

@@ -112,6 +112,21 @@ def extend_reference(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
     return (out, lse) if return_lse else out
 
 
+def cached_attention_reference(query: torch.Tensor, query_start: torch.Tensor, seq_lens: torch.Tensor,
+                               cache: torch.Tensor, codec: KernelCodec, block_table: torch.Tensor, scale: float,
+                               sliding_window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+    """Sequence i's rows query_start[i]:query_start[i+1] are its last tokens of seq_lens[i], all stored:
+    each attends causally to the dequantized cache, its own position included."""
+    out = torch.zeros(query.shape, dtype=torch.float32, device=query.device)
+    for seq, length in enumerate(seq_lens.tolist()):
+        start, end = int(query_start[seq]), int(query_start[seq + 1])
+        keys, values = gather_sequence_reference(cache, codec, block_table[seq], length)
+        positions = torch.arange(length, device=query.device)
+        out[start:end], _ = attention_reference(query[start:end], keys, values, positions[length - (end - start):],
+                                                positions, scale, sliding_window, softcap)
+    return out
+
+
 def latent_store_reference(kv_c: torch.Tensor, k_pe: torch.Tensor, slot_mapping: torch.Tensor, cache: torch.Tensor,
                            codec: LatentCodec) -> None:
     """Quantize kv_c [tokens, latent_dim], keep k_pe [tokens, rope_dim], write token i to slot slot_mapping[i]."""

@@ -74,9 +74,12 @@ def rotation_operand(codec, dtype: torch.dtype) -> tuple[torch.Tensor, float]:
     return (codec.rotation_bf16_parts if dtype == torch.bfloat16 else codec.rotation_fp16_parts), PART_SCALES[dtype]
 
 
-def rotate(x: torch.Tensor, codec, inverse: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+def rotate(x: torch.Tensor, codec, inverse: bool = False, out: torch.Tensor | None = None,
+           fixed_tile: bool = False) -> torch.Tensor:
     """x [tokens, heads, head_dim] (fp16/bf16/fp32, any token and head strides) → x @ Rᵀ (x @ R when
-    `inverse`) as fp32, or written into `out` (same shape, any float dtype, cast on store)."""
+    `inverse`) as fp32, or written into `out` (same shape, any float dtype, cast on store). `fixed_tile`:
+    the same tile shape whatever the token count, so that a row's result does not depend on how many
+    rows came with it (`cached_attention`)."""
     head_dim = codec.layout.head_dim
     if not isinstance(x, torch.Tensor) or x.ndim != 3 or x.shape[-1] != head_dim or x.dtype not in FLOAT_DTYPES:
         raise ValueError(f"x must be a float tensor [tokens, heads, {head_dim}], got "
@@ -92,7 +95,7 @@ def rotate(x: torch.Tensor, codec, inverse: bool = False, out: torch.Tensor | No
     if tokens == 0 or heads == 0:
         return out
     operand, part_scale = rotation_operand(codec, x.dtype)
-    rows = 16 if tokens <= 256 else 64
+    rows = 16 if tokens <= 256 or fixed_tile else 64
     pad = head_dim_pad(head_dim)
     columns = rotation_columns(pad, part_scale)
     _rotate_kernel[(triton.cdiv(tokens, rows), heads, pad // columns)](

@@ -11,6 +11,11 @@ one of three ways, all computing the same attention:
   kernel would unpack the prefix again for every block of queries and runs about 3x FlashAttention's time;
 - short chunks, or no FlashAttention: the fused `extend_attention`, which reads the compressed prefix
   directly and beats writing it out when few queries share it.
+In vLLM's batch-invariant mode (`VLLM_BATCH_INVARIANT=1`) every token, decode steps and prefill chunks
+alike, goes through `cached_attention` instead: each query reads the cache alone (its own chunk from the
+cache too), so its result does not depend on how requests were batched, chunked, prefix-cached or
+recomputed after preemption. Prefill then attends to compressed copies of its own chunk: a small loss
+of fidelity, and the fused kernel's prefill speed, for reproducibility.
 
 The cache of one layer is uint8 [num_blocks, num_kv_heads, head_page_bytes] (`core/paged_layout.py`).
 """
@@ -21,6 +26,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+from vllm import envs
 from vllm.config import get_current_vllm_config
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.attention.backend import (
@@ -36,7 +42,8 @@ from vllm.v1.attention.backends.fa_utils import get_flash_attn_version, is_flash
 from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 from vllm.v1.worker.workspace import current_workspace_manager, is_workspace_manager_initialized
 
-from ..kernels import KernelCodec, compress_store, extend_attention, gather_sequences, paged_decode_attention
+from ..kernels import (KernelCodec, cached_attention, compress_store, extend_attention, gather_sequences,
+                       paged_decode_attention)
 from ..kernels.codec import KERNEL_HEAD_DIMS
 from .prefill_groups import PrefillGroup, engine_gathers, prefill_groups
 from .settings import VllmSettings
@@ -85,6 +92,10 @@ class TurboQuantBackend(CompressedCacheBackend, AttentionBackend):
     def supports_sliding_window(cls) -> bool:
         return True
 
+    @classmethod
+    def supports_batch_invariance(cls) -> bool:
+        return True  # forward routes every token through cached_attention in that mode
+
     @staticmethod
     def get_impl_cls() -> type["TurboQuantImpl"]:
         return TurboQuantImpl
@@ -105,6 +116,8 @@ class TurboQuantBackend(CompressedCacheBackend, AttentionBackend):
 class TurboQuantMetadata(AttentionMetadata):
     seq_lens: torch.Tensor  # int32 [num_reqs]: tokens in each sequence, this step's included
     block_table: torch.Tensor  # int32 [num_reqs, max_blocks]
+    query_start: torch.Tensor  # int32 [num_reqs + 1]
+    max_query_len: int
     num_actual_tokens: int
     num_decodes: int  # decode requests come first (reorder_batch_threshold = 1)
     num_decode_tokens: int
@@ -158,6 +171,8 @@ class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
         return TurboQuantMetadata(
             seq_lens=common.seq_lens,
             block_table=common.block_table_tensor,
+            query_start=common.query_start_loc,
+            max_query_len=common.max_query_len,
             num_actual_tokens=common.num_actual_tokens,
             num_decodes=num_decodes,
             num_decode_tokens=num_decode_tokens,
@@ -219,6 +234,11 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
         meta, codec = attn_metadata, self._codec(layer, kv_cache)
         decodes, decode_tokens, num_tokens = meta.num_decodes, meta.num_decode_tokens, meta.num_actual_tokens
         output = output.view(-1, self.num_heads, self.head_size)
+        if envs.VLLM_BATCH_INVARIANT:
+            cached_attention(query[:num_tokens], meta.query_start, meta.seq_lens, kv_cache, codec, meta.block_table,
+                             self.scale, meta.max_query_len, self.sliding_window, self.softcap,
+                             out=output[:num_tokens])
+            return output
         if decodes:
             # The kernel's default split count depends only on shapes (batch, block-table width), so a
             # captured CUDA graph replays with the same grid.
