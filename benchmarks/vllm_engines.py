@@ -46,12 +46,12 @@ def engine_kwargs(name: str) -> dict:
 MAX_MODEL_LEN = 32768 + 256
 
 
-def dummy_weight_engine(name: str, model: str):
-    """An `LLM` for engine `name` over `model` with dummy weights, CUDA graphs on, 85% of the GPU."""
+def dummy_weight_engine(name: str, model: str, tensor_parallel_size: int = 1):
+    """An `LLM` for engine `name` over `model` with dummy weights, CUDA graphs on, 85% of each GPU."""
     from vllm import LLM
 
     return LLM(model=model, load_format="dummy", max_model_len=MAX_MODEL_LEN, gpu_memory_utilization=0.85, seed=0,
-               **engine_kwargs(name))
+               tensor_parallel_size=tensor_parallel_size, **engine_kwargs(name))
 
 
 def random_prompts(rng, batch: int, length: int) -> list[dict]:

@@ -4,6 +4,8 @@ on, one engine per subprocess, every engine under the same memory budget, side b
 Cases (batch × prompt → output tokens, random prompt tokens, greedy, ignore_eos): 32 × 1024 → 128,
 16 × 6144 → 128, 4 × 32768 → 128, 1 × 1024 → 128. KV tokens are vLLM's own "GPU KV cache size" log line.
 Weight compression at load: `--engines bf16,ours-weights-tq4,ours-weights-tq3 --cases 3` (batch 1).
+Tensor parallelism: `--tensor-parallel-size 2` on the 2-GPU host (KV tokens: what the engine holds, each GPU
+storing its share of the KV heads).
 
     python benchmarks/vllm_throughput.py --model /tmp/models/llama8b-shape --out benchmarks/results/vllm-throughput-h100
 
@@ -34,11 +36,11 @@ def case_name(batch: int, prompt: int, output: int) -> str:
     return f"b{batch}x{prompt}->{output}"
 
 
-def worker(name: str, model: str, cases: list[tuple[int, int, int]]) -> None:
+def worker(name: str, model: str, cases: list[tuple[int, int, int]], tensor_parallel_size: int) -> None:
     from vllm import SamplingParams
 
     start = time.perf_counter()
-    llm = dummy_weight_engine(name, model)
+    llm = dummy_weight_engine(name, model, tensor_parallel_size)
     result = {"startup_s": round(time.perf_counter() - start, 1)}
     rng = random.Random(0)
     for batch, prompt, output in cases:
@@ -64,7 +66,8 @@ def markdown(result: dict) -> str:
     names = [case_name(*c) for c in CASES]
     lines = [f"# vLLM KV capacity and throughput ({result['device']}, {result['date']})", "",
              f"Model `{result['model']}` (dummy weights), gpu_memory_utilization 0.85, CUDA graphs on, "
-             f"max_model_len {MAX_MODEL_LEN}. Output tok/s (× bf16).", "",
+             f"max_model_len {MAX_MODEL_LEN}, tensor parallel size {result.get('tensor_parallel_size', 1)} "
+             "(KV tokens: what the engine holds). Output tok/s (× bf16).", "",
              *([f"**Note:** {result['note']}", ""] if result.get("note") else []),
              "| engine | KV tokens (× bf16) | " + " | ".join(names) + " | startup s |",
              "|---|---|" + "---|" * len(names) + "---|"]
@@ -98,20 +101,23 @@ def main() -> None:
     parser.add_argument("--cases", default="all", help="'all' or a comma list of case indices (0-based)")
     parser.add_argument("--merge", help="a previous OUT.json whose rows are kept unless re-measured here")
     parser.add_argument("--out", help="write OUT.json and OUT.md")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per engine (vLLM's TP)")
     parser.add_argument("--timeout", type=int, default=540, help="seconds per engine")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     cases = CASES if args.cases == "all" else [CASES[int(i)] for i in args.cases.split(",")]
     if args.worker:
-        return worker(args.worker, args.model, cases)
+        return worker(args.worker, args.model, cases, args.tensor_parallel_size)
     rows = json.load(open(args.merge))["rows"] if args.merge and os.path.exists(args.merge) else []
     for name in args.engines.split(","):
-        row = run_engine(__file__, name, ["--model", args.model, "--cases", args.cases], args.timeout)
+        row = run_engine(__file__, name, ["--model", args.model, "--cases", args.cases, "--tensor-parallel-size",
+                                          str(args.tensor_parallel_size)], args.timeout)
         print(json.dumps(row), flush=True)
         rows = [r for r in rows if r["engine"] != name] + [row]
     order = list(ENGINES)
     rows.sort(key=lambda r: order.index(r["engine"]))
-    report(rows, markdown, args.out, model=os.path.basename(os.path.normpath(args.model)))
+    report(rows, markdown, args.out, model=os.path.basename(os.path.normpath(args.model)),
+           tensor_parallel_size=args.tensor_parallel_size)
 
 
 if __name__ == "__main__":

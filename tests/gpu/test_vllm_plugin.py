@@ -146,3 +146,26 @@ def test_weight_group_size_that_does_not_fit_fails_at_engine_start(monkeypatch):
     done = run_python(f"MODEL, QUANTIZATION = {MODEL!r}, {{'quantization': 'turboquant'}}\n{WEIGHTS}")
     assert done.returncode != 0 and "RESULT" not in done.stdout
     assert "TURBOQUANT_WEIGHT_GROUP_SIZE" in done.stdout + done.stderr
+
+
+TENSOR_PARALLEL = """
+import json
+from vllm import LLM, SamplingParams
+llm = LLM(model=MODEL, load_format="dummy", attention_backend="CUSTOM", tensor_parallel_size=2, enforce_eager=True,
+          gpu_memory_utilization=0.5, max_model_len=2048, enable_prefix_caching=True)
+prompt = {"prompt_token_ids": list(range(100, 1100))}
+params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+first, cached = (list(llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids) for _ in range(2))
+print("RESULT " + json.dumps({"first": first, "cached": cached}))
+"""
+SHAPE_8B = os.environ.get("TURBOQUANT_VLLM_8B_SHAPE", "/tmp/models/llama8b-shape")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.skipif(not os.path.isdir(SHAPE_8B), reason=f"needs the 8B-shaped config at {SHAPE_8B}")
+def test_tensor_parallel_two_gpus_serve():
+    """tensor_parallel_size=2 (each GPU compresses and attends its 4 of the 8 KV heads): the engine
+    serves a prompt, and serves it again from the prefix cache (dummy weights: their greedy tokens are
+    not compared)."""
+    result = result_of(run_python(f"MODEL = {SHAPE_8B!r}\n{TENSOR_PARALLEL}"))
+    assert len(result["first"]) == len(result["cached"]) == 16
