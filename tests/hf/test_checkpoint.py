@@ -66,3 +66,24 @@ def test_checkpoint_errors(tmp_path):
         save_quantized(tiny_model(False), tmp_path)
     with pytest.raises(ValueError, match="not a turboquant weight checkpoint"):
         load_quantized(tmp_path)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_loading_onto_the_gpu_peaks_below_the_bf16_weights(tmp_path):
+    """Measured: loading straight onto the GPU allocates about the checkpoint's bytes, never the bf16
+    weights of the compressed layers (here 4.4x more than their codes)."""
+    config = transformers.LlamaConfig(vocab_size=256, hidden_size=1024, intermediate_size=4096, num_hidden_layers=4,
+                                      num_attention_heads=8, num_key_value_heads=4)
+    model = quantize_model(transformers.LlamaForCausalLM(config).to(torch.bfloat16).eval(), bits=4, group_size=128,
+                           progress=False)
+    save_quantized(model, tmp_path)
+    bf16_linear_bytes = sum(2 * m.in_features * m.out_features for m in model.modules() if isinstance(m, TQLinear))
+    stored_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    loaded = load_quantized(tmp_path, "cuda")
+    peak = torch.cuda.max_memory_allocated() - before
+    assert loaded.model.layers[0].mlp.down_proj.packed.is_cuda
+    assert peak < stored_bytes * 1.1 < bf16_linear_bytes
