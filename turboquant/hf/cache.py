@@ -274,10 +274,10 @@ class TurboQuantLayer(DynamicLayer):
         return batch * heads * self.num_tokens * (key_dim + value_dim) * torch.empty((), dtype=self.dtype).element_size()
 
 
-def _transformers_layers(text_config) -> list[tuple[str, object]]:
-    """(layer type, the cache layer DynamicCache would build for it) per layer, as transformers decides:
-    it infers types a config leaves implicit and drops or stubs the layers that share another's cache.
-    (Its kwargs are one dict for all layers in transformers 5.17, one per layer in later versions.)"""
+def _transformers_layers(text_config) -> list[tuple[str, type | None, dict]]:
+    """(layer type, the cache-layer class DynamicCache would build for it, its kwargs) per layer, as
+    transformers decides: it infers types a config leaves implicit and drops or stubs the layers that
+    share another's cache. (Its kwargs are one dict for all layers in 5.17, one per layer later.)"""
     layer_types, kwargs = get_layer_types_and_kwargs(text_config)
     per_layer = kwargs if isinstance(kwargs, list) else [kwargs] * len(layer_types)
     return [(t, DYNAMIC_LAYER_TYPE_MAPPING.get(t), k) for t, k in zip(layer_types, per_layer)]
@@ -330,9 +330,10 @@ def _check_fused(model_config, text_config, layers: list) -> None:
 class TurboQuantCache(Cache):
     """Compressed KV cache for `model.generate(..., past_key_values=TurboQuantCache(model.config))`.
 
-    `config` is a `TurboQuantConfig` or a preset name ("k4v4", "k3v3", ...). Sliding-window layers,
-    cross-attention layers and `config.boundary_layers` first/last layers (when `boundary_bits` is None)
-    stay uncompressed; `uncompressed` maps each such layer to why.
+    `config` is a `TurboQuantConfig` or a preset name ("k4v4", "k3v3", ...). Only full-attention layers
+    are compressed; sliding-window, cross-attention and linear-attention layers (as transformers builds
+    them) and `config.boundary_layers` first/last layers (when `boundary_bits` is None) are not;
+    `uncompressed` maps each such layer to why.
     `mode` is one of MODES (see the module docstring); "fused" is the one that saves GPU memory at run time.
     """
 
