@@ -22,7 +22,7 @@ from vllm.model_executor.layers.linear import (LinearBase, LinearMethodBase, Unq
 from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 
-from ..weights.linear import TQLinear, codes_linear, weight_quantizer
+from ..weights.linear import TQLinear, codes_linear, largest_fitting_group_size, weight_quantizer
 from .settings import WEIGHT_GROUP_SIZE_ENV, WeightSettings
 
 METHOD = "turboquant"
@@ -77,10 +77,10 @@ class TurboQuantLinearMethod(LinearMethodBase):
                        input_size: int, output_size: int, params_dtype: torch.dtype, **extra_weight_attrs):
         group_size = self.settings.group_size
         if input_size_per_partition % group_size:
-            fits = [g for g in (128, 64, 32, 16) if input_size_per_partition % g == 0]
+            fit = largest_fitting_group_size(input_size_per_partition)
             raise ValueError(f"turboquant weights: group size {group_size} does not divide the input width "
                              f"{input_size_per_partition} of {self.prefix} (on each GPU); set "
-                             f"{WEIGHT_GROUP_SIZE_ENV} to one that does" + (f", e.g. {fits[0]}" if fits else ""))
+                             f"{WEIGHT_GROUP_SIZE_ENV} to one that does" + (f", e.g. {fit}" if fit else ""))
         # the checkpoint's weight as vLLM loads it; quantized in process_weights_after_loading
         UnquantizedLinearMethod().create_weights(layer, input_size_per_partition, output_partition_sizes, input_size,
                                                  output_size, params_dtype, **extra_weight_attrs)

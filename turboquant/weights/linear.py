@@ -30,6 +30,16 @@ def kernel_group_size(group_size: int) -> bool:
     return group_size >= 16 and group_size & (group_size - 1) == 0
 
 
+def largest_fitting_group_size(width: int) -> int | None:
+    """The largest of the usual group sizes (128 down to 16) that divides `width`, for error hints."""
+    return next((g for g in (128, 64, 32, 16) if width % g == 0), None)
+
+
+def dequantize_codes(packed: torch.Tensor, norms: torch.Tensor, quantizer: MSEQuantizer) -> torch.Tensor:
+    """The float32 weight [out, in] that `packed` [out, groups, bytes] codes and `norms` [out, groups] hold."""
+    return quantizer.dequantize_packed(packed, norms.float()).reshape(norms.shape[0], -1)
+
+
 def uses_kernel(x: torch.Tensor, in_features: int, group_size: int) -> bool:
     """Whether `codes_linear(x, ...)` runs the Triton kernel: a CUDA input of at most KERNEL_MAX_ROWS rows,
     a group size it tiles, and Triton installed."""
@@ -40,13 +50,11 @@ def uses_kernel(x: torch.Tensor, in_features: int, group_size: int) -> bool:
 def codes_linear(x: torch.Tensor, packed: torch.Tensor, norms: torch.Tensor, quantizer: MSEQuantizer,
                  bias: torch.Tensor | None = None) -> torch.Tensor:
     """x·Wᵀ (+ bias) for the weight stored as `packed` [out, groups, bytes] codes and `norms` [out, groups]."""
-    out_features, groups = norms.shape
-    in_features = groups * quantizer.dim
-    if uses_kernel(x, in_features, quantizer.dim):
+    if uses_kernel(x, norms.shape[1] * quantizer.dim, quantizer.dim):
         from .gemv import codes_gemv  # imports Triton
 
         return codes_gemv(x, packed, norms, quantizer, bias)
-    weight = quantizer.dequantize_packed(packed, norms.float()).reshape(out_features, in_features).to(x.dtype)
+    weight = dequantize_codes(packed, norms, quantizer).to(x.dtype)
     return nn.functional.linear(x, weight, None if bias is None else bias.to(x.dtype))
 
 
@@ -98,8 +106,7 @@ class TQLinear(nn.Module):
 
     def dequantize(self) -> torch.Tensor:
         """The weight [out, in] float32 that this layer multiplies by."""
-        groups = self.quantizer.dequantize_packed(self.packed, self.norms.float())
-        return groups.reshape(self.out_features, self.in_features)
+        return dequantize_codes(self.packed, self.norms, self.quantizer)
 
     def uses_kernel(self, x: torch.Tensor) -> bool:
         return uses_kernel(x, self.in_features, self.group_size)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .linear import TQLinear, weight_quantizer
+from .linear import TQLinear, largest_fitting_group_size, weight_quantizer
 
 # The output head (often tied to the embedding) stays in the model's dtype, like the embeddings.
 KEEP = ("lm_head",)
@@ -54,8 +54,8 @@ def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 128, keep:
     wrong = [f"{name} (in_features {m.in_features})" for name, m in targets if m.in_features % group_size]
     if wrong:
         width = math.gcd(*(m.in_features for _, m in targets))
-        fits = [g for g in (128, 64, 32, 16) if width % g == 0]
-        hint = f"group_size {fits[0]} divides every width" if fits else "no group size of 16-128 divides every width"
+        fit = largest_fitting_group_size(width)
+        hint = f"group_size {fit} divides every width" if fit else "no group size of 16-128 divides every width"
         raise ValueError(f"group_size {group_size} does not divide in_features of {len(wrong)} layers, e.g. "
                          f"{wrong[0]}; {hint}")
     for name, linear in tqdm(targets, desc=f"TQ{bits} g{group_size}", disable=not progress):
