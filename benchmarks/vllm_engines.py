@@ -101,13 +101,14 @@ def run_engine(script: str, name: str, args: list[str], timeout_s: int) -> dict:
     return row
 
 
-def report(rows: list[dict], markdown, out: str | None, **fields) -> None:
-    """Print the markdown table of one run and write OUT.json / OUT.md (device and date included)."""
+def report(rows: list[dict], markdown, out: str | None, echo: bool = True, **fields) -> None:
+    """Print (`echo`) the markdown table of one run and write OUT.json / OUT.md (device and date included)."""
     import torch
 
     result = {"device": torch.cuda.get_device_name(0), "date": datetime.date.today().isoformat(), **fields,
               "rows": rows}
-    print(markdown(result))
+    if echo:
+        print(markdown(result))
     if out:
         with open(out + ".json", "w") as f:
             json.dump(result, f, indent=1)

@@ -13,6 +13,7 @@ each engine gets a fixed KV budget, and vLLM's reported KV tokens must equal tha
 expected page bytes (layers × KV heads × bytes per token·head, rounded down to whole blocks).
 
     python benchmarks/vllm_portability.py --out benchmarks/results/vllm-portability-h100 [--only llama-3.1,gemma-2]
+        [--resume benchmarks/results/vllm-portability-h100.json]  # continue a run that stopped early
 
 Needs the offline vLLM bundle and this package's entry point (as `vllm_throughput.py`); transformers must
 know each config's model type, so an architecture newer than the host's transformers is a "not built" row.
@@ -153,7 +154,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", help=f"comma list from {list(ARCHITECTURES)}")
     parser.add_argument("--engines", default=",".join(DEFAULT_ENGINES))
-    parser.add_argument("--merge", help="a previous OUT.json whose cells are kept unless re-measured here")
+    parser.add_argument("--resume", help="a previous OUT.json: its cells are kept and not run again")
     parser.add_argument("--out", help="write OUT.json and OUT.md")
     parser.add_argument("--parallel", type=int, default=1,
                         help=f"engines run at once on the one GPU (each may take {GPU_FRACTION * 100:g} percent of it)")
@@ -172,7 +173,7 @@ def main() -> None:
         engine_kwargs(engine)  # an unknown name stops here, before any engine starts
     if args.parallel < 1:
         parser.error("--parallel must be at least 1")
-    previous = json.load(open(args.merge))["architectures"] if args.merge and os.path.exists(args.merge) else {}
+    previous = json.load(open(args.resume))["architectures"] if args.resume and os.path.exists(args.resume) else {}
     architectures = dict(previous)
     with tempfile.TemporaryDirectory() as root, concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
         cells = {}
@@ -184,7 +185,7 @@ def main() -> None:
                 architectures[name] = {"not_built": f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"}
                 continue
             architectures[name] = {k: v for k, v in previous.get(name, {}).items() if k != "not_built"}
-            for engine in engines:
+            for engine in [e for e in engines if architectures[name].get(e, {}).get("rc", "timeout") == "timeout"]:
                 future = pool.submit(run_engine, __file__, engine, ["--model", directory], args.timeout)
                 checked = "vision_config" in config  # the rows whose block size is pinned
                 cells[future] = (name, engine, expected_token_bytes(config, engine) if checked else None)
@@ -193,6 +194,8 @@ def main() -> None:
             row = architectures[name][engine] = future.result()
             check_memory(row, token_bytes)
             print(json.dumps({"architecture": name, **row})[:600], flush=True)
+            if args.out:  # after every cell, so that a run stopped early keeps what it measured
+                report([], markdown, args.out, echo=False, architectures=architectures)
     report([], markdown, args.out, architectures=architectures)
 
 
