@@ -18,7 +18,8 @@ def backend(monkeypatch):
     from turboquant.vllm import backend
 
     config = SimpleNamespace(additional_config={"turboquant": "k4v4"},
-                             model_config=SimpleNamespace(get_total_num_hidden_layers=lambda: 4, max_model_len=200),
+                             model_config=SimpleNamespace(get_total_num_hidden_layers=lambda: 4, max_model_len=200,
+                                                          is_hybrid=False),
                              parallel_config=SimpleNamespace(decode_context_parallel_size=1, use_ubatching=False),
                              speculative_config=None)
     monkeypatch.setattr(backend, "get_current_vllm_config", lambda: config)
@@ -103,6 +104,13 @@ def test_batch_invariant_mode_reads_every_token_from_the_cache(backend, monkeypa
     expected = cached_attention_reference(query.float(), ref.query_start, ref.seq_lens, ref.cache, ref.codec,
                                           ref.block_table, ref.scale)
     torch.testing.assert_close(output, expected, atol=2e-2, rtol=2e-2)
+
+
+def test_hybrid_models_are_refused_when_the_layer_is_built(backend):
+    module, config = backend
+    config.model_config.is_hybrid = True
+    with pytest.raises(ValueError, match="does not serve hybrid models"):
+        module.TurboQuantImpl(HEADS, HEAD_DIM, HEAD_DIM ** -0.5, KV_HEADS)
 
 
 def test_long_chunks_gather_their_prefixes_in_groups(backend):

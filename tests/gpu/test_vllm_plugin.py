@@ -97,8 +97,10 @@ def test_concurrent_requests_with_shared_prefixes_and_preemption_match_one_by_on
     differed by rounding, and quantization turned that into another code)."""
     result = result_of(run_python(f"ENGINE = {ENGINE!r}\n{LOAD}"))
     assert result["preemptions"] > 0, "the KV budget was meant to force preemption"
-    same = sum(a == b for a, b in zip(result["together"], result["alone"]))
-    assert same == len(result["alone"]) == 64, f"{same}/64 identical"
+    pairs = list(zip(result["together"], result["alone"]))
+    first_differences = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None) for a, b in pairs]
+    assert len(pairs) == 64 and first_differences == [None] * 64, \
+        f"{first_differences.count(None)}/64 identical; first differing token of each: {first_differences}"
 
 
 @pytest.mark.parametrize("additional_config, message", [
@@ -112,38 +114,55 @@ def test_bad_configuration_fails_at_engine_start_with_one_clear_message(addition
     assert message in done.stdout + done.stderr
 
 
+PROMPTS = ["The capital of France is", "Water boils at a temperature of", "The largest planet in the solar system is",
+           "Once upon a time, there was a"]
 WEIGHTS = """
 import json, os
 os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # apply_model sends a function to the engine process
 from vllm import LLM, SamplingParams
-prompts = ["The capital of France is", "Water boils at a temperature of", "The largest planet in the solar system is",
-           "Once upon a time, there was a"]
-llm = LLM(model=MODEL, enforce_eager=True, gpu_memory_utilization=0.3, max_model_len=1024, **QUANTIZATION)
+llm = LLM(model=MODEL, gpu_memory_utilization=0.3, max_model_len=1024, **QUANTIZATION)
 params = SamplingParams(max_tokens=8, temperature=0)
-tokens = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
+tokens = [list(o.outputs[0].token_ids) for o in llm.generate(PROMPTS, params, use_tqdm=False)]
 methods, nbytes = llm.apply_model(lambda model: (
     sorted({type(m.quant_method).__name__ for m in model.modules() if getattr(m, "quant_method", None)}),
     sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])))[0]
 print("RESULT " + json.dumps({"tokens": tokens, "methods": methods, "nbytes": nbytes}))
 """
+# The same compression in transformers (`quantize_model`): the same codes, row group by row group.
+HF_WEIGHTS = """
+import json, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from turboquant.weights import quantize_model
+tokenizer = AutoTokenizer.from_pretrained(MODEL)
+model = quantize_model(AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.bfloat16).cuda(), bits=4,
+                       group_size=64, progress=False)
+tokens = []
+for prompt in PROMPTS:
+    ids = tokenizer(prompt, return_tensors="pt").input_ids.cuda()
+    tokens.append(model.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:].tolist())
+print("RESULT " + json.dumps({"tokens": tokens}))
+"""
 
 
-def test_weight_quantization_method_serves_close_to_bf16(monkeypatch):
+def test_weight_quantization_method_serves_what_transformers_serves(monkeypatch):
     """`--quantization turboquant` on a bf16 checkpoint: the weights are compressed at load (4 bits, groups
-    of 64: SmolLM2's width 576 has no group of 128) and the engine answers; its first greedy token
-    matches bf16's on most prompts (4-bit weights move SmolLM2's perplexity by tens of percent)."""
+    of 64: SmolLM2's width 576 has no group of 128), CUDA graphs captured, and the engine answers with the
+    first greedy tokens of the same compression in transformers on most prompts (other attention kernels
+    may break a near-tie). bf16's own tokens are not the bar: 4-bit weights move SmolLM2's perplexity by
+    tens of percent (2 of 4 first tokens equal on an H200, 2026-11-30)."""
     monkeypatch.setenv("TURBOQUANT_WEIGHT_GROUP_SIZE", "64")
-    bf16 = result_of(run_python(f"MODEL, QUANTIZATION = {MODEL!r}, {{}}\n{WEIGHTS}"))
-    ours = result_of(run_python(f"MODEL, QUANTIZATION = {MODEL!r}, {{'quantization': 'turboquant'}}\n{WEIGHTS}"))
+    bf16 = result_of(run_python(f"MODEL, PROMPTS, QUANTIZATION = {MODEL!r}, {PROMPTS!r}, {{}}\n{WEIGHTS}"))
+    ours = result_of(run_python(f"MODEL, PROMPTS, QUANTIZATION = {MODEL!r}, {PROMPTS!r}, {{'quantization': 'turboquant'}}\n{WEIGHTS}"))
+    hf = result_of(run_python(f"MODEL, PROMPTS = {MODEL!r}, {PROMPTS!r}\n{HF_WEIGHTS}"))
     assert "TurboQuantLinearMethod" in ours["methods"] and "TurboQuantLinearMethod" not in bf16["methods"]
     assert ours["nbytes"] < 0.5 * bf16["nbytes"]  # Linear weights at ~4.25 bits; embeddings stay bf16
     assert all(len(tokens) == 8 for tokens in ours["tokens"])
-    assert sum(a[0] == b[0] for a, b in zip(ours["tokens"], bf16["tokens"])) >= 3
+    assert sum(a[0] == b[0] for a, b in zip(ours["tokens"], hf["tokens"])) >= 3, (ours["tokens"], hf["tokens"])
 
 
 def test_weight_group_size_that_does_not_fit_fails_at_engine_start(monkeypatch):
     monkeypatch.setenv("TURBOQUANT_WEIGHT_GROUP_SIZE", "128")
-    done = run_python(f"MODEL, QUANTIZATION = {MODEL!r}, {{'quantization': 'turboquant'}}\n{WEIGHTS}")
+    done = run_python(f"MODEL, PROMPTS, QUANTIZATION = {MODEL!r}, {PROMPTS!r}, {{'quantization': 'turboquant'}}\n{WEIGHTS}")
     assert done.returncode != 0 and "RESULT" not in done.stdout
     assert "TURBOQUANT_WEIGHT_GROUP_SIZE" in done.stdout + done.stderr
 

@@ -47,6 +47,19 @@ def test_compress_store_matches_reference(head_dim, key_bits, value_bits, block_
     assert (key_norms[untouched.to(device)] == 0).all()
 
 
+def test_fixed_tile_stores_a_token_alike_whatever_was_stored_with_it(device, generator):
+    """`fixed_tile`: 600 tokens stored in one call (a prefill) and in calls of 1 and 99 (decode steps and a
+    short chunk) give the same bytes, bit for bit (vLLM's batch-invariant mode relies on it)."""
+    codec = make_codec(128, 4, 4, num_kv_heads=2, block_size=16, device=device)
+    keys, values = (torch.randn(600, 2, 128, generator=generator).to(device, torch.bfloat16) for _ in range(2))
+    slots = torch.arange(600, dtype=torch.int32, device=device)
+    whole, pieces = codec.layout.allocate(40, device), codec.layout.allocate(40, device)
+    compress_store(keys, values, slots, whole, codec, fixed_tile=True)
+    for start, stop in [(0, 1), (1, 100), *[(t, t + 100) for t in range(100, 600, 100)]]:
+        compress_store(keys[start:stop], values[start:stop], slots[start:stop], pieces, codec, fixed_tile=True)
+    assert torch.equal(whole, pieces)
+
+
 def test_compress_store_rejects_bad_input(device):
     codec = make_codec(64, 4, 4, num_kv_heads=2, block_size=16, device=device)
     cache = codec.layout.allocate(2, device)

@@ -33,7 +33,8 @@ def test_forward_reads_the_codes_for_decode_sized_inputs(monkeypatch):
     from turboquant.weights import gemv, linear as linear_module
 
     calls = []
-    monkeypatch.setattr(gemv, "tq_linear_gemv", lambda x, layer: calls.append(x.shape) or tq_linear_gemv(x, layer))
+    kernel = gemv.codes_gemv
+    monkeypatch.setattr(gemv, "codes_gemv", lambda x, *codes: calls.append(x.shape) or kernel(x, *codes))
     layer = TQLinear.from_linear(nn.Linear(256, 80), 4, 64).cuda()
     rows = linear_module.KERNEL_MAX_ROWS
     for shape in [(1, 1, 256), (rows, 256), (rows + 1, 256)]:
@@ -51,3 +52,23 @@ def test_gemv_rejects_bad_input():
         tq_linear_gemv(torch.zeros(2, 128), nn.Linear(128, 16))
     with pytest.raises(ValueError, match="power-of-two"):
         tq_linear_gemv(torch.zeros(1, 192), TQLinear.from_linear(nn.Linear(192, 16), 4, 96))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_codes_linear_is_captured_in_a_cuda_graph_at_every_batch():
+    """Decode-sized inputs (the kernel) and prefill-sized ones (dequantize, then cuBLAS), as vLLM captures
+    them; replays equal the eager result, bit for bit."""
+    from turboquant.weights.linear import codes_linear, prepare_codes_linear
+
+    generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    layer = TQLinear.from_weight(torch.randn(96, 256, generator=generator).cuda(), None, 4, 64)
+    prepare_codes_linear(layer.quantizer, layer.packed.device)
+    for rows in (1, 200):
+        x = torch.randn(rows, 256, generator=generator).to("cuda", torch.bfloat16)
+        eager = codes_linear(x, layer.packed, layer.norms, layer.quantizer)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = codes_linear(x, layer.packed, layer.norms, layer.quantizer)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(captured, eager)

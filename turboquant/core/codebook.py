@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -43,6 +43,9 @@ class Codebook:
 
     def dequantize(self, indices: torch.Tensor) -> torch.Tensor:
         return self.centroids.to(indices.device)[indices.long()]
+
+    def to(self, device: torch.device | str) -> "Codebook":
+        return replace(self, centroids=self.centroids.to(device), boundaries=self.boundaries.to(device))
 
     def distortion(self) -> float:
         """Expected squared error ‖u - û‖² for a random unit vector u in R^dim (exact, not sampled)."""

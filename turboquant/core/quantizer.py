@@ -11,6 +11,7 @@ Codes live in the rotated space: attention rotates q once and never un-rotates k
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -90,6 +91,13 @@ class MSEQuantizer:
 
     def dequantize_packed(self, packed: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
         return self.dequantize(MSECode(unpack_indices(packed, self.bits, self.dim), norms))
+
+    def to(self, device: torch.device | str) -> "MSEQuantizer":
+        """The same quantizer with its rotation and codebook on `device`, so that (de)quantizing there copies
+        nothing from the CPU (a CUDA graph cannot capture such a copy)."""
+        moved = copy.copy(self)
+        moved.rotation, moved.codebook = self.rotation.to(device), self.codebook.to(device)
+        return moved
 
 
 def make_qjl_matrix(dim: int, seed: int) -> torch.Tensor:

@@ -12,7 +12,7 @@ every device.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -60,6 +60,11 @@ class Rotation:
             return x @ self.dense.to(x.device, x.dtype).T
         return fast_walsh_hadamard(x * self.signs.to(x.device, x.dtype)) * self.dim**-0.5
 
+    def to(self, device: torch.device | str) -> "Rotation":
+        """The same rotation with its tensors on `device`: applying it there then copies nothing."""
+        return replace(self, signs=None if self.signs is None else self.signs.to(device),
+                       dense=None if self.dense is None else self.dense.to(device))
+
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
         if self.dense is not None:
             return y @ self.dense.to(y.device, y.dtype)
@@ -68,7 +73,8 @@ class Rotation:
 
     def matrix(self) -> torch.Tensor:
         """R as a dense float32 [dim, dim] matrix (row i is the i-th rotated coordinate), for kernels."""
-        return self.apply(torch.eye(self.dim, dtype=torch.float64)).T.contiguous().float()
+        device = (self.dense if self.dense is not None else self.signs).device
+        return self.apply(torch.eye(self.dim, dtype=torch.float64, device=device)).T.contiguous().float()
 
 
 @functools.lru_cache(maxsize=256)

@@ -115,9 +115,11 @@ def _compress_store_kernel(
 
 
 def compress_store(keys: torch.Tensor, values: torch.Tensor, slot_mapping: torch.Tensor, cache: torch.Tensor,
-                   codec: KernelCodec) -> None:
+                   codec: KernelCodec, fixed_tile: bool = False) -> None:
     """Write keys/values [tokens, kv_heads, head_dim] (fp16/bf16/fp32) into `cache` at slot_mapping[i]
-    (int32/int64 [tokens], block · block_size + offset; negative = skip)."""
+    (int32/int64 [tokens], block · block_size + offset; negative = skip). `fixed_tile`: one tile height
+    whatever the token count, so that a token's codes do not depend on how many were stored with it (a
+    GPU's matmul may round a row differently in a taller tile; vLLM's batch-invariant mode needs this)."""
     layout = codec.layout
     layout.check_cache(cache)
     check_codec_device(codec, cache)
@@ -128,7 +130,8 @@ def compress_store(keys: torch.Tensor, values: torch.Tensor, slot_mapping: torch
         return
     if values.dtype != keys.dtype:
         raise ValueError(f"keys and values must have one dtype, got {keys.dtype} and {values.dtype}")
-    rows = 16 if num_tokens <= 512 else 64  # decode steps: more programs; prefill: fewer rotation loads
+    # decode steps: more programs; prefill: fewer rotation loads
+    rows = 16 if num_tokens <= 512 or fixed_tile else 64
     grid = (triton.cdiv(num_tokens, rows), layout.num_kv_heads, 2)
     key_bits, value_bits = PackedBits.of(layout.key_bits), PackedBits.of(layout.value_bits)
     rotation, part_scale = rotation_operand(codec, keys.dtype)

@@ -195,6 +195,12 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
         if attn_type != AttentionType.DECODER:
             raise ValueError(f"turboquant serves decoder self-attention only, not {attn_type}")
         vllm_config = get_current_vllm_config()
+        if vllm_config.model_config.is_hybrid:
+            # vLLM pads the recurrent layers' state pages to a bf16 attention page (platforms'
+            # _align_hybrid_block_size), which our compressed page does not divide.
+            raise ValueError("turboquant's vLLM backend does not serve hybrid models (attention beside Mamba or "
+                             "linear-attention layers, e.g. Qwen3-Next); serve this model without "
+                             "--attention-backend CUSTOM, or compress its cache in transformers (TurboQuantCache)")
         self.settings = VllmSettings.from_additional_config(vllm_config.additional_config)  # bad config: fail at start
         self.num_layers = vllm_config.model_config.get_total_num_hidden_layers()
         self.kv_cache_dtype = kv_cache_dtype
@@ -222,7 +228,8 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
         num_tokens = slot_mapping.shape[0]
         if num_tokens == 0 or kv_cache.numel() == 0:
             return
-        compress_store(key[:num_tokens], value[:num_tokens], slot_mapping, kv_cache, self._codec(layer, kv_cache))
+        compress_store(key[:num_tokens], value[:num_tokens], slot_mapping, kv_cache, self._codec(layer, kv_cache),
+                       fixed_tile=envs.VLLM_BATCH_INVARIANT)
 
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                 attn_metadata: TurboQuantMetadata, output: torch.Tensor | None = None,

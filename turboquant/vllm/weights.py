@@ -22,7 +22,8 @@ from vllm.model_executor.layers.linear import (LinearBase, LinearMethodBase, Unq
 from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 
-from ..weights.linear import TQLinear, codes_linear, largest_fitting_group_size, weight_quantizer
+from ..weights.linear import (TQLinear, codes_linear, largest_fitting_group_size, prepare_codes_linear,
+                              weight_quantizer)
 from .settings import WEIGHT_GROUP_SIZE_ENV, WeightSettings
 
 METHOD = "turboquant"
@@ -90,6 +91,7 @@ class TurboQuantLinearMethod(LinearMethodBase):
         del layer.weight
         layer.register_buffer("tq_packed", codes.packed, persistent=False)
         layer.register_buffer("tq_norms", codes.norms, persistent=False)
+        prepare_codes_linear(weight_quantizer(self.settings.group_size, self.settings.bits), codes.packed.device)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         out = codes_linear_op(x, layer.tq_packed, layer.tq_norms, self.settings.bits, self.settings.group_size, 0)

@@ -31,7 +31,7 @@ MAX_BATCH_TILE = 32  # batch rows per program (64 spills on sm_90); larger batch
 
 
 @functools.lru_cache(maxsize=None)
-def _device_codec(quantizer, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, str]:
+def device_codec(quantizer, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, str]:
     """(rotation fp32, fp16 levels, byte-permute PTX or "") of a shared weight quantizer, built once per device."""
     levels = antisymmetric_fp16(quantizer.codebook.centroids)  # a Gaussian's levels: antisymmetric up to rounding
     lookup = dequant_asm(levels) if quantizer.bits in LOOKUP_BITS and byte_permute_available(device) else ""
@@ -87,7 +87,7 @@ def codes_gemv(x: torch.Tensor, packed: torch.Tensor, norms: torch.Tensor, quant
     if x.device != packed.device:
         raise ValueError(f"x is on {x.device}, the layer on {packed.device}")
     lead = x.shape[:-1]
-    rotation, levels, lookup = _device_codec(quantizer, x.device)
+    rotation, levels, lookup = device_codec(quantizer, x.device)
     # fp16 operands for the tensor cores: the rotated input keeps 11 significant bits (bf16 inputs have 8)
     rotated = (x.reshape(-1, groups, group_size).float() @ rotation.T).reshape(-1, in_features)
     rotated = rotated.to(torch.float16).contiguous()

@@ -47,9 +47,26 @@ def uses_kernel(x: torch.Tensor, in_features: int, group_size: int) -> bool:
             and kernel_group_size(group_size))
 
 
+@functools.lru_cache(maxsize=None)
+def quantizer_on(quantizer: MSEQuantizer, device: torch.device) -> MSEQuantizer:
+    """`quantizer` with its rotation and codebook on `device`, built once per device."""
+    return quantizer.to(device)
+
+
+def prepare_codes_linear(quantizer: MSEQuantizer, device: torch.device) -> None:
+    """Build what `codes_linear` keeps per device now, outside any CUDA-graph capture: a graph cannot
+    capture the copy from the CPU that the first call on a device would make."""
+    on_device = quantizer_on(quantizer, device)
+    if TRITON_INSTALLED and device.type == "cuda":
+        from .gemv import device_codec  # imports Triton
+
+        device_codec(on_device, device)
+
+
 def codes_linear(x: torch.Tensor, packed: torch.Tensor, norms: torch.Tensor, quantizer: MSEQuantizer,
                  bias: torch.Tensor | None = None) -> torch.Tensor:
     """x·Wᵀ (+ bias) for the weight stored as `packed` [out, groups, bytes] codes and `norms` [out, groups]."""
+    quantizer = quantizer_on(quantizer, packed.device)
     if uses_kernel(x, norms.shape[1] * quantizer.dim, quantizer.dim):
         from .gemv import codes_gemv  # imports Triton
 
