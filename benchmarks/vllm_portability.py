@@ -12,8 +12,8 @@ holds those tokens exactly as it would hold the vision tower's features; its mem
 each engine gets a fixed KV budget, and vLLM's reported KV tokens must equal that budget over the
 expected page bytes (layers × KV heads × bytes per token·head, rounded down to whole blocks).
 
-    python benchmarks/vllm_portability.py --out benchmarks/results/vllm-portability-h100 [--only llama-3.1,gemma-2]
-        [--resume benchmarks/results/vllm-portability-h100.json]  # continue a run that stopped early
+    python benchmarks/vllm_portability.py --out benchmarks/results/vllm-portability-h200 [--only llama-3.1,gemma-2]
+        [--resume benchmarks/results/vllm-portability-h200.json]  # continue a run that stopped early
 
 Needs the offline vLLM bundle and this package's entry point (as `vllm_throughput.py`); transformers must
 know each config's model type, so an architecture newer than the host's transformers is a "not built" row.
@@ -26,6 +26,7 @@ import concurrent.futures
 import json
 import os
 import random
+import re
 import tempfile
 
 from portability import ARCHITECTURES, VOCAB  # benchmarks/portability.py
@@ -110,11 +111,18 @@ def check_memory(row: dict, token_bytes: int | None) -> None:
     row["memory_report_matches"] = abs(row["kv_tokens"] - row["expected_kv_tokens"]) <= 1
 
 
+# Lines that only wrap the error that stopped the engine (which an earlier line names)
+WRAPPERS = re.compile(r"Engine core initialization failed|ValidationError|CalledProcessError|Error raised in "
+                      r"subprocess|^\s*raise ")
+LOG_PREFIX = re.compile(r"^(\(EngineCore[^)]*\)\s*)?(ERROR [\d-]+ [\d:]+ \[[^\]]*\]\s*)?")
+
+
 def cell(row: dict) -> str:
     if row.get("rc") == 0:
         return "serves"
-    causes = row.get("error_causes") or row.get("error_tail") or ["?"]
-    return f"refused: {causes[-1].strip()[:200]}"
+    causes = [LOG_PREFIX.sub("", line).strip() for line in row.get("error_causes") or row.get("error_tail") or ["?"]]
+    causes = [line for line in causes if not WRAPPERS.search(line)] or causes
+    return f"refused: {causes[-1][:200]}"
 
 
 def markdown(result: dict) -> str:
