@@ -49,8 +49,12 @@ def unpack_indices(packed: torch.Tensor, bits: int, num_indices: int) -> torch.T
         raise ValueError(f"packed has {packed.shape[-1]} bytes in its last dimension, expected {expected}")
     if bits == 8:
         return packed
-    shifts = torch.arange(8, device=packed.device, dtype=torch.int32)
-    stream = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & 1  # [..., bytes, 8]
-    stream = stream.reshape(*packed.shape[:-1], num_indices, bits)
-    weights = torch.arange(bits, device=packed.device, dtype=torch.int32)
-    return (stream << weights).sum(dim=-1).to(torch.uint8)
+    if 8 % bits == 0:  # whole indices per byte: shift each byte, no bit stream (1 byte per index in memory)
+        shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.uint8)
+        fields = (packed.unsqueeze(-1) >> shifts) & (2**bits - 1)  # [..., bytes, 8 / bits]
+        return fields.reshape(*packed.shape[:-1], num_indices)
+    # 3 bits: 8 indices in each 3 bytes, read as one 24-bit word
+    groups = packed.reshape(*packed.shape[:-1], -1, 3).to(torch.int32)
+    words = groups[..., 0] | groups[..., 1] << 8 | groups[..., 2] << 16
+    shifts = torch.arange(0, 24, 3, device=packed.device, dtype=torch.int32)
+    return ((words.unsqueeze(-1) >> shifts) & 7).to(torch.uint8).reshape(*packed.shape[:-1], num_indices)
