@@ -3,9 +3,10 @@
 weight [out, in] → groups [out, in / group_size, group_size]; per group: the fp16 norm (with norm
 correction, ‖w‖/‖ŵ‖) and packed b-bit indices of R·w/‖w‖. Because R is orthogonal,
 W·x = Σ_g norm_g · levels(idx_g) · (R·x_g), so a kernel can rotate the input once per group instead of
-un-rotating the weight (`gemv.py`). `forward` runs it for decode-sized inputs on CUDA; otherwise, and as
-the reference the kernel is tested against, it dequantizes the weight (slow: every call rebuilds it).
-Both compute the same product; the kernel's fp16 operands round it differently (~1e-3 relative).
+un-rotating the weight (`gemv.py`). `forward` runs it for decode-sized inputs on CUDA; otherwise it
+computes the same product in PyTorch, in the rotated space (`rotated_linear`). The reference both are
+tested against is the dequantized weight (`dequantize`); the kernel's fp16 operands round the product
+differently (~1e-3 relative).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import importlib.util
 import torch
 from torch import nn
 
-from ..core import MSEQuantizer, make_rotation, packed_bytes
+from ..core import MSECode, MSEQuantizer, make_rotation, packed_bytes, unpack_indices
 
 WEIGHT_BITS = (2, 3, 4)
 # Inputs of at most this many rows (decode steps) read the codes in the kernel; a prefill's many rows
@@ -71,8 +72,20 @@ def codes_linear(x: torch.Tensor, packed: torch.Tensor, norms: torch.Tensor, qua
         from .gemv import codes_gemv  # imports Triton
 
         return codes_gemv(x, packed, norms, quantizer, bias)
-    weight = dequantize_codes(packed, norms, quantizer).to(x.dtype)
-    return nn.functional.linear(x, weight, None if bias is None else bias.to(x.dtype))
+    return rotated_linear(x, packed, norms, quantizer, bias)
+
+
+def rotated_linear(x: torch.Tensor, packed: torch.Tensor, norms: torch.Tensor, quantizer: MSEQuantizer,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`codes_linear` for many rows, in the rotated space: W·x = Σ_g (norm·levels)_g · (R·x_g), so the
+    weight is looked up and scaled but never un-rotated (no transform over all of [out, in]; one over the
+    input's rows instead), in x's dtype: the transient is one weight-sized tensor."""
+    out_features, groups = norms.shape
+    group_size = quantizer.dim
+    rotated_x = quantizer.rotation.apply(x.reshape(*x.shape[:-1], groups, group_size).float())
+    rotated_w = quantizer.dequantize_rotated(MSECode(unpack_indices(packed, quantizer.bits, group_size), norms.float()))
+    return nn.functional.linear(rotated_x.to(x.dtype).flatten(-2), rotated_w.to(x.dtype).reshape(out_features, -1),
+                                None if bias is None else bias.to(x.dtype))
 
 
 @functools.lru_cache(maxsize=None)
