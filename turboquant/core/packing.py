@@ -35,7 +35,7 @@ def pack_indices(indices: torch.Tensor, bits: int) -> torch.Tensor:
         return indices.to(torch.uint8)
     shifts = torch.arange(bits, device=indices.device, dtype=torch.int32)
     stream = (indices.to(torch.int32).unsqueeze(-1) >> shifts) & 1  # [..., n, bits]
-    stream = stream.reshape(*indices.shape[:-1], -1, 8)
+    stream = stream.reshape(*indices.shape[:-1], indices.shape[-1] * bits // 8, 8)
     weights = torch.arange(8, device=indices.device, dtype=torch.int32)
     return (stream << weights).sum(dim=-1).to(torch.uint8)
 
@@ -54,7 +54,7 @@ def unpack_indices(packed: torch.Tensor, bits: int, num_indices: int) -> torch.T
         fields = (packed.unsqueeze(-1) >> shifts) & (2**bits - 1)  # [..., bytes, 8 / bits]
         return fields.reshape(*packed.shape[:-1], num_indices)
     # 3 bits: 8 indices in each 3 bytes, read as one 24-bit word
-    groups = packed.reshape(*packed.shape[:-1], -1, 3).to(torch.int32)
+    groups = packed.reshape(*packed.shape[:-1], packed.shape[-1] // 3, 3).to(torch.int32)  # no -1: rows may be 0
     words = groups[..., 0] | groups[..., 1] << 8 | groups[..., 2] << 16
     shifts = torch.arange(0, 24, 3, device=packed.device, dtype=torch.int32)
     return ((words.unsqueeze(-1) >> shifts) & 7).to(torch.uint8).reshape(*packed.shape[:-1], num_indices)
