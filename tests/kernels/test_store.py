@@ -49,7 +49,7 @@ def test_compress_store_matches_reference(head_dim, key_bits, value_bits, block_
 
 def test_fixed_tile_stores_a_token_alike_whatever_was_stored_with_it(device, generator):
     """`fixed_tile`: 600 tokens stored in one call (a prefill) and in calls of 1 and 99 (decode steps and a
-    short chunk) give the same bytes, bit for bit (vLLM's batch-invariant mode relies on it)."""
+    short chunk) give the same bytes, bit for bit on a GPU (vLLM's batch-invariant mode relies on it)."""
     codec = make_codec(128, 4, 4, num_kv_heads=2, block_size=16, device=device)
     keys, values = (torch.randn(600, 2, 128, generator=generator).to(device, torch.bfloat16) for _ in range(2))
     slots = torch.arange(600, dtype=torch.int32, device=device)
@@ -57,7 +57,18 @@ def test_fixed_tile_stores_a_token_alike_whatever_was_stored_with_it(device, gen
     compress_store(keys, values, slots, whole, codec, fixed_tile=True)
     for start, stop in [(0, 1), (1, 100), *[(t, t + 100) for t in range(100, 600, 100)]]:
         compress_store(keys[start:stop], values[start:stop], slots[start:stop], pieces, codec, fixed_tile=True)
-    assert torch.equal(whole, pieces)
+    if device == "cuda":  # a tile's rows are multiplied alike wherever they sit
+        assert torch.equal(whole, pieces)
+        return
+    # The interpreter's numpy matmul rounds a row by its position in the tile, and a token sits at other
+    # rows in the pieces: a coordinate on a decision boundary may move one level, rarely; a wrong slot or
+    # a tile that mixes tokens would change whole vectors.
+    views = zip(codec.layout.views(whole), codec.layout.views(pieces))
+    for (got, want), bits in zip(list(views)[:2], (4, 4)):
+        moved = unpack_indices(got, bits, 128).int() - unpack_indices(want, bits, 128).int()
+        assert moved.abs().max() <= 1 and (moved != 0).float().mean() < 1e-3
+    for got, want in list(zip(codec.layout.views(whole), codec.layout.views(pieces)))[2:]:
+        torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-6)
 
 
 def test_compress_store_rejects_bad_input(device):
