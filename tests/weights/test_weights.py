@@ -76,3 +76,11 @@ def test_kurtosis_rule_gives_heavy_tailed_tensors_more_bits_or_none(generator):
     assert type(model[2]) is nn.Linear  # kept as it was
     with pytest.raises(ValueError, match="heavy_tail must be"):
         quantize_model(nn.Sequential(linear(128, 32, generator)), bits=3, group_size=128, heavy_tail=(30.0, 10.0))
+
+
+def test_one_weight_quantizer_per_shape_however_it_is_asked_for():
+    from turboquant.weights.linear import weight_quantizer
+
+    shared = weight_quantizer(64, 4)
+    assert weight_quantizer(64, 4, 0) is shared and weight_quantizer(group_size=64, bits=4, seed=0) is shared
+    assert weight_quantizer(64, 4, 1) is not shared and weight_quantizer(64, 3) is not shared

@@ -78,8 +78,8 @@ def codes_linear(x: torch.Tensor, packed: torch.Tensor, norms: torch.Tensor, qua
 def rotated_linear(x: torch.Tensor, packed: torch.Tensor, norms: torch.Tensor, quantizer: MSEQuantizer,
                    bias: torch.Tensor | None = None) -> torch.Tensor:
     """`codes_linear` for many rows, in the rotated space: W·x = Σ_g (norm·levels)_g · (R·x_g), so the
-    weight is looked up and scaled but never un-rotated (no transform over all of [out, in]; one over the
-    input's rows instead), in x's dtype: the transient is one weight-sized tensor."""
+    weight is looked up and scaled (float32, then x's dtype for the matmul) but never un-rotated: no
+    transform over all of [out, in], one over the input's rows instead."""
     out_features, groups = norms.shape
     group_size = quantizer.dim
     rotated_x = quantizer.rotation.apply(x.reshape(*x.shape[:-1], groups, group_size).float())
@@ -88,10 +88,16 @@ def rotated_linear(x: torch.Tensor, packed: torch.Tensor, norms: torch.Tensor, q
                                 None if bias is None else bias.to(x.dtype))
 
 
-@functools.lru_cache(maxsize=None)
 def weight_quantizer(group_size: int, bits: int, seed: int = 0) -> MSEQuantizer:
     """One quantizer (rotation + codebook) per shape, shared by every layer: a dense QR rotation is
-    not rebuilt for each of a model's hundreds of Linear layers."""
+    not rebuilt for each of a model's hundreds of Linear layers, and what is kept per quantizer
+    (`quantizer_on`, the GEMV's device codec) is built once. The cache key is the three values however
+    they are passed: lru_cache alone would key `(64, 4)` and `(64, 4, 0)` apart."""
+    return _shared_weight_quantizer(group_size, bits, seed)
+
+
+@functools.lru_cache(maxsize=None)
+def _shared_weight_quantizer(group_size: int, bits: int, seed: int) -> MSEQuantizer:
     if bits not in WEIGHT_BITS:
         raise ValueError(f"bits must be one of {WEIGHT_BITS}, got {bits!r}")
     if not isinstance(group_size, int) or group_size < 16 or group_size * bits % 8:
