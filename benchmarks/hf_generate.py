@@ -30,7 +30,7 @@ import transformers
 
 import turboquant.hf  # noqa: F401  registers attn_implementation="turboquant"
 from turboquant.core import TurboQuantConfig
-from turboquant.hf.cache import TurboQuantCache, kv_cache_nbytes
+from turboquant.hf.cache import TurboQuantCache, cache_kwargs, kv_cache_nbytes
 from turboquant.hf.evaluate import compare_logits, decode_logits
 from turboquant.hf.models import eval_text, load_model
 
@@ -52,7 +52,7 @@ def use_attention(model, name: str) -> None:
 
 @torch.no_grad()
 def greedy(model, ids: torch.Tensor, cache, new_tokens: int) -> torch.Tensor:
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, do_sample=False,
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(model, cache), do_sample=False,
                          max_new_tokens=new_tokens, min_new_tokens=new_tokens)
     return out[0, ids.shape[1]:].cpu()
 
@@ -160,19 +160,20 @@ def time_generation(model, kind: str, batch: int, context: int, new_tokens: int,
     generator = torch.Generator().manual_seed(context + batch)
     prompt = torch.randint(0, model.config.vocab_size, (batch, context), generator=generator).cuda()
     cache = make_cache(kind, model)
+    cache_argument = cache_kwargs(model, cache)
     torch.cuda.synchronize()
     start = time.perf_counter()
     for chunk in prompt.split(PREFILL_CHUNK, dim=1):
-        logits = model(chunk, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        logits = model(chunk, **cache_argument, use_cache=True, logits_to_keep=1).logits
     token = logits[:, -1:].argmax(-1)
     torch.cuda.synchronize()
     prefill_s = time.perf_counter() - start
     for _ in range(warmup_steps):  # untimed: kernels specialized on this cell's shapes compile here
-        token = model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        token = model(token, **cache_argument, use_cache=True).logits[:, -1:].argmax(-1)
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(new_tokens):
-        token = model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        token = model(token, **cache_argument, use_cache=True).logits[:, -1:].argmax(-1)
     torch.cuda.synchronize()
     decode_s = time.perf_counter() - start
     held = held_bytes(cache)
@@ -181,7 +182,7 @@ def time_generation(model, kind: str, batch: int, context: int, new_tokens: int,
                peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3),
                peak_over_start_gib=round((torch.cuda.max_memory_allocated() - before) / 2**30, 3),
                cache_held_gib=None if held is None else round(held / 2**30, 3))
-    del cache, prompt, logits
+    del cache, cache_argument, prompt, logits
     return row
 
 

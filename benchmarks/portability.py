@@ -22,7 +22,7 @@ import torch
 import transformers as tf
 
 from turboquant.core import TurboQuantConfig
-from turboquant.hf.cache import TurboQuantCache
+from turboquant.hf.cache import TurboQuantCache, cache_kwargs
 from turboquant.hf.verify import KV_COSINE_THRESHOLDS, verify_ids
 
 VOCAB, LAYERS, PREFILL, DECODE, NEW_TOKENS = 512, 4, 256, 64, 8
@@ -127,7 +127,7 @@ def measure(name: str, preset: str) -> dict:
     except ValueError as error:
         return {**row, "status": "refused", "reason": str(error)}
     with torch.no_grad():
-        generated = model.generate(input_ids[:, :PREFILL], past_key_values=cache, max_new_tokens=NEW_TOKENS,
+        generated = model.generate(input_ids[:, :PREFILL], **cache_kwargs(model, cache), max_new_tokens=NEW_TOKENS,
                                    do_sample=False, min_new_tokens=NEW_TOKENS)
         report = verify_ids(model, input_ids, config, PREFILL, progress=False)
     compressed = [r for r in report.layers if r.status == "compressed"]

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from turboquant.core import TurboQuantConfig
-from turboquant.hf.cache import TurboQuantCache
+from turboquant.hf.cache import TurboQuantCache, cache_kwargs
 from turboquant.hf.evaluate import compare_logits, decode_logits, greedy_divergence
 from turboquant.hf.models import eval_text, load_model
 
@@ -77,7 +77,7 @@ def passkey_accuracy(model, tokenizer, make_cache, contexts=(1024, 2048, 4096, 8
         for d in range(depths):
             key = rng.randrange(10000, 99999)
             ids = passkey_prompt(tokenizer, context, d / max(depths - 1, 1), key).to(model.device)
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=make_cache(),
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(model, make_cache()),
                                  max_new_tokens=8, do_sample=False)
             hits += str(key) in tokenizer.decode(out[0, ids.shape[1]:])
         result[str(context)] = hits / depths

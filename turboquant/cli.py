@@ -66,7 +66,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
     from transformers import DynamicCache
 
-    from .hf.cache import TurboQuantCache, kv_cache_nbytes
+    from .hf.cache import TurboQuantCache, cache_kwargs, kv_cache_nbytes
     from .hf.models import load_model
 
     config = _codec_config(args)
@@ -84,7 +84,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         cache = make_cache()
         start = time.perf_counter()
         with torch.no_grad():
-            out = model.generate(**inputs, past_key_values=cache, max_new_tokens=args.max_new_tokens, do_sample=False)
+            out = model.generate(**inputs, **cache_kwargs(model, cache), max_new_tokens=args.max_new_tokens,
+                                 do_sample=False)
         seconds = time.perf_counter() - start
         new = out[0, inputs.input_ids.shape[1]:]
         print(f"=== {name}: {len(new) / seconds:.1f} tokens/s, KV cache {kv_cache_nbytes(cache):,} bytes")

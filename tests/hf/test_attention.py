@@ -10,7 +10,7 @@ pytest.importorskip("triton")
 
 import turboquant.hf  # noqa: E402,F401  registers attn_implementation="turboquant"
 from turboquant.core import TurboQuantConfig  # noqa: E402
-from turboquant.hf.cache import TurboQuantCache  # noqa: E402
+from turboquant.hf.cache import TurboQuantCache, cache_kwargs  # noqa: E402
 
 from .test_cache import tiny_gemma  # noqa: E402
 
@@ -32,7 +32,7 @@ def step_logits(model, cache, chunks: list[torch.Tensor]) -> list[torch.Tensor]:
     out = []
     with torch.no_grad():
         for chunk in chunks:
-            out.append(model(chunk.to(DEVICE), past_key_values=cache, use_cache=True).logits.float().cpu())
+            out.append(model(chunk.to(DEVICE), **cache_kwargs(model, cache), use_cache=True).logits.float().cpu())
     return out
 
 
@@ -75,7 +75,7 @@ def test_fused_batch_with_left_padding_follows_the_reference():
         for name, cache in (("fused", TurboQuantCache(model.config, CONFIG, mode="fused")),
                             ("reference", TurboQuantCache(model.config, CONFIG)),
                             ("dynamic", transformers.DynamicCache(config=model.config))):
-            out = model.generate(ids.to(DEVICE), past_key_values=cache, **options)
+            out = model.generate(ids.to(DEVICE), **cache_kwargs(model, cache), **options)
             logits[name] = [step.float().cpu() for step in out.logits]
     assert_fused_follows_reference(logits["fused"][1:], logits["reference"][1:], logits["dynamic"][1:])
 

@@ -7,7 +7,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import DynamicCache  # noqa: E402
 
 from turboquant.core import TurboQuantConfig  # noqa: E402
-from turboquant.hf.cache import TurboQuantCache, TurboQuantLayer  # noqa: E402
+from turboquant.hf.cache import TurboQuantCache, TurboQuantLayer, cache_kwargs  # noqa: E402
 
 EXACT = dict(residual_window=10**6)  # nothing is ever compressed: must equal DynamicCache exactly
 # The tiny models have 2–4 layers; tests of the preset's bits turn off the 8-bit first/last layers.
@@ -38,7 +38,7 @@ def greedy(model, input_ids, cache, **kwargs):
     options = {"max_new_tokens": 12, "do_sample": False, "pad_token_id": 0, **kwargs}
     torch.manual_seed(0)  # the same draws for both caches when sampling
     with torch.no_grad():
-        return model.generate(input_ids, attention_mask=torch.ones_like(input_ids), past_key_values=cache, **options)
+        return model.generate(input_ids, attention_mask=torch.ones_like(input_ids), **cache_kwargs(model, cache), **options)
 
 
 def prompt(length=40, batch=1, seed=1):
@@ -60,8 +60,8 @@ def test_compressed_logits_stay_close(head_dim):
     with torch.no_grad():
         reference = model(ids).logits[0, -16:]
         cache = TurboQuantCache(model.config, TurboQuantConfig(residual_window=0, sink_tokens=0, boundary_layers=0))
-        model(ids[:, :48], past_key_values=cache)
-        steps = [model(ids[:, i : i + 1], past_key_values=cache).logits[0, -1] for i in range(48, 64)]
+        model(ids[:, :48], **cache_kwargs(model, cache))
+        steps = [model(ids[:, i : i + 1], **cache_kwargs(model, cache)).logits[0, -1] for i in range(48, 64)]
     assert cache.layers[0].packed_keys.shape[2] == 64  # with no window even the newest token is compressed
     cosine = torch.nn.functional.cosine_similarity(torch.stack(steps), reference, dim=-1)
     assert cosine.min() > 0.98  # every token compressed at 4 bits, random weights: ~0.99 typical
@@ -149,9 +149,9 @@ def test_hybrid_model_compresses_its_full_attention_layers_only():
     assert cache.uncompressed == {0: "linear attention: uncompressed", 2: "linear attention: uncompressed"}
     ids = prompt(120)
     with torch.no_grad():
-        ours = model.generate(ids, past_key_values=cache, max_new_tokens=6, do_sample=False,
+        ours = model.generate(ids, **cache_kwargs(model, cache), max_new_tokens=6, do_sample=False,
                               return_dict_in_generate=True, output_logits=True)
-        exact = model.generate(ids, past_key_values=DynamicCache(config=model.config), max_new_tokens=6,
+        exact = model.generate(ids, **cache_kwargs(model, DynamicCache(config=model.config)), max_new_tokens=6,
                                do_sample=False, return_dict_in_generate=True, output_logits=True)
     assert cache.layers[1].packed_keys is not None  # the full-attention layers did compress
     cosine = torch.nn.functional.cosine_similarity(torch.cat(ours.logits), torch.cat(exact.logits), dim=-1)
@@ -173,10 +173,9 @@ def test_batch_with_left_padding():
     ids[1, :10] = 0
     kwargs = dict(attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
     with torch.no_grad():
-        expected = model.generate(ids, past_key_values=DynamicCache(config=model.config), **kwargs)
-        exact = model.generate(ids, past_key_values=TurboQuantCache(model.config, TurboQuantConfig(**EXACT)), **kwargs)
-        compressed = model.generate(ids, past_key_values=TurboQuantCache(model.config, TurboQuantConfig(residual_window=4, boundary_layers=0)),
-                                    **kwargs)
+        caches = [DynamicCache(config=model.config), TurboQuantCache(model.config, TurboQuantConfig(**EXACT)),
+                  TurboQuantCache(model.config, TurboQuantConfig(residual_window=4, boundary_layers=0))]
+        expected, exact, compressed = (model.generate(ids, **cache_kwargs(model, cache), **kwargs) for cache in caches)
     assert torch.equal(exact, expected)
     assert compressed.shape == expected.shape
 
@@ -213,7 +212,7 @@ def test_memory_accounting():
     cache = TurboQuantCache(model.config, TurboQuantConfig(residual_window=0, sink_tokens=0, center_keys=False,
                                                            center_values=False, boundary_layers=0))
     with torch.no_grad():
-        model(prompt(100), past_key_values=cache)
+        model(prompt(100), **cache_kwargs(model, cache))
     # 2 layers × 2 kv heads × 100 tokens × 136 B, vs 2 × 2 × 100 × 2 × 128 × 4 B (fp32 model) for DynamicCache.
     assert cache.nbytes() == 2 * 2 * 100 * 136 + 2 * 2 * 2 * 128 * 4  # + the (zero) centers
     assert cache.dynamic_cache_nbytes() == 2 * 2 * 100 * 2 * 128 * 4
@@ -266,7 +265,7 @@ def test_mla_latent_is_compressed_and_its_rope_key_kept(monkeypatch):
     assert all(layer.attention_cosine >= 0.99 for layer in report.layers)  # the gate at 4 bits
     cache = TurboQuantCache(model.config, config)
     with torch.no_grad():
-        model(ids[:, :136], past_key_values=cache)
+        model(ids[:, :136], **cache_kwargs(model, cache))
     layer = cache.layers[1]
     assert layer.latent and layer.packed_values is None and layer.exact_values.dtype == torch.float32
     # kv_c [1, 1, tokens, 64] as 4-bit codes + norm; k_pe [.., 16] as it is
@@ -275,3 +274,15 @@ def test_mla_latent_is_compressed_and_its_rope_key_kept(monkeypatch):
     monkeypatch.setattr(cache_module, "caches_mla_latent", lambda text_config: False)
     with pytest.raises(ValueError, match="caches per-head keys and values"):
         TurboQuantCache(model.config, "k4v4")
+
+
+def test_cache_kwargs_names_the_keyword_the_model_forward_takes():
+    class Renamed:  # transformers ≥ 5.24
+        def forward(self, input_ids, cache=None, use_cache=None): ...
+
+    class Original:
+        def forward(self, input_ids, past_key_values=None, use_cache=None): ...
+
+    cache = DynamicCache()
+    assert cache_kwargs(Renamed(), cache) == {"cache": cache}
+    assert cache_kwargs(Original(), cache) == {"past_key_values": cache}

@@ -8,7 +8,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from turboquant.core import TurboQuantConfig  # noqa: E402
-from turboquant.hf.cache import TurboQuantCache  # noqa: E402
+from turboquant.hf.cache import TurboQuantCache, cache_kwargs  # noqa: E402
 
 SIDE = 106  # a 106 × 106 patch grid: 11,236 image tokens
 IMAGE_TOKEN = 63
@@ -37,8 +37,8 @@ def test_eleven_thousand_image_tokens_then_text():
     config = TurboQuantConfig.from_preset("k4v4", boundary_layers=0)
     cache = TurboQuantCache(model.config, config)
     with torch.no_grad():
-        ours = model.generate(**inputs, past_key_values=cache)
-        exact = model.generate(**inputs, past_key_values=transformers.DynamicCache(config=model.config))
+        ours = model.generate(**inputs, **cache_kwargs(model, cache))
+        exact = model.generate(**inputs, **cache_kwargs(model, transformers.DynamicCache(config=model.config)))
     logits, exact_logits = torch.cat(ours.logits), torch.cat(exact.logits)
     assert torch.nn.functional.cosine_similarity(logits, exact_logits, dim=-1).min() > 0.99
     # the memory report: sinks and window at full precision (fp32 here), the rest compressed, two centers
@@ -78,9 +78,10 @@ def test_cross_attention_layers_stay_uncompressed():
     assert cache.compressed_layers() == [0, 2, 3]
     assert cache.uncompressed == {1: "cross-attention: uncompressed"}
     with torch.no_grad():
-        ours = model.generate(**inputs, past_key_values=cache)
-        exact = model.generate(**inputs, past_key_values=transformers.DynamicCache(config=model.config))
-    assert cache.layers[1].keys.shape[2] == exact.past_key_values.layers[1].keys.shape[2] > 0  # the image's K/V
-    assert torch.equal(cache.layers[1].keys, exact.past_key_values.layers[1].keys)
+        ours = model.generate(**inputs, **cache_kwargs(model, cache))
+        exact_cache = transformers.DynamicCache(config=model.config)
+        exact = model.generate(**inputs, **cache_kwargs(model, exact_cache))
+    assert cache.layers[1].keys.shape[2] == exact_cache.layers[1].keys.shape[2] > 0  # the image's K/V
+    assert torch.equal(cache.layers[1].keys, exact_cache.layers[1].keys)
     logits, exact_logits = torch.cat(ours.logits), torch.cat(exact.logits)
     assert torch.nn.functional.cosine_similarity(logits, exact_logits, dim=-1).min() > 0.99

@@ -27,6 +27,7 @@ position and is small); the fused mode does not serve it.
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 
 import torch
@@ -281,6 +282,13 @@ def _transformers_layers(text_config) -> list[tuple[str, type | None, dict]]:
     layer_types, kwargs = get_layer_types_and_kwargs(text_config)
     per_layer = kwargs if isinstance(kwargs, list) else [kwargs] * len(layer_types)
     return [(t, DYNAMIC_LAYER_TYPE_MAPPING.get(t), k) for t, k in zip(layer_types, per_layer)]
+
+
+def cache_kwargs(model, cache: Cache) -> dict[str, Cache]:
+    """`cache` under the keyword this model's forward takes it by, for `model(...)` and `model.generate(...)`:
+    transformers 5.24 renamed `past_key_values` to `cache` (the old name still works there, with a warning)."""
+    keyword = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {keyword: cache}
 
 
 def kv_cache_nbytes(cache: Cache) -> int:

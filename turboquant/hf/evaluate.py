@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+from .cache import cache_kwargs
+
 
 @torch.no_grad()
 def decode_logits(model, input_ids: torch.Tensor, prefill: int, cache=None, progress: str | None = None) -> torch.Tensor:
@@ -20,12 +22,12 @@ def decode_logits(model, input_ids: torch.Tensor, prefill: int, cache=None, prog
     per token after a `prefill`-token prompt. With `cache=None`, a DynamicCache is used."""
     from transformers import DynamicCache
 
-    cache = DynamicCache(config=model.config) if cache is None else cache
-    out = model(input_ids[:, :prefill], past_key_values=cache, use_cache=True)
+    cache_argument = cache_kwargs(model, DynamicCache(config=model.config) if cache is None else cache)
+    out = model(input_ids[:, :prefill], use_cache=True, **cache_argument)
     logits = [out.logits[:, -1].float()]
     steps = range(prefill, input_ids.shape[1] - 1)
     for position in tqdm(steps, desc=progress, disable=progress is None, leave=False):
-        out = model(input_ids[:, position : position + 1], past_key_values=cache, use_cache=True)
+        out = model(input_ids[:, position : position + 1], use_cache=True, **cache_argument)
         logits.append(out.logits[:, -1].float())
     return torch.cat(logits, dim=0)
 
@@ -65,7 +67,8 @@ def greedy_divergence(model, prompt_ids: torch.Tensor, new_tokens: int, make_cac
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
     mask = torch.ones_like(prompt_ids)
     base = model.generate(prompt_ids, attention_mask=mask, **kwargs)[0, prompt_ids.shape[1] :]
-    ours = model.generate(prompt_ids, attention_mask=mask, past_key_values=make_cache(), **kwargs)[0, prompt_ids.shape[1] :]
+    ours = model.generate(prompt_ids, attention_mask=mask, **cache_kwargs(model, make_cache()), **kwargs)
+    ours = ours[0, prompt_ids.shape[1] :]
     length = min(len(base), len(ours))
     differ = (base[:length] != ours[:length]).nonzero()
     first = int(differ[0]) if len(differ) else length
