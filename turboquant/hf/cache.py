@@ -336,7 +336,8 @@ def _check_fused(model_config, text_config, layers: list) -> None:
 
 
 class TurboQuantCache(Cache):
-    """Compressed KV cache for `model.generate(..., past_key_values=TurboQuantCache(model.config))`.
+    """Compressed KV cache for `model.generate(..., past_key_values=TurboQuantCache(model.config))`
+    (`cache=` from transformers 5.24; `cache_kwargs` picks the name).
 
     `config` is a `TurboQuantConfig` or a preset name ("k4v4", "k3v3", ...). Only full-attention layers
     are compressed; sliding-window, cross-attention and linear-attention layers (as transformers builds
