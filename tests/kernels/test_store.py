@@ -11,17 +11,25 @@ from .paged import make_codec
 CASES = [(64, 4, 4, 16), (80, 3, 8, 32), (96, 2, 3, 16), (128, 8, 2, 64), (256, 4, 3, 128), (128, 3, 4, 16)]
 
 
+def assert_codes_within_one_level(cache, expected, codec):
+    """Key and value codes differ by at most one level, in fewer than 0.1% of the coordinates."""
+    for side, quantizer in enumerate((codec.key_quantizer, codec.value_quantizer)):
+        got = unpack_indices(codec.layout.views(cache)[side], quantizer.bits, codec.layout.head_dim).int()
+        want = unpack_indices(codec.layout.views(expected)[side], quantizer.bits, codec.layout.head_dim).int()
+        assert (got - want).abs().max() <= 1
+        assert (got != want).float().mean() < 1e-3
+
+
 def assert_norms_follow_codes(cache, codec, keys, values, slots):
-    """Whatever level each coordinate took, the stored norm is ‖x‖/‖û‖ for the codes stored beside it
-    (a level moved by one on a decision boundary changes ‖û‖; the norm must follow)."""
+    """Whatever level each coordinate took, the stored norm is the quantizer's for the codes stored beside
+    it (‖x‖/‖û‖ with norm correction: a level moved on a decision boundary changes ‖û‖; the norm follows)."""
     layout, stored = codec.layout, slots >= 0
     blocks, offsets = slots[stored].long() // layout.block_size, slots[stored].long() % layout.block_size
     views = [view.cpu() for view in layout.views(cache)]
     for side, (quantizer, x) in enumerate(((codec.key_quantizer, keys), (codec.value_quantizer, values))):
         indices = unpack_indices(views[side][blocks, :, offsets], quantizer.bits, layout.head_dim)
-        levels = quantizer.codebook.to("cpu").dequantize(indices.long())
         x_norms = torch.linalg.vector_norm(x.cpu()[stored].float(), dim=-1)
-        own_norms = x_norms / torch.linalg.vector_norm(levels, dim=-1).clamp_min(torch.finfo(torch.float32).tiny)
+        own_norms = quantizer.to("cpu").stored_norms(x_norms, indices.long())
         torch.testing.assert_close(views[side + 2][blocks, :, offsets], own_norms, rtol=2e-6, atol=1e-6)
 
 
@@ -41,13 +49,9 @@ def test_compress_store_matches_reference(head_dim, key_bits, value_bits, block_
     compress_store(keys.to(device), values.to(device), slots.to(device), cache, codec)
     compress_store_reference(keys.to(device), values.to(device), slots.to(device), expected, codec)
 
-    for side, bits in enumerate((key_bits, value_bits)):
-        got_idx = unpack_indices(codec.layout.views(cache)[side], bits, head_dim).int()
-        want_idx = unpack_indices(codec.layout.views(expected)[side], bits, head_dim).int()
-        # The kernel rotates by a dense fp32 matmul, the reference by the fast transform: a coordinate
-        # within float rounding of a decision boundary may land one level over, nothing more.
-        assert (got_idx - want_idx).abs().max() <= 1
-        assert (got_idx != want_idx).float().mean() < 1e-3
+    # The kernel rotates by a dense fp32 matmul, the reference by the fast transform: a coordinate
+    # within float rounding of a decision boundary may land one level over, nothing more.
+    assert_codes_within_one_level(cache, expected, codec)
     assert_norms_follow_codes(cache, codec, keys, values, slots)
     untouched = torch.ones(num_blocks * block_size, dtype=torch.bool)
     untouched[slots[slots >= 0].long()] = False
@@ -71,10 +75,7 @@ def test_fixed_tile_stores_a_token_alike_whatever_was_stored_with_it(device, gen
     # The interpreter's numpy matmul rounds a row by its position in the tile, and a token sits at other
     # rows in the pieces: a coordinate on a decision boundary may move one level, rarely; a wrong slot or
     # a tile that mixes tokens would change whole vectors.
-    views = zip(codec.layout.views(whole), codec.layout.views(pieces))
-    for (got, want), bits in zip(list(views)[:2], (4, 4)):
-        moved = unpack_indices(got, bits, 128).int() - unpack_indices(want, bits, 128).int()
-        assert moved.abs().max() <= 1 and (moved != 0).float().mean() < 1e-3
+    assert_codes_within_one_level(whole, pieces, codec)
     for cache in (whole, pieces):
         assert_norms_follow_codes(cache, codec, keys, values, slots)
 

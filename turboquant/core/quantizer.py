@@ -68,10 +68,15 @@ class MSEQuantizer:
         # A zero vector has no direction; any index works since its norm scales the result to 0.
         unit = x / norms.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)
         indices = self.codebook.quantize(self.rotation.apply(unit))
-        if self.norm_correction:
-            recon_norms = torch.linalg.vector_norm(self.codebook.dequantize(indices), dim=-1)
-            norms = norms / recon_norms.clamp_min(torch.finfo(torch.float32).tiny)
-        return MSECode(indices, norms)
+        return MSECode(indices, self.stored_norms(norms, indices))
+
+    def stored_norms(self, norms: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """The fp32 norm stored beside `indices` for vectors of length `norms`: the length itself, or with
+        norm correction ‖x‖/‖û‖. Kernel tests check stored norms against it for the codes the kernel chose."""
+        if not self.norm_correction:
+            return norms
+        recon_norms = torch.linalg.vector_norm(self.codebook.dequantize(indices), dim=-1)
+        return norms / recon_norms.clamp_min(torch.finfo(torch.float32).tiny)
 
     def dequantize_rotated(self, code: MSECode) -> torch.Tensor:
         """[..., dim] float32 reconstruction in the rotated space (R·x̂)."""
