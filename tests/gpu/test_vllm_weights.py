@@ -101,6 +101,20 @@ def test_registered_with_vllm_and_read_from_a_checkpoint(weights_module):
         weights_module.TurboQuantWeightConfig.from_config({"bits": 3, "groups": 64})
 
 
+def test_weight_settings_key_the_compile_cache(weights_module, monkeypatch):
+    """Engines at 3 and 4 bits must not share a compiled graph: the bits are constants in it."""
+    from vllm import envs
+
+    weights_module.key_compile_cache_by_settings()
+    weights_module.key_compile_cache_by_settings()  # idempotent
+    keys = []
+    for bits in ("4", "3"):
+        monkeypatch.setenv(weights_module.WEIGHT_BITS_ENV, bits)
+        keys.append(envs.compile_factors())
+    assert keys[0] != keys[1]
+    assert keys[1][weights_module.WEIGHT_BITS_ENV] == "3"
+
+
 @pytest.fixture
 def one_process_group():
     """vLLM's tensor-parallel state for one process (gloo), inside a config for this device."""

@@ -48,8 +48,11 @@ def test_byte_permute_lookup_equals_gather(head_dim, bits, generator):
 
 def test_gather_lookup_matches_unpacked_indices(generator, device):
     """The gather path against core/packing's unpack, for every packable width the kernels take."""
-    for head_dim, bits in ((64, 2), (64, 3), (80, 3), (64, 4), (64, 8)):  # d=80 at 3 bits: 30-byte rows
-        codec = make_codec(head_dim, bits, bits, num_kv_heads=1, block_size=16, device=device)
+    # 3 bits: 16 coordinates (a weight group; two words per group), d=80 (30-byte rows, read by bytes),
+    # d=96 (a padded row: its last word triple is past the row), whole word triples at 64, 128, 256
+    widths = [(64, 2), (16, 3), (64, 3), (80, 3), (96, 3), (128, 3), (256, 3), (64, 4), (64, 8)]
+    for head_dim, bits in widths:
+        codec = make_codec(64, bits, bits, num_kv_heads=1, block_size=16, device=device)
         codes = torch.randint(0, 256, (40, head_dim * bits // 8), generator=generator, dtype=torch.uint8).to(device)
         expected = codec.key_centroids_fp16[unpack_indices(codes, bits, head_dim).long()]
         got = levels(codes, codec.key_centroids_fp16, bits, head_dim, "")

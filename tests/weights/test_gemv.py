@@ -28,6 +28,24 @@ def test_gemv_matches_the_dequantized_linear(bits, group_size, bias, batch):
     torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3 * want.abs().max().item())
 
 
+@pytest.mark.parametrize("launch", [dict(rows=16, step_groups=2, splits=1), dict(rows=64, step_groups=1, splits=3),
+                                    dict(rows=32, step_groups=2, splits=2)])
+@pytest.mark.parametrize("bits", [3, 4])
+def test_every_launch_tiling_matches_the_dequantized_linear(launch, bits):
+    """Row blocks, groups per loop step and splits along the groups (partial sums) change only the order
+    of fp32 sums."""
+    from turboquant.weights.gemv import GemvLaunch, codes_gemv
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    layer = TQLinear.from_weight(torch.randn(80, 384, generator=generator) * 0.05, torch.randn(80, generator=generator),
+                                 bits, 64).to(device)  # 6 groups: 3 splits of 2, or splits of 4 and 2 groups
+    x = torch.randn(3, 384, generator=generator).to(device)
+    want = nn.functional.linear(x, layer.dequantize(), layer.bias)
+    got = codes_gemv(x, layer.packed, layer.norms, layer.quantizer, layer.bias, GemvLaunch(**launch))
+    torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3 * want.abs().max().item())
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernel path of forward runs on CUDA")
 def test_forward_reads_the_codes_for_decode_sized_inputs(monkeypatch):
     from turboquant.weights import gemv, linear as linear_module

@@ -39,15 +39,17 @@ def _byte_tables(levels: torch.Tensor) -> tuple[int, int, int, int]:
 
 
 def _lookup_half(selector: str, sign: str | None, first_out: int) -> str:
-    """Four levels selected by the nibbles of `selector`'s low 16 bits → two fp16x2 outputs."""
+    """Four levels selected by the nibbles of `selector`'s low 16 bits → fp16 outputs first_out .. first_out + 3."""
     flip = (f"not.b32 t, {sign};\nand.b32 t, t, 0x80808080;\nxor.b32 hi, hi, t;\n" if sign else "")
     return (f"prmt.b32 lo, tl0, tl1, {selector};\nprmt.b32 hi, th0, th1, {selector};\n{flip}"
-            f"prmt.b32 ${first_out}, lo, hi, 0x5140;\nprmt.b32 ${first_out + 1}, lo, hi, 0x7362;\n")
+            f"prmt.b32 t, lo, hi, 0x5140;\nmov.b32 {{${first_out}, ${first_out + 1}}}, t;\n"
+            f"prmt.b32 t, lo, hi, 0x7362;\nmov.b32 {{${first_out + 2}, ${first_out + 3}}}, t;\n")
 
 
 def dequant_asm(centroids: torch.Tensor) -> str:
-    """PTX mapping one 32-bit input ($4: a word of eight 4-bit indices, or a 24-bit group of eight
-    3-bit indices) to eight fp16 levels in $0..$3 (pairs in index order)."""
+    """PTX mapping one 32-bit input ($8: a word of eight 4-bit indices, or a 24-bit group of eight
+    3-bit indices) to its eight fp16 levels, $0..$7 in index order. Each output is a function of the
+    one input, so the asm is elementwise whatever layout Triton gives the tensors."""
     levels = centroids.to(torch.float16)
     bits = {8: 3, 16: 4}.get(levels.numel())
     if bits is None:
@@ -60,16 +62,16 @@ def dequant_asm(centroids: torch.Tensor) -> str:
     head = (".reg .b32 j, jh, lo, hi, t, tl0, tl1, th0, th1;\n"
             + "".join(f"mov.b32 {name}, {value:#010x};\n" for name, value in zip(("tl0", "tl1", "th0", "th1"), tables)))
     if bits == 3:  # fields at bits 3k → nibble k: halves apart, then pairs apart, then fields apart
-        body = ("and.b32 j, $4, 0x00000fff;\nshl.b32 t, $4, 4;\nand.b32 t, t, 0x0fff0000;\nor.b32 j, j, t;\n"
+        body = ("and.b32 j, $8, 0x00000fff;\nshl.b32 t, $8, 4;\nand.b32 t, t, 0x0fff0000;\nor.b32 j, j, t;\n"
                 "shl.b32 t, j, 2;\nand.b32 t, t, 0x3f003f00;\nand.b32 j, j, 0x003f003f;\nor.b32 j, j, t;\n"
                 "shl.b32 t, j, 1;\nand.b32 t, t, 0x70707070;\nand.b32 j, j, 0x07070707;\nor.b32 j, j, t;\n"
-                "shr.b32 jh, j, 16;\n" + _lookup_half("j", None, 0) + _lookup_half("jh", None, 2))
+                "shr.b32 jh, j, 16;\n" + _lookup_half("j", None, 0) + _lookup_half("jh", None, 4))
     else:  # magnitude index j = i & 7 for i ≥ 8, 7 − i below; bit 3 of each nibble, moved to bit 7
         # of a byte, is the sign
-        body = (".reg .b32 f, up, slo, shi;\nshr.b32 f, $4, 3;\nand.b32 f, f, 0x11111111;\nmul.lo.u32 f, f, 7;\n"
-                "xor.b32 j, $4, f;\nnot.b32 j, j;\nand.b32 j, j, 0x77777777;\nshr.b32 jh, j, 16;\n"
-                "shl.b32 up, $4, 4;\nprmt.b32 slo, up, $4, 0x5140;\nprmt.b32 shi, up, $4, 0x7362;\n"
-                + _lookup_half("j", "slo", 0) + _lookup_half("jh", "shi", 2))
+        body = (".reg .b32 f, up, slo, shi;\nshr.b32 f, $8, 3;\nand.b32 f, f, 0x11111111;\nmul.lo.u32 f, f, 7;\n"
+                "xor.b32 j, $8, f;\nnot.b32 j, j;\nand.b32 j, j, 0x77777777;\nshr.b32 jh, j, 16;\n"
+                "shl.b32 up, $8, 4;\nprmt.b32 slo, up, $8, 0x5140;\nprmt.b32 shi, up, $8, 0x7362;\n"
+                + _lookup_half("j", "slo", 0) + _lookup_half("jh", "shi", 4))
     return "{\n" + head + body + "}"
 
 

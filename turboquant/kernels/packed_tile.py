@@ -44,24 +44,40 @@ def _fields(word, BITS: tl.constexpr, COUNT: tl.constexpr):
 
 
 @triton.jit
-def _repeat8(x):
-    """x[..., None] repeated 8 times along a trailing axis held by one thread (the asm reads the first)."""
-    x2 = tl.join(x, x)
-    x4 = tl.join(x2, x2)
-    return tl.join(x4, x4)
+def _interleave8(o0, o1, o2, o3, o4, o5, o6, o7):
+    """Eight [..., N] tensors → [..., N, 8] with o_k at index k (each join adds a trailing axis, so the
+    outermost join splits the lowest index bit)."""
+    even = tl.join(tl.join(o0, o4), tl.join(o2, o6))
+    odd = tl.join(tl.join(o1, o5), tl.join(o3, o7))
+    return tl.join(even, odd)
 
 
 @triton.jit
 def _groups3(row_ptrs, row_mask, ROW_BYTES: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
-    """[ROWS, HEAD_DIM_PAD // 8] int32: each 3-byte group of eight 3-bit indices as a 24-bit value."""
-    groups = tl.arange(0, HEAD_DIM_PAD // 8)
-    words = groups * 3 // 4
-    low = _load_words(row_ptrs, row_mask, words, ROW_BYTES, False)
-    high = _load_words(row_ptrs, row_mask, words + 1, ROW_BYTES, False)
-    shift = (groups * 3) % 4 * 8  # 0, 24, 16, 8: the group's first bit in its first word
-    low = low.to(tl.uint32, bitcast=True) >> shift[None, :].to(tl.uint32)
-    high = tl.where(shift[None, :] == 0, 0, high.to(tl.uint32, bitcast=True) << (32 - shift[None, :]).to(tl.uint32))
-    return ((low | high) & 0xFFFFFF).to(tl.int32, bitcast=True)
+    """[ROWS, HEAD_DIM_PAD // 8] int32: each 3-byte group of eight 3-bit indices as a 24-bit value.
+    Four groups fill three words exactly, so each word is loaded once and the groups are cut out of
+    them by shifts (rows of fewer than 32 coordinates: out of the two words each group touches)."""
+    if HEAD_DIM_PAD < 32:
+        groups = tl.arange(0, HEAD_DIM_PAD // 8)
+        words = groups * 3 // 4
+        low = _load_words(row_ptrs, row_mask, words, ROW_BYTES, False).to(tl.uint32, bitcast=True)
+        high = _load_words(row_ptrs, row_mask, words + 1, ROW_BYTES, False).to(tl.uint32, bitcast=True)
+        shift = ((groups * 3) % 4 * 8)[None, :].to(tl.uint32)  # 0, 24, 16, 8: the group's first bit
+        high = tl.where(shift == 0, 0, high << (32 - shift))
+        return (((low >> shift) | high) & 0xFFFFFF).to(tl.int32, bitcast=True)
+    else:
+        ROWS: tl.constexpr = row_ptrs.shape[0]
+        triples = tl.arange(0, HEAD_DIM_PAD // 32) * 3  # words 3j, 3j+1, 3j+2 hold groups 4j .. 4j+3
+        w0 = _load_words(row_ptrs, row_mask, triples, ROW_BYTES, False).to(tl.uint32, bitcast=True)
+        w1 = _load_words(row_ptrs, row_mask, triples + 1, ROW_BYTES, False).to(tl.uint32, bitcast=True)
+        w2 = _load_words(row_ptrs, row_mask, triples + 2, ROW_BYTES, False).to(tl.uint32, bitcast=True)
+        g0 = w0 & 0xFFFFFF
+        g1 = (w0 >> 24) | ((w1 & 0xFFFF) << 8)
+        g2 = (w1 >> 16) | ((w2 & 0xFF) << 16)
+        g3 = w2 >> 8
+        # join(join(g0, g2), join(g1, g3))[..., k, i] is g_(2k + i): flattened, g0 g1 g2 g3 in order
+        groups = tl.reshape(tl.join(tl.join(g0, g2), tl.join(g1, g3)), [ROWS, HEAD_DIM_PAD // 8])
+        return groups.to(tl.int32, bitcast=True)
 
 
 @triton.jit
@@ -91,9 +107,9 @@ def load_levels(row_ptrs, row_mask, centroids_ptr, BITS: tl.constexpr, ROW_BYTES
             packed = _groups3(row_ptrs, row_mask, ROW_BYTES, HEAD_DIM_PAD)
         else:
             packed = _leading_words(row_ptrs, row_mask, ROW_BYTES, HEAD_DIM_PAD // 8)
-        levels = tl.inline_asm_elementwise(LUT_ASM, "=r,=r,=r,=r,r,r,r,r,r,r,r,r", [_repeat8(packed)],
-                                           dtype=tl.float16, is_pure=True, pack=8)
-        return tl.reshape(levels, [ROWS, HEAD_DIM_PAD])
+        levels = tl.inline_asm_elementwise(LUT_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r", [packed], dtype=(tl.float16,) * 8,
+                                           is_pure=True, pack=1)
+        return tl.reshape(_interleave8(*levels), [ROWS, HEAD_DIM_PAD])
 
 
 @triton.jit

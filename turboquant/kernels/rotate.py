@@ -79,8 +79,9 @@ def rotate(x: torch.Tensor, codec, inverse: bool = False, out: torch.Tensor | No
     """x [tokens, heads, head_dim] (fp16/bf16/fp32, any token and head strides) → x @ Rᵀ (x @ R when
     `inverse`) as fp32, or written into `out` (same shape, any float dtype, cast on store). `fixed_tile`:
     the same tile shape whatever the token count, so that a row's result does not depend on how many
-    rows came with it (`cached_attention`)."""
-    head_dim = codec.layout.head_dim
+    rows came with it (`cached_attention`). `codec` is anything with the fields `rotation_operand` reads
+    (a `KernelCodec`, or a weight layer's `GroupRotation`)."""
+    head_dim = codec.rotation.shape[-1]
     if not isinstance(x, torch.Tensor) or x.ndim != 3 or x.shape[-1] != head_dim or x.dtype not in FLOAT_DTYPES:
         raise ValueError(f"x must be a float tensor [tokens, heads, {head_dim}], got "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")

@@ -6,7 +6,8 @@ slot and checks that an MLA layer's backend is an MLA one, so a plugin cannot re
 and has those layers fold the latent's rotation into their projections after loading, and lets layers
 served by either backend report compressed KV pages (`spec.py`). Nothing changes for an engine
 that does not pick the CUSTOM backend. It also registers the weight quantization method
-`--quantization turboquant` (`weights.py`), which an engine uses only when asked.
+`--quantization turboquant` (`weights.py`), which an engine uses only when asked, and puts that
+method's settings into vLLM's torch.compile cache key.
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ def register() -> None:
     from .backend import TurboQuantBackend
     from .latent_backend import TurboQuantLatentBackend
     from .spec import patch_attention_specs
-    from . import weights  # noqa: F401 - registers --quantization turboquant
+    from .weights import key_compile_cache_by_settings  # importing it registers --quantization turboquant
 
     register_backend(AttentionBackendEnum.CUSTOM, BACKEND_PATH)
     route_latent_layers(TurboQuantLatentBackend)
     fold_latent_rotations(TurboQuantLatentBackend)
     patch_attention_specs(TurboQuantBackend, TurboQuantLatentBackend)
+    key_compile_cache_by_settings()
 
 
 def check_latent_layer(backend_cls: type, dtype, kv_cache_dtype: str | None, use_sparse: bool) -> None:

@@ -14,6 +14,7 @@ in the model's dtype.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -24,9 +25,22 @@ from vllm.model_executor.layers.quantization.base_config import QuantizationConf
 
 from ..weights.linear import (TQLinear, codes_linear, largest_fitting_group_size, prepare_codes_linear,
                               weight_quantizer)
-from .settings import WEIGHT_GROUP_SIZE_ENV, WeightSettings
+from .settings import WEIGHT_BITS_ENV, WEIGHT_GROUP_SIZE_ENV, WeightSettings
 
 METHOD = "turboquant"
+
+
+def key_compile_cache_by_settings() -> None:
+    """Idempotent: make the weight settings' environment variables part of vLLM's torch.compile cache key.
+    vLLM keys that cache by its own environment variables (`vllm.envs.compile_factors`) and configs,
+    which hold the method's name but not its settings; the bits and group size are constants of the
+    compiled graph (arguments of the custom op), so without this an engine at 3 bits loaded the graph an
+    earlier 4-bit engine on the machine had compiled and failed at start ("packed has 48 bytes in its
+    last dimension, expected 64")."""
+    from vllm import envs
+
+    for name in (WEIGHT_BITS_ENV, WEIGHT_GROUP_SIZE_ENV):
+        envs.environment_variables.setdefault(name, functools.partial(os.environ.get, name))
 
 
 @torch.library.custom_op("turboquant::codes_linear", mutates_args=())
