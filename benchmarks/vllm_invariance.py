@@ -6,7 +6,7 @@ Three scenarios separate the causes that `tests/gpu/test_vllm_plugin.py`'s load 
 - prefix:  4 shared 200-token prefixes × 16 20-token suffixes, prefix caching on (cache hits added)
 - preempt: as prefix, with 96 KV blocks, too few for all at once (preemption and recompute added)
 
-    python benchmarks/vllm_invariance.py --out benchmarks/results/vllm-invariance-h200 [--model DIR]
+    python benchmarks/vllm_invariance.py --out benchmarks/results/vllm-invariance-h200 [--model DIR] [--triton-matmuls]
 
 Reports each request's first differing token (None: identical). Needs the offline vLLM bundle and this
 package's entry point (as `vllm_throughput.py`), and SmolLM2 converted by the bundle (the default model).
@@ -32,9 +32,39 @@ def prompts(scenario: str, tokens: list[int]) -> list[dict]:
     return [{"prompt_token_ids": p + s} for p in prefixes for s in suffixes]
 
 
-def worker(engine: str, scenario: str, model: str) -> None:
+def force_triton_matmuls() -> None:
+    """`--triton-matmuls`: vLLM's batch-invariant mode swaps mm/addmm/matmul/linear for its Triton persistent
+    kernels on SM80 only; on Hopper it trusts cuBLAS with split-K disabled. This makes it swap them on any
+    GPU, to test whether cuBLAS's per-batch-size kernel choice is what still varies (a diagnostic, not a
+    setting of the plugin). The engine must run in this process for the patch to reach it."""
+    from vllm.model_executor.layers import batch_invariant
+    from vllm.platforms import current_platform
+
+    enable = batch_invariant.enable_batch_invariant_mode
+
+    def enable_with_triton_matmuls():
+        swapped = batch_invariant._batch_invariant_MODE
+        enable()
+        if swapped or current_platform.is_device_capability_family(80):
+            return  # already on, or vLLM swapped them itself
+        library, key = batch_invariant._batch_invariant_LIB, current_platform.dispatch_key
+        for op, kernel in (("aten::mm", batch_invariant.mm_batch_invariant),
+                           ("aten::addmm", batch_invariant.addmm_batch_invariant),
+                           ("aten::matmul", batch_invariant.matmul_batch_invariant),
+                           ("aten::linear", batch_invariant.linear_batch_invariant)):
+            library.impl(op, kernel, key)
+
+    batch_invariant.enable_batch_invariant_mode = enable_with_triton_matmuls
+
+
+def worker(engine: str, scenario: str, model: str, triton_matmuls: bool) -> None:
     os.environ["VLLM_BATCH_INVARIANT"] = "1"  # before vLLM reads it
+    if triton_matmuls:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process, where the patch is
     from vllm import LLM, SamplingParams
+
+    if triton_matmuls:
+        force_triton_matmuls()
 
     from turboquant.hf.models import eval_text
 
@@ -59,7 +89,9 @@ def worker(engine: str, scenario: str, model: str) -> None:
 def markdown(result: dict) -> str:
     lines = [f"# vLLM batch invariance ({result['device']}, {result['date']})", "",
              "`VLLM_BATCH_INVARIANT=1`, SmolLM2-135M, eager; 64 greedy requests × 32 tokens together, then one by "
-             "one. Cell: identical requests (preemptions in the together run).", "",
+             "one. Cell: identical requests (preemptions in the together run)."
+             + (" `--triton-matmuls`: vLLM's Triton batch-invariant matmuls in place of cuBLAS." if result.get("triton_matmuls")
+                else ""), "",
              "| engine | " + " | ".join(SCENARIOS) + " |", "|---|" + "---|" * len(SCENARIOS)]
     for engine in result["engines"]:
         cells = []
@@ -80,11 +112,13 @@ def main() -> None:
     parser.add_argument("--model", default="/tmp/models/smollm2")
     parser.add_argument("--out", help="write OUT.json and OUT.md")
     parser.add_argument("--timeout", type=int, default=400, help="seconds per engine start and run")
+    parser.add_argument("--triton-matmuls", action="store_true",
+                        help="swap vLLM's matmuls for its Triton batch-invariant kernels on any GPU (diagnostic)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--scenario", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        return worker(args.worker, args.scenario, args.model)
+        return worker(args.worker, args.scenario, args.model, args.triton_matmuls)
     engines, scenarios = args.engines.split(","), args.scenarios.split(",")
     for engine in engines:
         engine_kwargs(engine)  # an unknown name stops here, before any engine starts
@@ -94,11 +128,12 @@ def main() -> None:
     rows = []
     for engine in engines:
         for scenario in scenarios:
-            row = run_engine(__file__, engine, ["--scenario", scenario, "--model", args.model], args.timeout)
+            options = ["--scenario", scenario, "--model", args.model] + (["--triton-matmuls"] if args.triton_matmuls else [])
+            row = run_engine(__file__, engine, options, args.timeout)
             rows.append({"scenario": scenario, **row})
             print(json.dumps(row)[:400], flush=True)
-            report(rows, markdown, args.out, echo=False, engines=engines)
-    report(rows, markdown, args.out, engines=engines)
+            report(rows, markdown, args.out, echo=False, engines=engines, triton_matmuls=args.triton_matmuls)
+    report(rows, markdown, args.out, engines=engines, triton_matmuls=args.triton_matmuls)
 
 
 if __name__ == "__main__":
