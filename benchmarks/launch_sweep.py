@@ -1,9 +1,10 @@
 """Launch-config sweep for the decode and extend kernels on the GPU host: byte-permute lookups
 (`turboquant/kernels/lut_asm.py`) against the codebook gather, several tile/warps/stages choices,
 kernel-only times (do_bench medians, random codes). The chosen defaults live in `decode_launch` and
-`extend_launch`.
+`extend_launch`. First, whole decode calls at short contexts with `num_splits` fixed (`--only-splits`: just
+those), against `default_num_splits`, which never makes a split shorter than two tiles.
 
-    python benchmarks/launch_sweep.py --out /tmp/out/launch-sweep.json
+    python benchmarks/launch_sweep.py --out /tmp/out/launch-sweep.json [--only-splits]
 """
 
 from __future__ import annotations
@@ -16,12 +17,12 @@ from pathlib import Path
 import torch
 import triton
 
-from kernels import BLOCK_SIZE, block_table_for, random_compressed_cache  # benchmarks/kernels.py
+from kernels import BLOCK_SIZE, block_table_for, graph_time_ms, random_compressed_cache  # benchmarks/kernels.py
 
 from turboquant.core import TurboQuantConfig  # noqa: E402 (kernels.py puts the repository on sys.path)
 from turboquant.kernels import extend as extend_module  # noqa: E402
 from turboquant.kernels.codec import KernelCodec  # noqa: E402
-from turboquant.kernels.decode import _decode_split_kernel, default_num_splits  # noqa: E402
+from turboquant.kernels.decode import _decode_split_kernel, default_num_splits, paged_decode_attention  # noqa: E402
 from turboquant.kernels.launch import head_dim_pad, lookup_constants, page_constants  # noqa: E402
 
 HEAD_DIM, NUM_KV_HEADS, NUM_Q_HEADS = 128, 8, 32  # Llama-3.1-8B attention
@@ -78,6 +79,27 @@ def decode_rows(batch: int, context: int, key_bits: int, value_bits: int) -> lis
     return rows
 
 
+SPLIT_CASES = [(1, 1024), (8, 1024), (1, 4096), (8, 4096)]  # short contexts, where decode trails FA3
+SPLIT_COUNTS = (4, 8, 16, 32, 64)
+
+
+def decode_split_rows(batch: int, context: int) -> list[dict]:
+    """Whole `paged_decode_attention` calls (rotations and reduction included, CUDA graph as in kernels.py)
+    at k4v4 with num_splits fixed, beside the default: splits of one tile were not tried before."""
+    codec = make_codec(4, 4)
+    table, seq_lens, num_blocks = block_table_for(batch, context)
+    cache = random_compressed_cache(codec, num_blocks)
+    query = torch.randn(batch, NUM_Q_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    rows = []
+    for splits in (None, *SPLIT_COUNTS):
+        ms = graph_time_ms(lambda: paged_decode_attention(query, cache, codec, table, seq_lens, HEAD_DIM**-0.5,
+                                                          num_splits=splits))
+        rows.append(dict(kernel="decode-call", case=f"b{batch}x{context} k4v4", splits=splits or "default",
+                         ms=round(ms, 4)))
+        print(rows[-1], flush=True)
+    return rows
+
+
 @contextlib.contextmanager
 def extend_overrides(lookups: dict | None, launch: dict):
     """extend_attention with a fixed launch config (and, for the gather rows, no byte-permute PTX)."""
@@ -122,9 +144,15 @@ def extend_rows(chunk: int, bits: int, prefix: int = 16384) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("/tmp/out/launch-sweep.json"))
+    parser.add_argument("--only-splits", action="store_true", help="only the num_splits sweep at short contexts")
     args = parser.parse_args()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
+    for case in SPLIT_CASES:
+        rows += decode_split_rows(*case)
+        args.out.write_text(json.dumps(rows, indent=1))
+    if args.only_splits:
+        return
     for case in DECODE_CASES:
         rows += decode_rows(*case)
         args.out.write_text(json.dumps(rows, indent=1))  # partial results survive a timeout

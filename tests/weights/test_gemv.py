@@ -40,10 +40,11 @@ def test_every_launch_tiling_matches_the_dequantized_linear(launch, bits):
     generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
     layer = TQLinear.from_weight(torch.randn(80, 384, generator=generator) * 0.05, torch.randn(80, generator=generator),
                                  bits, 64).to(device)  # 6 groups: 3 splits of 2, or splits of 4 and 2 groups
-    x = torch.randn(3, 384, generator=generator).to(device)
-    want = nn.functional.linear(x, layer.dequantize(), layer.bias)
-    got = codes_gemv(x, layer.packed, layer.norms, layer.quantizer, layer.bias, GemvLaunch(**launch))
-    torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3 * want.abs().max().item())
+    for rows in (3, 40):  # 40: two programs along the batch (32 rows each)
+        x = torch.randn(rows, 384, generator=generator).to(device)
+        want = nn.functional.linear(x, layer.dequantize(), layer.bias)
+        got = codes_gemv(x, layer.packed, layer.norms, layer.quantizer, layer.bias, GemvLaunch(**launch))
+        torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3 * want.abs().max().item())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernel path of forward runs on CUDA")
