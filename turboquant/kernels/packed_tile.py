@@ -2,8 +2,8 @@
 of `core/packing.py` (little-endian bit stream: `COORDS` indices share `GROUP_BYTES` bytes).
 
 Rows are addressed by pointer, one per token, so the same helpers serve paged and contiguous caches.
-Reads go by 32-bit words: a word holds 8 indices at 4 bits, 16 at 2 and 4 at 8; a 3-bit group of 8
-indices (3 bytes) is funnel-shifted out of the two words it touches.
+Reads go by 32-bit words: a word holds 8 indices at 4 bits, 16 at 2 and 4 at 8; at 3 bits, three words
+hold four groups of 8 indices (3 bytes each), which are cut out of them by shifts.
 """
 
 import triton
