@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -54,6 +53,7 @@ def main() -> None:
     if args.baseline:
         packed_tile._groups3 = _groups3_baseline
     from kernels import BLOCK_SIZE, block_table_for, graph_time_ms, random_compressed_cache
+    from weights_gemv import copies_past_l2, per_call_ms
 
     from turboquant.core import TurboQuantConfig
     from turboquant.kernels.codec import KernelCodec
@@ -79,9 +79,9 @@ def main() -> None:
             for in_features, out_features in GEMV_SHAPES:
                 layer = TQLinear.from_weight(torch.randn(out_features, in_features, device="cuda") * 0.02, None, 3, 128)
                 copies = [(layer.packed.clone(), layer.norms.clone())
-                          for _ in range(max(2, math.ceil(256 * 2**20 / layer.packed.numel())))]
+                          for _ in range(copies_past_l2(layer.packed.numel(), 256))]
                 x = torch.randn(1, in_features, device="cuda", dtype=torch.bfloat16)
-                ms = graph_time_ms(lambda: [gemv.codes_gemv(x, p, n, layer.quantizer) for p, n in copies]) / len(copies)
+                ms = per_call_ms([lambda p=p, n=n: gemv.codes_gemv(x, p, n, layer.quantizer) for p, n in copies])
                 rows.append(dict(kind="gemv-tq3-batch1", lookup="byte permute" if 3 in lookup_bits else "gather",
                                  shape=f"{in_features}x{out_features}", ms=ms))
                 print(json.dumps(rows[-1]), flush=True)

@@ -31,7 +31,7 @@ from kernels import graph_time_ms  # noqa: E402
 from turboquant.kernels.launch import multiprocessor_count  # noqa: E402
 from turboquant.weights import TQLinear  # noqa: E402
 from turboquant.kernels.rotate import rotate  # noqa: E402
-from turboquant.weights.gemv import GemvLaunch, codes_gemv, device_codec, gemv_launch  # noqa: E402
+from turboquant.weights.gemv import MAX_BATCH_TILE, GemvLaunch, codes_gemv, device_codec, gemv_launch  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (in_features, out_features)
 # (rows per program, groups per loop step, warps) tried by --sweep, each at about 2, 4 and 8 programs
@@ -97,7 +97,7 @@ def main() -> None:
                 rotated = torch.empty(grouped.shape, dtype=torch.float16, device="cuda")
                 rotation = device_codec(layer.quantizer, x.device)[0]
                 rotate_ms = graph_time_ms(lambda: rotate(grouped, rotation, out=rotated))
-                launch = gemv_launch(out_features, in_features // args.group_size, math.ceil(batch / 32),
+                launch = gemv_launch(out_features, in_features // args.group_size, math.ceil(batch / MAX_BATCH_TILE),
                                      multiprocessor_count(x.device))
                 rows.append(dict(shape=f"{in_features}x{out_features}", bits=bits, batch=batch, ours_ms=round(ours, 4),
                                  bf16_cublas_ms=round(cublas, 4), speedup=round(cublas / ours, 3),

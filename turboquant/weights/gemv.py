@@ -24,12 +24,12 @@ import triton.language as tl
 from ..core import MSEQuantizer
 from ..kernels.codec import rotation_parts
 from ..kernels.launch import multiprocessor_count
-from ..kernels.lut_asm import antisymmetric_fp16, byte_permute_available, dequant_asm
+from ..kernels.lut_asm import LUT_BITS, antisymmetric_fp16, byte_permute_available, dequant_asm
 from ..kernels.packed_tile import load_levels
 from ..kernels.rotate import rotate
 from .linear import TQLinear, kernel_group_size
 
-LOOKUP_BITS = (3, 4)  # codes turned into levels by byte permutation; 2-bit codes gather from the codebook
+LOOKUP_BITS = LUT_BITS  # codes turned into levels by byte permutation; 2-bit codes gather from the codebook
 MAX_BATCH_TILE = 32  # batch rows per program (64 spills on sm_90); larger batches take more programs
 
 
