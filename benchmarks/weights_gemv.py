@@ -1,14 +1,16 @@
 """Weight GEMV (CUDA): `codes_gemv` over TQ3/TQ4 codes side by side with bf16 cuBLAS
 (`torch.nn.functional.linear`) on Llama-3.1-8B's Linear shapes, batch 1 and a few small batches.
 
-    python benchmarks/weights_gemv.py [--sweep] [--out benchmarks/results/weights-h200]
+    python benchmarks/weights_gemv.py [--sweep fma|mma|both] [--out benchmarks/results/weights-h200]
 
 Times as in `benchmarks/kernels.py` (one CUDA-graph replay of back-to-back calls, median of 5), with one
 difference: each replay walks through enough distinct copies of the layer that they do not fit in L2
 (`--stream-mib` per engine), so the weights come from HBM as in a real decode step, where every layer
 is another weight. The input rotation (one launch) is included in ours. Weights are random: speed does
-not depend on them. `--sweep` also times the tilings of `sweep_launches` at batch 1 and says which was
-fastest per shape and bits; the main table uses the kernel's default (`gemv_launch`).
+not depend on them. The main table uses the default kernel and tiling (`gemv_launch`); at batches where
+the choice between the FMA and tensor-core kernels is made it also times the other one. `--sweep` times
+the tilings of `sweep_launches` at batch 1, of one kernel or both, and says which was fastest per shape
+and bits.
 """
 
 from __future__ import annotations
@@ -31,14 +33,16 @@ from kernels import graph_time_ms  # noqa: E402
 from turboquant.kernels.launch import multiprocessor_count  # noqa: E402
 from turboquant.weights import TQLinear  # noqa: E402
 from turboquant.kernels.rotate import rotate  # noqa: E402
-from turboquant.weights.gemv import MAX_BATCH_TILE, GemvLaunch, codes_gemv, device_codec, gemv_launch  # noqa: E402
+from turboquant.weights.gemv import FMA_MAX_BATCH, GemvLaunch, codes_gemv, device_codec, gemv_launch  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (in_features, out_features)
-# (rows per program, groups per loop step, warps) tried by --sweep, each at about 2, 4 and 8 programs
-# per SM (splits along the groups), with 1 or 2 pipeline stages. A first sweep on an H200 (rows 16-64,
-# steps 1-8, 4 warps) found 64 rows fastest for every shape and bits.
+# (rows per program, groups per loop step, warps) tried by --sweep for the tensor-core kernel, each at
+# about 2, 4 and 8 programs per SM (splits along the groups), with 1 or 2 pipeline stages. A first
+# sweep on an H200 (rows 16-64, steps 1-8, 4 warps) found 64 rows fastest for every shape and bits.
 SWEEP_TILES = [(rows, step, warps) for rows, warps_options in ((64, (4,)), (128, (4, 8)), (256, (8,)))
                for step in (1, 2, 4) for warps in warps_options]
+# the same for the FMA kernel (one pipeline stage: it has no dot for Triton to pipeline)
+SWEEP_FMA_TILES = [(rows, step, warps) for rows in (2, 4, 8) for step in (4, 8, 16) for warps in (1, 2, 4)]
 
 
 def copies_past_l2(nbytes: int, stream_mib: int) -> int:
@@ -50,14 +54,19 @@ def per_call_ms(calls) -> float:
     return graph_time_ms(lambda: [call() for call in calls]) / len(calls)
 
 
-def sweep_launches(layer: TQLinear, num_sms: int) -> list[GemvLaunch]:
+def sweep_launches(layer: TQLinear, num_sms: int, kernels: str) -> list[GemvLaunch]:
     groups = layer.in_features // layer.group_size
     launches = []
-    for rows, step, warps in SWEEP_TILES:
+    tiles = ([(tile, True) for tile in SWEEP_TILES] if kernels in ("mma", "both") else []) + (
+        [(tile, False) for tile in SWEEP_FMA_TILES] if kernels in ("fma", "both") else [])
+    for (rows, step, warps), tensor_cores in tiles:
         row_programs = math.ceil(layer.out_features / rows)
         for per_sm in (2, 4, 8):
             splits = max(1, min(groups // step, round(per_sm * num_sms / row_programs)))
-            launches += [GemvLaunch(rows, step, splits, warps, stages) for stages in (1, 2)]
+            if tensor_cores:
+                launches += [GemvLaunch(rows, step, splits, warps, stages) for stages in (1, 2)]
+            else:
+                launches.append(GemvLaunch(rows, step, splits, warps, 1, False))
     return list(dict.fromkeys(launches))
 
 
@@ -65,9 +74,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", help="write OUT.json and OUT.md")
     parser.add_argument("--group-size", type=int, default=128)
-    parser.add_argument("--batches", default="1,4,16,32")
+    parser.add_argument("--batches", default="1,2,4,8,16,32")
+    parser.add_argument("--bits", default="3,4")
     parser.add_argument("--stream-mib", type=int, default=256, help="bytes of weights each engine walks per replay")
-    parser.add_argument("--sweep", action="store_true", help="also time the tilings of sweep_launches at batch 1")
+    parser.add_argument("--sweep", choices=("fma", "mma", "both"),
+                        help="also time the tilings of sweep_launches at batch 1: of the FMA kernel, the tensor-core "
+                             "kernel or both")
     parser.add_argument("--shapes", default=",".join(f"{i}x{o}" for i, o in SHAPES), help="in x out, comma-separated")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -77,7 +89,7 @@ def main() -> None:
     for in_features, out_features in (tuple(map(int, shape.split("x"))) for shape in args.shapes.split(",")):
         weight = torch.randn(out_features, in_features, device="cuda", dtype=torch.bfloat16) * 0.02
         weights = [weight.clone() for _ in range(copies_past_l2(weight.numel() * 2, args.stream_mib))]
-        for bits in (3, 4):
+        for bits in map(int, args.bits.split(",")):
             layer = TQLinear.from_weight(weight, None, bits, args.group_size)
             codes_bytes = layer.packed.numel() + layer.norms.numel() * 2
             layers = [(layer.packed.clone(), layer.norms.clone()) for _ in range(copies_past_l2(codes_bytes, args.stream_mib))]
@@ -95,17 +107,22 @@ def main() -> None:
                 cublas = per_call_ms([lambda w=w: nn.functional.linear(x, w) for w in weights])
                 grouped = x.reshape(batch, -1, args.group_size)
                 rotated = torch.empty(grouped.shape, dtype=torch.float16, device="cuda")
-                rotation = device_codec(layer.quantizer, x.device)[0]
+                rotation = device_codec(layer.quantizer, x.device).rotation
                 rotate_ms = graph_time_ms(lambda: rotate(grouped, rotation, out=rotated))
-                launch = gemv_launch(out_features, in_features // args.group_size, math.ceil(batch / MAX_BATCH_TILE),
+                launch = gemv_launch(out_features, in_features // args.group_size, args.group_size, batch,
                                      multiprocessor_count(x.device))
+                # the other kernel's default tiling at this batch, where the choice between them is made
+                other = gemv_launch(out_features, in_features // args.group_size, args.group_size, batch,
+                                    multiprocessor_count(x.device), tensor_cores=not launch.tensor_cores)
+                other_ms = timed(other)[0] if batch <= 2 * FMA_MAX_BATCH else None
                 rows.append(dict(shape=f"{in_features}x{out_features}", bits=bits, batch=batch, ours_ms=round(ours, 4),
                                  bf16_cublas_ms=round(cublas, 4), speedup=round(cublas / ours, 3),
                                  relative_error_vs_reference=error, launch=vars(launch),
-                                 input_rotation_ms=round(rotate_ms, 4)))
+                                 input_rotation_ms=round(rotate_ms, 4),
+                                 other_kernel_ms=None if other_ms is None else round(other_ms, 4)))
                 print(json.dumps(rows[-1]), flush=True)
                 if args.sweep and batch == 1:
-                    for candidate in sweep_launches(layer, multiprocessor_count(x.device)):
+                    for candidate in sweep_launches(layer, multiprocessor_count(x.device), args.sweep):
                         try:
                             ms, error = timed(candidate)
                         except OutOfResources as reason:  # a tile too large for shared memory
@@ -121,18 +138,23 @@ def main() -> None:
     lines = [f"# Weight GEMV ({result['device']}, {result['date']}), group size {args.group_size}", "",
              f"Each replay streams {args.stream_mib} MiB of weights per engine (distinct copies, past L2). "
              "Ours includes the input rotation.", "",
-             "| shape (in x out) | bits | batch | ours ms | of which input rotation ms | bf16 cuBLAS ms | speedup | rel. error |",
-             "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['shape']} | {r['bits']} | {r['batch']} | {r['ours_ms']} | {r['input_rotation_ms']} | {r['bf16_cublas_ms']} | {r['speedup']}x "
-              f"| {r['relative_error_vs_reference']:.1e} |" for r in rows]
+             "kernel: fma (CUDA cores, one program per input row) or mma (tensor cores); other kernel ms: the other "
+             "one's default tiling at the same batch.", "",
+             "| shape (in x out) | bits | batch | kernel | ours ms | of which input rotation ms | other kernel ms "
+             "| bf16 cuBLAS ms | speedup | rel. error |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['shape']} | {r['bits']} | {r['batch']} | {'mma' if r['launch']['tensor_cores'] else 'fma'} "
+              f"| {r['ours_ms']} | {r['input_rotation_ms']} | {r['other_kernel_ms'] or '—'} | {r['bf16_cublas_ms']} "
+              f"| {r['speedup']}x | {r['relative_error_vs_reference']:.1e} |" for r in rows]
     if sweep:
         lines += ["", "Fastest tiling per shape and bits at batch 1 (`--sweep`):", "",
-                  "| shape | bits | rows | step groups | splits | warps | stages | ms | speedup |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| shape | bits | kernel | rows | step groups | splits | warps | stages | ms | speedup |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for key in sorted({(s["shape"], s["bits"]) for s in sweep}):
             best = min((s for s in sweep if (s["shape"], s["bits"]) == key), key=lambda s: s["ms"])
             launch = best["launch"]
-            lines.append(f"| {key[0]} | {key[1]} | {launch['rows']} | {launch['step_groups']} | {launch['splits']} | "
+            lines.append(f"| {key[0]} | {key[1]} | {'mma' if launch['tensor_cores'] else 'fma'} | {launch['rows']} | "
+                         f"{launch['step_groups']} | {launch['splits']} | "
                          f"{launch['num_warps']} | {launch['num_stages']} | {best['ms']} | {best['speedup']}x |")
     print("\n".join(lines))
     if args.out:

@@ -29,18 +29,22 @@ def test_gemv_matches_the_dequantized_linear(bits, group_size, bias, batch):
 
 
 @pytest.mark.parametrize("launch", [dict(rows=16, step_groups=2, splits=1), dict(rows=64, step_groups=1, splits=3),
-                                    dict(rows=32, step_groups=2, splits=2)])
-@pytest.mark.parametrize("bits", [3, 4])
+                                    dict(rows=32, step_groups=2, splits=2),
+                                    dict(rows=16, step_groups=2, splits=1, tensor_cores=False),
+                                    dict(rows=64, step_groups=1, splits=3, tensor_cores=False),
+                                    dict(rows=32, step_groups=2, splits=2, tensor_cores=False)])
+@pytest.mark.parametrize("bits", [2, 3, 4])
 def test_every_launch_tiling_matches_the_dequantized_linear(launch, bits):
-    """Row blocks, groups per loop step and splits along the groups (partial sums) change only the order
-    of fp32 sums."""
+    """Both kernels: row blocks, groups per loop step and splits along the groups (partial sums) change
+    only the order of fp32 sums."""
     from turboquant.weights.gemv import GemvLaunch, codes_gemv
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
     layer = TQLinear.from_weight(torch.randn(80, 384, generator=generator) * 0.05, torch.randn(80, generator=generator),
                                  bits, 64).to(device)  # 6 groups: 3 splits of 2, or splits of 4 and 2 groups
-    for rows in (3, 40):  # 40: two programs along the batch (32 rows each)
+    # 40: two tensor-core programs along the batch (32 rows each); the FMA kernel takes one per row
+    for rows in (3, 40) if launch.get("tensor_cores", True) else (1, 3):
         x = torch.randn(rows, 384, generator=generator).to(device)
         want = nn.functional.linear(x, layer.dequantize(), layer.bias)
         got = codes_gemv(x, layer.packed, layer.norms, layer.quantizer, layer.bias, GemvLaunch(**launch))
@@ -71,6 +75,12 @@ def test_gemv_rejects_bad_input():
         tq_linear_gemv(torch.zeros(2, 128), nn.Linear(128, 16))
     with pytest.raises(ValueError, match="power-of-two"):
         tq_linear_gemv(torch.zeros(1, 192), TQLinear.from_linear(nn.Linear(192, 16), 4, 96))
+    from turboquant.weights.gemv import GemvLaunch, codes_gemv
+
+    small_groups = TQLinear.from_linear(nn.Linear(64, 16), 4, 16)
+    with pytest.raises(ValueError, match="runs of 32 coordinates"):
+        codes_gemv(torch.zeros(1, 64), small_groups.packed, small_groups.norms, small_groups.quantizer,
+                   launch=GemvLaunch(16, 1, 1, tensor_cores=False))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")

@@ -3,6 +3,8 @@ never an illegal memory access after it."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 
@@ -21,6 +23,14 @@ SLICED_METADATA = ("block_table_ptr", "seq_lens_ptr", "query_start_ptr", "key_st
 def multiprocessor_count(device: torch.device) -> int:
     """SMs of a CUDA device; 132 (an H100) for the CPU interpreter, where it only shapes the grid."""
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+
+
+def programmatic_launch_available(device: torch.device) -> bool:
+    """Programmatic dependent launch (Hopper on): a kernel may start while the one before it in the
+    stream still runs, and wait for it (`gdc_wait`) only where it reads that kernel's output. Not in
+    the Triton interpreter."""
+    return (device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
+            and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
 def head_dim_pad(head_dim: int) -> int:

@@ -107,9 +107,48 @@ def load_levels(row_ptrs, row_mask, centroids_ptr, BITS: tl.constexpr, ROW_BYTES
             packed = _groups3(row_ptrs, row_mask, ROW_BYTES, HEAD_DIM_PAD)
         else:
             packed = _leading_words(row_ptrs, row_mask, ROW_BYTES, HEAD_DIM_PAD // 8)
-        levels = tl.inline_asm_elementwise(LUT_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r", [packed], dtype=(tl.float16,) * 8,
-                                           is_pure=True, pack=1)
-        return tl.reshape(_interleave8(*levels), [ROWS, HEAD_DIM_PAD])
+        return tl.reshape(_interleave8(*run_levels(packed, 0, 0, LUT_ASM)), [ROWS, HEAD_DIM_PAD])
+
+
+@triton.jit
+def load_runs(row_ptrs, row_mask, quads, BITS: tl.constexpr, ROW_BYTES: tl.constexpr):
+    """The packed indices of coordinates 32q .. 32q + 31 of each row, q in `quads`, as four [ROWS, len(quads)]
+    int32 runs: run j holds the eight indices of coordinates 32q + 8j .. 32q + 8j + 7 (4 bits each, or 3, or 2,
+    lowest first). Each tensor has the same layout, so no lookup or product needs a layout change."""
+    if BITS == 3:  # a quad is three words; the runs are cut out of them as in _groups3
+        w0 = _load_words(row_ptrs, row_mask, quads * 3, ROW_BYTES, False).to(tl.uint32, bitcast=True)
+        w1 = _load_words(row_ptrs, row_mask, quads * 3 + 1, ROW_BYTES, False).to(tl.uint32, bitcast=True)
+        w2 = _load_words(row_ptrs, row_mask, quads * 3 + 2, ROW_BYTES, False).to(tl.uint32, bitcast=True)
+        return ((w0 & 0xFFFFFF).to(tl.int32, bitcast=True),
+                ((w0 >> 24) | ((w1 & 0xFFFF) << 8)).to(tl.int32, bitcast=True),
+                ((w1 >> 16) | ((w2 & 0xFF) << 16)).to(tl.int32, bitcast=True),
+                (w2 >> 8).to(tl.int32, bitcast=True))
+    elif BITS == 4:
+        return (_load_words(row_ptrs, row_mask, quads * 4, ROW_BYTES, False),
+                _load_words(row_ptrs, row_mask, quads * 4 + 1, ROW_BYTES, False),
+                _load_words(row_ptrs, row_mask, quads * 4 + 2, ROW_BYTES, False),
+                _load_words(row_ptrs, row_mask, quads * 4 + 3, ROW_BYTES, False))
+    else:
+        tl.static_assert(BITS == 2, "runs of 8 indices are read for 2-, 3- and 4-bit codes")
+        w0 = _load_words(row_ptrs, row_mask, quads * 2, ROW_BYTES, False)
+        w1 = _load_words(row_ptrs, row_mask, quads * 2 + 1, ROW_BYTES, False)
+        return w0 & 0xFFFF, (w0 >> 16) & 0xFFFF, w1 & 0xFFFF, (w1 >> 16) & 0xFFFF
+
+
+@triton.jit
+def run_levels(run, centroids_ptr, BITS: tl.constexpr, LUT_ASM: tl.constexpr):
+    """A tensor of runs of eight packed indices → the eight fp16 levels of each, as eight tensors of its
+    shape and layout: by byte permutation (`lut_asm.py`, one word in, eight levels out, elementwise), or
+    without the PTX by gathering from `centroids_ptr`."""
+    if LUT_ASM == "":
+        MASK: tl.constexpr = (1 << BITS) - 1
+        return (tl.load(centroids_ptr + (run & MASK)), tl.load(centroids_ptr + ((run >> BITS) & MASK)),
+                tl.load(centroids_ptr + ((run >> 2 * BITS) & MASK)), tl.load(centroids_ptr + ((run >> 3 * BITS) & MASK)),
+                tl.load(centroids_ptr + ((run >> 4 * BITS) & MASK)), tl.load(centroids_ptr + ((run >> 5 * BITS) & MASK)),
+                tl.load(centroids_ptr + ((run >> 6 * BITS) & MASK)), tl.load(centroids_ptr + ((run >> 7 * BITS) & MASK)))
+    else:
+        return tl.inline_asm_elementwise(LUT_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r", [run], dtype=(tl.float16,) * 8,
+                                         is_pure=True, pack=1)
 
 
 @triton.jit

@@ -1,14 +1,20 @@
 """Small-batch matmul over TurboQuant weight codes (Triton): y = x·Wᵀ without ever building W.
 
 Because the rotation is orthogonal, W·x = Σ_g norm_g · levels(idx_g) · (R·x_g): the input is rotated
-once per group (`kernels.rotate`, one launch for the whole batch) and each program streams its rows'
-packed codes once for a tile of up to 32 batch rows, turns them into fp16 levels
-(`kernels/packed_tile.load_levels`, by byte permutation for 3- and 4-bit codes), multiplies them with the
-rotated input on the tensor cores (fp16 operands, fp32 accumulation) and scales by the group norms.
-A call is three launches: the rotation, the kernel (its groups split over several programs) and a
-second kernel that adds their fp32 partial sums in a fixed order, with the bias, in x's dtype (a launch
-tiled without splits writes that itself). At batch 1 a cuBLAS GEMV over a 4096² bf16 weight takes
-~13 µs on an H200, so the ~3 µs input rotation alone is a fifth of that budget.
+once per group (`kernels.rotate`, one launch for the whole batch, written in fp16) and the kernels read
+each row's packed codes once. Two kernels, picked by `gemv_launch`:
+- FMA (decode, up to FMA_MAX_BATCH input rows; one program per row): a thread looks up a run of eight
+  levels by byte permutation and multiplies them with the eight input coordinates in one piece of PTX
+  (`lut_asm.dot_asm`: fp16 pairs, four-term sums, then fp32), scales by the group norm and keeps fp32
+  sums per row. It is launched programmatically after the rotation: its first codes are read while
+  the rotation still runs, and it waits for it (`gdc_wait`) only before reading x.
+- Tensor cores (more rows): a program turns a tile of 64 rows' codes into fp16 levels
+  (`packed_tile.load_levels`) and multiplies them with up to 32 batch rows (fp32 accumulation).
+Where the groups are split over several programs, a last launch adds their fp32 partial sums in a
+fixed order, with the bias, in x's dtype (otherwise the kernel writes that itself). At batch 1 a cuBLAS
+GEMV over a 4096² bf16 weight takes ~13 µs on an H200; the rotation takes ~3 µs on its own.
+The rotated input is fp16: its coordinates (and the FMA kernel's four-term sums) must stay below
+65,504, which an input coordinate of some 60,000 or more can break.
 Reference: `TQLinear.dequantize`, then `F.linear` (what `codes_linear` runs off the kernel's path).
 """
 
@@ -20,17 +26,19 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_wait
 
 from ..core import MSEQuantizer
 from ..kernels.codec import rotation_parts
-from ..kernels.launch import multiprocessor_count
-from ..kernels.lut_asm import LUT_BITS, antisymmetric_fp16, byte_permute_available, dequant_asm
-from ..kernels.packed_tile import load_levels
+from ..kernels.launch import multiprocessor_count, programmatic_launch_available
+from ..kernels.lut_asm import LUT_BITS, antisymmetric_fp16, byte_permute_available, dequant_asm, dot_asm
+from ..kernels.packed_tile import load_levels, load_runs, run_levels
 from ..kernels.rotate import rotate
 from .linear import TQLinear, kernel_group_size
 
 LOOKUP_BITS = LUT_BITS  # codes turned into levels by byte permutation; 2-bit codes gather from the codebook
 MAX_BATCH_TILE = 32  # batch rows per program (64 spills on sm_90); larger batches take more programs
+FMA_MAX_BATCH = 2  # at most this many input rows: the FMA kernel (one program per row, codes re-read from L2)
 
 
 @dataclass(frozen=True, eq=False)
@@ -49,35 +57,59 @@ class GroupRotation:
 @dataclass(frozen=True)
 class GemvLaunch:
     """How a call is tiled: output rows per program, groups per loop step, programs per row block along
-    the groups (1: no partial sums), Triton's warps and pipeline depth."""
+    the groups (1: no partial sums), Triton's warps and pipeline depth, and which kernel: tensor cores
+    (a tile of up to 32 batch rows per program) or CUDA-core FMAs (one batch row per program)."""
 
     rows: int
     step_groups: int
     splits: int
     num_warps: int = 4
     num_stages: int = 2
+    tensor_cores: bool = True
+
+
+@dataclass(frozen=True, eq=False)
+class DeviceCodec:
+    """A shared weight quantizer's constants on one device: its rotation, fp16 levels, and (where PTX
+    runs) the byte-permute lookup of the tensor-core kernel and the lookup-and-dot of the FMA kernel."""
+
+    rotation: GroupRotation
+    levels: torch.Tensor
+    lookup: str
+    lookup_dot: str
 
 
 @functools.lru_cache(maxsize=None)
-def device_codec(quantizer: MSEQuantizer, device: torch.device) -> tuple[GroupRotation, torch.Tensor, str]:
-    """(rotation, fp16 levels, byte-permute PTX or "") of a shared weight quantizer, built once per device."""
+def device_codec(quantizer: MSEQuantizer, device: torch.device) -> DeviceCodec:
+    """`DeviceCodec` of a shared weight quantizer, built once per device."""
     levels = antisymmetric_fp16(quantizer.codebook.centroids)  # a Gaussian's levels: antisymmetric up to rounding
-    lookup = dequant_asm(levels) if quantizer.bits in LOOKUP_BITS and byte_permute_available(device) else ""
+    ptx = quantizer.bits in LOOKUP_BITS and byte_permute_available(device)
     matrix = quantizer.rotation.matrix()
     rotation = GroupRotation(matrix.to(device), rotation_parts(matrix, torch.bfloat16).to(device),
                              rotation_parts(matrix, torch.float16).to(device))
-    return rotation, levels.to(device), lookup
+    return DeviceCodec(rotation, levels.to(device), dequant_asm(levels) if ptx else "", dot_asm(levels) if ptx else "")
 
 
-def gemv_launch(out_features: int, groups: int, batch_programs: int, num_sms: int) -> GemvLaunch:
-    """64 rows per program, one group per step, no software pipelining, and the groups split so that
-    there are about four programs per SM: within ~8% of the fastest tiling that
-    `benchmarks/weights_gemv.py --sweep` found on an H200 for each of Llama-3.1-8B's shapes at batch 1
-    (the call is bound by latency, not bandwidth: more programs keep more loads in flight)."""
-    rows = 64
-    row_programs = triton.cdiv(out_features, rows) * batch_programs
+def gemv_launch(out_features: int, groups: int, group_size: int, batch: int, num_sms: int,
+                tensor_cores: bool | None = None) -> GemvLaunch:
+    """Up to FMA_MAX_BATCH input rows (and groups of at least 32 coordinates): the FMA kernel, 4 rows per
+    program, 4 warps, 2,048 coordinates per step, the groups split only where there are fewer than about
+    eight programs per SM: within ~6% of the fastest tiling that `benchmarks/weights_gemv.py --sweep fma`
+    found for each of Llama-3.1-8B's shapes and both bit widths on an H200. Larger batches: the tensor
+    cores, 64 rows per program, one group per step, about four programs per SM (within ~8% of the fastest,
+    `--sweep mma`). Both calls are bound by latency: more programs keep more loads in flight.
+    `tensor_cores` overrides the choice of kernel."""
+    fma = batch <= FMA_MAX_BATCH and group_size >= 32 if tensor_cores is None else not tensor_cores
+    if fma:
+        step = 1
+        while step * 2 * group_size <= 2048 and groups % (step * 2) == 0:
+            step *= 2
+        row_programs = triton.cdiv(out_features, 4) * batch
+        splits = max(1, min(groups // step, 8 * num_sms // row_programs))
+        return GemvLaunch(rows=4, step_groups=step, splits=splits, num_warps=4, num_stages=1, tensor_cores=False)
+    row_programs = triton.cdiv(out_features, 64) * triton.cdiv(batch, MAX_BATCH_TILE)
     splits = max(1, min(groups // 2, triton.cdiv(4 * num_sms, row_programs)))
-    return GemvLaunch(rows=rows, step_groups=1, splits=splits, num_warps=4, num_stages=1)
+    return GemvLaunch(rows=64, step_groups=1, splits=splits, num_warps=4, num_stages=1)
 
 
 @triton.jit
@@ -109,8 +141,124 @@ def _gemv_kernel(x_ptr, packed_ptr, norms_ptr, centroids_ptr, bias_ptr, out_ptr,
             norms = tl.load(norms_ptr + row_groups[:, None] + step[None, :], mask=row_mask[:, None], other=0.0)
             scaled = tl.reshape(levels, [ROWS, STEP_GROUPS, GROUP_SIZE]) * norms[:, :, None]
             acc += tl.dot(tl.reshape(scaled, [ROWS, STEP]), tl.trans(x))
+    _store_tile(out_ptr, bias_ptr, acc, rows, batch_rows, split, batch, out_features, row_mask, batch_mask, HAS_BIAS,
+                PARTIAL)
+
+
+@triton.jit
+def _columns4(t):
+    """[N, 4] → its four columns, [N] each, in index order (free splits when a thread holds a row)."""
+    N: tl.constexpr = t.shape[0]
+    even, odd = tl.split(tl.reshape(t, [N, 2, 2]))  # the lowest index bit first
+    c0, c2 = tl.split(even)
+    c1, c3 = tl.split(odd)
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _fp16_pair(pair, HIGH: tl.constexpr):
+    """One fp16 half of int32 words holding two (the low half first in memory), as fp32."""
+    half = (pair >> 16) if HIGH else pair
+    return (half & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _run_dot(run, pairs, centroids_ptr, BITS: tl.constexpr, LUT_DOT: tl.constexpr):
+    """Σ_k level_k · x_k over runs of eight packed indices: run [ROWS, Q], the eight input coordinates as
+    four [Q] int32 fp16 pairs → [ROWS, Q] fp32. By `lut_asm.dot_asm`, or without its PTX in fp32."""
+    p0, p1, p2, p3 = _columns4(pairs)
+    if LUT_DOT == "":
+        levels = run_levels(run, centroids_ptr, BITS, LUT_DOT)
+        total = levels[0].to(tl.float32) * _fp16_pair(p0, False)[None, :]
+        total += levels[1].to(tl.float32) * _fp16_pair(p0, True)[None, :]
+        total += levels[2].to(tl.float32) * _fp16_pair(p1, False)[None, :]
+        total += levels[3].to(tl.float32) * _fp16_pair(p1, True)[None, :]
+        total += levels[4].to(tl.float32) * _fp16_pair(p2, False)[None, :]
+        total += levels[5].to(tl.float32) * _fp16_pair(p2, True)[None, :]
+        total += levels[6].to(tl.float32) * _fp16_pair(p3, False)[None, :]
+        total += levels[7].to(tl.float32) * _fp16_pair(p3, True)[None, :]
+        return total
+    else:
+        return tl.inline_asm_elementwise(LUT_DOT, "=r,r,r,r,r,r", [run, p0[None, :], p1[None, :], p2[None, :],
+                                                                      p3[None, :]],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _gemv_fma_kernel(x_ptr, packed_ptr, norms_ptr, centroids_ptr, bias_ptr, out_ptr, out_features, groups, batch,
+                     groups_per_split, stride_x_batch, GROUP_SIZE: tl.constexpr, GROUP_BYTES: tl.constexpr,
+                     BITS: tl.constexpr, LUT: tl.constexpr, ROWS: tl.constexpr, STEP_GROUPS: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
+                     WAIT_FOR_INPUT: tl.constexpr):
+    """One batch row per program, on the CUDA cores. A step reads the codes of STEP_GROUPS groups as runs of
+    eight indices (`load_runs`), in one layout: each thread turns its runs into levels in its registers and
+    multiplies them with the matching input coordinates (fp16, `lut_asm.dot_asm`), so the loop changes no
+    layout and reduces nothing across threads; the fp32 sums per row are reduced once at the end.
+    WAIT_FOR_INPUT: launched programmatically after the rotation, so wait for it before reading x."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    split = tl.program_id(1)
+    batch_rows = tl.program_id(2) + tl.arange(0, 1)
+    row_mask, batch_mask = rows < out_features, batch_rows < batch
+    QUADS: tl.constexpr = STEP_GROUPS * GROUP_SIZE // 32  # runs of 32 coordinates per row and step
+    quads = tl.arange(0, QUADS)
+    quad_group = quads // (GROUP_SIZE // 32)
+    row_groups = rows.to(tl.int64) * groups
+    # the fp16 input read as int32 pairs of coordinates
+    x_pairs = (x_ptr + tl.program_id(2).to(tl.int64) * stride_x_batch).to(tl.pointer_type(tl.int32))
+    acc = tl.zeros([ROWS, QUADS], dtype=tl.float32)
+    first = split * groups_per_split
+    last = tl.minimum(first + groups_per_split, groups)
+    # each step's loads are issued one step ahead (the loop is bound by their latency); the first codes
+    # are read while the kernel before (the input rotation) may still run
+    r0, r1, r2, r3, norms = _fma_step_codes(packed_ptr, norms_ptr, rows, row_groups, row_mask, quads, quad_group,
+                                            first, last, GROUP_BYTES, BITS, STEP_GROUPS)
+    if WAIT_FOR_INPUT:
+        gdc_wait()
+    pairs = _fma_step_input(x_pairs, quads, first, last, GROUP_SIZE)
+    for group in range(first, last, STEP_GROUPS):
+        n0, n1, n2, n3, next_norms = _fma_step_codes(packed_ptr, norms_ptr, rows, row_groups, row_mask, quads,
+                                                     quad_group, group + STEP_GROUPS, last, GROUP_BYTES, BITS,
+                                                     STEP_GROUPS)
+        next_pairs = _fma_step_input(x_pairs, quads, group + STEP_GROUPS, last, GROUP_SIZE)
+        # [QUADS, 4 runs, 4 pairs] → the pairs of run j = 2a + b as [QUADS, 4]
+        even, odd = tl.split(tl.reshape(tl.permute(tl.reshape(pairs, [QUADS, 4, 4]), (0, 2, 1)), [QUADS, 4, 2, 2]))
+        pairs0, pairs2 = tl.split(even)
+        pairs1, pairs3 = tl.split(odd)
+        total = _run_dot(r0, pairs0, centroids_ptr, BITS, LUT) + _run_dot(r1, pairs1, centroids_ptr, BITS, LUT)
+        total += _run_dot(r2, pairs2, centroids_ptr, BITS, LUT) + _run_dot(r3, pairs3, centroids_ptr, BITS, LUT)
+        acc += total * norms.to(tl.float32)
+        r0, r1, r2, r3, pairs, norms = n0, n1, n2, n3, next_pairs, next_norms
+    _store_tile(out_ptr, bias_ptr, tl.sum(acc, axis=1)[:, None], rows, batch_rows, split, batch, out_features,
+                row_mask, batch_mask, HAS_BIAS, PARTIAL)
+
+
+@triton.jit
+def _fma_step_codes(packed_ptr, norms_ptr, rows, row_groups, row_mask, quads, quad_group, group, last,
+                    GROUP_BYTES: tl.constexpr, BITS: tl.constexpr, STEP_GROUPS: tl.constexpr):
+    """The codes one step of `_gemv_fma_kernel` reads at `group` (nothing from `last` on): the four runs of
+    each quad and the norms [ROWS, QUADS]."""
+    mask = row_mask & (rows * 0 + group < last)  # a tensor comparison: the interpreter ands a scalar bool as int
+    r0, r1, r2, r3 = load_runs(packed_ptr + (row_groups + group) * GROUP_BYTES, mask, quads, BITS,
+                               STEP_GROUPS * GROUP_BYTES)
+    norms = tl.load(norms_ptr + row_groups[:, None] + group + quad_group[None, :], mask=mask[:, None], other=0.0)
+    return r0, r1, r2, r3, norms
+
+
+@triton.jit
+def _fma_step_input(x_pairs, quads, group, last, GROUP_SIZE: tl.constexpr):
+    """The rotated input one step reads at `group`, as [QUADS, 16] int32 pairs of fp16 coordinates."""
+    columns = tl.arange(0, 16)
+    return tl.load(x_pairs + group * (GROUP_SIZE // 2) + quads[:, None] * 16 + columns[None, :],
+                   mask=(quads * 0 + group < last)[:, None], other=0)
+
+
+@triton.jit
+def _store_tile(out_ptr, bias_ptr, acc, rows, batch_rows, split, batch, out_features, row_mask, batch_mask,
+                HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr):
+    """acc [ROWS, batch rows] → fp32 partial sums [splits, batch, out_features], or (no splits) the
+    output, with the bias, in its dtype."""
     mask = row_mask[:, None] & batch_mask[None, :]
-    if PARTIAL:  # fp32 [splits, batch, out_features]
+    if PARTIAL:
         tl.store(out_ptr + (split * batch + batch_rows[None, :]).to(tl.int64) * out_features + rows[:, None], acc,
                  mask=mask)
     else:
@@ -162,22 +310,33 @@ def codes_gemv(x: torch.Tensor, packed: torch.Tensor, norms: torch.Tensor, quant
     out = torch.empty(batch, out_features, dtype=x.dtype, device=x.device)
     if batch == 0:
         return out.reshape(*lead, out_features)
-    rotation, levels, lookup = device_codec(quantizer, x.device)
-    # fp16 operands for the tensor cores: the rotated input keeps 11 significant bits (bf16 inputs have 8)
-    rotated = rotate(x, rotation, out=torch.empty(x.shape, dtype=torch.float16, device=x.device))
-    batch_tile = min(MAX_BATCH_TILE, max(16, triton.next_power_of_2(batch)))
-    batch_programs = triton.cdiv(batch, batch_tile)
-    launch = launch or gemv_launch(out_features, groups, batch_programs, multiprocessor_count(x.device))
+    codec = device_codec(quantizer, x.device)
+    launch = launch or gemv_launch(out_features, groups, group_size, batch, multiprocessor_count(x.device))
+    if not launch.tensor_cores and group_size < 32:
+        raise ValueError(f"the FMA kernel reads runs of 32 coordinates of one group; group_size is {group_size}")
+    # fp16 operands: the rotated input keeps 11 significant bits (bf16 inputs have 8). The FMA kernel
+    # starts while the rotation runs and reads its codes, then waits for the rotated input.
+    early = not launch.tensor_cores and programmatic_launch_available(x.device)
+    rotated = rotate(x, codec.rotation, out=torch.empty(x.shape, dtype=torch.float16, device=x.device),
+                     launch_dependents=early)
     step_groups = launch.step_groups if groups % launch.step_groups == 0 else 1
     groups_per_split = triton.cdiv(triton.cdiv(groups, launch.splits), step_groups) * step_groups
     splits = triton.cdiv(groups, groups_per_split)
     partial = torch.empty(splits, batch, out_features, dtype=torch.float32, device=x.device) if splits > 1 else out
-    _gemv_kernel[(triton.cdiv(out_features, launch.rows), splits, batch_programs)](
-        rotated, packed, norms, levels, bias if bias is not None else norms, partial, out_features, groups, batch,
-        groups_per_split, in_features, GROUP_SIZE=group_size, GROUP_BYTES=packed.shape[-1], BITS=quantizer.bits,
-        LUT=lookup, ROWS=launch.rows, BATCH_TILE=batch_tile, STEP_GROUPS=step_groups, HAS_BIAS=bias is not None,
-        PARTIAL=splits > 1, num_warps=launch.num_warps, num_stages=launch.num_stages,
-    )
+    row_blocks = triton.cdiv(out_features, launch.rows)
+    arguments = (rotated, packed, norms, codec.levels, bias if bias is not None else norms, partial, out_features,
+                 groups, batch, groups_per_split, in_features)
+    constants = dict(GROUP_SIZE=group_size, GROUP_BYTES=packed.shape[-1], BITS=quantizer.bits,
+                     LUT=codec.lookup if launch.tensor_cores else codec.lookup_dot,
+                     ROWS=launch.rows, STEP_GROUPS=step_groups, HAS_BIAS=bias is not None, PARTIAL=splits > 1,
+                     num_warps=launch.num_warps, num_stages=launch.num_stages)
+    if launch.tensor_cores:
+        batch_tile = min(MAX_BATCH_TILE, max(16, triton.next_power_of_2(batch)))
+        _gemv_kernel[(row_blocks, splits, triton.cdiv(batch, batch_tile))](*arguments, BATCH_TILE=batch_tile,
+                                                                           **constants)
+    else:
+        _gemv_fma_kernel[(row_blocks, splits, batch)](*arguments, WAIT_FOR_INPUT=early, **constants,
+                                                      **(dict(launch_pdl=True) if early else {}))
     if splits > 1:
         block = 1024
         _sum_splits_kernel[(triton.cdiv(out.numel(), block),)](
