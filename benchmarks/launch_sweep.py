@@ -62,7 +62,7 @@ def decode_rows(batch: int, context: int, key_bits: int, value_bits: int) -> lis
                 query, cache, table, seq_lens, seq_lens, codec.key_centroids_fp16, codec.value_centroids_fp16,
                 partial_out, partial_lse, query.stride(0), query.stride(1), table.stride(0), HEAD_DIM**-0.5, 0.0, 0,
                 GROUP=NUM_Q_HEADS // NUM_KV_HEADS, GROUP_PAD=16, NUM_SPLITS=splits, **page_constants(codec.layout),
-                **lookups, USE_SOFTCAP=False, USE_WINDOW=False, USE_STARTS=False, TILE=tile, num_warps=warps,
+                **lookups, USE_SOFTCAP=False, USE_WINDOW=False, USE_STARTS=False, TILE=tile, CHAINED=False, num_warps=warps,
                 num_stages=stages)
         try:
             kernel = run()

@@ -116,7 +116,7 @@ def test_split_reduction_in_blocks_matches_one_softmax(num_splits, split_block, 
     _decode_reduce_kernel[(rows,)](
         partial.to(device), lse.to(device), out := out.to(device), out_lse := out_lse.to(device),
         NUM_SPLITS=num_splits, NUM_SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim,
-        HEAD_DIM_PAD=pad, SPLIT_BLOCK=split_block, RETURN_LSE=True)
+        HEAD_DIM_PAD=pad, SPLIT_BLOCK=split_block, RETURN_LSE=True, CHAINED=False)
     weights = torch.softmax(lse * 0.6931471805599453, dim=-1).nan_to_num(0.0)  # lse is in log2 units
     expected = (weights[..., None] * partial).sum(1)[:, :head_dim]
     torch.testing.assert_close(out.cpu(), expected, atol=1e-5, rtol=1e-5)

@@ -16,10 +16,12 @@ import math
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .codec import KernelCodec
 from .launch import (FLOAT_DTYPES, SLICED_METADATA, check_block_table, check_codec_device, check_device_tensor,
-                     head_dim_pad, lookup_constants, multiprocessor_count, page_constants)
+                     head_dim_pad, lookup_constants, multiprocessor_count, page_constants,
+                     programmatic_launch_available)
 from .packed_tile import load_levels, load_norms
 from .rotate import rotate
 
@@ -63,8 +65,10 @@ def _decode_split_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     KEY_BITS: tl.constexpr, KEY_BYTES: tl.constexpr, KEY_LUT: tl.constexpr, VALUE_BITS: tl.constexpr,
     VALUE_BYTES: tl.constexpr, VALUE_LUT: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr,
-    USE_STARTS: tl.constexpr, TILE: tl.constexpr,
+    USE_STARTS: tl.constexpr, TILE: tl.constexpr, CHAINED: tl.constexpr,
 ):
+    if CHAINED:  # launched programmatically after the query rotation; the reduction may start early
+        gdc_launch_dependents()
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
     first = 0
@@ -79,6 +83,8 @@ def _decode_split_kernel(
     group = tl.arange(0, GROUP_PAD)
     heads = kv_head * GROUP + group
     dims = tl.arange(0, HEAD_DIM_PAD)
+    if CHAINED:  # the rotated query is the previous kernel's output
+        gdc_wait()
     query = tl.load(query_ptr + seq * stride_query_seq + heads[:, None] * stride_query_head + dims[None, :],
                     mask=(group < GROUP)[:, None] & (dims < HEAD_DIM)[None, :], other=0.0)
     query = (query * scale).to(tl.float16)
@@ -122,7 +128,10 @@ def _decode_split_kernel(
 @triton.jit
 def _decode_reduce_kernel(partial_out_ptr, partial_lse_ptr, out_ptr, lse_ptr, NUM_SPLITS: tl.constexpr,
                           NUM_SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-                          SPLIT_BLOCK: tl.constexpr, RETURN_LSE: tl.constexpr):
+                          SPLIT_BLOCK: tl.constexpr, RETURN_LSE: tl.constexpr, CHAINED: tl.constexpr):
+    if CHAINED:  # launched programmatically after the split kernel; the un-rotation may start early
+        gdc_launch_dependents()
+        gdc_wait()
     row = tl.program_id(0)  # seq · num_q_heads + head
     splits = tl.arange(0, NUM_SPLITS_PAD)
     dims = tl.arange(0, HEAD_DIM_PAD)
@@ -200,7 +209,14 @@ def paged_decode_attention(query: torch.Tensor, cache: torch.Tensor, codec: Kern
 
     group = num_q_heads // layout.num_kv_heads
     pad = head_dim_pad(layout.head_dim)
-    rotated_query = rotate(query, codec)  # rotate q once; keys stay in the rotated space
+    # rotate q once (keys stay in the rotated space). For a single sequence the four launches are chained
+    # by programmatic dependent launch where the device has it: each starts while the one before runs and
+    # waits for it only before reading its output, which hides launch gaps that dominate a short call
+    # (H200, b1 x 1K: 0.014 → 0.012 ms). At batch 8 and 64 the same chaining measured 1–17% slower
+    # (`benchmarks/kernels.py`, ours vs ours unchained), so larger batches launch one after another.
+    chained = batch == 1 and programmatic_launch_available(cache.device)
+    pdl = dict(launch_pdl=True) if chained else {}
+    rotated_query = rotate(query, codec, launch_dependents=chained)
     partial_out = torch.empty(batch, num_q_heads, num_splits, pad, device=cache.device, dtype=torch.float32)
     partial_lse = torch.empty(batch, num_q_heads, num_splits, device=cache.device, dtype=torch.float32)
     _decode_split_kernel[(batch, layout.num_kv_heads, num_splits)](
@@ -211,7 +227,7 @@ def paged_decode_attention(query: torch.Tensor, cache: torch.Tensor, codec: Kern
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), NUM_SPLITS=num_splits,
         **page_constants(layout), **lookups,
         USE_SOFTCAP=softcap is not None, USE_WINDOW=sliding_window is not None, USE_STARTS=key_starts is not None,
-        **launch,
+        CHAINED=chained, **launch, **pdl,
     )
     rotated_out = torch.empty(batch, num_q_heads, layout.head_dim, device=cache.device, dtype=torch.float32)
     lse = torch.empty(batch, num_q_heads, device=cache.device, dtype=torch.float32) if return_lse else partial_lse
@@ -219,7 +235,9 @@ def paged_decode_attention(query: torch.Tensor, cache: torch.Tensor, codec: Kern
         partial_out, partial_lse, rotated_out, lse, NUM_SPLITS=num_splits,
         NUM_SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=layout.head_dim, HEAD_DIM_PAD=pad,
         SPLIT_BLOCK=reduce_split_block(triton.next_power_of_2(num_splits), pad), RETURN_LSE=return_lse,
+        CHAINED=chained, **pdl,
     )
     # un-rotate the weighted value sum once, cast and store into the caller's tensor
-    out = rotate(rotated_out, codec, inverse=True, out=torch.empty_like(query) if out is None else out)
+    out = rotate(rotated_out, codec, inverse=True, out=torch.empty_like(query) if out is None else out,
+                 after_previous=chained)
     return (out, lse) if return_lse else out

@@ -349,6 +349,7 @@ def latent_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tenso
         partial_out, partial_lse, rotated_out, lse, NUM_SPLITS=num_splits,
         NUM_SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=layout.latent_dim, HEAD_DIM_PAD=pad,
         SPLIT_BLOCK=reduce_split_block(triton.next_power_of_2(num_splits), pad), RETURN_LSE=return_lse,
+        CHAINED=False,
     )
     out = rotated_out if rotated else rotate(rotated_out, codec, inverse=True, out=torch.empty_like(q_latent))
     return (out, lse) if return_lse else out

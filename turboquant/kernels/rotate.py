@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .codec import PART_SCALES
 from .launch import FLOAT_DTYPES, check_device_tensor, head_dim_pad
@@ -52,9 +52,11 @@ def rotated_columns(x, rotation_ptr, columns, dims, HEAD_DIM: tl.constexpr, PART
 def _rotate_kernel(x_ptr, rotation_ptr, out_ptr, num_tokens, stride_x_token, stride_x_head, stride_out_token,
                    stride_out_head, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, PART_SCALE: tl.constexpr,
                    INVERSE: tl.constexpr, COLUMNS: tl.constexpr, ROWS: tl.constexpr,
-                   LAUNCH_DEPENDENTS: tl.constexpr):
+                   LAUNCH_DEPENDENTS: tl.constexpr, WAIT_FOR_INPUT: tl.constexpr):
     if LAUNCH_DEPENDENTS:  # the next kernel may start now; it waits for this one before reading its output
         gdc_launch_dependents()
+    if WAIT_FOR_INPUT:  # launched while the kernel that writes x may still run
+        gdc_wait()
     # one block of output columns per program: a few tokens (decode) still spread over the device
     tokens = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     head = tl.program_id(1)
@@ -79,13 +81,15 @@ def rotation_operand(codec, dtype: torch.dtype) -> tuple[torch.Tensor, float]:
 
 
 def rotate(x: torch.Tensor, codec, inverse: bool = False, out: torch.Tensor | None = None,
-           fixed_tile: bool = False, launch_dependents: bool = False) -> torch.Tensor:
+           fixed_tile: bool = False, launch_dependents: bool = False, after_previous: bool = False) -> torch.Tensor:
     """x [tokens, heads, head_dim] (fp16/bf16/fp32, any token and head strides) → x @ Rᵀ (x @ R when
     `inverse`) as fp32, or written into `out` (same shape, any float dtype, cast on store). `fixed_tile`:
     the same tile shape whatever the token count, so that a row's result does not depend on how many
     rows came with it (`cached_attention`). `codec` is anything with the fields `rotation_operand` reads
-    (a `KernelCodec`, or a weight layer's `GroupRotation`). `launch_dependents`: let a next kernel
-    launched with programmatic dependent launch start at once (it must `gdc_wait` before reading `out`)."""
+    (a `KernelCodec`, or a weight layer's `GroupRotation`). Programmatic dependent launch (see
+    `launch.programmatic_launch_available`): `launch_dependents` lets a next kernel launched that way
+    start at once (it must `gdc_wait` before reading `out`); `after_previous` launches this one that way
+    (it waits for the kernel before it, which writes x, before reading x)."""
     head_dim = codec.rotation.shape[-1]
     if not isinstance(x, torch.Tensor) or x.ndim != 3 or x.shape[-1] != head_dim or x.dtype not in FLOAT_DTYPES:
         raise ValueError(f"x must be a float tensor [tokens, heads, {head_dim}], got "
@@ -107,6 +111,7 @@ def rotate(x: torch.Tensor, codec, inverse: bool = False, out: torch.Tensor | No
     _rotate_kernel[(triton.cdiv(tokens, rows), heads, pad // columns)](
         x, operand, out, tokens, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
         HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, PART_SCALE=part_scale, INVERSE=inverse, COLUMNS=columns, ROWS=rows,
-        LAUNCH_DEPENDENTS=launch_dependents,
+        LAUNCH_DEPENDENTS=launch_dependents, WAIT_FOR_INPUT=after_previous,
+        **(dict(launch_pdl=True) if after_previous else {}),
     )
     return out
