@@ -67,6 +67,20 @@ def test_forward_reads_the_codes_for_decode_sized_inputs(monkeypatch):
     assert calls == [(1, 1, 256), (rows, 256)]  # more rows than KERNEL_MAX_ROWS: dequantize once instead
 
 
+def test_gemv_launch_picks_the_fma_kernel_for_decode_rows_and_tiles_whole_groups():
+    from turboquant.weights.gemv import FMA_MAX_BATCH, gemv_launch
+
+    for groups, group_size in [(32, 128), (112, 128), (9, 64), (6, 32), (4, 16)]:
+        for batch in (1, FMA_MAX_BATCH, FMA_MAX_BATCH + 1, 64):
+            launch = gemv_launch(4096, groups, group_size, batch, num_sms=132)
+            assert launch.tensor_cores == (batch > FMA_MAX_BATCH or group_size < 32)
+            assert groups % launch.step_groups == 0 and 1 <= launch.splits <= groups // launch.step_groups
+            if not launch.tensor_cores:
+                assert launch.step_groups * group_size <= 2048
+    few_rows = gemv_launch(192, 32, 128, 1, num_sms=132)  # 48 row programs: the groups are split
+    assert not few_rows.tensor_cores and few_rows.splits > 1
+
+
 def test_gemv_rejects_bad_input():
     layer = TQLinear.from_linear(nn.Linear(128, 16), 4, 64)
     with pytest.raises(ValueError, match="x must be"):
