@@ -7,7 +7,9 @@ kernel on first use, so the baseline is patched in before anything compiles):
 
 Times paged decode attention (Llama-3.1-8B attention, random codes, CUDA-graph replays as in
 `kernels.py`) and, on the current loader only, the weight GEMV at 3 bits with byte-permute lookups
-against codebook gathers.
+against codebook gathers (batch 1: the committed results timed the tensor-core kernel; batch 1 now
+runs the FMA kernel, which cuts its 3-bit runs in `packed_tile.load_runs` and is not patched by
+`--baseline`).
 
     python benchmarks/three_bit_words.py --baseline OUT-baseline.json && python benchmarks/three_bit_words.py OUT.json
 """
