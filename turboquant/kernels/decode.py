@@ -21,7 +21,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from .codec import KernelCodec
 from .launch import (FLOAT_DTYPES, SLICED_METADATA, check_block_table, check_codec_device, check_device_tensor,
                      head_dim_pad, lookup_constants, multiprocessor_count, page_constants,
-                     programmatic_launch_available)
+                     programmatic_launch, programmatic_launch_available)
 from .packed_tile import load_levels, load_norms
 from .rotate import rotate
 
@@ -215,7 +215,6 @@ def paged_decode_attention(query: torch.Tensor, cache: torch.Tensor, codec: Kern
     # (H200, b1 x 1K: 0.014 → 0.012 ms). At batch 8 and 64 the same chaining measured 1–17% slower
     # (`benchmarks/kernels.py`, ours vs ours unchained), so larger batches launch one after another.
     chained = batch == 1 and programmatic_launch_available(cache.device)
-    pdl = dict(launch_pdl=True) if chained else {}
     rotated_query = rotate(query, codec, launch_dependents=chained)
     partial_out = torch.empty(batch, num_q_heads, num_splits, pad, device=cache.device, dtype=torch.float32)
     partial_lse = torch.empty(batch, num_q_heads, num_splits, device=cache.device, dtype=torch.float32)
@@ -227,7 +226,7 @@ def paged_decode_attention(query: torch.Tensor, cache: torch.Tensor, codec: Kern
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), NUM_SPLITS=num_splits,
         **page_constants(layout), **lookups,
         USE_SOFTCAP=softcap is not None, USE_WINDOW=sliding_window is not None, USE_STARTS=key_starts is not None,
-        CHAINED=chained, **launch, **pdl,
+        CHAINED=chained, **launch, **programmatic_launch(chained),
     )
     rotated_out = torch.empty(batch, num_q_heads, layout.head_dim, device=cache.device, dtype=torch.float32)
     lse = torch.empty(batch, num_q_heads, device=cache.device, dtype=torch.float32) if return_lse else partial_lse
@@ -235,7 +234,7 @@ def paged_decode_attention(query: torch.Tensor, cache: torch.Tensor, codec: Kern
         partial_out, partial_lse, rotated_out, lse, NUM_SPLITS=num_splits,
         NUM_SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=layout.head_dim, HEAD_DIM_PAD=pad,
         SPLIT_BLOCK=reduce_split_block(triton.next_power_of_2(num_splits), pad), RETURN_LSE=return_lse,
-        CHAINED=chained, **pdl,
+        CHAINED=chained, **programmatic_launch(chained),
     )
     # un-rotate the weighted value sum once, cast and store into the caller's tensor
     out = rotate(rotated_out, codec, inverse=True, out=torch.empty_like(query) if out is None else out,

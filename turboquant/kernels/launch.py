@@ -33,6 +33,12 @@ def programmatic_launch_available(device: torch.device) -> bool:
             and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
+def programmatic_launch(enabled: bool) -> dict:
+    """Triton launch options for a kernel launched by programmatic dependent launch when `enabled` (the
+    kernel must then `gdc_wait` before reading what the kernel before it writes)."""
+    return dict(launch_pdl=True) if enabled else {}
+
+
 def head_dim_pad(head_dim: int) -> int:
     return triton.next_power_of_2(head_dim)
 

@@ -62,7 +62,7 @@ def _lookups(centroids: torch.Tensor, word: str, emit_pair) -> str:
     tables = _byte_tables(levels)
     head = (".reg .b32 j, jh, lo, hi, t, tl0, tl1, th0, th1;\n"
             + "".join(f"mov.b32 {name}, {value:#010x};\n" for name, value in zip(("tl0", "tl1", "th0", "th1"), tables)))
-    low, high = (lambda k: emit_pair(k)), (lambda k: emit_pair(2 + k))
+    low, high = emit_pair, (lambda k: emit_pair(2 + k))  # pairs 0, 1 from the low nibbles, 2, 3 from the high
     if bits == 3:  # fields at bits 3k → nibble k: halves apart, then pairs apart, then fields apart
         return head + (f"and.b32 j, {word}, 0x00000fff;\nshl.b32 t, {word}, 4;\nand.b32 t, t, 0x0fff0000;\n"
                        "or.b32 j, j, t;\n"

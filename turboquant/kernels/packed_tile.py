@@ -67,17 +67,10 @@ def _groups3(row_ptrs, row_mask, ROW_BYTES: tl.constexpr, HEAD_DIM_PAD: tl.const
         return (((low >> shift) | high) & 0xFFFFFF).to(tl.int32, bitcast=True)
     else:
         ROWS: tl.constexpr = row_ptrs.shape[0]
-        triples = tl.arange(0, HEAD_DIM_PAD // 32) * 3  # words 3j, 3j+1, 3j+2 hold groups 4j .. 4j+3
-        w0 = _load_words(row_ptrs, row_mask, triples, ROW_BYTES, False).to(tl.uint32, bitcast=True)
-        w1 = _load_words(row_ptrs, row_mask, triples + 1, ROW_BYTES, False).to(tl.uint32, bitcast=True)
-        w2 = _load_words(row_ptrs, row_mask, triples + 2, ROW_BYTES, False).to(tl.uint32, bitcast=True)
-        g0 = w0 & 0xFFFFFF
-        g1 = (w0 >> 24) | ((w1 & 0xFFFF) << 8)
-        g2 = (w1 >> 16) | ((w2 & 0xFF) << 16)
-        g3 = w2 >> 8
+        # words 3j, 3j+1, 3j+2 hold groups 4j .. 4j+3 (`load_runs`' runs of quad j)
+        g0, g1, g2, g3 = load_runs(row_ptrs, row_mask, tl.arange(0, HEAD_DIM_PAD // 32), 3, ROW_BYTES)
         # join(join(g0, g2), join(g1, g3))[..., k, i] is g_(2k + i): flattened, g0 g1 g2 g3 in order
-        groups = tl.reshape(tl.join(tl.join(g0, g2), tl.join(g1, g3)), [ROWS, HEAD_DIM_PAD // 8])
-        return groups.to(tl.int32, bitcast=True)
+        return tl.reshape(tl.join(tl.join(g0, g2), tl.join(g1, g3)), [ROWS, HEAD_DIM_PAD // 8])
 
 
 @triton.jit
@@ -107,7 +100,7 @@ def load_levels(row_ptrs, row_mask, centroids_ptr, BITS: tl.constexpr, ROW_BYTES
             packed = _groups3(row_ptrs, row_mask, ROW_BYTES, HEAD_DIM_PAD)
         else:
             packed = _leading_words(row_ptrs, row_mask, ROW_BYTES, HEAD_DIM_PAD // 8)
-        return tl.reshape(_interleave8(*run_levels(packed, 0, 0, LUT_ASM)), [ROWS, HEAD_DIM_PAD])
+        return tl.reshape(_interleave8(*run_levels(packed, centroids_ptr, BITS, LUT_ASM)), [ROWS, HEAD_DIM_PAD])
 
 
 @triton.jit
@@ -115,7 +108,7 @@ def load_runs(row_ptrs, row_mask, quads, BITS: tl.constexpr, ROW_BYTES: tl.const
     """The packed indices of coordinates 32q .. 32q + 31 of each row, q in `quads`, as four [ROWS, len(quads)]
     int32 runs: run j holds the eight indices of coordinates 32q + 8j .. 32q + 8j + 7 (4 bits each, or 3, or 2,
     lowest first). Each tensor has the same layout, so no lookup or product needs a layout change."""
-    if BITS == 3:  # a quad is three words; the runs are cut out of them as in _groups3
+    if BITS == 3:  # a quad is three words, each loaded once; the four 24-bit runs are cut out by shifts
         w0 = _load_words(row_ptrs, row_mask, quads * 3, ROW_BYTES, False).to(tl.uint32, bitcast=True)
         w1 = _load_words(row_ptrs, row_mask, quads * 3 + 1, ROW_BYTES, False).to(tl.uint32, bitcast=True)
         w2 = _load_words(row_ptrs, row_mask, quads * 3 + 2, ROW_BYTES, False).to(tl.uint32, bitcast=True)

@@ -18,7 +18,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .codec import PART_SCALES
-from .launch import FLOAT_DTYPES, check_device_tensor, head_dim_pad
+from .launch import FLOAT_DTYPES, check_device_tensor, head_dim_pad, programmatic_launch
 
 
 def rotation_columns(head_dim_pad: int, part_scale: float) -> int:
@@ -112,6 +112,6 @@ def rotate(x: torch.Tensor, codec, inverse: bool = False, out: torch.Tensor | No
         x, operand, out, tokens, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
         HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, PART_SCALE=part_scale, INVERSE=inverse, COLUMNS=columns, ROWS=rows,
         LAUNCH_DEPENDENTS=launch_dependents, WAIT_FOR_INPUT=after_previous,
-        **(dict(launch_pdl=True) if after_previous else {}),
+        **programmatic_launch(after_previous),
     )
     return out

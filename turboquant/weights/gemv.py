@@ -30,7 +30,7 @@ from triton.language.extra.cuda import gdc_wait
 
 from ..core import MSEQuantizer
 from ..kernels.codec import rotation_parts
-from ..kernels.launch import multiprocessor_count, programmatic_launch_available
+from ..kernels.launch import multiprocessor_count, programmatic_launch, programmatic_launch_available
 from ..kernels.lut_asm import LUT_BITS, antisymmetric_fp16, byte_permute_available, dequant_asm, dot_asm
 from ..kernels.packed_tile import load_levels, load_runs, run_levels
 from ..kernels.rotate import rotate
@@ -336,7 +336,7 @@ def codes_gemv(x: torch.Tensor, packed: torch.Tensor, norms: torch.Tensor, quant
                                                                            **constants)
     else:
         _gemv_fma_kernel[(row_blocks, splits, batch)](*arguments, WAIT_FOR_INPUT=early, **constants,
-                                                      **(dict(launch_pdl=True) if early else {}))
+                                                      **programmatic_launch(early))
     if splits > 1:
         block = 1024
         _sum_splits_kernel[(triton.cdiv(out.numel(), block),)](
