@@ -9,8 +9,8 @@ difference: each replay walks through enough distinct copies of the layer that t
 is another weight. The input rotation (one launch) is included in ours. Weights are random: speed does
 not depend on them. The main table uses the default kernel and tiling (`gemv_launch`); at batches where
 the choice between the FMA and tensor-core kernels is made it also times the other one. `--sweep` times
-the tilings of `sweep_launches` at batch 1, of one kernel or both, and says which was fastest per shape
-and bits.
+the tilings of `sweep_launches` (at `--sweep-batches`), of one kernel or both, and says which was fastest
+per shape, bits and batch.
 """
 
 from __future__ import annotations
@@ -36,13 +36,13 @@ from turboquant.kernels.rotate import rotate  # noqa: E402
 from turboquant.weights.gemv import FMA_MAX_BATCH, GemvLaunch, codes_gemv, device_codec, gemv_launch  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (in_features, out_features)
-# (rows per program, groups per loop step, warps) tried by --sweep for the tensor-core kernel, each at
-# about 2, 4 and 8 programs per SM (splits along the groups), with 1 or 2 pipeline stages. A first
-# sweep on an H200 (rows 16-64, steps 1-8, 4 warps) found 64 rows fastest for every shape and bits.
-SWEEP_TILES = [(rows, step, warps) for rows, warps_options in ((64, (4,)), (128, (4, 8)), (256, (8,)))
-               for step in (1, 2, 4) for warps in warps_options]
+# (rows per program, groups per loop step, warps, pipeline stages) tried by --sweep for the tensor-core
+# kernel, each at about 1, 2 and 4 programs per SM (splits along the groups). Earlier sweeps on an H200
+# (rows 16-256, steps 1-8, at batch 1) found 64 rows fastest for every shape and bits.
+SWEEP_TILES = [(64, 1, 4, 1), (64, 2, 4, 1), (64, 4, 4, 1), (128, 1, 4, 1), (128, 2, 8, 1), (32, 4, 4, 1),
+               (64, 2, 8, 1)]
 # the same for the FMA kernel (one pipeline stage: it has no dot for Triton to pipeline)
-SWEEP_FMA_TILES = [(rows, step, warps) for rows in (2, 4, 8) for step in (4, 8, 16) for warps in (1, 2, 4)]
+SWEEP_FMA_TILES = [(rows, step, warps, 1) for rows in (2, 4, 8) for step in (4, 8, 16) for warps in (1, 2, 4)]
 
 
 def copies_past_l2(nbytes: int, stream_mib: int) -> int:
@@ -59,14 +59,11 @@ def sweep_launches(layer: TQLinear, num_sms: int, kernels: str) -> list[GemvLaun
     launches = []
     tiles = ([(tile, True) for tile in SWEEP_TILES] if kernels in ("mma", "both") else []) + (
         [(tile, False) for tile in SWEEP_FMA_TILES] if kernels in ("fma", "both") else [])
-    for (rows, step, warps), tensor_cores in tiles:
+    for (rows, step, warps, stages), tensor_cores in tiles:
         row_programs = math.ceil(layer.out_features / rows)
-        for per_sm in (2, 4, 8):
+        for per_sm in (1, 2, 4):
             splits = max(1, min(groups // step, round(per_sm * num_sms / row_programs)))
-            if tensor_cores:
-                launches += [GemvLaunch(rows, step, splits, warps, stages) for stages in (1, 2)]
-            else:
-                launches.append(GemvLaunch(rows, step, splits, warps, 1, False))
+            launches.append(GemvLaunch(rows, step, splits, warps, stages, tensor_cores))
     return list(dict.fromkeys(launches))
 
 
@@ -78,13 +75,15 @@ def main() -> None:
     parser.add_argument("--bits", default="3,4")
     parser.add_argument("--stream-mib", type=int, default=256, help="bytes of weights each engine walks per replay")
     parser.add_argument("--sweep", choices=("fma", "mma", "both"),
-                        help="also time the tilings of sweep_launches at batch 1: of the FMA kernel, the tensor-core "
-                             "kernel or both")
+                        help="also time the tilings of sweep_launches: of the FMA kernel, the tensor-core kernel "
+                             "or both")
+    parser.add_argument("--sweep-batches", default="1", help="the batches --sweep times, comma-separated")
     parser.add_argument("--shapes", default=",".join(f"{i}x{o}" for i, o in SHAPES), help="in x out, comma-separated")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA device")
     torch.manual_seed(0)
+    sweep_batches = set(map(int, args.sweep_batches.split(",")))
     rows, sweep = [], []
     for in_features, out_features in (tuple(map(int, shape.split("x"))) for shape in args.shapes.split(",")):
         weight = torch.randn(out_features, in_features, device="cuda", dtype=torch.bfloat16) * 0.02
@@ -110,10 +109,10 @@ def main() -> None:
                 rotation = device_codec(layer.quantizer, x.device).rotation
                 rotate_ms = graph_time_ms(lambda: rotate(grouped, rotation, out=rotated))
                 launch = gemv_launch(out_features, in_features // args.group_size, args.group_size, batch,
-                                     multiprocessor_count(x.device))
+                                     multiprocessor_count(x.device), bits=bits)
                 # the other kernel's default tiling at this batch, where the choice between them is made
                 other = gemv_launch(out_features, in_features // args.group_size, args.group_size, batch,
-                                    multiprocessor_count(x.device), tensor_cores=not launch.tensor_cores)
+                                    multiprocessor_count(x.device), bits=bits, tensor_cores=not launch.tensor_cores)
                 other_ms = timed(other)[0] if batch <= 2 * FMA_MAX_BATCH else None
                 rows.append(dict(shape=f"{in_features}x{out_features}", bits=bits, batch=batch, ours_ms=round(ours, 4),
                                  bf16_cublas_ms=round(cublas, 4), speedup=round(cublas / ours, 3),
@@ -121,7 +120,7 @@ def main() -> None:
                                  input_rotation_ms=round(rotate_ms, 4),
                                  other_kernel_ms=None if other_ms is None else round(other_ms, 4)))
                 print(json.dumps(rows[-1]), flush=True)
-                if args.sweep and batch == 1:
+                if args.sweep and batch in sweep_batches:
                     for candidate in sweep_launches(layer, multiprocessor_count(x.device), args.sweep):
                         try:
                             ms, error = timed(candidate)
@@ -147,13 +146,13 @@ def main() -> None:
               f"| {r['ours_ms']} | {r['input_rotation_ms']} | {r['other_kernel_ms'] or '—'} | {r['bf16_cublas_ms']} "
               f"| {r['speedup']}x | {r['relative_error_vs_reference']:.1e} |" for r in rows]
     if sweep:
-        lines += ["", "Fastest tiling per shape and bits at batch 1 (`--sweep`):", "",
-                  "| shape | bits | kernel | rows | step groups | splits | warps | stages | ms | speedup |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
-        for key in sorted({(s["shape"], s["bits"]) for s in sweep}):
-            best = min((s for s in sweep if (s["shape"], s["bits"]) == key), key=lambda s: s["ms"])
+        lines += ["", "Fastest tiling per shape, bits and batch (`--sweep`):", "",
+                  "| shape | bits | batch | kernel | rows | step groups | splits | warps | stages | ms | speedup |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for key in sorted({(s["shape"], s["bits"], s["batch"]) for s in sweep}):
+            best = min((s for s in sweep if (s["shape"], s["bits"], s["batch"]) == key), key=lambda s: s["ms"])
             launch = best["launch"]
-            lines.append(f"| {key[0]} | {key[1]} | {'mma' if launch['tensor_cores'] else 'fma'} | {launch['rows']} | "
+            lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {'mma' if launch['tensor_cores'] else 'fma'} | {launch['rows']} | "
                          f"{launch['step_groups']} | {launch['splits']} | "
                          f"{launch['num_warps']} | {launch['num_stages']} | {best['ms']} | {best['speedup']}x |")
     print("\n".join(lines))

@@ -51,6 +51,22 @@ def test_every_launch_tiling_matches_the_dequantized_linear(launch, bits):
         torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3 * want.abs().max().item())
 
 
+@pytest.mark.parametrize("rows, splits", [(64, 1), (64, 2), (128, 3)])
+def test_three_bit_vector_loads_match_the_dequantized_linear(rows, splits):
+    """3-bit codes read as 16-byte vectors (two 128-coordinate blocks a step), the last step of a split
+    cut short by the split's end or the layer's."""
+    from turboquant.weights.gemv import GemvLaunch, codes_gemv, vector_codes
+
+    assert vector_codes(rows, 2 * 128, num_warps=4)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    layer = TQLinear.from_weight(torch.randn(80, 768, generator=generator) * 0.05, None, 3, 128).to(device)
+    x = torch.randn(5, 768, generator=generator).to(device)
+    want = nn.functional.linear(x, layer.dequantize())
+    got = codes_gemv(x, layer.packed, layer.norms, layer.quantizer, None, GemvLaunch(rows, 2, splits))
+    torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3 * want.abs().max().item())
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernel path of forward runs on CUDA")
 def test_forward_reads_the_codes_for_decode_sized_inputs(monkeypatch):
     from turboquant.weights import gemv, linear as linear_module
@@ -67,17 +83,21 @@ def test_forward_reads_the_codes_for_decode_sized_inputs(monkeypatch):
     assert calls == [(1, 1, 256), (rows, 256)]  # more rows than KERNEL_MAX_ROWS: dequantize once instead
 
 
-def test_gemv_launch_picks_the_fma_kernel_for_decode_rows_and_tiles_whole_groups():
-    from turboquant.weights.gemv import FMA_MAX_BATCH, gemv_launch
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_gemv_launch_picks_the_fma_kernel_for_decode_rows_and_tiles_whole_groups(bits):
+    from turboquant.weights.gemv import FMA_MAX_BATCH, gemv_launch, vector_codes
 
-    for groups, group_size in [(32, 128), (112, 128), (9, 64), (6, 32), (4, 16)]:
+    for groups, group_size in [(32, 128), (112, 128), (9, 64), (6, 32), (4, 16), (9, 128)]:
         for batch in (1, FMA_MAX_BATCH, FMA_MAX_BATCH + 1, 64):
-            launch = gemv_launch(4096, groups, group_size, batch, num_sms=132)
+            launch = gemv_launch(4096, groups, group_size, batch, num_sms=132, bits=bits)
             assert launch.tensor_cores == (batch > FMA_MAX_BATCH or group_size < 32)
             assert groups % launch.step_groups == 0 and 1 <= launch.splits <= groups // launch.step_groups
             if not launch.tensor_cores:
                 assert launch.step_groups * group_size <= 2048
-    few_rows = gemv_launch(192, 32, 128, 1, num_sms=132)  # 48 row programs: the groups are split
+            else:  # 3-bit codes of whole 128-coordinate groups, two per step: read in 16-byte vectors
+                vectors = vector_codes(launch.rows, launch.step_groups * group_size, launch.num_warps)
+                assert vectors == (bits == 3 and group_size == 128 and groups % 2 == 0)
+    few_rows = gemv_launch(192, 32, 128, 1, num_sms=132, bits=bits)  # 48 row programs: the groups are split
     assert not few_rows.tensor_cores and few_rows.splits > 1
 
 

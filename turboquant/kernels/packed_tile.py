@@ -74,6 +74,45 @@ def _groups3(row_ptrs, row_mask, ROW_BYTES: tl.constexpr, HEAD_DIM_PAD: tl.const
 
 
 @triton.jit
+def _quarters(vectors):
+    """[ROWS, N, 4] → its four [ROWS, N] slices in index order (free when a thread holds the last axis)."""
+    even, odd = tl.split(tl.reshape(vectors, [vectors.shape[0], vectors.shape[1], 2, 2]))
+    q0, q2 = tl.split(even)
+    q1, q3 = tl.split(odd)
+    return q0, q1, q2, q3
+
+
+@triton.jit
+def _quad_runs(w0, w1, w2):
+    """The four runs of 8 indices (24 bits each) in a quad's three words."""
+    return (w0 & 0xFFFFFF, (w0 >> 24) | ((w1 & 0xFFFF) << 8), (w1 >> 16) | ((w2 & 0xFF) << 16), w2 >> 8)
+
+
+@triton.jit
+def load_runs3_vectors(row_ptrs, row_mask, ROW_BYTES: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
+    """What `_groups3` returns, for rows of whole blocks of 128 3-bit indices (48 bytes, 16-byte aligned
+    in rows of a multiple of 48 bytes): each block is read as three 16-byte vectors, a quarter of its 12
+    words each, and its 16 runs are cut out of them by shifts (`_groups3` reads a word per load)."""
+    ROWS: tl.constexpr = row_ptrs.shape[0]
+    BLOCKS: tl.constexpr = HEAD_DIM_PAD // 128
+    tl.static_assert(ROW_BYTES % 48 == 0, "rows of whole 48-byte blocks")
+    words = (row_ptrs.to(tl.pointer_type(tl.int32))[:, None, None] + (tl.arange(0, BLOCKS) * 12)[None, :, None]
+             + tl.arange(0, 4)[None, None, :])
+    mask = row_mask[:, None, None]
+    a0, a1, a2, a3 = _quarters(tl.load(words, mask=mask, other=0).to(tl.uint32, bitcast=True))
+    b0, b1, b2, b3 = _quarters(tl.load(words + 4, mask=mask, other=0).to(tl.uint32, bitcast=True))
+    c0, c1, c2, c3 = _quarters(tl.load(words + 8, mask=mask, other=0).to(tl.uint32, bitcast=True))
+    r0, r1, r2, r3 = _quad_runs(a0, a1, a2)
+    r4, r5, r6, r7 = _quad_runs(a3, b0, b1)
+    r8, r9, r10, r11 = _quad_runs(b2, b3, c0)
+    r12, r13, r14, r15 = _quad_runs(c1, c2, c3)
+    even = _interleave8(r0, r2, r4, r6, r8, r10, r12, r14)
+    odd = _interleave8(r1, r3, r5, r7, r9, r11, r13, r15)
+    # [ROWS, BLOCKS, 8, 2][..., k, i] is run 2k + i: flattened, each block's runs in order
+    return tl.reshape(tl.join(even, odd), [ROWS, HEAD_DIM_PAD // 8]).to(tl.int32, bitcast=True)
+
+
+@triton.jit
 def load_indices(row_ptrs, row_mask, BITS: tl.constexpr, ROW_BYTES: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
     """[ROWS, HEAD_DIM_PAD] int32 indices of the packed rows at `row_ptrs` (uint8*); coordinates past
     the row, and masked rows, read index 0."""
@@ -88,19 +127,41 @@ def load_indices(row_ptrs, row_mask, BITS: tl.constexpr, ROW_BYTES: tl.constexpr
 
 
 @triton.jit
+def load_codes(row_ptrs, row_mask, BITS: tl.constexpr, ROW_BYTES: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+               LUT_ASM: tl.constexpr):
+    """The packed rows at `row_ptrs` as `code_levels` reads them: with the codec's PTX, runs of eight
+    indices [ROWS, HEAD_DIM_PAD // 8] int32, else the indices [ROWS, HEAD_DIM_PAD]. Apart from
+    `code_levels` so a loop can issue the next tile's loads before it turns this tile into levels."""
+    if LUT_ASM == "":
+        return load_indices(row_ptrs, row_mask, BITS, ROW_BYTES, HEAD_DIM_PAD)
+    elif BITS == 3:
+        return _groups3(row_ptrs, row_mask, ROW_BYTES, HEAD_DIM_PAD)
+    else:
+        return _leading_words(row_ptrs, row_mask, ROW_BYTES, HEAD_DIM_PAD // 8)
+
+
+@triton.jit
+def code_levels(codes, centroids_ptr, BITS: tl.constexpr, LUT_ASM: tl.constexpr):
+    """`load_codes`' tile → [ROWS, HEAD_DIM_PAD] fp16 codebook levels: by byte permutation when the
+    wrapper passes the codec's PTX (`lut_asm.py`), else by gathering from `centroids_ptr` (fp16)."""
+    if LUT_ASM == "":
+        return tl.load(centroids_ptr + codes)
+    else:
+        return runs_levels(codes, centroids_ptr, BITS, LUT_ASM)
+
+
+@triton.jit
+def runs_levels(runs, centroids_ptr, BITS: tl.constexpr, LUT_ASM: tl.constexpr):
+    """[ROWS, N] runs of eight packed indices → their [ROWS, 8N] fp16 levels in coordinate order."""
+    return tl.reshape(_interleave8(*run_levels(runs, centroids_ptr, BITS, LUT_ASM)), [runs.shape[0], runs.shape[1] * 8])
+
+
+@triton.jit
 def load_levels(row_ptrs, row_mask, centroids_ptr, BITS: tl.constexpr, ROW_BYTES: tl.constexpr,
                 HEAD_DIM_PAD: tl.constexpr, LUT_ASM: tl.constexpr):
-    """[ROWS, HEAD_DIM_PAD] fp16 codebook levels of the packed rows: by byte permutation when the
-    wrapper passes the codec's PTX (`lut_asm.py`), else by gathering from `centroids_ptr` (fp16)."""
-    ROWS: tl.constexpr = row_ptrs.shape[0]
-    if LUT_ASM == "":
-        return tl.load(centroids_ptr + load_indices(row_ptrs, row_mask, BITS, ROW_BYTES, HEAD_DIM_PAD))
-    else:
-        if BITS == 3:
-            packed = _groups3(row_ptrs, row_mask, ROW_BYTES, HEAD_DIM_PAD)
-        else:
-            packed = _leading_words(row_ptrs, row_mask, ROW_BYTES, HEAD_DIM_PAD // 8)
-        return tl.reshape(_interleave8(*run_levels(packed, centroids_ptr, BITS, LUT_ASM)), [ROWS, HEAD_DIM_PAD])
+    """[ROWS, HEAD_DIM_PAD] fp16 codebook levels of the packed rows (`load_codes`, then `code_levels`)."""
+    return code_levels(load_codes(row_ptrs, row_mask, BITS, ROW_BYTES, HEAD_DIM_PAD, LUT_ASM), centroids_ptr, BITS,
+                       LUT_ASM)
 
 
 @triton.jit

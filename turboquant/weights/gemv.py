@@ -6,13 +6,15 @@ each row's packed codes once. Two kernels, picked by `gemv_launch`:
 - FMA (decode, up to FMA_MAX_BATCH input rows; one program per row): a thread looks up a run of eight
   levels by byte permutation and multiplies them with the eight input coordinates in one piece of PTX
   (`lut_asm.dot_asm`: fp16 pairs, four-term sums, then fp32), scales by the group norm and keeps fp32
-  sums per row. It is launched programmatically after the rotation: its first codes are read while
-  the rotation still runs, and it waits for it (`gdc_wait`) only before reading x.
+  sums per row.
 - Tensor cores (more rows): a program turns a tile of 64 rows' codes into fp16 levels
-  (`packed_tile.load_levels`) and multiplies them with up to 32 batch rows (fp32 accumulation).
-Where the groups are split over several programs, a last launch adds their fp32 partial sums in a
-fixed order, with the bias, in x's dtype (otherwise the kernel writes that itself). At batch 1 a cuBLAS
-GEMV over a 4096² bf16 weight takes ~13 µs on an H200; the rotation takes ~3 µs on its own.
+  (`packed_tile.code_levels`) and multiplies them with up to 32 batch rows (fp32 accumulation).
+Both loops load each step's codes one step ahead. Where the groups are split over several programs, a
+last launch adds their fp32 partial sums in a fixed order, with the bias, in x's dtype (otherwise the
+kernel writes that itself). On Hopper the launches are chained (programmatic dependent launch): a
+kernel reads its first codes while the rotation still runs, and waits for it (`gdc_wait`) only before
+reading x. At batch 1 a cuBLAS GEMV over a 4096² bf16 weight takes ~13 µs on an H200; the rotation takes
+~3 µs on its own.
 The rotated input is fp16: its coordinates (and the FMA kernel's four-term sums) must stay below
 65,504, which an input coordinate of some 60,000 or more can break.
 Reference: `TQLinear.dequantize`, then `F.linear` (what `codes_linear` runs off the kernel's path).
@@ -26,13 +28,13 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_wait
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ..core import MSEQuantizer
 from ..kernels.codec import rotation_parts
 from ..kernels.launch import multiprocessor_count, programmatic_launch, programmatic_launch_available
 from ..kernels.lut_asm import LUT_BITS, antisymmetric_fp16, byte_permute_available, dequant_asm, dot_asm
-from ..kernels.packed_tile import load_levels, load_runs, run_levels
+from ..kernels.packed_tile import code_levels, load_codes, load_runs, load_runs3_vectors, run_levels, runs_levels
 from ..kernels.rotate import rotate
 from .linear import TQLinear, kernel_group_size
 
@@ -90,15 +92,18 @@ def device_codec(quantizer: MSEQuantizer, device: torch.device) -> DeviceCodec:
     return DeviceCodec(rotation, levels.to(device), dequant_asm(levels) if ptx else "", dot_asm(levels) if ptx else "")
 
 
-def gemv_launch(out_features: int, groups: int, group_size: int, batch: int, num_sms: int,
+def gemv_launch(out_features: int, groups: int, group_size: int, batch: int, num_sms: int, *, bits: int,
                 tensor_cores: bool | None = None) -> GemvLaunch:
     """Up to FMA_MAX_BATCH input rows (and groups of at least 32 coordinates): the FMA kernel, 4 rows per
     program, 4 warps, 2,048 coordinates per step, the groups split only where there are fewer than about
     eight programs per SM: within ~6% of the fastest tiling that `benchmarks/weights_gemv.py --sweep fma`
     found for each of Llama-3.1-8B's shapes and both bit widths on an H200. Larger batches: the tensor
-    cores, 64 rows per program, one group per step, about four programs per SM (within ~8% of the fastest,
-    `--sweep mma`). Both calls are bound by latency: more programs keep more loads in flight.
-    `tensor_cores` overrides the choice of kernel."""
+    cores, 64 rows per program, 4 warps; 4-bit codes one group per step and about four programs per SM,
+    3-bit codes of 128-coordinate groups two groups per step (16-byte loads, `vector_codes`) and about two
+    programs per SM (`--sweep mma --sweep-batches 32`: fastest or within ~5% of it at batch 32, where
+    every split's fp32 partial sums are another [batch, out_features] to write and read). The calls are
+    bound by latency: more programs keep more loads in flight. `tensor_cores` overrides the choice of
+    kernel."""
     fma = batch <= FMA_MAX_BATCH and group_size >= 32 if tensor_cores is None else not tensor_cores
     if fma:
         step = 1
@@ -108,41 +113,95 @@ def gemv_launch(out_features: int, groups: int, group_size: int, batch: int, num
         splits = max(1, min(groups // step, 8 * num_sms // row_programs))
         return GemvLaunch(rows=4, step_groups=step, splits=splits, num_warps=4, num_stages=1, tensor_cores=False)
     row_programs = triton.cdiv(out_features, 64) * triton.cdiv(batch, MAX_BATCH_TILE)
+    if bits == 3 and groups % 2 == 0 and vector_codes(64, 2 * group_size, num_warps=4):
+        splits = max(1, min(groups // 2, round(2 * num_sms / row_programs)))
+        return GemvLaunch(rows=64, step_groups=2, splits=splits, num_warps=4, num_stages=1)
     splits = max(1, min(groups // 2, triton.cdiv(4 * num_sms, row_programs)))
     return GemvLaunch(rows=64, step_groups=1, splits=splits, num_warps=4, num_stages=1)
+
+
+def vector_codes(rows: int, step: int, num_warps: int) -> bool:
+    """Whether the tensor-core kernel reads a step of 3-bit codes (`rows` × `step` coordinates) in
+    16-byte vectors (`packed_tile.load_runs3_vectors`): the step must hold whole 128-coordinate blocks,
+    at least two (one block a row compiles to 16-bit shared-memory stores of the levels), and give every
+    thread a whole vector (fewer split the vectors between threads, which then trade words through shared
+    memory). Otherwise each word is its own 4-byte load."""
+    blocks = step // 128
+    return step % 128 == 0 and blocks >= 2 and rows * blocks >= 32 * num_warps
 
 
 @triton.jit
 def _gemv_kernel(x_ptr, packed_ptr, norms_ptr, centroids_ptr, bias_ptr, out_ptr, out_features, groups, batch,
                  groups_per_split, stride_x_batch, GROUP_SIZE: tl.constexpr, GROUP_BYTES: tl.constexpr,
                  BITS: tl.constexpr, LUT: tl.constexpr, ROWS: tl.constexpr, BATCH_TILE: tl.constexpr,
-                 STEP_GROUPS: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr):
+                 STEP_GROUPS: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
+                 WAIT_FOR_INPUT: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr, VECTOR_CODES: tl.constexpr):
+    """A tile of ROWS output rows × BATCH_TILE batch rows on the tensor cores. Each step's codes, norms
+    and input are loaded one step ahead (the loop is bound by their latency, and Triton does not pipeline
+    loads that feed inline asm). WAIT_FOR_INPUT: launched programmatically after the rotation, so wait for
+    it before reading x; LAUNCH_DEPENDENTS: let the sum of the partial sums launch early."""
+    if LAUNCH_DEPENDENTS:
+        gdc_launch_dependents()
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     split = tl.program_id(1)
     batch_rows = tl.program_id(2) * BATCH_TILE + tl.arange(0, BATCH_TILE)
     row_mask, batch_mask = rows < out_features, batch_rows < batch
-    STEP: tl.constexpr = STEP_GROUPS * GROUP_SIZE
-    columns = tl.arange(0, STEP)
     row_groups = rows.to(tl.int64) * groups
+    x_rows = x_ptr + batch_rows[:, None] * stride_x_batch
     acc = tl.zeros([ROWS, BATCH_TILE], dtype=tl.float32)
     first = split * groups_per_split
-    for group in range(first, tl.minimum(first + groups_per_split, groups), STEP_GROUPS):
+    last = tl.minimum(first + groups_per_split, groups)
+    codes, norms = _mma_step_codes(packed_ptr, norms_ptr, rows, row_groups, row_mask, first, last, GROUP_SIZE,
+                                   GROUP_BYTES, BITS, LUT, STEP_GROUPS, VECTOR_CODES)
+    if WAIT_FOR_INPUT:
+        gdc_wait()
+    x = _mma_step_input(x_rows, batch_mask, first, last, GROUP_SIZE, STEP_GROUPS)
+    for group in range(first, last, STEP_GROUPS):
+        next_codes, next_norms = _mma_step_codes(packed_ptr, norms_ptr, rows, row_groups, row_mask,
+                                                 group + STEP_GROUPS, last, GROUP_SIZE, GROUP_BYTES, BITS, LUT,
+                                                 STEP_GROUPS, VECTOR_CODES)
+        next_x = _mma_step_input(x_rows, batch_mask, group + STEP_GROUPS, last, GROUP_SIZE, STEP_GROUPS)
         # the codes of STEP_GROUPS consecutive groups of a row are one packed run of STEP coordinates
-        levels = load_levels(packed_ptr + (row_groups + group) * GROUP_BYTES, row_mask, centroids_ptr, BITS,
-                             STEP_GROUPS * GROUP_BYTES, STEP, LUT)
-        # [BATCH_TILE, STEP], loaded along the input's contiguous rows (vector loads), transposed for the dot
-        x = tl.load(x_ptr + batch_rows[:, None] * stride_x_batch + group * GROUP_SIZE + columns[None, :],
-                    mask=batch_mask[:, None], other=0.0)
+        if VECTOR_CODES:
+            levels = runs_levels(codes, centroids_ptr, BITS, LUT)
+        else:
+            levels = code_levels(codes, centroids_ptr, BITS, LUT)
         if STEP_GROUPS == 1:
-            norms = tl.load(norms_ptr + row_groups + group, mask=row_mask, other=0.0).to(tl.float32)
-            acc += tl.dot(levels, tl.trans(x)) * norms[:, None]
+            acc += tl.dot(levels, tl.trans(x)) * norms.to(tl.float32)
         else:  # one dot over several groups: each level scaled by its group's norm first (in fp16)
-            step = group + tl.arange(0, STEP_GROUPS)
-            norms = tl.load(norms_ptr + row_groups[:, None] + step[None, :], mask=row_mask[:, None], other=0.0)
             scaled = tl.reshape(levels, [ROWS, STEP_GROUPS, GROUP_SIZE]) * norms[:, :, None]
-            acc += tl.dot(tl.reshape(scaled, [ROWS, STEP]), tl.trans(x))
+            acc += tl.dot(tl.reshape(scaled, [ROWS, STEP_GROUPS * GROUP_SIZE]), tl.trans(x))
+        codes, norms, x = next_codes, next_norms, next_x
     _store_tile(out_ptr, bias_ptr, acc, rows, batch_rows, split, batch, out_features, row_mask, batch_mask, HAS_BIAS,
                 PARTIAL)
+
+
+@triton.jit
+def _mma_step_codes(packed_ptr, norms_ptr, rows, row_groups, row_mask, group, last, GROUP_SIZE: tl.constexpr,
+                    GROUP_BYTES: tl.constexpr, BITS: tl.constexpr, LUT: tl.constexpr, STEP_GROUPS: tl.constexpr,
+                    VECTOR_CODES: tl.constexpr):
+    """The codes one step of `_gemv_kernel` reads at `group` (nothing from `last` on), as `load_codes`
+    returns them (3-bit codes by `load_runs3_vectors` where `vector_codes` allows), and the norms:
+    [ROWS, 1] for one group a step, else [ROWS, STEP_GROUPS]."""
+    mask = row_mask & (rows * 0 + group < last)  # a tensor comparison: the interpreter ands a scalar bool as int
+    if VECTOR_CODES:
+        codes = load_runs3_vectors(packed_ptr + (row_groups + group) * GROUP_BYTES, mask, STEP_GROUPS * GROUP_BYTES,
+                                   STEP_GROUPS * GROUP_SIZE)
+    else:
+        codes = load_codes(packed_ptr + (row_groups + group) * GROUP_BYTES, mask, BITS, STEP_GROUPS * GROUP_BYTES,
+                           STEP_GROUPS * GROUP_SIZE, LUT)
+    steps = group + tl.arange(0, STEP_GROUPS)
+    norms = tl.load(norms_ptr + row_groups[:, None] + steps[None, :], mask=mask[:, None], other=0.0)
+    return codes, norms
+
+
+@triton.jit
+def _mma_step_input(x_rows, batch_mask, group, last, GROUP_SIZE: tl.constexpr, STEP_GROUPS: tl.constexpr):
+    """The rotated input one step reads at `group`: [BATCH_TILE, STEP] along its contiguous rows (vector
+    loads), transposed for the dot by the caller."""
+    columns = tl.arange(0, STEP_GROUPS * GROUP_SIZE)
+    mask = batch_mask & (batch_mask.to(tl.int32) * 0 + group < last)
+    return tl.load(x_rows + group * GROUP_SIZE + columns[None, :], mask=mask[:, None], other=0.0)
 
 
 @triton.jit
@@ -189,12 +248,15 @@ def _gemv_fma_kernel(x_ptr, packed_ptr, norms_ptr, centroids_ptr, bias_ptr, out_
                      groups_per_split, stride_x_batch, GROUP_SIZE: tl.constexpr, GROUP_BYTES: tl.constexpr,
                      BITS: tl.constexpr, LUT: tl.constexpr, ROWS: tl.constexpr, STEP_GROUPS: tl.constexpr,
                      HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
-                     WAIT_FOR_INPUT: tl.constexpr):
+                     WAIT_FOR_INPUT: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr):
     """One batch row per program, on the CUDA cores. A step reads the codes of STEP_GROUPS groups as runs of
     eight indices (`load_runs`), in one layout: each thread turns its runs into levels in its registers and
     multiplies them with the matching input coordinates (fp16, `lut_asm.dot_asm`), so the loop changes no
     layout and reduces nothing across threads; the fp32 sums per row are reduced once at the end.
-    WAIT_FOR_INPUT: launched programmatically after the rotation, so wait for it before reading x."""
+    WAIT_FOR_INPUT: launched programmatically after the rotation, so wait for it before reading x;
+    LAUNCH_DEPENDENTS: let the sum of the partial sums launch early."""
+    if LAUNCH_DEPENDENTS:
+        gdc_launch_dependents()
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     split = tl.program_id(1)
     batch_rows = tl.program_id(2) + tl.arange(0, 1)
@@ -270,8 +332,11 @@ def _store_tile(out_ptr, bias_ptr, acc, rows, batch_rows, split, batch, out_feat
 
 @triton.jit
 def _sum_splits_kernel(partial_ptr, bias_ptr, out_ptr, total, out_features, SPLITS: tl.constexpr,
-                       HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
-    """out = Σ_s partial[s] (+ bias), in split order: the same sum whatever ran first."""
+                       HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, WAIT_FOR_INPUT: tl.constexpr):
+    """out = Σ_s partial[s] (+ bias), in split order: the same sum whatever ran first. WAIT_FOR_INPUT:
+    launched programmatically while the kernel writing the partial sums may still run."""
+    if WAIT_FOR_INPUT:
+        gdc_wait()
     offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < total
     acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -311,14 +376,16 @@ def codes_gemv(x: torch.Tensor, packed: torch.Tensor, norms: torch.Tensor, quant
     if batch == 0:
         return out.reshape(*lead, out_features)
     codec = device_codec(quantizer, x.device)
-    launch = launch or gemv_launch(out_features, groups, group_size, batch, multiprocessor_count(x.device))
+    launch = launch or gemv_launch(out_features, groups, group_size, batch, multiprocessor_count(x.device),
+                                   bits=quantizer.bits)
     if not launch.tensor_cores and group_size < 32:
         raise ValueError(f"the FMA kernel reads runs of 32 coordinates of one group; group_size is {group_size}")
-    # fp16 operands: the rotated input keeps 11 significant bits (bf16 inputs have 8). The FMA kernel
-    # starts while the rotation runs and reads its codes, then waits for the rotated input.
-    early = not launch.tensor_cores and programmatic_launch_available(x.device)
+    # fp16 operands: the rotated input keeps 11 significant bits (bf16 inputs have 8). Where the device
+    # has programmatic launches the three launches are chained: each starts while the one before runs
+    # (the kernels read their first codes meanwhile) and waits for it only before reading its output.
+    chained = programmatic_launch_available(x.device)
     rotated = rotate(x, codec.rotation, out=torch.empty(x.shape, dtype=torch.float16, device=x.device),
-                     launch_dependents=early)
+                     launch_dependents=chained)
     step_groups = launch.step_groups if groups % launch.step_groups == 0 else 1
     groups_per_split = triton.cdiv(triton.cdiv(groups, launch.splits), step_groups) * step_groups
     splits = triton.cdiv(groups, groups_per_split)
@@ -329,18 +396,19 @@ def codes_gemv(x: torch.Tensor, packed: torch.Tensor, norms: torch.Tensor, quant
     constants = dict(GROUP_SIZE=group_size, GROUP_BYTES=packed.shape[-1], BITS=quantizer.bits,
                      LUT=codec.lookup if launch.tensor_cores else codec.lookup_dot,
                      ROWS=launch.rows, STEP_GROUPS=step_groups, HAS_BIAS=bias is not None, PARTIAL=splits > 1,
-                     num_warps=launch.num_warps, num_stages=launch.num_stages)
+                     WAIT_FOR_INPUT=chained, LAUNCH_DEPENDENTS=chained and splits > 1,
+                     num_warps=launch.num_warps, num_stages=launch.num_stages, **programmatic_launch(chained))
     if launch.tensor_cores:
         batch_tile = min(MAX_BATCH_TILE, max(16, triton.next_power_of_2(batch)))
+        vectors = quantizer.bits == 3 and vector_codes(launch.rows, step_groups * group_size, launch.num_warps)
         _gemv_kernel[(row_blocks, splits, triton.cdiv(batch, batch_tile))](*arguments, BATCH_TILE=batch_tile,
-                                                                           **constants)
+                                                                           VECTOR_CODES=vectors, **constants)
     else:
-        _gemv_fma_kernel[(row_blocks, splits, batch)](*arguments, WAIT_FOR_INPUT=early, **constants,
-                                                      **programmatic_launch(early))
+        _gemv_fma_kernel[(row_blocks, splits, batch)](*arguments, **constants)
     if splits > 1:
         block = 1024
         _sum_splits_kernel[(triton.cdiv(out.numel(), block),)](
             partial, bias if bias is not None else partial, out, out.numel(), out_features, SPLITS=splits,
-            HAS_BIAS=bias is not None, BLOCK=block,
+            HAS_BIAS=bias is not None, BLOCK=block, WAIT_FOR_INPUT=chained, **programmatic_launch(chained),
         )
     return out.reshape(*lead, out_features)
