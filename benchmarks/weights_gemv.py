@@ -54,7 +54,8 @@ def per_call_ms(calls) -> float:
     return graph_time_ms(lambda: [call() for call in calls]) / len(calls)
 
 
-def sweep_launches(layer: TQLinear, num_sms: int, kernels: str) -> list[GemvLaunch]:
+def sweep_launches(layer: TQLinear, num_sms: int, kernels: str, batch: int) -> list[GemvLaunch]:
+    """The tilings --sweep times at `batch`: the tensor-core ones with each batch tile that holds it."""
     groups = layer.in_features // layer.group_size
     launches = []
     tiles = ([(tile, True) for tile in SWEEP_TILES] if kernels in ("mma", "both") else []) + (
@@ -63,7 +64,9 @@ def sweep_launches(layer: TQLinear, num_sms: int, kernels: str) -> list[GemvLaun
         row_programs = math.ceil(layer.out_features / rows)
         for per_sm in (1, 2, 4):
             splits = max(1, min(groups // step, round(per_sm * num_sms / row_programs)))
-            launches.append(GemvLaunch(rows, step, splits, warps, stages, tensor_cores))
+            batch_tiles = ((16, 32) if batch <= 16 else (32,)) if tensor_cores else (None,)
+            launches += [GemvLaunch(rows, step, splits, warps, stages, tensor_cores, batch_tile)
+                         for batch_tile in batch_tiles]
     return list(dict.fromkeys(launches))
 
 
@@ -121,7 +124,7 @@ def main() -> None:
                                  other_kernel_ms=None if other_ms is None else round(other_ms, 4)))
                 print(json.dumps(rows[-1]), flush=True)
                 if args.sweep and batch in sweep_batches:
-                    for candidate in sweep_launches(layer, multiprocessor_count(x.device), args.sweep):
+                    for candidate in sweep_launches(layer, multiprocessor_count(x.device), args.sweep, batch):
                         try:
                             ms, error = timed(candidate)
                         except OutOfResources as reason:  # a tile too large for shared memory
@@ -147,14 +150,16 @@ def main() -> None:
               f"| {r['speedup']}x | {r['relative_error_vs_reference']:.1e} |" for r in rows]
     if sweep:
         lines += ["", "Fastest tiling per shape, bits and batch (`--sweep`):", "",
-                  "| shape | bits | batch | kernel | rows | step groups | splits | warps | stages | ms | speedup |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| shape | bits | batch | kernel | rows | step groups | splits | warps | stages | batch tile | ms "
+                  "| speedup |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for key in sorted({(s["shape"], s["bits"], s["batch"]) for s in sweep}):
             best = min((s for s in sweep if (s["shape"], s["bits"], s["batch"]) == key), key=lambda s: s["ms"])
             launch = best["launch"]
             lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {'mma' if launch['tensor_cores'] else 'fma'} | {launch['rows']} | "
                          f"{launch['step_groups']} | {launch['splits']} | "
-                         f"{launch['num_warps']} | {launch['num_stages']} | {best['ms']} | {best['speedup']}x |")
+                         f"{launch['num_warps']} | {launch['num_stages']} | {launch.get('batch_tile') or '—'} | "
+                         f"{best['ms']} | {best['speedup']}x |")
     print("\n".join(lines))
     if args.out:
         Path(args.out + ".json").write_text(json.dumps(result, indent=1))

@@ -30,6 +30,7 @@ def test_gemv_matches_the_dequantized_linear(bits, group_size, bias, batch):
 
 @pytest.mark.parametrize("launch", [dict(rows=16, step_groups=2, splits=1), dict(rows=64, step_groups=1, splits=3),
                                     dict(rows=32, step_groups=2, splits=2),
+                                    dict(rows=64, step_groups=1, splits=3, batch_tile=32),
                                     dict(rows=16, step_groups=2, splits=1, tensor_cores=False),
                                     dict(rows=64, step_groups=1, splits=3, tensor_cores=False),
                                     dict(rows=32, step_groups=2, splits=2, tensor_cores=False)])
@@ -111,6 +112,9 @@ def test_gemv_rejects_bad_input():
         tq_linear_gemv(torch.zeros(1, 192), TQLinear.from_linear(nn.Linear(192, 16), 4, 96))
     from turboquant.weights.gemv import GemvLaunch, codes_gemv
 
+    with pytest.raises(ValueError, match="batch_tile must be"):
+        codes_gemv(torch.zeros(3, 128), layer.packed, layer.norms, layer.quantizer, launch=GemvLaunch(16, 1, 1,
+                                                                                                     batch_tile=8))
     small_groups = TQLinear.from_linear(nn.Linear(64, 16), 4, 16)
     with pytest.raises(ValueError, match="runs of 32 coordinates"):
         codes_gemv(torch.zeros(1, 64), small_groups.packed, small_groups.norms, small_groups.quantizer,

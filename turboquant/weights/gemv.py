@@ -60,7 +60,7 @@ class GroupRotation:
 class GemvLaunch:
     """How a call is tiled: output rows per program, groups per loop step, programs per row block along
     the groups (1: no partial sums), Triton's warps and pipeline depth, and which kernel: tensor cores
-    (a tile of up to 32 batch rows per program) or CUDA-core FMAs (one batch row per program)."""
+    (a tile of 16 or 32 batch rows per program) or CUDA-core FMAs (one batch row per program)."""
 
     rows: int
     step_groups: int
@@ -68,6 +68,7 @@ class GemvLaunch:
     num_warps: int = 4
     num_stages: int = 2
     tensor_cores: bool = True
+    batch_tile: int | None = None  # tensor cores: batch rows per program (None: 16 or 32, whichever holds the batch)
 
 
 @dataclass(frozen=True, eq=False)
@@ -98,12 +99,12 @@ def gemv_launch(out_features: int, groups: int, group_size: int, batch: int, num
     program, 4 warps, 2,048 coordinates per step, the groups split only where there are fewer than about
     eight programs per SM: within ~6% of the fastest tiling that `benchmarks/weights_gemv.py --sweep fma`
     found for each of Llama-3.1-8B's shapes and both bit widths on an H200. Larger batches: the tensor
-    cores, 64 rows per program, 4 warps; 4-bit codes one group per step and about four programs per SM,
-    3-bit codes of 128-coordinate groups two groups per step (16-byte loads, `vector_codes`) and about two
-    programs per SM (`--sweep mma --sweep-batches 32`: fastest or within ~5% of it at batch 32, where
-    every split's fp32 partial sums are another [batch, out_features] to write and read). The calls are
-    bound by latency: more programs keep more loads in flight. `tensor_cores` overrides the choice of
-    kernel."""
+    cores, 64 rows per program, 4 warps; 4-bit codes one group per step and about four programs per SM;
+    3-bit codes of 128-coordinate groups two groups per step (16-byte loads, `vector_codes`), about four
+    programs per SM up to 16 rows (`--sweep mma --sweep-batches 8`: fastest at every shape) and about two
+    above, where every split's fp32 partial sums are another [batch, out_features] to write and read
+    (`--sweep-batches 32`: fastest or within ~5%). The calls are bound by latency: more programs keep
+    more loads in flight. `tensor_cores` overrides the choice of kernel."""
     fma = batch <= FMA_MAX_BATCH and group_size >= 32 if tensor_cores is None else not tensor_cores
     if fma:
         step = 1
@@ -114,7 +115,8 @@ def gemv_launch(out_features: int, groups: int, group_size: int, batch: int, num
         return GemvLaunch(rows=4, step_groups=step, splits=splits, num_warps=4, num_stages=1, tensor_cores=False)
     row_programs = triton.cdiv(out_features, 64) * triton.cdiv(batch, MAX_BATCH_TILE)
     if bits == 3 and groups % 2 == 0 and vector_codes(64, 2 * group_size, num_warps=4):
-        splits = max(1, min(groups // 2, round(2 * num_sms / row_programs)))
+        per_sm = 4 if batch <= 16 else 2
+        splits = max(1, min(groups // 2, round(per_sm * num_sms / row_programs)))
         return GemvLaunch(rows=64, step_groups=2, splits=splits, num_warps=4, num_stages=1)
     splits = max(1, min(groups // 2, triton.cdiv(4 * num_sms, row_programs)))
     return GemvLaunch(rows=64, step_groups=1, splits=splits, num_warps=4, num_stages=1)
@@ -378,6 +380,8 @@ def codes_gemv(x: torch.Tensor, packed: torch.Tensor, norms: torch.Tensor, quant
     codec = device_codec(quantizer, x.device)
     launch = launch or gemv_launch(out_features, groups, group_size, batch, multiprocessor_count(x.device),
                                    bits=quantizer.bits)
+    if launch.batch_tile not in (None, 16, MAX_BATCH_TILE):
+        raise ValueError(f"batch_tile must be 16 or {MAX_BATCH_TILE} (a tensor-core tile), got {launch.batch_tile}")
     if not launch.tensor_cores and group_size < 32:
         raise ValueError(f"the FMA kernel reads runs of 32 coordinates of one group; group_size is {group_size}")
     # fp16 operands: the rotated input keeps 11 significant bits (bf16 inputs have 8). Where the device
@@ -399,7 +403,7 @@ def codes_gemv(x: torch.Tensor, packed: torch.Tensor, norms: torch.Tensor, quant
                      WAIT_FOR_INPUT=chained, LAUNCH_DEPENDENTS=chained and splits > 1,
                      num_warps=launch.num_warps, num_stages=launch.num_stages, **programmatic_launch(chained))
     if launch.tensor_cores:
-        batch_tile = min(MAX_BATCH_TILE, max(16, triton.next_power_of_2(batch)))
+        batch_tile = launch.batch_tile or min(MAX_BATCH_TILE, max(16, triton.next_power_of_2(batch)))
         vectors = quantizer.bits == 3 and vector_codes(launch.rows, step_groups * group_size, launch.num_warps)
         _gemv_kernel[(row_blocks, splits, triton.cdiv(batch, batch_tile))](*arguments, BATCH_TILE=batch_tile,
                                                                            VECTOR_CODES=vectors, **constants)
