@@ -12,8 +12,8 @@ integer instructions and no memory access.
 
 `dot_asm` goes on from the looked-up levels to their dot product with eight input coordinates, for the
 weight GEMV's FMA kernel. The strings are built once per codec (`KernelCodec`, the GEMV's `DeviceCodec`)
-and are constants of the kernels (one specialization per codebook). The Triton interpreter cannot run PTX, so on the CPU the kernels gather
-from the codebook instead.
+and are constants of the kernels (one specialization per codebook). The Triton interpreter cannot run
+PTX, so on the CPU the kernels gather from the codebook instead.
 """
 
 from __future__ import annotations

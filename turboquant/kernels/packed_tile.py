@@ -173,10 +173,9 @@ def load_runs(row_ptrs, row_mask, quads, BITS: tl.constexpr, ROW_BYTES: tl.const
         w0 = _load_words(row_ptrs, row_mask, quads * 3, ROW_BYTES, False).to(tl.uint32, bitcast=True)
         w1 = _load_words(row_ptrs, row_mask, quads * 3 + 1, ROW_BYTES, False).to(tl.uint32, bitcast=True)
         w2 = _load_words(row_ptrs, row_mask, quads * 3 + 2, ROW_BYTES, False).to(tl.uint32, bitcast=True)
-        return ((w0 & 0xFFFFFF).to(tl.int32, bitcast=True),
-                ((w0 >> 24) | ((w1 & 0xFFFF) << 8)).to(tl.int32, bitcast=True),
-                ((w1 >> 16) | ((w2 & 0xFF) << 16)).to(tl.int32, bitcast=True),
-                (w2 >> 8).to(tl.int32, bitcast=True))
+        r0, r1, r2, r3 = _quad_runs(w0, w1, w2)
+        return (r0.to(tl.int32, bitcast=True), r1.to(tl.int32, bitcast=True), r2.to(tl.int32, bitcast=True),
+                r3.to(tl.int32, bitcast=True))
     elif BITS == 4:
         return (_load_words(row_ptrs, row_mask, quads * 4, ROW_BYTES, False),
                 _load_words(row_ptrs, row_mask, quads * 4 + 1, ROW_BYTES, False),
