@@ -3,10 +3,10 @@
 Decode and extend attention are bound by the instructions that turn packed indices into fp16 levels,
 not by memory. A global-memory gather costs an address computation, a load and a 16-bit shared-memory
 store per coordinate. `prmt` instead selects four bytes out of an 8-byte table held in two registers,
-so one instruction looks up the low (or high) bytes of four levels: 8 fp16 levels cost about 18
-integer instructions and no memory access.
+so one instruction looks up the low (or high) bytes of four levels: 8 fp16 levels cost 16 (3 bits)
+to about 20 (4 bits) integer instructions and no memory access.
 
-- 3 bits: 8 levels, one table; a 24-bit group of 8 indices is spread to one index per nibble.
+- 3 bits: 8 levels, one table; the 24 bits of 8 indices are spread to one index per nibble.
 - 4 bits: 16 levels, but the codebook is antisymmetric (c[15 − i] = −c[i]), so an 8-entry table of
   magnitudes plus a sign bit suffices.
 
@@ -49,8 +49,8 @@ def _lookup_half(selector: str, sign: str | None, emit_pair) -> str:
 
 def _lookups(centroids: torch.Tensor, word: str, emit_pair) -> str:
     """PTX that looks up the eight levels of the packed indices in `word` (a word of eight 4-bit indices,
-    or a 24-bit group of eight 3-bit indices) as four fp16 pairs, handing pair p (levels 2p, 2p + 1) to
-    `emit_pair(p)`; its registers are declared inside."""
+    or eight 3-bit indices in its low 24 bits, the high 8 ignored) as four fp16 pairs, handing pair p
+    (levels 2p, 2p + 1) to `emit_pair(p)`; its registers are declared inside."""
     levels = centroids.to(torch.float16)
     bits = {8: 3, 16: 4}.get(levels.numel())
     if bits is None:
@@ -63,11 +63,15 @@ def _lookups(centroids: torch.Tensor, word: str, emit_pair) -> str:
     head = (".reg .b32 j, jh, lo, hi, t, tl0, tl1, th0, th1;\n"
             + "".join(f"mov.b32 {name}, {value:#010x};\n" for name, value in zip(("tl0", "tl1", "th0", "th1"), tables)))
     low, high = emit_pair, (lambda k: emit_pair(2 + k))  # pairs 0, 1 from the low nibbles, 2, 3 from the high
-    if bits == 3:  # fields at bits 3k → nibble k: halves apart, then pairs apart, then fields apart
-        return head + (f"and.b32 j, {word}, 0x00000fff;\nshl.b32 t, {word}, 4;\nand.b32 t, t, 0x0fff0000;\n"
-                       "or.b32 j, j, t;\n"
-                       "shl.b32 t, j, 2;\nand.b32 t, t, 0x3f003f00;\nand.b32 j, j, 0x003f003f;\nor.b32 j, j, t;\n"
-                       "shl.b32 t, j, 1;\nand.b32 t, t, 0x70707070;\nand.b32 j, j, 0x07070707;\nor.b32 j, j, t;\n"
+    if bits == 3:
+        # fields at bits 3k → nibble k: halves apart (the high half up 4), then pairs apart (odd pairs up 2),
+        # then fields apart (odd fields up 1). Each stage is a shift and one bit select (lop3 0xe2: the bits
+        # of the mask from j, the others from j shifted), carrying along stray bits that the last mask
+        # clears; bits 24–31 of the word never reach a field.
+        return head + (f"shl.b32 t, {word}, 4;\nlop3.b32 j, {word}, 0x0000ffff, t, 0xe2;\n"
+                       "shl.b32 t, j, 2;\nlop3.b32 j, j, 0x00ff00ff, t, 0xe2;\n"
+                       "shl.b32 t, j, 1;\nlop3.b32 j, j, 0x0f0f0f0f, t, 0xe2;\n"
+                       "and.b32 j, j, 0x77777777;\n"
                        "shr.b32 jh, j, 16;\n" + _lookup_half("j", None, low) + _lookup_half("jh", None, high))
     # magnitude index j = i & 7 for i ≥ 8, 7 − i below; bit 3 of each nibble, moved to bit 7 of a byte, is the sign
     return head + (f".reg .b32 f, up, slo, shi;\nshr.b32 f, {word}, 3;\nand.b32 f, f, 0x11111111;\n"
@@ -77,8 +81,8 @@ def _lookups(centroids: torch.Tensor, word: str, emit_pair) -> str:
 
 
 def dequant_asm(centroids: torch.Tensor) -> str:
-    """PTX mapping one 32-bit input ($8: a word of eight 4-bit indices, or a 24-bit group of eight
-    3-bit indices) to its eight fp16 levels, $0..$7 in index order. Each output is a function of the
+    """PTX mapping one 32-bit input ($8: a word of eight 4-bit indices, or eight 3-bit indices in its
+    low 24 bits) to its eight fp16 levels, $0..$7 in index order. Each output is a function of the
     one input, so the asm is elementwise whatever layout Triton gives the tensors."""
     return "{\n" + _lookups(centroids, "$8", lambda k: f"mov.b32 {{${2 * k}, ${2 * k + 1}}}, t;\n") + "}"
 

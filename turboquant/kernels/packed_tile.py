@@ -54,7 +54,8 @@ def _interleave8(o0, o1, o2, o3, o4, o5, o6, o7):
 
 @triton.jit
 def _groups3(row_ptrs, row_mask, ROW_BYTES: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
-    """[ROWS, HEAD_DIM_PAD // 8] int32: each 3-byte group of eight 3-bit indices as a 24-bit value.
+    """[ROWS, HEAD_DIM_PAD // 8] int32: each 3-byte group of eight 3-bit indices in the low 24 bits of a
+    value (the high 8 bits, where they are not 0, hold the next group's: its readers ignore them).
     Four groups fill three words exactly, so each word is loaded once and the groups are cut out of
     them by shifts (rows of fewer than 32 coordinates: out of the two words each group touches)."""
     if HEAD_DIM_PAD < 32:
@@ -84,24 +85,36 @@ def _quarters(vectors):
 
 @triton.jit
 def _quad_runs(w0, w1, w2):
-    """The four runs of 8 indices (24 bits each) in a quad's three words."""
-    return (w0 & 0xFFFFFF, (w0 >> 24) | ((w1 & 0xFFFF) << 8), (w1 >> 16) | ((w2 & 0xFF) << 16), w2 >> 8)
+    """The four runs of 8 indices in a quad's three words (uint32), each in the low 24 bits of a word
+    whose high 8 bits hold the next run's first indices: every reader of runs (`_fields`, `run_levels`,
+    the `lut_asm` lookups) ignores them, so no masks are spent on them."""
+    return w0, (w0 >> 24) | (w1 << 8), (w1 >> 16) | (w2 << 16), w2 >> 8
+
+
+@triton.jit
+def _loaded_quarters(words, mask):
+    """Load [BLOCKS, ROWS, 4] words, then the four [ROWS, BLOCKS] uint32 words of each vector."""
+    return _quarters(tl.permute(tl.load(words, mask=mask, other=0), (1, 0, 2)).to(tl.uint32, bitcast=True))
 
 
 @triton.jit
 def load_runs3_vectors(row_ptrs, row_mask, ROW_BYTES: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
     """What `_groups3` returns, for rows of whole blocks of 128 3-bit indices (48 bytes, 16-byte aligned
     in rows of a multiple of 48 bytes): each block is read as three 16-byte vectors, a quarter of its 12
-    words each, and its 16 runs are cut out of them by shifts (`_groups3` reads a word per load)."""
+    words each, and its 16 runs are cut out of them by shifts (`_groups3` reads a word per load).
+    The vectors are loaded as a [blocks, rows] tile and transposed in registers: Triton then runs a
+    warp's lanes along the blocks before the rows, so the levels of a row's runs are consecutive for the
+    copy that feeds `tl.dot` (stored 16 bytes at a time; as a [rows, blocks] tile the copy went rows
+    first, one level per store)."""
     ROWS: tl.constexpr = row_ptrs.shape[0]
     BLOCKS: tl.constexpr = HEAD_DIM_PAD // 128
     tl.static_assert(ROW_BYTES % 48 == 0, "rows of whole 48-byte blocks")
-    words = (row_ptrs.to(tl.pointer_type(tl.int32))[:, None, None] + (tl.arange(0, BLOCKS) * 12)[None, :, None]
+    words = (row_ptrs.to(tl.pointer_type(tl.int32))[None, :, None] + (tl.arange(0, BLOCKS) * 12)[:, None, None]
              + tl.arange(0, 4)[None, None, :])
-    mask = row_mask[:, None, None]
-    a0, a1, a2, a3 = _quarters(tl.load(words, mask=mask, other=0).to(tl.uint32, bitcast=True))
-    b0, b1, b2, b3 = _quarters(tl.load(words + 4, mask=mask, other=0).to(tl.uint32, bitcast=True))
-    c0, c1, c2, c3 = _quarters(tl.load(words + 8, mask=mask, other=0).to(tl.uint32, bitcast=True))
+    mask = row_mask[None, :, None]
+    a0, a1, a2, a3 = _loaded_quarters(words, mask)
+    b0, b1, b2, b3 = _loaded_quarters(words + 4, mask)
+    c0, c1, c2, c3 = _loaded_quarters(words + 8, mask)
     r0, r1, r2, r3 = _quad_runs(a0, a1, a2)
     r4, r5, r6, r7 = _quad_runs(a3, b0, b1)
     r8, r9, r10, r11 = _quad_runs(b2, b3, c0)
@@ -169,7 +182,7 @@ def load_runs(row_ptrs, row_mask, quads, BITS: tl.constexpr, ROW_BYTES: tl.const
     """The packed indices of coordinates 32q .. 32q + 31 of each row, q in `quads`, as four [ROWS, len(quads)]
     int32 runs: run j holds the eight indices of coordinates 32q + 8j .. 32q + 8j + 7 (4 bits each, or 3, or 2,
     lowest first). Each tensor has the same layout, so no lookup or product needs a layout change."""
-    if BITS == 3:  # a quad is three words, each loaded once; the four 24-bit runs are cut out by shifts
+    if BITS == 3:  # a quad is three words, each loaded once; the four runs are cut out by shifts (`_quad_runs`)
         w0 = _load_words(row_ptrs, row_mask, quads * 3, ROW_BYTES, False).to(tl.uint32, bitcast=True)
         w1 = _load_words(row_ptrs, row_mask, quads * 3 + 1, ROW_BYTES, False).to(tl.uint32, bitcast=True)
         w2 = _load_words(row_ptrs, row_mask, quads * 3 + 2, ROW_BYTES, False).to(tl.uint32, bitcast=True)
