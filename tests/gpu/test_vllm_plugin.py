@@ -21,9 +21,10 @@ pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
     pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vLLM"),
-    pytest.mark.skipif(not os.path.isdir(MODEL), reason=f"needs a model directory at {MODEL}"),
 ]
 
+# SmolLM2's real weights, converted by the bundle (the tensor-parallel test needs only the 8B-shaped config)
+needs_model = pytest.mark.skipif(not os.path.isdir(MODEL), reason=f"needs a model directory at {MODEL}")
 ENGINE = dict(model=MODEL, attention_backend="CUSTOM", enforce_eager=True, gpu_memory_utilization=0.3,
               max_model_len=1024)
 
@@ -41,6 +42,7 @@ def result_of(done: subprocess.CompletedProcess) -> dict:
 SERVER_MODULES = ("uvicorn", "model_hosting_container_standards")  # not in the slim offline bundle
 
 
+@needs_model
 @pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in SERVER_MODULES),
                     reason=f"vllm serve needs {SERVER_MODULES}")
 def test_serve_answers_an_openai_chat_request():
@@ -91,10 +93,13 @@ print("RESULT " + json.dumps({"together": together, "alone": alone, "preemptions
 """
 
 
+@needs_model
 def test_concurrent_requests_with_shared_prefixes_and_preemption_match_one_by_one():
     """In vLLM's batch-invariant mode: without it even vLLM's bf16 backend gives other greedy tokens
     under load (49 of 64 identical, 2026-11-24), and ours gave 10 of 64 (a recomputed token's K/V
-    differed by rounding, and quantization turned that into another code)."""
+    differed by rounding, and quantization turned that into another code). Still failing: in that mode
+    on an H200, bf16 39 of 64 and ours 6 of 64, also with vLLM's Triton matmuls in place of cuBLAS
+    (`benchmarks/results/vllm-invariance-h200-triton-matmuls.md`)."""
     result = result_of(run_python(f"ENGINE = {ENGINE!r}\n{LOAD}"))
     assert result["preemptions"] > 0, "the KV budget was meant to force preemption"
     pairs = list(zip(result["together"], result["alone"]))
@@ -107,6 +112,7 @@ def test_concurrent_requests_with_shared_prefixes_and_preemption_match_one_by_on
     ({"turboquant": "k5v5"}, "preset must be one of"),
     ({"turboquant": {"preset": "k4v4", "window": 64}}, "unknown key"),
 ])
+@needs_model
 def test_bad_configuration_fails_at_engine_start_with_one_clear_message(additional_config, message):
     engine = {**ENGINE, "additional_config": additional_config}
     done = run_python(f"from vllm import LLM\nLLM(**{engine!r})\nprint('STARTED')")
@@ -144,6 +150,7 @@ print("RESULT " + json.dumps({"tokens": tokens}))
 """
 
 
+@needs_model
 def test_weight_quantization_method_serves_what_transformers_serves(monkeypatch):
     """`--quantization turboquant` on a bf16 checkpoint: the weights are compressed at load (4 bits, groups
     of 64: SmolLM2's width 576 has no group of 128), CUDA graphs captured, and the engine answers with the
@@ -160,6 +167,7 @@ def test_weight_quantization_method_serves_what_transformers_serves(monkeypatch)
     assert sum(a[0] == b[0] for a, b in zip(ours["tokens"], hf["tokens"])) >= 3, (ours["tokens"], hf["tokens"])
 
 
+@needs_model
 def test_weight_group_size_that_does_not_fit_fails_at_engine_start(monkeypatch):
     monkeypatch.setenv("TURBOQUANT_WEIGHT_GROUP_SIZE", "128")
     done = run_python(f"MODEL, PROMPTS, QUANTIZATION = {MODEL!r}, {PROMPTS!r}, {{'quantization': 'turboquant'}}\n{WEIGHTS}")
