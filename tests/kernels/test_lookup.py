@@ -1,5 +1,6 @@
 """The two ways the attention kernels turn packed indices into fp16 levels agree exactly: the
-byte-permute PTX (`lut_asm.py`, GPU only) and the gather from the codebook (what the interpreter runs)."""
+byte-permute PTX (`lut_asm.py`; in Triton kernels on the GPU only, its integer instructions also under
+a CPU interpreter, `ptx_integer.py`) and the gather from the codebook (what the Triton interpreter runs)."""
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from turboquant.core import unpack_indices
 from turboquant.kernels.lut_asm import dequant_asm
 from turboquant.kernels.packed_tile import load_levels
 
+from . import ptx_integer
 from .paged import make_codec
 
 
@@ -57,6 +59,23 @@ def test_gather_lookup_matches_unpacked_indices(generator, device):
         expected = codec.key_centroids_fp16[unpack_indices(codes, bits, head_dim).long()]
         got = levels(codes, codec.key_centroids_fp16, bits, head_dim, "")
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_lookup_ptx_interpreted_on_the_cpu_gives_the_codebook_levels(bits, generator):
+    """The integer PTX of `dequant_asm`, run by a CPU interpreter of its instructions: the eight fp16
+    outputs of a word are the codebook levels of its eight indices (3 bits: the low 24 bits, whatever
+    the high 8 hold), bit for bit. Fresh random words each run, all indices included."""
+    codec = make_codec(64, bits, bits, num_kv_heads=1, block_size=16, device="cpu")
+    centroids = codec.key_centroids_fp16.cpu()
+    words = torch.randint(0, 2**32, (4096,), generator=generator, dtype=torch.int64)
+    # the first words repeat one index in all eight fields, so every index is looked up; the rest are random
+    words[:2**bits] = torch.arange(2**bits) * sum(1 << (bits * k) for k in range(8))
+    registers = ptx_integer.run(dequant_asm(centroids), {"$8": words})
+    level_bits = centroids.view(torch.int16).to(torch.int64) & 0xFFFF
+    for k in range(8):
+        index = (words >> (bits * k)) & (2**bits - 1)
+        assert torch.equal(registers[f"${k}"], level_bits[index]), f"level {k} of the run"
 
 
 def test_asm_refuses_codebooks_it_cannot_hold():
