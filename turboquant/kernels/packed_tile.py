@@ -75,9 +75,9 @@ def _groups3(row_ptrs, row_mask, ROW_BYTES: tl.constexpr, HEAD_DIM_PAD: tl.const
 
 
 @triton.jit
-def _quarters(vectors):
-    """[ROWS, N, 4] → its four [ROWS, N] slices in index order (free when a thread holds the last axis)."""
-    even, odd = tl.split(tl.reshape(vectors, [vectors.shape[0], vectors.shape[1], 2, 2]))
+def quarters(t):
+    """[..., 4] → its four [...] slices in index order (free when a thread holds the last axis)."""
+    even, odd = tl.split(tl.reshape(t, t.shape[:-1] + [2, 2]))  # the lowest index bit first
     q0, q2 = tl.split(even)
     q1, q3 = tl.split(odd)
     return q0, q1, q2, q3
@@ -94,7 +94,7 @@ def _quad_runs(w0, w1, w2):
 @triton.jit
 def _loaded_quarters(words, mask):
     """Load [BLOCKS, ROWS, 4] words, then the four [ROWS, BLOCKS] uint32 words of each vector."""
-    return _quarters(tl.permute(tl.load(words, mask=mask, other=0), (1, 0, 2)).to(tl.uint32, bitcast=True))
+    return quarters(tl.permute(tl.load(words, mask=mask, other=0), (1, 0, 2)).to(tl.uint32, bitcast=True))
 
 
 @triton.jit

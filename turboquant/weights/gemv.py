@@ -34,7 +34,8 @@ from ..core import MSEQuantizer
 from ..kernels.codec import rotation_parts
 from ..kernels.launch import multiprocessor_count, programmatic_launch, programmatic_launch_available
 from ..kernels.lut_asm import LUT_BITS, antisymmetric_fp16, byte_permute_available, dequant_asm, dot_asm
-from ..kernels.packed_tile import code_levels, load_codes, load_runs, load_runs3_vectors, run_levels, runs_levels
+from ..kernels.packed_tile import (code_levels, load_codes, load_runs, load_runs3_vectors, quarters, run_levels,
+                                   runs_levels)
 from ..kernels.rotate import rotate
 from .linear import TQLinear, kernel_group_size
 
@@ -207,16 +208,6 @@ def _mma_step_input(x_rows, batch_mask, group, last, GROUP_SIZE: tl.constexpr, S
 
 
 @triton.jit
-def _columns4(t):
-    """[N, 4] → its four columns, [N] each, in index order (free splits when a thread holds a row)."""
-    N: tl.constexpr = t.shape[0]
-    even, odd = tl.split(tl.reshape(t, [N, 2, 2]))  # the lowest index bit first
-    c0, c2 = tl.split(even)
-    c1, c3 = tl.split(odd)
-    return c0, c1, c2, c3
-
-
-@triton.jit
 def _fp16_pair(pair, HIGH: tl.constexpr):
     """One fp16 half of int32 words holding two (the low half first in memory), as fp32."""
     half = (pair >> 16) if HIGH else pair
@@ -227,7 +218,7 @@ def _fp16_pair(pair, HIGH: tl.constexpr):
 def _run_dot(run, pairs, centroids_ptr, BITS: tl.constexpr, LUT_DOT: tl.constexpr):
     """Σ_k level_k · x_k over runs of eight packed indices: run [ROWS, Q], the eight input coordinates as
     four [Q] int32 fp16 pairs → [ROWS, Q] fp32. By `lut_asm.dot_asm`, or without its PTX in fp32."""
-    p0, p1, p2, p3 = _columns4(pairs)
+    p0, p1, p2, p3 = quarters(pairs)
     if LUT_DOT == "":
         levels = run_levels(run, centroids_ptr, BITS, LUT_DOT)
         total = levels[0].to(tl.float32) * _fp16_pair(p0, False)[None, :]
