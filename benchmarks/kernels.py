@@ -16,7 +16,6 @@ norms: the kernels' speed does not depend on the values.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import math
@@ -29,8 +28,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from turboquant.core import TurboQuantConfig  # noqa: E402
 from turboquant.kernels.codec import KernelCodec  # noqa: E402
-from turboquant.kernels import decode as decode_module  # noqa: E402
-from turboquant.kernels.decode import paged_decode_attention  # noqa: E402
+from turboquant.kernels import decode_fragments  # noqa: E402
+from turboquant.kernels.decode import fragment_kernel_chosen, paged_decode_attention  # noqa: E402
 from turboquant.kernels.extend import extend_attention  # noqa: E402
 from turboquant.kernels.gather import gather_sequences  # noqa: E402
 from turboquant.kernels.store import compress_store  # noqa: E402
@@ -141,17 +140,6 @@ class Baselines:
         return fn, cache, config.slot_size_aligned
 
 
-@contextlib.contextmanager
-def unchained_decode():
-    """`paged_decode_attention` with programmatic dependent launch off: each launch waits for the last."""
-    original = decode_module.programmatic_launch_available
-    decode_module.programmatic_launch_available = lambda device: False
-    try:
-        yield
-    finally:
-        decode_module.programmatic_launch_available = original
-
-
 def decode_cell(baselines: Baselines, shape: dict, batch: int, context: int, preset: str, vllm_preset: str | None,
                 copy_gbs: float) -> dict:
     num_q_heads, num_kv_heads, head_dim = shape["num_q_heads"], shape["num_kv_heads"], shape["head_dim"]
@@ -166,10 +154,15 @@ def decode_cell(baselines: Baselines, shape: dict, batch: int, context: int, pre
     ms = graph_time_ms(lambda: paged_decode_attention(query, cache, codec, table, seq_lens, head_dim**-0.5))
     ours_bytes = tokens * codec.layout.bytes_per_token
     cell["ours"] = {"ms": ms, "bytes": ours_bytes, "gbs": ours_bytes / ms / 1e6,
-                    "fraction_of_copy_bw": ours_bytes / ms / 1e6 / copy_gbs}
-    with unchained_decode():  # the same call with its four launches not chained (what it gains)
-        cell["ours_unchained_ms"] = graph_time_ms(
-            lambda: paged_decode_attention(query, cache, codec, table, seq_lens, head_dim**-0.5))
+                    "fraction_of_copy_bw": ours_bytes / ms / 1e6 / copy_gbs,
+                    "split_kernel": "fragments" if fragment_kernel_chosen(
+                        codec, batch, num_q_heads // num_kv_heads, table.shape[1] * BLOCK_SIZE, query.device)
+                    else "triton"}
+    for fragments in (False, True):  # each split kernel forced, where it can serve
+        if fragments and decode_fragments.unsupported_reason(codec, num_q_heads // num_kv_heads, query.device):
+            continue
+        cell[f"ours_{'fragments' if fragments else 'triton'}_ms"] = graph_time_ms(
+            lambda: paged_decode_attention(query, cache, codec, table, seq_lens, head_dim**-0.5, fragments=fragments))
     del cache
 
     if baselines.error is None:
@@ -266,18 +259,21 @@ def markdown(result: dict) -> str:
     lines = [f"Device: {result['device']}, {result['date']}; copy bandwidth {result['copy_gbs']:.0f} GB/s "
              f"(read + write). Times per call (CUDA graph), ms."]
     if result["decode"]:
-        lines += ["", "Ours unchained: the same call without programmatic dependent launch between its four "
-                  "launches (each waits for the last to finish); `paged_decode_attention` chains them at batch 1 "
-                  "only, so above batch 1 both columns time the same code.", "",
-                  "| shape | preset | batch | context | ours ms | ours GB/s (% copy) | ours unchained ms | FA3 bf16 ms "
-                  "| vs FA3 | vLLM TQ ms | vs vLLM TQ |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += ["", "Ours: `paged_decode_attention` as called, which picks its split kernel (column 'kernel'); "
+                  "the two columns after it time each split kernel forced (`fragments=False` / `True`; the "
+                  "fragment kernel serves 4-bit keys and values only).", "",
+                  "| shape | preset | batch | context | ours ms | kernel | Triton split ms | fragment split ms "
+                  "| ours GB/s (% copy) | FA3 bf16 ms | vs FA3 | vLLM TQ ms | vs vLLM TQ |",
+                  "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for c in result["decode"]:
         fa3 = c.get("fa3_bf16", {})
         tq = c.get("vllm_tq", {})
         lines.append(
             f"| {c['shape']} | {c['preset']} | {c['batch']} | {c['context']} | {c['ours']['ms']:.3f} | "
+            f"{c['ours'].get('split_kernel', '')} | {c.get('ours_triton_ms', nan):.3f} | "
+            f"{c.get('ours_fragments_ms', nan):.3f} | "
             f"{c['ours']['gbs']:.0f} ({100 * c['ours']['fraction_of_copy_bw']:.0f}%) | "
-            f"{c.get('ours_unchained_ms', nan):.3f} | {fa3.get('ms', nan):.3f} | {c.get('speedup_vs_fa3', nan):.2f}x | "
+            f"{fa3.get('ms', nan):.3f} | {c.get('speedup_vs_fa3', nan):.2f}x | "
             f"{tq.get('ms', nan):.3f} | {c.get('speedup_vs_vllm_tq', nan):.2f}x |")
     if result["extend"]:
         lines += ["", "| extend: shape | prefix | chunk | fused ms | FA3 bf16 ms | fused / FA3 | gather ms | "

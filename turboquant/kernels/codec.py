@@ -13,7 +13,7 @@ import torch
 
 from ..core import MSEQuantizer, TurboQuantConfig
 from ..core.paged_layout import PagedLayout
-from .lut_asm import LUT_BITS, antisymmetric_fp16, dequant_asm
+from .lut_asm import LUT_BITS, antisymmetric_fp16, dequant_asm, dequant_pairs_asm, lookup_tables
 
 KERNEL_HEAD_DIMS = (64, 80, 96, 128, 256)
 KERNEL_BITS = (2, 3, 4, 8)
@@ -42,6 +42,12 @@ class KernelCodec:
     # kernel wrapper must not read device tensors back (CUDA graph capture).
     key_lut_asm: str
     value_lut_asm: str
+    # The same lookups for 4-bit codes in the fragment decode kernel (`decode_fragments.py`): PTX that
+    # takes the table words as inputs ("" otherwise), and those words, one copy per lane ([8, 32] int32:
+    # the key tables' four words, then the value tables').
+    key_pairs_lut_asm: str
+    value_pairs_lut_asm: str
+    lut_lane_tables: torch.Tensor
 
     @property
     def norm_correction(self) -> bool:
@@ -86,7 +92,20 @@ class KernelCodec:
             key_centroids_fp16=key_levels.to(device), value_centroids_fp16=value_levels.to(device),
             key_lut_asm=dequant_asm(key_levels) if config.key_bits in LUT_BITS else "",
             value_lut_asm=dequant_asm(value_levels) if config.value_bits in LUT_BITS else "",
+            key_pairs_lut_asm=dequant_pairs_asm(key_levels) if config.key_bits == 4 else "",
+            value_pairs_lut_asm=dequant_pairs_asm(value_levels) if config.value_bits == 4 else "",
+            lut_lane_tables=lane_tables(key_levels, value_levels).to(device),
         )
+
+
+def lane_tables(key_levels: torch.Tensor, value_levels: torch.Tensor) -> torch.Tensor:
+    """[8, 32] int32: the four table words of each 4-bit codebook's lookup (zeros for other widths), each
+    repeated once per lane of a warp."""
+    words = [word for levels in (key_levels, value_levels)
+             for word in (lookup_tables(levels) if levels.numel() == 16 else (0, 0, 0, 0))]
+    signed = torch.tensor(words, dtype=torch.int64)
+    signed = torch.where(signed >= 1 << 31, signed - (1 << 32), signed).to(torch.int32)
+    return signed[:, None].expand(8, 32).contiguous()
 
 
 def rotation_parts(rotation: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from . import decode_fragments
 from .codec import KernelCodec
 from .launch import (FLOAT_DTYPES, SLICED_METADATA, check_block_table, check_codec_device, check_device_tensor,
                      head_dim_pad, lookup_constants, multiprocessor_count, page_constants,
@@ -167,18 +168,34 @@ def default_num_splits(batch: int, num_kv_heads: int, max_tokens: int, tile: int
     return int(min(triton.next_power_of_2(wanted), triton.next_power_of_2(longest), 64))
 
 
+# Below this many (sequence · kv head · block-table token) slots the Triton split kernel measured faster
+# than the fragment kernel on an H200 (batch 1 at every context, batch 8 up to 4K, batch 32 at 1K):
+# with little work, one-warp programs cannot hide their latency.
+FRAGMENT_MIN_WORK = 1 << 19
+
+
+def fragment_kernel_chosen(codec: KernelCodec, batch: int, group: int, max_tokens: int, device: torch.device) -> bool:
+    """Whether `paged_decode_attention` runs the fragment split kernel by default (shapes only: a CUDA
+    graph replays the same choice)."""
+    return (batch * codec.layout.num_kv_heads * max_tokens >= FRAGMENT_MIN_WORK
+            and decode_fragments.unsupported_reason(codec, group, device) is None)
+
+
 def paged_decode_attention(query: torch.Tensor, cache: torch.Tensor, codec: KernelCodec, block_table: torch.Tensor,
                            seq_lens: torch.Tensor, scale: float, sliding_window: int | None = None,
                            softcap: float | None = None, num_splits: int | None = None,
                            key_starts: torch.Tensor | None = None, return_lse: bool = False,
-                           out: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                           out: torch.Tensor | None = None,
+                           fragments: bool | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """query [batch, num_q_heads, head_dim] (the token at position seq_len − 1 of each sequence) →
     attention output of the same shape and dtype. block_table int32 [batch, max_blocks], seq_lens int32
     [batch]. A CUDA graph must fix `num_splits` (the default depends only on shapes, not on values).
     `key_starts` (int32 [batch]) hides each sequence's keys before that position (left padding);
     `return_lse` also returns the fp32 log-sum-exp of the scores [batch, num_q_heads] (−inf where no key
     is visible), so a caller can merge this output with attention over keys held elsewhere. `out` (the
-    query's shape) receives the output in place of a new tensor."""
+    query's shape) receives the output in place of a new tensor. `fragments` picks the split kernel:
+    True the fragment kernel (`decode_fragments.py`; ValueError where it cannot serve the layer), False
+    the Triton one, None the fragment kernel where it can serve and the call is large enough."""
     layout = codec.layout
     layout.check_cache(cache)
     check_codec_device(codec, cache)
@@ -198,36 +215,46 @@ def paged_decode_attention(query: torch.Tensor, cache: torch.Tensor, codec: Kern
         check_device_tensor(key_starts, "key_starts", (torch.int32,), (batch,), cache.device)
     if out is not None:
         check_device_tensor(out, "out", FLOAT_DTYPES, query.shape, cache.device)
+    group = num_q_heads // layout.num_kv_heads
+    max_tokens = block_table.shape[1] * layout.block_size
+    if fragments is None:
+        fragments = fragment_kernel_chosen(codec, batch, group, max_tokens, cache.device)
+    elif fragments and (unsupported := decode_fragments.unsupported_reason(codec, group, cache.device)):
+        raise ValueError(f"the fragment decode kernel cannot serve this call: {unsupported}")
     lookups = lookup_constants(codec)
     launch = decode_launch(layout.head_dim, layout.key_bits, layout.value_bits,
                            bool(lookups["KEY_LUT"] and lookups["VALUE_LUT"]))
     if num_splits is None:
-        num_splits = default_num_splits(batch, layout.num_kv_heads, block_table.shape[1] * layout.block_size,
-                                        launch["TILE"], multiprocessor_count(cache.device))
+        num_sms = multiprocessor_count(cache.device)
+        num_splits = (decode_fragments.default_num_splits(batch * layout.num_kv_heads, max_tokens, num_sms) if fragments
+                      else default_num_splits(batch, layout.num_kv_heads, max_tokens, launch["TILE"], num_sms))
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits!r}")
 
-    group = num_q_heads // layout.num_kv_heads
     pad = head_dim_pad(layout.head_dim)
     # rotate q once (keys stay in the rotated space). For a single sequence the four launches are chained
     # by programmatic dependent launch where the device has it: each starts while the one before runs and
     # waits for it only before reading its output, which hides launch gaps that dominate a short call
     # (H200, b1 x 1K: 0.014 → 0.012 ms). At batch 8 and 64 the same chaining measured 1–17% slower
     # (`benchmarks/kernels.py`, ours vs ours unchained), so larger batches launch one after another.
-    chained = batch == 1 and programmatic_launch_available(cache.device)
+    chained = batch == 1 and not fragments and programmatic_launch_available(cache.device)
     rotated_query = rotate(query, codec, launch_dependents=chained)
     partial_out = torch.empty(batch, num_q_heads, num_splits, pad, device=cache.device, dtype=torch.float32)
     partial_lse = torch.empty(batch, num_q_heads, num_splits, device=cache.device, dtype=torch.float32)
-    _decode_split_kernel[(batch, layout.num_kv_heads, num_splits)](
-        rotated_query, cache, block_table, seq_lens, seq_lens if key_starts is None else key_starts,
-        codec.key_centroids_fp16, codec.value_centroids_fp16,
-        partial_out, partial_lse, rotated_query.stride(0), rotated_query.stride(1), block_table.stride(0),
-        float(scale), float(softcap or 0.0), int(sliding_window or 0),
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), NUM_SPLITS=num_splits,
-        **page_constants(layout), **lookups,
-        USE_SOFTCAP=softcap is not None, USE_WINDOW=sliding_window is not None, USE_STARTS=key_starts is not None,
-        CHAINED=chained, **launch, **programmatic_launch(chained),
-    )
+    if fragments:
+        decode_fragments.launch_split(rotated_query, cache, codec, block_table, seq_lens, key_starts, partial_out,
+                                      partial_lse, scale, softcap, sliding_window)
+    else:
+        _decode_split_kernel[(batch, layout.num_kv_heads, num_splits)](
+            rotated_query, cache, block_table, seq_lens, seq_lens if key_starts is None else key_starts,
+            codec.key_centroids_fp16, codec.value_centroids_fp16,
+            partial_out, partial_lse, rotated_query.stride(0), rotated_query.stride(1), block_table.stride(0),
+            float(scale), float(softcap or 0.0), int(sliding_window or 0),
+            GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), NUM_SPLITS=num_splits,
+            **page_constants(layout), **lookups,
+            USE_SOFTCAP=softcap is not None, USE_WINDOW=sliding_window is not None, USE_STARTS=key_starts is not None,
+            CHAINED=chained, **launch, **programmatic_launch(chained),
+        )
     rotated_out = torch.empty(batch, num_q_heads, layout.head_dim, device=cache.device, dtype=torch.float32)
     lse = torch.empty(batch, num_q_heads, device=cache.device, dtype=torch.float32) if return_lse else partial_lse
     _decode_reduce_kernel[(batch * num_q_heads,)](

@@ -39,18 +39,22 @@ def _byte_tables(levels: torch.Tensor) -> tuple[int, int, int, int]:
     return word(low[:4]), word(low[4:]), word(high[:4]), word(high[4:])
 
 
-def _lookup_half(selector: str, sign: str | None, emit_pair) -> str:
+def _lookup_half(selector: str, sign: str | None, emit_pair, tables: tuple[str, str, str, str]) -> str:
     """Four levels selected by the nibbles of `selector`'s low 16 bits, as two fp16 pairs in register t
     (the lower level in the low half); `emit_pair(k)` is the PTX that uses pair k (levels 2k, 2k + 1)."""
+    tl0, tl1, th0, th1 = tables
     flip = (f"not.b32 t, {sign};\nand.b32 t, t, 0x80808080;\nxor.b32 hi, hi, t;\n" if sign else "")
-    return (f"prmt.b32 lo, tl0, tl1, {selector};\nprmt.b32 hi, th0, th1, {selector};\n{flip}"
+    return (f"prmt.b32 lo, {tl0}, {tl1}, {selector};\nprmt.b32 hi, {th0}, {th1}, {selector};\n{flip}"
             f"prmt.b32 t, lo, hi, 0x5140;\n{emit_pair(0)}prmt.b32 t, lo, hi, 0x7362;\n{emit_pair(1)}")
 
 
-def _lookups(centroids: torch.Tensor, word: str, emit_pair) -> str:
-    """PTX that looks up the eight levels of the packed indices in `word` (a word of eight 4-bit indices,
-    or eight 3-bit indices in its low 24 bits, the high 8 ignored) as four fp16 pairs, handing pair p
-    (levels 2p, 2p + 1) to `emit_pair(p)`; its registers are declared inside."""
+def lookup_tables(centroids: torch.Tensor) -> tuple[int, int, int, int]:
+    """The four table words of a byte-permute lookup (`_byte_tables` of the levels it stores)."""
+    return _byte_tables(_stored_levels(centroids)[0])
+
+
+def _stored_levels(centroids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(the 8 fp16 levels a lookup's tables hold, bits): a 3-bit codebook, or a 4-bit one's magnitudes."""
     levels = centroids.to(torch.float16)
     bits = {8: 3, 16: 4}.get(levels.numel())
     if bits is None:
@@ -59,9 +63,21 @@ def _lookups(centroids: torch.Tensor, word: str, emit_pair) -> str:
         if not torch.equal(levels[:8], -levels[8:].flip(0)):
             raise ValueError("a 4-bit byte-permute lookup needs an antisymmetric codebook")
         levels = levels[8:]  # magnitudes; index i ≥ 8 → +levels[i − 8], i < 8 → −levels[7 − i]
-    tables = _byte_tables(levels)
-    head = (".reg .b32 j, jh, lo, hi, t, tl0, tl1, th0, th1;\n"
-            + "".join(f"mov.b32 {name}, {value:#010x};\n" for name, value in zip(("tl0", "tl1", "th0", "th1"), tables)))
+    return levels, bits
+
+
+def _lookups(centroids: torch.Tensor, word: str, emit_pair, tables: tuple[str, str, str, str] | None = None) -> str:
+    """PTX that looks up the eight levels of the packed indices in `word` (a word of eight 4-bit indices,
+    or eight 3-bit indices in its low 24 bits, the high 8 ignored) as four fp16 pairs, handing pair p
+    (levels 2p, 2p + 1) to `emit_pair(p)`; its registers are declared inside. `tables` names registers
+    that hold the table words (`lookup_tables`); without them the words are constants of the PTX."""
+    levels, bits = _stored_levels(centroids)
+    if tables is None:
+        tables = ("tl0", "tl1", "th0", "th1")
+        head = (".reg .b32 j, jh, lo, hi, t, tl0, tl1, th0, th1;\n"
+                + "".join(f"mov.b32 {name}, {value:#010x};\n" for name, value in zip(tables, _byte_tables(levels))))
+    else:
+        head = ".reg .b32 j, jh, lo, hi, t;\n"
     low, high = emit_pair, (lambda k: emit_pair(2 + k))  # pairs 0, 1 from the low nibbles, 2, 3 from the high
     if bits == 3:
         # fields at bits 3k → nibble k: halves apart (the high half up 4), then pairs apart (odd pairs up 2),
@@ -72,12 +88,13 @@ def _lookups(centroids: torch.Tensor, word: str, emit_pair) -> str:
                        "shl.b32 t, j, 2;\nlop3.b32 j, j, 0x00ff00ff, t, 0xe2;\n"
                        "shl.b32 t, j, 1;\nlop3.b32 j, j, 0x0f0f0f0f, t, 0xe2;\n"
                        "and.b32 j, j, 0x77777777;\n"
-                       "shr.b32 jh, j, 16;\n" + _lookup_half("j", None, low) + _lookup_half("jh", None, high))
+                       "shr.b32 jh, j, 16;\n" + _lookup_half("j", None, low, tables) + _lookup_half("jh", None, high, tables))
     # magnitude index j = i & 7 for i ≥ 8, 7 − i below; bit 3 of each nibble, moved to bit 7 of a byte, is the sign
     return head + (f".reg .b32 f, up, slo, shi;\nshr.b32 f, {word}, 3;\nand.b32 f, f, 0x11111111;\n"
                    f"mul.lo.u32 f, f, 7;\nxor.b32 j, {word}, f;\nnot.b32 j, j;\nand.b32 j, j, 0x77777777;\n"
                    f"shr.b32 jh, j, 16;\nshl.b32 up, {word}, 4;\nprmt.b32 slo, up, {word}, 0x5140;\n"
-                   f"prmt.b32 shi, up, {word}, 0x7362;\n" + _lookup_half("j", "slo", low) + _lookup_half("jh", "shi", high))
+                   f"prmt.b32 shi, up, {word}, 0x7362;\n" + _lookup_half("j", "slo", low, tables)
+                   + _lookup_half("jh", "shi", high, tables))
 
 
 def dequant_asm(centroids: torch.Tensor) -> str:
@@ -85,6 +102,15 @@ def dequant_asm(centroids: torch.Tensor) -> str:
     low 24 bits) to its eight fp16 levels, $0..$7 in index order. Each output is a function of the
     one input, so the asm is elementwise whatever layout Triton gives the tensors."""
     return "{\n" + _lookups(centroids, "$8", lambda k: f"mov.b32 {{${2 * k}, ${2 * k + 1}}}, t;\n") + "}"
+
+
+def dequant_pairs_asm(centroids: torch.Tensor) -> str:
+    """`dequant_asm` for `inline_asm_elementwise(..., pack=2)` over a word given twice ($4, $5): the
+    eight levels as four fp16 pairs $0..$3 (pair k: levels 2k, 2k + 1), the table words
+    (`lookup_tables`) as inputs $6, $8, $10, $12 (each given twice too). A pair stays one 32-bit
+    register from the byte permute that makes it to the MMA that reads it, and tables that a kernel
+    loads once stay in registers (constants are re-materialized before every byte permute)."""
+    return "{\n" + _lookups(centroids, "$4", lambda k: f"mov.b32 ${k}, t;\n", ("$6", "$8", "$10", "$12")) + "}"
 
 
 def dot_asm(centroids: torch.Tensor) -> str:

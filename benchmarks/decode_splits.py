@@ -1,0 +1,68 @@
+"""Split-count sweep of the decode split kernels (CUDA): Llama-3.1-8B attention (32 q heads, 8 kv heads,
+d=128), k4v4, page size 16, one CUDA-graph time per (batch, context, split count) for the fragment kernel
+(`paged_decode_attention(..., fragments=True)`) beside the Triton split kernel at its default. It chose
+`decode_fragments.default_num_splits` and `decode.FRAGMENT_MIN_WORK`.
+
+    python benchmarks/decode_splits.py [--out benchmarks/results/decode-splits-h200.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from kernels import block_table_for, graph_time_ms, random_compressed_cache  # noqa: E402
+from turboquant.core import TurboQuantConfig  # noqa: E402
+from turboquant.kernels.codec import KernelCodec  # noqa: E402
+from turboquant.kernels.decode import paged_decode_attention  # noqa: E402
+
+CELLS = [(1, 1024), (1, 4096), (1, 16384), (8, 1024), (8, 4096), (8, 16384), (16, 6144), (32, 1024), (32, 4096),
+         (64, 1024), (64, 4096)]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="benchmarks/results/decode-splits-h200.json")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA device")
+    codec = KernelCodec.from_config(TurboQuantConfig.from_preset("k4v4"), 128, 8, 16, device="cuda")
+    rows = []
+    for batch, context in CELLS:
+        table, seq_lens, num_blocks = block_table_for(batch, context)
+        cache = random_compressed_cache(codec, num_blocks)
+        query = torch.randn(batch, 32, 128, device="cuda", dtype=torch.bfloat16)
+        row = {"batch": batch, "context": context, "triton_ms": graph_time_ms(
+            lambda: paged_decode_attention(query, cache, codec, table, seq_lens, 128**-0.5, fragments=False))}
+        for splits in (1, 2, 4, 8, 16, 32, 64, 128):
+            if context // splits >= 32:
+                row[f"fragments_{splits}_ms"] = graph_time_ms(lambda: paged_decode_attention(
+                    query, cache, codec, table, seq_lens, 128**-0.5, num_splits=splits, fragments=True))
+        best = min((ms, key) for key, ms in row.items() if key.startswith("fragments_"))
+        row["best_splits"], row["best_ms"] = int(best[1].split("_")[1]), best[0]
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        del cache
+        torch.cuda.empty_cache()
+    result = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(), "rows": rows}
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    lines = [f"Device: {result['device']}, {result['date']}. Llama-3.1-8B attention, k4v4, page 16; ms per call "
+             "(CUDA graph). Fragment kernel at each split count; Triton split kernel at its default.", "",
+             "| batch | context | Triton ms | " + " | ".join(f"s={s}" for s in (1, 2, 4, 8, 16, 32, 64, 128))
+             + " | best |", "|---:|---:|---:|" + "---:|" * 9]
+    for row in rows:
+        cells = " | ".join(f"{row[f'fragments_{s}_ms']:.4f}" if f"fragments_{s}_ms" in row else ""
+                           for s in (1, 2, 4, 8, 16, 32, 64, 128))
+        lines.append(f"| {row['batch']} | {row['context']} | {row['triton_ms']:.4f} | {cells} | {row['best_splits']} |")
+    Path(args.out).with_suffix(".md").write_text("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

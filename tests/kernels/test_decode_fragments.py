@@ -1,0 +1,89 @@
+"""The fragment decode kernel (`decode_fragments.py`, Gluon). Gluon does not run in the Triton
+interpreter: on a GPU the kernel is checked against the PyTorch reference; on the CPU it is compiled for
+sm_90 (Triton ships ptxas), which checks that every layout conversion in it moves no data and that its
+loop keeps the levels out of shared memory."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from turboquant.kernels import decode_fragments
+from turboquant.kernels.decode import paged_decode_attention
+from turboquant.kernels.reference import decode_reference
+
+from .paged import filled_cache, make_codec
+from .test_decode import TOLERANCE
+
+needs_gluon = pytest.mark.skipif(decode_fragments.gluon is None, reason="this Triton has no Gluon")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+# (head_dim, block_size, num_q_heads, num_kv_heads): every head_dim, page sizes 16–128, GQA groups 1–8
+CASES = [(64, 16, 8, 2), (128, 16, 32, 8), (128, 32, 7, 1), (128, 128, 16, 2), (256, 64, 3, 3)]
+
+
+@needs_cuda
+@needs_gluon
+@pytest.mark.parametrize("head_dim,block_size,num_q_heads,num_kv_heads", CASES)
+@pytest.mark.parametrize("options", [{}, {"sliding_window": 37}, {"softcap": 4.0},
+                                     {"key_starts": [0, 1, 30, 96, 1500]}])  # the second sees no key at all
+def test_fragment_decode_matches_reference(head_dim, block_size, num_q_heads, num_kv_heads, options, generator):
+    codec = make_codec(head_dim, 4, 4, num_kv_heads, block_size, "cuda")
+    seq_lens = [150, 1, 64, 97, 2000]
+    cache, block_table = filled_cache(codec, seq_lens, generator, "cuda")
+    query = torch.randn(len(seq_lens), num_q_heads, head_dim, generator=generator).cuda()
+    lengths = torch.tensor(seq_lens, dtype=torch.int32, device="cuda")
+    if "key_starts" in options:
+        options = {"key_starts": torch.tensor(options["key_starts"], dtype=torch.int32, device="cuda")}
+    for num_splits in (None, 3):
+        out, lse = paged_decode_attention(query, cache, codec, block_table, lengths, head_dim**-0.5,
+                                          num_splits=num_splits, return_lse=True, fragments=True, **options)
+        expected, expected_lse = decode_reference(query, cache, codec, block_table, lengths, head_dim**-0.5,
+                                                  return_lse=True, **options)
+        torch.testing.assert_close(out, expected, **TOLERANCE)
+        torch.testing.assert_close(lse, expected_lse, **TOLERANCE)
+
+
+@needs_cuda
+@needs_gluon
+def test_large_calls_take_the_fragment_kernel(generator):
+    codec = make_codec(128, 4, 4, 8, 16, "cuda")
+    cache, block_table = filled_cache(codec, [70, 9], generator, "cuda")
+    wide_table = torch.nn.functional.pad(block_table, (0, 4096))  # 65K-token rows: a large call by shape
+    query = torch.randn(2, 32, 128, generator=generator).cuda()
+    lengths = torch.tensor([70, 9], dtype=torch.int32, device="cuda")
+    automatic = paged_decode_attention(query, cache, codec, wide_table, lengths, 0.1)
+    forced = paged_decode_attention(query, cache, codec, wide_table, lengths, 0.1, fragments=True)
+    triton_kernel = paged_decode_attention(query, cache, codec, wide_table, lengths, 0.1, fragments=False)
+    assert torch.equal(automatic, forced)
+    torch.testing.assert_close(automatic, triton_kernel, **TOLERANCE)
+
+
+def test_fragment_kernel_refuses_what_it_cannot_serve(device, generator):
+    codec = make_codec(128, 4, 3, 2, 16, device)
+    cache, block_table = filled_cache(codec, [20], generator, device)
+    query = torch.randn(1, 4, 128, device=device)
+    lengths = torch.tensor([20], dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match="fragment decode kernel"):
+        paged_decode_attention(query, cache, codec, block_table, lengths, 0.1, fragments=True)
+
+
+@needs_gluon
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_fragment_kernel_compiles_without_shared_memory_in_its_loop(head_dim):
+    """The design's premise: levels go from the byte permute to the MMA in registers. A layout that
+    stops matching the MMA's fragments fails `convert_layout(..., assert_trivial=True)` at compile time,
+    and one that sends levels through shared memory shows as shared-memory instructions in the loop.
+    Compiled by `benchmarks/decode_sass.py` in a process without TRITON_INTERPRET."""
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "decode_sass.py"
+    run = subprocess.run([sys.executable, str(script), "--head-dim", str(head_dim)], capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    sass = json.loads(run.stdout)
+    assert sass["loop_mma"] == 3 * head_dim // 16  # a tile's score MMA (D/8) and value MMA (D/16)
+    assert sass["loop_shared_memory"] == {}

@@ -1,0 +1,280 @@
+"""Decode attention's split kernel for 4-bit keys and values, with the codes looked up straight into
+tensor-core fragments (Gluon, Triton's layout-explicit dialect).
+
+`decode._decode_split_kernel` turns a tile of codes into fp16 levels in a blocked layout, and Triton
+moves them through shared memory into the layout that `mma.sync` reads (stores, barriers, `ldmatrix`).
+Here each lane loads exactly the codes whose levels its fragment registers hold, so levels go from the
+byte permute (`lut_asm.dequant_pairs_asm`) to the MMA in registers: no shared memory, no barrier, and
+fewer instructions per token (sm_90 SASS, Triton 3.6, d=128: 590 per 16 tokens in one warp with window,
+softcap and key starts compiled in, against 915 per 64 tokens in each of 4 warps; 37 against 57 warp
+instructions per token; `benchmarks/decode_sass.py` counts them).
+
+That works because the order of the coordinates inside the MMA is free: a score sums over them, so
+the query's columns are permuted once (`_key_coordinate`) to match the keys as each lane reads them,
+a run of D/4 coordinates per lane; the output is computed transposed (O^T = V^T P^T, the group's heads
+as the 8 columns) so a lane's value codes are a run of D/8 coordinates of two adjacent tokens, and its
+rows are stored back to their coordinates (`_value_coordinate`). The cache layout is `PagedLayout`'s.
+
+A program is one warp over one split of one (sequence, kv head): its heads (GROUP ≤ 8) are the rows of
+the score MMA, the softmax stays in the MMA's registers, and the sum is rescaled only in tiles where a
+maximum rose. Its partial outputs and log-sum-exps are `_decode_split_kernel`'s, for the same reduction.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+    from triton.runtime.jit import constexpr_function
+except ImportError:  # a Triton without Gluon: `unsupported_reason` says so and decode uses its Triton kernel
+    gluon = None
+
+from .codec import KernelCodec
+from .launch import page_constants
+
+HEAD_DIMS = (64, 128, 256)
+MAX_GROUP = 8  # query heads per kv head: the columns of the transposed output MMA
+TILE = 16  # tokens per step: one k-step of the value MMA, and a divisor of every page size
+LOG2E = 1.4426950408889634
+
+
+def unsupported_reason(codec: KernelCodec, group: int, device: torch.device) -> str | None:
+    """Why the fragment kernel cannot serve this layer on `device` (None when it can)."""
+    layout = codec.layout
+    if gluon is None:
+        return "this Triton has no Gluon"
+    if device.type != "cuda" or not codec.key_pairs_lut_asm:
+        return "it runs on CUDA devices with the byte-permute lookups (not in the Triton interpreter)"
+    if torch.cuda.get_device_capability(device)[0] < 8:
+        return "mma.sync needs compute capability 8.0 or newer"
+    if (layout.key_bits, layout.value_bits) != (4, 4):
+        return f"it reads 4-bit keys and values, not k{layout.key_bits}v{layout.value_bits}"
+    if layout.head_dim not in HEAD_DIMS:
+        return f"head_dim must be one of {HEAD_DIMS}, got {layout.head_dim}"
+    if group > MAX_GROUP:
+        return f"at most {MAX_GROUP} query heads per kv head, got {group}"
+    if layout.block_size % TILE:
+        return f"the page size must be a multiple of {TILE}, got {layout.block_size}"
+    return None
+
+
+def default_num_splits(pairs: int, max_tokens: int, num_sms: int) -> int:
+    """About 16 one-warp programs per SM, no split shorter than 128 tokens (H200 sweep: b1–b64 ×
+    1K–16K: benchmarks/results/decode-splits-h200.md)."""
+    wanted = max(1, 16 * num_sms // max(1, pairs))
+    longest = max(1, max_tokens // 128)
+    return int(min(1 << (wanted.bit_length() - 1), 1 << (longest.bit_length() - 1), 128))
+
+
+if gluon is not None:
+    _TILE = gl.constexpr(TILE)
+    _LOG2E = gl.constexpr(LOG2E)
+
+
+    @constexpr_function
+    def _key_codes_layout(D):
+        """[4·TILE rows r = t + 4n, D/32 words]: lane 4g + t holds words of token n = g + 8i, chunk t."""
+        reg = [[0, 1 << i] for i in range((D // 32).bit_length() - 1)] + [[32, 0]]
+        return gl.DistributedLinearLayout(reg, [[1, 0], [2, 0], [4, 0], [8, 0], [16, 0]], [], [], [4 * TILE, D // 32])
+
+    @constexpr_function
+    def _value_codes_layout(D):
+        """[8·TILE rows r = e + 2g + 16t + 64h, D/64 words]: lane 4g + t holds chunk g of tokens 2t + e + 8h."""
+        reg = [[0, 1 << i] for i in range((D // 64).bit_length() - 1)] + [[1, 0], [64, 0]]
+        return gl.DistributedLinearLayout(reg, [[16, 0], [32, 0], [2, 0], [4, 0], [8, 0]], [], [], [8 * TILE, D // 64])
+
+    @constexpr_function
+    def _value_pairs_layout(D):
+        """`_value_codes_layout` with the token-pair axis split off, as a layout of its own: as a slice of the
+        split's parent, a join would not put its new axis in the fastest register (`_lookup_pairs` needs it)."""
+        reg = [[0, 1 << i] for i in range((D // 64).bit_length() - 1)] + [[32, 0]]
+        return gl.DistributedLinearLayout(reg, [[8, 0], [16, 0], [1, 0], [2, 0], [4, 0]], [], [], [4 * TILE, D // 64])
+
+    @gluon.jit
+    def _lookup_pairs(words, tables, LUT: gl.constexpr):
+        """Words of eight 4-bit indices → four [.., 2] fp16 tensors, pair k = levels 2k, 2k + 1 (one register)."""
+        return gl.inline_asm_elementwise(
+            LUT, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r",
+            [gl.join(words, words), gl.join(tables[0], tables[0]), gl.join(tables[1], tables[1]),
+             gl.join(tables[2], tables[2]), gl.join(tables[3], tables[3])],
+            dtype=(gl.float16,) * 4, is_pure=True, pack=2)
+
+    @gluon.jit
+    def _join_pairs(p0, p1, p2, p3):
+        """Four [.., 2] level pairs → [.., 2, 2, 2]: level 2k + e of a word at [.., e, k % 2, k // 2]."""
+        return gl.join(gl.join(p0, p1), gl.join(p2, p3))
+
+    @gluon.jit
+    def _token_pairs(words):
+        """[2R, W] words, rows alternating between tokens 2i and 2i + 1 → the two [R, W] halves."""
+        return gl.split(gl.permute(gl.reshape(words, [words.shape[0] // 2, 2, words.shape[1]]), (0, 2, 1)))
+
+    @gluon.jit
+    def _group_rows(scores):
+        """[16, T] scores in the MMA layout → rows 0..7 (the group's heads; a split of registers)."""
+        rows, _ = gl.split(gl.permute(gl.reshape(scores, [2, 8, scores.shape[1]]), (1, 2, 0)))
+        return rows
+
+    @gluon.jit
+    def _lane_tables(tables_ptr, lanes, first: gl.constexpr):
+        """Four table words at `lanes` (each lane's own copy: a value equal in every lane would live in a
+        uniform register, to be copied into a register before every byte permute)."""
+        ptrs = tables_ptr + first * 32 + lanes
+        return gl.load(ptrs), gl.load(ptrs + 32), gl.load(ptrs + 64), gl.load(ptrs + 96)
+
+    @gluon.jit
+    def _tanh(x):
+        return 1 - 2 / (gl.exp(2 * x) + 1)
+
+    @gluon.jit
+    def _fragment_split_kernel(
+        query_ptr, cache_ptr, tables_ptr, block_table_ptr, seq_lens_ptr, key_starts_ptr, partial_out_ptr,
+        partial_lse_ptr, stride_query_seq, stride_query_head, stride_table_seq, scale, softcap, sliding_window,
+        NUM_KV_HEADS: gl.constexpr, GROUP: gl.constexpr, NUM_SPLITS: gl.constexpr, BLOCK_SIZE: gl.constexpr,
+        HEAD_PAGE_BYTES: gl.constexpr, VALUES_OFFSET: gl.constexpr, KEY_NORMS_OFFSET: gl.constexpr,
+        VALUE_NORMS_OFFSET: gl.constexpr, HEAD_DIM: gl.constexpr, KEY_BYTES: gl.constexpr, VALUE_BYTES: gl.constexpr,
+        KEY_LUT: gl.constexpr, VALUE_LUT: gl.constexpr, USE_SOFTCAP: gl.constexpr, USE_WINDOW: gl.constexpr,
+        USE_STARTS: gl.constexpr,
+    ):
+        D: gl.constexpr = HEAD_DIM
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
+        a_layout: gl.constexpr = gl.DotOperandLayout(0, mma, 2)
+        b_layout: gl.constexpr = gl.DotOperandLayout(1, mma, 2)
+        keys_layout: gl.constexpr = _key_codes_layout(D)
+        values_layout: gl.constexpr = _value_codes_layout(D)
+        pairs_layout: gl.constexpr = _value_pairs_layout(D)
+        heads_layout: gl.constexpr = gl.SliceLayout(0, mma)  # columns of the transposed output
+
+        seq = gl.program_id(0)
+        kv_head = gl.program_id(1)
+        split = gl.program_id(2)
+        seq_len = gl.load(seq_lens_ptr + seq)
+        first = 0
+        if USE_WINDOW:
+            first = gl.maximum(seq_len - sliding_window, 0)
+        if USE_STARTS:
+            first = gl.minimum(gl.maximum(first, gl.load(key_starts_ptr + seq)), seq_len)
+        # tiles start at multiples of _TILE, so each lies in one page; keys before `first` are masked
+        aligned = first // _TILE * _TILE
+        per_split = gl.cdiv(gl.cdiv(seq_len - aligned, NUM_SPLITS), _TILE) * _TILE
+        lo = aligned + split * per_split
+        hi = gl.minimum(lo + per_split, seq_len)
+        if first >= seq_len:  # no visible key
+            hi = lo
+
+        # Query rows are the group's heads; rows past it hold the next heads' queries, discarded (rows of
+        # zeros or of copies would be copied into every MMA's operand registers). Column k holds coordinate
+        # _key_coordinate(k), the one whose key level sits in that place of a lane's fragment.
+        m = gl.arange(0, 16, layout=gl.SliceLayout(1, a_layout))
+        k = gl.arange(0, D, layout=gl.SliceLayout(0, a_layout))
+        key_coordinate = ((k >> 1) & 3) * (D // 4) + (k >> 4) * 4 + ((k >> 3) & 1) * 2 + (k & 1)
+        heads_in_rows = (kv_head * GROUP + m) % (NUM_KV_HEADS * GROUP)
+        query = gl.load(query_ptr + seq * stride_query_seq + heads_in_rows[:, None] * stride_query_head
+                        + key_coordinate[None, :])
+        query = (query * (scale * _LOG2E)).to(gl.float16)  # scores in log2 units
+
+        acc = gl.zeros([D, 8], gl.float32, layout=mma)  # the group's output, transposed
+        group_scores = _group_rows(gl.full([16, _TILE], float("-inf"), gl.float32, layout=mma))
+        running_max = gl.max(group_scores, axis=1)
+        running_sum = gl.zeros_like(running_max)
+        tokens = gl.arange(0, _TILE, layout=gl.SliceLayout(0, group_scores.type.layout))
+
+        key_rows = gl.arange(0, 4 * _TILE, layout=gl.SliceLayout(1, keys_layout))
+        key_words = gl.arange(0, D // 32, layout=gl.SliceLayout(0, keys_layout))
+        key_token = key_rows >> 2
+        key_chunk = (key_rows & 3) * (D // 8)  # D/4 coordinates of 4 bits
+        value_rows = gl.arange(0, 8 * _TILE, layout=gl.SliceLayout(1, values_layout))
+        value_words = gl.arange(0, D // 64, layout=gl.SliceLayout(0, values_layout))
+        value_token = ((value_rows >> 6) & 1) * 8 + ((value_rows >> 4) & 3) * 2 + (value_rows & 1)
+        value_chunk = ((value_rows >> 1) & 7) * (D // 16)  # D/8 coordinates of 4 bits
+        key_lanes = (key_rows & 31)[:, None] + gl.zeros([4 * _TILE, D // 32], gl.int32, layout=keys_layout)
+        key_tables = _lane_tables(tables_ptr, key_lanes, 0)
+        value_lanes = ((value_rows >> 1) & 31)[:, None] + gl.zeros([8 * _TILE, D // 64], gl.int32, layout=values_layout)
+        value_lanes = gl.convert_layout(_token_pairs(value_lanes)[0], pairs_layout, assert_trivial=True)
+        value_tables = _lane_tables(tables_ptr, value_lanes, 4)
+
+        table_ptr = block_table_ptr + seq * stride_table_seq
+        for start in range(lo, hi, _TILE):
+            page = cache_ptr + (gl.load(table_ptr + start // BLOCK_SIZE).to(gl.int64) * NUM_KV_HEADS
+                                + kv_head) * HEAD_PAGE_BYTES
+            offset = start % BLOCK_SIZE
+
+            # keys, as the MMA's B operand [D, _TILE]: lane 4g + t reads chunk t of tokens g and g + 8
+            visible = (start + key_token < hi) & (start + key_token >= first)
+            words = gl.load((page + (offset + key_token) * KEY_BYTES + key_chunk).to(gl.pointer_type(gl.int32))[:, None]
+                            + key_words[None, :], mask=visible[:, None], other=0)
+            levels = _join_pairs(*_lookup_pairs(words, key_tables, KEY_LUT))  # [4T, W, e, h, kb % 2]
+            levels = gl.permute(gl.reshape(levels, [_TILE, 4, D // 32, 2, 2, 2]), (2, 5, 4, 1, 3, 0))
+            keys = gl.convert_layout(gl.reshape(levels, [D, _TILE]), b_layout, assert_trivial=True)
+            scores = _group_rows(mma_v2(query, keys, gl.zeros([16, _TILE], gl.float32, layout=mma)))
+
+            visible = (start + tokens < hi) & (start + tokens >= first)
+            norms = page + (offset + tokens) * 4
+            key_norms = gl.load((norms + KEY_NORMS_OFFSET).to(gl.pointer_type(gl.float32)), mask=visible, other=0.0)
+            value_norms = gl.load((norms + VALUE_NORMS_OFFSET).to(gl.pointer_type(gl.float32)), mask=visible, other=0.0)
+            scores = scores * key_norms[None, :]
+            if USE_SOFTCAP:  # softcap · tanh(s / softcap) on natural-unit scores, back in log2 units
+                scores = (softcap * _LOG2E) * _tanh(scores * (1 / (_LOG2E * softcap)))
+            scores = gl.where(visible[None, :], scores, float("-inf"))
+            new_max = gl.maximum(running_max, gl.max(scores, axis=1))
+            grew = gl.max(new_max - running_max, axis=0) > 0  # NaN (−inf − −inf) is not growth
+            correction = gl.exp2(running_max - new_max)
+            probs = gl.exp2(scores - new_max[:, None])
+            running_sum = running_sum * correction + gl.sum(probs, axis=1)
+            running_max = new_max
+            if grew:  # rescale the sum only when some head's maximum rose (after the first tiles, rarely)
+                acc = acc * gl.convert_layout(correction, heads_layout)[None, :]
+            probs = gl.permute((probs * value_norms[None, :]).to(gl.float16), (1, 0))
+            probs = gl.convert_layout(probs, b_layout, assert_trivial=True)
+
+            # values, as the A operand [D, _TILE] of O^T = V^T P^T: lane 4g + t reads chunk g of tokens 2t, 2t + 1,
+            # 2t + 8, 2t + 9; a register pairs one coordinate of two tokens, so their indices are interleaved
+            # nibble by nibble before the lookup
+            visible = (start + value_token < hi) & (start + value_token >= first)
+            words = gl.load((page + VALUES_OFFSET + (offset + value_token) * VALUE_BYTES + value_chunk)
+                            .to(gl.pointer_type(gl.int32))[:, None] + value_words[None, :], mask=visible[:, None], other=0)
+            token_a, token_b = _token_pairs(words.to(gl.uint32, bitcast=True))
+            token_a = gl.convert_layout(token_a, pairs_layout, assert_trivial=True)
+            token_b = gl.convert_layout(token_b, pairs_layout, assert_trivial=True)
+            even = (token_a & 0x0F0F0F0F) | ((token_b << 4) & 0xF0F0F0F0)  # nibbles a0 b0 a2 b2 ...
+            odd = ((token_a >> 4) & 0x0F0F0F0F) | (token_b & 0xF0F0F0F0)  # a1 b1 a3 b3 ...
+            levels = gl.join(_join_pairs(*_lookup_pairs(even, value_tables, VALUE_LUT)),
+                             _join_pairs(*_lookup_pairs(odd, value_tables, VALUE_LUT)))  # [4T, W, e, p % 2, p // 2, s]
+            levels = gl.reshape(levels, [2, 4, 8, D // 64, 2, 2, 2, 2])  # h t g w e p%2 p//2 s
+            levels = gl.permute(levels, (3, 6, 5, 7, 2, 0, 1, 4))  # rows w p//2 p%2 s g, columns h t e
+            values = gl.convert_layout(gl.reshape(levels, [D, _TILE]), a_layout, assert_trivial=True)
+            acc = mma_v2(values, probs, acc)
+
+        heads = gl.arange(0, 8, layout=heads_layout)
+        d = gl.arange(0, D, layout=gl.SliceLayout(1, mma))
+        value_coordinate = (d % 8) * (D // 8) + (d >> 6) * 8 + ((d >> 5) & 1) * 4 + ((d >> 4) & 1) * 2 + ((d >> 3) & 1)
+        partial = (seq * NUM_KV_HEADS * GROUP + kv_head * GROUP + heads) * NUM_SPLITS + split
+        out = acc / gl.convert_layout(gl.maximum(running_sum, 1e-30), heads_layout)[None, :]
+        gl.store(partial_out_ptr + partial[None, :] * D + value_coordinate[:, None], out, mask=(heads < GROUP)[None, :])
+        lse = gl.where(running_sum > 0, running_max + gl.log2(gl.maximum(running_sum, 1e-30)), float("-inf"))
+        gl.store(partial_lse_ptr + partial, gl.convert_layout(lse, heads_layout), mask=heads < GROUP)
+
+
+def launch_split(rotated_query: torch.Tensor, cache: torch.Tensor, codec: KernelCodec, block_table: torch.Tensor,
+                 seq_lens: torch.Tensor, key_starts: torch.Tensor | None, partial_out: torch.Tensor,
+                 partial_lse: torch.Tensor, scale: float, softcap: float | None, sliding_window: int | None) -> None:
+    """Fill `partial_out` [batch, Hq, splits, D] fp32 and `partial_lse` [batch, Hq, splits] as
+    `decode._decode_split_kernel` does (the caller checked `unsupported_reason`)."""
+    layout = codec.layout
+    batch, num_q_heads, num_splits = partial_lse.shape
+    constants = page_constants(layout)
+    _fragment_split_kernel[(batch, layout.num_kv_heads, num_splits)](
+        rotated_query, cache, codec.lut_lane_tables, block_table, seq_lens,
+        seq_lens if key_starts is None else key_starts, partial_out, partial_lse,
+        rotated_query.stride(0), rotated_query.stride(1), block_table.stride(0), float(scale), float(softcap or 1.0),
+        int(sliding_window or 0), NUM_KV_HEADS=layout.num_kv_heads, GROUP=num_q_heads // layout.num_kv_heads,
+        NUM_SPLITS=num_splits, BLOCK_SIZE=layout.block_size, HEAD_PAGE_BYTES=constants["HEAD_PAGE_BYTES"],
+        VALUES_OFFSET=constants["VALUES_OFFSET"], KEY_NORMS_OFFSET=constants["KEY_NORMS_OFFSET"],
+        VALUE_NORMS_OFFSET=constants["VALUE_NORMS_OFFSET"], HEAD_DIM=layout.head_dim, KEY_BYTES=constants["KEY_BYTES"],
+        VALUE_BYTES=constants["VALUE_BYTES"], KEY_LUT=codec.key_pairs_lut_asm, VALUE_LUT=codec.value_pairs_lut_asm,
+        USE_SOFTCAP=softcap is not None, USE_WINDOW=sliding_window is not None, USE_STARTS=key_starts is not None,
+        num_warps=1,
+    )
