@@ -78,6 +78,24 @@ def test_lookup_ptx_interpreted_on_the_cpu_gives_the_codebook_levels(bits, gener
         assert torch.equal(registers[f"${k}"], level_bits[index]), f"level {k} of the run"
 
 
+def test_pair_lookup_ptx_gives_level_pairs_from_tables_in_registers(generator):
+    """`dequant_pairs_asm`, the fragment decode kernel's lookup, interpreted on the CPU: output k holds
+    levels 2k (low half) and 2k + 1 of the word's indices, with the table words read from the codec's
+    per-lane copies (`lut_lane_tables`), bit for bit."""
+    codec = make_codec(128, 4, 4, num_kv_heads=1, block_size=16, device="cpu")
+    centroids = codec.value_centroids_fp16.cpu()
+    words = torch.randint(0, 2**32, (4096,), generator=generator, dtype=torch.int64)
+    words[:16] = torch.arange(16) * 0x11111111  # every index
+    lanes = codec.lut_lane_tables.to(torch.int64) & 0xFFFFFFFF
+    assert (lanes == lanes[:, :1]).all()  # the same words in every lane
+    tables = {name: torch.full_like(words, int(lanes[4 + i, 0])) for i, name in enumerate(("$6", "$8", "$10", "$12"))}
+    registers = ptx_integer.run(codec.value_pairs_lut_asm, {"$4": words, **tables})
+    level_bits = centroids.view(torch.int16).to(torch.int64) & 0xFFFF
+    for k in range(4):
+        low, high = (words >> (8 * k)) & 15, (words >> (8 * k + 4)) & 15
+        assert torch.equal(registers[f"${k}"], level_bits[low] | level_bits[high] << 16), f"pair {k}"
+
+
 def test_asm_refuses_codebooks_it_cannot_hold():
     with pytest.raises(ValueError, match="3- and 4-bit"):
         dequant_asm(torch.linspace(-1, 1, 4))
