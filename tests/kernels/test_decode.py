@@ -78,7 +78,7 @@ def test_16bit_queries_match_the_reference_in_their_own_dtype(head_dim, dtype, d
 
 
 def test_decode_rejects_bad_input(device, generator):
-    codec = make_codec(64, 4, 4, 2, 16, device)
+    codec = make_codec(64, 4, 3, 2, 16, device)
     cache, block_table = filled_cache(codec, [20], generator, device)
     query = torch.randn(1, 4, 64, device=device)
     lengths = torch.tensor([20], dtype=torch.int32, device=device)
@@ -96,6 +96,8 @@ def test_decode_rejects_bad_input(device, generator):
         paged_decode_attention(query, cache[..., :-4], codec, block_table, lengths, 0.1)
     with pytest.raises(ValueError, match="sliding_window"):
         paged_decode_attention(query, cache, codec, block_table, lengths, 0.1, sliding_window=0)
+    with pytest.raises(ValueError, match="fragment decode kernel"):  # it serves k4v4 only
+        paged_decode_attention(query, cache, codec, block_table, lengths, 0.1, fragments=True)
 
 
 

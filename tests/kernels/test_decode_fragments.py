@@ -63,15 +63,6 @@ def test_large_calls_take_the_fragment_kernel(generator):
     torch.testing.assert_close(automatic, triton_kernel, **TOLERANCE)
 
 
-def test_fragment_kernel_refuses_what_it_cannot_serve(device, generator):
-    codec = make_codec(128, 4, 3, 2, 16, device)
-    cache, block_table = filled_cache(codec, [20], generator, device)
-    query = torch.randn(1, 4, 128, device=device)
-    lengths = torch.tensor([20], dtype=torch.int32, device=device)
-    with pytest.raises(ValueError, match="fragment decode kernel"):
-        paged_decode_attention(query, cache, codec, block_table, lengths, 0.1, fragments=True)
-
-
 @needs_gluon
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 def test_fragment_kernel_compiles_without_shared_memory_in_its_loop(head_dim):
