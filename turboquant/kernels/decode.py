@@ -6,6 +6,7 @@ each score by the key's fp32 norm, and keeps an fp32 online softmax. Values are 
 rotated space with their norms folded into the probabilities; the result is un-rotated once.
 All query heads of a GQA group share one read of their K/V. The grid depends only on the batch size,
 the number of kv heads and `num_splits`, so it can be captured in a CUDA graph.
+For large k4v4 calls the split step runs `decode_fragments`' kernel instead (the same partial outputs).
 Reference: `reference.decode_reference`.
 """
 
