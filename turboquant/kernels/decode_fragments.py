@@ -10,10 +10,10 @@ softcap and key starts compiled in, against 915 per 64 tokens in each of 4 warps
 instructions per token; `benchmarks/decode_sass.py` counts them).
 
 That works because the order of the coordinates inside the MMA is free: a score sums over them, so
-the query's columns are permuted once (`_key_coordinate`) to match the keys as each lane reads them,
+the query's columns are permuted once (`key_coordinate`) to match the keys as each lane reads them,
 a run of D/4 coordinates per lane; the output is computed transposed (O^T = V^T P^T, the group's heads
 as the 8 columns) so a lane's value codes are a run of D/8 coordinates of two adjacent tokens, and its
-rows are stored back to their coordinates (`_value_coordinate`). The cache layout is `PagedLayout`'s.
+rows are stored back to their coordinates (`value_coordinate`). The cache layout is `PagedLayout`'s.
 
 A program is one warp over one split of one (sequence, kv head): its heads (GROUP ≤ 8) are the rows of
 the score MMA, the softmax stays in the MMA's registers, and the sum is rescaled only in tiles where a
@@ -74,7 +74,6 @@ def default_num_splits(pairs: int, max_tokens: int, num_sms: int) -> int:
 if gluon is not None:
     _TILE = gl.constexpr(TILE)
     _LOG2E = gl.constexpr(LOG2E)
-
 
     @constexpr_function
     def _key_codes_layout(D):
