@@ -13,7 +13,6 @@ TRITON_INTERPRET: the interpreter's library functions cannot be compiled. The GP
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import re
 import sys
@@ -23,7 +22,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gemv_sass import SHARED_MEMORY, disassemble, loop_counts  # noqa: E402
+from gemv_sass import SHARED_MEMORY, disassemble, loop_counts, opcode_counts  # noqa: E402
 from turboquant.core import TurboQuantConfig  # noqa: E402
 from turboquant.kernels import decode_fragments  # noqa: E402
 from turboquant.kernels.codec import KernelCodec  # noqa: E402
@@ -61,7 +60,7 @@ def main() -> None:
     if args.sass:
         Path(args.sass).write_text(sass)
     loop = loop_counts(sass)
-    every = collections.Counter(re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass))
+    every = opcode_counts(sass)
     registers = re.search(r"REG:(\d+)", usage)
     print(json.dumps({
         "triton": triton.__version__, "head_dim": args.head_dim,

@@ -62,21 +62,29 @@ def disassemble(cubin: bytes) -> tuple[str, str]:
     return sass, usage
 
 
-def loop_counts(sass: str) -> collections.Counter:
-    """Opcodes of the longest loop: from the target of the backward branch that spans most, to the branch."""
-    instructions = [(int(m.group(1), 16), m.group(2)) for m in
-                    (re.match(r"\s+/\*([0-9a-f]+)\*/\s+(.*?)\s*;", line) for line in sass.splitlines()) if m]
-    loops = [(int(m.group(1), 16), address) for address, text in instructions
-             if (m := re.search(r"BRA\s+0x([0-9a-f]+)", text)) and int(m.group(1), 16) < address]
-    if not loops:
-        raise SystemExit("no loop found in the kernel")
-    start, end = max(loops, key=lambda loop: loop[1] - loop[0])
+def _instructions(sass: str) -> list[tuple[int, str]]:
+    """(address, text) of every instruction in a cuobjdump listing."""
+    return [(int(m.group(1), 16), m.group(2)) for m in
+            (re.match(r"\s+/\*([0-9a-f]+)\*/\s+(.*?)\s*;", line) for line in sass.splitlines()) if m]
+
+
+def opcode_counts(sass: str, start: int = 0, end: int | None = None) -> collections.Counter:
+    """Opcodes (predicates dropped) of the instructions at addresses start..end, by default all of them."""
     counts = collections.Counter()
-    for address, text in instructions:
-        if start <= address <= end:
+    for address, text in _instructions(sass):
+        if start <= address and (end is None or address <= end):
             words = text.split()
             counts[words[1] if words[0].startswith("@") else words[0]] += 1
     return counts
+
+
+def loop_counts(sass: str) -> collections.Counter:
+    """Opcodes of the longest loop: from the target of the backward branch that spans most, to the branch."""
+    loops = [(int(m.group(1), 16), address) for address, text in _instructions(sass)
+             if (m := re.search(r"BRA\s+0x([0-9a-f]+)", text)) and int(m.group(1), 16) < address]
+    if not loops:
+        raise SystemExit("no loop found in the kernel")
+    return opcode_counts(sass, *max(loops, key=lambda loop: loop[1] - loop[0]))
 
 
 def main() -> None:

@@ -120,10 +120,11 @@ if gluon is not None:
         return rows
 
     @gluon.jit
-    def _lane_tables(tables_ptr, lanes, first: gl.constexpr):
-        """Four table words at `lanes` (each lane's own copy: a value equal in every lane would live in a
-        uniform register, to be copied into a register before every byte permute)."""
-        ptrs = tables_ptr + first * 32 + lanes
+    def _lane_tables(tables_ptr, lanes, TABLE_ROW: gl.constexpr):
+        """Four table words from rows TABLE_ROW.. of `KernelCodec.lut_lane_tables`, at `lanes` (each lane's
+        own copy: a value equal in every lane would live in a uniform register, to be copied into a
+        register before every byte permute)."""
+        ptrs = tables_ptr + TABLE_ROW * 32 + lanes
         return gl.load(ptrs), gl.load(ptrs + 32), gl.load(ptrs + 64), gl.load(ptrs + 96)
 
     @gluon.jit
