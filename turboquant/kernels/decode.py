@@ -26,6 +26,7 @@ from .launch import (FLOAT_DTYPES, SLICED_METADATA, check_block_table, check_cod
                      programmatic_launch, programmatic_launch_available)
 from .packed_tile import load_levels, load_norms
 from .rotate import rotate
+from .visible_keys import first_visible_key
 
 
 def decode_launch(head_dim: int, key_bits: int, value_bits: int, byte_permute: bool) -> dict:
@@ -73,11 +74,7 @@ def _decode_split_kernel(
         gdc_launch_dependents()
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
-    first = 0
-    if USE_WINDOW:
-        first = tl.maximum(seq_len - sliding_window, 0)
-    if USE_STARTS:
-        first = tl.minimum(tl.maximum(first, tl.load(key_starts_ptr + seq)), seq_len)
+    first = first_visible_key(seq_len, seq, key_starts_ptr, sliding_window, USE_WINDOW, USE_STARTS)
     per_split = tl.cdiv(tl.cdiv(seq_len - first, NUM_SPLITS), TILE) * TILE
     lo = first + split * per_split
     hi = tl.minimum(lo + per_split, seq_len)

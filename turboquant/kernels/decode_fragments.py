@@ -36,6 +36,7 @@ except ImportError:  # a Triton without Gluon: `unsupported_reason` says so and 
 
 from .codec import KernelCodec
 from .launch import page_constants
+from .visible_keys import first_visible_key
 
 HEAD_DIMS = (64, 128, 256)
 MAX_GROUP = 8  # query heads per kv head: the columns of the transposed output MMA
@@ -177,11 +178,7 @@ if gluon is not None:
         kv_head = gl.program_id(1)
         split = gl.program_id(2)
         seq_len = gl.load(seq_lens_ptr + seq)
-        first = 0
-        if USE_WINDOW:
-            first = gl.maximum(seq_len - sliding_window, 0)
-        if USE_STARTS:
-            first = gl.minimum(gl.maximum(first, gl.load(key_starts_ptr + seq)), seq_len)
+        first = first_visible_key(seq_len, seq, key_starts_ptr, sliding_window, USE_WINDOW, USE_STARTS)
         # tiles start at multiples of _TILE, so each lies in one page; keys before `first` are masked
         aligned = first // _TILE * _TILE
         per_split = gl.cdiv(gl.cdiv(seq_len - aligned, NUM_SPLITS), _TILE) * _TILE
