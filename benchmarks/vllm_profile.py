@@ -4,7 +4,9 @@ weights, CUDA graphs on. This is what showed compress-store taking 30% of our GP
 
     python benchmarks/vllm_profile.py ENGINE OUT.json [--cases 32x1024x128,16x6144x128]
 
-decode_step_ms = (whole − prefill-only) / (output − 1); the kernel table covers a 24-token generate.
+decode_step_ms = (whole − prefill-only) / (output − 1); the kernel table covers a 24-token generate, and
+`decode_step` is each kernel's time per decode step: (its time in that generate − in a profiled 1-token
+generate) / 23.
 """
 
 from __future__ import annotations
@@ -23,14 +25,28 @@ from vllm_engines import dummy_weight_engine, random_prompts  # noqa: E402
 PROFILED_TOKENS = 24
 
 
-def kernel_table(prof, top: int = 30) -> dict:
-    rows = []
-    for event in prof.key_averages():
-        if "CUDA" in str(getattr(event, "device_type", "")):
-            rows.append((event.self_device_time_total, event.count, event.key[:110]))
-    rows.sort(reverse=True)
+def kernel_times(prof) -> dict[str, tuple[float, int]]:
+    """kernel name → (µs on the device, calls)."""
+    return {event.key[:110]: (event.self_device_time_total, event.count) for event in prof.key_averages()
+            if "CUDA" in str(getattr(event, "device_type", ""))}
+
+
+def kernel_table(times: dict[str, tuple[float, int]], top: int = 30) -> dict:
+    rows = sorted(((t, n, k) for k, (t, n) in times.items()), reverse=True)
     return {"kernel_ms_total": round(sum(r[0] for r in rows) / 1e3, 1),
             "top": [{"ms": round(t / 1e3, 2), "calls": n, "kernel": k} for t, n, k in rows[:top]]}
+
+
+def decode_step_table(whole: dict[str, tuple[float, int]], prefill: dict[str, tuple[float, int]],
+                      steps: int, top: int = 20) -> dict:
+    """Per decode step: each kernel's time and calls in `whole` less those in `prefill`, over `steps`."""
+    rows = []
+    for key, (time_us, calls) in whole.items():
+        base_us, base_calls = prefill.get(key, (0.0, 0))
+        rows.append(((time_us - base_us) / steps, (calls - base_calls) / steps, key))
+    rows.sort(reverse=True)
+    return {"step_kernel_us": round(sum(r[0] for r in rows), 1),
+            "top": [{"us": round(t, 1), "calls": round(n, 1), "kernel": k} for t, n, k in rows[:top]]}
 
 
 def main() -> None:
@@ -69,9 +85,15 @@ def main() -> None:
                "decode_step_ms": round((whole - prefill) / (output - 1) * 1e3, 2)}
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             row["profiled_wall_s"] = round(generate(random_prompts(rng, batch, length), PROFILED_TOKENS), 3)
-        row.update(kernel_table(prof))
+        whole_times = kernel_times(prof)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            generate(random_prompts(rng, batch, length), 1)
+        row.update(kernel_table(whole_times))
+        row["decode_step"] = decode_step_table(whole_times, kernel_times(prof), PROFILED_TOKENS - 1)
         result[f"b{batch}x{length}->{output}"] = row
-        print(case, json.dumps({k: v for k, v in row.items() if k != "top"}), flush=True)
+        print(case, json.dumps({k: v for k, v in row.items() if k not in ("top", "decode_step")}), flush=True)
+        for kernel in row["decode_step"]["top"][:12]:
+            print(f"  decode step: {kernel['us']:8.1f} us {kernel['calls']:6.1f} calls  {kernel['kernel']}", flush=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
 

@@ -65,7 +65,8 @@ def run_batch(backend, prefix: list[int], new: list[int]):
         query_start_loc=query_start.to(device), query_start_loc_cpu=query_start, seq_lens=seq_lens.to(device),
         num_reqs=len(new), num_actual_tokens=tokens, max_query_len=max(new), max_seq_len=int(seq_lens.max()),
         block_table_tensor=block_table.to(device), slot_mapping=slot_mapping, seq_lens_cpu_upper_bound=seq_lens)
-    meta = module.TurboQuantMetadataBuilder(SimpleNamespace(), ["x"], config, device).build(0, common)
+    spec = SimpleNamespace(num_kv_heads=KV_HEADS, head_size=HEAD_DIM)
+    meta = module.TurboQuantMetadataBuilder(spec, ["x"], config, device).build(0, common)
     output = torch.full((tokens + 3, HEADS * HEAD_DIM), float("nan"), dtype=torch.bfloat16, device=device)
     padded = torch.cat([query, randn(3, HEADS, HEAD_DIM)])  # CUDA-graph padding rows are left alone
     impl.forward(layer, padded, keys, values, cache, meta, output)
@@ -75,17 +76,25 @@ def run_batch(backend, prefix: list[int], new: list[int]):
     return meta, output[:tokens].view(-1, HEADS, HEAD_DIM).float(), query, keys, values, references
 
 
-def test_decode_and_prefill_rows_match_the_references(backend):
-    from turboquant.kernels.reference import decode_reference, extend_reference
+@pytest.mark.parametrize("num_sms", [4, 132])
+def test_decode_and_prefill_rows_match_the_references(backend, monkeypatch, num_sms):
+    from turboquant.kernels.reference import cached_attention_reference, decode_reference, extend_reference
 
-    # two decodes, a short chunk after a prefix, a first chunk: the fused extend kernel's case
+    # two decodes, a short chunk after a prefix, a first chunk: two requests' short chunks fill 4 SMs with
+    # the fused kernel's programs (one per kv head), and leave 132 to decode queries over the cache
+    monkeypatch.setattr(backend[0], "multiprocessor_count", lambda device: num_sms)
     meta, output, query, keys, values, ref = run_batch(backend, prefix=[39, 22, 30, 0], new=[1, 1, 10, 20])
-    assert (meta.num_decodes, meta.num_prefills, meta.prefill_has_prefix) == (2, 2, True)
-    assert meta.prefill_groups is None
+    route = "fused" if num_sms == 4 else "decode"
+    assert (meta.num_decodes, meta.num_prefills, meta.prefill_route) == (2, 2, route)
     expected_decode = decode_reference(query[:2].float(), ref.cache, ref.codec, ref.block_table[:2], ref.seq_lens[:2],
                                        ref.scale)
-    expected_prefill = extend_reference(query[2:].float(), keys[2:].float(), values[2:].float(), ref.query_start[2:] - 2,
-                                        ref.seq_lens[2:], ref.cache, ref.codec, ref.block_table[2:], ref.scale)
+    if route == "fused":  # the chunks' own keys in full precision
+        expected_prefill = extend_reference(query[2:].float(), keys[2:].float(), values[2:].float(),
+                                            ref.query_start[2:] - 2, ref.seq_lens[2:], ref.cache, ref.codec,
+                                            ref.block_table[2:], ref.scale)
+    else:  # every key from the cache, the chunks' own compressed
+        expected_prefill = cached_attention_reference(query[2:].float(), ref.query_start[2:] - 2, ref.seq_lens[2:],
+                                                      ref.cache, ref.codec, ref.block_table[2:], ref.scale)
     # bf16 output rounding (2^-8 relative) and fp16 level products inside the kernels
     torch.testing.assert_close(output[:2], expected_decode, atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(output[2:], expected_prefill, atol=2e-2, rtol=2e-2)
@@ -118,6 +127,7 @@ def test_long_chunks_gather_their_prefixes_in_groups(backend):
 
     # long chunks: gathered for FlashAttention where vLLM ships it, in two groups (max_model_len 200)
     meta, output, query, keys, values, ref = run_batch(backend, prefix=[40, 0, 70], new=[100, 30, 90])
+    assert meta.prefill_route == "gather"
     assert meta.num_prefills == 3 and [group.requests for group in meta.prefill_groups] == [slice(0, 2), slice(2, 3)]
     expected = extend_reference(query.float(), keys.float(), values.float(), ref.query_start, ref.seq_lens, ref.cache,
                                 ref.codec, ref.block_table, ref.scale)
@@ -134,5 +144,6 @@ def test_a_batch_of_first_chunks_has_no_prefix(backend):
         query_start_loc=query_start, query_start_loc_cpu=query_start, seq_lens=seq_lens, num_reqs=2,
         num_actual_tokens=12, max_query_len=7, max_seq_len=7, block_table_tensor=torch.zeros(2, 1, dtype=torch.int32),
         slot_mapping=torch.arange(12), seq_lens_cpu_upper_bound=seq_lens)
-    meta = module.TurboQuantMetadataBuilder(SimpleNamespace(), ["x"], config, "cpu").build(0, common)
-    assert (meta.num_decodes, meta.num_prefills, meta.prefill_has_prefix, meta.prefill_max_query_len) == (0, 2, False, 7)
+    spec = SimpleNamespace(num_kv_heads=KV_HEADS, head_size=HEAD_DIM)
+    meta = module.TurboQuantMetadataBuilder(spec, ["x"], config, "cpu").build(0, common)
+    assert (meta.num_decodes, meta.num_prefills, meta.prefill_route, meta.prefill_max_query_len) == (0, 2, "flash", 7)

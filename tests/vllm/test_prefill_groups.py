@@ -3,15 +3,32 @@
 import pytest
 import torch
 
-from turboquant.vllm.prefill_groups import GATHER_MIN_CHUNK, engine_gathers, prefill_groups
+from turboquant.vllm.prefill_groups import (SHORT_CHUNK, chunk_decode_queries, engine_gathers, prefill_groups,
+                                            prefill_route)
 
 
-def test_short_chunks_after_long_prefixes_stay_fused():
-    # one long chunk after a short prefix does not outweigh a short chunk after a long one
-    query_lens, seq_lens = [GATHER_MIN_CHUNK * 4, 8], [GATHER_MIN_CHUNK * 4 + 10, 8 + 5000]
-    assert prefill_groups(query_lens, seq_lens, 10**6, torch.device("cpu")) is None
-    assert prefill_groups([GATHER_MIN_CHUNK - 1], [GATHER_MIN_CHUNK + 99], 10**6, torch.device("cpu")) is None
-    assert prefill_groups([GATHER_MIN_CHUNK], [GATHER_MIN_CHUNK + 99], 10**6, torch.device("cpu")) is not None
+def test_routes_follow_prefixes_chunk_lengths_and_programs():
+    short, long = SHORT_CHUNK - 1, SHORT_CHUNK
+    assert prefill_route([long, short], [0, 0], 8, 132, gathers=True) == "flash"
+    # one long chunk gathers every prefix, a short tail's too
+    assert prefill_route([long * 4, 8], [10, 5000], 8, 132, gathers=True) == "gather"
+    assert prefill_route([long * 4, 8], [10, 5000], 8, 132, gathers=False) == "fused"
+    # short chunks: the fused kernel where its programs (a request × kv head each) fill the SMs
+    assert prefill_route([short] * 17, [5000] * 17, 8, 132, gathers=True) == "fused"
+    assert prefill_route([short] * 17, [5000] * 17, 8, 132, gathers=False) == "fused"
+    assert prefill_route([short] * 16, [5000] * 16, 8, 132, gathers=True) == "decode"
+    assert prefill_route([short] * 16, [5000] * 16, 8, 128, gathers=True) == "fused"
+    assert prefill_route([short, 3], [5000, 0], 8, 132, gathers=True) == "decode"
+
+
+def test_chunk_tokens_become_decode_queries_that_see_their_own_positions():
+    # chunks of 3, 1 and 2 tokens ending sequences of 10, 4 and 2 tokens
+    query_start = torch.tensor([0, 3, 4, 6], dtype=torch.int32)
+    seq_lens = torch.tensor([10, 4, 2], dtype=torch.int32)
+    block_table = torch.randint(0, 100, (3, 5), dtype=torch.int32)
+    rows, token_seq_lens = chunk_decode_queries(query_start, seq_lens, block_table, 6)
+    assert token_seq_lens.tolist() == [8, 9, 10, 4, 1, 2] and token_seq_lens.dtype == torch.int32
+    assert torch.equal(rows, block_table[[0, 0, 0, 1, 2, 2]])
 
 
 @pytest.mark.parametrize("capacity", [10**6, 1000, 600, 400])

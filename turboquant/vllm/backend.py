@@ -3,14 +3,14 @@
 Each step: `do_kv_cache_update` compresses the new tokens into the paged cache (`compress_store`); then
 `forward` runs decode requests through `paged_decode_attention` (split-K over the compressed pages,
 CUDA-graph safe: the split count depends only on shapes) and prefill chunks, which attend to their
-compressed prefix and in full precision to their own K/V (as vLLM's chunked prefill hands them over),
-one of three ways, all computing the same attention:
-- no chunk has a cached prefix: vLLM's FlashAttention on the chunks alone (no compressed data at all);
-- long chunks (`prefill_groups.GATHER_MIN_CHUNK`: prefix-weighted mean length ≥ 32): `gather_sequences`
-  dequantizes each prefix once into a shared workspace of vLLM's, then FlashAttention varlen. The fused
-  kernel would unpack the prefix again for every block of queries and runs about 3x FlashAttention's time;
-- short chunks, or no FlashAttention: the fused `extend_attention`, which reads the compressed prefix
-  directly and beats writing it out when few queries share it.
+compressed prefix and in full precision to their own K/V (as vLLM's chunked prefill hands them over,
+except on the "decode" route), the way `prefill_groups.prefill_route` picks for the step:
+- "flash" (no chunk has a cached prefix): vLLM's FlashAttention on the chunks alone;
+- "gather" (some chunk is long): `gather_sequences` dequantizes each prefix once into a shared workspace
+  of vLLM's, then FlashAttention varlen;
+- "fused" (short chunks of many requests, or no FlashAttention): `extend_attention`, which reads the
+  compressed prefix directly;
+- "decode" (short chunks of a few requests): each chunk token is a decode query over the cache.
 In vLLM's batch-invariant mode (`VLLM_BATCH_INVARIANT=1`) every token, decode steps and prefill chunks
 alike, goes through `cached_attention` instead: each query reads the cache alone (its own chunk from the
 cache too), so its result does not depend on how requests were batched, chunked, prefix-cached or
@@ -45,7 +45,8 @@ from vllm.v1.worker.workspace import current_workspace_manager, is_workspace_man
 from ..kernels import (KernelCodec, cached_attention, compress_store, extend_attention, gather_sequences,
                        paged_decode_attention)
 from ..kernels.codec import KERNEL_HEAD_DIMS
-from .prefill_groups import PrefillGroup, engine_gathers, prefill_groups
+from ..kernels.launch import multiprocessor_count
+from .prefill_groups import PrefillGroup, chunk_decode_queries, engine_gathers, prefill_groups, prefill_route
 from .settings import VllmSettings
 
 if is_flash_attn_varlen_func_available():
@@ -124,10 +125,12 @@ class TurboQuantMetadata(AttentionMetadata):
     num_prefills: int
     prefill_query_start: torch.Tensor  # int32 [num_prefills + 1], relative to the first prefill token
     prefill_max_query_len: int
-    prefill_has_prefix: bool  # some prefill chunk attends to tokens already in the cache
-    # Set when the prefixes are gathered for FlashAttention: consecutive prefill requests whose keys fit
-    # the workspace together.
+    prefill_route: str  # prefill_groups.prefill_route's: "flash", "gather", "fused" or "decode" (no prefill: "")
+    # "gather": consecutive prefill requests whose keys fit the workspace together
     prefill_groups: list["PrefillGroup"] | None = None
+    # "decode": each prefill token's block-table row [prefill tokens, width] and sequence length
+    chunk_block_table: torch.Tensor | None = None
+    chunk_seq_lens: torch.Tensor | None = None
 
 
 def gather_workspace(num_keys: int, num_kv_heads: int, head_size: int, dtype: torch.dtype,
@@ -151,6 +154,7 @@ class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
         self.gather_capacity = vllm_config.model_config.max_model_len  # keys one gather may hold
         self.gathers = engine_gathers(vllm_config.speculative_config is not None,
                                       vllm_config.parallel_config.use_ubatching)
+        self.num_sms = multiprocessor_count(torch.device(device))
         if self.gathers and is_workspace_manager_initialized():  # reserve it now, while vLLM profiles memory
             gather_workspace(self.gather_capacity, kv_cache_spec.num_kv_heads, kv_cache_spec.head_size,
                              vllm_config.model_config.dtype, device)
@@ -160,14 +164,22 @@ class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
         common = common_attn_metadata
         num_decodes, num_prefills, num_decode_tokens, _ = split_decodes_and_prefills(common, decode_threshold=1)
         query_start_cpu = common.query_start_loc_cpu[num_decodes:]
-        query_lens_cpu = query_start_cpu[1:] - query_start_cpu[:-1]
+        query_lens = (query_start_cpu[1:] - query_start_cpu[:-1]).tolist()
         seq_lens_cpu = common.seq_lens_cpu_upper_bound  # exact for prefill rows
-        has_prefix = num_prefills > 0 and (
-            seq_lens_cpu is None or bool((seq_lens_cpu[num_decodes:] > query_lens_cpu).any()))
-        groups = None
-        if has_prefix and seq_lens_cpu is not None and self.gathers:
-            groups = prefill_groups(query_lens_cpu.tolist(), seq_lens_cpu[num_decodes:].tolist(),
-                                    self.gather_capacity, self.device)
+        prefill_query_start = common.query_start_loc[num_decodes:] - num_decode_tokens
+        route, groups, chunk_block_table, chunk_seq_lens = "", None, None, None
+        if num_prefills:
+            # without CPU lengths, assume prefixes (the kernels read the exact lengths on the GPU)
+            seq_lens = None if seq_lens_cpu is None else seq_lens_cpu[num_decodes:].tolist()
+            prefix_lens = [1] * num_prefills if seq_lens is None else [s - q for s, q in zip(seq_lens, query_lens)]
+            route = prefill_route(query_lens, prefix_lens, self.kv_cache_spec.num_kv_heads, self.num_sms,
+                                  self.gathers and seq_lens is not None)
+            if route == "gather":
+                groups = prefill_groups(query_lens, seq_lens, self.gather_capacity, self.device)
+            elif route == "decode":
+                chunk_block_table, chunk_seq_lens = chunk_decode_queries(
+                    prefill_query_start, common.seq_lens[num_decodes:], common.block_table_tensor[num_decodes:],
+                    common.num_actual_tokens - num_decode_tokens)
         return TurboQuantMetadata(
             seq_lens=common.seq_lens,
             block_table=common.block_table_tensor,
@@ -177,10 +189,12 @@ class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
             num_decodes=num_decodes,
             num_decode_tokens=num_decode_tokens,
             num_prefills=num_prefills,
-            prefill_query_start=common.query_start_loc[num_decodes:] - num_decode_tokens,
-            prefill_max_query_len=int(query_lens_cpu.max()) if num_prefills else 0,
-            prefill_has_prefix=has_prefix,
+            prefill_query_start=prefill_query_start,
+            prefill_max_query_len=max(query_lens, default=0),
+            prefill_route=route,
             prefill_groups=groups,
+            chunk_block_table=chunk_block_table,
+            chunk_seq_lens=chunk_seq_lens,
         )
 
 
@@ -258,13 +272,18 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
         return output
 
     def _prefill(self, query, key, value, kv_cache, codec, meta: TurboQuantMetadata, out: torch.Tensor) -> None:
-        if self.fa_version is not None and not meta.prefill_has_prefix:
+        route = meta.prefill_route
+        if route == "flash" and self.fa_version is not None:
             self._flash_attention(query, key, value, meta.prefill_query_start, meta.prefill_query_start,
                                   meta.prefill_max_query_len, meta.prefill_max_query_len, out)
             return
+        if route == "decode":
+            paged_decode_attention(query, kv_cache, codec, meta.chunk_block_table, meta.chunk_seq_lens, self.scale,
+                                   self.sliding_window, self.softcap, out=out)
+            return
         prefills = slice(meta.num_decodes, None)
         seq_lens, block_table = meta.seq_lens[prefills], meta.block_table[prefills]
-        if self.fa_version is not None and meta.prefill_groups is not None:
+        if route == "gather" and self.fa_version is not None:
             for group in meta.prefill_groups:
                 rows, requests = group.rows, group.requests
                 keys, values = gather_workspace(group.num_keys, self.num_kv_heads, self.head_size, query.dtype,

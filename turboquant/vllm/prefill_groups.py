@@ -1,6 +1,17 @@
 """Which way a step's prefill chunks attend to their compressed prefixes, and in what groups (no vLLM
-import: CPU-testable). The backend (`backend.py`) gathers the prefixes for FlashAttention when the
-chunks are long, a group of consecutive requests at a time so the gathered keys fit its workspace."""
+import: CPU-testable). The backend (`backend.py`) follows `prefill_route`:
+- "flash": no chunk has a cached prefix; FlashAttention on the chunks alone.
+- "gather": some chunk is long (≥ `SHORT_CHUNK`); each prefix is dequantized once into a workspace, a
+  group of consecutive requests at a time so the gathered keys fit it (`prefill_groups`), then
+  FlashAttention varlen. The fused kernel would unpack the prefix again for every block of queries and
+  runs about 3x FlashAttention's time (`benchmarks/results/kernels-extend-h100.md`).
+- "fused": short chunks of enough requests to fill the device with the fused extend kernel's programs,
+  which read each prefix once per 16 queries (speculative decoding's verification steps look like this).
+- "decode": short chunks of a few requests, e.g. the tail of a long prompt that chunked prefill cut off.
+  The fused kernel would walk each long prefix in a handful of programs (H200, a 14-token tail over a
+  6K prefix in Llama-3.1-8B: 6.6 ms a layer); instead each token is a decode query over the cache
+  (`chunk_decode_queries`), split over its prefix like any decode. The chunk's own keys are then read
+  compressed, as its decode steps will read them."""
 
 from __future__ import annotations
 
@@ -9,15 +20,42 @@ from itertools import accumulate
 
 import torch
 
-# Prefix-weighted mean chunk length from which gathering the prefixes beats the fused extend kernel. On an
-# H100 (16K prefix, `benchmarks/results/kernels-extend-h100.md`) gathering + FlashAttention won at every
-# chunk measured, 64 to 2048 tokens (2.5–4.4x); the fused kernel keeps many short chunks, which fill the
-# GPU with its programs while gathering would write every prefix out for a few queries each.
-GATHER_MIN_CHUNK = 32
+# Chunks at least this long are worth gathering their prefixes for FlashAttention (H100, 16K prefix:
+# gather + FA3 beat the fused kernel at every chunk measured, 64 to 2048 tokens).
+SHORT_CHUNK = 32
+# The fused kernel's programs for one request: one per kv head for a chunk shorter than SHORT_CHUNK
+# (up to 64 query rows each). Below about one per SM it leaves most of the device idle.
+FUSED_MIN_PROGRAMS_PER_SM = 1
+
+
+def prefill_route(query_lens: list[int], prefix_lens: list[int], num_kv_heads: int, num_sms: int,
+                  gathers: bool) -> str:
+    """"flash", "gather", "fused" or "decode" for a step's prefill requests (module docstring); "gather"
+    only where the engine can (`gathers`: `engine_gathers`, FlashAttention and CPU sequence lengths)."""
+    if not any(prefix_lens):
+        return "flash"
+    if max(query_lens) >= SHORT_CHUNK:
+        return "gather" if gathers else "fused"
+    if len(query_lens) * num_kv_heads >= FUSED_MIN_PROGRAMS_PER_SM * num_sms:
+        return "fused"
+    return "decode"
+
+
+def chunk_decode_queries(query_start: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
+                         num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each of `num_tokens` chunk tokens as a decode query: (its request's block-table row [num_tokens,
+    width], its sequence length int32 [num_tokens]). Token p of a chunk of q in a sequence of s tokens
+    sees s − q + p + 1 keys. On the tensors' device, without a host sync."""
+    query_lens = query_start[1:] - query_start[:-1]
+    requests = torch.repeat_interleave(torch.arange(query_lens.shape[0], device=query_lens.device), query_lens,
+                                       output_size=num_tokens)
+    positions = torch.arange(num_tokens, device=query_lens.device) - query_start[requests]
+    token_seq_lens = seq_lens[requests] - query_lens[requests] + positions + 1
+    return block_table[requests], token_seq_lens.to(torch.int32)
 
 
 def engine_gathers(speculative_decoding: bool, micro_batching: bool) -> bool:
-    """Whether an engine may gather prefixes at all; otherwise every prefill keeps the fused kernel.
+    """Whether an engine may gather prefixes at all; otherwise long chunks take the fused kernel.
     Speculative decoding: the gather layout is built from vLLM's CPU sequence lengths, which are
     optimistic for draft rows (the fused kernel reads the exact lengths on the GPU). Micro-batching
     (dual-batch overlap): vLLM keeps one workspace per micro-batch, and the reservation the builder makes
@@ -37,13 +75,9 @@ class PrefillGroup:
 
 
 def prefill_groups(query_lens: list[int], seq_lens: list[int], capacity: int,
-                   device: torch.device) -> list[PrefillGroup] | None:
-    """Groups of consecutive prefill requests whose gathered keys fit `capacity` rows, or None when the
-    chunks are too short for gathering to pay (`GATHER_MIN_CHUNK`). A sequence longer than the capacity
-    cannot happen: the capacity is the model's maximum length."""
-    prefixes = [seq - query for query, seq in zip(query_lens, seq_lens)]
-    if sum(q * p for q, p in zip(query_lens, prefixes)) < GATHER_MIN_CHUNK * sum(prefixes):
-        return None
+                   device: torch.device) -> list[PrefillGroup]:
+    """Groups of consecutive prefill requests whose gathered keys fit `capacity` rows. A sequence longer
+    than the capacity cannot happen: the capacity is the model's maximum length."""
     bounds, keys = [0], 0
     for index, length in enumerate(seq_lens):
         if keys + length > capacity and index > bounds[-1]:
