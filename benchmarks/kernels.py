@@ -71,10 +71,16 @@ def copy_bandwidth_gbs() -> float:
     return 2 * (4 << 30) / ms / 1e6
 
 
-def block_table_for(batch: int, context: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+def block_table_for(batch: int, context: int, table_tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(block table, sequence lengths, blocks): `context` tokens per sequence on random pages; the table
+    is as wide as `table_tokens` where that is longer (vLLM's are as wide as the model's maximum length),
+    its unused entries page 0."""
     blocks_per_seq = math.ceil(context / BLOCK_SIZE)
     num_blocks = batch * blocks_per_seq
     table = torch.randperm(num_blocks, device="cuda", dtype=torch.int64).to(torch.int32).reshape(batch, blocks_per_seq)
+    width = math.ceil(table_tokens / BLOCK_SIZE)
+    if width > blocks_per_seq:
+        table = torch.cat([table, table.new_zeros(batch, width - blocks_per_seq)], dim=1)
     return table, torch.full((batch,), context, dtype=torch.int32, device="cuda"), num_blocks
 
 
@@ -141,14 +147,15 @@ class Baselines:
 
 
 def decode_cell(baselines: Baselines, shape: dict, batch: int, context: int, preset: str, vllm_preset: str | None,
-                copy_gbs: float) -> dict:
+                copy_gbs: float, table_tokens: int = 0) -> dict:
     num_q_heads, num_kv_heads, head_dim = shape["num_q_heads"], shape["num_kv_heads"], shape["head_dim"]
     codec = KernelCodec.from_config(TurboQuantConfig.from_preset(preset), head_dim, num_kv_heads, BLOCK_SIZE,
                                     device="cuda")
-    table, seq_lens, num_blocks = block_table_for(batch, context)
+    table, seq_lens, num_blocks = block_table_for(batch, context, table_tokens)
     query = torch.randn(batch, num_q_heads, head_dim, device="cuda", dtype=torch.bfloat16)
     tokens = batch * context
-    cell = {"shape": shape["name"], "batch": batch, "context": context, "preset": preset}
+    cell = {"shape": shape["name"], "batch": batch, "context": context, "preset": preset,
+            "table_tokens": table.shape[1] * BLOCK_SIZE}
 
     cache = random_compressed_cache(codec, num_blocks)
     ms = graph_time_ms(lambda: paged_decode_attention(query, cache, codec, table, seq_lens, head_dim**-0.5))
@@ -258,6 +265,11 @@ def markdown(result: dict) -> str:
     nan = float("nan")
     lines = [f"Device: {result['device']}, {result['date']}; copy bandwidth {result['copy_gbs']:.0f} GB/s "
              f"(read + write). Times per call (CUDA graph), ms."]
+    widths = {c.get("table_tokens", c["context"]) for c in result["decode"] if c.get("table_tokens", 0) > c["context"]}
+    if widths:
+        lines += ["", f"Decode block tables {', '.join(map(str, sorted(widths)))} tokens wide, as vLLM's are at that "
+                  "max_model_len (`--table-tokens`): each engine is given vLLM's table, and ours picks its split "
+                  "kernel and split count from its width."]
     if result["decode"]:
         lines += ["", "Ours: `paged_decode_attention` as called, which picks its split kernel (column 'kernel'); "
                   "the two columns after it time each split kernel forced (`fragments=False` / `True`; the "
@@ -301,6 +313,9 @@ def main() -> int:
     parser.add_argument("--out", default="benchmarks/results/kernels-h100.json")
     parser.add_argument("--quick", action="store_true", help="a few cells only (smoke run)")
     parser.add_argument("--grid", help="decode: only Llama-3.1-8B k4v4 at these batches x contexts, e.g. 1,8x1024,4096")
+    parser.add_argument("--table-tokens", type=int, default=0,
+                        help="decode: block tables this many tokens wide, as vLLM's are (its max_model_len), so that "
+                             "ours picks its kernel and split count as it does in vLLM (default: the context)")
     parser.add_argument("--only", choices=("decode", "extend", "store"), action="append",
                         help="run only these sections (repeatable; default: all)")
     parser.add_argument("--table", default=None, help="print the markdown table of a saved JSON and exit")
@@ -330,7 +345,7 @@ def main() -> int:
         if not fits(shape, batch, context):
             print(f"skip {shape['name']} b{batch} x {context}: bf16 cache does not fit", flush=True)
             continue
-        cell = decode_cell(baselines, shape, batch, context, preset, vllm_preset, result["copy_gbs"])
+        cell = decode_cell(baselines, shape, batch, context, preset, vllm_preset, result["copy_gbs"], args.table_tokens)
         result["decode"].append(cell)
         print(json.dumps(cell), flush=True)
         save(result, args.out)

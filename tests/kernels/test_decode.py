@@ -37,7 +37,7 @@ def test_decode_matches_reference(head_dim, key_bits, value_bits, block_size, nu
     torch.testing.assert_close(lse, expected_lse, **TOLERANCE)
 
 
-@pytest.mark.parametrize("num_splits", [1, 2, 5, 16])
+@pytest.mark.parametrize("num_splits", [1, 2, 5, 16, 17])  # 17: the un-rotation in a launch of its own
 def test_decode_does_not_depend_on_splits(num_splits, device, generator):
     codec = make_codec(64, 4, 4, 2, 16, device)
     seq_lens = [130, 3]
@@ -101,27 +101,38 @@ def test_decode_rejects_bad_input(device, generator):
 
 
 
-@pytest.mark.parametrize("num_splits, split_block", [(5, 2), (8, 8), (3, 1)])
-def test_split_reduction_in_blocks_matches_one_softmax(num_splits, split_block, device, generator):
+@pytest.mark.parametrize("num_splits, split_block, unrotate", [(5, 2, False), (8, 8, False), (3, 1, False),
+                                                               (5, 2, True), (8, 4, True)])
+def test_split_reduction_in_blocks_matches_one_softmax(num_splits, split_block, unrotate, device, generator):
     """The reduction merges partial outputs `split_block` splits at a time (wide latents would spill
-    holding them all); a split that saw no key (lse −inf) and a row that saw none at all weigh 0."""
+    holding them all); a split that saw no key (lse −inf, its partial output never written: NaN here)
+    and a row that saw none at all weigh 0. `unrotate`: 16 rows per program, then x @ R."""
     import triton
 
-    from turboquant.kernels.decode import _decode_reduce_kernel
+    from turboquant.kernels.decode import UNROTATE_ROWS, _decode_reduce_kernel
 
-    rows, head_dim, pad = 3, 24, 32
-    partial = torch.randn(rows, num_splits, pad, generator=generator)
-    lse = torch.randn(rows, num_splits, generator=generator) * 3
-    lse[0, 0] = float("-inf")
-    lse[2] = float("-inf")
-    out, out_lse = torch.empty(rows, head_dim), torch.empty(rows)
-    _decode_reduce_kernel[(rows,)](
-        partial.to(device), lse.to(device), out := out.to(device), out_lse := out_lse.to(device),
-        NUM_SPLITS=num_splits, NUM_SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim,
-        HEAD_DIM_PAD=pad, SPLIT_BLOCK=split_block, RETURN_LSE=True, CHAINED=False)
+    batch, heads, head_dim, pad = 3, 7, 24, 32  # rows past the 16 of a program's block are masked
+    partial = torch.randn(batch, heads, num_splits, pad, generator=generator)
+    lse = torch.randn(batch, heads, num_splits, generator=generator) * 3
+    lse[0, 0, 0] = float("-inf")
+    lse[2, 3] = float("-inf")
+    partial[lse == float("-inf")] = float("nan")
+    rotation = torch.linalg.qr(torch.randn(head_dim, head_dim, generator=generator))[0].contiguous()
+    out = torch.full((batch, heads + 2, head_dim), 7.0)[:, 1:-1]  # strided rows, as vLLM's slices can be
+    out_lse = torch.empty(batch, heads)
+    out, out_lse = out.to(device), out_lse.to(device)
+    rows = UNROTATE_ROWS if unrotate else 1
+    _decode_reduce_kernel[(triton.cdiv(batch * heads, rows),)](
+        partial.to(device), lse.to(device), rotation.to(device), out, out_lse, batch * heads, out.stride(0),
+        out.stride(1), HEADS=heads, NUM_SPLITS=num_splits, NUM_SPLITS_PAD=triton.next_power_of_2(num_splits),
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, SPLIT_BLOCK=split_block, ROWS=rows, UNROTATE=unrotate, COLUMNS=16,
+        RETURN_LSE=True, CHAINED=False)
     weights = torch.softmax(lse * 0.6931471805599453, dim=-1).nan_to_num(0.0)  # lse is in log2 units
-    expected = (weights[..., None] * partial).sum(1)[:, :head_dim]
+    expected = (weights[..., None] * partial.nan_to_num(0.0)).sum(2)[..., :head_dim]
+    if unrotate:
+        expected = expected @ rotation
     torch.testing.assert_close(out.cpu(), expected, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(out_lse.cpu()[:2], torch.logsumexp(lse[:2] * 0.6931471805599453, -1), atol=1e-5,
+    seen = lse.amax(-1) > float("-inf")
+    torch.testing.assert_close(out_lse.cpu()[seen], torch.logsumexp(lse[seen] * 0.6931471805599453, -1), atol=1e-5,
                                rtol=1e-5)
-    assert out_lse[2] == float("-inf") and (out[2] == 0).all()
+    assert out_lse[2, 3] == float("-inf") and (out[2, 3] == 0).all()

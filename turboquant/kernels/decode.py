@@ -25,7 +25,7 @@ from .launch import (FLOAT_DTYPES, SLICED_METADATA, check_block_table, check_cod
                      head_dim_pad, lookup_constants, multiprocessor_count, page_constants,
                      programmatic_launch, programmatic_launch_available)
 from .packed_tile import load_levels, load_norms
-from .rotate import rotate
+from .rotate import rotate, rotated_columns, rotation_columns
 from .visible_keys import first_visible_key
 
 
@@ -124,39 +124,86 @@ def _decode_split_kernel(
     tl.store(partial_lse_ptr + partial, lse, mask=head_mask)
 
 
-@triton.jit
-def _decode_reduce_kernel(partial_out_ptr, partial_lse_ptr, out_ptr, lse_ptr, NUM_SPLITS: tl.constexpr,
+@triton.jit(do_not_specialize=["num_rows"])
+def _decode_reduce_kernel(partial_out_ptr, partial_lse_ptr, rotation_ptr, out_ptr, lse_ptr, num_rows, stride_out_seq,
+                          stride_out_head, HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr,
                           NUM_SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-                          SPLIT_BLOCK: tl.constexpr, RETURN_LSE: tl.constexpr, CHAINED: tl.constexpr):
-    if CHAINED:  # launched programmatically after the split kernel; the un-rotation may start early
+                          SPLIT_BLOCK: tl.constexpr, ROWS: tl.constexpr, UNROTATE: tl.constexpr,
+                          COLUMNS: tl.constexpr, RETURN_LSE: tl.constexpr, CHAINED: tl.constexpr):
+    """Merge each (sequence · head) row's split partials by their log-sum-exps, ROWS rows per program;
+    UNROTATE: then x @ R (fp32 R, tf32x3: fp32-accurate) in the same program, stored cast to out's dtype,
+    which saves the un-rotation its own launch."""
+    if CHAINED:  # launched programmatically after the split kernel; an un-rotation after it may start early
         gdc_launch_dependents()
         gdc_wait()
-    row = tl.program_id(0)  # seq · num_q_heads + head
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # seq · HEADS + head
+    rows_valid = rows < num_rows
     splits = tl.arange(0, NUM_SPLITS_PAD)
     dims = tl.arange(0, HEAD_DIM_PAD)
-    lse = tl.load(partial_lse_ptr + row * NUM_SPLITS + splits, mask=splits < NUM_SPLITS, other=float("-inf"))
-    top = tl.max(lse, axis=0)
+    lse = tl.load(partial_lse_ptr + rows[:, None] * NUM_SPLITS + splits[None, :],
+                  mask=rows_valid[:, None] & (splits < NUM_SPLITS)[None, :], other=float("-inf"))
+    top = tl.max(lse, axis=1)
     top = tl.where(top == float("-inf"), 0.0, top)  # an empty sequence: every weight is 0
-    total = tl.sum(tl.exp2(lse - top), axis=0)
-    out = tl.zeros([HEAD_DIM_PAD], dtype=tl.float32)
-    for first in tl.static_range(0, NUM_SPLITS_PAD, SPLIT_BLOCK):  # [SPLIT_BLOCK, HEAD_DIM_PAD] at a time
+    total = tl.sum(tl.exp2(lse - top[:, None]), axis=1)
+    out = tl.zeros([ROWS, HEAD_DIM_PAD], dtype=tl.float32)
+    for first in tl.static_range(0, NUM_SPLITS_PAD, SPLIT_BLOCK):  # [ROWS, SPLIT_BLOCK, HEAD_DIM_PAD] at a time
         block = first + tl.arange(0, SPLIT_BLOCK)
-        valid = block < NUM_SPLITS
-        weights = tl.exp2(tl.load(partial_lse_ptr + row * NUM_SPLITS + block, mask=valid, other=float("-inf")) - top)
-        partial = tl.load(partial_out_ptr + (row * NUM_SPLITS + block)[:, None] * HEAD_DIM_PAD + dims[None, :],
-                          mask=valid[:, None], other=0.0)
-        out += tl.sum(weights[:, None] * partial, axis=0)
-    out = out / tl.maximum(total, 1e-30)
-    tl.store(out_ptr + row * HEAD_DIM + dims, out.to(out_ptr.dtype.element_ty), mask=dims < HEAD_DIM)
+        valid = rows_valid[:, None] & (block < NUM_SPLITS)[None, :]
+        block_lse = tl.load(partial_lse_ptr + rows[:, None] * NUM_SPLITS + block[None, :], mask=valid,
+                            other=float("-inf"))
+        weights = tl.exp2(block_lse - top[:, None])
+        # an empty split (−inf) may leave its partial output unwritten (the fragment kernel does)
+        partial = tl.load(partial_out_ptr + ((rows[:, None] * NUM_SPLITS + block[None, :]) * HEAD_DIM_PAD)[:, :, None]
+                          + dims[None, None, :], mask=(valid & (block_lse > float("-inf")))[:, :, None], other=0.0)
+        out += tl.sum(weights[:, :, None] * partial, axis=1)
+    out = out / tl.maximum(total, 1e-30)[:, None]
+    row_ptrs = out_ptr + (rows // HEADS) * stride_out_seq + (rows % HEADS) * stride_out_head
+    if UNROTATE:
+        for block in tl.static_range(HEAD_DIM_PAD // COLUMNS):
+            columns = block * COLUMNS + tl.arange(0, COLUMNS)
+            y = rotated_columns(out, rotation_ptr, columns, dims, HEAD_DIM, 0.0, True)
+            tl.store(row_ptrs[:, None] + columns[None, :], y.to(out_ptr.dtype.element_ty),
+                     mask=rows_valid[:, None] & (columns < HEAD_DIM)[None, :])
+    else:
+        tl.store(row_ptrs[:, None] + dims[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=rows_valid[:, None] & (dims < HEAD_DIM)[None, :])
     if RETURN_LSE:  # natural log, like torch.logsumexp
         lse = tl.where(total > 0, (top + tl.log2(tl.maximum(total, 1e-30))) * 0.6931471805599453, float("-inf"))
-        tl.store(lse_ptr + row, lse)
+        tl.store(lse_ptr + rows, lse, mask=rows_valid)
 
 
-def reduce_split_block(num_splits_pad: int, head_dim_pad: int) -> int:
+# Rows per reduction program when it also un-rotates: the rotation's dot needs at least 16.
+UNROTATE_ROWS = 16
+# Up to this many splits the reduction un-rotates in its own programs. With more, its few 16-row programs
+# each merge too much serially (H200, batch 1 × 16K, 128 splits: 0.35 ms, against 0.034 ms with one row
+# per program and the un-rotation launched after it); with fewer, the launch it saves is worth more (batch
+# 64 × 1K: 0.077 → 0.070 ms).
+UNROTATE_MAX_SPLITS = 16
+
+
+def reduce_split_block(num_splits_pad: int, head_dim_pad: int, rows: int = 1) -> int:
     """Partial outputs the reduction holds at once: at most 8K fp32 values (more spill to local memory,
     which cost a 512-wide latent ~1 ms per call)."""
-    return max(1, min(num_splits_pad, 8192 // head_dim_pad))
+    return max(1, min(num_splits_pad, 8192 // (head_dim_pad * rows)))
+
+
+def reduce_splits(partial_out: torch.Tensor, partial_lse: torch.Tensor, out: torch.Tensor, lse: torch.Tensor | None,
+                  rotation: torch.Tensor | None = None, chained: bool = False) -> None:
+    """out [batch, heads, D] (any strides of its first two axes, any float dtype) ← the splits merged:
+    partial_out [batch, heads, splits, D_pad] fp32 and partial_lse [batch, heads, splits] (log2 units);
+    `rotation` (fp32 [D, D]): un-rotated (x @ R) on the way. `lse` [batch, heads] fp32, natural log."""
+    batch, heads, num_splits = partial_lse.shape
+    pad, head_dim = partial_out.shape[-1], out.shape[-1]
+    rows = UNROTATE_ROWS if rotation is not None else 1
+    splits_pad = triton.next_power_of_2(num_splits)
+    _decode_reduce_kernel[(triton.cdiv(batch * heads, rows),)](
+        partial_out, partial_lse, partial_lse if rotation is None else rotation, out,
+        partial_lse if lse is None else lse, batch * heads, out.stride(0), out.stride(1), HEADS=heads,
+        NUM_SPLITS=num_splits, NUM_SPLITS_PAD=splits_pad, HEAD_DIM=head_dim, HEAD_DIM_PAD=pad,
+        SPLIT_BLOCK=reduce_split_block(splits_pad, pad, rows), ROWS=rows, UNROTATE=rotation is not None,
+        COLUMNS=rotation_columns(pad, 0.0), RETURN_LSE=lse is not None, CHAINED=chained,
+        **programmatic_launch(chained),
+    )
 
 
 def default_num_splits(batch: int, num_kv_heads: int, max_tokens: int, tile: int, num_sms: int) -> int:
@@ -230,7 +277,7 @@ def paged_decode_attention(query: torch.Tensor, cache: torch.Tensor, codec: Kern
         raise ValueError(f"num_splits must be >= 1, got {num_splits!r}")
 
     pad = head_dim_pad(layout.head_dim)
-    # rotate q once (keys stay in the rotated space). For a single sequence the four launches are chained
+    # rotate q once (keys stay in the rotated space). For a single sequence the three launches are chained
     # by programmatic dependent launch where the device has it: each starts while the one before runs and
     # waits for it only before reading its output, which hides launch gaps that dominate a short call
     # (H200, b1 x 1K: 0.014 → 0.012 ms). At batch 8 and 64 the same chaining measured 1–17% slower
@@ -253,15 +300,13 @@ def paged_decode_attention(query: torch.Tensor, cache: torch.Tensor, codec: Kern
             USE_SOFTCAP=softcap is not None, USE_WINDOW=sliding_window is not None, USE_STARTS=key_starts is not None,
             CHAINED=chained, **launch, **programmatic_launch(chained),
         )
-    rotated_out = torch.empty(batch, num_q_heads, layout.head_dim, device=cache.device, dtype=torch.float32)
-    lse = torch.empty(batch, num_q_heads, device=cache.device, dtype=torch.float32) if return_lse else partial_lse
-    _decode_reduce_kernel[(batch * num_q_heads,)](
-        partial_out, partial_lse, rotated_out, lse, NUM_SPLITS=num_splits,
-        NUM_SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=layout.head_dim, HEAD_DIM_PAD=pad,
-        SPLIT_BLOCK=reduce_split_block(triton.next_power_of_2(num_splits), pad), RETURN_LSE=return_lse,
-        CHAINED=chained, **programmatic_launch(chained),
-    )
-    # un-rotate the weighted value sum once, cast and store into the caller's tensor
-    out = rotate(rotated_out, codec, inverse=True, out=torch.empty_like(query) if out is None else out,
-                 after_previous=chained)
+    out = torch.empty_like(query) if out is None else out
+    lse = torch.empty(batch, num_q_heads, device=cache.device, dtype=torch.float32) if return_lse else None
+    # merge the splits and un-rotate the weighted value sum once, cast and stored into the caller's tensor
+    if num_splits <= UNROTATE_MAX_SPLITS:
+        reduce_splits(partial_out, partial_lse, out, lse, rotation=codec.rotation, chained=chained)
+    else:
+        rotated_out = torch.empty(batch, num_q_heads, layout.head_dim, device=cache.device, dtype=torch.float32)
+        reduce_splits(partial_out, partial_lse, rotated_out, lse, chained=chained)
+        rotate(rotated_out, codec, inverse=True, out=out, after_previous=chained)
     return (out, lse) if return_lse else out

@@ -72,6 +72,14 @@ def default_num_splits(pairs: int, max_tokens: int, num_sms: int) -> int:
     return int(min(1 << (wanted.bit_length() - 1), 1 << (longest.bit_length() - 1), 128))
 
 
+def min_split_tokens(pairs: int) -> int:
+    """The shortest split the kernel cuts from a sequence's length. The split count is fixed by the block
+    table's width (a CUDA graph replays it), which in vLLM is the model's maximum length, so a short
+    sequence would otherwise be cut into many splits of a few tiles each. Fastest per H200 sweep
+    (`decode-splits-h200.md`): 128 tokens at batch 8 × 1K, 256 at batch 32 and 64 × 1K (8 kv heads)."""
+    return 128 if pairs < 128 else 256
+
+
 if gluon is not None:
     _TILE = gl.constexpr(TILE)
     _LOG2E = gl.constexpr(LOG2E)
@@ -155,11 +163,12 @@ if gluon is not None:
     def _tanh(x):
         return 1 - 2 / (gl.exp(2 * x) + 1)
 
-    @gluon.jit
+    @gluon.jit(do_not_specialize=["min_split"])  # a variant per split count only, as CUDA graphs compiled them
     def _fragment_split_kernel(
         query_ptr, cache_ptr, tables_ptr, block_table_ptr, seq_lens_ptr, key_starts_ptr, partial_out_ptr,
         partial_lse_ptr, stride_query_seq, stride_query_head, stride_table_seq, scale, softcap, sliding_window,
-        NUM_KV_HEADS: gl.constexpr, GROUP: gl.constexpr, NUM_SPLITS: gl.constexpr, BLOCK_SIZE: gl.constexpr,
+        min_split, NUM_KV_HEADS: gl.constexpr, GROUP: gl.constexpr, NUM_SPLITS: gl.constexpr,
+        BLOCK_SIZE: gl.constexpr,
         HEAD_PAGE_BYTES: gl.constexpr, VALUES_OFFSET: gl.constexpr, KEY_NORMS_OFFSET: gl.constexpr,
         VALUE_NORMS_OFFSET: gl.constexpr, HEAD_DIM: gl.constexpr, KEY_BYTES: gl.constexpr, VALUE_BYTES: gl.constexpr,
         KEY_LUT: gl.constexpr, VALUE_LUT: gl.constexpr, USE_SOFTCAP: gl.constexpr, USE_WINDOW: gl.constexpr,
@@ -181,11 +190,17 @@ if gluon is not None:
         first = first_visible_key(seq_len, seq, key_starts_ptr, sliding_window, USE_WINDOW, USE_STARTS)
         # tiles start at multiples of _TILE, so each lies in one page; keys before `first` are masked
         aligned = first // _TILE * _TILE
-        per_split = gl.cdiv(gl.cdiv(seq_len - aligned, NUM_SPLITS), _TILE) * _TILE
+        per_split = gl.maximum(gl.cdiv(gl.cdiv(seq_len - aligned, NUM_SPLITS), _TILE), min_split // _TILE) * _TILE
         lo = aligned + split * per_split
         hi = gl.minimum(lo + per_split, seq_len)
         if first >= seq_len:  # no visible key
             hi = lo
+        if lo >= hi:  # past the sequence's keys: an empty partial, which the reduction reads as its −inf alone
+            empty = gl.arange(0, 8, layout=gl.BlockedLayout([1], [32], [1], [0]))
+            partial = (seq * NUM_KV_HEADS * GROUP + kv_head * GROUP + empty) * NUM_SPLITS + split
+            gl.store(partial_lse_ptr + partial, gl.full([8], float("-inf"), gl.float32, layout=empty.type.layout),
+                     mask=empty < GROUP)
+            return
 
         # Query rows are the group's heads; rows past it hold the next heads' queries, discarded (rows of
         # zeros or of copies would be copied into every MMA's operand registers). Column k holds coordinate
@@ -290,7 +305,8 @@ def launch_split(rotated_query: torch.Tensor, cache: torch.Tensor, codec: Kernel
         rotated_query, cache, codec.lut_lane_tables, block_table, seq_lens,
         seq_lens if key_starts is None else key_starts, partial_out, partial_lse,
         rotated_query.stride(0), rotated_query.stride(1), block_table.stride(0), float(scale), float(softcap or 1.0),
-        int(sliding_window or 0), NUM_KV_HEADS=layout.num_kv_heads, GROUP=num_q_heads // layout.num_kv_heads,
+        int(sliding_window or 0), min_split_tokens(batch * layout.num_kv_heads), NUM_KV_HEADS=layout.num_kv_heads,
+        GROUP=num_q_heads // layout.num_kv_heads,
         NUM_SPLITS=num_splits, BLOCK_SIZE=layout.block_size, HEAD_PAGE_BYTES=constants["HEAD_PAGE_BYTES"],
         VALUES_OFFSET=constants["VALUES_OFFSET"], KEY_NORMS_OFFSET=constants["KEY_NORMS_OFFSET"],
         VALUE_NORMS_OFFSET=constants["VALUE_NORMS_OFFSET"], HEAD_DIM=layout.head_dim, KEY_BYTES=constants["KEY_BYTES"],

@@ -28,7 +28,7 @@ from ..core import MSEQuantizer, TurboQuantConfig
 from ..core.config import NORM_BYTES
 from ..core.packing import packed_bytes
 from .codec import PackedBits, rotation_parts
-from .decode import _decode_reduce_kernel, default_num_splits, online_softmax_step, reduce_split_block
+from .decode import default_num_splits, online_softmax_step, reduce_splits
 from .gather import GATHER_COLUMNS, GATHER_ROWS, _gather_rows
 from .launch import (FLOAT_DTYPES, check_block_table, check_codec_device, check_device_tensor, head_dim_pad,
                      multiprocessor_count)
@@ -344,13 +344,9 @@ def latent_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tenso
     )
     out_dtype = q_latent.dtype if rotated else torch.float32  # un-rotating an fp32 sum keeps its accuracy
     rotated_out = torch.empty(batch, num_heads, layout.latent_dim, device=cache.device, dtype=out_dtype)
-    lse = torch.empty(batch, num_heads, device=cache.device, dtype=torch.float32) if return_lse else partial_lse
-    _decode_reduce_kernel[(batch * num_heads,)](
-        partial_out, partial_lse, rotated_out, lse, NUM_SPLITS=num_splits,
-        NUM_SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=layout.latent_dim, HEAD_DIM_PAD=pad,
-        SPLIT_BLOCK=reduce_split_block(triton.next_power_of_2(num_splits), pad), RETURN_LSE=return_lse,
-        CHAINED=False,
-    )
+    lse = torch.empty(batch, num_heads, device=cache.device, dtype=torch.float32) if return_lse else None
+    # a 512-wide rotation is too large to un-rotate inside the reduction's programs: its own launch below
+    reduce_splits(partial_out, partial_lse, rotated_out, lse)
     out = rotated_out if rotated else rotate(rotated_out, codec, inverse=True, out=torch.empty_like(q_latent))
     return (out, lse) if return_lse else out
 
