@@ -175,9 +175,9 @@ def _decode_reduce_kernel(partial_out_ptr, partial_lse_ptr, rotation_ptr, out_pt
 # Rows per reduction program when it also un-rotates: the rotation's dot needs at least 16.
 UNROTATE_ROWS = 16
 # Up to this many splits the reduction un-rotates in its own programs. With more, its few 16-row programs
-# each merge too much serially (H200, batch 1 × 16K, 128 splits: 0.35 ms, against 0.034 ms with one row
-# per program and the un-rotation launched after it); with fewer, the launch it saves is worth more (batch
-# 64 × 1K: 0.077 → 0.070 ms).
+# each merge too much serially (H200, fragment kernel at batch 1 × 16K, 128 splits: 0.347 ms, against 0.036
+# ms with one row per program and the un-rotation launched after it); with fewer, the launch it saves is
+# worth more (batch 64 × 1K: 0.077 → 0.070 ms). benchmarks/results/kernels-decode-h200-table33k*.md
 UNROTATE_MAX_SPLITS = 16
 
 

@@ -8,10 +8,10 @@ import: CPU-testable). The backend (`backend.py`) follows `prefill_route`:
 - "fused": short chunks of enough requests to fill the device with the fused extend kernel's programs,
   which read each prefix once per 16 queries (speculative decoding's verification steps look like this).
 - "decode": short chunks of a few requests, e.g. the tail of a long prompt that chunked prefill cut off.
-  The fused kernel would walk each long prefix in a handful of programs (H200, a 14-token tail over a
-  6K prefix in Llama-3.1-8B: 6.6 ms a layer); instead each token is a decode query over the cache
-  (`chunk_decode_queries`), split over its prefix like any decode. The chunk's own keys are then read
-  compressed, as its decode steps will read them."""
+  The fused kernel would walk each long prefix in one program per kv head (H200, Llama-3.1-8B, 16 × 6K
+  prompts: 6.7 ms a layer in one step, `benchmarks/results/vllm-profile-h200.md`); instead each token is
+  a decode query over the cache (`chunk_decode_queries`), split over its prefix like any decode. The
+  chunk's own keys are then read compressed, as its decode steps will read them."""
 
 from __future__ import annotations
 
