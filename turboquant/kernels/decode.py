@@ -179,6 +179,15 @@ UNROTATE_ROWS = 16
 # ms with one row per program and the un-rotation launched after it); with fewer, the launch it saves is
 # worth more (batch 64 × 1K: 0.077 → 0.070 ms). benchmarks/results/kernels-decode-h200-table33k*.md
 UNROTATE_MAX_SPLITS = 16
+# ... and up to this head_dim: at 256 the program spills about a thousand local-memory instructions (sm_90,
+# `python benchmarks/reduce_sass.py`), and b32 × 4K / 16K at d=256 measured 0.218 / 0.576 ms fused against
+# 0.181 / 0.539 ms unfused (H200: kernels-decode-h200-reduce-all-splits.md against kernels-decode-h200.md).
+UNROTATE_MAX_HEAD_DIM = 128
+
+
+def reduction_unrotates(num_splits: int, head_dim_pad: int) -> bool:
+    """Whether `paged_decode_attention` un-rotates inside the reduction (else in a launch after it)."""
+    return num_splits <= UNROTATE_MAX_SPLITS and head_dim_pad <= UNROTATE_MAX_HEAD_DIM
 
 
 def reduce_split_block(num_splits_pad: int, head_dim_pad: int, rows: int = 1) -> int:
@@ -193,17 +202,22 @@ def reduce_splits(partial_out: torch.Tensor, partial_lse: torch.Tensor, out: tor
     partial_out [batch, heads, splits, D_pad] fp32 and partial_lse [batch, heads, splits] (log2 units);
     `rotation` (fp32 [D, D]): un-rotated (x @ R) on the way. `lse` [batch, heads] fp32, natural log."""
     batch, heads, num_splits = partial_lse.shape
-    pad, head_dim = partial_out.shape[-1], out.shape[-1]
-    rows = UNROTATE_ROWS if rotation is not None else 1
-    splits_pad = triton.next_power_of_2(num_splits)
-    _decode_reduce_kernel[(triton.cdiv(batch * heads, rows),)](
+    constants = reduce_constants(num_splits, partial_out.shape[-1], rotation is not None)
+    _decode_reduce_kernel[(triton.cdiv(batch * heads, constants["ROWS"]),)](
         partial_out, partial_lse, partial_lse if rotation is None else rotation, out,
         partial_lse if lse is None else lse, batch * heads, out.stride(0), out.stride(1), HEADS=heads,
-        NUM_SPLITS=num_splits, NUM_SPLITS_PAD=splits_pad, HEAD_DIM=head_dim, HEAD_DIM_PAD=pad,
-        SPLIT_BLOCK=reduce_split_block(splits_pad, pad, rows), ROWS=rows, UNROTATE=rotation is not None,
-        COLUMNS=rotation_columns(pad, 0.0), RETURN_LSE=lse is not None, CHAINED=chained,
+        HEAD_DIM=out.shape[-1], **constants, RETURN_LSE=lse is not None, CHAINED=chained,
         **programmatic_launch(chained),
     )
+
+
+def reduce_constants(num_splits: int, head_dim_pad: int, unrotate: bool) -> dict:
+    """`_decode_reduce_kernel`'s tiling constants (also compiled by `benchmarks/reduce_sass.py`)."""
+    rows = UNROTATE_ROWS if unrotate else 1
+    splits_pad = triton.next_power_of_2(num_splits)
+    return dict(NUM_SPLITS=num_splits, NUM_SPLITS_PAD=splits_pad, HEAD_DIM_PAD=head_dim_pad,
+                SPLIT_BLOCK=reduce_split_block(splits_pad, head_dim_pad, rows), ROWS=rows, UNROTATE=unrotate,
+                COLUMNS=rotation_columns(head_dim_pad, 0.0))
 
 
 def default_num_splits(batch: int, num_kv_heads: int, max_tokens: int, tile: int, num_sms: int) -> int:
@@ -303,7 +317,7 @@ def paged_decode_attention(query: torch.Tensor, cache: torch.Tensor, codec: Kern
     out = torch.empty_like(query) if out is None else out
     lse = torch.empty(batch, num_q_heads, device=cache.device, dtype=torch.float32) if return_lse else None
     # merge the splits and un-rotate the weighted value sum once, cast and stored into the caller's tensor
-    if num_splits <= UNROTATE_MAX_SPLITS:
+    if reduction_unrotates(num_splits, pad):
         reduce_splits(partial_out, partial_lse, out, lse, rotation=codec.rotation, chained=chained)
     else:
         rotated_out = torch.empty(batch, num_q_heads, layout.head_dim, device=cache.device, dtype=torch.float32)
