@@ -280,9 +280,10 @@ def paged_decode_attention(query: torch.Tensor, cache: torch.Tensor, codec: Kern
         fragments = fragment_kernel_chosen(codec, batch, group, max_tokens, cache.device)
     elif fragments and (unsupported := decode_fragments.unsupported_reason(codec, group, cache.device)):
         raise ValueError(f"the fragment decode kernel cannot serve this call: {unsupported}")
-    lookups = lookup_constants(codec)
-    launch = decode_launch(layout.head_dim, layout.key_bits, layout.value_bits,
-                           bool(lookups["KEY_LUT"] and lookups["VALUE_LUT"]))
+    if not fragments:  # the Triton split kernel's lookups and tiling
+        lookups = lookup_constants(codec)
+        launch = decode_launch(layout.head_dim, layout.key_bits, layout.value_bits,
+                               bool(lookups["KEY_LUT"] and lookups["VALUE_LUT"]))
     if num_splits is None:
         num_sms = multiprocessor_count(cache.device)
         num_splits = (decode_fragments.default_num_splits(batch * layout.num_kv_heads, max_tokens, num_sms) if fragments
