@@ -31,7 +31,7 @@ from turboquant.kernels.launch import page_constants  # noqa: E402
 POINTERS = dict(query_ptr="*fp32", cache_ptr="*u8", tables_ptr="*i32", block_table_ptr="*i32", seq_lens_ptr="*i32",
                 key_starts_ptr="*i32", partial_out_ptr="*fp32", partial_lse_ptr="*fp32")
 SCALARS = dict(stride_query_seq="i32", stride_query_head="i32", stride_table_seq="i32", scale="fp32", softcap="fp32",
-               sliding_window="i32", min_split="i32")
+               sliding_window="i32", min_split="i32", min_span="i32")
 ALIGNED = ("query_ptr", "cache_ptr", "tables_ptr", "partial_out_ptr", "partial_lse_ptr")  # as torch allocates them
 
 

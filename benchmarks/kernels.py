@@ -29,9 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from turboquant.core import TurboQuantConfig  # noqa: E402
 from turboquant.kernels.codec import KernelCodec  # noqa: E402
 from turboquant.kernels import decode_fragments  # noqa: E402
-from turboquant.kernels.decode import fragment_kernel_chosen, paged_decode_attention  # noqa: E402
+from turboquant.kernels.decode import fragment_min_span, paged_decode_attention  # noqa: E402
 from turboquant.kernels.extend import extend_attention  # noqa: E402
 from turboquant.kernels.gather import gather_sequences  # noqa: E402
+from turboquant.kernels.rotate import rotate  # noqa: E402
 from turboquant.kernels.store import compress_store  # noqa: E402
 
 BLOCK_SIZE = 16  # vLLM's default page size, for all three caches
@@ -146,6 +147,14 @@ class Baselines:
         return fn, cache, config.slot_size_aligned
 
 
+def split_kernels(codec: KernelCodec, batch: int, group: int, table_tokens: int, context: int) -> str:
+    """Which split kernels `paged_decode_attention` launches for the call, and which one serves its sequences."""
+    min_span = fragment_min_span(codec, batch, group, table_tokens, torch.device("cuda"))
+    if min_span is None:
+        return "triton"
+    return f"both: {'fragments' if context >= min_span else 'triton'}"
+
+
 def decode_cell(baselines: Baselines, shape: dict, batch: int, context: int, preset: str, vllm_preset: str | None,
                 copy_gbs: float, table_tokens: int = 0) -> dict:
     num_q_heads, num_kv_heads, head_dim = shape["num_q_heads"], shape["num_kv_heads"], shape["head_dim"]
@@ -162,9 +171,8 @@ def decode_cell(baselines: Baselines, shape: dict, batch: int, context: int, pre
     ours_bytes = tokens * codec.layout.bytes_per_token
     cell["ours"] = {"ms": ms, "bytes": ours_bytes, "gbs": ours_bytes / ms / 1e6,
                     "fraction_of_copy_bw": ours_bytes / ms / 1e6 / copy_gbs,
-                    "split_kernel": "fragments" if fragment_kernel_chosen(
-                        codec, batch, num_q_heads // num_kv_heads, table.shape[1] * BLOCK_SIZE, query.device)
-                    else "triton"}
+                    "split_kernel": split_kernels(codec, batch, num_q_heads // num_kv_heads,
+                                                  table.shape[1] * BLOCK_SIZE, context)}
     for fragments in (False, True):  # each split kernel forced, where it can serve
         if fragments and decode_fragments.unsupported_reason(codec, num_q_heads // num_kv_heads, query.device):
             continue
@@ -207,8 +215,15 @@ def store_cells(shape: dict) -> list[dict]:
             values = torch.randn_like(keys)
             slots = torch.arange(tokens, dtype=torch.int32, device="cuda")
             ms = graph_time_ms(lambda: compress_store(keys, values, slots, cache, codec))
-            out.append({"shape": shape["name"], "preset": preset, "tokens": tokens, "ms": ms,
-                        "us_per_token": 1000 * ms / tokens})
+            cell = {"shape": shape["name"], "preset": preset, "tokens": tokens, "ms": ms,
+                    "us_per_token": 1000 * ms / tokens}
+            if tokens <= 64:  # a decode step: its queries rotated in the store's launch, or in a launch of their own
+                queries = torch.randn(tokens, shape["num_q_heads"], shape["head_dim"], device="cuda",
+                                      dtype=torch.bfloat16)
+                cell["with_queries_ms"] = graph_time_ms(
+                    lambda: compress_store(keys, values, slots, cache, codec, queries=queries))
+                cell["rotate_queries_ms"] = graph_time_ms(lambda: rotate(queries, codec))
+            out.append(cell)
     return out
 
 
@@ -295,9 +310,11 @@ def markdown(result: dict) -> str:
                      f"{c.get('fa3_bf16_ms', nan):.3f} | {c.get('ratio_to_fa3', nan):.2f} | {c.get('gather_ms', nan):.3f} | "
                      f"{c.get('gather_fa3_ms', nan):.3f} | {c.get('gather_fa3_ratio_to_fa3', nan):.2f} |")
     if result["store"]:
-        lines += ["", "| store: shape | preset | tokens | ms | µs/token |", "|---|---|---:|---:|---:|"]
+        lines += ["", "| store: shape | preset | tokens | ms | µs/token | ms, queries rotated in it | "
+                  "queries rotated alone ms |", "|---|---|---:|---:|---:|---:|---:|"]
     for c in result["store"]:
-        lines.append(f"| {c['shape']} | {c['preset']} | {c['tokens']} | {c['ms']:.4f} | {c['us_per_token']:.4f} |")
+        lines.append(f"| {c['shape']} | {c['preset']} | {c['tokens']} | {c['ms']:.4f} | {c['us_per_token']:.4f} | "
+                     f"{c.get('with_queries_ms', nan):.4f} | {c.get('rotate_queries_ms', nan):.4f} |")
     return "\n".join(lines)
 
 

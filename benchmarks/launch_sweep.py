@@ -22,7 +22,8 @@ from kernels import BLOCK_SIZE, block_table_for, graph_time_ms, random_compresse
 from turboquant.core import TurboQuantConfig  # noqa: E402 (kernels.py puts the repository on sys.path)
 from turboquant.kernels import extend as extend_module  # noqa: E402
 from turboquant.kernels.codec import KernelCodec  # noqa: E402
-from turboquant.kernels.decode import _decode_split_kernel, default_num_splits, paged_decode_attention  # noqa: E402
+from turboquant.kernels.decode import (ANY_SPAN, _decode_split_kernel, default_num_splits,  # noqa: E402
+                                       paged_decode_attention)
 from turboquant.kernels.launch import head_dim_pad, lookup_constants, page_constants  # noqa: E402
 
 HEAD_DIM, NUM_KV_HEADS, NUM_Q_HEADS = 128, 8, 32  # Llama-3.1-8B attention
@@ -61,7 +62,8 @@ def decode_rows(batch: int, context: int, key_bits: int, value_bits: int) -> lis
             return _decode_split_kernel[(batch, NUM_KV_HEADS, splits)](
                 query, cache, table, seq_lens, seq_lens, codec.key_centroids_fp16, codec.value_centroids_fp16,
                 partial_out, partial_lse, query.stride(0), query.stride(1), table.stride(0), HEAD_DIM**-0.5, 0.0, 0,
-                GROUP=NUM_Q_HEADS // NUM_KV_HEADS, GROUP_PAD=16, NUM_SPLITS=splits, **page_constants(codec.layout),
+                0, ANY_SPAN, GROUP=NUM_Q_HEADS // NUM_KV_HEADS, GROUP_PAD=16, NUM_SPLITS=splits, PARTIAL_SPLITS=splits,
+                **page_constants(codec.layout),
                 **lookups, USE_SOFTCAP=False, USE_WINDOW=False, USE_STARTS=False, TILE=tile, CHAINED=False, num_warps=warps,
                 num_stages=stages)
         try:

@@ -32,6 +32,8 @@ def run_batch(backend, prefix: list[int], new: list[int]):
     the references need)."""
     from vllm.v1.attention.backend import CommonAttentionMetadata
 
+    from turboquant.kernels import compress_store
+
     module, config = backend
     device = "cuda" if torch.cuda.is_available() else "cpu"
     generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
@@ -49,14 +51,16 @@ def run_batch(backend, prefix: list[int], new: list[int]):
     def randn(*shape):
         return torch.randn(*shape, generator=generator).to(device, torch.bfloat16)
 
+    codec = impl._codec(layer, cache)
     for seq, count in enumerate(prefix):
         if count:
-            impl.do_kv_cache_update(layer, randn(count, KV_HEADS, HEAD_DIM), randn(count, KV_HEADS, HEAD_DIM),
-                                    cache, slots(seq, 0, count))
+            compress_store(randn(count, KV_HEADS, HEAD_DIM), randn(count, KV_HEADS, HEAD_DIM), slots(seq, 0, count),
+                           cache, codec)
     tokens = sum(new)
     query, keys, values = randn(tokens, HEADS, HEAD_DIM), randn(tokens, KV_HEADS, HEAD_DIM), randn(tokens, KV_HEADS, HEAD_DIM)
-    slot_mapping = torch.cat([slots(seq, prefix[seq], count) for seq, count in enumerate(new)])
-    impl.do_kv_cache_update(layer, keys, values, cache, slot_mapping)
+    # the step's own keys: stored by forward, at slots padded as in a CUDA graph (−1: skipped)
+    slot_mapping = torch.cat([slots(seq, prefix[seq], count) for seq, count in enumerate(new)]
+                             + [torch.full((3,), -1, device=device)])
 
     query_start = torch.zeros(len(new) + 1, dtype=torch.int32)
     query_start[1:] = torch.tensor(new).cumsum(0)
@@ -68,8 +72,8 @@ def run_batch(backend, prefix: list[int], new: list[int]):
     spec = SimpleNamespace(num_kv_heads=KV_HEADS, head_size=HEAD_DIM)
     meta = module.TurboQuantMetadataBuilder(spec, ["x"], config, device).build(0, common)
     output = torch.full((tokens + 3, HEADS * HEAD_DIM), float("nan"), dtype=torch.bfloat16, device=device)
-    padded = torch.cat([query, randn(3, HEADS, HEAD_DIM)])  # CUDA-graph padding rows are left alone
-    impl.forward(layer, padded, keys, values, cache, meta, output)
+    padded = [torch.cat([x, randn(3, *x.shape[1:])]) for x in (query, keys, values)]  # CUDA-graph padding rows
+    impl.forward(layer, *padded, cache, meta, output)
     assert output[tokens:].isnan().all()
     references = SimpleNamespace(cache=cache, codec=impl.codec, block_table=block_table.to(device),
                                  query_start=query_start.to(device), seq_lens=seq_lens.to(device), scale=impl.scale)

@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from turboquant.kernels.decode import paged_decode_attention
+from turboquant.kernels.decode import launch_triton_split, paged_decode_attention, reduce_splits
 from turboquant.kernels.reference import decode_reference
+from turboquant.kernels.rotate import rotate
 
 from .paged import filled_cache, make_codec
 
@@ -47,6 +48,46 @@ def test_decode_does_not_depend_on_splits(num_splits, device, generator):
     expected = decode_reference(query, cache, codec, block_table, lengths, 0.125)
     out = paged_decode_attention(query, cache, codec, block_table, lengths, 0.125, num_splits=num_splits)
     torch.testing.assert_close(out, expected, **TOLERANCE)
+
+
+@pytest.mark.parametrize("options, shortest_long", [({}, 64), ({"sliding_window": 37}, 30)])
+def test_sequences_split_between_launches_by_their_visible_keys(options, shortest_long, device, generator):
+    """`paged_decode_attention` may serve a call's short sequences with the Triton split kernel and its
+    long ones with the fragment kernel, each at its own split count, into one set of partials. Here two
+    Triton launches share them that way: partials start as NaN, so a slot that neither fills, or a
+    sequence that neither serves, shows in the output."""
+    codec = make_codec(64, 4, 4, 2, 16, device)
+    seq_lens = [150, 0, 64, 97, 20, 63]  # visible keys with the window: 37, 0, 37, 37, 20, 37
+    cache, block_table = filled_cache(codec, seq_lens, generator, device)
+    query = torch.randn(len(seq_lens), 4, 64, generator=generator).to(device)
+    lengths = torch.tensor(seq_lens, dtype=torch.int32, device=device)
+    window = options.get("sliding_window")
+    rotated_query = rotate(query, codec)
+    partial_out = torch.full((len(seq_lens), 4, 4, 64), float("nan"), device=device)
+    partial_lse = torch.full((len(seq_lens), 4, 4), float("nan"), device=device)
+    for num_splits, spans in ((2, dict(max_span=shortest_long - 1)), (4, dict(min_span=shortest_long))):
+        launch_triton_split(rotated_query, cache, codec, block_table, lengths, None, partial_out, partial_lse, 0.125,
+                            None, window, num_splits, **spans)
+    out = torch.empty_like(query)
+    reduce_splits(partial_out, partial_lse, out, None, rotation=codec.rotation)
+    expected = decode_reference(query, cache, codec, block_table, lengths, 0.125, sliding_window=window)
+    torch.testing.assert_close(out, expected, **TOLERANCE)
+    with pytest.raises(ValueError, match="must divide"):
+        launch_triton_split(rotated_query, cache, codec, block_table, lengths, None, partial_out, partial_lse, 0.125,
+                            None, None, 3)
+
+
+def test_a_query_rotated_beforehand_gives_the_same_output(device, generator):
+    codec = make_codec(128, 4, 4, 2, 16, device)
+    seq_lens = [70, 33, 0]
+    cache, block_table = filled_cache(codec, seq_lens, generator, device)
+    query = torch.randn(3, 8, 128, generator=generator).to(device, torch.bfloat16)
+    lengths = torch.tensor(seq_lens, dtype=torch.int32, device=device)
+    expected = paged_decode_attention(query, cache, codec, block_table, lengths, 128**-0.5)
+    out = torch.empty_like(query)
+    paged_decode_attention(rotate(query, codec), cache, codec, block_table, lengths, 128**-0.5, out=out,
+                           query_rotated=True)
+    assert torch.equal(out, expected)
 
 
 def test_decode_empty_sequence_and_bf16_query(device, generator):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from turboquant.kernels import decode_fragments
-from turboquant.kernels.decode import paged_decode_attention
+from turboquant.kernels.decode import fragment_min_span, paged_decode_attention
 from turboquant.kernels.reference import decode_reference
 
 from .paged import filled_cache, make_codec
@@ -50,17 +50,21 @@ def test_fragment_decode_matches_reference(head_dim, block_size, num_q_heads, nu
 
 @needs_cuda
 @needs_gluon
-def test_large_calls_take_the_fragment_kernel(generator):
+def test_each_sequence_takes_the_split_kernel_its_length_picks(generator):
+    """Batch 8 × 8 kv heads: sequences of ≥ 8192 visible keys go to the fragment kernel, shorter ones to the
+    Triton kernel, in one call (one CUDA graph's launches whatever the lengths)."""
     codec = make_codec(128, 4, 4, 8, 16, "cuda")
-    cache, block_table = filled_cache(codec, [70, 9], generator, "cuda")
-    wide_table = torch.nn.functional.pad(block_table, (0, 4096))  # 65K-token rows: a large call by shape
-    query = torch.randn(2, 32, 128, generator=generator).cuda()
-    lengths = torch.tensor([70, 9], dtype=torch.int32, device="cuda")
-    automatic = paged_decode_attention(query, cache, codec, wide_table, lengths, 0.1)
-    forced = paged_decode_attention(query, cache, codec, wide_table, lengths, 0.1, fragments=True)
-    triton_kernel = paged_decode_attention(query, cache, codec, wide_table, lengths, 0.1, fragments=False)
-    assert torch.equal(automatic, forced)
-    torch.testing.assert_close(automatic, triton_kernel, **TOLERANCE)
+    seq_lens = [9000, 50, 8192, 8191, 0, 1, 300, 12000]
+    cache, block_table = filled_cache(codec, seq_lens, generator, "cuda")
+    assert fragment_min_span(codec, 8, 4, block_table.shape[1] * 16, torch.device("cuda")) == 8192
+    query = torch.randn(len(seq_lens), 32, 128, generator=generator).cuda()
+    lengths = torch.tensor(seq_lens, dtype=torch.int32, device="cuda")
+    automatic = paged_decode_attention(query, cache, codec, block_table, lengths, 0.1)
+    fragments = paged_decode_attention(query, cache, codec, block_table, lengths, 0.1, fragments=True)
+    torch.testing.assert_close(automatic, decode_reference(query, cache, codec, block_table, lengths, 0.1), **TOLERANCE)
+    long = lengths >= 8192
+    assert torch.equal(automatic[long], fragments[long])  # the same kernel, splits and reduction
+    assert not torch.equal(automatic[~long], fragments[~long])
 
 
 @needs_gluon

@@ -80,6 +80,25 @@ def test_fixed_tile_stores_a_token_alike_whatever_was_stored_with_it(device, gen
         assert_norms_follow_codes(cache, codec, keys, values, slots)
 
 
+@pytest.mark.parametrize("head_dim, dtype", [(128, torch.bfloat16), (80, torch.float16), (64, torch.float32)])
+def test_queries_rotated_in_the_store_launch(head_dim, dtype, device, generator):
+    """`queries`: the first query tokens' rotation comes out of the same launch, as `rotate` gives it
+    (fp32 accurate), and the cache bytes are those of a store without queries."""
+    codec = make_codec(head_dim, 4, 3, num_kv_heads=2, block_size=16, device=device)
+    keys, values = (torch.randn(37, 2, head_dim, generator=generator).to(device, dtype) for _ in range(2))
+    queries = torch.randn(20, 8, head_dim, generator=generator).to(device, dtype)  # GQA group of 4
+    slots = torch.randperm(64, generator=generator)[:37].to(device, torch.int32)
+    with_queries, without = codec.layout.allocate(4, device), codec.layout.allocate(4, device)
+    rotated = compress_store(keys, values, slots, with_queries, codec, queries=queries)
+    assert compress_store(keys, values, slots, without, codec) is None
+    assert torch.equal(with_queries, without)
+    expected = queries.float() @ codec.rotation.T
+    torch.testing.assert_close(rotated, expected, atol=2e-6 * expected.abs().max().item(), rtol=0)
+    out = torch.full_like(rotated, float("nan"))
+    assert compress_store(keys, values, slots, without, codec, queries=queries, rotated_queries=out) is out
+    torch.testing.assert_close(out, expected, atol=2e-6 * expected.abs().max().item(), rtol=0)
+
+
 def test_compress_store_rejects_bad_input(device):
     codec = make_codec(64, 4, 4, num_kv_heads=2, block_size=16, device=device)
     cache = codec.layout.allocate(2, device)
@@ -97,3 +116,11 @@ def test_compress_store_rejects_bad_input(device):
         compress_store(keys, keys, slots, torch.cat([cache, cache], dim=2)[:, :, : cache.shape[2]], codec)
     with pytest.raises(ValueError, match="uint8"):
         compress_store(keys, keys, slots, cache.float(), codec)
+    with pytest.raises(ValueError, match="queries must be"):  # more query tokens than tokens
+        compress_store(keys, keys, slots, cache, codec, queries=torch.randn(4, 4, 64, device=device))
+    with pytest.raises(ValueError, match="queries must be"):  # heads not a multiple of the kv heads
+        compress_store(keys, keys, slots, cache, codec, queries=torch.randn(3, 3, 64, device=device))
+    with pytest.raises(ValueError, match="queries must have dtype"):
+        compress_store(keys, keys, slots, cache, codec, queries=torch.randn(3, 4, 64, device=device).half())
+    with pytest.raises(ValueError, match="rotated_queries must have"):
+        compress_store(keys, keys, slots, cache, codec, queries=keys, rotated_queries=torch.empty(3, 2, 32))

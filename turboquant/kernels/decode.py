@@ -57,12 +57,13 @@ def online_softmax_step(scores, running_max, running_sum):
     return probs, correction, new_max, running_sum * correction + tl.sum(probs, axis=1)
 
 
-@triton.jit(do_not_specialize_on_alignment=SLICED_METADATA)
+@triton.jit(do_not_specialize=["min_span", "max_span"], do_not_specialize_on_alignment=SLICED_METADATA)
 def _decode_split_kernel(
     query_ptr, cache_ptr, block_table_ptr, seq_lens_ptr, key_starts_ptr, key_centroids_ptr, value_centroids_ptr,
     partial_out_ptr, partial_lse_ptr,
-    stride_query_seq, stride_query_head, stride_table_seq, scale, softcap, sliding_window,
+    stride_query_seq, stride_query_head, stride_table_seq, scale, softcap, sliding_window, min_span, max_span,
     NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    PARTIAL_SPLITS: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, HEAD_PAGE_BYTES: tl.constexpr, VALUES_OFFSET: tl.constexpr,
     KEY_NORMS_OFFSET: tl.constexpr, VALUE_NORMS_OFFSET: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
@@ -75,6 +76,8 @@ def _decode_split_kernel(
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
     first = first_visible_key(seq_len, seq, key_starts_ptr, sliding_window, USE_WINDOW, USE_STARTS)
+    if (seq_len - first < min_span) | (seq_len - first > max_span):  # the fragment kernel's sequence
+        return
     per_split = tl.cdiv(tl.cdiv(seq_len - first, NUM_SPLITS), TILE) * TILE
     lo = first + split * per_split
     hi = tl.minimum(lo + per_split, seq_len)
@@ -116,12 +119,17 @@ def _decode_split_kernel(
         acc = acc * correction[:, None] + tl.dot((probs * value_norms[None, :]).to(tl.float16), values)
         running_max = new_max
 
-    partial = (seq * NUM_KV_HEADS * GROUP + heads) * NUM_SPLITS + split
+    partial = (seq * NUM_KV_HEADS * GROUP + heads) * PARTIAL_SPLITS + split
     head_mask = group < GROUP
     out = acc / tl.maximum(running_sum, 1e-30)[:, None]
-    tl.store(partial_out_ptr + partial[:, None] * HEAD_DIM_PAD + dims[None, :], out, mask=head_mask[:, None])
+    # an empty split's output is never read (the reduction weighs it by its −inf alone)
+    tl.store(partial_out_ptr + partial[:, None] * HEAD_DIM_PAD + dims[None, :], out,
+             mask=(head_mask & (running_sum > 0))[:, None])
     lse = tl.where(running_sum > 0, running_max + tl.log2(tl.maximum(running_sum, 1e-30)), float("-inf"))
     tl.store(partial_lse_ptr + partial, lse, mask=head_mask)
+    for extra in tl.static_range(1, PARTIAL_SPLITS // NUM_SPLITS):  # slots past this kernel's splits: empty
+        tl.store(partial_lse_ptr + partial + extra * NUM_SPLITS, tl.full([GROUP_PAD], float("-inf"), tl.float32),
+                 mask=head_mask)
 
 
 @triton.jit(do_not_specialize=["num_rows"])
@@ -227,25 +235,65 @@ def default_num_splits(batch: int, num_kv_heads: int, max_tokens: int, tile: int
     return int(min(triton.next_power_of_2(wanted), triton.next_power_of_2(longest), 64))
 
 
-# Below this many (sequence · kv head · block-table token) slots the Triton split kernel measured faster
-# than the fragment kernel on an H200 (batch 1 at every context, batch 8 up to 4K, batch 32 at 1K):
-# with little work, one-warp programs cannot hide their latency.
+# The split kernel is chosen per sequence, from its visible keys times the call's (sequence · kv head)
+# pairs: at or above this many the fragment kernel, below it the Triton one. The Triton kernel measured
+# faster up to it on an H200 (batch 1 at every context, batch 2 at 16K, batch 8 up to 4K, batch 32 at 1K;
+# the fragment kernel from batch 8 × 16K, batch 32 × 4K, batch 64 × 1K): with little work, one-warp
+# programs cannot hide their latency. benchmarks/results/kernels-decode-h200*.md
 FRAGMENT_MIN_WORK = 1 << 19
+# The Triton kernel's span limit when it serves every sequence (int32).
+ANY_SPAN = (1 << 31) - 1
 
 
-def fragment_kernel_chosen(codec: KernelCodec, batch: int, group: int, max_tokens: int, device: torch.device) -> bool:
-    """Whether `paged_decode_attention` runs the fragment split kernel by default (shapes only: a CUDA
-    graph replays the same choice)."""
-    return (batch * codec.layout.num_kv_heads * max_tokens >= FRAGMENT_MIN_WORK
-            and decode_fragments.unsupported_reason(codec, group, device) is None)
+def fragment_min_span(codec: KernelCodec, batch: int, group: int, max_tokens: int, device: torch.device) -> int | None:
+    """The fewest visible keys of a sequence that `paged_decode_attention` sends to the fragment kernel by
+    default; shorter ones go to the Triton kernel. None: the fragment kernel is not launched (it cannot
+    serve the layer, or no sequence the block table can hold reaches the limit). From shapes only, so a
+    CUDA graph replays the same launches; each kernel's programs skip the other's sequences."""
+    pairs = batch * codec.layout.num_kv_heads
+    if pairs * max_tokens < FRAGMENT_MIN_WORK or decode_fragments.unsupported_reason(codec, group, device):
+        return None
+    return -(-FRAGMENT_MIN_WORK // pairs)
+
+
+def launch_triton_split(rotated_query: torch.Tensor, cache: torch.Tensor, codec: KernelCodec,
+                        block_table: torch.Tensor, seq_lens: torch.Tensor, key_starts: torch.Tensor | None,
+                        partial_out: torch.Tensor, partial_lse: torch.Tensor, scale: float, softcap: float | None,
+                        sliding_window: int | None, num_splits: int, min_span: int = 0, max_span: int = ANY_SPAN,
+                        chained: bool = False) -> None:
+    """Fill the partials [batch, Hq, S(, D_pad)] of the sequences whose visible keys number min_span …
+    max_span, each cut into `num_splits` (a divisor of S) splits; their slots past those read empty."""
+    layout = codec.layout
+    batch, num_q_heads, partial_splits = partial_lse.shape
+    if partial_splits % num_splits:
+        raise ValueError(f"num_splits ({num_splits}) must divide the partials' {partial_splits} splits")
+    group = num_q_heads // layout.num_kv_heads
+    lookups = lookup_constants(codec)
+    _decode_split_kernel[(batch, layout.num_kv_heads, num_splits)](
+        rotated_query, cache, block_table, seq_lens, seq_lens if key_starts is None else key_starts,
+        codec.key_centroids_fp16, codec.value_centroids_fp16,
+        partial_out, partial_lse, rotated_query.stride(0), rotated_query.stride(1), block_table.stride(0),
+        float(scale), float(softcap or 0.0), int(sliding_window or 0), int(min_span), int(max_span),
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), NUM_SPLITS=num_splits,
+        PARTIAL_SPLITS=partial_splits, **page_constants(layout), **lookups,
+        USE_SOFTCAP=softcap is not None, USE_WINDOW=sliding_window is not None, USE_STARTS=key_starts is not None,
+        CHAINED=chained, **triton_split_launch(codec), **programmatic_launch(chained),
+    )
+
+
+def triton_split_launch(codec: KernelCodec) -> dict:
+    """`decode_launch` for the codec's layer and lookups."""
+    layout, lookups = codec.layout, lookup_constants(codec)
+    return decode_launch(layout.head_dim, layout.key_bits, layout.value_bits,
+                         bool(lookups["KEY_LUT"] and lookups["VALUE_LUT"]))
 
 
 def paged_decode_attention(query: torch.Tensor, cache: torch.Tensor, codec: KernelCodec, block_table: torch.Tensor,
                            seq_lens: torch.Tensor, scale: float, sliding_window: int | None = None,
                            softcap: float | None = None, num_splits: int | None = None,
                            key_starts: torch.Tensor | None = None, return_lse: bool = False,
-                           out: torch.Tensor | None = None,
-                           fragments: bool | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                           out: torch.Tensor | None = None, fragments: bool | None = None,
+                           query_rotated: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """query [batch, num_q_heads, head_dim] (the token at position seq_len − 1 of each sequence) →
     attention output of the same shape and dtype. block_table int32 [batch, max_blocks], seq_lens int32
     [batch]. A CUDA graph must fix `num_splits` (the default depends only on shapes, not on values).
@@ -254,7 +302,9 @@ def paged_decode_attention(query: torch.Tensor, cache: torch.Tensor, codec: Kern
     is visible), so a caller can merge this output with attention over keys held elsewhere. `out` (the
     query's shape) receives the output in place of a new tensor. `fragments` picks the split kernel:
     True the fragment kernel (`decode_fragments.py`; ValueError where it cannot serve the layer), False
-    the Triton one, None the fragment kernel where it can serve and the call is large enough."""
+    the Triton one, None each sequence's by its length (`fragment_min_span`). `query_rotated`: the query
+    is already rotated (x @ Rᵀ, e.g. by `compress_store(..., queries=)` in the launch that stored the step's
+    keys), so this call launches no rotation of its own."""
     layout = codec.layout
     layout.check_cache(cache)
     check_codec_device(codec, cache)
@@ -277,17 +327,24 @@ def paged_decode_attention(query: torch.Tensor, cache: torch.Tensor, codec: Kern
     group = num_q_heads // layout.num_kv_heads
     max_tokens = block_table.shape[1] * layout.block_size
     if fragments is None:
-        fragments = fragment_kernel_chosen(codec, batch, group, max_tokens, cache.device)
-    elif fragments and (unsupported := decode_fragments.unsupported_reason(codec, group, cache.device)):
-        raise ValueError(f"the fragment decode kernel cannot serve this call: {unsupported}")
-    if not fragments:  # the Triton split kernel's lookups and tiling
-        lookups = lookup_constants(codec)
-        launch = decode_launch(layout.head_dim, layout.key_bits, layout.value_bits,
-                               bool(lookups["KEY_LUT"] and lookups["VALUE_LUT"]))
+        min_span = fragment_min_span(codec, batch, group, max_tokens, cache.device)
+    elif fragments:
+        if unsupported := decode_fragments.unsupported_reason(codec, group, cache.device):
+            raise ValueError(f"the fragment decode kernel cannot serve this call: {unsupported}")
+        min_span = 0
+    else:
+        min_span = None
+    num_sms = multiprocessor_count(cache.device)
+    # the Triton kernel's own split count, for the longest sequence it may serve
+    triton_max_tokens = max_tokens if min_span is None else min(max_tokens, min_span - 1)
+    triton_splits = (0 if min_span == 0 else default_num_splits(
+        batch, layout.num_kv_heads, triton_max_tokens, triton_split_launch(codec)["TILE"], num_sms))
     if num_splits is None:
-        num_sms = multiprocessor_count(cache.device)
-        num_splits = (decode_fragments.default_num_splits(batch * layout.num_kv_heads, max_tokens, num_sms) if fragments
-                      else default_num_splits(batch, layout.num_kv_heads, max_tokens, launch["TILE"], num_sms))
+        num_splits = (triton_splits if min_span is None
+                      else max(triton_splits, decode_fragments.default_num_splits(batch * layout.num_kv_heads,
+                                                                                  max_tokens, num_sms)))
+    elif triton_splits:
+        triton_splits = num_splits
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits!r}")
 
@@ -297,24 +354,17 @@ def paged_decode_attention(query: torch.Tensor, cache: torch.Tensor, codec: Kern
     # waits for it only before reading its output, which hides launch gaps that dominate a short call
     # (H200, b1 x 1K: 0.014 → 0.012 ms). At batch 8 and 64 the same chaining measured 1–17% slower
     # (`benchmarks/kernels.py`, ours vs ours unchained), so larger batches launch one after another.
-    chained = batch == 1 and not fragments and programmatic_launch_available(cache.device)
-    rotated_query = rotate(query, codec, launch_dependents=chained)
+    chained = batch == 1 and min_span is None and not query_rotated and programmatic_launch_available(cache.device)
+    rotated_query = query if query_rotated else rotate(query, codec, launch_dependents=chained)
     partial_out = torch.empty(batch, num_q_heads, num_splits, pad, device=cache.device, dtype=torch.float32)
     partial_lse = torch.empty(batch, num_q_heads, num_splits, device=cache.device, dtype=torch.float32)
-    if fragments:
+    if triton_splits:
+        launch_triton_split(rotated_query, cache, codec, block_table, seq_lens, key_starts, partial_out, partial_lse,
+                            scale, softcap, sliding_window, triton_splits,
+                            max_span=ANY_SPAN if min_span is None else min_span - 1, chained=chained)
+    if min_span is not None:
         decode_fragments.launch_split(rotated_query, cache, codec, block_table, seq_lens, key_starts, partial_out,
-                                      partial_lse, scale, softcap, sliding_window)
-    else:
-        _decode_split_kernel[(batch, layout.num_kv_heads, num_splits)](
-            rotated_query, cache, block_table, seq_lens, seq_lens if key_starts is None else key_starts,
-            codec.key_centroids_fp16, codec.value_centroids_fp16,
-            partial_out, partial_lse, rotated_query.stride(0), rotated_query.stride(1), block_table.stride(0),
-            float(scale), float(softcap or 0.0), int(sliding_window or 0),
-            GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), NUM_SPLITS=num_splits,
-            **page_constants(layout), **lookups,
-            USE_SOFTCAP=softcap is not None, USE_WINDOW=sliding_window is not None, USE_STARTS=key_starts is not None,
-            CHAINED=chained, **launch, **programmatic_launch(chained),
-        )
+                                      partial_lse, scale, softcap, sliding_window, min_span)
     out = torch.empty_like(query) if out is None else out
     lse = torch.empty(batch, num_q_heads, device=cache.device, dtype=torch.float32) if return_lse else None
     # merge the splits and un-rotate the weighted value sum once, cast and stored into the caller's tensor

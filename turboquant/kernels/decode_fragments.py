@@ -163,11 +163,12 @@ if gluon is not None:
     def _tanh(x):
         return 1 - 2 / (gl.exp(2 * x) + 1)
 
-    @gluon.jit(do_not_specialize=["min_split"])  # a variant per split count only, as CUDA graphs compiled them
+    # a variant per split count only, as CUDA graphs compiled them
+    @gluon.jit(do_not_specialize=["min_split", "min_span"])
     def _fragment_split_kernel(
         query_ptr, cache_ptr, tables_ptr, block_table_ptr, seq_lens_ptr, key_starts_ptr, partial_out_ptr,
         partial_lse_ptr, stride_query_seq, stride_query_head, stride_table_seq, scale, softcap, sliding_window,
-        min_split, NUM_KV_HEADS: gl.constexpr, GROUP: gl.constexpr, NUM_SPLITS: gl.constexpr,
+        min_split, min_span, NUM_KV_HEADS: gl.constexpr, GROUP: gl.constexpr, NUM_SPLITS: gl.constexpr,
         BLOCK_SIZE: gl.constexpr,
         HEAD_PAGE_BYTES: gl.constexpr, VALUES_OFFSET: gl.constexpr, KEY_NORMS_OFFSET: gl.constexpr,
         VALUE_NORMS_OFFSET: gl.constexpr, HEAD_DIM: gl.constexpr, KEY_BYTES: gl.constexpr, VALUE_BYTES: gl.constexpr,
@@ -188,6 +189,8 @@ if gluon is not None:
         split = gl.program_id(2)
         seq_len = gl.load(seq_lens_ptr + seq)
         first = first_visible_key(seq_len, seq, key_starts_ptr, sliding_window, USE_WINDOW, USE_STARTS)
+        if seq_len - first < min_span:  # the Triton split kernel's sequence
+            return
         # tiles start at multiples of _TILE, so each lies in one page; keys before `first` are masked
         aligned = first // _TILE * _TILE
         per_split = gl.maximum(gl.cdiv(gl.cdiv(seq_len - aligned, NUM_SPLITS), _TILE), min_split // _TILE) * _TILE
@@ -295,9 +298,11 @@ if gluon is not None:
 
 def launch_split(rotated_query: torch.Tensor, cache: torch.Tensor, codec: KernelCodec, block_table: torch.Tensor,
                  seq_lens: torch.Tensor, key_starts: torch.Tensor | None, partial_out: torch.Tensor,
-                 partial_lse: torch.Tensor, scale: float, softcap: float | None, sliding_window: int | None) -> None:
+                 partial_lse: torch.Tensor, scale: float, softcap: float | None, sliding_window: int | None,
+                 min_span: int = 0) -> None:
     """Fill `partial_out` [batch, Hq, splits, D] fp32 and `partial_lse` [batch, Hq, splits] as
-    `decode._decode_split_kernel` does (the caller checked `unsupported_reason`)."""
+    `decode._decode_split_kernel` does (the caller checked `unsupported_reason`), for the sequences with at
+    least `min_span` visible keys."""
     layout = codec.layout
     batch, num_q_heads, num_splits = partial_lse.shape
     constants = page_constants(layout)
@@ -305,7 +310,8 @@ def launch_split(rotated_query: torch.Tensor, cache: torch.Tensor, codec: Kernel
         rotated_query, cache, codec.lut_lane_tables, block_table, seq_lens,
         seq_lens if key_starts is None else key_starts, partial_out, partial_lse,
         rotated_query.stride(0), rotated_query.stride(1), block_table.stride(0), float(scale), float(softcap or 1.0),
-        int(sliding_window or 0), min_split_tokens(batch * layout.num_kv_heads), NUM_KV_HEADS=layout.num_kv_heads,
+        int(sliding_window or 0), min_split_tokens(batch * layout.num_kv_heads), int(min_span),
+        NUM_KV_HEADS=layout.num_kv_heads,
         GROUP=num_q_heads // layout.num_kv_heads,
         NUM_SPLITS=num_splits, BLOCK_SIZE=layout.block_size, HEAD_PAGE_BYTES=constants["HEAD_PAGE_BYTES"],
         VALUES_OFFSET=constants["VALUES_OFFSET"], KEY_NORMS_OFFSET=constants["KEY_NORMS_OFFSET"],

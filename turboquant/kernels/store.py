@@ -86,12 +86,28 @@ def _quantize_rows(x_ptr, stride_token, stride_head, tokens, rows_valid, head, r
     tl.store(norm_ptrs.to(tl.pointer_type(tl.float32)), norms, mask=rows_valid)
 
 
-@triton.jit(do_not_specialize=["num_tokens"])  # num_tokens changes every step: one variant for all
+@triton.jit
+def _rotate_rows(x_ptr, stride_token, stride_head, tokens, rows_valid, head, rotation_ptr, out_ptr, stride_out_token,
+                 stride_out_head, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, PART_SCALE: tl.constexpr,
+                 COLUMNS: tl.constexpr):
+    """out rows ← x rows @ Rᵀ in fp32 (as `rotate.rotate`)."""
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    x = tl.load(x_ptr + tokens[:, None] * stride_token + head * stride_head + dims[None, :],
+                mask=rows_valid[:, None] & (dims < HEAD_DIM)[None, :], other=0.0)
+    for block in tl.static_range(HEAD_DIM_PAD // COLUMNS):
+        columns = block * COLUMNS + tl.arange(0, COLUMNS)
+        y = rotated_columns(x, rotation_ptr, columns, dims, HEAD_DIM, PART_SCALE, False)
+        tl.store(out_ptr + tokens[:, None] * stride_out_token + head * stride_out_head + columns[None, :], y,
+                 mask=rows_valid[:, None] & (columns < HEAD_DIM)[None, :])
+
+
+@triton.jit(do_not_specialize=["num_tokens", "num_query_tokens"])  # they change every step: one variant for all
 def _compress_store_kernel(
     keys_ptr, values_ptr, slot_mapping_ptr, rotation_ptr, cache_ptr,
-    key_centroids_ptr, key_boundaries_ptr, value_centroids_ptr, value_boundaries_ptr,
-    num_tokens, stride_key_token, stride_key_head, stride_value_token, stride_value_head,
-    NUM_KV_HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_PAGE_BYTES: tl.constexpr,
+    key_centroids_ptr, key_boundaries_ptr, value_centroids_ptr, value_boundaries_ptr, queries_ptr,
+    rotated_queries_ptr, num_tokens, num_query_tokens, stride_key_token, stride_key_head, stride_value_token,
+    stride_value_head, stride_query_token, stride_query_head, stride_rotated_token, stride_rotated_head,
+    GROUP: tl.constexpr, NUM_KV_HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_PAGE_BYTES: tl.constexpr,
     VALUES_OFFSET: tl.constexpr, KEY_NORMS_OFFSET: tl.constexpr, VALUE_NORMS_OFFSET: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, NORM_CORRECTION: tl.constexpr,
     KEY_BITS: tl.constexpr, KEY_COORDS: tl.constexpr, KEY_GROUP_BYTES: tl.constexpr, KEY_BYTES: tl.constexpr,
@@ -100,6 +116,11 @@ def _compress_store_kernel(
 ):
     tile, head, role = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     tokens = tile * ROWS + tl.arange(0, ROWS)
+    if role >= 2:  # query head head · GROUP + role − 2 of the first num_query_tokens tokens: rotated only
+        _rotate_rows(queries_ptr, stride_query_token, stride_query_head, tokens, tokens < num_query_tokens,
+                     head * GROUP + role - 2, rotation_ptr, rotated_queries_ptr, stride_rotated_token,
+                     stride_rotated_head, HEAD_DIM, HEAD_DIM_PAD, PART_SCALE, COLUMNS)
+        return
     rows_valid, blocks, offsets = _slots(slot_mapping_ptr, tokens, num_tokens, BLOCK_SIZE)
     page_ptrs = cache_ptr + (blocks * NUM_KV_HEADS + head) * HEAD_PAGE_BYTES
     if role == 0:
@@ -115,32 +136,55 @@ def _compress_store_kernel(
 
 
 def compress_store(keys: torch.Tensor, values: torch.Tensor, slot_mapping: torch.Tensor, cache: torch.Tensor,
-                   codec: KernelCodec, fixed_tile: bool = False) -> None:
+                   codec: KernelCodec, fixed_tile: bool = False, queries: torch.Tensor | None = None,
+                   rotated_queries: torch.Tensor | None = None) -> torch.Tensor | None:
     """Write keys/values [tokens, kv_heads, head_dim] (fp16/bf16/fp32) into `cache` at slot_mapping[i]
     (int32/int64 [tokens], block · block_size + offset; negative = skip). `fixed_tile`: one tile height
     whatever the token count, so that a token's codes do not depend on how many were stored with it (a
-    GPU's matmul may round a row differently in a taller tile; vLLM's batch-invariant mode needs this)."""
+    GPU's matmul may round a row differently in a taller tile; vLLM's batch-invariant mode needs this).
+    `queries` [query tokens ≤ tokens, q_heads, head_dim] (the keys' dtype): also rotated in the same launch,
+    as `rotate.rotate` does, into `rotated_queries` (fp32, their shape; allocated when None), which is
+    returned: what `paged_decode_attention(..., query_rotated=True)` reads. One launch fewer per decode step."""
     layout = codec.layout
     layout.check_cache(cache)
     check_codec_device(codec, cache)
     check_kv(keys, values, layout, cache.device)
     check_device_tensor(slot_mapping, "slot_mapping", (torch.int32, torch.int64), (keys.shape[0],), cache.device)
     num_tokens = keys.shape[0]
-    if num_tokens == 0:
-        return
     if values.dtype != keys.dtype:
         raise ValueError(f"keys and values must have one dtype, got {keys.dtype} and {values.dtype}")
+    group = 0
+    if queries is not None:
+        if not isinstance(queries, torch.Tensor) or queries.ndim != 3 or queries.shape[0] > num_tokens \
+                or queries.shape[2] != layout.head_dim or queries.shape[1] % layout.num_kv_heads:
+            raise ValueError(f"queries must be [query tokens <= {num_tokens}, a multiple of {layout.num_kv_heads} "
+                             f"heads, {layout.head_dim}], got "
+                             f"{tuple(queries.shape) if isinstance(queries, torch.Tensor) else type(queries).__name__}")
+        check_device_tensor(queries, "queries", (keys.dtype,), None, cache.device)
+        if rotated_queries is None:
+            rotated_queries = torch.empty(queries.shape, dtype=torch.float32, device=cache.device)
+        check_device_tensor(rotated_queries, "rotated_queries", (torch.float32,), queries.shape, cache.device)
+        group = queries.shape[1] // layout.num_kv_heads
+    if num_tokens == 0:
+        return rotated_queries
     # decode steps: more programs; prefill: fewer rotation loads
     rows = 16 if num_tokens <= 512 or fixed_tile else 64
-    grid = (triton.cdiv(num_tokens, rows), layout.num_kv_heads, 2)
+    grid = (triton.cdiv(num_tokens, rows), layout.num_kv_heads, 2 + group)
     key_bits, value_bits = PackedBits.of(layout.key_bits), PackedBits.of(layout.value_bits)
     rotation, part_scale = rotation_operand(codec, keys.dtype)
+    if group:
+        query_args = (queries, rotated_queries, queries.shape[0], queries.stride(0), queries.stride(1),
+                      rotated_queries.stride(0), rotated_queries.stride(1))
+    else:  # no query programs: the pointers are never read
+        query_args = (keys, keys, 0, 0, 0, 0, 0)
     _compress_store_kernel[grid](
         keys, values, slot_mapping, rotation, cache,
-        codec.key_centroids, codec.key_boundaries, codec.value_centroids, codec.value_boundaries,
-        num_tokens, keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
-        NORM_CORRECTION=codec.norm_correction, ROWS=rows, PART_SCALE=part_scale, **page_constants(layout),
+        codec.key_centroids, codec.key_boundaries, codec.value_centroids, codec.value_boundaries, query_args[0],
+        query_args[1], num_tokens, query_args[2], keys.stride(0), keys.stride(1), values.stride(0),
+        values.stride(1), *query_args[3:],
+        GROUP=group, NORM_CORRECTION=codec.norm_correction, ROWS=rows, PART_SCALE=part_scale, **page_constants(layout),
         KEY_COORDS=key_bits.coords, KEY_GROUP_BYTES=key_bits.group_bytes, VALUE_COORDS=value_bits.coords,
         VALUE_GROUP_BYTES=value_bits.group_bytes,
         COLUMNS=rotation_columns(head_dim_pad(layout.head_dim), part_scale),
     )
+    return rotated_queries

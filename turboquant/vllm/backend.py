@@ -1,8 +1,10 @@
 """The vLLM attention backend: a thin adapter from vLLM 0.26's v1 metadata to our kernels.
 
-Each step: `do_kv_cache_update` compresses the new tokens into the paged cache (`compress_store`); then
-`forward` runs decode requests through `paged_decode_attention` (split-K over the compressed pages,
-CUDA-graph safe: the split count depends only on shapes) and prefill chunks, which attend to their
+Each step, `forward` first compresses the new tokens into the paged cache (`compress_store`), which in
+the same launch rotates the queries that decode attention reads (one launch fewer per layer than vLLM's
+separate `do_kv_cache_update` would allow); then it runs decode requests through `paged_decode_attention`
+(split-K over the compressed pages, CUDA-graph safe: its launches depend only on shapes) and prefill
+chunks, which attend to their
 compressed prefix and in full precision to their own K/V (as vLLM's chunked prefill hands them over,
 except on the "decode" route), the way `prefill_groups.prefill_route` picks for the step:
 - "flash" (no chunk has a cached prefix): vLLM's FlashAttention on the chunks alone;
@@ -79,7 +81,7 @@ class CompressedCacheBackend:
 
 class TurboQuantBackend(CompressedCacheBackend, AttentionBackend):
     accept_output_buffer: bool = True
-    forward_includes_kv_cache_update: bool = False
+    forward_includes_kv_cache_update: bool = True
 
     @classmethod
     def get_supported_head_sizes(cls) -> list[int]:
@@ -115,6 +117,7 @@ class TurboQuantBackend(CompressedCacheBackend, AttentionBackend):
 
 @dataclass
 class TurboQuantMetadata(AttentionMetadata):
+    slot_mapping: torch.Tensor  # [tokens (CUDA-graph padded with −1)]: where each new token's K/V goes
     seq_lens: torch.Tensor  # int32 [num_reqs]: tokens in each sequence, this step's included
     block_table: torch.Tensor  # int32 [num_reqs, max_blocks]
     query_start: torch.Tensor  # int32 [num_reqs + 1]
@@ -181,6 +184,7 @@ class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
                     prefill_query_start, common.seq_lens[num_decodes:], common.block_table_tensor[num_decodes:],
                     common.num_actual_tokens - num_decode_tokens)
         return TurboQuantMetadata(
+            slot_mapping=common.slot_mapping,
             seq_lens=common.seq_lens,
             block_table=common.block_table_tensor,
             query_start=common.query_start_loc,
@@ -220,6 +224,7 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
         self.kv_cache_dtype = kv_cache_dtype
         self.num_heads, self.head_size, self.scale = num_heads, head_size, float(scale)
         self.num_kv_heads = num_kv_heads or num_heads
+        self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
         self.sliding_window = sliding_window
         self.softcap = logits_soft_cap if logits_soft_cap else None
         self.fa_version = get_flash_attn_version(head_size=head_size) if flash_attn_varlen_func else None
@@ -237,14 +242,6 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
             self.codec.layout.check_cache(kv_cache)
         return self.codec
 
-    def do_kv_cache_update(self, layer, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
-                           slot_mapping: torch.Tensor) -> None:
-        num_tokens = slot_mapping.shape[0]
-        if num_tokens == 0 or kv_cache.numel() == 0:
-            return
-        compress_store(key[:num_tokens], value[:num_tokens], slot_mapping, kv_cache, self._codec(layer, kv_cache),
-                       fixed_tile=envs.VLLM_BATCH_INVARIANT)
-
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                 attn_metadata: TurboQuantMetadata, output: torch.Tensor | None = None,
                 output_scale: torch.Tensor | None = None, output_block_scale: torch.Tensor | None = None):
@@ -256,30 +253,48 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
         decodes, decode_tokens, num_tokens = meta.num_decodes, meta.num_decode_tokens, meta.num_actual_tokens
         output = output.view(-1, self.num_heads, self.head_size)
         if envs.VLLM_BATCH_INVARIANT:
+            self._store(key, value, kv_cache, codec, meta, None)
             cached_attention(query[:num_tokens], meta.query_start, meta.seq_lens, kv_cache, codec, meta.block_table,
                              self.scale, meta.max_query_len, self.sliding_window, self.softcap,
                              out=output[:num_tokens])
             return output
+        # the tokens that attend as decode queries over the cache: decode steps, and short chunks' tokens
+        decode_queries = num_tokens if meta.prefill_route == "decode" else decode_tokens
+        rotated = self._store(key, value, kv_cache, codec, meta, query[:decode_queries])
+        queries = query if rotated is None else rotated
         if decodes:
-            # The kernel's default split count depends only on shapes (batch, block-table width), so a
-            # captured CUDA graph replays with the same grid.
+            # The kernel's launches depend only on shapes (batch, block-table width), so a captured CUDA
+            # graph replays them.
             paged_decode_attention(
-                query[:decode_tokens], kv_cache, codec, meta.block_table[:decodes], meta.seq_lens[:decodes],
-                self.scale, self.sliding_window, self.softcap, out=output[:decode_tokens])
+                queries[:decode_tokens], kv_cache, codec, meta.block_table[:decodes], meta.seq_lens[:decodes],
+                self.scale, self.sliding_window, self.softcap, out=output[:decode_tokens],
+                query_rotated=rotated is not None)
         if meta.num_prefills:
             rows = slice(decode_tokens, num_tokens)
-            self._prefill(query[rows], key[rows], value[rows], kv_cache, codec, meta, output[rows])
+            if meta.prefill_route == "decode":
+                paged_decode_attention(queries[rows], kv_cache, codec, meta.chunk_block_table, meta.chunk_seq_lens,
+                                       self.scale, self.sliding_window, self.softcap, out=output[rows],
+                                       query_rotated=rotated is not None)
+            else:
+                self._prefill(query[rows], key[rows], value[rows], kv_cache, codec, meta, output[rows])
         return output
+
+    def _store(self, key, value, kv_cache, codec, meta: TurboQuantMetadata,
+               queries: torch.Tensor | None) -> torch.Tensor | None:
+        """Compress the step's keys and values into the cache, and rotate `queries` in the same launch
+        (returned fp32; None where this layer stores nothing: it reads the cache of an earlier layer)."""
+        if self.kv_sharing_target_layer_name is not None or key is None:
+            return None
+        num_slots = meta.slot_mapping.shape[0]
+        return compress_store(key[:num_slots], value[:num_slots], meta.slot_mapping, kv_cache, codec,
+                              fixed_tile=envs.VLLM_BATCH_INVARIANT,
+                              queries=queries if queries is not None and queries.shape[0] else None)
 
     def _prefill(self, query, key, value, kv_cache, codec, meta: TurboQuantMetadata, out: torch.Tensor) -> None:
         route = meta.prefill_route
         if route == "flash" and self.fa_version is not None:
             self._flash_attention(query, key, value, meta.prefill_query_start, meta.prefill_query_start,
                                   meta.prefill_max_query_len, meta.prefill_max_query_len, out)
-            return
-        if route == "decode":
-            paged_decode_attention(query, kv_cache, codec, meta.chunk_block_table, meta.chunk_seq_lens, self.scale,
-                                   self.sliding_window, self.softcap, out=out)
             return
         prefills = slice(meta.num_decodes, None)
         seq_lens, block_table = meta.seq_lens[prefills], meta.block_table[prefills]
