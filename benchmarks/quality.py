@@ -43,6 +43,12 @@ def rows() -> dict[str, dict]:
                 table[name] = dict(preset=preset, norm_correction=norm_correction, boundary_layers=0, **extra)
     for preset in ("k4v4", "k3v3"):  # first and last layer at 8 bits
         table[f"{preset}-w128-b1"] = dict(preset=preset, boundary_layers=1, boundary_bits=8)
+    # what the vLLM backend stores (no sinks, no full-precision window, 8-bit boundary layers), and the
+    # same with the latest 1, 16 or 128 tokens, or the first 4, kept in full precision
+    for window, sinks in ((0, 0), (1, 0), (16, 0), (128, 0), (0, 4)):
+        for preset in ("k4v4", "k3v3"):
+            table[f"{preset}-w{window}-s{sinks}-b1"] = dict(preset=preset, residual_window=window, sink_tokens=sinks,
+                                                            boundary_layers=1, boundary_bits=8)
     table["k3v3-w128-out8"] = dict(preset="k3v3", key_outlier_channels=8, boundary_layers=0)
     table["k4v4-w128-out8"] = dict(preset="k4v4", key_outlier_channels=8, boundary_layers=0)
     return table
@@ -132,6 +138,7 @@ def main() -> int:
     parser.add_argument("--decode-tokens", type=int, default=1024)
     parser.add_argument("--extras", default="k4v4-w128-b1,k3v3-w128-b1",
                         help="rows that also get greedy and passkey runs")
+    parser.add_argument("--no-passkey", action="store_true", help="extras rows get the greedy runs only")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/quality-<model>.json)")
     parser.add_argument("--table", default=None, help="print the markdown table of a saved JSON and exit")
     args = parser.parse_args()
@@ -159,7 +166,7 @@ def main() -> int:
         "baseline_perplexity": compare_logits(baseline, baseline, targets).baseline_perplexity, "rows": {},
     }
     extras = set(args.extras.split(",")) if args.extras else set()
-    if extras & set(names):
+    if extras & set(names) and not args.no_passkey:
         result["baseline_passkey"] = passkey_accuracy(model, tokenizer, lambda: None)
     out = Path(args.out or f"benchmarks/results/quality-{args.model.replace('/', '_')}.json")
     for name in names:
@@ -172,7 +179,8 @@ def main() -> int:
         if name in extras:
             make_cache = lambda config=config: TurboQuantCache(model.config, config)
             row["greedy"] = greedy_rows(model, tokenizer, make_cache)
-            row["passkey"] = passkey_accuracy(model, tokenizer, make_cache)
+            if not args.no_passkey:
+                row["passkey"] = passkey_accuracy(model, tokenizer, make_cache)
         result["rows"][name] = row
         print(f"{name}: agreement {row['agreement']:.4f}, PPL {row['perplexity_change']:+.2%} "
               f"({time.time() - start:.0f}s)", flush=True)

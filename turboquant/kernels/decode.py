@@ -6,7 +6,8 @@ each score by the key's fp32 norm, and keeps an fp32 online softmax. Values are 
 rotated space with their norms folded into the probabilities; the result is un-rotated once.
 All query heads of a GQA group share one read of their K/V. The grid depends only on the batch size,
 the number of kv heads and `num_splits`, so it can be captured in a CUDA graph.
-For large k4v4 calls the split step runs `decode_fragments`' kernel instead (the same partial outputs).
+At k4v4 a call's long sequences go to `decode_fragments`' kernel instead (the same partial outputs, in one
+buffer: each kernel skips the other's sequences; `fragment_min_span`).
 Reference: `reference.decode_reference`.
 """
 
@@ -277,13 +278,13 @@ def launch_triton_split(rotated_query: torch.Tensor, cache: torch.Tensor, codec:
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), NUM_SPLITS=num_splits,
         PARTIAL_SPLITS=partial_splits, **page_constants(layout), **lookups,
         USE_SOFTCAP=softcap is not None, USE_WINDOW=sliding_window is not None, USE_STARTS=key_starts is not None,
-        CHAINED=chained, **triton_split_launch(codec), **programmatic_launch(chained),
+        CHAINED=chained, **triton_split_launch(codec, lookups), **programmatic_launch(chained),
     )
 
 
-def triton_split_launch(codec: KernelCodec) -> dict:
-    """`decode_launch` for the codec's layer and lookups."""
-    layout, lookups = codec.layout, lookup_constants(codec)
+def triton_split_launch(codec: KernelCodec, lookups: dict | None = None) -> dict:
+    """`decode_launch` for the codec's layer and its lookups (`lookup_constants`)."""
+    layout, lookups = codec.layout, lookups or lookup_constants(codec)
     return decode_launch(layout.head_dim, layout.key_bits, layout.value_bits,
                          bool(lookups["KEY_LUT"] and lookups["VALUE_LUT"]))
 
