@@ -43,8 +43,9 @@ def rows() -> dict[str, dict]:
                 table[name] = dict(preset=preset, norm_correction=norm_correction, boundary_layers=0, **extra)
     for preset in ("k4v4", "k3v3"):  # first and last layer at 8 bits
         table[f"{preset}-w128-b1"] = dict(preset=preset, boundary_layers=1, boundary_bits=8)
-    # what the vLLM backend stores (no sinks, no full-precision window, 8-bit boundary layers), and the
-    # same with the latest 1, 16 or 128 tokens, or the first 4, kept in full precision
+    # what the vLLM backend stores (no sinks, no full-precision window; 8-bit first and last layers, its
+    # `boundary_layers: 1` option), and the same with the latest 1, 16 or 128 tokens, or the first 4, kept
+    # in full precision
     for window, sinks in ((0, 0), (1, 0), (16, 0), (128, 0), (0, 4)):
         for preset in ("k4v4", "k3v3"):
             table[f"{preset}-w{window}-s{sinks}-b1"] = dict(preset=preset, residual_window=window, sink_tokens=sinks,
