@@ -335,17 +335,18 @@ def paged_decode_attention(query: torch.Tensor, cache: torch.Tensor, codec: Kern
         min_span = 0
     else:
         min_span = None
-    num_sms = multiprocessor_count(cache.device)
-    # the Triton kernel's own split count, for the longest sequence it may serve
-    triton_max_tokens = max_tokens if min_span is None else min(max_tokens, min_span - 1)
-    triton_splits = (0 if min_span == 0 else default_num_splits(
-        batch, layout.num_kv_heads, triton_max_tokens, triton_split_launch(codec)["TILE"], num_sms))
+    triton_runs = min_span != 0
     if num_splits is None:
-        num_splits = (triton_splits if min_span is None
-                      else max(triton_splits, decode_fragments.default_num_splits(batch * layout.num_kv_heads,
-                                                                                  max_tokens, num_sms)))
-    elif triton_splits:
-        triton_splits = num_splits
+        # each kernel's own split count, for the longest sequence it may serve; the partials hold the larger
+        num_sms = multiprocessor_count(cache.device)
+        triton_splits = default_num_splits(
+            batch, layout.num_kv_heads, max_tokens if min_span is None else min(max_tokens, min_span - 1),
+            triton_split_launch(codec)["TILE"], num_sms) if triton_runs else 0
+        fragment_splits = (0 if min_span is None
+                           else decode_fragments.default_num_splits(batch * layout.num_kv_heads, max_tokens, num_sms))
+        num_splits = max(triton_splits, fragment_splits)
+    else:
+        triton_splits = num_splits if triton_runs else 0
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits!r}")
 

@@ -172,16 +172,14 @@ def compress_store(keys: torch.Tensor, values: torch.Tensor, slot_mapping: torch
     grid = (triton.cdiv(num_tokens, rows), layout.num_kv_heads, 2 + group)
     key_bits, value_bits = PackedBits.of(layout.key_bits), PackedBits.of(layout.value_bits)
     rotation, part_scale = rotation_operand(codec, keys.dtype)
-    if group:
-        query_args = (queries, rotated_queries, queries.shape[0], queries.stride(0), queries.stride(1),
-                      rotated_queries.stride(0), rotated_queries.stride(1))
-    else:  # no query programs: the pointers are never read
-        query_args = (keys, keys, 0, 0, 0, 0, 0)
+    # without query programs these pointers and strides are never read
+    query_in, query_out = (queries, rotated_queries) if group else (keys, keys)
     _compress_store_kernel[grid](
         keys, values, slot_mapping, rotation, cache,
-        codec.key_centroids, codec.key_boundaries, codec.value_centroids, codec.value_boundaries, query_args[0],
-        query_args[1], num_tokens, query_args[2], keys.stride(0), keys.stride(1), values.stride(0),
-        values.stride(1), *query_args[3:],
+        codec.key_centroids, codec.key_boundaries, codec.value_centroids, codec.value_boundaries, query_in,
+        query_out, num_tokens, query_in.shape[0] if group else 0, keys.stride(0), keys.stride(1),
+        values.stride(0), values.stride(1), query_in.stride(0), query_in.stride(1), query_out.stride(0),
+        query_out.stride(1),
         GROUP=group, NORM_CORRECTION=codec.norm_correction, ROWS=rows, PART_SCALE=part_scale, **page_constants(layout),
         KEY_COORDS=key_bits.coords, KEY_GROUP_BYTES=key_bits.group_bytes, VALUE_COORDS=value_bits.coords,
         VALUE_GROUP_BYTES=value_bits.group_bytes,
