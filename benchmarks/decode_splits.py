@@ -4,6 +4,7 @@ d=128), k4v4, page size 16, one CUDA-graph time per (batch, context, split count
 `decode_fragments.default_num_splits` and `decode.FRAGMENT_MIN_WORK`.
 
     python benchmarks/decode_splits.py [--out benchmarks/results/decode-splits-h200.json]
+        [--cells 8x16384,16x6144] [--splits 8,12,16,24,32]
 """
 
 from __future__ import annotations
@@ -22,25 +23,34 @@ from turboquant.core import TurboQuantConfig  # noqa: E402
 from turboquant.kernels.codec import KernelCodec  # noqa: E402
 from turboquant.kernels.decode import paged_decode_attention  # noqa: E402
 
-CELLS = [(1, 1024), (1, 4096), (1, 16384), (8, 1024), (8, 4096), (8, 16384), (16, 6144), (32, 1024), (32, 4096),
-         (64, 1024), (64, 4096)]
+CELLS = "1x1024,1x4096,1x16384,8x1024,8x4096,8x16384,16x6144,32x1024,32x4096,64x1024,64x4096"
+SPLITS = "1,2,4,8,16,32,64,128"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="benchmarks/results/decode-splits-h200.json")
+    parser.add_argument("--cells", default=CELLS, help="comma-separated BATCHxCONTEXT cells (default: %(default)s)")
+    parser.add_argument("--splits", default=SPLITS, help="comma-separated split counts (default: %(default)s)")
     args = parser.parse_args()
+    try:
+        cells = [tuple(int(n) for n in cell.split("x")) for cell in args.cells.split(",")]
+        split_counts = [int(n) for n in args.splits.split(",")]
+    except ValueError:
+        parser.error("--cells takes BATCHxCONTEXT items and --splits integers, comma-separated")
+    if any(len(cell) != 2 or min(cell) < 1 for cell in cells) or min(split_counts) < 1:
+        parser.error("cells and split counts must be positive")
     if not torch.cuda.is_available():
         parser.error("needs a CUDA device")
     codec = KernelCodec.from_config(TurboQuantConfig.from_preset("k4v4"), 128, 8, 16, device="cuda")
     rows = []
-    for batch, context in CELLS:
+    for batch, context in cells:
         table, seq_lens, num_blocks = block_table_for(batch, context)
         cache = random_compressed_cache(codec, num_blocks)
         query = torch.randn(batch, 32, 128, device="cuda", dtype=torch.bfloat16)
         row = {"batch": batch, "context": context, "triton_ms": graph_time_ms(
             lambda: paged_decode_attention(query, cache, codec, table, seq_lens, 128**-0.5, fragments=False))}
-        for splits in (1, 2, 4, 8, 16, 32, 64, 128):
+        for splits in split_counts:
             if context // splits >= 32:
                 row[f"fragments_{splits}_ms"] = graph_time_ms(lambda: paged_decode_attention(
                     query, cache, codec, table, seq_lens, 128**-0.5, num_splits=splits, fragments=True))
@@ -54,11 +64,11 @@ def main() -> int:
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     lines = [f"Device: {result['device']}, {result['date']}. Llama-3.1-8B attention, k4v4, page 16; ms per call "
              "(CUDA graph). Fragment kernel at each split count; Triton split kernel at its default.", "",
-             "| batch | context | Triton ms | " + " | ".join(f"s={s}" for s in (1, 2, 4, 8, 16, 32, 64, 128))
-             + " | best |", "|---:|---:|---:|" + "---:|" * 9]
+             "| batch | context | Triton ms | " + " | ".join(f"s={s}" for s in split_counts)
+             + " | best |", "|---:|---:|---:|" + "---:|" * (len(split_counts) + 1)]
     for row in rows:
         cells = " | ".join(f"{row[f'fragments_{s}_ms']:.4f}" if f"fragments_{s}_ms" in row else ""
-                           for s in (1, 2, 4, 8, 16, 32, 64, 128))
+                           for s in split_counts)
         lines.append(f"| {row['batch']} | {row['context']} | {row['triton_ms']:.4f} | {cells} | {row['best_splits']} |")
     Path(args.out).with_suffix(".md").write_text("\n".join(lines) + "\n")
     return 0

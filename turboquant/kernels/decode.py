@@ -240,7 +240,9 @@ def default_num_splits(batch: int, num_kv_heads: int, max_tokens: int, tile: int
 # pairs: at or above this many the fragment kernel, below it the Triton one. The Triton kernel measured
 # faster up to it on an H200 (batch 1 at every context, batch 2 at 16K, batch 8 up to 4K, batch 32 at 1K;
 # the fragment kernel from batch 8 × 16K, batch 32 × 4K, batch 64 × 1K): with little work, one-warp
-# programs cannot hide their latency. benchmarks/results/kernels-decode-h200*.md
+# programs cannot hide their latency. benchmarks/results/kernels-decode-h200*.md. Lowered to 2^18 with
+# one wave of fragment programs it won at b8 × 6K but lost at b1 and b32 × 1K in 33K-token tables
+# (kernels-decode-h200-table33k-min-work-2e18.md).
 FRAGMENT_MIN_WORK = 1 << 19
 # The Triton kernel's span limit when it serves every sequence (int32).
 ANY_SPAN = (1 << 31) - 1
@@ -343,7 +345,8 @@ def paged_decode_attention(query: torch.Tensor, cache: torch.Tensor, codec: Kern
             batch, layout.num_kv_heads, max_tokens if min_span is None else min(max_tokens, min_span - 1),
             triton_split_launch(codec)["TILE"], num_sms) if triton_runs else 0
         fragment_splits = (0 if min_span is None
-                           else decode_fragments.default_num_splits(batch * layout.num_kv_heads, max_tokens, num_sms))
+                           else decode_fragments.default_num_splits(batch * layout.num_kv_heads, max_tokens, num_sms,
+                                                                    layout.head_dim))
         num_splits = max(triton_splits, fragment_splits)
     else:
         triton_splits = num_splits if triton_runs else 0

@@ -64,10 +64,23 @@ def unsupported_reason(codec: KernelCodec, group: int, device: torch.device) -> 
     return None
 
 
-def default_num_splits(pairs: int, max_tokens: int, num_sms: int) -> int:
-    """About 16 one-warp programs per SM, no split shorter than 128 tokens (H200 sweep: b1–b64 ×
-    1K–16K: benchmarks/results/decode-splits-h200.md)."""
-    wanted = max(1, 16 * num_sms // max(1, pairs))
+# Splits of at most about this many keys, where the device holds fewer programs than that makes.
+MAX_SPLIT_TOKENS = 4096
+
+
+def default_num_splits(pairs: int, max_tokens: int, num_sms: int, head_dim: int) -> int:
+    """About as many one-warp programs as the device holds at once, for one wave of them: 8 per SM at
+    head_dim 128 and 256 (155 and 255 registers a thread: 12 and 8 warps per SM), 16 at 64 (109: 18
+    warps); more where a split of the longest sequence the block table holds would exceed
+    MAX_SPLIT_TOKENS keys; a power of two, no split shorter than 128 tokens. H200, d=128, fixed split
+    counts (`decode-splits-h200-fine.md`): one wave of longer programs beats a second, partial wave of
+    shorter ones (b8 × 16K 0.099 ms at 16 splits against 0.107 at 32; b16 × 6K 0.079 at 8 against 0.089 at
+    16; b32 × 4K 0.099 at 4 against 0.106 at 8), but splits of 8K+ keys lose (b64 × 32K 1.14 ms at 4
+    splits, 1.09 at 8). Every sequence takes all the splits (down to `min_split_tokens`): a variant in
+    which each sequence took fewer splits of a larger grid measured slower wherever the grid's trailing
+    programs were left empty (H200; not kept)."""
+    per_sm = 16 if head_dim <= 64 else 8
+    wanted = max(1, per_sm * num_sms // max(1, pairs), max_tokens // MAX_SPLIT_TOKENS)
     longest = max(1, max_tokens // 128)
     return int(min(1 << (wanted.bit_length() - 1), 1 << (longest.bit_length() - 1), 128))
 
