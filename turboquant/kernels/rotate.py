@@ -48,6 +48,26 @@ def rotated_columns(x, rotation_ptr, columns, dims, HEAD_DIM: tl.constexpr, PART
     return y
 
 
+@triton.jit
+def load_head_rows(x_ptr, stride_token, stride_head, tokens, rows_valid, head, HEAD_DIM: tl.constexpr,
+                   HEAD_DIM_PAD: tl.constexpr):
+    """x[tokens, head, :] as [rows, HEAD_DIM_PAD], zero-padded; rows not valid read 0."""
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    return tl.load(x_ptr + tokens[:, None] * stride_token + head * stride_head + dims[None, :],
+                   mask=rows_valid[:, None] & (dims < HEAD_DIM)[None, :], other=0.0)
+
+
+@triton.jit
+def store_rotated_block(x, block, rotation_ptr, out_ptr, stride_out_token, stride_out_head, tokens, rows_valid, head,
+                        HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, PART_SCALE: tl.constexpr,
+                        INVERSE: tl.constexpr, COLUMNS: tl.constexpr):
+    """out[tokens, head, block·COLUMNS …] ← those columns of x @ Rᵀ (x @ R when INVERSE), cast to out's dtype."""
+    columns = block * COLUMNS + tl.arange(0, COLUMNS)
+    y = rotated_columns(x, rotation_ptr, columns, tl.arange(0, HEAD_DIM_PAD), HEAD_DIM, PART_SCALE, INVERSE)
+    tl.store(out_ptr + tokens[:, None] * stride_out_token + head * stride_out_head + columns[None, :],
+             y.to(out_ptr.dtype.element_ty), mask=rows_valid[:, None] & (columns < HEAD_DIM)[None, :])
+
+
 @triton.jit(do_not_specialize=["num_tokens"])  # num_tokens changes every step: one variant for all
 def _rotate_kernel(x_ptr, rotation_ptr, out_ptr, num_tokens, stride_x_token, stride_x_head, stride_out_token,
                    stride_out_head, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, PART_SCALE: tl.constexpr,
@@ -60,14 +80,10 @@ def _rotate_kernel(x_ptr, rotation_ptr, out_ptr, num_tokens, stride_x_token, str
     # one block of output columns per program: a few tokens (decode) still spread over the device
     tokens = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     head = tl.program_id(1)
-    columns = tl.program_id(2) * COLUMNS + tl.arange(0, COLUMNS)
-    dims = tl.arange(0, HEAD_DIM_PAD)
     rows_valid = tokens < num_tokens
-    x = tl.load(x_ptr + tokens[:, None] * stride_x_token + head * stride_x_head + dims[None, :],
-                mask=rows_valid[:, None] & (dims < HEAD_DIM)[None, :], other=0.0)
-    y = rotated_columns(x, rotation_ptr, columns, dims, HEAD_DIM, PART_SCALE, INVERSE)
-    tl.store(out_ptr + tokens[:, None] * stride_out_token + head * stride_out_head + columns[None, :],
-             y.to(out_ptr.dtype.element_ty), mask=rows_valid[:, None] & (columns < HEAD_DIM)[None, :])
+    x = load_head_rows(x_ptr, stride_x_token, stride_x_head, tokens, rows_valid, head, HEAD_DIM, HEAD_DIM_PAD)
+    store_rotated_block(x, tl.program_id(2), rotation_ptr, out_ptr, stride_out_token, stride_out_head, tokens,
+                        rows_valid, head, HEAD_DIM, HEAD_DIM_PAD, PART_SCALE, INVERSE, COLUMNS)
 
 
 def rotation_operand(codec, dtype: torch.dtype) -> tuple[torch.Tensor, float]:

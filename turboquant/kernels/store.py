@@ -12,7 +12,7 @@ import triton.language as tl
 from .codec import KernelCodec, PackedBits
 from .launch import check_codec_device, check_device_tensor, check_kv, head_dim_pad, page_constants
 from .packed_tile import store_indices
-from .rotate import rotated_columns, rotation_columns, rotation_operand
+from .rotate import load_head_rows, rotated_columns, rotation_columns, rotation_operand, store_rotated_block
 
 
 @triton.jit
@@ -33,9 +33,7 @@ def _safe_divide(numerators, denominators):
 def _load_rows(x_ptr, stride_token, stride_head, tokens, rows_valid, head, HEAD_DIM: tl.constexpr,
                HEAD_DIM_PAD: tl.constexpr):
     """(x [ROWS, HEAD_DIM_PAD] zero-padded, its fp32 row norms, their inverses)."""
-    dims = tl.arange(0, HEAD_DIM_PAD)
-    x = tl.load(x_ptr + tokens[:, None] * stride_token + head * stride_head + dims[None, :],
-                mask=rows_valid[:, None] & (dims < HEAD_DIM)[None, :], other=0.0)
+    x = load_head_rows(x_ptr, stride_token, stride_head, tokens, rows_valid, head, HEAD_DIM, HEAD_DIM_PAD)
     x32 = x.to(tl.float32)
     norms = tl.sqrt(tl.sum(x32 * x32, axis=1))
     return x, norms, _safe_divide(1.0, norms)
@@ -86,21 +84,6 @@ def _quantize_rows(x_ptr, stride_token, stride_head, tokens, rows_valid, head, r
     tl.store(norm_ptrs.to(tl.pointer_type(tl.float32)), norms, mask=rows_valid)
 
 
-@triton.jit
-def _rotate_rows(x_ptr, stride_token, stride_head, tokens, rows_valid, head, rotation_ptr, out_ptr, stride_out_token,
-                 stride_out_head, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, PART_SCALE: tl.constexpr,
-                 COLUMNS: tl.constexpr):
-    """out rows ← x rows @ Rᵀ in fp32 (as `rotate.rotate`)."""
-    dims = tl.arange(0, HEAD_DIM_PAD)
-    x = tl.load(x_ptr + tokens[:, None] * stride_token + head * stride_head + dims[None, :],
-                mask=rows_valid[:, None] & (dims < HEAD_DIM)[None, :], other=0.0)
-    for block in tl.static_range(HEAD_DIM_PAD // COLUMNS):
-        columns = block * COLUMNS + tl.arange(0, COLUMNS)
-        y = rotated_columns(x, rotation_ptr, columns, dims, HEAD_DIM, PART_SCALE, False)
-        tl.store(out_ptr + tokens[:, None] * stride_out_token + head * stride_out_head + columns[None, :], y,
-                 mask=rows_valid[:, None] & (columns < HEAD_DIM)[None, :])
-
-
 @triton.jit(do_not_specialize=["num_tokens", "num_query_tokens"])  # they change every step: one variant for all
 def _compress_store_kernel(
     keys_ptr, values_ptr, slot_mapping_ptr, rotation_ptr, cache_ptr,
@@ -117,9 +100,12 @@ def _compress_store_kernel(
     tile, head, role = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     tokens = tile * ROWS + tl.arange(0, ROWS)
     if role >= 2:  # query head head · GROUP + role − 2 of the first num_query_tokens tokens: rotated only
-        _rotate_rows(queries_ptr, stride_query_token, stride_query_head, tokens, tokens < num_query_tokens,
-                     head * GROUP + role - 2, rotation_ptr, rotated_queries_ptr, stride_rotated_token,
-                     stride_rotated_head, HEAD_DIM, HEAD_DIM_PAD, PART_SCALE, COLUMNS)
+        query_head, rows_valid = head * GROUP + role - 2, tokens < num_query_tokens
+        x = load_head_rows(queries_ptr, stride_query_token, stride_query_head, tokens, rows_valid, query_head,
+                           HEAD_DIM, HEAD_DIM_PAD)
+        for block in tl.static_range(HEAD_DIM_PAD // COLUMNS):
+            store_rotated_block(x, block, rotation_ptr, rotated_queries_ptr, stride_rotated_token, stride_rotated_head,
+                                tokens, rows_valid, query_head, HEAD_DIM, HEAD_DIM_PAD, PART_SCALE, False, COLUMNS)
         return
     rows_valid, blocks, offsets = _slots(slot_mapping_ptr, tokens, num_tokens, BLOCK_SIZE)
     page_ptrs = cache_ptr + (blocks * NUM_KV_HEADS + head) * HEAD_PAGE_BYTES
