@@ -4,15 +4,9 @@ Each step, `forward` first compresses the new tokens into the paged cache (`comp
 the same launch rotates the queries that decode attention reads (one launch fewer per layer than vLLM's
 separate `do_kv_cache_update` would allow); then it runs decode requests through `paged_decode_attention`
 (split-K over the compressed pages, CUDA-graph safe: its launches depend only on shapes) and prefill
-chunks, which attend to their
-compressed prefix and in full precision to their own K/V (as vLLM's chunked prefill hands them over,
-except on the "decode" route), the way `prefill_groups.prefill_route` picks for the step:
-- "flash" (no chunk has a cached prefix): vLLM's FlashAttention on the chunks alone;
-- "gather" (some chunk is long): `gather_sequences` dequantizes each prefix once into a shared workspace
-  of vLLM's, then FlashAttention varlen;
-- "fused" (short chunks of many requests, or no FlashAttention): `extend_attention`, which reads the
-  compressed prefix directly;
-- "decode" (short chunks of a few requests): each chunk token is a decode query over the cache.
+chunks, which attend to their compressed prefix and in full precision to their own K/V (compressed on
+the "decode" route), by the route `prefill_groups.prefill_route` picks for the step ("flash", "gather",
+"fused" or "decode"; that module says when and why each).
 In vLLM's batch-invariant mode (`VLLM_BATCH_INVARIANT=1`) every token, decode steps and prefill chunks
 alike, goes through `cached_attention` instead: each query reads the cache alone (its own chunk from the
 cache too), so its result does not depend on how requests were batched, chunked, prefix-cached or
