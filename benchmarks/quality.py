@@ -6,12 +6,14 @@ Every row is teacher-forced on the shipped evaluation text through the decode pa
 tokens, then 1,024 single-token steps reading the cache. Agreement = 1 − mean total-variation
 distance to the DynamicCache run's next-token distributions. Writes JSON (device, versions, date,
 every cell) and prints a markdown table; `--table FILE.json` re-prints the table of a saved run.
+Row `fp8-e4m3` is vLLM's fp8 KV cache (keys and values rounded to e4m3 as stored), for reference.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import platform
 import random
@@ -20,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import DynamicCache
 
 from turboquant.core import TurboQuantConfig
 from turboquant.hf.cache import TurboQuantCache, cache_kwargs
@@ -46,13 +49,35 @@ def rows() -> dict[str, dict]:
     # what the vLLM backend stores (no sinks, no full-precision window; 8-bit first and last layers, its
     # `boundary_layers: 1` option), and the same with the latest 1, 16 or 128 tokens, or the first 4, kept
     # in full precision
-    for window, sinks in ((0, 0), (1, 0), (16, 0), (128, 0), (0, 4)):
+    for window, sinks in ((0, 0), (1, 0), (16, 0), (32, 0), (64, 0), (128, 0), (0, 4), (16, 4), (32, 4)):
         for preset in ("k4v4", "k3v3"):
             table[f"{preset}-w{window}-s{sinks}-b1"] = dict(preset=preset, residual_window=window, sink_tokens=sinks,
                                                             boundary_layers=1, boundary_bits=8)
     table["k3v3-w128-out8"] = dict(preset="k3v3", key_outlier_channels=8, boundary_layers=0)
     table["k4v4-w128-out8"] = dict(preset="k4v4", key_outlier_channels=8, boundary_layers=0)
     return table
+
+
+# vLLM's fp8 KV cache as it runs without calibrated scales (e4m3, scale 1): every key and value rounded
+# to fp8 once, as it is stored. A baseline row beside ours, not a TurboQuantConfig.
+FP8_ROW = "fp8-e4m3"
+
+
+class Fp8Cache(DynamicCache):
+    """A DynamicCache that rounds each new key and value to float8_e4m3fn (saturating) and back."""
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        return super().update(_fp8(key_states), _fp8(value_states), layer_idx, *args, **kwargs)
+
+
+def _fp8(x: torch.Tensor) -> torch.Tensor:
+    limit = torch.finfo(torch.float8_e4m3fn).max
+    return x.clamp(-limit, limit).to(torch.float8_e4m3fn).to(x.dtype)
+
+
+def make_cache(model, name: str, spec: dict | None):
+    """A fresh cache for row `name`: ours with its TurboQuantConfig, or the fp8 baseline."""
+    return Fp8Cache(config=model.config) if name == FP8_ROW else TurboQuantCache(model.config, make_config(spec))
 
 
 def make_config(spec: dict) -> TurboQuantConfig:
@@ -149,9 +174,9 @@ def main() -> int:
 
     table = rows()
     names = list(table) if args.rows == "all" else args.rows.split(",")
-    unknown = [n for n in names if n not in table]
+    unknown = [n for n in names if n not in table and n != FP8_ROW]
     if unknown:
-        parser.error(f"unknown rows {unknown}; known: {', '.join(table)}")
+        parser.error(f"unknown rows {unknown}; known: {', '.join(table)}, {FP8_ROW}")
     model, tokenizer = load_model(args.model, device=args.device)
     ids = tokenizer(eval_text(), return_tensors="pt").input_ids[:, : args.prefill + args.decode_tokens].to(args.device)
     targets = ids[0, args.prefill:]
@@ -171,17 +196,19 @@ def main() -> int:
         result["baseline_passkey"] = passkey_accuracy(model, tokenizer, lambda: None)
     out = Path(args.out or f"benchmarks/results/quality-{args.model.replace('/', '_')}.json")
     for name in names:
-        config = make_config(table[name])
-        logits = decode_logits(model, ids, args.prefill, TurboQuantCache(model.config, config), progress=name)
+        spec = table.get(name)
+        fresh_cache = functools.partial(make_cache, model, name, spec)
+        logits = decode_logits(model, ids, args.prefill, fresh_cache(), progress=name)
         agreement = compare_logits(baseline, logits, targets)
-        row = {"config": table[name], "bytes_per_token_per_head": config.bytes_per_token_per_head(head_dim),
+        row = {"config": spec if spec is not None else "fp8 e4m3, scale 1",
+               "bytes_per_token_per_head": head_dim * 2 if spec is None
+               else make_config(spec).bytes_per_token_per_head(head_dim),
                "agreement": agreement.agreement, "top1_match": agreement.top1_match,
                "perplexity": agreement.perplexity, "perplexity_change": agreement.perplexity_change}
         if name in extras:
-            make_cache = lambda config=config: TurboQuantCache(model.config, config)
-            row["greedy"] = greedy_rows(model, tokenizer, make_cache)
+            row["greedy"] = greedy_rows(model, tokenizer, fresh_cache)
             if not args.no_passkey:
-                row["passkey"] = passkey_accuracy(model, tokenizer, make_cache)
+                row["passkey"] = passkey_accuracy(model, tokenizer, fresh_cache)
         result["rows"][name] = row
         print(f"{name}: agreement {row['agreement']:.4f}, PPL {row['perplexity_change']:+.2%} "
               f"({time.time() - start:.0f}s)", flush=True)
