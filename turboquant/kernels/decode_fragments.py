@@ -74,7 +74,7 @@ def default_num_splits(pairs: int, max_tokens: int, num_sms: int, head_dim: int)
     warps); more where a split of the longest sequence the block table holds would exceed
     MAX_SPLIT_TOKENS keys; a power of two, no split shorter than 128 tokens. H200, d=128, fixed split
     counts (`decode-splits-h200-fine.md`): one wave of longer programs beats a second, partial wave of
-    shorter ones (b8 × 16K 0.099 ms at 16 splits against 0.107 at 32; b16 × 6K 0.079 at 8 against 0.089 at
+    shorter ones (b8 × 16K 0.098 ms at 16 splits against 0.107 at 32; b16 × 6K 0.079 at 8 against 0.089 at
     16; b32 × 4K 0.099 at 4 against 0.106 at 8), but splits of 8K+ keys lose (b64 × 32K 1.14 ms at 4
     splits, 1.09 at 8). Every sequence takes all the splits (down to `min_split_tokens`): a variant in
     which each sequence took fewer splits of a larger grid measured slower wherever the grid's trailing
