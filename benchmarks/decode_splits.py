@@ -39,7 +39,7 @@ def main() -> int:
     except ValueError:
         parser.error("--cells takes BATCHxCONTEXT items and --splits integers, comma-separated")
     if any(len(cell) != 2 or min(cell) < 1 for cell in cells) or min(split_counts) < 1:
-        parser.error("cells and split counts must be positive")
+        parser.error("--cells takes BATCHxCONTEXT items of two positive numbers, --splits positive counts")
     if not torch.cuda.is_available():
         parser.error("needs a CUDA device")
     codec = KernelCodec.from_config(TurboQuantConfig.from_preset("k4v4"), 128, 8, 16, device="cuda")
@@ -67,9 +67,10 @@ def main() -> int:
              "| batch | context | Triton ms | " + " | ".join(f"s={s}" for s in split_counts)
              + " | best |", "|---:|---:|---:|" + "---:|" * (len(split_counts) + 1)]
     for row in rows:
-        cells = " | ".join(f"{row[f'fragments_{s}_ms']:.4f}" if f"fragments_{s}_ms" in row else ""
-                           for s in split_counts)
-        lines.append(f"| {row['batch']} | {row['context']} | {row['triton_ms']:.4f} | {cells} | {row['best_splits']} |")
+        timings = " | ".join(f"{row[f'fragments_{s}_ms']:.4f}" if f"fragments_{s}_ms" in row else ""
+                             for s in split_counts)
+        lines.append(f"| {row['batch']} | {row['context']} | {row['triton_ms']:.4f} | {timings} "
+                     f"| {row['best_splits']} |")
     Path(args.out).with_suffix(".md").write_text("\n".join(lines) + "\n")
     return 0
 
