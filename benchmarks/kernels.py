@@ -22,6 +22,7 @@ import math
 import statistics
 import sys
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -29,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from turboquant.core import TurboQuantConfig  # noqa: E402
 from turboquant.kernels.codec import KernelCodec  # noqa: E402
 from turboquant.kernels import decode_fragments  # noqa: E402
+from turboquant.kernels import store as store_module  # noqa: E402
 from turboquant.kernels.decode import fragment_min_span, paged_decode_attention  # noqa: E402
 from turboquant.kernels.extend import extend_attention  # noqa: E402
 from turboquant.kernels.gather import gather_sequences  # noqa: E402
@@ -206,10 +208,10 @@ def fits(shape: dict, batch: int, context: int) -> bool:
 
 def store_cells(shape: dict) -> list[dict]:
     out = []
-    for preset in ("k4v4", "k3v3"):
+    for preset in ("k4v4", "k3v3", "k8v4"):
         codec = KernelCodec.from_config(TurboQuantConfig.from_preset(preset), shape["head_dim"], shape["num_kv_heads"],
                                         BLOCK_SIZE, device="cuda")
-        for tokens in (32, 2048):
+        for tokens in (1, 32, 128, 512, 2048):
             cache = codec.layout.allocate(math.ceil(tokens / BLOCK_SIZE) + 1, "cuda")
             keys = torch.randn(tokens, shape["num_kv_heads"], shape["head_dim"], device="cuda", dtype=torch.bfloat16)
             values = torch.randn_like(keys)
@@ -217,6 +219,8 @@ def store_cells(shape: dict) -> list[dict]:
             ms = graph_time_ms(lambda: compress_store(keys, values, slots, cache, codec))
             cell = {"shape": shape["name"], "preset": preset, "tokens": tokens, "ms": ms,
                     "us_per_token": 1000 * ms / tokens}
+            with mock.patch.object(store_module, "ONE_BLOCK_MAX_TOKENS", 0):  # two 64-column rotation blocks
+                cell["columns_64_ms"] = graph_time_ms(lambda: compress_store(keys, values, slots, cache, codec))
             if tokens <= 64:  # a decode step: its queries rotated in the store's launch, or in a launch of their own
                 queries = torch.randn(tokens, shape["num_q_heads"], shape["head_dim"], device="cuda",
                                       dtype=torch.bfloat16)
@@ -310,10 +314,13 @@ def markdown(result: dict) -> str:
                      f"{c.get('fa3_bf16_ms', nan):.3f} | {c.get('ratio_to_fa3', nan):.2f} | {c.get('gather_ms', nan):.3f} | "
                      f"{c.get('gather_fa3_ms', nan):.3f} | {c.get('gather_fa3_ratio_to_fa3', nan):.2f} |")
     if result["store"]:
-        lines += ["", "| store: shape | preset | tokens | ms | µs/token | ms, queries rotated in it | "
-                  "queries rotated alone ms |", "|---|---|---:|---:|---:|---:|---:|"]
+        lines += ["", "Store: 'ms, 64-column blocks' times the same call with the rotation always in 64-column "
+                  "blocks (`store.ONE_BLOCK_MAX_TOKENS` = 0), as before one block served a few tokens.", "",
+                  "| store: shape | preset | tokens | ms | ms, 64-column blocks | µs/token | ms, queries rotated in it "
+                  "| queries rotated alone ms |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for c in result["store"]:
-        lines.append(f"| {c['shape']} | {c['preset']} | {c['tokens']} | {c['ms']:.4f} | {c['us_per_token']:.4f} | "
+        lines.append(f"| {c['shape']} | {c['preset']} | {c['tokens']} | {c['ms']:.4f} | "
+                     f"{c.get('columns_64_ms', nan):.4f} | {c['us_per_token']:.4f} | "
                      f"{c.get('with_queries_ms', nan):.4f} | {c.get('rotate_queries_ms', nan):.4f} |")
     return "\n".join(lines)
 

@@ -121,6 +121,22 @@ def _compress_store_kernel(
                        VALUE_GROUP_BYTES, HEAD_DIM, HEAD_DIM_PAD, PART_SCALE, COLUMNS, ROWS)
 
 
+# Up to this many tokens a store is latency-bound (a decode step of up to 64 sequences): 16-bit rows at
+# head_dim ≤ 128 are then rotated in one block of dots, not two of 64 columns, a shorter chain of R loads
+# and dots. H200, d=128, 1 / 32 tokens (`kernels-store-h200-columns.md`): k4v4 6.3 / 6.3 → 5.4 / 5.6 µs,
+# k3v3 5.9 / 6.2 → 5.0 / 5.2, k8v4 9.8 / 10.4 → 7.7 / 8.5. Longer calls keep two blocks: their 64-row
+# tiles spill heavily with one (sm_90 compile), and a probe found no gain at 128 tokens.
+ONE_BLOCK_MAX_TOKENS = 64
+
+
+def store_columns(head_dim_pad: int, part_scale: float, num_tokens: int | None) -> int:
+    """Rotated coordinates per dot in `_compress_store_kernel` (see ONE_BLOCK_MAX_TOKENS); None tokens: the
+    same blocks whatever the count (`fixed_tile`: a GPU's dots may round a row differently in another)."""
+    if num_tokens is not None and num_tokens <= ONE_BLOCK_MAX_TOKENS and part_scale and head_dim_pad <= 128:
+        return head_dim_pad
+    return rotation_columns(head_dim_pad, part_scale)
+
+
 def compress_store(keys: torch.Tensor, values: torch.Tensor, slot_mapping: torch.Tensor, cache: torch.Tensor,
                    codec: KernelCodec, fixed_tile: bool = False, queries: torch.Tensor | None = None,
                    rotated_queries: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -169,6 +185,6 @@ def compress_store(keys: torch.Tensor, values: torch.Tensor, slot_mapping: torch
         GROUP=group, NORM_CORRECTION=codec.norm_correction, ROWS=rows, PART_SCALE=part_scale, **page_constants(layout),
         KEY_COORDS=key_bits.coords, KEY_GROUP_BYTES=key_bits.group_bytes, VALUE_COORDS=value_bits.coords,
         VALUE_GROUP_BYTES=value_bits.group_bytes,
-        COLUMNS=rotation_columns(head_dim_pad(layout.head_dim), part_scale),
+        COLUMNS=store_columns(head_dim_pad(layout.head_dim), part_scale, None if fixed_tile else num_tokens),
     )
     return rotated_queries
