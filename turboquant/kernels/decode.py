@@ -181,6 +181,10 @@ def _decode_reduce_kernel(partial_out_ptr, partial_lse_ptr, rotation_ptr, out_pt
         tl.store(lse_ptr + rows, lse, mask=rows_valid)
 
 
+# The merge stays a launch of its own: merged instead by each pair's last split program (a ticket from an
+# atomic counter, then the merge and an FMA un-rotation) it measured slower wherever the Triton kernel ran
+# (H200: b32 x 1K 0.052 against 0.043 ms; kernels-decode-h200-merge-in-split.md, not kept): the last
+# program's serial merge cost more than the launch it saved.
 # Rows per reduction program when it also un-rotates: the rotation's dot needs at least 16.
 UNROTATE_ROWS = 16
 # Up to this many splits the reduction un-rotates in its own programs. With more, its few 16-row programs
