@@ -124,8 +124,9 @@ def _compress_store_kernel(
 # Up to this many tokens a store is latency-bound (a decode step of up to 64 sequences): 16-bit rows at
 # head_dim ≤ 128 are then rotated in one block of dots, not two of 64 columns, a shorter chain of R loads
 # and dots. H200, d=128, 1 / 32 tokens (`kernels-store-h200-columns.md`): k4v4 6.3 / 6.3 → 5.4 / 5.6 µs,
-# k3v3 5.9 / 6.2 → 5.0 / 5.2, k8v4 9.8 / 10.4 → 7.7 / 8.5. Longer calls keep two blocks: their 64-row
-# tiles spill heavily with one (sm_90 compile), and a probe found no gain at 128 tokens.
+# k3v3 5.9 / 6.2 → 5.0 / 5.2, k8v4 9.8 / 10.4 → 7.7 / 8.5. Longer calls keep two blocks: with one, their
+# 64-row tiles take 254–255 registers a thread, against 166–190, and spill at 3 and 8 bits (sm_90,
+# `benchmarks/store_sass.py` → store-sass.json); a probe found no gain at 128 tokens.
 ONE_BLOCK_MAX_TOKENS = 64
 
 

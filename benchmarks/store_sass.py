@@ -1,0 +1,75 @@
+"""The compress-store kernel's sm_90 machine code (`store._compress_store_kernel`), compiled on the CPU (no
+GPU needed): registers, local-memory (spill) instructions and all instructions, for 16- and 64-row tiles
+rotated in one block of dots or in 64-column blocks. It backs `store.ONE_BLOCK_MAX_TOKENS`: one block
+fits a decode step's 16-row tiles, and fills every register of a prefill's 64-row ones.
+
+    python benchmarks/store_sass.py [--out benchmarks/results/store-sass.json]
+
+Run it without TRITON_INTERPRET. The GPU host runs Triton 3.6.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from gemv_sass import disassemble, opcode_counts  # noqa: E402
+from turboquant.core import TurboQuantConfig  # noqa: E402
+from turboquant.kernels.codec import KernelCodec, PackedBits  # noqa: E402
+from turboquant.kernels.launch import head_dim_pad, page_constants  # noqa: E402
+from turboquant.kernels.store import _compress_store_kernel  # noqa: E402
+
+POINTERS = dict(keys_ptr="*bf16", values_ptr="*bf16", rotation_ptr="*bf16", queries_ptr="*bf16",
+                slot_mapping_ptr="*i64", cache_ptr="*u8", rotated_queries_ptr="*fp32", key_centroids_ptr="*fp32",
+                key_boundaries_ptr="*fp32", value_centroids_ptr="*fp32", value_boundaries_ptr="*fp32")
+LOCAL_MEMORY = ("LDL", "STL")
+PART_SCALE_BF16 = 256.0  # codec.PART_SCALES[torch.bfloat16]
+
+
+def compile_store(head_dim: int, bits: int, rows: int, columns: int) -> dict:
+    codec = KernelCodec.from_config(TurboQuantConfig(key_bits=bits, value_bits=bits), head_dim, 8, 16)
+    packed = PackedBits.of(bits)
+    names = list(_compress_store_kernel.arg_names)
+    constants = page_constants(codec.layout) | dict(
+        GROUP=4, NORM_CORRECTION=True, ROWS=rows, PART_SCALE=PART_SCALE_BF16, KEY_COORDS=packed.coords,
+        KEY_GROUP_BYTES=packed.group_bytes, VALUE_COORDS=packed.coords, VALUE_GROUP_BYTES=packed.group_bytes,
+        COLUMNS=columns)
+    signature = {name: POINTERS.get(name, "constexpr" if name in constants else "i32") for name in names}
+    constants = {name: constants[name] for name in names if name in constants}
+    aligned = {(names.index(name),): [["tt.divisibility", 16]] for name in POINTERS}
+    kernel = triton.compile(ASTSource(_compress_store_kernel, signature, constants, aligned),
+                            target=GPUTarget("cuda", 90, 64), options=dict(num_warps=4))
+    sass, usage = disassemble(kernel.asm["cubin"])
+    counts = opcode_counts(sass)
+    registers = re.search(r"REG:(\d+)", usage)
+    return {"head_dim": head_dim, "bits": bits, "rows": rows, "columns": columns,
+            "registers": int(registers.group(1)) if registers else None,
+            "local_memory_instructions": sum(n for op, n in counts.items() if op.split(".")[0] in LOCAL_MEMORY),
+            "instructions": sum(counts.values())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", help="also write the rows as JSON here")
+    args = parser.parse_args()
+    rows = []
+    for head_dim, bits in ((128, 4), (128, 3), (128, 8), (96, 2)):
+        for tile_rows in (16, 64):
+            for columns in (64, head_dim_pad(head_dim)):
+                rows.append(compile_store(head_dim, bits, tile_rows, columns))
+                print(json.dumps(rows[-1]), flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps({"triton": triton.__version__, "target": "sm_90", "rows": rows},
+                                             indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
