@@ -78,6 +78,28 @@ def opcode_counts(sass: str, start: int = 0, end: int | None = None) -> collecti
     return counts
 
 
+LOCAL_MEMORY = ("LDL", "STL")
+
+
+def resource_summary(kernel) -> dict:
+    """A compiled kernel's registers a thread, local-memory (spill) instructions and instructions."""
+    sass, usage = disassemble(kernel.asm["cubin"])
+    counts = opcode_counts(sass)
+    registers = re.search(r"REG:(\d+)", usage)
+    return {"registers": int(registers.group(1)) if registers else None,
+            "local_memory_instructions": sum(n for op, n in counts.items() if op.split(".")[0] in LOCAL_MEMORY),
+            "instructions": sum(counts.values())}
+
+
+def print_and_save(rows: list[dict], out: str | None) -> None:
+    """Each row as a JSON line; with `out`, all of them as one JSON file (sm_90, this Triton)."""
+    for row in rows:
+        print(json.dumps(row), flush=True)
+    if out:
+        Path(out).write_text(json.dumps({"triton": triton.__version__, "target": "sm_90", "rows": rows}, indent=1)
+                             + "\n")
+
+
 def loop_counts(sass: str) -> collections.Counter:
     """Opcodes of the longest loop: from the target of the backward branch that spans most, to the branch."""
     loops = [(int(m.group(1), 16), address) for address, text in _instructions(sass)

@@ -11,8 +11,6 @@ Run it without TRITON_INTERPRET. The GPU host runs Triton 3.6.
 from __future__ import annotations
 
 import argparse
-import json
-import re
 import sys
 from pathlib import Path
 
@@ -21,13 +19,12 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gemv_sass import disassemble, opcode_counts  # noqa: E402
+from gemv_sass import print_and_save, resource_summary  # noqa: E402
 from turboquant.kernels.decode import _decode_reduce_kernel, reduce_constants  # noqa: E402
 
 POINTERS = dict(partial_out_ptr="*fp32", partial_lse_ptr="*fp32", rotation_ptr="*fp32", out_ptr="*bf16",
                 lse_ptr="*fp32")
 SCALARS = dict(num_rows="i32", stride_out_seq="i32", stride_out_head="i32")
-LOCAL_MEMORY = ("LDL", "STL")
 
 
 def compile_reduction(head_dim: int, num_splits: int, unrotate: bool) -> dict:
@@ -39,26 +36,15 @@ def compile_reduction(head_dim: int, num_splits: int, unrotate: bool) -> dict:
     aligned = {(names.index(name),): [["tt.divisibility", 16]] for name in POINTERS}
     kernel = triton.compile(ASTSource(_decode_reduce_kernel, signature, constants, aligned),
                             target=GPUTarget("cuda", 90, 64), options=dict(num_warps=4))
-    sass, usage = disassemble(kernel.asm["cubin"])
-    counts = opcode_counts(sass)
-    registers = re.search(r"REG:(\d+)", usage)
-    return {"head_dim": head_dim, "splits": num_splits, "unrotate": unrotate,
-            "registers": int(registers.group(1)) if registers else None,
-            "local_memory_instructions": sum(n for op, n in counts.items() if op.split(".")[0] in LOCAL_MEMORY),
-            "instructions": sum(counts.values())}
+    return {"head_dim": head_dim, "splits": num_splits, "unrotate": unrotate} | resource_summary(kernel)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", help="also write the rows as JSON here")
     args = parser.parse_args()
-    rows = [compile_reduction(head_dim, splits, unrotate) for head_dim in (64, 128, 256)
-            for splits, unrotate in ((4, True), (16, True), (4, False), (16, False), (128, False))]
-    for row in rows:
-        print(json.dumps(row), flush=True)
-    if args.out:
-        Path(args.out).write_text(json.dumps({"triton": triton.__version__, "target": "sm_90", "rows": rows},
-                                             indent=1) + "\n")
+    print_and_save([compile_reduction(head_dim, splits, unrotate) for head_dim in (64, 128, 256)
+                    for splits, unrotate in ((4, True), (16, True), (4, False), (16, False), (128, False))], args.out)
 
 
 if __name__ == "__main__":

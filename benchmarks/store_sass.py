@@ -11,8 +11,6 @@ Run it without TRITON_INTERPRET. The GPU host runs Triton 3.6.
 from __future__ import annotations
 
 import argparse
-import json
-import re
 import sys
 from pathlib import Path
 
@@ -21,7 +19,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gemv_sass import disassemble, opcode_counts  # noqa: E402
+from gemv_sass import print_and_save, resource_summary  # noqa: E402
 from turboquant.core import TurboQuantConfig  # noqa: E402
 from turboquant.kernels.codec import KernelCodec, PackedBits  # noqa: E402
 from turboquant.kernels.launch import head_dim_pad, page_constants  # noqa: E402
@@ -30,7 +28,6 @@ from turboquant.kernels.store import _compress_store_kernel  # noqa: E402
 POINTERS = dict(keys_ptr="*bf16", values_ptr="*bf16", rotation_ptr="*bf16", queries_ptr="*bf16",
                 slot_mapping_ptr="*i64", cache_ptr="*u8", rotated_queries_ptr="*fp32", key_centroids_ptr="*fp32",
                 key_boundaries_ptr="*fp32", value_centroids_ptr="*fp32", value_boundaries_ptr="*fp32")
-LOCAL_MEMORY = ("LDL", "STL")
 PART_SCALE_BF16 = 256.0  # codec.PART_SCALES[torch.bfloat16]
 
 
@@ -47,28 +44,16 @@ def compile_store(head_dim: int, bits: int, rows: int, columns: int) -> dict:
     aligned = {(names.index(name),): [["tt.divisibility", 16]] for name in POINTERS}
     kernel = triton.compile(ASTSource(_compress_store_kernel, signature, constants, aligned),
                             target=GPUTarget("cuda", 90, 64), options=dict(num_warps=4))
-    sass, usage = disassemble(kernel.asm["cubin"])
-    counts = opcode_counts(sass)
-    registers = re.search(r"REG:(\d+)", usage)
-    return {"head_dim": head_dim, "bits": bits, "rows": rows, "columns": columns,
-            "registers": int(registers.group(1)) if registers else None,
-            "local_memory_instructions": sum(n for op, n in counts.items() if op.split(".")[0] in LOCAL_MEMORY),
-            "instructions": sum(counts.values())}
+    return {"head_dim": head_dim, "bits": bits, "rows": rows, "columns": columns} | resource_summary(kernel)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", help="also write the rows as JSON here")
     args = parser.parse_args()
-    rows = []
-    for head_dim, bits in ((128, 4), (128, 3), (128, 8), (96, 2)):
-        for tile_rows in (16, 64):
-            for columns in (64, head_dim_pad(head_dim)):
-                rows.append(compile_store(head_dim, bits, tile_rows, columns))
-                print(json.dumps(rows[-1]), flush=True)
-    if args.out:
-        Path(args.out).write_text(json.dumps({"triton": triton.__version__, "target": "sm_90", "rows": rows},
-                                             indent=1) + "\n")
+    print_and_save([compile_store(head_dim, bits, tile_rows, columns)
+                    for head_dim, bits in ((128, 4), (128, 3), (128, 8), (96, 2)) for tile_rows in (16, 64)
+                    for columns in (64, head_dim_pad(head_dim))], args.out)
 
 
 if __name__ == "__main__":
