@@ -315,7 +315,8 @@ def markdown(result: dict) -> str:
                      f"{c.get('gather_fa3_ms', nan):.3f} | {c.get('gather_fa3_ratio_to_fa3', nan):.2f} |")
     if result["store"]:
         lines += ["", "Store: 'ms, 64-column blocks' times the same call with the rotation always in 64-column "
-                  "blocks (`store.ONE_BLOCK_MAX_TOKENS` = 0), as every store ran before decode steps took one block.", "",
+                  "blocks (`store.ONE_BLOCK_MAX_TOKENS` = 0), as every store ran before decode steps took one "
+                  "block.", "",
                   "| store: shape | preset | tokens | ms | ms, 64-column blocks | µs/token | ms, queries rotated in it "
                   "| queries rotated alone ms |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for c in result["store"]:
