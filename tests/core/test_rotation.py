@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from turboquant.core.rotation import fast_walsh_hadamard, make_rotation
+from turboquant.core.rotation import hadamard_matrix, make_rotation
 
 
 @pytest.mark.parametrize("dim,kind", [(64, "hadamard"), (128, "hadamard"), (256, "hadamard"), (80, "qr"), (96, "qr"), (128, "qr")])
@@ -16,12 +16,13 @@ def test_rotation_is_orthogonal_and_inverse_undoes_it(dim, kind):
     assert torch.allclose(y.norm(dim=-1), x.norm(dim=-1), rtol=1e-5)
 
 
-def test_fwht_matches_the_sylvester_matrix():
-    h = torch.tensor([[1.0]])
-    while h.shape[0] < 16:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    x = torch.randn(4, 16)
-    assert torch.allclose(fast_walsh_hadamard(x), x @ h.T, atol=1e-5)
+def test_hadamard_rotation_is_the_sylvester_matrix_with_random_column_signs():
+    h = hadamard_matrix(16)
+    assert torch.equal(h @ h.T, 16 * torch.eye(16, dtype=torch.float64))
+    assert torch.equal(h[1], torch.tensor([1.0, -1.0] * 8, dtype=torch.float64))  # Sylvester order
+    signs = make_rotation(16, seed=5, kind="hadamard").matrix().double() * 4 / h  # R = H · diag(s) / √16
+    assert (signs.abs() == 1).all() and (signs == signs[0]).all()
+    assert (signs[0] == 1).any() and (signs[0] == -1).any()
 
 
 def test_same_seed_same_rotation_different_seed_different():
