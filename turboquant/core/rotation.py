@@ -7,8 +7,8 @@ The rotation makes every coordinate of a unit vector follow the same known law, 
 - "qr": a Haar-random dense orthogonal matrix (QR of a Gaussian matrix, signs fixed), for any d.
 Both are drawn on the CPU from a seeded generator, so the same seed gives the same rotation on
 every device. Both are applied as one matmul by the stored matrix R: the fast O(d log d) Hadamard
-transform, a dozen small ops, was slower on a CPU at every size tried, most of all for the few rows of
-a decode step.
+transform, a dozen small ops, was 7–17x slower on a CPU at every size tried, most of all for the few
+rows of a decode step (`benchmarks/rotation_cpu.py` → rotation-cpu.md).
 """
 
 from __future__ import annotations
