@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from turboquant.core import TurboQuantConfig  # noqa: E402
+from turboquant.core.rotation import hadamard_matrix  # noqa: E402
 from turboquant.kernels.codec import KernelCodec  # noqa: E402
 from turboquant.kernels import decode_fragments  # noqa: E402
 from turboquant.kernels import store as store_module  # noqa: E402
@@ -136,10 +137,7 @@ class Baselines:
         config = self.VllmTQ.from_cache_dtype(preset, head_dim)
         cache = torch.randint(0, 256, (num_blocks, BLOCK_SIZE, num_kv_heads, config.slot_size_aligned),
                               dtype=torch.uint8, device="cuda")
-        hadamard = torch.tensor([[1.0]])
-        while hadamard.shape[0] < head_dim:
-            hadamard = torch.cat([torch.cat([hadamard, hadamard], 1), torch.cat([hadamard, -hadamard], 1)], 0)
-        rotation = (hadamard / math.sqrt(head_dim)).cuda()
+        rotation = (hadamard_matrix(head_dim) / math.sqrt(head_dim)).float().cuda()
         centroids = self.get_centroids(head_dim, config.centroid_bits).cuda()
         fn = lambda: self.tq_decode(
             query=query, kv_cache=cache, block_table=table, seq_lens=seq_lens, Pi=rotation, centroids=centroids,

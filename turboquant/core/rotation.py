@@ -63,8 +63,9 @@ class Rotation:
         return y @ self.dense.to(y.device, y.dtype)
 
     def matrix(self) -> torch.Tensor:
-        """R as a dense float32 [dim, dim] matrix (row i is the i-th rotated coordinate), for kernels."""
-        return self.dense.float().contiguous()
+        """A copy of R, float32 [dim, dim] (row i is the i-th rotated coordinate), for kernels: rotations
+        are shared (`make_rotation` caches them), so a caller never holds the shared tensor itself."""
+        return self.dense.clone()
 
 
 @functools.lru_cache(maxsize=256)
