@@ -75,9 +75,9 @@ def _fp8(x: torch.Tensor) -> torch.Tensor:
     return x.clamp(-limit, limit).to(torch.float8_e4m3fn).to(x.dtype)
 
 
-def make_cache(model, name: str, spec: dict | None):
-    """A fresh cache for row `name`: ours with its TurboQuantConfig, or the fp8 baseline."""
-    return Fp8Cache(config=model.config) if name == FP8_ROW else TurboQuantCache(model.config, make_config(spec))
+def make_cache(model, config: TurboQuantConfig | None):
+    """A fresh cache: ours with `config`, or the fp8 baseline (None)."""
+    return Fp8Cache(config=model.config) if config is None else TurboQuantCache(model.config, config)
 
 
 def make_config(spec: dict) -> TurboQuantConfig:
@@ -196,13 +196,13 @@ def main() -> int:
         result["baseline_passkey"] = passkey_accuracy(model, tokenizer, lambda: None)
     out = Path(args.out or f"benchmarks/results/quality-{args.model.replace('/', '_')}.json")
     for name in names:
-        spec = table.get(name)
-        fresh_cache = functools.partial(make_cache, model, name, spec)
+        config = None if name == FP8_ROW else make_config(table[name])
+        fresh_cache = functools.partial(make_cache, model, config)
         logits = decode_logits(model, ids, args.prefill, fresh_cache(), progress=name)
         agreement = compare_logits(baseline, logits, targets)
-        row = {"config": spec if spec is not None else "fp8 e4m3, scale 1",
-               "bytes_per_token_per_head": head_dim * 2 if spec is None
-               else make_config(spec).bytes_per_token_per_head(head_dim),
+        row = {"config": "fp8 e4m3, scale 1" if config is None else table[name],
+               "bytes_per_token_per_head": 2 * head_dim if config is None
+               else config.bytes_per_token_per_head(head_dim),
                "agreement": agreement.agreement, "top1_match": agreement.top1_match,
                "perplexity": agreement.perplexity, "perplexity_change": agreement.perplexity_change}
         if name in extras:
