@@ -16,6 +16,7 @@ norms: the kernels' speed does not depend on the values.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -147,6 +148,12 @@ class Baselines:
         return fn, cache, config.slot_size_aligned
 
 
+def dense_rotation(codec: KernelCodec) -> KernelCodec:
+    """The codec with its rotation taken as dense even where it is a scaled sign matrix (`codec.sign_form`):
+    the kernels then multiply 16-bit rows by R's three 16-bit parts, as they all did before."""
+    return dataclasses.replace(codec, rotation_signs=None, rotation_sign_scale=0.0)
+
+
 def split_kernels(codec: KernelCodec, batch: int, group: int, table_tokens: int, context: int) -> str:
     """Which split kernels `paged_decode_attention` launches for the call, and which one serves its sequences."""
     min_span = fragment_min_span(codec, batch, group, table_tokens, torch.device("cuda"))
@@ -178,6 +185,10 @@ def decode_cell(baselines: Baselines, shape: dict, batch: int, context: int, pre
             continue
         cell[f"ours_{'fragments' if fragments else 'triton'}_ms"] = graph_time_ms(
             lambda: paged_decode_attention(query, cache, codec, table, seq_lens, head_dim**-0.5, fragments=fragments))
+    if codec.rotation_signs is not None:
+        dense = dense_rotation(codec)
+        cell["ours_dense_rotation_ms"] = graph_time_ms(
+            lambda: paged_decode_attention(query, cache, dense, table, seq_lens, head_dim**-0.5))
     del cache
 
     if baselines.error is None:
@@ -219,11 +230,17 @@ def store_cells(shape: dict) -> list[dict]:
                     "us_per_token": 1000 * ms / tokens}
             with mock.patch.object(store_module, "ONE_BLOCK_MAX_TOKENS", 0):  # two 64-column rotation blocks
                 cell["columns_64_ms"] = graph_time_ms(lambda: compress_store(keys, values, slots, cache, codec))
+            dense = dense_rotation(codec) if codec.rotation_signs is not None else None
+            if dense is not None:
+                cell["dense_rotation_ms"] = graph_time_ms(lambda: compress_store(keys, values, slots, cache, dense))
             if tokens <= 64:  # a decode step: its queries rotated in the store's launch, or in a launch of their own
                 queries = torch.randn(tokens, shape["num_q_heads"], shape["head_dim"], device="cuda",
                                       dtype=torch.bfloat16)
                 cell["with_queries_ms"] = graph_time_ms(
                     lambda: compress_store(keys, values, slots, cache, codec, queries=queries))
+                if dense is not None:
+                    cell["dense_rotation_with_queries_ms"] = graph_time_ms(
+                        lambda: compress_store(keys, values, slots, cache, dense, queries=queries))
                 cell["rotate_queries_ms"] = graph_time_ms(lambda: rotate(queries, codec))
             out.append(cell)
     return out
@@ -290,17 +307,19 @@ def markdown(result: dict) -> str:
     if result["decode"]:
         lines += ["", "Ours: `paged_decode_attention` as called, which picks its split kernel (column 'kernel'); "
                   "the two columns after it time each split kernel forced (`fragments=False` / `True`; the "
-                  "fragment kernel serves 4-bit keys and values only).", "",
+                  "fragment kernel serves 4-bit keys and values only); 'dense R ms' times the call with its "
+                  "Hadamard rotation taken as dense (`dense_rotation`: the query is rotated by R's three 16-bit "
+                  "parts, not by its sign matrix).", "",
                   "| shape | preset | batch | context | ours ms | kernel | Triton split ms | fragment split ms "
-                  "| ours GB/s (% copy) | FA3 bf16 ms | vs FA3 | vLLM TQ ms | vs vLLM TQ |",
-                  "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| dense R ms | ours GB/s (% copy) | FA3 bf16 ms | vs FA3 | vLLM TQ ms | vs vLLM TQ |",
+                  "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for c in result["decode"]:
         fa3 = c.get("fa3_bf16", {})
         tq = c.get("vllm_tq", {})
         lines.append(
             f"| {c['shape']} | {c['preset']} | {c['batch']} | {c['context']} | {c['ours']['ms']:.3f} | "
             f"{c['ours'].get('split_kernel', '')} | {c.get('ours_triton_ms', nan):.3f} | "
-            f"{c.get('ours_fragments_ms', nan):.3f} | "
+            f"{c.get('ours_fragments_ms', nan):.3f} | {c.get('ours_dense_rotation_ms', nan):.3f} | "
             f"{c['ours']['gbs']:.0f} ({100 * c['ours']['fraction_of_copy_bw']:.0f}%) | "
             f"{fa3.get('ms', nan):.3f} | {c.get('speedup_vs_fa3', nan):.2f}x | "
             f"{tq.get('ms', nan):.3f} | {c.get('speedup_vs_vllm_tq', nan):.2f}x |")
@@ -314,13 +333,16 @@ def markdown(result: dict) -> str:
     if result["store"]:
         lines += ["", "Store: 'ms, 64-column blocks' times the same call with the rotation always in 64-column "
                   "blocks (`store.ONE_BLOCK_MAX_TOKENS` = 0), as every store ran before decode steps took one "
-                  "block.", "",
-                  "| store: shape | preset | tokens | ms | ms, 64-column blocks | µs/token | ms, queries rotated in it "
-                  "| queries rotated alone ms |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+                  "block; 'dense R' the same call with its Hadamard rotation taken as dense (three dots with R's "
+                  "16-bit parts, not one with its sign matrix: `dense_rotation`).", "",
+                  "| store: shape | preset | tokens | ms | ms, 64-column blocks | ms, dense R | µs/token "
+                  "| ms, queries rotated in it | same, dense R | queries rotated alone ms |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for c in result["store"]:
         lines.append(f"| {c['shape']} | {c['preset']} | {c['tokens']} | {c['ms']:.4f} | "
-                     f"{c.get('columns_64_ms', nan):.4f} | {c['us_per_token']:.4f} | "
-                     f"{c.get('with_queries_ms', nan):.4f} | {c.get('rotate_queries_ms', nan):.4f} |")
+                     f"{c.get('columns_64_ms', nan):.4f} | {c.get('dense_rotation_ms', nan):.4f} | "
+                     f"{c['us_per_token']:.4f} | {c.get('with_queries_ms', nan):.4f} | "
+                     f"{c.get('dense_rotation_with_queries_ms', nan):.4f} | {c.get('rotate_queries_ms', nan):.4f} |")
     return "\n".join(lines)
 
 

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from turboquant.kernels.codec import PART_SCALES, rotation_parts
+from turboquant.core.rotation import make_rotation
+from turboquant.kernels.codec import PART_SCALES, rotation_parts, sign_form
 from turboquant.kernels.rotate import rotate
 
 from .paged import make_codec
@@ -14,6 +15,16 @@ def test_rotation_parts_sum_to_the_rotation(dtype):
     scale = PART_SCALES[dtype]
     rebuilt = parts[0] + parts[1] / scale + parts[2] / scale**2
     assert (rebuilt - rotation.double()).abs().max() < 2**-24 * rotation.abs().max()
+
+
+@pytest.mark.parametrize("dim", [64, 128, 256])
+def test_a_hadamard_rotation_is_a_scaled_sign_matrix_and_a_dense_one_is_not(dim, generator):
+    seed = int(torch.randint(0, 2**31, (), generator=generator))
+    hadamard = make_rotation(dim, seed, "hadamard").matrix()
+    signs, scale = sign_form(hadamard)
+    assert signs.dtype == torch.int8 and set(signs.unique().tolist()) == {-1, 1}
+    assert torch.equal(signs.float() * scale, hadamard)  # exactly: the kernels multiply by S, then by c
+    assert sign_form(make_rotation(dim, seed, "qr").matrix()) == (None, 0.0)
 
 
 @pytest.mark.parametrize("head_dim", [64, 80, 128, 256])

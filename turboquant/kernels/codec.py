@@ -29,6 +29,8 @@ class KernelCodec:
     rotation: torch.Tensor  # [head_dim, head_dim] float32; row i is the i-th rotated coordinate
     rotation_bf16_parts: torch.Tensor  # [3, head_dim, head_dim]: see `rotation_parts`
     rotation_fp16_parts: torch.Tensor
+    rotation_signs: torch.Tensor | None  # rotation = rotation_sign_scale · signs: see `sign_form`
+    rotation_sign_scale: float
     key_centroids: torch.Tensor  # [2**key_bits] float32
     key_boundaries: torch.Tensor  # [2**key_bits - 1] float32
     value_centroids: torch.Tensor
@@ -81,12 +83,8 @@ class KernelCodec:
         assert key_quantizer.rotation is value_quantizer.rotation  # one rotation per layer: q is rotated once
         key_book, value_book = key_quantizer.codebook, value_quantizer.codebook
         key_levels, value_levels = antisymmetric_fp16(key_book.centroids), antisymmetric_fp16(value_book.centroids)
-        rotation = key_quantizer.rotation.matrix()
         return cls(
-            layout, key_quantizer, value_quantizer,
-            rotation=rotation.to(device),
-            rotation_bf16_parts=rotation_parts(rotation, torch.bfloat16).to(device),
-            rotation_fp16_parts=rotation_parts(rotation, torch.float16).to(device),
+            layout, key_quantizer, value_quantizer, **rotation_operands(key_quantizer.rotation.matrix(), device),
             key_centroids=key_book.centroids.to(device), key_boundaries=key_book.boundaries.to(device),
             value_centroids=value_book.centroids.to(device), value_boundaries=value_book.boundaries.to(device),
             key_centroids_fp16=key_levels.to(device), value_centroids_fp16=value_levels.to(device),
@@ -106,6 +104,27 @@ def lane_tables(key_levels: torch.Tensor, value_levels: torch.Tensor) -> torch.T
     signed = torch.tensor(words, dtype=torch.int64)
     signed = torch.where(signed >= 1 << 31, signed - (1 << 32), signed).to(torch.int32)
     return signed[:, None].expand(8, 32).contiguous()
+
+
+def rotation_operands(rotation: torch.Tensor, device: torch.device | str) -> dict:
+    """The fields of a rotation that `rotate.rotation_operand` reads (`KernelCodec`'s names), on `device`:
+    the fp32 rotation, its 16-bit parts and its sign form."""
+    signs, sign_scale = sign_form(rotation)
+    return dict(rotation=rotation.to(device), rotation_bf16_parts=rotation_parts(rotation, torch.bfloat16).to(device),
+                rotation_fp16_parts=rotation_parts(rotation, torch.float16).to(device),
+                rotation_signs=None if signs is None else signs.to(device), rotation_sign_scale=sign_scale)
+
+
+def sign_form(rotation: torch.Tensor) -> tuple[torch.Tensor | None, float]:
+    """(S int8 of ±1, c) with rotation = c · S exactly, where every entry has the one magnitude c (a
+    randomized Hadamard, H · diag(s) / √d); (None, 0.0) otherwise. S is exact in every dtype, so a
+    kernel rotates a 16-bit x by one dot with S (exact products, fp32 sums) and a multiply by c, where
+    a dense rotation takes three dots with its parts: a sixth of the bytes to load, a third of the dots."""
+    magnitude = rotation.abs()
+    scale = magnitude.flatten()[0]
+    if scale > 0 and bool((magnitude == scale).all()):
+        return torch.sign(rotation).to(torch.int8).contiguous(), float(scale)
+    return None, 0.0
 
 
 def rotation_parts(rotation: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -170,7 +170,7 @@ def _decode_reduce_kernel(partial_out_ptr, partial_lse_ptr, rotation_ptr, out_pt
     if UNROTATE:
         for block in tl.static_range(HEAD_DIM_PAD // COLUMNS):
             columns = block * COLUMNS + tl.arange(0, COLUMNS)
-            y = rotated_columns(out, rotation_ptr, columns, dims, HEAD_DIM, 0.0, True)
+            y = rotated_columns(out, rotation_ptr, columns, dims, HEAD_DIM, 0.0, 0.0, True)
             tl.store(row_ptrs[:, None] + columns[None, :], y.to(out_ptr.dtype.element_ty),
                      mask=rows_valid[:, None] & (columns < HEAD_DIM)[None, :])
     else:

@@ -27,7 +27,7 @@ import triton.language as tl
 from ..core import MSEQuantizer, TurboQuantConfig
 from ..core.config import NORM_BYTES
 from ..core.packing import packed_bytes
-from .codec import PackedBits, rotation_parts
+from .codec import PackedBits, rotation_operands
 from .decode import default_num_splits, online_softmax_step, reduce_splits
 from .gather import GATHER_COLUMNS, GATHER_ROWS, _gather_rows
 from .launch import (FLOAT_DTYPES, check_block_table, check_codec_device, check_device_tensor, head_dim_pad,
@@ -124,6 +124,8 @@ class LatentCodec:
     rotation: torch.Tensor
     rotation_bf16_parts: torch.Tensor
     rotation_fp16_parts: torch.Tensor
+    rotation_signs: torch.Tensor | None
+    rotation_sign_scale: float
     centroids: torch.Tensor
     boundaries: torch.Tensor
     centroids_fp16: torch.Tensor
@@ -142,11 +144,8 @@ class LatentCodec:
             raise ValueError("the latent kernels implement the mse quantizer only")
         layout = LatentLayout(latent_dim, rope_dim, config.key_bits, block_size, rope_dtype)
         quantizer = config.make_quantizer("key", latent_dim, layer_idx)
-        rotation = quantizer.rotation.matrix()
         levels = antisymmetric_fp16(quantizer.codebook.centroids)
-        return cls(layout, quantizer, rotation=rotation.to(device),
-                   rotation_bf16_parts=rotation_parts(rotation, torch.bfloat16).to(device),
-                   rotation_fp16_parts=rotation_parts(rotation, torch.float16).to(device),
+        return cls(layout, quantizer, **rotation_operands(quantizer.rotation.matrix(), device),
                    centroids=quantizer.codebook.centroids.to(device),
                    boundaries=quantizer.codebook.boundaries.to(device), centroids_fp16=levels.to(device),
                    lut_asm=dequant_asm(levels) if layout.bits in LUT_BITS else "")
@@ -170,7 +169,7 @@ def _latent_store_kernel(kv_c_ptr, k_pe_ptr, slot_mapping_ptr, rotation_ptr, cac
                          LATENT_PAD: tl.constexpr, ROPE_DIM: tl.constexpr, ROPE_PAD: tl.constexpr,
                          ROPE_BF16: tl.constexpr, NORM_CORRECTION: tl.constexpr, BITS: tl.constexpr,
                          COORDS: tl.constexpr, GROUP_BYTES: tl.constexpr, PART_SCALE: tl.constexpr,
-                         COLUMNS: tl.constexpr, ROWS: tl.constexpr):
+                         SIGN_SCALE: tl.constexpr, COLUMNS: tl.constexpr, ROWS: tl.constexpr):
     """One block of COLUMNS rotated coordinates of ROWS tokens per program, so the few tokens of a decode
     step still spread over the device (one program per 16 tokens took 57 µs for a 512-wide latent: 16
     column blocks in sequence). Program column 0 also stores the raw norm and k_pe; with norm correction
@@ -182,7 +181,7 @@ def _latent_store_kernel(kv_c_ptr, k_pe_ptr, slot_mapping_ptr, rotation_ptr, cac
     x, norms, inverse_norms = _load_rows(kv_c_ptr, stride_kv_c, 0, tokens, rows_valid, 0, LATENT_DIM, LATENT_PAD)
     levels_sq = _quantize_block(x, inverse_norms, block, rotation_ptr, centroids_ptr, boundaries_ptr,
                                 page_ptrs + offsets * CODE_BYTES, rows_valid, NORM_CORRECTION, BITS, COORDS,
-                                GROUP_BYTES, LATENT_DIM, LATENT_PAD, PART_SCALE, COLUMNS, ROWS)
+                                GROUP_BYTES, LATENT_DIM, LATENT_PAD, PART_SCALE, SIGN_SCALE, COLUMNS, ROWS)
     if NORM_CORRECTION:
         tl.store(levels_sq_ptr + tokens * (LATENT_PAD // COLUMNS) + block, levels_sq, mask=tokens < num_tokens)
     if block == 0:
@@ -224,7 +223,7 @@ def latent_store(kv_c: torch.Tensor, k_pe: torch.Tensor, slot_mapping: torch.Ten
         return
     rows = 16
     packing = PackedBits.of(layout.bits)
-    rotation, part_scale = rotation_operand(codec, kv_c.dtype)
+    rotation, part_scale, sign_scale = rotation_operand(codec, kv_c.dtype)
     pad = head_dim_pad(layout.latent_dim)
     # a 512-wide latent: narrower rotation tiles over 8 warps (wider ones spill, checked with ptxas for sm_90)
     columns = 32 if pad >= 512 else rotation_columns(pad, part_scale)
@@ -233,7 +232,8 @@ def latent_store(kv_c: torch.Tensor, k_pe: torch.Tensor, slot_mapping: torch.Ten
     _latent_store_kernel[(triton.cdiv(num_tokens, rows), pad // columns)](
         kv_c, k_pe, slot_mapping, rotation, cache, codec.centroids, codec.boundaries, levels_sq, num_tokens,
         kv_c.stride(0), k_pe.stride(0), **layout.kernel_constants(), NORM_CORRECTION=norm_correction,
-        COORDS=packing.coords, GROUP_BYTES=packing.group_bytes, PART_SCALE=part_scale, COLUMNS=columns, ROWS=rows,
+        COORDS=packing.coords, GROUP_BYTES=packing.group_bytes, PART_SCALE=part_scale, SIGN_SCALE=sign_scale,
+        COLUMNS=columns, ROWS=rows,
         num_warps=8 if pad >= 512 else 4,
     )
     if norm_correction:

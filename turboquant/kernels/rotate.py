@@ -4,8 +4,10 @@ into the codes' space, and un-rotate the attention output, one launch each.
 A 16-bit x is exact in its own dtype, so x @ Rᵀ is computed from three 16-bit parts of R,
 R = P0 + P1/s + P2/s² (s = 2^8 for bf16, 2^11 for fp16): every product is exact and the sums are
 fp32, so the result matches an fp32 matmul (within 2e-6 of its largest entry, tested) while running
-as 16-bit MMAs. An fp32 x uses Triton's tf32x3 dots instead. A plain tf32 or bf16 rotation would move
-coordinates across the quantizer's decision boundaries that the PyTorch reference keeps.
+as 16-bit MMAs. A randomized Hadamard R is c · S with S of ±1 (`codec.sign_form`): one dot with S,
+exact in the 16-bit dtype, then the multiply by c. An fp32 x uses Triton's tf32x3 dots with fp32 R. A
+plain tf32 or bf16 rotation would move coordinates across the quantizer's decision boundaries that the
+PyTorch reference keeps.
 
 Reference: `x.float() @ rotation.T` (and `@ rotation` for the inverse).
 """
@@ -29,9 +31,10 @@ def rotation_columns(head_dim_pad: int, part_scale: float) -> int:
 
 @triton.jit
 def rotated_columns(x, rotation_ptr, columns, dims, HEAD_DIM: tl.constexpr, PART_SCALE: tl.constexpr,
-                    INVERSE: tl.constexpr):
+                    SIGN_SCALE: tl.constexpr, INVERSE: tl.constexpr):
     """fp32 columns `columns` of x @ Rᵀ (x @ R when INVERSE) for x [rows, HEAD_DIM_PAD], zero-padded.
-    PART_SCALE > 0: x is 16-bit and rotation_ptr holds its three parts; PART_SCALE == 0: fp32 R."""
+    PART_SCALE > 0: x is 16-bit and rotation_ptr holds R's three parts, or, where SIGN_SCALE > 0, the
+    int8 S of R = SIGN_SCALE · S; PART_SCALE == 0: fp32 R (tf32x3)."""
     if INVERSE:
         offsets = dims[None, :] * HEAD_DIM + columns[:, None]
     else:
@@ -40,6 +43,8 @@ def rotated_columns(x, rotation_ptr, columns, dims, HEAD_DIM: tl.constexpr, PART
     if PART_SCALE == 0:
         y = tl.dot(x.to(tl.float32), tl.trans(tl.load(rotation_ptr + offsets, mask=mask, other=0.0)),
                    input_precision="tf32x3")
+    elif SIGN_SCALE > 0:
+        y = tl.dot(x, tl.trans(tl.load(rotation_ptr + offsets, mask=mask, other=0).to(x.dtype))) * SIGN_SCALE
     else:
         size: tl.constexpr = HEAD_DIM * HEAD_DIM
         y = tl.dot(x, tl.trans(tl.load(rotation_ptr + 2 * size + offsets, mask=mask, other=0.0)))
@@ -60,10 +65,11 @@ def load_head_rows(x_ptr, stride_token, stride_head, tokens, rows_valid, head, H
 @triton.jit
 def store_rotated_block(x, block, rotation_ptr, out_ptr, stride_out_token, stride_out_head, tokens, rows_valid, head,
                         HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, PART_SCALE: tl.constexpr,
-                        INVERSE: tl.constexpr, COLUMNS: tl.constexpr):
+                        SIGN_SCALE: tl.constexpr, INVERSE: tl.constexpr, COLUMNS: tl.constexpr):
     """out[tokens, head, block·COLUMNS …] ← those columns of x @ Rᵀ (x @ R when INVERSE), cast to out's dtype."""
     columns = block * COLUMNS + tl.arange(0, COLUMNS)
-    y = rotated_columns(x, rotation_ptr, columns, tl.arange(0, HEAD_DIM_PAD), HEAD_DIM, PART_SCALE, INVERSE)
+    y = rotated_columns(x, rotation_ptr, columns, tl.arange(0, HEAD_DIM_PAD), HEAD_DIM, PART_SCALE, SIGN_SCALE,
+                        INVERSE)
     tl.store(out_ptr + tokens[:, None] * stride_out_token + head * stride_out_head + columns[None, :],
              y.to(out_ptr.dtype.element_ty), mask=rows_valid[:, None] & (columns < HEAD_DIM)[None, :])
 
@@ -71,7 +77,7 @@ def store_rotated_block(x, block, rotation_ptr, out_ptr, stride_out_token, strid
 @triton.jit(do_not_specialize=["num_tokens"])  # num_tokens changes every step: one variant for all
 def _rotate_kernel(x_ptr, rotation_ptr, out_ptr, num_tokens, stride_x_token, stride_x_head, stride_out_token,
                    stride_out_head, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, PART_SCALE: tl.constexpr,
-                   INVERSE: tl.constexpr, COLUMNS: tl.constexpr, ROWS: tl.constexpr,
+                   SIGN_SCALE: tl.constexpr, INVERSE: tl.constexpr, COLUMNS: tl.constexpr, ROWS: tl.constexpr,
                    LAUNCH_DEPENDENTS: tl.constexpr, WAIT_FOR_INPUT: tl.constexpr):
     if LAUNCH_DEPENDENTS:  # the next kernel may start now; it waits for this one before reading its output
         gdc_launch_dependents()
@@ -83,17 +89,21 @@ def _rotate_kernel(x_ptr, rotation_ptr, out_ptr, num_tokens, stride_x_token, str
     rows_valid = tokens < num_tokens
     x = load_head_rows(x_ptr, stride_x_token, stride_x_head, tokens, rows_valid, head, HEAD_DIM, HEAD_DIM_PAD)
     store_rotated_block(x, tl.program_id(2), rotation_ptr, out_ptr, stride_out_token, stride_out_head, tokens,
-                        rows_valid, head, HEAD_DIM, HEAD_DIM_PAD, PART_SCALE, INVERSE, COLUMNS)
+                        rows_valid, head, HEAD_DIM, HEAD_DIM_PAD, PART_SCALE, SIGN_SCALE, INVERSE, COLUMNS)
 
 
-def rotation_operand(codec, dtype: torch.dtype) -> tuple[torch.Tensor, float]:
-    """(the tensor `rotated_columns` reads, its PART_SCALE) for an x of `dtype`, either direction."""
+def rotation_operand(codec, dtype: torch.dtype) -> tuple[torch.Tensor, float, float]:
+    """(the tensor `rotated_columns` reads, its PART_SCALE, its SIGN_SCALE) for an x of `dtype`, either
+    direction."""
     # Triton's CPU interpreter multiplies bf16 tiles as raw integers; there a bf16 x (exact in tf32)
     # takes the tf32x3 path, which gives the same fp32-accurate result.
     interpreted_bf16 = dtype == torch.bfloat16 and codec.device.type != "cuda"
-    if dtype == torch.float32 or interpreted_bf16:
-        return codec.rotation, 0.0
-    return (codec.rotation_bf16_parts if dtype == torch.bfloat16 else codec.rotation_fp16_parts), PART_SCALES[dtype]
+    if dtype == torch.float32 or interpreted_bf16:  # the sign form gains nothing here: tf32x3 splits S too
+        return codec.rotation, 0.0, 0.0
+    if codec.rotation_signs is not None:
+        return codec.rotation_signs, PART_SCALES[dtype], codec.rotation_sign_scale
+    parts = codec.rotation_bf16_parts if dtype == torch.bfloat16 else codec.rotation_fp16_parts
+    return parts, PART_SCALES[dtype], 0.0
 
 
 def rotate(x: torch.Tensor, codec, inverse: bool = False, out: torch.Tensor | None = None,
@@ -120,13 +130,14 @@ def rotate(x: torch.Tensor, codec, inverse: bool = False, out: torch.Tensor | No
     tokens, heads = x.shape[:2]
     if tokens == 0 or heads == 0:
         return out
-    operand, part_scale = rotation_operand(codec, x.dtype)
+    operand, part_scale, sign_scale = rotation_operand(codec, x.dtype)
     rows = 16 if tokens <= 256 or fixed_tile else 64
     pad = head_dim_pad(head_dim)
     columns = rotation_columns(pad, part_scale)
     _rotate_kernel[(triton.cdiv(tokens, rows), heads, pad // columns)](
         x, operand, out, tokens, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, PART_SCALE=part_scale, INVERSE=inverse, COLUMNS=columns, ROWS=rows,
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, PART_SCALE=part_scale, SIGN_SCALE=sign_scale, INVERSE=inverse,
+        COLUMNS=columns, ROWS=rows,
         LAUNCH_DEPENDENTS=launch_dependents, WAIT_FOR_INPUT=after_previous,
         **programmatic_launch(after_previous),
     )

@@ -43,12 +43,13 @@ def _load_rows(x_ptr, stride_token, stride_head, tokens, rows_valid, head, HEAD_
 def _quantize_block(x, inverse_norms, block, rotation_ptr, centroids_ptr, boundaries_ptr, code_ptrs, rows_valid,
                     NORM_CORRECTION: tl.constexpr, BITS: tl.constexpr, COORDS: tl.constexpr,
                     GROUP_BYTES: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-                    PART_SCALE: tl.constexpr, COLUMNS: tl.constexpr, ROWS: tl.constexpr):
+                    PART_SCALE: tl.constexpr, SIGN_SCALE: tl.constexpr, COLUMNS: tl.constexpr, ROWS: tl.constexpr):
     """Rotate, quantize and pack coordinates block·COLUMNS … of each row; returns the rows' Σ level² over
     them (0 without norm correction)."""
     dims = tl.arange(0, HEAD_DIM_PAD)
     columns = block * COLUMNS + tl.arange(0, COLUMNS)
-    unit = rotated_columns(x, rotation_ptr, columns, dims, HEAD_DIM, PART_SCALE, False) * inverse_norms[:, None]
+    unit = rotated_columns(x, rotation_ptr, columns, dims, HEAD_DIM, PART_SCALE, SIGN_SCALE, False)
+    unit = unit * inverse_norms[:, None]
     # Nearest level = number of decision boundaries below the value (torch.bucketize).
     indices = tl.zeros([ROWS, COLUMNS], dtype=tl.int32)
     if BITS <= 4:  # count the ≤ 15 boundaries below: uniform loads, no gathers
@@ -71,14 +72,15 @@ def _quantize_block(x, inverse_norms, block, rotation_ptr, centroids_ptr, bounda
 def _quantize_rows(x_ptr, stride_token, stride_head, tokens, rows_valid, head, rotation_ptr, centroids_ptr,
                    boundaries_ptr, code_ptrs, norm_ptrs, NORM_CORRECTION: tl.constexpr, BITS: tl.constexpr,
                    COORDS: tl.constexpr, GROUP_BYTES: tl.constexpr, HEAD_DIM: tl.constexpr,
-                   HEAD_DIM_PAD: tl.constexpr, PART_SCALE: tl.constexpr, COLUMNS: tl.constexpr, ROWS: tl.constexpr):
+                   HEAD_DIM_PAD: tl.constexpr, PART_SCALE: tl.constexpr, SIGN_SCALE: tl.constexpr,
+                   COLUMNS: tl.constexpr, ROWS: tl.constexpr):
     x, norms, inverse_norms = _load_rows(x_ptr, stride_token, stride_head, tokens, rows_valid, head, HEAD_DIM,
                                          HEAD_DIM_PAD)
     levels_sq = tl.zeros([ROWS], dtype=tl.float32)
     for block in tl.static_range(HEAD_DIM_PAD // COLUMNS):
         levels_sq += _quantize_block(x, inverse_norms, block, rotation_ptr, centroids_ptr, boundaries_ptr, code_ptrs,
                                      rows_valid, NORM_CORRECTION, BITS, COORDS, GROUP_BYTES, HEAD_DIM, HEAD_DIM_PAD,
-                                     PART_SCALE, COLUMNS, ROWS)
+                                     PART_SCALE, SIGN_SCALE, COLUMNS, ROWS)
     if NORM_CORRECTION:
         norms = _safe_divide(norms, tl.sqrt(levels_sq))
     tl.store(norm_ptrs.to(tl.pointer_type(tl.float32)), norms, mask=rows_valid)
@@ -95,7 +97,8 @@ def _compress_store_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, NORM_CORRECTION: tl.constexpr,
     KEY_BITS: tl.constexpr, KEY_COORDS: tl.constexpr, KEY_GROUP_BYTES: tl.constexpr, KEY_BYTES: tl.constexpr,
     VALUE_BITS: tl.constexpr, VALUE_COORDS: tl.constexpr, VALUE_GROUP_BYTES: tl.constexpr,
-    VALUE_BYTES: tl.constexpr, PART_SCALE: tl.constexpr, COLUMNS: tl.constexpr, ROWS: tl.constexpr,
+    VALUE_BYTES: tl.constexpr, PART_SCALE: tl.constexpr, SIGN_SCALE: tl.constexpr, COLUMNS: tl.constexpr,
+    ROWS: tl.constexpr,
 ):
     tile, head, role = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     tokens = tile * ROWS + tl.arange(0, ROWS)
@@ -105,7 +108,8 @@ def _compress_store_kernel(
                            HEAD_DIM, HEAD_DIM_PAD)
         for block in tl.static_range(HEAD_DIM_PAD // COLUMNS):
             store_rotated_block(x, block, rotation_ptr, rotated_queries_ptr, stride_rotated_token, stride_rotated_head,
-                                tokens, rows_valid, query_head, HEAD_DIM, HEAD_DIM_PAD, PART_SCALE, False, COLUMNS)
+                                tokens, rows_valid, query_head, HEAD_DIM, HEAD_DIM_PAD, PART_SCALE, SIGN_SCALE, False,
+                                COLUMNS)
         return
     rows_valid, blocks, offsets = _slots(slot_mapping_ptr, tokens, num_tokens, BLOCK_SIZE)
     page_ptrs = cache_ptr + (blocks * NUM_KV_HEADS + head) * HEAD_PAGE_BYTES
@@ -113,20 +117,22 @@ def _compress_store_kernel(
         _quantize_rows(keys_ptr, stride_key_token, stride_key_head, tokens, rows_valid, head, rotation_ptr,
                        key_centroids_ptr, key_boundaries_ptr, page_ptrs + offsets * KEY_BYTES,
                        page_ptrs + KEY_NORMS_OFFSET + offsets * 4, NORM_CORRECTION, KEY_BITS, KEY_COORDS,
-                       KEY_GROUP_BYTES, HEAD_DIM, HEAD_DIM_PAD, PART_SCALE, COLUMNS, ROWS)
+                       KEY_GROUP_BYTES, HEAD_DIM, HEAD_DIM_PAD, PART_SCALE, SIGN_SCALE, COLUMNS, ROWS)
     else:
         _quantize_rows(values_ptr, stride_value_token, stride_value_head, tokens, rows_valid, head, rotation_ptr,
                        value_centroids_ptr, value_boundaries_ptr, page_ptrs + VALUES_OFFSET + offsets * VALUE_BYTES,
                        page_ptrs + VALUE_NORMS_OFFSET + offsets * 4, NORM_CORRECTION, VALUE_BITS, VALUE_COORDS,
-                       VALUE_GROUP_BYTES, HEAD_DIM, HEAD_DIM_PAD, PART_SCALE, COLUMNS, ROWS)
+                       VALUE_GROUP_BYTES, HEAD_DIM, HEAD_DIM_PAD, PART_SCALE, SIGN_SCALE, COLUMNS, ROWS)
 
 
 # Up to this many tokens a store is latency-bound (a decode step of up to 64 sequences): 16-bit rows at
 # head_dim ≤ 128 are then rotated in one block of dots, not two of 64 columns, a shorter chain of R loads
-# and dots. H200, d=128, 1 / 32 tokens (`kernels-store-h200-columns.md`): k4v4 6.3 / 6.3 → 5.4 / 5.6 µs,
-# k3v3 5.9 / 6.2 → 5.0 / 5.2, k8v4 9.8 / 10.4 → 7.7 / 8.5. Longer calls keep two blocks: with one, their
-# 64-row tiles take 254–255 registers a thread, against 166–190, and spill at 3 and 8 bits (sm_90,
-# `benchmarks/store_sass.py` → store-sass.json); a probe found no gain at 128 tokens.
+# and dots. H200, d=128, 1 / 32 tokens, dense three-part rotations (`kernels-store-h200-columns.md`; with
+# a Hadamard rotation's one sign-matrix dot since, k4v4 takes 3.9 / 4.8 µs: `kernels-store-h200-signs.md`):
+# k4v4 6.3 / 6.3 → 5.4 / 5.6 µs, k3v3 5.9 / 6.2 → 5.0 / 5.2, k8v4 9.8 / 10.4 → 7.7 / 8.5. Longer calls
+# keep two blocks: with one, their 64-row tiles take 254–255 registers a thread, against 158–190, and
+# spill at two of 3, 4 and 8 bits (sm_90, `benchmarks/store_sass.py` → store-sass.json); a probe found
+# no gain at 128 tokens.
 ONE_BLOCK_MAX_TOKENS = 64
 
 
@@ -174,7 +180,7 @@ def compress_store(keys: torch.Tensor, values: torch.Tensor, slot_mapping: torch
     rows = 16 if num_tokens <= 512 or fixed_tile else 64
     grid = (triton.cdiv(num_tokens, rows), layout.num_kv_heads, 2 + group)
     key_bits, value_bits = PackedBits.of(layout.key_bits), PackedBits.of(layout.value_bits)
-    rotation, part_scale = rotation_operand(codec, keys.dtype)
+    rotation, part_scale, sign_scale = rotation_operand(codec, keys.dtype)
     # without query programs these pointers and strides are never read
     query_in, query_out = (queries, rotated_queries) if group else (keys, keys)
     _compress_store_kernel[grid](
@@ -183,7 +189,8 @@ def compress_store(keys: torch.Tensor, values: torch.Tensor, slot_mapping: torch
         query_out, num_tokens, query_in.shape[0] if group else 0, keys.stride(0), keys.stride(1),
         values.stride(0), values.stride(1), query_in.stride(0), query_in.stride(1), query_out.stride(0),
         query_out.stride(1),
-        GROUP=group, NORM_CORRECTION=codec.norm_correction, ROWS=rows, PART_SCALE=part_scale, **page_constants(layout),
+        GROUP=group, NORM_CORRECTION=codec.norm_correction, ROWS=rows, PART_SCALE=part_scale, SIGN_SCALE=sign_scale,
+        **page_constants(layout),
         KEY_COORDS=key_bits.coords, KEY_GROUP_BYTES=key_bits.group_bytes, VALUE_COORDS=value_bits.coords,
         VALUE_GROUP_BYTES=value_bits.group_bytes,
         COLUMNS=store_columns(head_dim_pad(layout.head_dim), part_scale, None if fixed_tile else num_tokens),

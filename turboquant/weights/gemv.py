@@ -31,7 +31,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ..core import MSEQuantizer
-from ..kernels.codec import rotation_parts
+from ..kernels.codec import rotation_operands
 from ..kernels.launch import multiprocessor_count, programmatic_launch, programmatic_launch_available
 from ..kernels.lut_asm import LUT_BITS, antisymmetric_fp16, byte_permute_available, dequant_asm, dot_asm
 from ..kernels.packed_tile import (code_levels, load_codes, load_runs, load_runs3_vectors, quarters, run_levels,
@@ -51,6 +51,8 @@ class GroupRotation:
     rotation: torch.Tensor  # [group_size, group_size] float32
     rotation_bf16_parts: torch.Tensor
     rotation_fp16_parts: torch.Tensor
+    rotation_signs: torch.Tensor | None
+    rotation_sign_scale: float
 
     @property
     def device(self) -> torch.device:
@@ -88,9 +90,7 @@ def device_codec(quantizer: MSEQuantizer, device: torch.device) -> DeviceCodec:
     """`DeviceCodec` of a shared weight quantizer, built once per device."""
     levels = antisymmetric_fp16(quantizer.codebook.centroids)  # a Gaussian's levels: antisymmetric up to rounding
     ptx = quantizer.bits in LOOKUP_BITS and byte_permute_available(device)
-    matrix = quantizer.rotation.matrix()
-    rotation = GroupRotation(matrix.to(device), rotation_parts(matrix, torch.bfloat16).to(device),
-                             rotation_parts(matrix, torch.float16).to(device))
+    rotation = GroupRotation(**rotation_operands(quantizer.rotation.matrix(), device))
     return DeviceCodec(rotation, levels.to(device), dequant_asm(levels) if ptx else "", dot_asm(levels) if ptx else "")
 
 
