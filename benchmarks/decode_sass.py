@@ -41,7 +41,8 @@ def compile_fragment_kernel(head_dim: int):
     codec = KernelCodec.from_config(TurboQuantConfig(key_bits=4, value_bits=4), head_dim, 8, 16)
     pages = page_constants(codec.layout)
     constants = pages | dict(GROUP=4, NUM_SPLITS=8, KEY_LUT=codec.key_pairs_lut_asm,
-                             VALUE_LUT=codec.value_pairs_lut_asm, USE_SOFTCAP=True, USE_WINDOW=True, USE_STARTS=True)
+                             VALUE_LUT=codec.value_pairs_lut_asm, USE_SOFTCAP=True, USE_WINDOW=True, USE_STARTS=True,
+                             AFTER_SPLIT=False)
     kernel = decode_fragments._fragment_split_kernel
     names = list(kernel.arg_names)
     signature = {name: (POINTERS | SCALARS).get(name, "constexpr") for name in names}

@@ -70,9 +70,9 @@ def _decode_split_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     KEY_BITS: tl.constexpr, KEY_BYTES: tl.constexpr, KEY_LUT: tl.constexpr, VALUE_BITS: tl.constexpr,
     VALUE_BYTES: tl.constexpr, VALUE_LUT: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr,
-    USE_STARTS: tl.constexpr, TILE: tl.constexpr, CHAINED: tl.constexpr,
+    USE_STARTS: tl.constexpr, TILE: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr, WAIT_FOR_QUERY: tl.constexpr,
 ):
-    if CHAINED:  # launched programmatically after the query rotation; the reduction may start early
+    if LAUNCH_DEPENDENTS:  # the launch after it (the reduction, or the fragment kernel) may start now
         gdc_launch_dependents()
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
@@ -86,7 +86,7 @@ def _decode_split_kernel(
     group = tl.arange(0, GROUP_PAD)
     heads = kv_head * GROUP + group
     dims = tl.arange(0, HEAD_DIM_PAD)
-    if CHAINED:  # the rotated query is the previous kernel's output
+    if WAIT_FOR_QUERY:  # launched programmatically after the query rotation, whose output it reads
         gdc_wait()
     query = tl.load(query_ptr + seq * stride_query_seq + heads[:, None] * stride_query_head + dims[None, :],
                     mask=(group < GROUP)[:, None] & (dims < HEAD_DIM)[None, :], other=0.0)
@@ -267,9 +267,11 @@ def launch_triton_split(rotated_query: torch.Tensor, cache: torch.Tensor, codec:
                         block_table: torch.Tensor, seq_lens: torch.Tensor, key_starts: torch.Tensor | None,
                         partial_out: torch.Tensor, partial_lse: torch.Tensor, scale: float, softcap: float | None,
                         sliding_window: int | None, num_splits: int, min_span: int = 0, max_span: int = ANY_SPAN,
-                        chained: bool = False) -> None:
+                        chained: bool = False, fragments_next: bool = False) -> None:
     """Fill the partials [batch, Hq, S(, D_pad)] of the sequences whose visible keys number min_span …
-    max_span, each cut into `num_splits` (a divisor of S) splits; their slots past those read empty."""
+    max_span, each cut into `num_splits` (a divisor of S) splits; their slots past those read empty.
+    `chained`: launched programmatically after the query's rotation, and the reduction after it so;
+    `fragments_next`: the fragment kernel is launched programmatically after it."""
     layout = codec.layout
     batch, num_q_heads, partial_splits = partial_lse.shape
     if partial_splits % num_splits:
@@ -284,7 +286,8 @@ def launch_triton_split(rotated_query: torch.Tensor, cache: torch.Tensor, codec:
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), NUM_SPLITS=num_splits,
         PARTIAL_SPLITS=partial_splits, **page_constants(layout), **lookups,
         USE_SOFTCAP=softcap is not None, USE_WINDOW=sliding_window is not None, USE_STARTS=key_starts is not None,
-        CHAINED=chained, **triton_split_launch(codec, lookups), **programmatic_launch(chained),
+        LAUNCH_DEPENDENTS=chained or fragments_next, WAIT_FOR_QUERY=chained, **triton_split_launch(codec, lookups),
+        **programmatic_launch(chained),
     )
 
 
@@ -367,13 +370,18 @@ def paged_decode_attention(query: torch.Tensor, cache: torch.Tensor, codec: Kern
     rotated_query = query if query_rotated else rotate(query, codec, launch_dependents=chained)
     partial_out = torch.empty(batch, num_q_heads, num_splits, pad, device=cache.device, dtype=torch.float32)
     partial_lse = torch.empty(batch, num_q_heads, num_splits, device=cache.device, dtype=torch.float32)
+    # Where both split kernels are launched, the fragment kernel starts while the Triton one runs: a call
+    # mostly gives all its sequences to one of them, and the other's programs, which only skip, then cost
+    # no launch gap of their own (H200, b32 x 1K in 33K-token tables: kernels-decode-h200-overlap.md).
+    overlapped = bool(triton_splits) and min_span is not None and programmatic_launch_available(cache.device)
     if triton_splits:
         launch_triton_split(rotated_query, cache, codec, block_table, seq_lens, key_starts, partial_out, partial_lse,
                             scale, softcap, sliding_window, triton_splits,
-                            max_span=ANY_SPAN if min_span is None else min_span - 1, chained=chained)
+                            max_span=ANY_SPAN if min_span is None else min_span - 1, chained=chained,
+                            fragments_next=overlapped)
     if min_span is not None:
         decode_fragments.launch_split(rotated_query, cache, codec, block_table, seq_lens, key_starts, partial_out,
-                                      partial_lse, scale, softcap, sliding_window, min_span)
+                                      partial_lse, scale, softcap, sliding_window, min_span, after_split=overlapped)
     out = torch.empty_like(query) if out is None else out
     lse = torch.empty(batch, num_q_heads, device=cache.device, dtype=torch.float32) if return_lse else None
     # merge the splits and un-rotate the weighted value sum once, cast and stored into the caller's tensor
