@@ -98,7 +98,7 @@ def _generating_class(config):
 def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """(model, tokenizer) for a causal LM, in eval mode. Raises ValueError for user errors. A weight
     checkpoint written by `turboquant compress-weights` loads as it was saved (`dtype` does not apply)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     from .checkpoint import is_quantized_checkpoint, load_quantized
 
