@@ -2,10 +2,12 @@
 (a) bf16 FlashAttention-3 over a paged bf16 cache (vLLM's `vllm_flash_attn`, the offline bundle) and
 (b) vLLM 0.26's own TurboQuant decode kernel (`triton_turboquant_decode_attention`) at the same bits.
 Extend is timed two ways: the fused kernel, and what the vLLM backend runs for long chunks (gather the
-prefix with `gather_sequences`, then FA3 varlen on the contiguous K/V).
+prefix with `gather_sequences`, then FA3 varlen on the contiguous K/V). A decode step ('step') is the
+step's store and attention as the vLLM backends launch them: ours `compress_store(..., queries=)` then
+`paged_decode_attention(..., query_rotated=True)`, bf16 vLLM's `reshape_and_cache_flash` then FA3.
 
     python benchmarks/kernels.py [--out benchmarks/results/kernels-h100.json] [--quick] [--only extend]
-                                 [--grid 1,8x1024,4096]
+                                 [--grid 1,8x1024,4096] [--table-tokens 33024]
 
 Every time is one CUDA-graph replay of 20 back-to-back calls divided by 20 (launch overhead hidden, as in
 vLLM's decode graphs), median of 5 replays. GB/s = cache bytes the call must read ÷ time; the copy
@@ -109,8 +111,9 @@ class Baselines:
         except ImportError as error:
             self.error = f"vLLM not importable: {error}"
             return
+        from vllm._custom_ops import reshape_and_cache_flash
         self.error = None if is_fa_version_supported(3) else "FA3 not supported here"
-        self.flash_attn_varlen_func = flash_attn_varlen_func
+        self.flash_attn_varlen_func, self.reshape_and_cache_flash = flash_attn_varlen_func, reshape_and_cache_flash
         self.tq_decode, self.VllmTQ, self.get_centroids = triton_turboquant_decode_attention, VllmTQ, get_centroids
 
     def fa3_decode(self, query, key_cache, value_cache, table, seq_lens, context):
@@ -119,6 +122,11 @@ class Baselines:
         return lambda: self.flash_attn_varlen_func(
             query, key_cache, value_cache, max_seqlen_q=1, cu_seqlens_q=cu_q, max_seqlen_k=context,
             seqused_k=seq_lens, softmax_scale=query.shape[-1] ** -0.5, causal=True, block_table=table, fa_version=3)
+
+    def bf16_store(self, keys, values, key_cache, value_cache, slots):
+        """vLLM's store into its paged bf16 cache, as its FlashAttention backend calls it."""
+        scale = torch.ones(1, dtype=torch.float32, device="cuda")
+        return lambda: self.reshape_and_cache_flash(keys, values, key_cache, value_cache, slots, "auto", scale, scale)
 
     def fa3_extend(self, query, key_cache, value_cache, table, seq_lens, chunk, context):
         cu_q = torch.tensor([0, chunk], dtype=torch.int32, device="cuda")
@@ -211,6 +219,43 @@ def decode_cell(baselines: Baselines, shape: dict, batch: int, context: int, pre
             cell["vllm_tq"] = {"preset": vllm_preset, "ms": ms, "bytes": tq_bytes, "gbs": tq_bytes / ms / 1e6}
             cell["speedup_vs_vllm_tq"] = ms / cell["ours"]["ms"]
             del tq_cache
+    torch.cuda.empty_cache()
+    return cell
+
+
+def step_cell(baselines: Baselines, shape: dict, batch: int, context: int, table_tokens: int) -> dict:
+    """One decode step's attention at k4v4: each sequence's newest token stored at position context − 1,
+    then its query attends to all `context` keys (see the module docstring)."""
+    num_q_heads, num_kv_heads, head_dim = shape["num_q_heads"], shape["num_kv_heads"], shape["head_dim"]
+    codec = KernelCodec.from_config(TurboQuantConfig.from_preset("k4v4"), head_dim, num_kv_heads, BLOCK_SIZE,
+                                    device="cuda")
+    table, seq_lens, num_blocks = block_table_for(batch, context, table_tokens)
+    last = seq_lens.long() - 1
+    slots = table.gather(1, (last // BLOCK_SIZE)[:, None]).squeeze(1).long() * BLOCK_SIZE + last % BLOCK_SIZE
+    query = torch.randn(batch, num_q_heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    keys = torch.randn(batch, num_kv_heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    values = torch.randn_like(keys)
+    out = torch.empty_like(query)
+    cache = random_compressed_cache(codec, num_blocks)
+
+    def ours():
+        rotated = compress_store(keys, values, slots, cache, codec, queries=query)
+        paged_decode_attention(rotated, cache, codec, table, seq_lens, head_dim**-0.5, out=out, query_rotated=True)
+    cell = {"shape": shape["name"], "batch": batch, "context": context, "preset": "k4v4",
+            "table_tokens": table.shape[1] * BLOCK_SIZE, "ours_ms": graph_time_ms(ours)}
+    del cache
+    if baselines.error is None:
+        key_cache = torch.randn(num_blocks, BLOCK_SIZE, num_kv_heads, head_dim, device="cuda", dtype=torch.bfloat16)
+        value_cache = torch.randn_like(key_cache)
+        store = baselines.bf16_store(keys, values, key_cache, value_cache, slots)
+        attend = baselines.fa3_decode(query, key_cache, value_cache, table, seq_lens, context)
+
+        def bf16():
+            store()
+            attend()
+        cell["bf16_ms"] = graph_time_ms(bf16)
+        cell["speedup_vs_bf16"] = cell["bf16_ms"] / cell["ours_ms"]
+        del key_cache, value_cache
     torch.cuda.empty_cache()
     return cell
 
@@ -339,6 +384,13 @@ def markdown(result: dict) -> str:
         lines.append(f"| {c['shape']} | {c['prefix']} | {c['chunk']} | {c['ours_ms']:.3f} | "
                      f"{c.get('fa3_bf16_ms', nan):.3f} | {c.get('ratio_to_fa3', nan):.2f} | {c.get('gather_ms', nan):.3f} | "
                      f"{c.get('gather_fa3_ms', nan):.3f} | {c.get('gather_fa3_ratio_to_fa3', nan):.2f} |")
+    if result.get("step"):
+        lines += ["", "Decode step (store + attention, as the vLLM backends launch them; see the module docstring), "
+                  "k4v4, ms:", "", "| step: shape | batch | context | ours ms | bf16 (store + FA3) ms | vs bf16 |",
+                  "|---|---:|---:|---:|---:|---:|"]
+    for c in result.get("step", []):
+        lines.append(f"| {c['shape']} | {c['batch']} | {c['context']} | {c['ours_ms']:.4f} | "
+                     f"{c.get('bf16_ms', nan):.4f} | {c.get('speedup_vs_bf16', nan):.2f}x |")
     if result["store"]:
         lines += ["", "Store: 'ms, 64-column blocks' times the same call with the rotation always in 64-column "
                   "blocks (`store.ONE_BLOCK_MAX_TOKENS` = 0), as every store ran before decode steps took one "
@@ -366,11 +418,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="benchmarks/results/kernels-h100.json")
     parser.add_argument("--quick", action="store_true", help="a few cells only (smoke run)")
-    parser.add_argument("--grid", help="decode: only Llama-3.1-8B k4v4 at these batches x contexts, e.g. 1,8x1024,4096")
+    parser.add_argument("--grid", help="decode and step: only Llama-3.1-8B k4v4 at these batches x contexts, "
+                                       "e.g. 1,8x1024,4096")
     parser.add_argument("--table-tokens", type=int, default=0,
-                        help="decode: block tables this many tokens wide, as vLLM's are (its max_model_len), so that "
-                             "ours picks its kernel and split count as it does in vLLM (default: the context)")
-    parser.add_argument("--only", choices=("decode", "extend", "store"), action="append",
+                        help="decode and step: block tables this many tokens wide, as vLLM's are (its "
+                             "max_model_len), so that ours picks its kernel and split count as it does in vLLM "
+                             "(default: the context)")
+    parser.add_argument("--only", choices=("decode", "extend", "store", "step"), action="append",
                         help="run only these sections (repeatable; default: all)")
     parser.add_argument("--table", default=None, help="print the markdown table of a saved JSON and exit")
     args = parser.parse_args()
@@ -385,9 +439,9 @@ def main() -> int:
     result = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
               "torch": torch.__version__, "triton": triton.__version__, "block_size": BLOCK_SIZE,
               "baselines": baselines.error or "vLLM FA3 (vllm_flash_attn) and triton_turboquant_decode_attention",
-              "copy_gbs": copy_bandwidth_gbs(), "decode": [], "extend": [], "store": []}
+              "copy_gbs": copy_bandwidth_gbs(), "decode": [], "extend": [], "store": [], "step": []}
     print(f"copy bandwidth {result['copy_gbs']:.0f} GB/s; baselines: {result['baselines']}", flush=True)
-    sections = set(args.only or ("decode", "extend", "store"))
+    sections = set(args.only or ("decode", "extend", "store", "step"))
     batches, contexts = ((8, 32), (1024, 16384)) if args.quick else ((1, 8, 32, 64), (1024, 4096, 16384, 32768, 131072))
     if args.grid:
         batches, contexts = (tuple(map(int, part.split(","))) for part in args.grid.split("x"))
@@ -407,6 +461,10 @@ def main() -> int:
         result["extend"] = extend_cells(baselines, LLAMA_8B, 16384, [64, 128, 512, 2048])
     if "store" in sections:
         result["store"] = store_cells(LLAMA_8B)
+    for batch, context in [(b, c) for b in batches for c in contexts] if "step" in sections else []:
+        if fits(LLAMA_8B, batch, context):
+            result["step"].append(step_cell(baselines, LLAMA_8B, batch, context, args.table_tokens))
+            print(json.dumps(result["step"][-1]), flush=True)
     save(result, args.out)
     print(markdown(result))
     return 0
