@@ -99,6 +99,12 @@ def random_compressed_cache(codec: KernelCodec, num_blocks: int) -> torch.Tensor
     return cache
 
 
+def random_bf16_cache(num_blocks: int, num_kv_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Paged bf16 key and value caches [blocks, BLOCK_SIZE, kv_heads, head_dim], as vLLM's FA backend holds them."""
+    key_cache = torch.randn(num_blocks, BLOCK_SIZE, num_kv_heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    return key_cache, torch.randn_like(key_cache)
+
+
 class Baselines:
     """vLLM's FA3 and TurboQuant kernels, when vLLM is importable."""
 
@@ -205,8 +211,7 @@ def decode_cell(baselines: Baselines, shape: dict, batch: int, context: int, pre
     del cache
 
     if baselines.error is None:
-        key_cache = torch.randn(num_blocks, BLOCK_SIZE, num_kv_heads, head_dim, device="cuda", dtype=torch.bfloat16)
-        value_cache = torch.randn_like(key_cache)
+        key_cache, value_cache = random_bf16_cache(num_blocks, num_kv_heads, head_dim)
         ms = graph_time_ms(baselines.fa3_decode(query, key_cache, value_cache, table, seq_lens, context))
         bf16_bytes = 2 * key_cache.numel() * 2 * tokens // (num_blocks * BLOCK_SIZE)
         cell["fa3_bf16"] = {"ms": ms, "bytes": bf16_bytes, "gbs": bf16_bytes / ms / 1e6}
@@ -245,8 +250,7 @@ def step_cell(baselines: Baselines, shape: dict, batch: int, context: int, table
             "table_tokens": table.shape[1] * BLOCK_SIZE, "ours_ms": graph_time_ms(ours)}
     del cache
     if baselines.error is None:
-        key_cache = torch.randn(num_blocks, BLOCK_SIZE, num_kv_heads, head_dim, device="cuda", dtype=torch.bfloat16)
-        value_cache = torch.randn_like(key_cache)
+        key_cache, value_cache = random_bf16_cache(num_blocks, num_kv_heads, head_dim)
         store = baselines.bf16_store(keys, values, key_cache, value_cache, slots)
         attend = baselines.fa3_decode(query, key_cache, value_cache, table, seq_lens, context)
 
@@ -327,8 +331,7 @@ def extend_cells(baselines: Baselines, shape: dict, prefix: int, chunks: list[in
                 gather()
                 attend()
             cell["gather_fa3_ms"] = graph_time_ms(gather_then_attend)
-            key_cache = torch.randn(num_blocks, BLOCK_SIZE, num_kv_heads, head_dim, device="cuda", dtype=torch.bfloat16)
-            value_cache = torch.randn_like(key_cache)
+            key_cache, value_cache = random_bf16_cache(num_blocks, num_kv_heads, head_dim)
             cell["fa3_bf16_ms"] = graph_time_ms(
                 baselines.fa3_extend(query, key_cache, value_cache, table, seq_lens, chunk, context))
             cell["ratio_to_fa3"] = ms / cell["fa3_bf16_ms"]
@@ -349,7 +352,8 @@ def markdown(result: dict) -> str:
     nan = float("nan")
     lines = [f"Device: {result['device']}, {result['date']}; copy bandwidth {result['copy_gbs']:.0f} GB/s "
              f"(read + write). Times per call (CUDA graph), ms."]
-    widths = {c.get("table_tokens", c["context"]) for c in result["decode"] if c.get("table_tokens", 0) > c["context"]}
+    widths = {c["table_tokens"] for c in result["decode"] + result.get("step", [])
+              if c.get("table_tokens", 0) > c["context"]}
     if widths:
         lines += ["", f"Decode block tables {', '.join(map(str, sorted(widths)))} tokens wide, as vLLM's are at that "
                   "max_model_len (`--table-tokens`): each engine is given vLLM's table, and ours picks its split "
@@ -461,7 +465,9 @@ def main() -> int:
         result["extend"] = extend_cells(baselines, LLAMA_8B, 16384, [64, 128, 512, 2048])
     if "store" in sections:
         result["store"] = store_cells(LLAMA_8B)
-    for batch, context in [(b, c) for b in batches for c in contexts] if "step" in sections else []:
+    # a step's store and launches matter where attention is short: the grid's contexts, else 1K and 16K
+    step_contexts = contexts if args.grid or args.quick else (1024, 16384)
+    for batch, context in [(b, c) for b in batches for c in step_contexts] if "step" in sections else []:
         if fits(LLAMA_8B, batch, context):
             result["step"].append(step_cell(baselines, LLAMA_8B, batch, context, args.table_tokens))
             print(json.dumps(result["step"][-1]), flush=True)

@@ -366,14 +366,15 @@ def paged_decode_attention(query: torch.Tensor, cache: torch.Tensor, codec: Kern
     # waits for it only before reading its output, which hides launch gaps that dominate a short call
     # (H200, b1 x 1K: 0.014 → 0.012 ms). At batch 8 and 64 the same chaining measured 1–17% slower
     # (`benchmarks/kernels.py`, ours vs ours unchained), so larger batches launch one after another.
-    chained = batch == 1 and min_span is None and not query_rotated and programmatic_launch_available(cache.device)
+    pdl = programmatic_launch_available(cache.device)
+    chained = batch == 1 and min_span is None and not query_rotated and pdl
     rotated_query = query if query_rotated else rotate(query, codec, launch_dependents=chained)
     partial_out = torch.empty(batch, num_q_heads, num_splits, pad, device=cache.device, dtype=torch.float32)
     partial_lse = torch.empty(batch, num_q_heads, num_splits, device=cache.device, dtype=torch.float32)
     # Where both split kernels are launched, the fragment kernel starts while the Triton one runs: a call
     # mostly gives all its sequences to one of them, and the other's programs, which only skip, then cost
     # no launch gap of their own (H200, b32 x 1K in 33K-token tables: kernels-decode-h200-overlap.md).
-    overlapped = bool(triton_splits) and min_span is not None and programmatic_launch_available(cache.device)
+    overlapped = bool(triton_splits) and min_span is not None and pdl
     if triton_splits:
         launch_triton_split(rotated_query, cache, codec, block_table, seq_lens, key_starts, partial_out, partial_lse,
                             scale, softcap, sliding_window, triton_splits,
