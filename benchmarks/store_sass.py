@@ -40,7 +40,7 @@ def compile_store(head_dim: int, bits: int, rows: int, columns: int, rotation: s
     constants = page_constants(codec.layout) | dict(
         GROUP=4, NORM_CORRECTION=True, ROWS=rows, PART_SCALE=PART_SCALE_BF16, SIGN_SCALE=codec.rotation_sign_scale,
         KEY_COORDS=packed.coords, KEY_GROUP_BYTES=packed.group_bytes, VALUE_COORDS=packed.coords,
-        VALUE_GROUP_BYTES=packed.group_bytes, COLUMNS=columns)
+        VALUE_GROUP_BYTES=packed.group_bytes, COLUMNS=columns, LAUNCH_DEPENDENTS=False)
     pointers = POINTERS | (dict(rotation_ptr="*i8") if rotation == "signs" else {})
     signature = {name: pointers.get(name, "constexpr" if name in constants else "i32") for name in names}
     constants = {name: constants[name] for name in names if name in constants}

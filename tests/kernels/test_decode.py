@@ -4,6 +4,7 @@ import torch
 from turboquant.kernels.decode import launch_triton_split, paged_decode_attention, reduce_splits
 from turboquant.kernels.reference import decode_reference
 from turboquant.kernels.rotate import rotate
+from turboquant.kernels.store import compress_store
 
 from .paged import filled_cache, make_codec
 
@@ -16,6 +17,7 @@ CASES = [
 # Scores and the value sum multiply fp16 operands (q and the levels, 11-bit significands) with fp32
 # accumulation; on O(1) outputs that is a few 1e-4, so 4e-3 leaves room without hiding a wrong level.
 TOLERANCE = dict(atol=4e-3, rtol=4e-3)
+GPU_ONLY = pytest.mark.skipif(not torch.cuda.is_available(), reason="too long for the interpreter")
 
 
 @pytest.mark.parametrize("head_dim,key_bits,value_bits,block_size,num_q_heads,num_kv_heads", CASES)
@@ -88,6 +90,37 @@ def test_a_query_rotated_beforehand_gives_the_same_output(device, generator):
     paged_decode_attention(rotate(query, codec), cache, codec, block_table, lengths, 128**-0.5, out=out,
                            query_rotated=True)
     assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("seq_lens, num_kv_heads", [
+    ([300], 2), ([150, 1, 64, 0], 2),
+    # on a GPU, both split kernels (as in test_decode_fragments), then the fragment kernel's sequences only
+    pytest.param([9000, 50, 8192, 8191, 0, 1, 300, 12000], 8, marks=GPU_ONLY),
+    pytest.param([9000, 8192, 12000, 16000, 8500, 8193, 9999, 10000], 8, marks=GPU_ONLY)])
+def test_a_decode_step_chained_to_its_store(seq_lens, num_kv_heads, device, generator):
+    """A decode step as the vLLM backend launches it: the store writes each sequence's newest key and
+    rotates the queries, and the split kernel (and, in the long batches on a GPU, the fragment kernel after
+    it) starts while the store runs (programmatic dependent launch; plain launches on the CPU). It must
+    read the keys and the query the store wrote: the output is the unchained step's, bit for bit. Where
+    every sequence is long, all the Triton kernel's programs only skip, and the fragment kernel must still
+    not start before the store is done."""
+    codec = make_codec(128, 4, 4, num_kv_heads, 16, device)
+    cache, block_table = filled_cache(codec, seq_lens, generator, device)
+    lengths = torch.tensor(seq_lens, dtype=torch.int32, device=device)
+    newest = (lengths - 1).clamp(min=0).long()
+    slots = block_table.gather(1, newest[:, None] // 16)[:, 0] * 16 + newest % 16
+    slots = torch.where(lengths > 0, slots, -1).to(torch.int32)
+    keys, values = (torch.randn(len(seq_lens), num_kv_heads, 128, generator=generator).to(device, torch.bfloat16)
+                    for _ in range(2))
+    query = torch.randn(len(seq_lens), 4 * num_kv_heads, 128, generator=generator).to(device, torch.bfloat16)
+    outs = []
+    for chained in (True, False):
+        rotated = compress_store(keys, values, slots, cache, codec, queries=query, launch_dependents=chained)
+        outs.append(paged_decode_attention(rotated, cache, codec, block_table, lengths, 128**-0.5,
+                                           query_rotated=True, after_store=chained).float())
+    expected = decode_reference(query, cache, codec, block_table, lengths, 128**-0.5)
+    torch.testing.assert_close(outs[0], expected, atol=2e-2, rtol=2e-2)  # bf16 output rounding
+    assert torch.equal(outs[0], outs[1])
 
 
 def test_decode_empty_sequence_and_bf16_query(device, generator):

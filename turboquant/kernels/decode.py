@@ -70,13 +70,20 @@ def _decode_split_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     KEY_BITS: tl.constexpr, KEY_BYTES: tl.constexpr, KEY_LUT: tl.constexpr, VALUE_BITS: tl.constexpr,
     VALUE_BYTES: tl.constexpr, VALUE_LUT: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr,
-    USE_STARTS: tl.constexpr, TILE: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr, WAIT_FOR_QUERY: tl.constexpr,
+    USE_STARTS: tl.constexpr, TILE: tl.constexpr, REDUCTION_NEXT: tl.constexpr, FRAGMENTS_NEXT: tl.constexpr,
+    WAIT_FOR_QUERY: tl.constexpr,
 ):
-    if LAUNCH_DEPENDENTS:  # the launch after it (the reduction, or the fragment kernel) may start now
+    if REDUCTION_NEXT:  # the reduction, launched programmatically next, waits for this grid to end: start it now
         gdc_launch_dependents()
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
     first = first_visible_key(seq_len, seq, key_starts_ptr, sliding_window, USE_WINDOW, USE_STARTS)
+    # Launched programmatically after the launch that wrote the query (and the step's keys): wait for it
+    # before reading them, and before returning, as a program's return lets the fragment kernel start too.
+    if WAIT_FOR_QUERY:
+        gdc_wait()
+    if FRAGMENTS_NEXT:  # the fragment kernel reads the query without waiting: let it start once the query is there
+        gdc_launch_dependents()
     if (seq_len - first < min_span) | (seq_len - first > max_span):  # the fragment kernel's sequence
         return
     per_split = tl.cdiv(tl.cdiv(seq_len - first, NUM_SPLITS), TILE) * TILE
@@ -86,8 +93,6 @@ def _decode_split_kernel(
     group = tl.arange(0, GROUP_PAD)
     heads = kv_head * GROUP + group
     dims = tl.arange(0, HEAD_DIM_PAD)
-    if WAIT_FOR_QUERY:  # launched programmatically after the query rotation, whose output it reads
-        gdc_wait()
     query = tl.load(query_ptr + seq * stride_query_seq + heads[:, None] * stride_query_head + dims[None, :],
                     mask=(group < GROUP)[:, None] & (dims < HEAD_DIM)[None, :], other=0.0)
     query = (query * scale).to(tl.float16)
@@ -267,11 +272,12 @@ def launch_triton_split(rotated_query: torch.Tensor, cache: torch.Tensor, codec:
                         block_table: torch.Tensor, seq_lens: torch.Tensor, key_starts: torch.Tensor | None,
                         partial_out: torch.Tensor, partial_lse: torch.Tensor, scale: float, softcap: float | None,
                         sliding_window: int | None, num_splits: int, min_span: int = 0, max_span: int = ANY_SPAN,
-                        chained: bool = False, fragments_next: bool = False) -> None:
+                        chained: bool = False, fragments_next: bool = False, after_store: bool = False) -> None:
     """Fill the partials [batch, Hq, S(, D_pad)] of the sequences whose visible keys number min_span …
     max_span, each cut into `num_splits` (a divisor of S) splits; their slots past those read empty.
     `chained`: launched programmatically after the query's rotation, and the reduction after it so;
-    `fragments_next`: the fragment kernel is launched programmatically after it."""
+    `fragments_next`: the fragment kernel is launched programmatically after it; `after_store`: launched
+    programmatically after the store that wrote the query and the step's keys."""
     layout = codec.layout
     batch, num_q_heads, partial_splits = partial_lse.shape
     if partial_splits % num_splits:
@@ -286,8 +292,8 @@ def launch_triton_split(rotated_query: torch.Tensor, cache: torch.Tensor, codec:
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), NUM_SPLITS=num_splits,
         PARTIAL_SPLITS=partial_splits, **page_constants(layout), **lookups,
         USE_SOFTCAP=softcap is not None, USE_WINDOW=sliding_window is not None, USE_STARTS=key_starts is not None,
-        LAUNCH_DEPENDENTS=chained or fragments_next, WAIT_FOR_QUERY=chained, **triton_split_launch(codec, lookups),
-        **programmatic_launch(chained),
+        REDUCTION_NEXT=chained, FRAGMENTS_NEXT=fragments_next, WAIT_FOR_QUERY=chained or after_store,
+        **triton_split_launch(codec, lookups), **programmatic_launch(chained or after_store),
     )
 
 
@@ -303,7 +309,8 @@ def paged_decode_attention(query: torch.Tensor, cache: torch.Tensor, codec: Kern
                            softcap: float | None = None, num_splits: int | None = None,
                            key_starts: torch.Tensor | None = None, return_lse: bool = False,
                            out: torch.Tensor | None = None, fragments: bool | None = None,
-                           query_rotated: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                           query_rotated: bool = False,
+                           after_store: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """query [batch, num_q_heads, head_dim] (the token at position seq_len − 1 of each sequence) →
     attention output of the same shape and dtype. block_table int32 [batch, max_blocks], seq_lens int32
     [batch]. A CUDA graph must fix `num_splits` (the default depends only on shapes, not on values).
@@ -314,7 +321,9 @@ def paged_decode_attention(query: torch.Tensor, cache: torch.Tensor, codec: Kern
     True the fragment kernel (`decode_fragments.py`; ValueError where it cannot serve the layer), False
     the Triton one, None each sequence's by its length (`fragment_min_span`). `query_rotated`: the query
     is already rotated (x @ Rᵀ, e.g. by `compress_store(..., queries=)` in the launch that stored the step's
-    keys), so this call launches no rotation of its own."""
+    keys), so this call launches no rotation of its own. `after_store`: that store is the launch just
+    before this call and let its dependents start (`launch_dependents=True`): the split kernel starts
+    while it runs and waits for it before reading the query and the cache."""
     layout = codec.layout
     layout.check_cache(cache)
     check_codec_device(codec, cache)
@@ -367,7 +376,8 @@ def paged_decode_attention(query: torch.Tensor, cache: torch.Tensor, codec: Kern
     # (H200, b1 x 1K: 0.014 → 0.012 ms). At batch 8 and 64 the same chaining measured 1–17% slower
     # (`benchmarks/kernels.py`, ours vs ours unchained), so larger batches launch one after another.
     pdl = programmatic_launch_available(cache.device)
-    chained = batch == 1 and min_span is None and not query_rotated and pdl
+    after_store = after_store and query_rotated and triton_splits > 0 and pdl
+    chained = batch == 1 and min_span is None and (after_store or not query_rotated) and pdl
     rotated_query = query if query_rotated else rotate(query, codec, launch_dependents=chained)
     partial_out = torch.empty(batch, num_q_heads, num_splits, pad, device=cache.device, dtype=torch.float32)
     partial_lse = torch.empty(batch, num_q_heads, num_splits, device=cache.device, dtype=torch.float32)
@@ -379,7 +389,7 @@ def paged_decode_attention(query: torch.Tensor, cache: torch.Tensor, codec: Kern
         launch_triton_split(rotated_query, cache, codec, block_table, seq_lens, key_starts, partial_out, partial_lse,
                             scale, softcap, sliding_window, triton_splits,
                             max_span=ANY_SPAN if min_span is None else min_span - 1, chained=chained,
-                            fragments_next=overlapped)
+                            fragments_next=overlapped, after_store=after_store)
     if min_span is not None:
         decode_fragments.launch_split(rotated_query, cache, codec, block_table, seq_lens, key_starts, partial_out,
                                       partial_lse, scale, softcap, sliding_window, min_span, after_split=overlapped)

@@ -8,9 +8,11 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents
 
 from .codec import KernelCodec, PackedBits
-from .launch import check_codec_device, check_device_tensor, check_kv, head_dim_pad, page_constants
+from .launch import (check_codec_device, check_device_tensor, check_kv, head_dim_pad, page_constants,
+                     programmatic_launch_available)
 from .packed_tile import store_indices
 from .rotate import load_head_rows, rotated_columns, rotation_columns, rotation_operand, store_rotated_block
 
@@ -98,8 +100,10 @@ def _compress_store_kernel(
     KEY_BITS: tl.constexpr, KEY_COORDS: tl.constexpr, KEY_GROUP_BYTES: tl.constexpr, KEY_BYTES: tl.constexpr,
     VALUE_BITS: tl.constexpr, VALUE_COORDS: tl.constexpr, VALUE_GROUP_BYTES: tl.constexpr,
     VALUE_BYTES: tl.constexpr, PART_SCALE: tl.constexpr, SIGN_SCALE: tl.constexpr, COLUMNS: tl.constexpr,
-    ROWS: tl.constexpr,
+    ROWS: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr,
 ):
+    if LAUNCH_DEPENDENTS:  # the decode launched next may start now; it waits for this one before reading
+        gdc_launch_dependents()
     tile, head, role = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     tokens = tile * ROWS + tl.arange(0, ROWS)
     if role >= 2:  # query head head · GROUP + role − 2 of the first num_query_tokens tokens: rotated only
@@ -146,14 +150,16 @@ def store_columns(head_dim_pad: int, part_scale: float, num_tokens: int | None) 
 
 def compress_store(keys: torch.Tensor, values: torch.Tensor, slot_mapping: torch.Tensor, cache: torch.Tensor,
                    codec: KernelCodec, fixed_tile: bool = False, queries: torch.Tensor | None = None,
-                   rotated_queries: torch.Tensor | None = None) -> torch.Tensor | None:
+                   rotated_queries: torch.Tensor | None = None, launch_dependents: bool = False) -> torch.Tensor | None:
     """Write keys/values [tokens, kv_heads, head_dim] (fp16/bf16/fp32) into `cache` at slot_mapping[i]
     (int32/int64 [tokens], block · block_size + offset; negative = skip). `fixed_tile`: one tile height
     whatever the token count, so that a token's codes do not depend on how many were stored with it (a
     GPU's matmul may round a row differently in a taller tile; vLLM's batch-invariant mode needs this).
     `queries` [query tokens ≤ tokens, q_heads, head_dim] (the keys' dtype): also rotated in the same launch,
     as `rotate.rotate` does, into `rotated_queries` (fp32, their shape; allocated when None), which is
-    returned: what `paged_decode_attention(..., query_rotated=True)` reads. One launch fewer per decode step."""
+    returned: what `paged_decode_attention(..., query_rotated=True)` reads. One launch fewer per decode step.
+    `launch_dependents`: the decode launched next by programmatic dependent launch may start while this
+    one runs (`paged_decode_attention(..., after_store=True)`)."""
     layout = codec.layout
     layout.check_cache(cache)
     check_codec_device(codec, cache)
@@ -194,5 +200,6 @@ def compress_store(keys: torch.Tensor, values: torch.Tensor, slot_mapping: torch
         KEY_COORDS=key_bits.coords, KEY_GROUP_BYTES=key_bits.group_bytes, VALUE_COORDS=value_bits.coords,
         VALUE_GROUP_BYTES=value_bits.group_bytes,
         COLUMNS=store_columns(head_dim_pad(layout.head_dim), part_scale, None if fixed_tile else num_tokens),
+        LAUNCH_DEPENDENTS=launch_dependents and programmatic_launch_available(cache.device),
     )
     return rotated_queries

@@ -254,7 +254,8 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
             return output
         # the tokens that attend as decode queries over the cache: decode steps, and short chunks' tokens
         decode_queries = num_tokens if meta.prefill_route == "decode" else decode_tokens
-        rotated = self._store(key, value, kv_cache, codec, meta, query[:decode_queries])
+        # the first decode launch starts while the store runs (programmatic dependent launch)
+        rotated = self._store(key, value, kv_cache, codec, meta, query[:decode_queries], bool(decode_queries))
         queries = query if rotated is None else rotated
         if decodes:
             # The kernel's launches depend only on shapes (batch, block-table width), so a captured CUDA
@@ -262,19 +263,19 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
             paged_decode_attention(
                 queries[:decode_tokens], kv_cache, codec, meta.block_table[:decodes], meta.seq_lens[:decodes],
                 self.scale, self.sliding_window, self.softcap, out=output[:decode_tokens],
-                query_rotated=rotated is not None)
+                query_rotated=rotated is not None, after_store=True)
         if meta.num_prefills:
             rows = slice(decode_tokens, num_tokens)
             if meta.prefill_route == "decode":
                 paged_decode_attention(queries[rows], kv_cache, codec, meta.chunk_block_table, meta.chunk_seq_lens,
                                        self.scale, self.sliding_window, self.softcap, out=output[rows],
-                                       query_rotated=rotated is not None)
+                                       query_rotated=rotated is not None, after_store=not decodes)
             else:
                 self._prefill(query[rows], key[rows], value[rows], kv_cache, codec, meta, output[rows])
         return output
 
-    def _store(self, key, value, kv_cache, codec, meta: TurboQuantMetadata,
-               queries: torch.Tensor | None) -> torch.Tensor | None:
+    def _store(self, key, value, kv_cache, codec, meta: TurboQuantMetadata, queries: torch.Tensor | None,
+               launch_dependents: bool = False) -> torch.Tensor | None:
         """Compress the step's keys and values into the cache, and rotate `queries` in the same launch
         (returned fp32; None where this layer stores nothing: it reads the cache of an earlier layer)."""
         if self.kv_sharing_target_layer_name is not None or key is None:
@@ -282,7 +283,8 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
         num_slots = meta.slot_mapping.shape[0]
         return compress_store(key[:num_slots], value[:num_slots], meta.slot_mapping, kv_cache, codec,
                               fixed_tile=envs.VLLM_BATCH_INVARIANT,
-                              queries=queries if queries is not None and queries.shape[0] else None)
+                              queries=queries if queries is not None and queries.shape[0] else None,
+                              launch_dependents=launch_dependents)
 
     def _prefill(self, query, key, value, kv_cache, codec, meta: TurboQuantMetadata, out: torch.Tensor) -> None:
         route = meta.prefill_route
