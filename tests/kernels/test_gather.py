@@ -51,6 +51,17 @@ def test_gather_matches_reference(head_dim, key_bits, value_bits, block_size, nu
         assert bool((out_keys[untouched] == sentinel).all() and (out_values[untouched] == sentinel).all())
 
 
+def test_gather_of_an_empty_sequence_writes_nothing(device, generator):
+    """The vLLM backend compiles the kernel before serving by such a launch (`TurboQuantImpl._compile_gather`)."""
+    codec = make_codec(64, 4, 4, 2, 16, device)
+    cache, block_table = filled_cache(codec, [20], generator, device)
+    keys = torch.randn(3, 2, 64, generator=generator).to(device, torch.bfloat16)
+    zeros = torch.zeros(2, dtype=torch.int32, device=device)
+    out = torch.full((1, 2, 64), 123.0, dtype=torch.bfloat16, device=device)
+    gather_sequences(keys[:1], keys[:1], zeros, zeros[:1], cache, codec, block_table, zeros, 1, out, out)
+    assert bool((out == 123.0).all())
+
+
 def test_gather_rejects_bad_input(device, generator):
     codec = make_codec(64, 4, 4, 2, 16, device)
     cache, block_table = filled_cache(codec, [20], generator, device)
