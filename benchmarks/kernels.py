@@ -271,12 +271,12 @@ def fits(shape: dict, batch: int, context: int) -> bool:
     return bf16_bytes < 0.6 * torch.cuda.get_device_properties(0).total_memory
 
 
-def store_cells(shape: dict) -> list[dict]:
+def store_cells(baselines: Baselines, shape: dict) -> list[dict]:
     out = []
     for preset in ("k4v4", "k3v3", "k8v4"):
         codec = KernelCodec.from_config(TurboQuantConfig.from_preset(preset), shape["head_dim"], shape["num_kv_heads"],
                                         BLOCK_SIZE, device="cuda")
-        for tokens in (1, 32, 128, 512, 2048):
+        for tokens in (1, 32, 128, 512, 2048, 8192):
             cache = codec.layout.allocate(math.ceil(tokens / BLOCK_SIZE) + 1, "cuda")
             keys = torch.randn(tokens, shape["num_kv_heads"], shape["head_dim"], device="cuda", dtype=torch.bfloat16)
             values = torch.randn_like(keys)
@@ -286,6 +286,15 @@ def store_cells(shape: dict) -> list[dict]:
                     "us_per_token": 1000 * ms / tokens}
             with mock.patch.object(store_module, "ONE_BLOCK_MAX_TOKENS", 0):  # two 64-column rotation blocks
                 cell["columns_64_ms"] = graph_time_ms(lambda: compress_store(keys, values, slots, cache, codec))
+            if tokens > store_module.SHORT_TILE_MAX_TOKENS:  # a prefill chunk's store in a decode step's tiles
+                with mock.patch.object(store_module, "SHORT_TILE_MAX_TOKENS", tokens):
+                    cell["rows_16_ms"] = graph_time_ms(lambda: compress_store(keys, values, slots, cache, codec))
+            if baselines.error is None and preset == "k4v4":  # vLLM's bf16 store of the same tokens
+                key_cache, value_cache = random_bf16_cache(math.ceil(tokens / BLOCK_SIZE) + 1, shape["num_kv_heads"],
+                                                           shape["head_dim"])
+                cell["bf16_store_ms"] = graph_time_ms(baselines.bf16_store(keys, values, key_cache, value_cache,
+                                                                           slots.long()))
+                del key_cache, value_cache
             dense = dense_rotation(codec) if codec.rotation_signs is not None else None
             if dense is not None:
                 cell["dense_rotation_ms"] = graph_time_ms(lambda: compress_store(keys, values, slots, cache, dense))
@@ -403,13 +412,17 @@ def markdown(result: dict) -> str:
         lines += ["", "Store: 'ms, 64-column blocks' times the same call with the rotation always in 64-column "
                   "blocks (`store.ONE_BLOCK_MAX_TOKENS` = 0), as every store ran before decode steps took one "
                   "block; 'dense R' the same call with its Hadamard rotation taken as dense (three dots with R's "
-                  "16-bit parts, not one with its sign matrix: `dense_rotation`).", "",
-                  "| store: shape | preset | tokens | ms | ms, 64-column blocks | ms, dense R | µs/token "
-                  "| ms, queries rotated in it | same, dense R | queries rotated alone ms |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "16-bit parts, not one with its sign matrix: `dense_rotation`); 'ms, 16-row tiles' a prefill "
+                  "chunk's store in a decode step's tile height (`store.SHORT_TILE_MAX_TOKENS`); 'bf16 store' "
+                  "vLLM's `reshape_and_cache_flash` of the same tokens into a paged bf16 cache.", "",
+                  "| store: shape | preset | tokens | ms | ms, 64-column blocks | ms, dense R | ms, 16-row tiles "
+                  "| bf16 store ms | µs/token | ms, queries rotated in it | same, dense R "
+                  "| queries rotated alone ms |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for c in result["store"]:
         lines.append(f"| {c['shape']} | {c['preset']} | {c['tokens']} | {c['ms']:.4f} | "
                      f"{c.get('columns_64_ms', nan):.4f} | {c.get('dense_rotation_ms', nan):.4f} | "
+                     f"{c.get('rows_16_ms', nan):.4f} | {c.get('bf16_store_ms', nan):.4f} | "
                      f"{c['us_per_token']:.4f} | {c.get('with_queries_ms', nan):.4f} | "
                      f"{c.get('dense_rotation_with_queries_ms', nan):.4f} | {c.get('rotate_queries_ms', nan):.4f} |")
     return "\n".join(lines)
@@ -468,7 +481,7 @@ def main() -> int:
     if "extend" in sections:
         result["extend"] = extend_cells(baselines, LLAMA_8B, 16384, [64, 128, 512, 2048])
     if "store" in sections:
-        result["store"] = store_cells(LLAMA_8B)
+        result["store"] = store_cells(baselines, LLAMA_8B)
     # a step's store and launches matter where attention is short: the grid's contexts, else 1K and 16K
     step_contexts = contexts if args.grid or args.quick else (1024, 16384)
     for batch, context in [(b, c) for b in batches for c in step_contexts] if "step" in sections else []:

@@ -138,6 +138,9 @@ def _compress_store_kernel(
 # spill at two of 3, 4 and 8 bits (sm_90, `benchmarks/store_sass.py` → store-sass.json); a probe found
 # no gain at 128 tokens.
 ONE_BLOCK_MAX_TOKENS = 64
+# Up to this many tokens a program stores 16 rows (more programs for a decode step's few tokens); above
+# it (prefill chunks) 64, which loads R a quarter as often.
+SHORT_TILE_MAX_TOKENS = 512
 
 
 def store_columns(head_dim_pad: int, part_scale: float, num_tokens: int | None) -> int:
@@ -182,8 +185,7 @@ def compress_store(keys: torch.Tensor, values: torch.Tensor, slot_mapping: torch
         group = queries.shape[1] // layout.num_kv_heads
     if num_tokens == 0:
         return rotated_queries
-    # decode steps: more programs; prefill: fewer rotation loads
-    rows = 16 if num_tokens <= 512 or fixed_tile else 64
+    rows = 16 if num_tokens <= SHORT_TILE_MAX_TOKENS or fixed_tile else 64
     grid = (triton.cdiv(num_tokens, rows), layout.num_kv_heads, 2 + group)
     key_bits, value_bits = PackedBits.of(layout.key_bits), PackedBits.of(layout.value_bits)
     rotation, part_scale, sign_scale = rotation_operand(codec, keys.dtype)
