@@ -54,9 +54,16 @@ def _quantize_block(x, inverse_norms, block, rotation_ptr, centroids_ptr, bounda
     unit = unit * inverse_norms[:, None]
     # Nearest level = number of decision boundaries below the value (torch.bucketize).
     indices = tl.zeros([ROWS, COLUMNS], dtype=tl.int32)
-    if BITS <= 4:  # count the ≤ 15 boundaries below: uniform loads, no gathers
-        for j in tl.static_range((1 << BITS) - 1):
-            indices += (unit > tl.load(boundaries_ptr + j)).to(tl.int32)
+    if BITS <= 4:
+        # The codebook is symmetric (boundary 2^(BITS-1) − 1 is 0, the others ± p): count the ≤ 7 positive
+        # boundaries p below |v|, uniform loads, no gathers. v > 0 takes level 2^(BITS-1) + #(p < v); v ≤ 0
+        # takes 2^(BITS-1) − 1 − #(p ≤ −v), counted as #(p < the next float above −v), as bucketize does.
+        positive = unit > 0.0
+        above = ((-unit).to(tl.int32, bitcast=True) + 1).to(tl.float32, bitcast=True)
+        magnitude = tl.where(positive, unit, above)
+        for j in tl.static_range(1 << (BITS - 1), (1 << BITS) - 1):
+            indices += (magnitude > tl.load(boundaries_ptr + j)).to(tl.int32)
+        indices = tl.where(positive, (1 << (BITS - 1)) + indices, (1 << (BITS - 1)) - 1 - indices)
     else:  # binary search over 255 boundaries
         for step in tl.static_range(BITS):
             candidate = indices + (1 << (BITS - 1 - step))
@@ -134,9 +141,9 @@ def _compress_store_kernel(
 # and dots. H200, d=128, 1 / 32 tokens, dense three-part rotations (`kernels-store-h200-columns.md`; with
 # a Hadamard rotation's one sign-matrix dot since, k4v4 takes 3.9 / 4.8 µs: `kernels-store-h200-signs.md`):
 # k4v4 6.3 / 6.3 → 5.4 / 5.6 µs, k3v3 5.9 / 6.2 → 5.0 / 5.2, k8v4 9.8 / 10.4 → 7.7 / 8.5. Longer calls
-# keep two blocks: with one, their 64-row tiles take 254–255 registers a thread, against 158–190, and
-# spill at two of 3, 4 and 8 bits (sm_90, `benchmarks/store_sass.py` → store-sass.json); a probe found
-# no gain at 128 tokens.
+# keep two blocks: with one, their 64-row tiles take 235–255 registers a thread, against 158–174, and
+# spill at 8 bits and at 3 bits with a dense rotation (sm_90, `benchmarks/store_sass.py` →
+# store-sass.json); a probe found no gain at 128 tokens.
 ONE_BLOCK_MAX_TOKENS = 64
 # Up to this many tokens a program stores 16 rows (more programs for a decode step's few tokens); above
 # it (prefill chunks) 64, which loads R a quarter as often.
