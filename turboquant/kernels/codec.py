@@ -82,6 +82,9 @@ class KernelCodec:
         value_quantizer = config.make_quantizer("value", head_dim, layer_idx)
         assert key_quantizer.rotation is value_quantizer.rotation  # one rotation per layer: q is rotated once
         key_book, value_book = key_quantizer.codebook, value_quantizer.codebook
+        for book in (key_book, value_book):  # the store counts positive boundaries only (store._quantize_block)
+            if not torch.equal(book.boundaries, -book.boundaries.flip(0)):
+                raise ValueError(f"the kernels need a codebook symmetric around 0 ({book.bits} bits, d={book.dim})")
         key_levels, value_levels = antisymmetric_fp16(key_book.centroids), antisymmetric_fp16(value_book.centroids)
         return cls(
             layout, key_quantizer, value_quantizer, **rotation_operands(key_quantizer.rotation.matrix(), device),
