@@ -151,3 +151,17 @@ def test_a_batch_of_first_chunks_has_no_prefix(backend):
     spec = SimpleNamespace(num_kv_heads=KV_HEADS, head_size=HEAD_DIM)
     meta = module.TurboQuantMetadataBuilder(spec, ["x"], config, "cpu").build(0, common)
     assert (meta.num_decodes, meta.num_prefills, meta.prefill_route, meta.prefill_max_query_len) == (0, 2, "flash", 7)
+
+
+@pytest.mark.parametrize("tokens", [3, 300])  # 300: the rotations' 64-row tiles too
+def test_compiling_the_prefill_kernels_before_serving_writes_nothing(backend, tokens):
+    """`_compile_prefill_kernels` launches the prefill routes' kernels over one empty sequence, on each
+    layer's first uncaptured call (the GPU; here called directly): the cache must come out as it went in."""
+    meta, _, _, _, _, ref = run_batch(backend, prefix=[40, 3], new=[1, 1])
+    impl = backend[0].TurboQuantImpl(HEADS, HEAD_DIM, HEAD_DIM ** -0.5, KV_HEADS)
+    device = ref.cache.device
+    query = torch.randn(tokens, HEADS, HEAD_DIM, device=device, dtype=torch.bfloat16)
+    keys = torch.randn(tokens, KV_HEADS, HEAD_DIM, device=device, dtype=torch.bfloat16)
+    before = ref.cache.clone()
+    impl._compile_prefill_kernels(query, keys, keys.clone(), ref.cache, ref.codec, meta)
+    assert torch.equal(ref.cache, before) and not impl.prefill_uncompiled

@@ -223,9 +223,9 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
         self.softcap = logits_soft_cap if logits_soft_cap else None
         self.fa_version = get_flash_attn_version(head_size=head_size) if flash_attn_varlen_func else None
         self.codec: KernelCodec | None = None
-        # prefill chunks may take the gather route: its kernel is compiled before serving (_compile_gather)
-        self.gather_uncompiled = self.fa_version is not None and engine_gathers(
+        self.gathers = self.fa_version is not None and engine_gathers(
             vllm_config.speculative_config is not None, vllm_config.parallel_config.use_ubatching)
+        self.prefill_uncompiled = True  # its Triton kernels are compiled before serving (_compile_prefill_kernels)
 
     def _codec(self, layer, kv_cache: torch.Tensor) -> KernelCodec:
         """Built on the first call, when the layer's name (its index, hence its bits) and cache are known."""
@@ -255,9 +255,9 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
                              self.scale, meta.max_query_len, self.sliding_window, self.softcap,
                              out=output[:num_tokens])
             return output
-        if self.gather_uncompiled and key is not None and kv_cache.is_cuda \
+        if self.prefill_uncompiled and key is not None and kv_cache.is_cuda \
                 and not torch.cuda.is_current_stream_capturing():
-            self._compile_gather(key, value, kv_cache, codec, meta)
+            self._compile_prefill_kernels(query, key, value, kv_cache, codec, meta)
         # the tokens that attend as decode queries over the cache: decode steps, and short chunks' tokens
         decode_queries = num_tokens if meta.prefill_route == "decode" else decode_tokens
         # the first decode launch starts while the store runs (programmatic dependent launch)
@@ -280,18 +280,26 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
                 self._prefill(query[rows], key[rows], value[rows], kv_cache, codec, meta, output[rows])
         return output
 
-    def _compile_gather(self, key, value, kv_cache, codec, meta: TurboQuantMetadata) -> None:
-        """Compile the gather kernel for this layer's tensors on its first uncaptured call (vLLM's dummy
-        runs before graph capture) by a launch over one empty sequence, which writes nothing. vLLM's kernel
-        warm-up has no hook for an attention backend, and its dummy batches never take the gather route:
-        the first long chunk after a cached prefix stalled serving for seconds of Triton compilation
-        (H200, b32 × 1024: 0.69x bf16's tok/s, vllm-throughput-h200-chained-fixed.md)."""
-        self.gather_uncompiled = False
+    def _compile_prefill_kernels(self, query, key, value, kv_cache, codec, meta: TurboQuantMetadata) -> None:
+        """Compile the Triton kernels of the prefill routes for this layer's tensors on its first uncaptured
+        call (vLLM's dummy runs before graph capture), by launches over one empty sequence, which write
+        nothing the step reads: the gather (where the engine gathers) and the fused extend kernel with its
+        rotations, at both of `rotate`'s tile heights where the call has more than 256 tokens. vLLM's kernel
+        warm-up has no hook for an attention backend, and its dummy batches take none of these routes: the
+        first long chunk after a cached prefix stalled serving for seconds of Triton compilation (H200,
+        b32 × 1024: 0.69x bf16's tok/s, vllm-throughput-h200-chained-fixed.md)."""
+        self.prefill_uncompiled = False
         zeros = torch.zeros(2, dtype=torch.int32, device=kv_cache.device)  # query_start, seq_lens, key_start
-        keys, values = (torch.empty(1, self.num_kv_heads, self.head_size, dtype=key.dtype, device=key.device)
-                        for _ in range(2))
-        gather_sequences(key[:1], value[:1], zeros, zeros[:1], kv_cache, codec, meta.block_table[:1], zeros, 1,
-                         keys, values)
+        table = meta.block_table[:1]
+        if self.gathers:
+            keys, values = (torch.empty(1, self.num_kv_heads, self.head_size, dtype=key.dtype, device=key.device)
+                            for _ in range(2))
+            gather_sequences(key[:1], value[:1], zeros, zeros[:1], kv_cache, codec, table, zeros, 1, keys, values)
+        for tokens in sorted({1, min(key.shape[0], 257)}):
+            extend_attention(query[:tokens], key[:tokens], value[:tokens], zeros, zeros[:1], kv_cache, codec, table,
+                             self.scale, 1, self.sliding_window, self.softcap,
+                             out=torch.empty(tokens, self.num_heads, self.head_size, dtype=query.dtype,
+                                             device=query.device))
 
     def _store(self, key, value, kv_cache, codec, meta: TurboQuantMetadata, queries: torch.Tensor | None,
                launch_dependents: bool = False) -> torch.Tensor | None:
