@@ -1,10 +1,11 @@
 """Split-count sweep of the decode split kernels (CUDA): Llama-3.1-8B attention (32 q heads, 8 kv heads,
 d=128), k4v4, page size 16, one CUDA-graph time per (batch, context, split count) for the fragment kernel
-(`paged_decode_attention(..., fragments=True)`) beside the Triton split kernel at its default. It chose
-`decode_fragments.default_num_splits` and `decode.FRAGMENT_MIN_WORK`.
+(`paged_decode_attention(..., fragments=True)`), or with `--kernel triton` the Triton split kernel,
+beside the Triton split kernel at its default. It chose `decode_fragments.default_num_splits` and
+`decode.FRAGMENT_MIN_WORK`; `--kernel triton` checks `decode.default_num_splits` where calls are short.
 
     python benchmarks/decode_splits.py [--out benchmarks/results/decode-splits-h200.json]
-        [--cells 8x16384,16x6144] [--splits 8,12,16,24,32]
+        [--cells 8x16384,16x6144] [--splits 8,12,16,24,32] [--kernel fragments|triton]
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ def main() -> int:
     parser.add_argument("--out", default="benchmarks/results/decode-splits-h200.json")
     parser.add_argument("--cells", default=CELLS, help="comma-separated BATCHxCONTEXT cells (default: %(default)s)")
     parser.add_argument("--splits", default=SPLITS, help="comma-separated split counts (default: %(default)s)")
+    parser.add_argument("--kernel", choices=("fragments", "triton"), default="fragments",
+                        help="the split kernel swept (default: %(default)s)")
     args = parser.parse_args()
     try:
         cells = [tuple(int(n) for n in cell.split("x")) for cell in args.cells.split(",")]
@@ -52,22 +55,25 @@ def main() -> int:
             lambda: paged_decode_attention(query, cache, codec, table, seq_lens, 128**-0.5, fragments=False))}
         for splits in split_counts:
             if context // splits >= 32:
-                row[f"fragments_{splits}_ms"] = graph_time_ms(lambda: paged_decode_attention(
-                    query, cache, codec, table, seq_lens, 128**-0.5, num_splits=splits, fragments=True))
-        best = min((ms, key) for key, ms in row.items() if key.startswith("fragments_"))
+                row[f"{args.kernel}_{splits}_ms"] = graph_time_ms(lambda: paged_decode_attention(
+                    query, cache, codec, table, seq_lens, 128**-0.5, num_splits=splits,
+                    fragments=args.kernel == "fragments"))
+        best = min((ms, key) for key, ms in row.items() if key.startswith(f"{args.kernel}_"))
         row["best_splits"], row["best_ms"] = int(best[1].split("_")[1]), best[0]
         print(json.dumps(row), flush=True)
         rows.append(row)
         del cache
         torch.cuda.empty_cache()
-    result = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(), "rows": rows}
+    result = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
+              "kernel": args.kernel, "rows": rows}
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     lines = [f"Device: {result['device']}, {result['date']}. Llama-3.1-8B attention, k4v4, page 16; ms per call "
-             "(CUDA graph). Fragment kernel at each split count; Triton split kernel at its default.", "",
+             f"(CUDA graph). {'Fragment' if args.kernel == 'fragments' else 'Triton split'} kernel at each split "
+             "count; Triton split kernel at its default.", "",
              "| batch | context | Triton ms | " + " | ".join(f"s={s}" for s in split_counts)
              + " | best |", "|---:|---:|---:|" + "---:|" * (len(split_counts) + 1)]
     for row in rows:
-        timings = " | ".join(f"{row[f'fragments_{s}_ms']:.4f}" if f"fragments_{s}_ms" in row else ""
+        timings = " | ".join(f"{row[f'{args.kernel}_{s}_ms']:.4f}" if f"{args.kernel}_{s}_ms" in row else ""
                              for s in split_counts)
         lines.append(f"| {row['batch']} | {row['context']} | {row['triton_ms']:.4f} | {timings} "
                      f"| {row['best_splits']} |")
