@@ -53,9 +53,13 @@ def rows() -> dict[str, dict]:
         for preset in ("k4v4", "k3v3"):
             table[f"{preset}-w{window}-s{sinks}-b1"] = dict(preset=preset, residual_window=window, sink_tokens=sinks,
                                                             boundary_layers=1, boundary_bits=8)
-    for preset in ("k4v4", "k3v3"):  # the vLLM backend's defaults exactly: '-w0' without centering
-        table[f"{preset}-w0-c0"] = dict(preset=preset, residual_window=0, sink_tokens=0, boundary_layers=0,
-                                         center_keys=False, center_values=False)
+    # the vLLM backend's defaults exactly ('-w0' without centering), and with the latest W and first S
+    # tokens kept full precision, as a vLLM window would keep them (it would not center)
+    for window, sinks in ((0, 0), (16, 4), (32, 4)):
+        for preset in ("k4v4", "k3v3"):
+            name = f"{preset}-w{window}" + (f"-s{sinks}" if sinks else "") + "-c0"
+            table[name] = dict(preset=preset, residual_window=window, sink_tokens=sinks, boundary_layers=0,
+                               center_keys=False, center_values=False)
     table["k3v3-w128-out8"] = dict(preset="k3v3", key_outlier_channels=8, boundary_layers=0)
     table["k4v4-w128-out8"] = dict(preset="k4v4", key_outlier_channels=8, boundary_layers=0)
     return table
