@@ -106,6 +106,10 @@ def rotation_operand(codec, dtype: torch.dtype) -> tuple[torch.Tensor, float, fl
     return parts, PART_SCALES[dtype], 0.0
 
 
+# Up to this many tokens a program rotates 16 rows (more programs for a few tokens); above it 64.
+SHORT_TILE_MAX_TOKENS = 256
+
+
 def rotate(x: torch.Tensor, codec, inverse: bool = False, out: torch.Tensor | None = None,
            fixed_tile: bool = False, launch_dependents: bool = False, after_previous: bool = False) -> torch.Tensor:
     """x [tokens, heads, head_dim] (fp16/bf16/fp32, any token and head strides) → x @ Rᵀ (x @ R when
@@ -131,7 +135,7 @@ def rotate(x: torch.Tensor, codec, inverse: bool = False, out: torch.Tensor | No
     if tokens == 0 or heads == 0:
         return out
     operand, part_scale, sign_scale = rotation_operand(codec, x.dtype)
-    rows = 16 if tokens <= 256 or fixed_tile else 64
+    rows = 16 if tokens <= SHORT_TILE_MAX_TOKENS or fixed_tile else 64
     pad = head_dim_pad(head_dim)
     columns = rotation_columns(pad, part_scale)
     _rotate_kernel[(triton.cdiv(tokens, rows), heads, pad // columns)](

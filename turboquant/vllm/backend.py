@@ -42,6 +42,7 @@ from ..kernels import (KernelCodec, cached_attention, compress_store, extend_att
                        paged_decode_attention)
 from ..kernels.codec import KERNEL_HEAD_DIMS
 from ..kernels.launch import multiprocessor_count
+from ..kernels.rotate import SHORT_TILE_MAX_TOKENS as ROTATE_SHORT_TILE_MAX_TOKENS
 from .prefill_groups import PrefillGroup, chunk_decode_queries, engine_gathers, prefill_groups, prefill_route
 from .settings import VllmSettings
 
@@ -284,10 +285,10 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
         """Compile the Triton kernels of the prefill routes for this layer's tensors on its first uncaptured
         call (vLLM's dummy runs before graph capture), by launches over one empty sequence, which write
         nothing the step reads: the gather (where the engine gathers) and the fused extend kernel with its
-        rotations, at both of `rotate`'s tile heights where the call has more than 256 tokens. vLLM's kernel
-        warm-up has no hook for an attention backend, and its dummy batches take none of these routes: the
-        first long chunk after a cached prefix stalled serving for seconds of Triton compilation (H200,
-        b32 × 1024: 0.69x bf16's tok/s, vllm-throughput-h200-chained-fixed.md)."""
+        rotations, at both of `rotate`'s tile heights where the call has the tokens for the taller one.
+        vLLM's kernel warm-up has no hook for an attention backend, and its dummy batches take none of these
+        routes: the first long chunk after a cached prefix stalled serving for seconds of Triton compilation
+        (H200, b32 × 1024: 0.69x bf16's tok/s, vllm-throughput-h200-chained-fixed.md)."""
         self.prefill_uncompiled = False
         zeros = torch.zeros(2, dtype=torch.int32, device=kv_cache.device)  # query_start, seq_lens, key_start
         table = meta.block_table[:1]
@@ -295,7 +296,7 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
             keys, values = (torch.empty(1, self.num_kv_heads, self.head_size, dtype=key.dtype, device=key.device)
                             for _ in range(2))
             gather_sequences(key[:1], value[:1], zeros, zeros[:1], kv_cache, codec, table, zeros, 1, keys, values)
-        for tokens in sorted({1, min(key.shape[0], 257)}):
+        for tokens in sorted({1, min(key.shape[0], ROTATE_SHORT_TILE_MAX_TOKENS + 1)}):
             extend_attention(query[:tokens], key[:tokens], value[:tokens], zeros, zeros[:1], kv_cache, codec, table,
                              self.scale, 1, self.sliding_window, self.softcap,
                              out=torch.empty(tokens, self.num_heads, self.head_size, dtype=query.dtype,
