@@ -58,8 +58,10 @@ def main() -> int:
                 row[f"{args.kernel}_{splits}_ms"] = graph_time_ms(lambda: paged_decode_attention(
                     query, cache, codec, table, seq_lens, 128**-0.5, num_splits=splits,
                     fragments=args.kernel == "fragments"))
-        best = min((ms, key) for key, ms in row.items() if key.startswith(f"{args.kernel}_"))
-        row["best_splits"], row["best_ms"] = int(best[1].split("_")[1]), best[0]
+        swept = {splits: row[f"{args.kernel}_{splits}_ms"] for splits in split_counts
+                 if f"{args.kernel}_{splits}_ms" in row}  # not "triton_ms", the default's time
+        row["best_splits"] = min(swept, key=swept.get)
+        row["best_ms"] = swept[row["best_splits"]]
         print(json.dumps(row), flush=True)
         rows.append(row)
         del cache

@@ -131,10 +131,11 @@ def main() -> None:
                          args.timeout)
         print(json.dumps(row), flush=True)
         rows = [r for r in rows if r["engine"] != name] + [row]
-    order = list(ENGINES)
-    rows.sort(key=lambda r: order.index(r["engine"]))
-    report(rows, markdown, args.out, model=os.path.basename(os.path.normpath(args.model)),
-           tensor_parallel_size=args.tensor_parallel_size, repeats=args.repeats)
+        rows.sort(key=lambda r: list(ENGINES).index(r["engine"]))
+        # written after every engine, so a run cut off by a host's time limit keeps the engines it finished
+        report(rows, markdown, args.out, echo=name == args.engines.split(",")[-1],
+               model=os.path.basename(os.path.normpath(args.model)), tensor_parallel_size=args.tensor_parallel_size,
+               repeats=args.repeats)
 
 
 if __name__ == "__main__":
