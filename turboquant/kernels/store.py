@@ -145,9 +145,11 @@ def _compress_store_kernel(
 # spill at 8 bits and at 3 bits with a dense rotation (sm_90, `benchmarks/store_sass.py` →
 # store-sass.json); a probe found no gain at 128 tokens.
 ONE_BLOCK_MAX_TOKENS = 64
-# Up to this many tokens a program stores 16 rows (more programs for a decode step's few tokens); above
-# it (prefill chunks) 64, which loads R a quarter as often.
-SHORT_TILE_MAX_TOKENS = 512
+# Up to this many tokens a program stores 16 rows (more programs: a decode step's few tokens fill the
+# device); above it 64, which loads R a quarter as often. H200, d=128 (`kernels-store-h200-symmetric.md`):
+# at 2048 tokens 16 rows took k4v4 22.9 against 24.3 µs, k3v3 21.6 against 25.6, k8v4 41.0 against 44.5;
+# at 8192, 64 rows won at k4v4 (75.6 against 82.2) and k8v4 (151.6 against 160.0), not at k3v3 (79.7, 75.1).
+SHORT_TILE_MAX_TOKENS = 2048
 
 
 def store_columns(head_dim_pad: int, part_scale: float, num_tokens: int | None) -> int:
