@@ -7,6 +7,8 @@ tokens, then 1,024 single-token steps reading the cache. Agreement = 1 − mean 
 distance to the DynamicCache run's next-token distributions. Writes JSON (device, versions, date,
 every cell) and prints a markdown table; `--table FILE.json` re-prints the table of a saved run.
 Row `fp8-e4m3` is vLLM's fp8 KV cache (keys and values rounded to e4m3 as stored), for reference.
+Rows `qjl-*` store keys with the prod code ((b−1)-bit MSE + 1-bit QJL sketch): the scores a kernel that
+scores with the sketch would compute (`RECONSTRUCTED_ROWS`), beside `mse-*` rows built the same way.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ def rows() -> dict[str, dict]:
                                center_keys=False, center_values=False)
     table["k3v3-w128-out8"] = dict(preset="k3v3", key_outlier_channels=8, boundary_layers=0)
     table["k4v4-w128-out8"] = dict(preset="k4v4", key_outlier_channels=8, boundary_layers=0)
-    return table
+    return {**table, **RECONSTRUCTED_ROWS}
 
 
 # vLLM's fp8 KV cache as it runs without calibrated scales (e4m3, scale 1): every key and value rounded
@@ -82,9 +84,52 @@ def _fp8(x: torch.Tensor) -> torch.Tensor:
     return x.clamp(-limit, limit).to(torch.float8_e4m3fn).to(x.dtype)
 
 
-def make_cache(model, config: TurboQuantConfig | None):
-    """A fresh cache: ours with `config`, or the fp8 baseline (None)."""
-    return Fp8Cache(config=model.config) if config is None else TurboQuantCache(model.config, config)
+# Rows that keep each key and value as its codec reconstruction in a DynamicCache, without centering,
+# full-precision tokens or boundary layers (what the vLLM backend stores). With the prod key code (a
+# (b−1)-bit MSE code + a 1-bit QJL sketch of the residual) the scores are what a kernel that scores with
+# the sketch computes: a score is linear in the key, so ⟨q, x̂_mse + √(π/2)/d·‖r‖·Sᵀ·sign(S·r)⟩ is the
+# sketch-corrected estimate itself. The 'mse-' rows check the simulation against TurboQuantCache's '-w0-c0'.
+RECONSTRUCTED_ROWS = {f"{kind}-{preset}": dict(preset=preset, key_quantizer="prod" if kind == "qjl" else "mse",
+                                               center_keys=False, center_values=False, sink_tokens=0,
+                                               residual_window=0, boundary_layers=0)
+                      for kind in ("mse", "qjl") for preset in ("k4v4", "k3v3")}
+
+
+class ReconstructedCache(DynamicCache):
+    """A DynamicCache that stores the codec's reconstruction of each new key and value; like
+    TurboQuantCache, a call attends to its own tokens as they came."""
+
+    def __init__(self, model_config, config: TurboQuantConfig, head_dim: int):
+        super().__init__(config=model_config)
+        self.codec, self.head_dim, self.quantizers = config, head_dim, {}
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if layer_idx not in self.quantizers:
+            self.quantizers[layer_idx] = [self.codec.make_quantizer(role, self.head_dim, layer_idx)
+                                          for role in ("key", "value")]
+        stored = (_reconstructed(quantizer, x)
+                  for quantizer, x in zip(self.quantizers[layer_idx], (key_states, value_states)))
+        keys, values = super().update(*stored, layer_idx, *args, **kwargs)
+        fresh = key_states.shape[2]
+        return (torch.cat((keys[:, :, :-fresh], key_states), dim=2),
+                torch.cat((values[:, :, :-fresh], value_states), dim=2))
+
+
+def _reconstructed(quantizer, x: torch.Tensor) -> torch.Tensor:
+    return quantizer.dequantize(quantizer.quantize(x)).to(x.dtype)
+
+
+def head_dim_of(model_config) -> int:
+    return getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
+
+
+def make_cache(model, name: str, config: TurboQuantConfig | None):
+    """A fresh cache for row `name`: ours with `config`, a reconstructed row's, or the fp8 baseline (None)."""
+    if config is None:
+        return Fp8Cache(config=model.config)
+    if name in RECONSTRUCTED_ROWS:
+        return ReconstructedCache(model.config, config, head_dim_of(model.config))
+    return TurboQuantCache(model.config, config)
 
 
 def make_config(spec: dict) -> TurboQuantConfig:
@@ -189,7 +234,7 @@ def main() -> int:
     targets = ids[0, args.prefill:]
     start = time.time()
     baseline = decode_logits(model, ids, args.prefill, progress="DynamicCache")
-    head_dim = model.config.head_dim if getattr(model.config, "head_dim", None) else model.config.hidden_size // model.config.num_attention_heads
+    head_dim = head_dim_of(model.config)
     result = {
         "model": args.model, "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
         "date": datetime.date.today().isoformat(), "torch": torch.__version__,
@@ -204,7 +249,7 @@ def main() -> int:
     out = Path(args.out or f"benchmarks/results/quality-{args.model.replace('/', '_')}.json")
     for name in names:
         config = None if name == FP8_ROW else make_config(table[name])
-        fresh_cache = functools.partial(make_cache, model, config)
+        fresh_cache = functools.partial(make_cache, model, name, config)
         logits = decode_logits(model, ids, args.prefill, fresh_cache(), progress=name)
         agreement = compare_logits(baseline, logits, targets)
         row = {"config": "fp8 e4m3, scale 1" if config is None else table[name],
