@@ -33,6 +33,11 @@ def pack_indices(indices: torch.Tensor, bits: int) -> torch.Tensor:
     validate_packable(indices.shape[-1], bits)
     if bits == 8:
         return indices.to(torch.uint8)
+    if 8 % bits == 0:  # whole indices per byte: shift each into its field, no bit stream
+        per_byte = 8 // bits
+        fields = indices.to(torch.int32).reshape(*indices.shape[:-1], indices.shape[-1] // per_byte, per_byte)
+        shifts = torch.arange(0, 8, bits, device=indices.device, dtype=torch.int32)
+        return (fields << shifts).sum(dim=-1).to(torch.uint8)
     shifts = torch.arange(bits, device=indices.device, dtype=torch.int32)
     stream = (indices.to(torch.int32).unsqueeze(-1) >> shifts) & 1  # [..., n, bits]
     stream = stream.reshape(*indices.shape[:-1], indices.shape[-1] * bits // 8, 8)

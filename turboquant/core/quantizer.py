@@ -61,8 +61,11 @@ class MSEQuantizer:
         self.dim, self.bits, self.rotation, self.norm_correction = dim, bits, rotation, norm_correction
         self.codebook = lloyd_max_codebook(dim, bits)
 
-    def quantize(self, x: torch.Tensor) -> MSECode:
-        check_vectors(x, self.dim)
+    def quantize(self, x: torch.Tensor, check: bool = True) -> MSECode:
+        """`check=False` skips `check_vectors`, whose NaN scan waits for the device: for callers whose x
+        they computed themselves, e.g. a cache storing the model's keys and values."""
+        if check:
+            check_vectors(x, self.dim)
         x = x.float()
         norms = torch.linalg.vector_norm(x, dim=-1)
         # A zero vector has no direction; any index works since its norm scales the result to 0.

@@ -33,8 +33,7 @@ import os
 import torch
 from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, DynamicLayer, get_layer_types_and_kwargs
 
-from ..core import TurboQuantConfig
-from ..core.quantizer import MSEQuantizer
+from ..core import MSECode, MSEQuantizer, TurboQuantConfig, pack_indices, unpack_indices
 from .attention import ATTENTION_NAME, PendingAttention
 
 MODES = ("incremental", "compact", "fused")
@@ -125,27 +124,33 @@ class TurboQuantLayer(DynamicLayer):
             new_outliers = self._split(keys, self.outlier_channels)
             self.outlier_keys = _cat(self.outlier_keys, new_outliers)
             centered = self._split(centered, self.inlier_channels)
-        packed_k, norms_k = self.key_quantizer.quantize_packed(centered)
-        self.packed_keys, self.key_norms = _cat(self.packed_keys, packed_k), _cat(self.key_norms, norms_k)
-        if self.mode == "incremental":
-            self.dequantized_keys = _cat(self.dequantized_keys, self._decode_keys(packed_k, norms_k, new_outliers))
+        # the model's own keys and values: no input checks (their NaN scan is a device sync per call)
+        key_code = self.key_quantizer.quantize(centered, check=False)
+        self.packed_keys = _cat(self.packed_keys, pack_indices(key_code.indices, self.key_quantizer.bits))
+        self.key_norms = _cat(self.key_norms, key_code.norms)
+        if self.mode == "incremental":  # from the fresh code: no unpacking of what was just packed
+            self.dequantized_keys = _cat(self.dequantized_keys, self._decode_keys(key_code, new_outliers))
         if self.latent:
             self.exact_values = _cat(self.exact_values, values)
             return
-        packed_v, norms_v = self.value_quantizer.quantize_packed(values.float() - self.value_center)
-        self.packed_values, self.value_norms = _cat(self.packed_values, packed_v), _cat(self.value_norms, norms_v)
+        value_code = self.value_quantizer.quantize(values.float() - self.value_center, check=False)
+        self.packed_values = _cat(self.packed_values, pack_indices(value_code.indices, self.value_quantizer.bits))
+        self.value_norms = _cat(self.value_norms, value_code.norms)
         if self.mode == "incremental":
-            self.dequantized_values = _cat(
-                self.dequantized_values, self._decode(self.value_quantizer, packed_v, norms_v, self.value_center)
-            )
+            self.dequantized_values = _cat(self.dequantized_values,
+                                           self._decode(self.value_quantizer, value_code, self.value_center))
 
-    def _decode(self, quantizer: MSEQuantizer, packed: torch.Tensor, norms: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
-        return (quantizer.dequantize_packed(packed, norms) + center).to(self.dtype)
+    @staticmethod
+    def _stored_code(quantizer: MSEQuantizer, packed: torch.Tensor, norms: torch.Tensor) -> MSECode:
+        return MSECode(unpack_indices(packed, quantizer.bits, quantizer.dim), norms)
 
-    def _decode_keys(self, packed: torch.Tensor, norms: torch.Tensor, outliers: torch.Tensor | None) -> torch.Tensor:
+    def _decode(self, quantizer: MSEQuantizer, code: MSECode, center: torch.Tensor) -> torch.Tensor:
+        return (quantizer.dequantize(code) + center).to(self.dtype)
+
+    def _decode_keys(self, code: MSECode, outliers: torch.Tensor | None) -> torch.Tensor:
         if outliers is None:
-            return self._decode(self.key_quantizer, packed, norms, self.key_center)
-        inliers = self.key_quantizer.dequantize_packed(packed, norms) + self._split(self.key_center, self.inlier_channels)
+            return self._decode(self.key_quantizer, code, self.key_center)
+        inliers = self.key_quantizer.dequantize(code) + self._split(self.key_center, self.inlier_channels)
         keys = torch.empty(*inliers.shape[:-1], self.key_center.shape[-1], dtype=self.dtype, device=inliers.device)
         keys.scatter_(-1, self.inlier_channels.expand(*inliers.shape), inliers.to(self.dtype))
         keys.scatter_(-1, self.outlier_channels.expand(*outliers.shape), outliers)
@@ -165,9 +170,11 @@ class TurboQuantLayer(DynamicLayer):
         if self.mode == "incremental":
             keys, values = self.dequantized_keys, self.dequantized_values
         else:
-            keys = self._decode_keys(self.packed_keys, self.key_norms, self.outlier_keys)
-            values = None if self.latent else self._decode(self.value_quantizer, self.packed_values,
-                                                           self.value_norms, self.value_center)
+            keys = self._decode_keys(self._stored_code(self.key_quantizer, self.packed_keys, self.key_norms),
+                                     self.outlier_keys)
+            values = None if self.latent else self._decode(
+                self.value_quantizer, self._stored_code(self.value_quantizer, self.packed_values, self.value_norms),
+                self.value_center)
         return keys, self.exact_values if self.latent else values
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
