@@ -23,14 +23,15 @@ import torch
 import transformers
 from transformers import DynamicCache
 
+from turboquant.cli import demo_prompt
 from turboquant.core import TurboQuantConfig
 from turboquant.hf.cache import TurboQuantCache, cache_kwargs
-from turboquant.hf.models import eval_text, load_model
+from turboquant.hf.models import load_model
 
 
-def demo_prompt(tokenizer) -> dict:
-    passage = " ".join(eval_text().split("\n\n")[1:3])
-    messages = [{"role": "user", "content": f"Summarize this text in two sentences.\n\n{passage}"}]
+def demo_inputs(tokenizer) -> dict:
+    """`turboquant demo`'s prompt, chat-formatted as `turboquant generate` sends it."""
+    messages = [{"role": "user", "content": demo_prompt()}]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return tokenizer(text, return_tensors="pt")
 
@@ -44,9 +45,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.repeats < 1 or args.new_tokens < 1:
         parser.error("--repeats and --new-tokens must be positive")
-    torch.manual_seed(0)
     model, tokenizer = load_model("smollm2")
-    inputs = demo_prompt(tokenizer)
+    inputs = demo_inputs(tokenizer)
     config = TurboQuantConfig.from_preset(args.preset)
     caches = {"DynamicCache": lambda: DynamicCache(config=model.config),
               f"TurboQuantCache {args.preset}": lambda: TurboQuantCache(model.config, config)}

@@ -164,15 +164,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def demo_prompt() -> str:
+    """The demo's user message: a passage longer than the full-precision window (4 sink + 128 recent
+    tokens), so the cache sizes differ."""
+    from .hf.models import eval_text
+
+    passage = " ".join(eval_text().split("\n\n")[1:3])
+    return f"Summarize this text in two sentences.\n\n{passage}"
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     parser = build_parser()
     status = cmd_verify(parser.parse_args(["verify"]))
-    from .hf.models import eval_text
-
-    # A passage longer than the full-precision window (4 sink + 128 recent tokens), so the cache sizes differ.
-    passage = " ".join(eval_text().split("\n\n")[1:3])
-    prompt = f"Summarize this text in two sentences.\n\n{passage}"
-    return status or cmd_generate(parser.parse_args(["generate", "--compare", "--max-new-tokens", "96", prompt]))
+    return status or cmd_generate(parser.parse_args(["generate", "--compare", "--max-new-tokens", "96",
+                                                     demo_prompt()]))
 
 
 def main(argv: list[str] | None = None) -> int:
