@@ -27,7 +27,7 @@ import torch
 from transformers import DynamicCache
 
 from turboquant.core import TurboQuantConfig
-from turboquant.hf.cache import TurboQuantCache, cache_kwargs
+from turboquant.hf.cache import TurboQuantCache, cache_kwargs, head_dim_of
 from turboquant.hf.evaluate import compare_logits, decode_logits, greedy_divergence
 from turboquant.hf.models import eval_text, load_model
 
@@ -117,10 +117,6 @@ class ReconstructedCache(DynamicCache):
 
 def _reconstructed(quantizer, x: torch.Tensor) -> torch.Tensor:
     return quantizer.dequantize(quantizer.quantize(x)).to(x.dtype)
-
-
-def head_dim_of(model_config) -> int:
-    return getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
 
 
 def make_cache(model, name: str, config: TurboQuantConfig | None):

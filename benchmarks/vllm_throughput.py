@@ -125,15 +125,16 @@ def main() -> None:
     if args.worker:
         return worker(args.worker, args.model, cases, args.tensor_parallel_size, args.repeats)
     rows = json.load(open(args.merge))["rows"] if args.merge and os.path.exists(args.merge) else []
-    for name in args.engines.split(","):
+    engines, order = args.engines.split(","), list(ENGINES)
+    for name in engines:
         row = run_engine(__file__, name, ["--model", args.model, "--cases", args.cases, "--tensor-parallel-size",
                                           str(args.tensor_parallel_size), "--repeats", str(args.repeats)],
                          args.timeout)
         print(json.dumps(row), flush=True)
         rows = [r for r in rows if r["engine"] != name] + [row]
-        rows.sort(key=lambda r: list(ENGINES).index(r["engine"]))
+        rows.sort(key=lambda r: order.index(r["engine"]))
         # written after every engine, so a run cut off by a host's time limit keeps the engines it finished
-        report(rows, markdown, args.out, echo=name == args.engines.split(",")[-1],
+        report(rows, markdown, args.out, echo=name == engines[-1],
                model=os.path.basename(os.path.normpath(args.model)), tensor_parallel_size=args.tensor_parallel_size,
                repeats=args.repeats)
 

@@ -33,7 +33,7 @@ import os
 import torch
 from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, DynamicLayer, get_layer_types_and_kwargs
 
-from ..core import MSECode, MSEQuantizer, TurboQuantConfig, pack_indices, unpack_indices
+from ..core import TurboQuantConfig, pack_indices
 from .attention import ATTENTION_NAME, PendingAttention
 
 MODES = ("incremental", "compact", "fused")
@@ -129,7 +129,8 @@ class TurboQuantLayer(DynamicLayer):
         self.packed_keys = _cat(self.packed_keys, pack_indices(key_code.indices, self.key_quantizer.bits))
         self.key_norms = _cat(self.key_norms, key_code.norms)
         if self.mode == "incremental":  # from the fresh code: no unpacking of what was just packed
-            self.dequantized_keys = _cat(self.dequantized_keys, self._decode_keys(key_code, new_outliers))
+            self.dequantized_keys = _cat(self.dequantized_keys,
+                                         self._decode_keys(self.key_quantizer.dequantize(key_code), new_outliers))
         if self.latent:
             self.exact_values = _cat(self.exact_values, values)
             return
@@ -138,19 +139,16 @@ class TurboQuantLayer(DynamicLayer):
         self.value_norms = _cat(self.value_norms, value_code.norms)
         if self.mode == "incremental":
             self.dequantized_values = _cat(self.dequantized_values,
-                                           self._decode(self.value_quantizer, value_code, self.value_center))
+                                           self._decode(self.value_quantizer.dequantize(value_code), self.value_center))
 
-    @staticmethod
-    def _stored_code(quantizer: MSEQuantizer, packed: torch.Tensor, norms: torch.Tensor) -> MSECode:
-        return MSECode(unpack_indices(packed, quantizer.bits, quantizer.dim), norms)
+    def _decode(self, dequantized: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
+        """A quantizer's reconstruction of centered vectors → the vectors, in the model's dtype."""
+        return (dequantized + center).to(self.dtype)
 
-    def _decode(self, quantizer: MSEQuantizer, code: MSECode, center: torch.Tensor) -> torch.Tensor:
-        return (quantizer.dequantize(code) + center).to(self.dtype)
-
-    def _decode_keys(self, code: MSECode, outliers: torch.Tensor | None) -> torch.Tensor:
+    def _decode_keys(self, dequantized: torch.Tensor, outliers: torch.Tensor | None) -> torch.Tensor:
         if outliers is None:
-            return self._decode(self.key_quantizer, code, self.key_center)
-        inliers = self.key_quantizer.dequantize(code) + self._split(self.key_center, self.inlier_channels)
+            return self._decode(dequantized, self.key_center)
+        inliers = dequantized + self._split(self.key_center, self.inlier_channels)
         keys = torch.empty(*inliers.shape[:-1], self.key_center.shape[-1], dtype=self.dtype, device=inliers.device)
         keys.scatter_(-1, self.inlier_channels.expand(*inliers.shape), inliers.to(self.dtype))
         keys.scatter_(-1, self.outlier_channels.expand(*outliers.shape), outliers)
@@ -170,11 +168,10 @@ class TurboQuantLayer(DynamicLayer):
         if self.mode == "incremental":
             keys, values = self.dequantized_keys, self.dequantized_values
         else:
-            keys = self._decode_keys(self._stored_code(self.key_quantizer, self.packed_keys, self.key_norms),
+            keys = self._decode_keys(self.key_quantizer.dequantize_packed(self.packed_keys, self.key_norms),
                                      self.outlier_keys)
             values = None if self.latent else self._decode(
-                self.value_quantizer, self._stored_code(self.value_quantizer, self.packed_values, self.value_norms),
-                self.value_center)
+                self.value_quantizer.dequantize_packed(self.packed_values, self.value_norms), self.value_center)
         return keys, self.exact_values if self.latent else values
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -322,6 +319,11 @@ def caches_mla_latent(text_config) -> bool:
     return any(isinstance(obj, type) and callable(getattr(obj, "expand_kv", None)) for obj in vars(module).values())
 
 
+def head_dim_of(config) -> int:
+    """A (text) config's attention head_dim: its own, or hidden_size / num_attention_heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def _check_fused(model_config, text_config, layers: list) -> None:
     """Everything the fused mode cannot serve fails here, at construction, not in the middle of generate."""
     implementation = getattr(text_config, "_attn_implementation", None) or model_config._attn_implementation
@@ -333,7 +335,7 @@ def _check_fused(model_config, text_config, layers: list) -> None:
         raise ValueError("mode='fused' cannot fold centered keys into soft-capped scores; use center_keys=False")
     from ..kernels.codec import KernelCodec
 
-    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+    head_dim = head_dim_of(text_config)
     for idx, layer in enumerate(layers):
         if isinstance(layer, TurboQuantLayer):
             try:
