@@ -111,12 +111,47 @@ def test_batch_invariant_mode_reads_every_token_from_the_cache(backend, monkeypa
 
     from turboquant.kernels.reference import cached_attention_reference
 
+    from vllm.model_executor.layers import layernorm
+
+    from turboquant.vllm import batch_invariance
+
     monkeypatch.setattr(envs, "VLLM_BATCH_INVARIANT", True, raising=False)
+    monkeypatch.setattr(layernorm, "rms_norm_batch_invariant", layernorm.rms_norm_batch_invariant)  # restored after
+    monkeypatch.setattr(batch_invariance, "_installed", False)
     assert backend[0].TurboQuantBackend.supports_batch_invariance()
     meta, output, query, keys, values, ref = run_batch(backend, prefix=[39, 22, 30, 0], new=[1, 1, 10, 20])
     expected = cached_attention_reference(query.float(), ref.query_start, ref.seq_lens, ref.cache, ref.codec,
                                           ref.block_table, ref.scale)
     torch.testing.assert_close(output, expected, atol=2e-2, rtol=2e-2)
+    # building the layer routed vLLM's residual RMSNorm through the batch-invariant one
+    assert layernorm.rms_norm_batch_invariant is batch_invariance.residual_rms_norm_batch_invariant
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="vLLM turns its Triton kernels off without a GPU driver")
+def test_residual_rms_norm_is_in_place_and_the_same_alone_as_in_a_batch():
+    """`batch_invariance.residual_rms_norm_batch_invariant`: residual ← x + residual and x ← its RMSNorm,
+    as vLLM's fused_add_rms_norm; a row's bits do not depend on the rows beside it (there: 256 or more
+    tokens changed the CUDA kernel's block size, benchmarks/results/vllm-invariance-trace-h200.md)."""
+    from turboquant.vllm.batch_invariance import residual_rms_norm_batch_invariant
+
+    device, rows, alone, hidden, eps = "cuda", 300, 160, 576, 1e-5
+    generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    x, residual = (torch.randn(rows, hidden, generator=generator).to(device, torch.bfloat16) for _ in range(2))
+    weight = (1 + 0.1 * torch.randn(hidden, generator=generator)).to(device, torch.bfloat16)
+    summed = (x + residual).float()  # bf16 add, rounded as the kernel rounds it
+    summed = summed.to(torch.bfloat16).float()
+    expected = summed * torch.rsqrt(summed.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+
+    batch_x, batch_residual = x.clone(), residual.clone()
+    out, out_residual = residual_rms_norm_batch_invariant(batch_x, weight, eps, residual=batch_residual)
+    assert out is batch_x and out_residual is batch_residual  # in place, like fused_add_rms_norm
+    torch.testing.assert_close(out_residual.float(), summed, atol=0, rtol=0)
+    torch.testing.assert_close(out.float(), expected, atol=1e-2, rtol=1e-2)  # bf16 output rounding
+    alone_x, alone_residual = x[:alone].clone(), residual[:alone].clone()
+    residual_rms_norm_batch_invariant(alone_x, weight, eps, residual=alone_residual)
+    assert torch.equal(alone_x, batch_x[:alone]) and torch.equal(alone_residual, batch_residual[:alone])
+    with pytest.raises(ValueError, match="must have one shape"):
+        residual_rms_norm_batch_invariant(x, weight, eps, residual=residual[:alone])
 
 
 def test_hybrid_models_are_refused_when_the_layer_is_built(backend):

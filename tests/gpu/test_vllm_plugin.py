@@ -97,9 +97,9 @@ print("RESULT " + json.dumps({"together": together, "alone": alone, "preemptions
 def test_concurrent_requests_with_shared_prefixes_and_preemption_match_one_by_one():
     """In vLLM's batch-invariant mode: without it even vLLM's bf16 backend gives other greedy tokens
     under load (49 of 64 identical, 2026-11-24), and ours gave 10 of 64 (a recomputed token's K/V
-    differed by rounding, and quantization turned that into another code). Still failing: in that mode
-    on an H200, bf16 39 of 64 and ours 6 of 64, also with vLLM's Triton matmuls in place of cuBLAS
-    (`benchmarks/results/vllm-invariance-h200-triton-matmuls.md`)."""
+    differed by rounding, and quantization turned that into another code). In that mode vLLM 0.26 still
+    normalizes with a residual through a kernel whose block size depends on the step's token count; our
+    backend swaps in a batch-invariant one there (`vllm/batch_invariance.py`; before it: ours 6 of 64)."""
     result = result_of(run_python(f"ENGINE = {ENGINE!r}\n{LOAD}"))
     assert result["preemptions"] > 0, "the KV budget was meant to force preemption"
     pairs = list(zip(result["together"], result["alone"]))

@@ -11,7 +11,8 @@ In vLLM's batch-invariant mode (`VLLM_BATCH_INVARIANT=1`) every token, decode st
 alike, goes through `cached_attention` instead: each query reads the cache alone (its own chunk from the
 cache too), so its result does not depend on how requests were batched, chunked, prefix-cached or
 recomputed after preemption. Prefill then attends to compressed copies of its own chunk: a small loss
-of fidelity, and the fused kernel's prefill speed, for reproducibility.
+of fidelity, and the fused kernel's prefill speed, for reproducibility. That mode also needs vLLM's
+RMSNorm with a residual made batch invariant, which vLLM 0.26 leaves out (`batch_invariance.py`).
 
 The cache of one layer is uint8 [num_blocks, num_kv_heads, head_page_bytes] (`core/paged_layout.py`).
 """
@@ -43,6 +44,7 @@ from ..kernels import (KernelCodec, cached_attention, compress_store, extend_att
 from ..kernels.codec import KERNEL_HEAD_DIMS
 from ..kernels.launch import multiprocessor_count
 from ..kernels.rotate import SHORT_TILE_MAX_TOKENS as ROTATE_SHORT_TILE_MAX_TOKENS
+from .batch_invariance import install_residual_rms_norm
 from .prefill_groups import PrefillGroup, chunk_decode_queries, engine_gathers, prefill_groups, prefill_route
 from .settings import VllmSettings
 
@@ -215,6 +217,8 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
                              "linear-attention layers, e.g. Qwen3-Next); serve this model without "
                              "--attention-backend CUSTOM, or compress its cache in transformers (TurboQuantCache)")
         self.settings = VllmSettings.from_additional_config(vllm_config.additional_config)  # bad config: fail at start
+        if envs.VLLM_BATCH_INVARIANT:
+            install_residual_rms_norm()  # vLLM's mode leaves that norm batch-dependent (batch_invariance.py)
         self.num_layers = vllm_config.model_config.get_total_num_hidden_layers()
         self.kv_cache_dtype = kv_cache_dtype
         self.num_heads, self.head_size, self.scale = num_heads, head_size, float(scale)
