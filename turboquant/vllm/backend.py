@@ -45,6 +45,7 @@ from ..kernels.codec import KERNEL_HEAD_DIMS
 from ..kernels.launch import multiprocessor_count
 from ..kernels.rotate import SHORT_TILE_MAX_TOKENS as ROTATE_SHORT_TILE_MAX_TOKENS
 from .batch_invariance import install_residual_rms_norm
+from .exact_tokens import ExactRing, ExactStep, ExactTokens, merge
 from .prefill_groups import PrefillGroup, chunk_decode_queries, engine_gathers, prefill_groups, prefill_route
 from .settings import VllmSettings
 
@@ -131,6 +132,7 @@ class TurboQuantMetadata(AttentionMetadata):
     # "decode": each prefill token's block-table row [prefill tokens, width] and sequence length
     chunk_block_table: torch.Tensor | None = None
     chunk_seq_lens: torch.Tensor | None = None
+    exact: ExactStep | None = None  # settings exact_sinks / exact_recent: this step's ring entries
 
 
 def gather_workspace(num_keys: int, num_kv_heads: int, head_size: int, dtype: torch.dtype,
@@ -155,6 +157,10 @@ class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
         self.gathers = engine_gathers(vllm_config.speculative_config is not None,
                                       vllm_config.parallel_config.use_ubatching)
         self.num_sms = multiprocessor_count(torch.device(device))
+        settings = VllmSettings.from_additional_config(vllm_config.additional_config)
+        self.exact = ExactTokens(settings.exact_sinks, settings.exact_recent, vllm_config.scheduler_config.max_num_seqs,
+                                 vllm_config.scheduler_config.max_num_batched_tokens, device) \
+            if settings.exact_tokens else None
         if self.gathers and is_workspace_manager_initialized():  # reserve it now, while vLLM profiles memory
             gather_workspace(self.gather_capacity, kv_cache_spec.num_kv_heads, kv_cache_spec.head_size,
                              vllm_config.model_config.dtype, device)
@@ -196,6 +202,8 @@ class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
             prefill_groups=groups,
             chunk_block_table=chunk_block_table,
             chunk_seq_lens=chunk_seq_lens,
+            exact=None if self.exact is None else self.exact.step(
+                common.query_start_loc, common.seq_lens, common.num_actual_tokens, common.num_reqs, num_decodes),
         )
 
 
@@ -219,6 +227,11 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
         self.settings = VllmSettings.from_additional_config(vllm_config.additional_config)  # bad config: fail at start
         if envs.VLLM_BATCH_INVARIANT:
             install_residual_rms_norm()  # vLLM's mode leaves that norm batch-dependent (batch_invariance.py)
+        if self.settings.exact_tokens and (envs.VLLM_BATCH_INVARIANT or sliding_window
+                                           or kv_sharing_target_layer_name):
+            raise ValueError("turboquant exact_sinks/exact_recent serve full-attention layers that store their own "
+                             "cache, outside vLLM's batch-invariant mode (a token's ring entry depends on the batch)")
+        self.exact_ring: ExactRing | None = None
         self.num_layers = vllm_config.model_config.get_total_num_hidden_layers()
         self.kv_cache_dtype = kv_cache_dtype
         self.num_heads, self.head_size, self.scale = num_heads, head_size, float(scale)
@@ -265,10 +278,17 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
             self._compile_prefill_kernels(query, key, value, kv_cache, codec, meta)
         # the tokens that attend as decode queries over the cache: decode steps, and short chunks' tokens
         decode_queries = num_tokens if meta.prefill_route == "decode" else decode_tokens
+        if meta.exact is not None:  # before the store, which the decode launch follows directly
+            self._exact_ring(key, kv_cache).write(meta.exact, key[:meta.slot_mapping.shape[0]],
+                                                  value[:meta.slot_mapping.shape[0]], meta.slot_mapping,
+                                                  kv_cache.shape[0] * codec.layout.block_size)
         # the first decode launch starts while the store runs (programmatic dependent launch)
         rotated = self._store(key, value, kv_cache, codec, meta, query[:decode_queries], bool(decode_queries))
         queries = query if rotated is None else rotated
-        if decodes:
+        if decodes and meta.exact is not None:
+            self._decode_with_exact_tokens(query[:decode_tokens], queries[:decode_tokens], rotated is not None,
+                                           kv_cache, codec, meta, output[:decode_tokens])
+        elif decodes:
             # The kernel's launches depend only on shapes (batch, block-table width), so a captured CUDA
             # graph replays them.
             paged_decode_attention(
@@ -284,6 +304,26 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
             else:
                 self._prefill(query[rows], key[rows], value[rows], kv_cache, codec, meta, output[rows])
         return output
+
+    def _exact_ring(self, key: torch.Tensor, kv_cache: torch.Tensor) -> ExactRing:
+        """This layer's ring of exact keys and values, built on its first step (before graph capture)."""
+        if self.exact_ring is None:
+            capacity = sum(ExactTokens.capacities(self.settings.exact_sinks, self.settings.exact_recent,
+                                                  get_current_vllm_config().scheduler_config.max_num_seqs))
+            self.exact_ring = ExactRing(capacity, self.num_kv_heads, self.head_size, key.dtype, kv_cache.device)
+        return self.exact_ring
+
+    def _decode_with_exact_tokens(self, query, queries, query_rotated: bool, kv_cache, codec,
+                                  meta: TurboQuantMetadata, out: torch.Tensor) -> None:
+        """Decode rows: the compressed middle of each sequence through the kernels, its sinks and latest
+        tokens through the ring (`exact_tokens.py`), merged by their log-sum-exps."""
+        decodes, exact = meta.num_decodes, meta.exact
+        middle, middle_lse = paged_decode_attention(
+            queries, kv_cache, codec, meta.block_table[:decodes], exact.middle_ends, self.scale, None, self.softcap,
+            key_starts=exact.middle_starts, return_lse=True, query_rotated=query_rotated, after_store=True)
+        ends, ends_lse = self.exact_ring.attend(exact, query, kv_cache, codec, meta.block_table[:decodes],
+                                                meta.seq_lens[:decodes], self.scale, self.softcap)
+        out.copy_(merge(middle, middle_lse, ends, ends_lse))
 
     def _compile_prefill_kernels(self, query, key, value, kv_cache, codec, meta: TurboQuantMetadata) -> None:
         """Compile the Triton kernels of the prefill routes for this layer's tensors on its first uncaptured
