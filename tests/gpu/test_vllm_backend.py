@@ -202,7 +202,7 @@ def test_compiling_the_prefill_kernels_before_serving_writes_nothing(backend, to
     assert torch.equal(ref.cache, before) and not impl.prefill_uncompiled
 
 
-def test_exact_sinks_and_recent_tokens_are_read_from_the_ring(backend):
+def test_exact_sinks_and_recent_tokens_are_read_from_the_ring(backend, monkeypatch):
     """Settings exact_sinks=2, exact_recent=5: a prefill step puts each sequence's first 2 and last 5
     tokens in the ring; the decode step after it attends to those (and its own token) in the model's
     dtype and to the rest compressed. A sequence whose prefix was stored outside the backend (no ring
@@ -225,6 +225,10 @@ def test_exact_sinks_and_recent_tokens_are_read_from_the_ring(backend):
     layer = SimpleNamespace(layer_name="model.layers.1.self_attn.attn")
     spec = SimpleNamespace(num_kv_heads=KV_HEADS, head_size=HEAD_DIM)
     builder = module.TurboQuantMetadataBuilder(spec, ["x"], config, device)
+
+    def config_outside_setup():  # as vLLM's: no current config at forward time
+        raise AssertionError("Current vLLM config is not set")
+    monkeypatch.setattr(module, "get_current_vllm_config", config_outside_setup)
     block_table = torch.randperm(3 * 4, generator=generator)[:12].reshape(3, 4).to(torch.int32).to(device)
     cache = torch.zeros(12, KV_HEADS, BLOCK_SIZE * (32 + 32 + 8), dtype=torch.uint8, device=device)
     codec = impl._codec(layer, cache)

@@ -232,6 +232,9 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
             raise ValueError("turboquant exact_sinks/exact_recent serve full-attention layers that store their own "
                              "cache, outside vLLM's batch-invariant mode (a token's ring entry depends on the batch)")
         self.exact_ring: ExactRing | None = None
+        self.exact_capacity = sum(ExactTokens.capacities(self.settings.exact_sinks, self.settings.exact_recent,
+                                                         vllm_config.scheduler_config.max_num_seqs)) \
+            if self.settings.exact_tokens else 0
         self.num_layers = vllm_config.model_config.get_total_num_hidden_layers()
         self.kv_cache_dtype = kv_cache_dtype
         self.num_heads, self.head_size, self.scale = num_heads, head_size, float(scale)
@@ -307,10 +310,9 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
 
     def _exact_ring(self, key: torch.Tensor, kv_cache: torch.Tensor) -> ExactRing:
         """This layer's ring of exact keys and values, built on its first step (before graph capture)."""
-        if self.exact_ring is None:
-            capacity = sum(ExactTokens.capacities(self.settings.exact_sinks, self.settings.exact_recent,
-                                                  get_current_vllm_config().scheduler_config.max_num_seqs))
-            self.exact_ring = ExactRing(capacity, self.num_kv_heads, self.head_size, key.dtype, kv_cache.device)
+        if self.exact_ring is None:  # vLLM's config is not readable here (forward time): sized in __init__
+            self.exact_ring = ExactRing(self.exact_capacity, self.num_kv_heads, self.head_size, key.dtype,
+                                        kv_cache.device)
         return self.exact_ring
 
     def _decode_with_exact_tokens(self, query, queries, query_rotated: bool, kv_cache, codec,
