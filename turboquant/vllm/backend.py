@@ -39,13 +39,13 @@ from vllm.v1.attention.backends.fa_utils import get_flash_attn_version, is_flash
 from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 from vllm.v1.worker.workspace import current_workspace_manager, is_workspace_manager_initialized
 
-from ..kernels import (KernelCodec, cached_attention, compress_store, extend_attention, gather_sequences,
+from ..kernels import (ExactRing, KernelCodec, cached_attention, compress_store, extend_attention, gather_sequences,
                        paged_decode_attention)
 from ..kernels.codec import KERNEL_HEAD_DIMS
 from ..kernels.launch import multiprocessor_count
 from ..kernels.rotate import SHORT_TILE_MAX_TOKENS as ROTATE_SHORT_TILE_MAX_TOKENS
 from .batch_invariance import install_residual_rms_norm
-from .exact_tokens import ExactRing, ExactStep, ExactTokens, merge
+from .exact_tokens import ExactStep, ExactTokens
 from .prefill_groups import PrefillGroup, chunk_decode_queries, engine_gathers, prefill_groups, prefill_route
 from .settings import VllmSettings
 
@@ -231,10 +231,7 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
                                            or kv_sharing_target_layer_name):
             raise ValueError("turboquant exact_sinks/exact_recent serve full-attention layers that store their own "
                              "cache, outside vLLM's batch-invariant mode (a token's ring entry depends on the batch)")
-        self.exact_ring: ExactRing | None = None
-        self.exact_capacity = sum(ExactTokens.capacities(self.settings.exact_sinks, self.settings.exact_recent,
-                                                         vllm_config.scheduler_config.max_num_seqs)) \
-            if self.settings.exact_tokens else 0
+        self.exact_ring: ExactRing | None = None  # built on the first step that has the builder's ExactTokens
         self.num_layers = vllm_config.model_config.get_total_num_hidden_layers()
         self.kv_cache_dtype = kv_cache_dtype
         self.num_heads, self.head_size, self.scale = num_heads, head_size, float(scale)
@@ -281,51 +278,29 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
             self._compile_prefill_kernels(query, key, value, kv_cache, codec, meta)
         # the tokens that attend as decode queries over the cache: decode steps, and short chunks' tokens
         decode_queries = num_tokens if meta.prefill_route == "decode" else decode_tokens
-        if meta.exact is not None:  # before the store, which the decode launch follows directly
-            self._exact_ring(key, kv_cache).write(meta.exact, key[:meta.slot_mapping.shape[0]],
-                                                  value[:meta.slot_mapping.shape[0]], meta.slot_mapping,
-                                                  kv_cache.shape[0] * codec.layout.block_size)
+        if meta.exact is not None and self.exact_ring is None:
+            self.exact_ring = meta.exact.tokens.ring(codec.layout, kv_cache.shape[0], key.dtype, kv_cache.device)
         # the first decode launch starts while the store runs (programmatic dependent launch)
         rotated = self._store(key, value, kv_cache, codec, meta, query[:decode_queries], bool(decode_queries))
         queries = query if rotated is None else rotated
-        if decodes and meta.exact is not None:
-            self._decode_with_exact_tokens(query[:decode_tokens], queries[:decode_tokens], rotated is not None,
-                                           kv_cache, codec, meta, output[:decode_tokens])
-        elif decodes:
+        ring = None if meta.exact is None else self.exact_ring
+        if decodes:
             # The kernel's launches depend only on shapes (batch, block-table width), so a captured CUDA
             # graph replays them.
             paged_decode_attention(
                 queries[:decode_tokens], kv_cache, codec, meta.block_table[:decodes], meta.seq_lens[:decodes],
                 self.scale, self.sliding_window, self.softcap, out=output[:decode_tokens],
-                query_rotated=rotated is not None, after_store=True)
+                query_rotated=rotated is not None, after_store=True, exact=ring,
+                exact_middle=None if ring is None else (meta.exact.middle_ends, meta.exact.middle_starts))
         if meta.num_prefills:
             rows = slice(decode_tokens, num_tokens)
             if meta.prefill_route == "decode":
                 paged_decode_attention(queries[rows], kv_cache, codec, meta.chunk_block_table, meta.chunk_seq_lens,
                                        self.scale, self.sliding_window, self.softcap, out=output[rows],
-                                       query_rotated=rotated is not None, after_store=not decodes)
+                                       query_rotated=rotated is not None, after_store=not decodes, exact=ring)
             else:
                 self._prefill(query[rows], key[rows], value[rows], kv_cache, codec, meta, output[rows])
         return output
-
-    def _exact_ring(self, key: torch.Tensor, kv_cache: torch.Tensor) -> ExactRing:
-        """This layer's ring of exact keys and values, built on its first step (before graph capture)."""
-        if self.exact_ring is None:  # vLLM's config is not readable here (forward time): sized in __init__
-            self.exact_ring = ExactRing(self.exact_capacity, self.num_kv_heads, self.head_size, key.dtype,
-                                        kv_cache.device)
-        return self.exact_ring
-
-    def _decode_with_exact_tokens(self, query, queries, query_rotated: bool, kv_cache, codec,
-                                  meta: TurboQuantMetadata, out: torch.Tensor) -> None:
-        """Decode rows: the compressed middle of each sequence through the kernels, its sinks and latest
-        tokens through the ring (`exact_tokens.py`), merged by their log-sum-exps."""
-        decodes, exact = meta.num_decodes, meta.exact
-        middle, middle_lse = paged_decode_attention(
-            queries, kv_cache, codec, meta.block_table[:decodes], exact.middle_ends, self.scale, None, self.softcap,
-            key_starts=exact.middle_starts, return_lse=True, query_rotated=query_rotated, after_store=True)
-        ends, ends_lse = self.exact_ring.attend(exact, query, kv_cache, codec, meta.block_table[:decodes],
-                                                meta.seq_lens[:decodes], self.scale, self.softcap)
-        out.copy_(merge(middle, middle_lse, ends, ends_lse))
 
     def _compile_prefill_kernels(self, query, key, value, kv_cache, codec, meta: TurboQuantMetadata) -> None:
         """Compile the Triton kernels of the prefill routes for this layer's tensors on its first uncaptured
@@ -358,7 +333,9 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
         return compress_store(key[:num_slots], value[:num_slots], meta.slot_mapping, kv_cache, codec,
                               fixed_tile=envs.VLLM_BATCH_INVARIANT,
                               queries=queries if queries is not None and queries.shape[0] else None,
-                              launch_dependents=launch_dependents)
+                              launch_dependents=launch_dependents,
+                              ring=None if meta.exact is None else self.exact_ring,
+                              entries=None if meta.exact is None else meta.exact.entries)
 
     def _prefill(self, query, key, value, kv_cache, codec, meta: TurboQuantMetadata, out: torch.Tensor) -> None:
         route = meta.prefill_route
