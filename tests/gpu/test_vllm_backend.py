@@ -215,6 +215,7 @@ def test_exact_sinks_and_recent_tokens_are_read_from_the_ring(backend, monkeypat
     module, config = backend
     config.additional_config = {"turboquant": {"preset": "k4v4", "exact_sinks": 2, "exact_recent": 5}}
     config.scheduler_config = SimpleNamespace(max_num_seqs=4, max_num_batched_tokens=128)
+    config.model_config.dtype = torch.bfloat16
     device = "cuda" if torch.cuda.is_available() else "cpu"
     generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
 

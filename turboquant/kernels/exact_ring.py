@@ -32,17 +32,25 @@ class ExactRing:
     sinks: int
     recent: int
 
+    @staticmethod
+    def allocate_rows(entries: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                      device) -> tuple[torch.Tensor, torch.Tensor]:
+        keys = torch.zeros(entries + 1, num_kv_heads, head_dim, dtype=dtype, device=device)
+        return keys, torch.zeros_like(keys)
+
     @classmethod
     def allocate(cls, entries: int, layout: PagedLayout, num_blocks: int, sinks: int, recent: int,
-                 dtype: torch.dtype, device, tables: "ExactRing | None" = None) -> "ExactRing":
-        """A ring of `entries`; `tables`: share that ring's slot tables (layers of one engine do)."""
-        keys = torch.zeros(entries + 1, layout.num_kv_heads, layout.head_dim, dtype=dtype, device=device)
+                 dtype: torch.dtype, device, tables: "ExactRing | None" = None,
+                 rows: tuple[torch.Tensor, torch.Tensor] | None = None) -> "ExactRing":
+        """A ring of `entries` (on `rows` from `allocate_rows` where given); `tables`: share that ring's slot
+        tables (the layers of one engine do)."""
+        keys, values = rows or cls.allocate_rows(entries, layout.num_kv_heads, layout.head_dim, dtype, device)
         if tables is None:
             slot_of_entry = torch.full((entries + 1,), -1, dtype=torch.int64, device=device)
             entry_of_slot = torch.full((num_blocks * layout.block_size + 1,), -1, dtype=torch.int32, device=device)
         else:
             slot_of_entry, entry_of_slot = tables.slot_of_entry, tables.entry_of_slot
-        return cls(keys, torch.zeros_like(keys), slot_of_entry, entry_of_slot, sinks, recent)
+        return cls(keys, values, slot_of_entry, entry_of_slot, sinks, recent)
 
     def check(self, layout: PagedLayout, dtype: torch.dtype, cache: torch.Tensor) -> None:
         entries = self.slot_of_entry.shape[0]

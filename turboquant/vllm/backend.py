@@ -236,6 +236,13 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
         self.kv_cache_dtype = kv_cache_dtype
         self.num_heads, self.head_size, self.scale = num_heads, head_size, float(scale)
         self.num_kv_heads = num_kv_heads or num_heads
+        # the ring's rows now, with the model, so that vLLM's memory profile leaves them out of the KV budget
+        self.exact_rows = ExactRing.allocate_rows(
+            sum(ExactTokens.capacities(self.settings.exact_sinks, self.settings.exact_recent,
+                                       vllm_config.scheduler_config.max_num_seqs)),
+            self.num_kv_heads, head_size, vllm_config.model_config.dtype,
+            torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu") \
+            if self.settings.exact_tokens else None
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
         self.sliding_window = sliding_window
         self.softcap = logits_soft_cap if logits_soft_cap else None
@@ -279,7 +286,7 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
         # the tokens that attend as decode queries over the cache: decode steps, and short chunks' tokens
         decode_queries = num_tokens if meta.prefill_route == "decode" else decode_tokens
         if meta.exact is not None and self.exact_ring is None:
-            self.exact_ring = meta.exact.tokens.ring(codec.layout, kv_cache.shape[0], key.dtype, kv_cache.device)
+            self.exact_ring = meta.exact.tokens.ring(codec.layout, kv_cache.shape[0], self.exact_rows)
         # the first decode launch starts while the store runs (programmatic dependent launch)
         rotated = self._store(key, value, kv_cache, codec, meta, query[:decode_queries], bool(decode_queries))
         queries = query if rotated is None else rotated

@@ -71,12 +71,13 @@ class ExactTokens:
         self.middle_ends[:num_decodes] = (seq_lens[:num_decodes] - self.recent).clamp(min=self.sinks)
         return ExactStep(self, self.entries, self.middle_ends[:num_decodes], self.middle_starts[:num_decodes])
 
-    def ring(self, layout, num_blocks: int, dtype: torch.dtype, device) -> ExactRing:
-        """A new layer's ring, on the slot tables of the engine's first (their size known once the cache is)."""
+    def ring(self, layout, num_blocks: int, rows: tuple[torch.Tensor, torch.Tensor]) -> ExactRing:
+        """A layer's ring on its `rows` (allocated with the model, so that vLLM's memory profile counts them)
+        and the slot tables of the engine's first ring (their size is known once the cache's is)."""
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             raise RuntimeError("turboquant exact tokens: a layer's ring must exist before CUDA graph capture")
-        ring = ExactRing.allocate(self.capacity, layout, num_blocks, self.sinks, self.recent, dtype, device,
-                                  tables=self.tables)
+        ring = ExactRing.allocate(self.capacity, layout, num_blocks, self.sinks, self.recent, rows[0].dtype,
+                                  rows[0].device, tables=self.tables, rows=rows)
         if self.tables is None:
             self.tables = ring
         return ring
