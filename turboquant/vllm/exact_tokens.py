@@ -18,9 +18,11 @@ import torch
 
 from ..kernels import ExactRing
 
-# Ring entries per running sequence and exact token: room for a second generation of entries before the
-# first is handed out again.
-RING_SLACK = 2
+# The ring holds the sinks and latest tokens of this many sequences (or of max_num_seqs, if fewer). vLLM
+# defaults to 1024 sequences on an H100/H200, where a ring for all of them would take ~10 GB of the 8B
+# shape's KV budget at 4 + 32 tokens; past this many running sequences the oldest entries are handed out
+# again sooner, and those tokens read compressed: fidelity degrades, results stay correct.
+RING_SEQUENCES = 256
 
 
 @dataclass
@@ -50,7 +52,8 @@ class ExactTokens:
     @staticmethod
     def capacities(sinks: int, recent: int, max_num_seqs: int) -> tuple[int, int]:
         """Ring entries for sinks and for recent tokens (at least one each: the modulus of their cursors)."""
-        return max(1, RING_SLACK * sinks * max_num_seqs), max(1, RING_SLACK * recent * max_num_seqs)
+        sequences = min(max_num_seqs, RING_SEQUENCES)
+        return max(1, sinks * sequences), max(1, recent * sequences)
 
     def step(self, query_start: torch.Tensor, seq_lens: torch.Tensor, num_tokens: int, num_reqs: int,
              num_decodes: int) -> ExactStep:

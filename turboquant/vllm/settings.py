@@ -7,8 +7,9 @@
 
 `additional_config` is vLLM's per-engine dictionary for plugins: it travels to every worker and is part
 of vLLM's compile-cache hash. Inside vLLM the cache holds every token compressed (paged blocks are
-shared by prefix caching, so there is no per-request full-precision window, sink or centering mean);
-the tokens of the chunk being prefilled are attended to in full precision.
+shared by prefix caching, so there is no per-request centering mean); the tokens of the chunk being
+prefilled are attended to in full precision, and with `exact_sinks` / `exact_recent` decode steps read a
+sequence's first and latest tokens exactly, from a ring beside the cache (`exact_tokens.py`).
 """
 
 from __future__ import annotations
