@@ -22,15 +22,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gemv_sass import print_and_save, resource_summary  # noqa: E402
 from turboquant.kernels.decode import _decode_reduce_kernel, reduce_constants  # noqa: E402
 
-POINTERS = dict(partial_out_ptr="*fp32", partial_lse_ptr="*fp32", rotation_ptr="*fp32", out_ptr="*bf16",
-                lse_ptr="*fp32")
+POINTERS = dict(partial_out_ptr="*fp32", partial_lse_ptr="*fp32", extra_out_ptr="*fp32", extra_lse_ptr="*fp32",
+                rotation_ptr="*fp32", out_ptr="*bf16", lse_ptr="*fp32")
 SCALARS = dict(num_rows="i32", stride_out_seq="i32", stride_out_head="i32")
 
 
 def compile_reduction(head_dim: int, num_splits: int, unrotate: bool) -> dict:
     names = list(_decode_reduce_kernel.arg_names)
     constants = reduce_constants(num_splits, head_dim, unrotate) | dict(
-        HEADS=32, HEAD_DIM=head_dim, RETURN_LSE=False, CHAINED=False)
+        HEADS=32, HEAD_DIM=head_dim, RETURN_LSE=False, CHAINED=False, EXTRA=False)
     signature = {name: (POINTERS | SCALARS).get(name, "constexpr") for name in names}
     constants = {name: constants[name] for name in names if name in constants}
     aligned = {(names.index(name),): [["tt.divisibility", 16]] for name in POINTERS}

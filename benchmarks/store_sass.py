@@ -28,7 +28,9 @@ from turboquant.kernels.store import _compress_store_kernel  # noqa: E402
 
 POINTERS = dict(keys_ptr="*bf16", values_ptr="*bf16", rotation_ptr="*bf16", queries_ptr="*bf16",
                 slot_mapping_ptr="*i64", cache_ptr="*u8", rotated_queries_ptr="*fp32", key_centroids_ptr="*fp32",
-                key_boundaries_ptr="*fp32", value_centroids_ptr="*fp32", value_boundaries_ptr="*fp32")
+                key_boundaries_ptr="*fp32", value_centroids_ptr="*fp32", value_boundaries_ptr="*fp32",
+                entries_ptr="*i32", ring_keys_ptr="*bf16", ring_values_ptr="*bf16", slot_of_entry_ptr="*i64",
+                entry_of_slot_ptr="*i32")
 PART_SCALE_BF16 = 256.0  # codec.PART_SCALES[torch.bfloat16]
 
 
@@ -40,7 +42,7 @@ def compile_store(head_dim: int, bits: int, rows: int, columns: int, rotation: s
     constants = page_constants(codec.layout) | dict(
         GROUP=4, NORM_CORRECTION=True, ROWS=rows, PART_SCALE=PART_SCALE_BF16, SIGN_SCALE=codec.rotation_sign_scale,
         KEY_COORDS=packed.coords, KEY_GROUP_BYTES=packed.group_bytes, VALUE_COORDS=packed.coords,
-        VALUE_GROUP_BYTES=packed.group_bytes, COLUMNS=columns, LAUNCH_DEPENDENTS=False)
+        VALUE_GROUP_BYTES=packed.group_bytes, COLUMNS=columns, LAUNCH_DEPENDENTS=False, RING=False)
     pointers = POINTERS | (dict(rotation_ptr="*i8") if rotation == "signs" else {})
     signature = {name: pointers.get(name, "constexpr" if name in constants else "i32") for name in names}
     constants = {name: constants[name] for name in names if name in constants}

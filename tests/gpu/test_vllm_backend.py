@@ -200,3 +200,85 @@ def test_compiling_the_prefill_kernels_before_serving_writes_nothing(backend, to
     before = ref.cache.clone()
     impl._compile_prefill_kernels(query, keys, keys.clone(), ref.cache, ref.codec, meta)
     assert torch.equal(ref.cache, before) and not impl.prefill_uncompiled
+
+
+def test_exact_sinks_and_recent_tokens_are_read_from_the_ring(backend, monkeypatch):
+    """Settings exact_sinks=2, exact_recent=5: a prefill step puts each sequence's first 2 and last 5
+    tokens in the ring; the decode step after it attends to those (and its own token) in the model's
+    dtype and to the rest compressed. A sequence whose prefix was stored outside the backend (no ring
+    entries) reads it compressed, its own new token exact."""
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+
+    from turboquant.kernels import compress_store
+    from turboquant.kernels.reference import attention_reference, gather_sequence_reference
+
+    module, config = backend
+    config.additional_config = {"turboquant": {"preset": "k4v4", "exact_sinks": 2, "exact_recent": 5}}
+    config.scheduler_config = SimpleNamespace(max_num_seqs=4, max_num_batched_tokens=128)
+    config.model_config.dtype = torch.bfloat16
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator).to(device, torch.bfloat16)
+
+    impl = module.TurboQuantImpl(HEADS, HEAD_DIM, HEAD_DIM ** -0.5, KV_HEADS)
+    layer = SimpleNamespace(layer_name="model.layers.1.self_attn.attn")
+    spec = SimpleNamespace(num_kv_heads=KV_HEADS, head_size=HEAD_DIM)
+    builder = module.TurboQuantMetadataBuilder(spec, ["x"], config, device)
+
+    def config_outside_setup():  # as vLLM's: no current config at forward time
+        raise AssertionError("Current vLLM config is not set")
+    monkeypatch.setattr(module, "get_current_vllm_config", config_outside_setup)
+    block_table = torch.randperm(3 * 4, generator=generator)[:12].reshape(3, 4).to(torch.int32).to(device)
+    cache = torch.zeros(12, KV_HEADS, BLOCK_SIZE * (32 + 32 + 8), dtype=torch.uint8, device=device)
+    codec = impl._codec(layer, cache)
+
+    def slots(seq, start, count):
+        positions = torch.arange(start, start + count, device=device)
+        return block_table[seq, positions // BLOCK_SIZE].long() * BLOCK_SIZE + positions % BLOCK_SIZE
+
+    def step(requests):  # [(seq, start, count)] → the step's query, keys, values, output
+        new = [count for _, _, count in requests]
+        tokens = sum(new)
+        query = randn(tokens, HEADS, HEAD_DIM)
+        keys, values = randn(tokens, KV_HEADS, HEAD_DIM), randn(tokens, KV_HEADS, HEAD_DIM)
+        query_start = torch.zeros(len(new) + 1, dtype=torch.int32)
+        query_start[1:] = torch.tensor(new).cumsum(0)
+        seq_lens = torch.tensor([start + count for _, start, count in requests], dtype=torch.int32)
+        common = CommonAttentionMetadata(
+            query_start_loc=query_start.to(device), query_start_loc_cpu=query_start, seq_lens=seq_lens.to(device),
+            num_reqs=len(new), num_actual_tokens=tokens, max_query_len=max(new), max_seq_len=int(seq_lens.max()),
+            block_table_tensor=block_table[[seq for seq, _, _ in requests]].contiguous(),
+            slot_mapping=torch.cat([slots(*request) for request in requests]), seq_lens_cpu_upper_bound=seq_lens)
+        output = torch.empty(tokens, HEADS * HEAD_DIM, dtype=torch.bfloat16, device=device)
+        impl.forward(layer, query, keys, values, cache, builder.build(0, common), output)
+        return query, keys, values, output.view(-1, HEADS, HEAD_DIM).float()
+
+    lengths = [21, 12]
+    outside = (randn(9, KV_HEADS, HEAD_DIM), randn(9, KV_HEADS, HEAD_DIM))  # sequence 2's prefix
+    compress_store(*outside, slots(2, 0, 9), cache, codec)
+    _, prefill_keys, prefill_values, _ = step([(0, 0, lengths[0]), (1, 0, lengths[1])])
+    query, keys, values, output = step([(0, lengths[0], 1), (1, lengths[1], 1), (2, 9, 1)])
+
+    exact_keys = [torch.cat([prefill_keys[:21], keys[0:1]]), torch.cat([prefill_keys[21:], keys[1:2]])]
+    exact_values = [torch.cat([prefill_values[:21], values[0:1]]), torch.cat([prefill_values[21:], values[1:2]])]
+    expectations = []
+    for seq, length in enumerate([22, 13, 10]):
+        ref_keys, ref_values = gather_sequence_reference(cache, codec, block_table[seq], length)
+        exact = [0, 1, *range(length - 5, length)] if seq < 2 else [length - 1]
+        if seq < 2:
+            ref_keys[exact], ref_values[exact] = exact_keys[seq][exact].float(), exact_values[seq][exact].float()
+        else:
+            ref_keys[exact], ref_values[exact] = keys[2:3].float(), values[2:3].float()
+        positions = torch.arange(length, device=device)
+        expected, _ = attention_reference(query[seq:seq + 1].float(), ref_keys, ref_values, positions[-1:], positions,
+                                          impl.scale)
+        # bf16 output rounding and fp16 level products in the kernels (as the other backend tests)
+        torch.testing.assert_close(output[seq], expected[0], atol=2e-2, rtol=2e-2)
+        expectations.append(expected[0])
+    # the tolerance tells the two apart: reading the first sequence's ends compressed lands farther away
+    ref_keys, ref_values = gather_sequence_reference(cache, codec, block_table[0], 22)
+    compressed, _ = attention_reference(query[:1].float(), ref_keys, ref_values, torch.arange(21, 22, device=device),
+                                        torch.arange(22, device=device), impl.scale)
+    assert (output[0] - expectations[0]).norm() < 0.5 * (output[0] - compressed[0]).norm()

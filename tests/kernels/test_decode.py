@@ -175,12 +175,14 @@ def test_decode_rejects_bad_input(device, generator):
 
 
 
-@pytest.mark.parametrize("num_splits, split_block, unrotate", [(5, 2, False), (8, 8, False), (3, 1, False),
-                                                               (5, 2, True), (8, 4, True)])
-def test_split_reduction_in_blocks_matches_one_softmax(num_splits, split_block, unrotate, device, generator):
+@pytest.mark.parametrize("num_splits, split_block, unrotate, extra", [
+    (5, 2, False, False), (8, 8, False, False), (3, 1, False, False), (5, 2, True, False), (8, 4, True, False),
+    (5, 2, False, True), (8, 4, True, True)])
+def test_split_reduction_in_blocks_matches_one_softmax(num_splits, split_block, unrotate, extra, device, generator):
     """The reduction merges partial outputs `split_block` splits at a time (wide latents would spill
     holding them all); a split that saw no key (lse −inf, its partial output never written: NaN here)
-    and a row that saw none at all weigh 0. `unrotate`: 16 rows per program, then x @ R."""
+    and a row that saw none at all weigh 0. `unrotate`: 16 rows per program, then x @ R. `extra`: one
+    more partial per row from a buffer of its own (`exact_ring`'s), merged as one more split."""
     import triton
 
     from turboquant.kernels.decode import UNROTATE_ROWS, _decode_reduce_kernel
@@ -195,12 +197,20 @@ def test_split_reduction_in_blocks_matches_one_softmax(num_splits, split_block, 
     out = torch.full((batch, heads + 2, head_dim), 7.0)[:, 1:-1]  # strided rows, as vLLM's slices can be
     out_lse = torch.empty(batch, heads)
     out, out_lse = out.to(device), out_lse.to(device)
+    extra_partial = torch.randn(batch, heads, pad, generator=generator)
+    extra_lse = torch.randn(batch, heads, generator=generator) * 3
+    extra_lse[1, 1], extra_lse[2, 3] = float("-inf"), float("-inf")
+    extra_partial[extra_lse == float("-inf")] = float("nan")
     rows = UNROTATE_ROWS if unrotate else 1
     _decode_reduce_kernel[(triton.cdiv(batch * heads, rows),)](
-        partial.to(device), lse.to(device), rotation.to(device), out, out_lse, batch * heads, out.stride(0),
-        out.stride(1), HEADS=heads, NUM_SPLITS=num_splits, NUM_SPLITS_PAD=triton.next_power_of_2(num_splits),
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, SPLIT_BLOCK=split_block, ROWS=rows, UNROTATE=unrotate, COLUMNS=16,
-        RETURN_LSE=True, CHAINED=False)
+        partial.to(device), lse.to(device), extra_partial.to(device), extra_lse.to(device), rotation.to(device), out,
+        out_lse, batch * heads, out.stride(0), out.stride(1), HEADS=heads, NUM_SPLITS=num_splits,
+        NUM_SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim, HEAD_DIM_PAD=pad,
+        SPLIT_BLOCK=split_block, ROWS=rows, UNROTATE=unrotate, COLUMNS=16, RETURN_LSE=True, CHAINED=False,
+        EXTRA=extra)
+    if extra:
+        partial = torch.cat([partial, extra_partial[:, :, None]], dim=2)
+        lse = torch.cat([lse, extra_lse[:, :, None]], dim=2)
     weights = torch.softmax(lse * 0.6931471805599453, dim=-1).nan_to_num(0.0)  # lse is in log2 units
     expected = (weights[..., None] * partial.nan_to_num(0.0)).sum(2)[..., :head_dim]
     if unrotate:

@@ -32,6 +32,7 @@ def test_boundary_layers_store_8_bit_codes_when_asked():
     ("k3v3", VllmSettings(preset="k3v3")),
     ({"preset": "k4v3", "boundary_layers": 2}, VllmSettings(preset="k4v3", boundary_layers=2)),
     ({"boundary_bits": 4, "seed": 7}, VllmSettings(boundary_bits=4, seed=7)),
+    ({"exact_sinks": 4, "exact_recent": 32}, VllmSettings(exact_sinks=4, exact_recent=32)),
 ])
 def test_parses_a_preset_name_or_a_dict(value, expected):
     assert VllmSettings.from_additional_config({"turboquant": value, "other_plugin": 1}) == expected
@@ -42,6 +43,7 @@ def test_parses_a_preset_name_or_a_dict(value, expected):
     ({"preset": "k4v4", "window": 128}, "unknown key"),
     ({"boundary_bits": None}, "boundary_bits must be one of"),
     ({"boundary_layers": -1}, "boundary_layers must be a non-negative integer"),
+    ({"exact_recent": -8}, "exact_recent must be a non-negative integer"),
     (4, "must be a preset name or a dict"),
 ])
 def test_bad_settings_are_value_errors_that_name_the_setting(value, message):

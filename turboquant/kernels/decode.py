@@ -22,6 +22,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from . import decode_fragments
 from .codec import KernelCodec
+from .exact_ring import ExactRing, exact_window_partials
 from .launch import (FLOAT_DTYPES, SLICED_METADATA, check_block_table, check_codec_device, check_device_tensor,
                      head_dim_pad, lookup_constants, multiprocessor_count, page_constants,
                      programmatic_launch, programmatic_launch_available)
@@ -139,12 +140,14 @@ def _decode_split_kernel(
 
 
 @triton.jit(do_not_specialize=["num_rows"])
-def _decode_reduce_kernel(partial_out_ptr, partial_lse_ptr, rotation_ptr, out_ptr, lse_ptr, num_rows, stride_out_seq,
-                          stride_out_head, HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                          NUM_SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-                          SPLIT_BLOCK: tl.constexpr, ROWS: tl.constexpr, UNROTATE: tl.constexpr,
-                          COLUMNS: tl.constexpr, RETURN_LSE: tl.constexpr, CHAINED: tl.constexpr):
-    """Merge each (sequence · head) row's split partials by their log-sum-exps, ROWS rows per program;
+def _decode_reduce_kernel(partial_out_ptr, partial_lse_ptr, extra_out_ptr, extra_lse_ptr, rotation_ptr, out_ptr,
+                          lse_ptr, num_rows, stride_out_seq, stride_out_head, HEADS: tl.constexpr,
+                          NUM_SPLITS: tl.constexpr, NUM_SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+                          HEAD_DIM_PAD: tl.constexpr, SPLIT_BLOCK: tl.constexpr, ROWS: tl.constexpr,
+                          UNROTATE: tl.constexpr, COLUMNS: tl.constexpr, RETURN_LSE: tl.constexpr,
+                          CHAINED: tl.constexpr, EXTRA: tl.constexpr):
+    """Merge each (sequence · head) row's split partials by their log-sum-exps, ROWS rows per program
+    (EXTRA: and one more partial per row, [rows, HEAD_DIM_PAD] and [rows], from `exact_ring`);
     UNROTATE: then x @ R (fp32 R, tf32x3: fp32-accurate) in the same program, stored cast to out's dtype,
     which saves the un-rotation its own launch."""
     if CHAINED:  # launched programmatically after the split kernel; an un-rotation after it may start early
@@ -157,8 +160,13 @@ def _decode_reduce_kernel(partial_out_ptr, partial_lse_ptr, rotation_ptr, out_pt
     lse = tl.load(partial_lse_ptr + rows[:, None] * NUM_SPLITS + splits[None, :],
                   mask=rows_valid[:, None] & (splits < NUM_SPLITS)[None, :], other=float("-inf"))
     top = tl.max(lse, axis=1)
+    extra_lse = tl.full([ROWS], float("-inf"), tl.float32)
+    if EXTRA:
+        extra_lse = tl.load(extra_lse_ptr + rows, mask=rows_valid, other=float("-inf"))
+        top = tl.maximum(top, extra_lse)
     top = tl.where(top == float("-inf"), 0.0, top)  # an empty sequence: every weight is 0
-    total = tl.sum(tl.exp2(lse - top[:, None]), axis=1)
+    extra_weight = tl.exp2(extra_lse - top)
+    total = tl.sum(tl.exp2(lse - top[:, None]), axis=1) + extra_weight
     out = tl.zeros([ROWS, HEAD_DIM_PAD], dtype=tl.float32)
     for first in tl.static_range(0, NUM_SPLITS_PAD, SPLIT_BLOCK):  # [ROWS, SPLIT_BLOCK, HEAD_DIM_PAD] at a time
         block = first + tl.arange(0, SPLIT_BLOCK)
@@ -170,6 +178,9 @@ def _decode_reduce_kernel(partial_out_ptr, partial_lse_ptr, rotation_ptr, out_pt
         partial = tl.load(partial_out_ptr + ((rows[:, None] * NUM_SPLITS + block[None, :]) * HEAD_DIM_PAD)[:, :, None]
                           + dims[None, None, :], mask=(valid & (block_lse > float("-inf")))[:, :, None], other=0.0)
         out += tl.sum(weights[:, :, None] * partial, axis=1)
+    if EXTRA:
+        out += extra_weight[:, None] * tl.load(extra_out_ptr + rows[:, None] * HEAD_DIM_PAD + dims[None, :],
+                                               mask=(rows_valid & (extra_lse > float("-inf")))[:, None], other=0.0)
     out = out / tl.maximum(total, 1e-30)[:, None]
     row_ptrs = out_ptr + (rows // HEADS) * stride_out_seq + (rows % HEADS) * stride_out_head
     if UNROTATE:
@@ -215,16 +226,19 @@ def reduce_split_block(num_splits_pad: int, head_dim_pad: int, rows: int = 1) ->
 
 
 def reduce_splits(partial_out: torch.Tensor, partial_lse: torch.Tensor, out: torch.Tensor, lse: torch.Tensor | None,
-                  rotation: torch.Tensor | None = None, chained: bool = False) -> None:
+                  rotation: torch.Tensor | None = None, chained: bool = False,
+                  extra: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """out [batch, heads, D] (any strides of its first two axes, any float dtype) ← the splits merged:
-    partial_out [batch, heads, splits, D_pad] fp32 and partial_lse [batch, heads, splits] (log2 units);
+    partial_out [batch, heads, splits, D_pad] fp32 and partial_lse [batch, heads, splits] (log2 units),
+    and `extra` (out [batch, heads, D_pad], lse [batch, heads]) as one more split where given;
     `rotation` (fp32 [D, D]): un-rotated (x @ R) on the way. `lse` [batch, heads] fp32, natural log."""
     batch, heads, num_splits = partial_lse.shape
     constants = reduce_constants(num_splits, partial_out.shape[-1], rotation is not None)
+    extra_out, extra_lse = extra if extra is not None else (partial_out, partial_lse)  # not read without extra
     _decode_reduce_kernel[(triton.cdiv(batch * heads, constants["ROWS"]),)](
-        partial_out, partial_lse, partial_lse if rotation is None else rotation, out,
+        partial_out, partial_lse, extra_out, extra_lse, partial_lse if rotation is None else rotation, out,
         partial_lse if lse is None else lse, batch * heads, out.stride(0), out.stride(1), HEADS=heads,
-        HEAD_DIM=out.shape[-1], **constants, RETURN_LSE=lse is not None, CHAINED=chained,
+        HEAD_DIM=out.shape[-1], **constants, RETURN_LSE=lse is not None, CHAINED=chained, EXTRA=extra is not None,
         **programmatic_launch(chained),
     )
 
@@ -309,8 +323,9 @@ def paged_decode_attention(query: torch.Tensor, cache: torch.Tensor, codec: Kern
                            softcap: float | None = None, num_splits: int | None = None,
                            key_starts: torch.Tensor | None = None, return_lse: bool = False,
                            out: torch.Tensor | None = None, fragments: bool | None = None,
-                           query_rotated: bool = False,
-                           after_store: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                           query_rotated: bool = False, after_store: bool = False, exact: ExactRing | None = None,
+                           exact_middle: tuple[torch.Tensor, torch.Tensor] | None = None,
+                           ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """query [batch, num_q_heads, head_dim] (the token at position seq_len − 1 of each sequence) →
     attention output of the same shape and dtype. block_table int32 [batch, max_blocks], seq_lens int32
     [batch]. A CUDA graph must fix `num_splits` (the default depends only on shapes, not on values).
@@ -323,7 +338,10 @@ def paged_decode_attention(query: torch.Tensor, cache: torch.Tensor, codec: Kern
     is already rotated (x @ Rᵀ, e.g. by `compress_store(..., queries=)` in the launch that stored the step's
     keys), so this call launches no rotation of its own. `after_store`: that store is the launch just
     before this call and let its dependents start (`launch_dependents=True`): the split kernel starts
-    while it runs and waits for it before reading the query and the cache."""
+    while it runs and waits for it before reading the query and the cache. `exact` (`exact_ring.ExactRing`):
+    each sequence's first `exact.sinks` and latest `exact.recent` keys are read from the ring where it
+    still holds them, as one more split; the split kernels read the middle, positions [starts, ends) of
+    `exact_middle` (int32 [batch] each: max(seq_len − recent, sinks) and sinks; computed when None)."""
     layout = codec.layout
     layout.check_cache(cache)
     check_codec_device(codec, cache)
@@ -343,6 +361,18 @@ def paged_decode_attention(query: torch.Tensor, cache: torch.Tensor, codec: Kern
         check_device_tensor(key_starts, "key_starts", (torch.int32,), (batch,), cache.device)
     if out is not None:
         check_device_tensor(out, "out", FLOAT_DTYPES, query.shape, cache.device)
+    window_lengths = seq_lens
+    if exact is not None:
+        exact.check(layout, exact.keys.dtype, cache)
+        if sliding_window is not None or key_starts is not None:
+            raise ValueError("an exact ring reads each sequence's first and latest keys: not with sliding_window "
+                             "or key_starts")
+        if exact_middle is None:
+            exact_middle = ((seq_lens - exact.recent).clamp(min=exact.sinks).to(torch.int32),
+                            torch.full_like(seq_lens, exact.sinks))
+        for name, tensor in zip(("exact_middle ends", "exact_middle starts"), exact_middle):
+            check_device_tensor(tensor, name, (torch.int32,), (batch,), cache.device)
+        seq_lens, key_starts = exact_middle
     group = num_q_heads // layout.num_kv_heads
     max_tokens = block_table.shape[1] * layout.block_size
     if fragments is None:
@@ -377,7 +407,7 @@ def paged_decode_attention(query: torch.Tensor, cache: torch.Tensor, codec: Kern
     # (`benchmarks/kernels.py`, ours vs ours unchained), so larger batches launch one after another.
     pdl = programmatic_launch_available(cache.device)
     after_store = after_store and query_rotated and triton_splits > 0 and pdl
-    chained = batch == 1 and min_span is None and (after_store or not query_rotated) and pdl
+    chained = batch == 1 and min_span is None and (after_store or not query_rotated) and pdl and exact is None
     rotated_query = query if query_rotated else rotate(query, codec, launch_dependents=chained)
     partial_out = torch.empty(batch, num_q_heads, num_splits, pad, device=cache.device, dtype=torch.float32)
     partial_lse = torch.empty(batch, num_q_heads, num_splits, device=cache.device, dtype=torch.float32)
@@ -393,13 +423,15 @@ def paged_decode_attention(query: torch.Tensor, cache: torch.Tensor, codec: Kern
     if min_span is not None:
         decode_fragments.launch_split(rotated_query, cache, codec, block_table, seq_lens, key_starts, partial_out,
                                       partial_lse, scale, softcap, sliding_window, min_span, after_split=overlapped)
+    extra = None if exact is None else exact_window_partials(rotated_query, cache, codec, exact, block_table,
+                                                             window_lengths, scale, softcap)
     out = torch.empty_like(query) if out is None else out
     lse = torch.empty(batch, num_q_heads, device=cache.device, dtype=torch.float32) if return_lse else None
     # merge the splits and un-rotate the weighted value sum once, cast and stored into the caller's tensor
     if reduction_unrotates(num_splits, pad):
-        reduce_splits(partial_out, partial_lse, out, lse, rotation=codec.rotation, chained=chained)
+        reduce_splits(partial_out, partial_lse, out, lse, rotation=codec.rotation, chained=chained, extra=extra)
     else:
         rotated_out = torch.empty(batch, num_q_heads, layout.head_dim, device=cache.device, dtype=torch.float32)
-        reduce_splits(partial_out, partial_lse, rotated_out, lse, chained=chained)
+        reduce_splits(partial_out, partial_lse, rotated_out, lse, chained=chained, extra=extra)
         rotate(rotated_out, codec, inverse=True, out=out, after_previous=chained)
     return (out, lse) if return_lse else out

@@ -180,8 +180,9 @@ def _latent_store_kernel(kv_c_ptr, k_pe_ptr, slot_mapping_ptr, rotation_ptr, cac
     page_ptrs = cache_ptr + blocks * PAGE_BYTES
     x, norms, inverse_norms = _load_rows(kv_c_ptr, stride_kv_c, 0, tokens, rows_valid, 0, LATENT_DIM, LATENT_PAD)
     levels_sq = _quantize_block(x, inverse_norms, block, rotation_ptr, centroids_ptr, boundaries_ptr,
-                                page_ptrs + offsets * CODE_BYTES, rows_valid, NORM_CORRECTION, BITS, COORDS,
-                                GROUP_BYTES, LATENT_DIM, LATENT_PAD, PART_SCALE, SIGN_SCALE, COLUMNS, ROWS)
+                                page_ptrs + offsets * CODE_BYTES, rows_valid, page_ptrs, rows_valid, NORM_CORRECTION,
+                                BITS, COORDS, GROUP_BYTES, LATENT_DIM, LATENT_PAD, PART_SCALE, SIGN_SCALE, COLUMNS,
+                                ROWS, False)  # no exact ring: its pointers are never written
     if NORM_CORRECTION:
         tl.store(levels_sq_ptr + tokens * (LATENT_PAD // COLUMNS) + block, levels_sq, mask=tokens < num_tokens)
     if block == 0:

@@ -11,6 +11,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents
 
 from .codec import KernelCodec, PackedBits
+from .exact_ring import ExactRing
 from .launch import (check_codec_device, check_device_tensor, check_kv, head_dim_pad, page_constants,
                      programmatic_launch_available)
 from .packed_tile import store_indices
@@ -43,15 +44,20 @@ def _load_rows(x_ptr, stride_token, stride_head, tokens, rows_valid, head, HEAD_
 
 @triton.jit
 def _quantize_block(x, inverse_norms, block, rotation_ptr, centroids_ptr, boundaries_ptr, code_ptrs, rows_valid,
-                    NORM_CORRECTION: tl.constexpr, BITS: tl.constexpr, COORDS: tl.constexpr,
+                    ring_ptrs, ring_rows, NORM_CORRECTION: tl.constexpr, BITS: tl.constexpr, COORDS: tl.constexpr,
                     GROUP_BYTES: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-                    PART_SCALE: tl.constexpr, SIGN_SCALE: tl.constexpr, COLUMNS: tl.constexpr, ROWS: tl.constexpr):
-    """Rotate, quantize and pack coordinates block·COLUMNS … of each row; returns the rows' Σ level² over
-    them (0 without norm correction)."""
+                    PART_SCALE: tl.constexpr, SIGN_SCALE: tl.constexpr, COLUMNS: tl.constexpr, ROWS: tl.constexpr,
+                    RING: tl.constexpr):
+    """Rotate, quantize and pack coordinates block·COLUMNS … of each row (RING: also store the rotated
+    coordinates of the `ring_rows` at `ring_ptrs`); returns the rows' Σ level² over them (0 without norm
+    correction)."""
     dims = tl.arange(0, HEAD_DIM_PAD)
     columns = block * COLUMNS + tl.arange(0, COLUMNS)
-    unit = rotated_columns(x, rotation_ptr, columns, dims, HEAD_DIM, PART_SCALE, SIGN_SCALE, False)
-    unit = unit * inverse_norms[:, None]
+    rotated = rotated_columns(x, rotation_ptr, columns, dims, HEAD_DIM, PART_SCALE, SIGN_SCALE, False)
+    if RING:
+        tl.store(ring_ptrs[:, None] + columns[None, :], rotated.to(ring_ptrs.dtype.element_ty),
+                 mask=ring_rows[:, None] & (columns < HEAD_DIM)[None, :])
+    unit = rotated * inverse_norms[:, None]
     # Nearest level = number of decision boundaries below the value (torch.bucketize).
     indices = tl.zeros([ROWS, COLUMNS], dtype=tl.int32)
     if BITS <= 4:
@@ -79,17 +85,17 @@ def _quantize_block(x, inverse_norms, block, rotation_ptr, centroids_ptr, bounda
 
 @triton.jit
 def _quantize_rows(x_ptr, stride_token, stride_head, tokens, rows_valid, head, rotation_ptr, centroids_ptr,
-                   boundaries_ptr, code_ptrs, norm_ptrs, NORM_CORRECTION: tl.constexpr, BITS: tl.constexpr,
-                   COORDS: tl.constexpr, GROUP_BYTES: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   boundaries_ptr, code_ptrs, norm_ptrs, ring_ptrs, ring_rows, NORM_CORRECTION: tl.constexpr,
+                   BITS: tl.constexpr, COORDS: tl.constexpr, GROUP_BYTES: tl.constexpr, HEAD_DIM: tl.constexpr,
                    HEAD_DIM_PAD: tl.constexpr, PART_SCALE: tl.constexpr, SIGN_SCALE: tl.constexpr,
-                   COLUMNS: tl.constexpr, ROWS: tl.constexpr):
+                   COLUMNS: tl.constexpr, ROWS: tl.constexpr, RING: tl.constexpr):
     x, norms, inverse_norms = _load_rows(x_ptr, stride_token, stride_head, tokens, rows_valid, head, HEAD_DIM,
                                          HEAD_DIM_PAD)
     levels_sq = tl.zeros([ROWS], dtype=tl.float32)
     for block in tl.static_range(HEAD_DIM_PAD // COLUMNS):
         levels_sq += _quantize_block(x, inverse_norms, block, rotation_ptr, centroids_ptr, boundaries_ptr, code_ptrs,
-                                     rows_valid, NORM_CORRECTION, BITS, COORDS, GROUP_BYTES, HEAD_DIM, HEAD_DIM_PAD,
-                                     PART_SCALE, SIGN_SCALE, COLUMNS, ROWS)
+                                     rows_valid, ring_ptrs, ring_rows, NORM_CORRECTION, BITS, COORDS, GROUP_BYTES,
+                                     HEAD_DIM, HEAD_DIM_PAD, PART_SCALE, SIGN_SCALE, COLUMNS, ROWS, RING)
     if NORM_CORRECTION:
         norms = _safe_divide(norms, tl.sqrt(levels_sq))
     tl.store(norm_ptrs.to(tl.pointer_type(tl.float32)), norms, mask=rows_valid)
@@ -99,7 +105,8 @@ def _quantize_rows(x_ptr, stride_token, stride_head, tokens, rows_valid, head, r
 def _compress_store_kernel(
     keys_ptr, values_ptr, slot_mapping_ptr, rotation_ptr, cache_ptr,
     key_centroids_ptr, key_boundaries_ptr, value_centroids_ptr, value_boundaries_ptr, queries_ptr,
-    rotated_queries_ptr, num_tokens, num_query_tokens, stride_key_token, stride_key_head, stride_value_token,
+    rotated_queries_ptr, entries_ptr, ring_keys_ptr, ring_values_ptr, slot_of_entry_ptr, entry_of_slot_ptr,
+    num_tokens, num_query_tokens, stride_key_token, stride_key_head, stride_value_token,
     stride_value_head, stride_query_token, stride_query_head, stride_rotated_token, stride_rotated_head,
     GROUP: tl.constexpr, NUM_KV_HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_PAGE_BYTES: tl.constexpr,
     VALUES_OFFSET: tl.constexpr, KEY_NORMS_OFFSET: tl.constexpr, VALUE_NORMS_OFFSET: tl.constexpr,
@@ -107,7 +114,7 @@ def _compress_store_kernel(
     KEY_BITS: tl.constexpr, KEY_COORDS: tl.constexpr, KEY_GROUP_BYTES: tl.constexpr, KEY_BYTES: tl.constexpr,
     VALUE_BITS: tl.constexpr, VALUE_COORDS: tl.constexpr, VALUE_GROUP_BYTES: tl.constexpr,
     VALUE_BYTES: tl.constexpr, PART_SCALE: tl.constexpr, SIGN_SCALE: tl.constexpr, COLUMNS: tl.constexpr,
-    ROWS: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr,
+    ROWS: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr, RING: tl.constexpr,
 ):
     if LAUNCH_DEPENDENTS:  # the decode launched next may start now; it waits for this one before reading
         gdc_launch_dependents()
@@ -124,16 +131,29 @@ def _compress_store_kernel(
         return
     rows_valid, blocks, offsets = _slots(slot_mapping_ptr, tokens, num_tokens, BLOCK_SIZE)
     page_ptrs = cache_ptr + (blocks * NUM_KV_HEADS + head) * HEAD_PAGE_BYTES
+    # RING (`exact_ring.py`): tokens with an entry also go there, rotated, in the model's dtype; each
+    # stored slot records its entry (−1: none), written by one head's key programs
+    entries = tl.full([ROWS], -1, tl.int64)
+    if RING:
+        entries = tl.load(entries_ptr + tokens, mask=rows_valid, other=-1).to(tl.int64)
+        if (role == 0) & (head == 0):
+            slots = blocks * BLOCK_SIZE + offsets
+            tl.store(entry_of_slot_ptr + slots, entries.to(tl.int32), mask=rows_valid)
+            tl.store(slot_of_entry_ptr + entries, slots, mask=rows_valid & (entries >= 0))
+    ring_rows = rows_valid & (entries >= 0)
+    ring_row = (tl.maximum(entries, 0) * NUM_KV_HEADS + head) * HEAD_DIM
     if role == 0:
         _quantize_rows(keys_ptr, stride_key_token, stride_key_head, tokens, rows_valid, head, rotation_ptr,
                        key_centroids_ptr, key_boundaries_ptr, page_ptrs + offsets * KEY_BYTES,
-                       page_ptrs + KEY_NORMS_OFFSET + offsets * 4, NORM_CORRECTION, KEY_BITS, KEY_COORDS,
-                       KEY_GROUP_BYTES, HEAD_DIM, HEAD_DIM_PAD, PART_SCALE, SIGN_SCALE, COLUMNS, ROWS)
+                       page_ptrs + KEY_NORMS_OFFSET + offsets * 4, ring_keys_ptr + ring_row, ring_rows,
+                       NORM_CORRECTION, KEY_BITS, KEY_COORDS, KEY_GROUP_BYTES, HEAD_DIM, HEAD_DIM_PAD, PART_SCALE,
+                       SIGN_SCALE, COLUMNS, ROWS, RING)
     else:
         _quantize_rows(values_ptr, stride_value_token, stride_value_head, tokens, rows_valid, head, rotation_ptr,
                        value_centroids_ptr, value_boundaries_ptr, page_ptrs + VALUES_OFFSET + offsets * VALUE_BYTES,
-                       page_ptrs + VALUE_NORMS_OFFSET + offsets * 4, NORM_CORRECTION, VALUE_BITS, VALUE_COORDS,
-                       VALUE_GROUP_BYTES, HEAD_DIM, HEAD_DIM_PAD, PART_SCALE, SIGN_SCALE, COLUMNS, ROWS)
+                       page_ptrs + VALUE_NORMS_OFFSET + offsets * 4, ring_values_ptr + ring_row, ring_rows,
+                       NORM_CORRECTION, VALUE_BITS, VALUE_COORDS, VALUE_GROUP_BYTES, HEAD_DIM, HEAD_DIM_PAD,
+                       PART_SCALE, SIGN_SCALE, COLUMNS, ROWS, RING)
 
 
 # Up to this many tokens a store is latency-bound (a decode step of up to 64 sequences): 16-bit rows at
@@ -162,7 +182,8 @@ def store_columns(head_dim_pad: int, part_scale: float, num_tokens: int | None) 
 
 def compress_store(keys: torch.Tensor, values: torch.Tensor, slot_mapping: torch.Tensor, cache: torch.Tensor,
                    codec: KernelCodec, fixed_tile: bool = False, queries: torch.Tensor | None = None,
-                   rotated_queries: torch.Tensor | None = None, launch_dependents: bool = False) -> torch.Tensor | None:
+                   rotated_queries: torch.Tensor | None = None, launch_dependents: bool = False,
+                   ring: ExactRing | None = None, entries: torch.Tensor | None = None) -> torch.Tensor | None:
     """Write keys/values [tokens, kv_heads, head_dim] (fp16/bf16/fp32) into `cache` at slot_mapping[i]
     (int32/int64 [tokens], block · block_size + offset; negative = skip). `fixed_tile`: one tile height
     whatever the token count, so that a token's codes do not depend on how many were stored with it (a
@@ -171,7 +192,8 @@ def compress_store(keys: torch.Tensor, values: torch.Tensor, slot_mapping: torch
     as `rotate.rotate` does, into `rotated_queries` (fp32, their shape; allocated when None), which is
     returned: what `paged_decode_attention(..., query_rotated=True)` reads. One launch fewer per decode step.
     `launch_dependents`: the decode launched next by programmatic dependent launch may start while this
-    one runs (`paged_decode_attention(..., after_store=True)`)."""
+    one runs (`paged_decode_attention(..., after_store=True)`). `ring` with `entries` (int32 [≥ tokens], −1:
+    none): token i also goes to entry entries[i] of the ring, and every stored slot records its entry."""
     layout = codec.layout
     layout.check_cache(cache)
     check_codec_device(codec, cache)
@@ -192,6 +214,11 @@ def compress_store(keys: torch.Tensor, values: torch.Tensor, slot_mapping: torch
             rotated_queries = torch.empty(queries.shape, dtype=torch.float32, device=cache.device)
         check_device_tensor(rotated_queries, "rotated_queries", (torch.float32,), queries.shape, cache.device)
         group = queries.shape[1] // layout.num_kv_heads
+    if ring is not None:
+        ring.check(layout, keys.dtype, cache)
+        check_device_tensor(entries, "entries", (torch.int32,), None, cache.device)
+        if entries.ndim != 1 or entries.shape[0] < num_tokens:
+            raise ValueError(f"entries must be int32 [>= {num_tokens}], got {tuple(entries.shape)}")
     if num_tokens == 0:
         return rotated_queries
     rows = 16 if num_tokens <= SHORT_TILE_MAX_TOKENS or fixed_tile else 64
@@ -200,10 +227,13 @@ def compress_store(keys: torch.Tensor, values: torch.Tensor, slot_mapping: torch
     rotation, part_scale, sign_scale = rotation_operand(codec, keys.dtype)
     # without query programs these pointers and strides are never read
     query_in, query_out = (queries, rotated_queries) if group else (keys, keys)
+    # without a ring these pointers are never read either
+    ring_tensors = (entries, ring.keys, ring.values, ring.slot_of_entry, ring.entry_of_slot) if ring is not None \
+        else (slot_mapping, keys, values, slot_mapping, slot_mapping)
     _compress_store_kernel[grid](
         keys, values, slot_mapping, rotation, cache,
         codec.key_centroids, codec.key_boundaries, codec.value_centroids, codec.value_boundaries, query_in,
-        query_out, num_tokens, query_in.shape[0] if group else 0, keys.stride(0), keys.stride(1),
+        query_out, *ring_tensors, num_tokens, query_in.shape[0] if group else 0, keys.stride(0), keys.stride(1),
         values.stride(0), values.stride(1), query_in.stride(0), query_in.stride(1), query_out.stride(0),
         query_out.stride(1),
         GROUP=group, NORM_CORRECTION=codec.norm_correction, ROWS=rows, PART_SCALE=part_scale, SIGN_SCALE=sign_scale,
@@ -211,6 +241,6 @@ def compress_store(keys: torch.Tensor, values: torch.Tensor, slot_mapping: torch
         KEY_COORDS=key_bits.coords, KEY_GROUP_BYTES=key_bits.group_bytes, VALUE_COORDS=value_bits.coords,
         VALUE_GROUP_BYTES=value_bits.group_bytes,
         COLUMNS=store_columns(head_dim_pad(layout.head_dim), part_scale, None if fixed_tile else num_tokens),
-        LAUNCH_DEPENDENTS=launch_dependents and programmatic_launch_available(cache.device),
+        LAUNCH_DEPENDENTS=launch_dependents and programmatic_launch_available(cache.device), RING=ring is not None,
     )
     return rotated_queries

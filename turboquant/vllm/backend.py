@@ -39,12 +39,13 @@ from vllm.v1.attention.backends.fa_utils import get_flash_attn_version, is_flash
 from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 from vllm.v1.worker.workspace import current_workspace_manager, is_workspace_manager_initialized
 
-from ..kernels import (KernelCodec, cached_attention, compress_store, extend_attention, gather_sequences,
+from ..kernels import (ExactRing, KernelCodec, cached_attention, compress_store, extend_attention, gather_sequences,
                        paged_decode_attention)
 from ..kernels.codec import KERNEL_HEAD_DIMS
 from ..kernels.launch import multiprocessor_count
 from ..kernels.rotate import SHORT_TILE_MAX_TOKENS as ROTATE_SHORT_TILE_MAX_TOKENS
 from .batch_invariance import install_residual_rms_norm
+from .exact_tokens import ExactStep, ExactTokens
 from .prefill_groups import PrefillGroup, chunk_decode_queries, engine_gathers, prefill_groups, prefill_route
 from .settings import VllmSettings
 
@@ -131,6 +132,7 @@ class TurboQuantMetadata(AttentionMetadata):
     # "decode": each prefill token's block-table row [prefill tokens, width] and sequence length
     chunk_block_table: torch.Tensor | None = None
     chunk_seq_lens: torch.Tensor | None = None
+    exact: ExactStep | None = None  # settings exact_sinks / exact_recent: this step's ring entries
 
 
 def gather_workspace(num_keys: int, num_kv_heads: int, head_size: int, dtype: torch.dtype,
@@ -155,6 +157,10 @@ class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
         self.gathers = engine_gathers(vllm_config.speculative_config is not None,
                                       vllm_config.parallel_config.use_ubatching)
         self.num_sms = multiprocessor_count(torch.device(device))
+        settings = VllmSettings.from_additional_config(vllm_config.additional_config)
+        self.exact = ExactTokens(settings.exact_sinks, settings.exact_recent, vllm_config.scheduler_config.max_num_seqs,
+                                 vllm_config.scheduler_config.max_num_batched_tokens, device) \
+            if settings.exact_tokens else None
         if self.gathers and is_workspace_manager_initialized():  # reserve it now, while vLLM profiles memory
             gather_workspace(self.gather_capacity, kv_cache_spec.num_kv_heads, kv_cache_spec.head_size,
                              vllm_config.model_config.dtype, device)
@@ -196,6 +202,8 @@ class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
             prefill_groups=groups,
             chunk_block_table=chunk_block_table,
             chunk_seq_lens=chunk_seq_lens,
+            exact=None if self.exact is None else self.exact.step(
+                common.query_start_loc, common.seq_lens, common.num_actual_tokens, common.num_reqs, num_decodes),
         )
 
 
@@ -219,10 +227,22 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
         self.settings = VllmSettings.from_additional_config(vllm_config.additional_config)  # bad config: fail at start
         if envs.VLLM_BATCH_INVARIANT:
             install_residual_rms_norm()  # vLLM's mode leaves that norm batch-dependent (batch_invariance.py)
+        if self.settings.exact_tokens and (envs.VLLM_BATCH_INVARIANT or sliding_window
+                                           or kv_sharing_target_layer_name):
+            raise ValueError("turboquant exact_sinks/exact_recent serve full-attention layers that store their own "
+                             "cache, outside vLLM's batch-invariant mode (a token's ring entry depends on the batch)")
+        self.exact_ring: ExactRing | None = None  # built on the first step that has the builder's ExactTokens
         self.num_layers = vllm_config.model_config.get_total_num_hidden_layers()
         self.kv_cache_dtype = kv_cache_dtype
         self.num_heads, self.head_size, self.scale = num_heads, head_size, float(scale)
         self.num_kv_heads = num_kv_heads or num_heads
+        # the ring's rows now, with the model, so that vLLM's memory profile leaves them out of the KV budget
+        self.exact_rows = ExactRing.allocate_rows(
+            sum(ExactTokens.capacities(self.settings.exact_sinks, self.settings.exact_recent,
+                                       vllm_config.scheduler_config.max_num_seqs)),
+            self.num_kv_heads, head_size, vllm_config.model_config.dtype,
+            torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu") \
+            if self.settings.exact_tokens else None
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
         self.sliding_window = sliding_window
         self.softcap = logits_soft_cap if logits_soft_cap else None
@@ -265,22 +285,26 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
             self._compile_prefill_kernels(query, key, value, kv_cache, codec, meta)
         # the tokens that attend as decode queries over the cache: decode steps, and short chunks' tokens
         decode_queries = num_tokens if meta.prefill_route == "decode" else decode_tokens
+        if meta.exact is not None and self.exact_ring is None:
+            self.exact_ring = meta.exact.tokens.ring(codec.layout, kv_cache.shape[0], self.exact_rows)
         # the first decode launch starts while the store runs (programmatic dependent launch)
         rotated = self._store(key, value, kv_cache, codec, meta, query[:decode_queries], bool(decode_queries))
         queries = query if rotated is None else rotated
+        ring = None if meta.exact is None else self.exact_ring
         if decodes:
             # The kernel's launches depend only on shapes (batch, block-table width), so a captured CUDA
             # graph replays them.
             paged_decode_attention(
                 queries[:decode_tokens], kv_cache, codec, meta.block_table[:decodes], meta.seq_lens[:decodes],
                 self.scale, self.sliding_window, self.softcap, out=output[:decode_tokens],
-                query_rotated=rotated is not None, after_store=True)
+                query_rotated=rotated is not None, after_store=True, exact=ring,
+                exact_middle=None if ring is None else (meta.exact.middle_ends, meta.exact.middle_starts))
         if meta.num_prefills:
             rows = slice(decode_tokens, num_tokens)
             if meta.prefill_route == "decode":
                 paged_decode_attention(queries[rows], kv_cache, codec, meta.chunk_block_table, meta.chunk_seq_lens,
                                        self.scale, self.sliding_window, self.softcap, out=output[rows],
-                                       query_rotated=rotated is not None, after_store=not decodes)
+                                       query_rotated=rotated is not None, after_store=not decodes, exact=ring)
             else:
                 self._prefill(query[rows], key[rows], value[rows], kv_cache, codec, meta, output[rows])
         return output
@@ -316,7 +340,9 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
         return compress_store(key[:num_slots], value[:num_slots], meta.slot_mapping, kv_cache, codec,
                               fixed_tile=envs.VLLM_BATCH_INVARIANT,
                               queries=queries if queries is not None and queries.shape[0] else None,
-                              launch_dependents=launch_dependents)
+                              launch_dependents=launch_dependents,
+                              ring=None if meta.exact is None else self.exact_ring,
+                              entries=None if meta.exact is None else meta.exact.entries)
 
     def _prefill(self, query, key, value, kv_cache, codec, meta: TurboQuantMetadata, out: torch.Tensor) -> None:
         route = meta.prefill_route

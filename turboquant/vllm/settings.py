@@ -7,8 +7,9 @@
 
 `additional_config` is vLLM's per-engine dictionary for plugins: it travels to every worker and is part
 of vLLM's compile-cache hash. Inside vLLM the cache holds every token compressed (paged blocks are
-shared by prefix caching, so there is no per-request full-precision window, sink or centering mean);
-the tokens of the chunk being prefilled are attended to in full precision.
+shared by prefix caching, so there is no per-request centering mean); the tokens of the chunk being
+prefilled are attended to in full precision, and with `exact_sinks` / `exact_recent` decode steps read a
+sequence's first and latest tokens exactly, from a ring beside the cache (`exact_tokens.py`).
 """
 
 from __future__ import annotations
@@ -31,11 +32,15 @@ class VllmSettings:
     boundary_layers: int = 0
     boundary_bits: int = 8
     seed: int = 0
+    # Decode steps read each sequence's first `exact_sinks` and latest `exact_recent` tokens in the model's
+    # dtype, from a ring beside the cache (`exact_tokens.py`; a PyTorch prototype, off by default).
+    exact_sinks: int = 0
+    exact_recent: int = 0
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
             raise ValueError(f"turboquant preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
-        for name in ("boundary_layers", "seed"):
+        for name in ("boundary_layers", "seed", "exact_sinks", "exact_recent"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"turboquant {name} must be a non-negative integer, got {value!r}")
@@ -55,6 +60,10 @@ class VllmSettings:
         if unknown:
             raise ValueError(f'unknown key(s) {unknown} in additional_config["{CONFIG_KEY}"]; accepted: {sorted(accepted)}')
         return cls(**value)
+
+    @property
+    def exact_tokens(self) -> bool:
+        return bool(self.exact_sinks or self.exact_recent)
 
     def layer_config(self, layer_idx: int, num_layers: int, head_dim: int) -> TurboQuantConfig:
         """The codec of one attention layer; raises ValueError for a head_dim the kernels do not serve."""

@@ -1,0 +1,85 @@
+"""The exact ring (`kernels/exact_ring.py`): what compress-store writes into it, and decode attention
+that reads each sequence's sinks and latest keys from it, against `reference.exact_decode_reference`."""
+
+import pytest
+import torch
+
+from turboquant.kernels import ExactRing, compress_store, paged_decode_attention
+from turboquant.kernels.reference import decode_reference, exact_decode_reference
+
+from .paged import filled_cache, make_codec
+
+TOLERANCE = dict(atol=4e-3, rtol=4e-3)  # as test_decode: fp16 operands, fp32 accumulation
+
+
+def sequence_slots(block_table: torch.Tensor, seq: int, positions: torch.Tensor, block_size: int) -> torch.Tensor:
+    return block_table[seq, positions // block_size].long() * block_size + positions % block_size
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_store_writes_rotated_rows_and_both_tables(dtype, device, generator):
+    codec = make_codec(64, 4, 4, 2, 16, device)
+    cache, block_table = filled_cache(codec, [40], generator, device)
+    ring = ExactRing.allocate(10, codec.layout, cache.shape[0], 2, 4, dtype, device)
+    slots = sequence_slots(block_table, 0, torch.arange(30, 40, device=device), 16)
+    slots[3] = -1  # a padding row: skipped
+    keys, values = (torch.randn(10, 2, 64, generator=generator).to(device, dtype) for _ in range(2))
+    entries = torch.tensor([7, -1, 2, 5, -1, 0, 1, -1, 3, 4], dtype=torch.int32, device=device)
+    ring.entry_of_slot[slots[1]] = 9  # a stale entry of a slot stored again without one
+    compress_store(keys, values, slots.to(torch.int32), cache, codec, ring=ring, entries=entries)
+
+    stored, kept = slots >= 0, (slots >= 0) & (entries >= 0)
+    assert torch.equal(ring.entry_of_slot[slots[stored]], entries[stored])
+    assert torch.equal(ring.slot_of_entry[entries[kept].long()], slots[kept])
+    assert (ring.slot_of_entry[[6, 8, 9]] == -1).all()  # entries no token took
+    for name, x in (("keys", keys), ("values", values)):
+        rotated = x[kept].float() @ codec.rotation.T
+        torch.testing.assert_close(getattr(ring, name)[entries[kept].long()].float(), rotated, atol=2e-2, rtol=1e-2)
+    assert getattr(ring, "keys")[[6, 8, 9]].abs().sum() == 0
+
+
+@pytest.mark.parametrize("key_bits, value_bits, sinks, recent", [(4, 4, 4, 8), (3, 3, 1, 5), (4, 2, 0, 16),
+                                                                   (8, 4, 3, 0)])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_reads_sinks_and_latest_keys_from_the_ring(key_bits, value_bits, sinks, recent, num_splits, device,
+                                                           generator):
+    """Sequences of 1, 6, 70 and 97 tokens: some of their end tokens are in the ring, one entry has been
+    handed to another slot since (read compressed), and the longest has no entry at all."""
+    codec = make_codec(64, key_bits, value_bits, 2, 16, device)
+    seq_lens = [1, 6, 70, 97]
+    cache, block_table = filled_cache(codec, seq_lens, generator, device)
+    ring = ExactRing.allocate(64, codec.layout, cache.shape[0], sinks, recent, torch.bfloat16, device)
+    entry = 0
+    for seq, length in enumerate(seq_lens[:3]):  # store the ends of the first three again, through the ring
+        positions = torch.tensor(sorted({*range(min(sinks, length)), *range(max(0, length - recent), length)}),
+                                 dtype=torch.long, device=device)
+        if positions.numel() == 0:
+            continue
+        keys, values = (torch.randn(positions.numel(), 2, 64, generator=generator).to(device, torch.bfloat16)
+                        for _ in range(2))
+        entries = torch.arange(entry, entry + positions.numel(), dtype=torch.int32, device=device)
+        entry += positions.numel()
+        compress_store(keys, values, sequence_slots(block_table, seq, positions, 16).to(torch.int32), cache, codec,
+                       ring=ring, entries=entries)
+    if entry:
+        ring.slot_of_entry[entry - 1] = 10**6  # handed out again since: that token reads compressed
+    query = torch.randn(len(seq_lens), 8, 64, generator=generator).to(device)
+    lengths = torch.tensor(seq_lens, dtype=torch.int32, device=device)
+    out = paged_decode_attention(query, cache, codec, block_table, lengths, 0.125, num_splits=num_splits, exact=ring)
+    expected = exact_decode_reference(query, cache, codec, ring, block_table, lengths, 0.125)
+    torch.testing.assert_close(out, expected, **TOLERANCE)
+    if entry:  # the test tells the ring's keys from the cache's
+        compressed = decode_reference(query, cache, codec, block_table, lengths, 0.125)
+        assert (out - compressed).abs().max() > 10 * TOLERANCE["atol"]
+
+
+def test_decode_with_a_ring_refuses_a_sliding_window_or_key_starts(device, generator):
+    codec = make_codec(64, 4, 4, 2, 16, device)
+    cache, block_table = filled_cache(codec, [20], generator, device)
+    ring = ExactRing.allocate(8, codec.layout, cache.shape[0], 4, 4, torch.bfloat16, device)
+    query, lengths = torch.randn(1, 4, 64).to(device), torch.tensor([20], dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match="not with sliding_window"):
+        paged_decode_attention(query, cache, codec, block_table, lengths, 0.1, sliding_window=8, exact=ring)
+    small = ExactRing.allocate(8, codec.layout, cache.shape[0] - 1, 4, 4, torch.bfloat16, device)
+    with pytest.raises(ValueError, match="entry_of_slot must have shape"):
+        paged_decode_attention(query, cache, codec, block_table, lengths, 0.1, exact=small)

@@ -1,0 +1,160 @@
+"""Exact copies of some tokens beside the compressed paged cache: a sequence's sinks and latest tokens.
+
+`ExactRing` holds, per entry, one token's keys and values rotated (x @ Rᵀ) in the model's dtype; which
+slot an entry holds (`slot_of_entry`) and which entry a slot last went to (`entry_of_slot`, −1: none)
+say whether an entry still holds a given slot: an engine hands entries out round-robin, and a slot
+written again (a freed block reused) points at its new entry or at none. `compress_store(ring=,
+entries=)` fills it; `exact_window_partials` attends to each sequence's first `sinks` and latest
+`recent` tokens, each read from the ring where its entry still holds it and from the cache otherwise,
+as one more split that `paged_decode_attention(exact=)` merges with the compressed middle.
+Reference: `reference.exact_window_reference`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ..core.paged_layout import PagedLayout
+from .launch import SLICED_METADATA, check_device_tensor, head_dim_pad, lookup_constants, page_constants
+from .packed_tile import load_levels, load_norms
+
+
+@dataclass(frozen=True)
+class ExactRing:
+    keys: torch.Tensor  # [entries + 1, kv_heads, head_dim] model dtype, rotated; the last row takes skipped writes
+    values: torch.Tensor
+    slot_of_entry: torch.Tensor  # int64 [entries + 1]
+    entry_of_slot: torch.Tensor  # int32 [cache slots + 1]
+    sinks: int
+    recent: int
+
+    @staticmethod
+    def allocate_rows(entries: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                      device) -> tuple[torch.Tensor, torch.Tensor]:
+        keys = torch.zeros(entries + 1, num_kv_heads, head_dim, dtype=dtype, device=device)
+        return keys, torch.zeros_like(keys)
+
+    @classmethod
+    def allocate(cls, entries: int, layout: PagedLayout, num_blocks: int, sinks: int, recent: int,
+                 dtype: torch.dtype, device, tables: "ExactRing | None" = None,
+                 rows: tuple[torch.Tensor, torch.Tensor] | None = None) -> "ExactRing":
+        """A ring of `entries` (on `rows` from `allocate_rows` where given); `tables`: share that ring's slot
+        tables (the layers of one engine do)."""
+        keys, values = rows or cls.allocate_rows(entries, layout.num_kv_heads, layout.head_dim, dtype, device)
+        if tables is None:
+            slot_of_entry = torch.full((entries + 1,), -1, dtype=torch.int64, device=device)
+            entry_of_slot = torch.full((num_blocks * layout.block_size + 1,), -1, dtype=torch.int32, device=device)
+        else:
+            slot_of_entry, entry_of_slot = tables.slot_of_entry, tables.entry_of_slot
+        return cls(keys, values, slot_of_entry, entry_of_slot, sinks, recent)
+
+    def check(self, layout: PagedLayout, dtype: torch.dtype, cache: torch.Tensor) -> None:
+        entries = self.slot_of_entry.shape[0]
+        for name, tensor in (("keys", self.keys), ("values", self.values)):
+            check_device_tensor(tensor, f"ring {name}", (dtype,), (entries, layout.num_kv_heads, layout.head_dim),
+                                cache.device)
+            if not tensor.is_contiguous():
+                raise ValueError(f"ring {name} must be contiguous")
+        check_device_tensor(self.slot_of_entry, "slot_of_entry", (torch.int64,), None, cache.device)
+        check_device_tensor(self.entry_of_slot, "entry_of_slot", (torch.int32,),
+                            (cache.shape[0] * layout.block_size + 1,), cache.device)
+        if self.sinks < 0 or self.recent < 0:
+            raise ValueError(f"sinks and recent must be non-negative, got {self.sinks} and {self.recent}")
+
+
+@triton.jit(do_not_specialize_on_alignment=SLICED_METADATA)
+def _exact_window_kernel(
+    query_ptr, cache_ptr, block_table_ptr, seq_lens_ptr, ring_keys_ptr, ring_values_ptr, slot_of_entry_ptr,
+    entry_of_slot_ptr, key_centroids_ptr, value_centroids_ptr, out_ptr, lse_ptr,
+    stride_query_seq, stride_query_head, stride_table_seq, scale, softcap,
+    NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, HEAD_PAGE_BYTES: tl.constexpr, VALUES_OFFSET: tl.constexpr,
+    KEY_NORMS_OFFSET: tl.constexpr, VALUE_NORMS_OFFSET: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr, KEY_BITS: tl.constexpr, KEY_BYTES: tl.constexpr, KEY_LUT: tl.constexpr,
+    VALUE_BITS: tl.constexpr, VALUE_BYTES: tl.constexpr, VALUE_LUT: tl.constexpr, SINKS: tl.constexpr,
+    RECENT: tl.constexpr, POSITIONS: tl.constexpr, USE_SOFTCAP: tl.constexpr,
+):
+    seq, kv_head = tl.program_id(0), tl.program_id(1)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    index = tl.arange(0, POSITIONS)
+    sink = index < SINKS
+    positions = tl.where(sink, index, seq_len - RECENT + index - SINKS)
+    visible = tl.where(sink, index < seq_len, (index < SINKS + RECENT) & (positions >= SINKS))
+    positions = tl.maximum(positions, 0)
+    blocks = tl.load(block_table_ptr + seq * stride_table_seq + positions // BLOCK_SIZE, mask=visible, other=0)
+    offsets = positions % BLOCK_SIZE
+    slots = blocks.to(tl.int64) * BLOCK_SIZE + offsets
+    entries = tl.load(entry_of_slot_ptr + slots, mask=visible, other=-1).to(tl.int64)
+    held = tl.maximum(entries, 0)
+    exact = visible & (entries >= 0)
+    exact = exact & (tl.load(slot_of_entry_ptr + held, mask=exact, other=-1) == slots)
+    compressed = visible & ~exact
+    page_ptrs = cache_ptr + (blocks.to(tl.int64) * NUM_KV_HEADS + kv_head) * HEAD_PAGE_BYTES
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    ring_rows = (held * NUM_KV_HEADS + kv_head) * HEAD_DIM
+    ring_mask = exact[:, None] & (dims < HEAD_DIM)[None, :]
+
+    # Every key as a unit row (fp16, as the split kernels read levels) times its scale: an exact key's
+    # norm, or a compressed key's stored norm.
+    exact_keys = tl.load(ring_keys_ptr + ring_rows[:, None] + dims[None, :], mask=ring_mask, other=0.0).to(tl.float32)
+    exact_key_norms = tl.sqrt(tl.sum(exact_keys * exact_keys, axis=1))
+    keys = tl.where(exact[:, None], exact_keys / tl.maximum(exact_key_norms, 1e-30)[:, None],
+                    load_levels(page_ptrs + offsets * KEY_BYTES, compressed, key_centroids_ptr, KEY_BITS, KEY_BYTES,
+                                HEAD_DIM_PAD, KEY_LUT).to(tl.float32)).to(tl.float16)
+    key_scales = tl.where(exact, exact_key_norms, load_norms(page_ptrs + KEY_NORMS_OFFSET + offsets * 4, compressed))
+
+    group = tl.arange(0, GROUP_PAD)
+    heads = kv_head * GROUP + group
+    query = tl.load(query_ptr + seq * stride_query_seq + heads[:, None] * stride_query_head + dims[None, :],
+                    mask=(group < GROUP)[:, None] & (dims < HEAD_DIM)[None, :], other=0.0)
+    scores = tl.dot((query * scale).to(tl.float16), tl.trans(keys)) * key_scales[None, :]
+    if USE_SOFTCAP:
+        scores = softcap * (2 * tl.sigmoid(2 * scores / softcap) - 1)
+    scores = tl.where(visible[None, :], scores * 1.4426950408889634, float("-inf"))  # log2 units
+    top = tl.max(scores, axis=1)
+    probs = tl.exp2(scores - tl.where(top == float("-inf"), 0.0, top)[:, None])
+    total = tl.sum(probs, axis=1)
+
+    exact_values = tl.load(ring_values_ptr + ring_rows[:, None] + dims[None, :], mask=ring_mask,
+                           other=0.0).to(tl.float32)
+    exact_value_norms = tl.sqrt(tl.sum(exact_values * exact_values, axis=1))
+    values = tl.where(exact[:, None], exact_values / tl.maximum(exact_value_norms, 1e-30)[:, None],
+                      load_levels(page_ptrs + VALUES_OFFSET + offsets * VALUE_BYTES, compressed, value_centroids_ptr,
+                                  VALUE_BITS, VALUE_BYTES, HEAD_DIM_PAD, VALUE_LUT).to(tl.float32)).to(tl.float16)
+    value_scales = tl.where(exact, exact_value_norms,
+                            load_norms(page_ptrs + VALUE_NORMS_OFFSET + offsets * 4, compressed))
+    acc = tl.dot((probs * value_scales[None, :]).to(tl.float16), values)
+
+    rows = seq * NUM_KV_HEADS * GROUP + heads
+    head_mask = group < GROUP
+    tl.store(out_ptr + rows[:, None] * HEAD_DIM_PAD + dims[None, :], acc / tl.maximum(total, 1e-30)[:, None],
+             mask=head_mask[:, None])
+    tl.store(lse_ptr + rows, tl.where(total > 0, top + tl.log2(tl.maximum(total, 1e-30)), float("-inf")),
+             mask=head_mask)
+
+
+def exact_window_partials(rotated_query: torch.Tensor, cache: torch.Tensor, codec, ring: ExactRing,
+                          block_table: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                          softcap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of each sequence's query (rotated, fp32 [batch, Hq, d], at position seq_len − 1) to its
+    sinks and latest tokens → (output [batch, Hq, d_pad] fp32 in the rotated space, log-sum-exp [batch, Hq]
+    in log2 units): a split of `paged_decode_attention`'s. The caller checks the arguments."""
+    layout = codec.layout
+    batch, num_q_heads = rotated_query.shape[:2]
+    group = num_q_heads // layout.num_kv_heads
+    out = torch.empty(batch, num_q_heads, head_dim_pad(layout.head_dim), device=cache.device, dtype=torch.float32)
+    lse = torch.empty(batch, num_q_heads, device=cache.device, dtype=torch.float32)
+    _exact_window_kernel[(batch, layout.num_kv_heads)](
+        rotated_query, cache, block_table, seq_lens, ring.keys, ring.values, ring.slot_of_entry, ring.entry_of_slot,
+        codec.key_centroids_fp16, codec.value_centroids_fp16, out, lse, rotated_query.stride(0),
+        rotated_query.stride(1), block_table.stride(0), float(scale), float(softcap or 0.0),
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), **page_constants(layout),
+        **lookup_constants(codec), SINKS=ring.sinks, RECENT=ring.recent,
+        POSITIONS=max(16, triton.next_power_of_2(ring.sinks + ring.recent)), USE_SOFTCAP=softcap is not None,
+        num_warps=4,
+    )
+    return out, lse
