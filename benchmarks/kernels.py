@@ -4,7 +4,9 @@
 Extend is timed two ways: the fused kernel, and what the vLLM backend runs for long chunks (gather the
 prefix with `gather_sequences`, then FA3 varlen on the contiguous K/V). A decode step ('step') is the
 step's store and attention as the vLLM backends launch them: ours `compress_store(..., queries=)` then
-`paged_decode_attention(..., query_rotated=True)`, bf16 vLLM's `reshape_and_cache_flash` then FA3.
+`paged_decode_attention(..., query_rotated=True)`, bf16 vLLM's `reshape_and_cache_flash` then FA3; and
+ours with an exact ring (`kernels/exact_ring.py`, the vLLM setting exact_sinks 4 / exact_recent 32) that
+holds every sequence's sinks and latest tokens, so each of those reads comes from the ring.
 
     python benchmarks/kernels.py [--out benchmarks/results/kernels-h100.json] [--quick] [--only extend]
                                  [--grid 1,8x1024,4096] [--table-tokens 33024]
@@ -33,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from turboquant.core import TurboQuantConfig  # noqa: E402
 from turboquant.core.rotation import hadamard_matrix  # noqa: E402
 from turboquant.kernels.codec import KernelCodec  # noqa: E402
+from turboquant.kernels.exact_ring import ExactRing  # noqa: E402
 from turboquant.kernels import decode as decode_module  # noqa: E402
 from turboquant.kernels import decode_fragments  # noqa: E402
 from turboquant.kernels import store as store_module  # noqa: E402
@@ -43,6 +46,7 @@ from turboquant.kernels.rotate import rotate  # noqa: E402
 from turboquant.kernels.store import compress_store  # noqa: E402
 
 BLOCK_SIZE = 16  # vLLM's default page size, for all three caches
+EXACT_SINKS, EXACT_RECENT = 4, 32  # the step's exact ring
 CALLS_PER_GRAPH = 20
 
 
@@ -250,7 +254,15 @@ def step_cell(baselines: Baselines, shape: dict, batch: int, context: int, table
     cell = {"shape": shape["name"], "batch": batch, "context": context, "preset": "k4v4",
             "table_tokens": table.shape[1] * BLOCK_SIZE, "ours_ms": graph_time_ms(lambda: ours(True)),
             "ours_unchained_ms": graph_time_ms(lambda: ours(False))}
-    del cache
+    ring, entries, middle = filled_exact_ring(codec, cache, table, seq_lens)
+
+    def ours_exact():
+        rotated = compress_store(keys, values, slots, cache, codec, queries=query, launch_dependents=True, ring=ring,
+                                 entries=entries)
+        paged_decode_attention(rotated, cache, codec, table, seq_lens, head_dim**-0.5, out=out, query_rotated=True,
+                               after_store=True, exact=ring, exact_middle=middle)
+    cell["ours_exact_ms"] = graph_time_ms(ours_exact)
+    del cache, ring
     if baselines.error is None:
         key_cache, value_cache = random_bf16_cache(num_blocks, num_kv_heads, head_dim)
         store = baselines.bf16_store(keys, values, key_cache, value_cache, slots)
@@ -264,6 +276,26 @@ def step_cell(baselines: Baselines, shape: dict, batch: int, context: int, table
         del key_cache, value_cache
     torch.cuda.empty_cache()
     return cell
+
+
+def filled_exact_ring(codec: KernelCodec, cache: torch.Tensor, table: torch.Tensor, seq_lens: torch.Tensor):
+    """An exact ring holding each sequence's first EXACT_SINKS and latest EXACT_RECENT tokens (random rows),
+    the step's entries (each sequence's newest token stored again at its entry) and the middle's bounds."""
+    batch, per_sequence = seq_lens.shape[0], EXACT_SINKS + EXACT_RECENT
+    ring = ExactRing.allocate(batch * per_sequence, codec.layout, cache.shape[0], EXACT_SINKS, EXACT_RECENT,
+                              torch.bfloat16, "cuda")
+    lengths = seq_lens.long()[:, None]
+    index = torch.arange(per_sequence, device="cuda")
+    positions = torch.where(index < EXACT_SINKS, index, lengths - EXACT_RECENT + index - EXACT_SINKS)  # [batch, n]
+    slots = table.long().gather(1, positions // BLOCK_SIZE) * BLOCK_SIZE + positions % BLOCK_SIZE
+    shape = (batch * per_sequence, codec.layout.num_kv_heads, codec.layout.head_dim)
+    compress_store(torch.randn(shape, device="cuda", dtype=torch.bfloat16),
+                   torch.randn(shape, device="cuda", dtype=torch.bfloat16), slots.flatten(), cache, codec, ring=ring,
+                   entries=torch.arange(shape[0], device="cuda", dtype=torch.int32))
+    entries = (torch.arange(batch, device="cuda") * per_sequence + per_sequence - 1).to(torch.int32)
+    middle = ((seq_lens - EXACT_RECENT).clamp(min=EXACT_SINKS).to(torch.int32),
+              torch.full_like(seq_lens, EXACT_SINKS))
+    return ring, entries, middle
 
 
 def fits(shape: dict, batch: int, context: int) -> bool:
@@ -402,12 +434,12 @@ def markdown(result: dict) -> str:
     if result.get("step"):
         lines += ["", "Decode step (store + attention, as the vLLM backends launch them; see the module docstring), "
                   "k4v4, ms; 'not chained': ours with the split kernel launched after the store ends:", "",
-                  "| step: shape | batch | context | ours ms | not chained ms | bf16 (store + FA3) ms | vs bf16 |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
+                  "| step: shape | batch | context | ours ms | not chained ms | exact ring ms | bf16 (store + FA3) ms "
+                  "| vs bf16 |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for c in result.get("step", []):
         lines.append(f"| {c['shape']} | {c['batch']} | {c['context']} | {c['ours_ms']:.4f} | "
-                     f"{c.get('ours_unchained_ms', nan):.4f} | {c.get('bf16_ms', nan):.4f} | "
-                     f"{c.get('speedup_vs_bf16', nan):.2f}x |")
+                     f"{c.get('ours_unchained_ms', nan):.4f} | {c.get('ours_exact_ms', nan):.4f} | "
+                     f"{c.get('bf16_ms', nan):.4f} | {c.get('speedup_vs_bf16', nan):.2f}x |")
     if result["store"]:
         lines += ["", "Store: 'ms, 64-column blocks' times the same call with the rotation always in 64-column "
                   "blocks (`store.ONE_BLOCK_MAX_TOKENS` = 0), as every store ran before decode steps took one "
