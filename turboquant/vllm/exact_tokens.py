@@ -63,8 +63,9 @@ class ExactTokens:
         token = torch.arange(num_tokens, device=device)
         request = torch.searchsorted(starts[1:], token, right=True)
         position = lengths[request] - (starts[request + 1] - token)
-        sink = position < self.sinks
-        recent = ~sink & (position >= lengths[request] - self.recent)
+        real = position >= 0  # a CUDA graph's padding requests have length 0
+        sink = real & (position < self.sinks)
+        recent = real & ~sink & (position >= lengths[request] - self.recent)
         sink_rank, recent_rank = sink.cumsum(0) - 1, recent.cumsum(0) - 1
         entries = torch.where(sink, (self.cursor[0] + sink_rank) % self.sink_capacity,
                               torch.where(recent, self.sink_capacity + (self.cursor[1] + recent_rank)
