@@ -83,3 +83,40 @@ def test_decode_with_a_ring_refuses_a_sliding_window_or_key_starts(device, gener
     small = ExactRing.allocate(8, codec.layout, cache.shape[0] - 1, 4, 4, torch.bfloat16, device)
     with pytest.raises(ValueError, match="entry_of_slot must have shape"):
         paged_decode_attention(query, cache, codec, block_table, lengths, 0.1, exact=small)
+
+
+def test_gather_reads_a_prefix_s_sinks_and_latest_tokens_from_the_ring(device, generator):
+    """A long chunk's gathered prefix (what FlashAttention then reads) takes the ring's rows where decode
+    would: its first `sinks` and latest `recent` tokens whose entry still holds their slot."""
+    from turboquant.kernels import gather_sequences
+    from turboquant.kernels.reference import exact_rows_reference, gather_sequence_reference
+
+    codec = make_codec(64, 4, 4, 2, 16, device)
+    prefixes, chunks = [50, 0, 21], [7, 5, 3]
+    cache, block_table = filled_cache(codec, [p + c for p, c in zip(prefixes, chunks)], generator, device)
+    ring = ExactRing.allocate(32, codec.layout, cache.shape[0], 2, 6, torch.bfloat16, device)
+    for seq, positions in ((0, [0, 1, 44, 45, 46, 47, 48, 49]), (2, [1, 16, 17, 18, 19, 20])):
+        positions = torch.tensor(positions, device=device)
+        rows = (torch.randn(positions.numel(), 2, 64, generator=generator).to(device, torch.bfloat16) for _ in range(2))
+        first = int(ring.slot_of_entry.ge(0).sum())
+        compress_store(*rows, sequence_slots(block_table, seq, positions, 16).to(torch.int32), cache, codec, ring=ring,
+                       entries=torch.arange(first, first + positions.numel(), dtype=torch.int32, device=device))
+    ring.slot_of_entry[3] = 10**6  # sequence 0's position 45: handed out again since
+    fresh = [torch.randn(sum(chunks), 2, 64, generator=generator).to(device) for _ in range(2)]
+    query_start = torch.tensor([0, 7, 12, 15], dtype=torch.int32, device=device)
+    lengths = [p + c for p, c in zip(prefixes, chunks)]
+    key_start = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    out = [torch.full((int(key_start[-1]), 2, 64), float("nan"), device=device) for _ in range(2)]
+    gather_sequences(*fresh, query_start, torch.tensor(lengths, dtype=torch.int32, device=device), cache, codec,
+                     block_table, key_start, max(lengths), *out, ring=ring)
+    for seq, (prefix, chunk) in enumerate(zip(prefixes, chunks)):
+        keys, values = gather_sequence_reference(cache, codec, block_table[seq], prefix)
+        exact_rows_reference(keys, values, ring, codec, block_table[seq])
+        for got, prefix_rows, chunk_rows in zip(out, (keys, values), fresh):
+            rows = got[key_start[seq]:key_start[seq + 1]]
+            torch.testing.assert_close(rows[:prefix], prefix_rows, **TOLERANCE)
+            torch.testing.assert_close(rows[prefix:], chunk_rows[query_start[seq]:query_start[seq + 1]])
+    without = [torch.empty_like(x) for x in out]
+    gather_sequences(*fresh, query_start, torch.tensor(lengths, dtype=torch.int32, device=device), cache, codec,
+                     block_table, key_start, max(lengths), *without)
+    assert (out[0][44] - without[0][44]).abs().max() > 0.1 and torch.equal(out[0][45], without[0][45])

@@ -8,7 +8,10 @@ here the prefix is unpacked once per chunk and the attention runs at FlashAttent
 price is bandwidth: 4 bytes per coordinate written and read back, which a short chunk does not repay
 (the vLLM backend picks per step). The fp16 levels are un-rotated by R rounded to fp16 (2^-11
 relative: no coarser than the 16-bit K/V that FlashAttention reads), scaled by the fp32 norm, cast on store.
-Reference: `reference.gather_sequence_reference` per sequence, then the chunk's own K/V.
+With an exact ring (`exact_ring.py`) a prefix's sinks and latest tokens come from the ring where it still
+holds them, as decode steps read them.
+Reference: `reference.gather_sequence_reference` per sequence (and `exact_rows_reference`), then the
+chunk's own K/V.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import triton
 import triton.language as tl
 
 from .codec import KernelCodec
+from .exact_ring import ExactRing
 from .launch import (FLOAT_DTYPES, SLICED_METADATA, check_block_table, check_codec_device, check_device_tensor,
                      check_kv, head_dim_pad, lookup_constants, page_constants)
 from .packed_tile import load_levels, load_norms
@@ -29,12 +33,20 @@ GATHER_ROWS, GATHER_COLUMNS = 64, 32
 
 @triton.jit
 def _gather_rows(page_ptrs, in_prefix, centroids_ptr, norms_ptr, fresh_ptrs, fresh, out_ptrs, in_sequence,
-                 rotation_ptr, BITS: tl.constexpr, ROW_BYTES: tl.constexpr, LUT: tl.constexpr,
-                 HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, COLUMNS: tl.constexpr):
-    """Rows of one role (keys or values): prefix rows from their codes, the others copied from `fresh_ptrs`."""
+                 rotation_ptr, ring_ptrs, exact, BITS: tl.constexpr, ROW_BYTES: tl.constexpr, LUT: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, COLUMNS: tl.constexpr, RING: tl.constexpr):
+    """Rows of one role (keys or values): prefix rows from their codes (RING: the `exact` ones from their
+    rotated rows at `ring_ptrs`, as a unit row times its norm like a code), the others copied from `fresh_ptrs`."""
     dims = tl.arange(0, HEAD_DIM_PAD)
     levels = load_levels(page_ptrs, in_prefix, centroids_ptr, BITS, ROW_BYTES, HEAD_DIM_PAD, LUT)
     norms = load_norms(norms_ptr, in_prefix)
+    if RING:
+        rows = tl.load(ring_ptrs[:, None] + dims[None, :], mask=exact[:, None] & (dims < HEAD_DIM)[None, :],
+                       other=0.0).to(tl.float32)
+        row_norms = tl.sqrt(tl.sum(rows * rows, axis=1))
+        levels = tl.where(exact[:, None], rows / tl.maximum(row_norms, 1e-30)[:, None],
+                          levels.to(tl.float32)).to(tl.float16)
+        norms = tl.where(exact, row_norms, norms)
     for block in range(HEAD_DIM_PAD // COLUMNS):  # a loop, not unrolled: one block's addresses live at a time
         columns = block * COLUMNS + tl.arange(0, COLUMNS)
         column_mask = (columns < HEAD_DIM)[None, :]
@@ -51,14 +63,15 @@ def _gather_rows(page_ptrs, in_prefix, centroids_ptr, norms_ptr, fresh_ptrs, fre
 @triton.jit(do_not_specialize_on_alignment=SLICED_METADATA)
 def _gather_kernel(
     keys_ptr, values_ptr, cache_ptr, block_table_ptr, seq_lens_ptr, query_start_ptr, key_start_ptr,
-    rotation_ptr, key_centroids_ptr, value_centroids_ptr, out_keys_ptr, out_values_ptr,
+    rotation_ptr, key_centroids_ptr, value_centroids_ptr, out_keys_ptr, out_values_ptr, ring_keys_ptr,
+    ring_values_ptr, slot_of_entry_ptr, entry_of_slot_ptr,
     stride_key_token, stride_key_head, stride_value_token, stride_value_head, stride_out_token, stride_out_head,
     stride_table_seq,
     NUM_KV_HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_PAGE_BYTES: tl.constexpr,
     VALUES_OFFSET: tl.constexpr, KEY_NORMS_OFFSET: tl.constexpr, VALUE_NORMS_OFFSET: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, KEY_BITS: tl.constexpr, KEY_BYTES: tl.constexpr,
     KEY_LUT: tl.constexpr, VALUE_BITS: tl.constexpr, VALUE_BYTES: tl.constexpr, VALUE_LUT: tl.constexpr,
-    COLUMNS: tl.constexpr, ROWS: tl.constexpr,
+    COLUMNS: tl.constexpr, ROWS: tl.constexpr, RING: tl.constexpr, SINKS: tl.constexpr, RECENT: tl.constexpr,
 ):
     seq, tile = tl.program_id(0), tl.program_id(1)
     kv_head, role = tl.program_id(2) // 2, tl.program_id(2) % 2  # role 0: keys, 1: values
@@ -74,6 +87,15 @@ def _gather_kernel(
         blocks = tl.load(block_table_ptr + seq * stride_table_seq + positions // BLOCK_SIZE, mask=in_prefix, other=0)
         page_ptrs = cache_ptr + (blocks.to(tl.int64) * NUM_KV_HEADS + kv_head) * HEAD_PAGE_BYTES
         offsets = positions % BLOCK_SIZE
+        exact = positions < 0  # none, without a ring
+        ring_rows = tl.zeros([ROWS], dtype=tl.int64)
+        if RING:  # the prefix's sinks and latest tokens whose ring entry still holds their slot
+            slots = blocks.to(tl.int64) * BLOCK_SIZE + offsets
+            exact = in_prefix & ((positions < SINKS) | (positions >= prefix_len - RECENT))
+            entries = tl.load(entry_of_slot_ptr + slots, mask=exact, other=-1).to(tl.int64)
+            exact = exact & (entries >= 0)
+            exact = exact & (tl.load(slot_of_entry_ptr + tl.maximum(entries, 0), mask=exact, other=-1) == slots)
+            ring_rows = (tl.maximum(entries, 0) * NUM_KV_HEADS + kv_head) * HEAD_DIM
         fresh_rows = (query_start + positions - prefix_len).to(tl.int64)
         out_offsets = (tl.load(key_start_ptr + seq) + positions).to(tl.int64) * stride_out_token \
             + kv_head * stride_out_head
@@ -81,24 +103,26 @@ def _gather_kernel(
             _gather_rows(page_ptrs + offsets * KEY_BYTES, in_prefix, key_centroids_ptr,
                          page_ptrs + KEY_NORMS_OFFSET + offsets * 4,
                          keys_ptr + fresh_rows * stride_key_token + kv_head * stride_key_head, fresh,
-                         out_keys_ptr + out_offsets, in_sequence, rotation_ptr, KEY_BITS, KEY_BYTES, KEY_LUT,
-                         HEAD_DIM, HEAD_DIM_PAD, COLUMNS)
+                         out_keys_ptr + out_offsets, in_sequence, rotation_ptr, ring_keys_ptr + ring_rows, exact,
+                         KEY_BITS, KEY_BYTES, KEY_LUT, HEAD_DIM, HEAD_DIM_PAD, COLUMNS, RING)
         else:
             _gather_rows(page_ptrs + VALUES_OFFSET + offsets * VALUE_BYTES, in_prefix, value_centroids_ptr,
                          page_ptrs + VALUE_NORMS_OFFSET + offsets * 4,
                          values_ptr + fresh_rows * stride_value_token + kv_head * stride_value_head, fresh,
-                         out_values_ptr + out_offsets, in_sequence, rotation_ptr, VALUE_BITS, VALUE_BYTES,
-                         VALUE_LUT, HEAD_DIM, HEAD_DIM_PAD, COLUMNS)
+                         out_values_ptr + out_offsets, in_sequence, rotation_ptr, ring_values_ptr + ring_rows, exact,
+                         VALUE_BITS, VALUE_BYTES, VALUE_LUT, HEAD_DIM, HEAD_DIM_PAD, COLUMNS, RING)
 
 
 def gather_sequences(keys: torch.Tensor, values: torch.Tensor, query_start: torch.Tensor, seq_lens: torch.Tensor,
                      cache: torch.Tensor, codec: KernelCodec, block_table: torch.Tensor, key_start: torch.Tensor,
-                     max_seq_len: int, out_keys: torch.Tensor, out_values: torch.Tensor) -> None:
+                     max_seq_len: int, out_keys: torch.Tensor, out_values: torch.Tensor,
+                     ring: ExactRing | None = None) -> None:
     """Sequence i — chunk rows query_start[i]:query_start[i+1] of keys/values [tokens, kv_heads, d]
     after a compressed prefix of seq_lens[i] − chunk length tokens — is written to rows
     key_start[i]:key_start[i] + seq_lens[i] of out_keys/out_values [rows, kv_heads, d] (any float
     dtype), prefix first. query_start and key_start are int32 [batch + 1]; `max_seq_len` bounds
-    seq_lens (the grid). Rows of `out_*` outside those ranges are left as they are."""
+    seq_lens (the grid). Rows of `out_*` outside those ranges are left as they are. `ring`: each prefix's
+    first `ring.sinks` and latest `ring.recent` tokens from the ring where it still holds them."""
     layout = codec.layout
     layout.check_cache(cache)
     check_codec_device(codec, cache)
@@ -112,14 +136,20 @@ def gather_sequences(keys: torch.Tensor, values: torch.Tensor, query_start: torc
         check_device_tensor(out, name, FLOAT_DTYPES, shape, cache.device)
     if out_keys.stride() != out_values.stride():
         raise ValueError("out_keys and out_values must have the same strides")
+    if ring is not None:
+        ring.check(layout, ring.keys.dtype, cache)
     if batch == 0 or max_seq_len <= 0:
         return
     _gather_kernel[(batch, triton.cdiv(max_seq_len, GATHER_ROWS), 2 * layout.num_kv_heads)](
         keys, values, cache, block_table, seq_lens, query_start, key_start, codec.rotation_fp16_parts[0],
         codec.key_centroids_fp16, codec.value_centroids_fp16, out_keys, out_values,
+        # without a ring these pointers are never read
+        *((ring.keys, ring.values, ring.slot_of_entry, ring.entry_of_slot) if ring is not None
+          else (keys, values, seq_lens, seq_lens)),
         keys.stride(0), keys.stride(1), values.stride(0), values.stride(1), out_keys.stride(0), out_keys.stride(1),
         block_table.stride(0),
         **page_constants(layout),
         **lookup_constants(codec, bits=(4,)),  # 3-bit byte permutes into tl.dot tiles: Triton 3.6 fails to compile
         COLUMNS=min(GATHER_COLUMNS, head_dim_pad(layout.head_dim)), ROWS=GATHER_ROWS, num_warps=4, num_stages=1,
+        RING=ring is not None, SINKS=0 if ring is None else ring.sinks, RECENT=0 if ring is None else ring.recent,
     )

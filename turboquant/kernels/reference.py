@@ -88,26 +88,32 @@ def decode_reference(query: torch.Tensor, cache: torch.Tensor, codec: KernelCode
     return (out, lse) if return_lse else out
 
 
+def exact_rows_reference(keys: torch.Tensor, values: torch.Tensor, ring, codec: KernelCodec,
+                         block_table_row: torch.Tensor) -> None:
+    """In place: of a sequence's dequantized keys and values [length, kv_heads, d] (`gather_sequence_reference`),
+    its first `ring.sinks` and latest `ring.recent` rows become the ring's (`exact_ring.ExactRing`, rotated
+    rows, un-rotated here) wherever their slot's entry still holds that slot."""
+    block_size, length = codec.layout.block_size, keys.shape[0]
+    positions = torch.arange(length, device=keys.device)
+    slots = block_table_row[positions // block_size].long() * block_size + positions % block_size
+    entries = ring.entry_of_slot[slots].long()
+    held = (entries >= 0) & (ring.slot_of_entry[entries.clamp(min=0)] == slots)
+    held &= (positions < ring.sinks) | (positions >= length - ring.recent)
+    keys[held] = ring.keys[entries[held]].float() @ codec.rotation
+    values[held] = ring.values[entries[held]].float() @ codec.rotation
+
+
 def exact_decode_reference(query: torch.Tensor, cache: torch.Tensor, codec: KernelCodec, ring,
                            block_table: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                            softcap: float | None = None) -> torch.Tensor:
-    """`decode_reference` where each sequence's first `ring.sinks` and latest `ring.recent` keys and values
-    come from the ring (`exact_ring.ExactRing`, rotated rows: un-rotated here) wherever their slot's entry
-    still holds that slot, and dequantized from the cache otherwise."""
-    layout = codec.layout
+    """`decode_reference` with each sequence's sinks and latest keys from the ring (`exact_rows_reference`)."""
     out = torch.zeros(query.shape, dtype=torch.float32, device=query.device)
     for seq, length in enumerate(seq_lens.tolist()):
         if length == 0:
             continue
         keys, values = gather_sequence_reference(cache, codec, block_table[seq], length)
+        exact_rows_reference(keys, values, ring, codec, block_table[seq])
         positions = torch.arange(length, device=query.device)
-        block_size = layout.block_size
-        slots = block_table[seq, positions // block_size].long() * block_size + positions % block_size
-        entries = ring.entry_of_slot[slots].long()
-        held = (entries >= 0) & (ring.slot_of_entry[entries.clamp(min=0)] == slots)
-        held &= (positions < ring.sinks) | (positions >= length - ring.recent)
-        keys[held] = ring.keys[entries[held]].float() @ codec.rotation
-        values[held] = ring.values[entries[held]].float() @ codec.rotation
         seq_out, _ = attention_reference(query[seq : seq + 1], keys, values, positions[-1:], positions, scale,
                                          None, softcap)
         out[seq] = seq_out[0]

@@ -280,13 +280,13 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
                              self.scale, meta.max_query_len, self.sliding_window, self.softcap,
                              out=output[:num_tokens])
             return output
+        if meta.exact is not None and self.exact_ring is None:
+            self.exact_ring = meta.exact.tokens.ring(codec.layout, kv_cache.shape[0], self.exact_rows)
         if self.prefill_uncompiled and key is not None and kv_cache.is_cuda \
                 and not torch.cuda.is_current_stream_capturing():
             self._compile_prefill_kernels(query, key, value, kv_cache, codec, meta)
         # the tokens that attend as decode queries over the cache: decode steps, and short chunks' tokens
         decode_queries = num_tokens if meta.prefill_route == "decode" else decode_tokens
-        if meta.exact is not None and self.exact_ring is None:
-            self.exact_ring = meta.exact.tokens.ring(codec.layout, kv_cache.shape[0], self.exact_rows)
         # the first decode launch starts while the store runs (programmatic dependent launch)
         rotated = self._store(key, value, kv_cache, codec, meta, query[:decode_queries], bool(decode_queries))
         queries = query if rotated is None else rotated
@@ -323,7 +323,8 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
         if self.gathers:
             keys, values = (torch.empty(1, self.num_kv_heads, self.head_size, dtype=key.dtype, device=key.device)
                             for _ in range(2))
-            gather_sequences(key[:1], value[:1], zeros, zeros[:1], kv_cache, codec, table, zeros, 1, keys, values)
+            gather_sequences(key[:1], value[:1], zeros, zeros[:1], kv_cache, codec, table, zeros, 1, keys, values,
+                             ring=self.exact_ring)  # None without exact tokens
         for tokens in sorted({1, min(key.shape[0], ROTATE_SHORT_TILE_MAX_TOKENS + 1)}):
             extend_attention(query[:tokens], key[:tokens], value[:tokens], zeros, zeros[:1], kv_cache, codec, table,
                              self.scale, 1, self.sliding_window, self.softcap,
@@ -358,7 +359,8 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
                 keys, values = gather_workspace(group.num_keys, self.num_kv_heads, self.head_size, query.dtype,
                                                 query.device)
                 gather_sequences(key[rows], value[rows], group.query_start, seq_lens[requests], kv_cache, codec,
-                                 block_table[requests], group.key_start, group.max_seq_len, keys, values)
+                                 block_table[requests], group.key_start, group.max_seq_len, keys, values,
+                                 ring=None if meta.exact is None else self.exact_ring)
                 self._flash_attention(query[rows], keys, values, group.query_start, group.key_start,
                                       group.max_query_len, group.max_seq_len, out[rows])
             return

@@ -6,8 +6,9 @@ in a ring keyed by cache slot (`kernels.ExactRing`): each step the builder hands
 be a sink (position < `exact_sinks`) or among its sequence's latest `exact_recent` an entry of the ring,
 round-robin, and the store writes it there besides compressing it. Decode attention then reads a
 sequence's sinks and latest tokens from the ring where the entry still holds that slot, and from the
-compressed cache everywhere else, including tokens whose entry has been handed out again since.
-Prefill chunks attend as before (their own tokens in full precision, the prefix compressed).
+compressed cache everywhere else, including tokens whose entry has been handed out again since. A long
+chunk after a cached prefix gathers that prefix's sinks and latest tokens from the ring the same way; the
+fused extend kernel's chunks read their prefix compressed.
 """
 
 from __future__ import annotations
