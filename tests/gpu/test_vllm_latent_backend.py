@@ -38,12 +38,16 @@ def mask_empty_definition(lse, output, query_start_loc, context_start_loc):
 
 @pytest.fixture
 def impl(monkeypatch):
+    return make_impl(monkeypatch, {"turboquant": "k4v4"})
+
+
+def make_impl(monkeypatch, additional_config: dict):
     from vllm.model_executor.layers.attention import mla_attention
 
     from turboquant.vllm import latent_backend
 
     config = SimpleNamespace(
-        additional_config={"turboquant": "k4v4"},
+        additional_config=additional_config,
         model_config=SimpleNamespace(get_total_num_hidden_layers=lambda: 4),
         parallel_config=SimpleNamespace(decode_context_parallel_size=1, prefill_context_parallel_size=1,
                                         cp_kv_cache_interleave_size=1),
@@ -69,6 +73,11 @@ def impl(monkeypatch):
     impl.fold_rotation(impl.test_layer)
     impl.test_weight, impl.test_generator = weight, generator
     return impl
+
+
+def test_exact_tokens_are_refused_for_mla_layers(monkeypatch):
+    with pytest.raises(ValueError, match="not built for MLA"):
+        make_impl(monkeypatch, {"turboquant": {"preset": "k4v4", "exact_sinks": 4, "exact_recent": 32}})
 
 
 def randn(impl, *shape):
