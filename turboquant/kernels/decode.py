@@ -28,6 +28,7 @@ from .launch import (FLOAT_DTYPES, SLICED_METADATA, check_block_table, check_cod
                      programmatic_launch, programmatic_launch_available)
 from .packed_tile import load_levels, load_norms
 from .rotate import rotate, rotated_columns, rotation_columns
+from .softmax import online_softmax_step, tanh
 from .visible_keys import first_visible_key
 
 
@@ -42,21 +43,6 @@ def decode_launch(head_dim: int, key_bits: int, value_bits: int, byte_permute: b
     if byte_permute:
         return dict(TILE=64 if 4 in (key_bits, value_bits) else 128, num_warps=4, num_stages=1)
     return dict(TILE=128, num_warps=4, num_stages=2)
-
-
-@triton.jit
-def tanh(x):
-    return 2 * tl.sigmoid(2 * x) - 1
-
-
-@triton.jit
-def online_softmax_step(scores, running_max, running_sum):
-    """One tile of an fp32 online softmax over log2-unit scores [rows, tile] → (probabilities, the factor
-    that rescales what was summed before, the new running max, the new running sum)."""
-    new_max = tl.maximum(running_max, tl.max(scores, axis=1))
-    correction = tl.exp2(running_max - new_max)
-    probs = tl.exp2(scores - new_max[:, None])
-    return probs, correction, new_max, running_sum * correction + tl.sum(probs, axis=1)
 
 
 @triton.jit(do_not_specialize=["min_span", "max_span"], do_not_specialize_on_alignment=SLICED_METADATA)

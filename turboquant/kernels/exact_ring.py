@@ -21,6 +21,11 @@ import triton.language as tl
 from ..core.paged_layout import PagedLayout
 from .launch import SLICED_METADATA, check_device_tensor, head_dim_pad, lookup_constants, page_constants
 from .packed_tile import load_levels, load_norms
+from .softmax import masked_softmax_step, tanh
+
+# Positions per tile of the window kernel, as the decode split kernel's tiles: at head_dim 256 a 64-token
+# tile of 3-bit codes exceeds shared memory there (`decode.decode_launch`).
+WINDOW_TILE, WIDE_WINDOW_TILE = 64, 32
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,20 @@ class ExactRing:
             raise ValueError(f"sinks and recent must be non-negative, got {self.sinks} and {self.recent}")
 
 
+@triton.jit
+def _unit_rows(ring_ptrs, exact, code_ptrs, norm_ptrs, compressed, centroids_ptr, BITS: tl.constexpr,
+               ROW_BYTES: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, LUT: tl.constexpr):
+    """(unit rows fp16 [rows, HEAD_DIM_PAD], their scales fp32 [rows]): an exact row from the ring as its
+    direction and norm, a compressed one as its levels and stored norm, as the split kernels read codes."""
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    rows = tl.load(ring_ptrs[:, None] + dims[None, :], mask=exact[:, None] & (dims < HEAD_DIM)[None, :],
+                   other=0.0).to(tl.float32)
+    norms = tl.sqrt(tl.sum(rows * rows, axis=1))
+    levels = load_levels(code_ptrs, compressed, centroids_ptr, BITS, ROW_BYTES, HEAD_DIM_PAD, LUT)
+    units = tl.where(exact[:, None], rows / tl.maximum(norms, 1e-30)[:, None], levels.to(tl.float32))
+    return units.to(tl.float16), tl.where(exact, norms, load_norms(norm_ptrs, compressed))
+
+
 @triton.jit(do_not_specialize_on_alignment=SLICED_METADATA)
 def _exact_window_kernel(
     query_ptr, cache_ptr, block_table_ptr, seq_lens_ptr, ring_keys_ptr, ring_values_ptr, slot_of_entry_ptr,
@@ -76,65 +95,53 @@ def _exact_window_kernel(
     KEY_NORMS_OFFSET: tl.constexpr, VALUE_NORMS_OFFSET: tl.constexpr, HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr, KEY_BITS: tl.constexpr, KEY_BYTES: tl.constexpr, KEY_LUT: tl.constexpr,
     VALUE_BITS: tl.constexpr, VALUE_BYTES: tl.constexpr, VALUE_LUT: tl.constexpr, SINKS: tl.constexpr,
-    RECENT: tl.constexpr, POSITIONS: tl.constexpr, USE_SOFTCAP: tl.constexpr,
+    RECENT: tl.constexpr, POSITIONS: tl.constexpr, TILE: tl.constexpr, USE_SOFTCAP: tl.constexpr,
 ):
     seq, kv_head = tl.program_id(0), tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + seq)
-    index = tl.arange(0, POSITIONS)
-    sink = index < SINKS
-    positions = tl.where(sink, index, seq_len - RECENT + index - SINKS)
-    visible = tl.where(sink, index < seq_len, (index < SINKS + RECENT) & (positions >= SINKS))
-    positions = tl.maximum(positions, 0)
-    blocks = tl.load(block_table_ptr + seq * stride_table_seq + positions // BLOCK_SIZE, mask=visible, other=0)
-    offsets = positions % BLOCK_SIZE
-    slots = blocks.to(tl.int64) * BLOCK_SIZE + offsets
-    entries = tl.load(entry_of_slot_ptr + slots, mask=visible, other=-1).to(tl.int64)
-    held = tl.maximum(entries, 0)
-    exact = visible & (entries >= 0)
-    exact = exact & (tl.load(slot_of_entry_ptr + held, mask=exact, other=-1) == slots)
-    compressed = visible & ~exact
-    page_ptrs = cache_ptr + (blocks.to(tl.int64) * NUM_KV_HEADS + kv_head) * HEAD_PAGE_BYTES
-    dims = tl.arange(0, HEAD_DIM_PAD)
-    ring_rows = (held * NUM_KV_HEADS + kv_head) * HEAD_DIM
-    ring_mask = exact[:, None] & (dims < HEAD_DIM)[None, :]
-
-    # Every key as a unit row (fp16, as the split kernels read levels) times its scale: an exact key's
-    # norm, or a compressed key's stored norm.
-    exact_keys = tl.load(ring_keys_ptr + ring_rows[:, None] + dims[None, :], mask=ring_mask, other=0.0).to(tl.float32)
-    exact_key_norms = tl.sqrt(tl.sum(exact_keys * exact_keys, axis=1))
-    keys = tl.where(exact[:, None], exact_keys / tl.maximum(exact_key_norms, 1e-30)[:, None],
-                    load_levels(page_ptrs + offsets * KEY_BYTES, compressed, key_centroids_ptr, KEY_BITS, KEY_BYTES,
-                                HEAD_DIM_PAD, KEY_LUT).to(tl.float32)).to(tl.float16)
-    key_scales = tl.where(exact, exact_key_norms, load_norms(page_ptrs + KEY_NORMS_OFFSET + offsets * 4, compressed))
-
     group = tl.arange(0, GROUP_PAD)
     heads = kv_head * GROUP + group
+    dims = tl.arange(0, HEAD_DIM_PAD)
     query = tl.load(query_ptr + seq * stride_query_seq + heads[:, None] * stride_query_head + dims[None, :],
                     mask=(group < GROUP)[:, None] & (dims < HEAD_DIM)[None, :], other=0.0)
-    scores = tl.dot((query * scale).to(tl.float16), tl.trans(keys)) * key_scales[None, :]
-    if USE_SOFTCAP:
-        scores = softcap * (2 * tl.sigmoid(2 * scores / softcap) - 1)
-    scores = tl.where(visible[None, :], scores * 1.4426950408889634, float("-inf"))  # log2 units
-    top = tl.max(scores, axis=1)
-    probs = tl.exp2(scores - tl.where(top == float("-inf"), 0.0, top)[:, None])
-    total = tl.sum(probs, axis=1)
-
-    exact_values = tl.load(ring_values_ptr + ring_rows[:, None] + dims[None, :], mask=ring_mask,
-                           other=0.0).to(tl.float32)
-    exact_value_norms = tl.sqrt(tl.sum(exact_values * exact_values, axis=1))
-    values = tl.where(exact[:, None], exact_values / tl.maximum(exact_value_norms, 1e-30)[:, None],
-                      load_levels(page_ptrs + VALUES_OFFSET + offsets * VALUE_BYTES, compressed, value_centroids_ptr,
-                                  VALUE_BITS, VALUE_BYTES, HEAD_DIM_PAD, VALUE_LUT).to(tl.float32)).to(tl.float16)
-    value_scales = tl.where(exact, exact_value_norms,
-                            load_norms(page_ptrs + VALUE_NORMS_OFFSET + offsets * 4, compressed))
-    acc = tl.dot((probs * value_scales[None, :]).to(tl.float16), values)
-
+    query = (query * scale).to(tl.float16)
+    running_max = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
+    running_sum = tl.zeros([GROUP_PAD], dtype=tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], dtype=tl.float32)
+    for first in tl.static_range(0, POSITIONS, TILE):  # the sinks, then the latest tokens
+        index = first + tl.arange(0, TILE)
+        sink = index < SINKS
+        positions = tl.where(sink, index, seq_len - RECENT + index - SINKS)
+        visible = tl.where(sink, index < seq_len, (index < SINKS + RECENT) & (positions >= SINKS))
+        positions = tl.maximum(positions, 0)
+        blocks = tl.load(block_table_ptr + seq * stride_table_seq + positions // BLOCK_SIZE, mask=visible, other=0)
+        offsets = positions % BLOCK_SIZE
+        slots = blocks.to(tl.int64) * BLOCK_SIZE + offsets
+        entries = tl.load(entry_of_slot_ptr + slots, mask=visible, other=-1).to(tl.int64)
+        held = tl.maximum(entries, 0)
+        exact = visible & (entries >= 0)
+        exact = exact & (tl.load(slot_of_entry_ptr + held, mask=exact, other=-1) == slots)
+        compressed = visible & ~exact
+        page_ptrs = cache_ptr + (blocks.to(tl.int64) * NUM_KV_HEADS + kv_head) * HEAD_PAGE_BYTES
+        ring_rows = (held * NUM_KV_HEADS + kv_head) * HEAD_DIM
+        keys, key_scales = _unit_rows(ring_keys_ptr + ring_rows, exact, page_ptrs + offsets * KEY_BYTES,
+                                      page_ptrs + KEY_NORMS_OFFSET + offsets * 4, compressed, key_centroids_ptr,
+                                      KEY_BITS, KEY_BYTES, HEAD_DIM, HEAD_DIM_PAD, KEY_LUT)
+        scores = tl.dot(query, tl.trans(keys)) * key_scales[None, :]
+        if USE_SOFTCAP:
+            scores = softcap * tanh(scores / softcap)
+        values, value_scales = _unit_rows(ring_values_ptr + ring_rows, exact,
+                                          page_ptrs + VALUES_OFFSET + offsets * VALUE_BYTES,
+                                          page_ptrs + VALUE_NORMS_OFFSET + offsets * 4, compressed, value_centroids_ptr,
+                                          VALUE_BITS, VALUE_BYTES, HEAD_DIM, HEAD_DIM_PAD, VALUE_LUT)
+        running_max, running_sum, acc = masked_softmax_step(scores * 1.4426950408889634, visible[None, :],
+                                                             running_max, running_sum, acc, values, value_scales)
     rows = seq * NUM_KV_HEADS * GROUP + heads
     head_mask = group < GROUP
-    tl.store(out_ptr + rows[:, None] * HEAD_DIM_PAD + dims[None, :], acc / tl.maximum(total, 1e-30)[:, None],
+    tl.store(out_ptr + rows[:, None] * HEAD_DIM_PAD + dims[None, :], acc / tl.maximum(running_sum, 1e-30)[:, None],
              mask=head_mask[:, None])
-    tl.store(lse_ptr + rows, tl.where(total > 0, top + tl.log2(tl.maximum(total, 1e-30)), float("-inf")),
-             mask=head_mask)
+    lse = tl.where(running_sum > 0, running_max + tl.log2(tl.maximum(running_sum, 1e-30)), float("-inf"))
+    tl.store(lse_ptr + rows, lse, mask=head_mask)
 
 
 def exact_window_partials(rotated_query: torch.Tensor, cache: torch.Tensor, codec, ring: ExactRing,
@@ -146,6 +153,7 @@ def exact_window_partials(rotated_query: torch.Tensor, cache: torch.Tensor, code
     layout = codec.layout
     batch, num_q_heads = rotated_query.shape[:2]
     group = num_q_heads // layout.num_kv_heads
+    positions = max(16, triton.next_power_of_2(ring.sinks + ring.recent))  # tl.dot takes at least 16
     out = torch.empty(batch, num_q_heads, head_dim_pad(layout.head_dim), device=cache.device, dtype=torch.float32)
     lse = torch.empty(batch, num_q_heads, device=cache.device, dtype=torch.float32)
     _exact_window_kernel[(batch, layout.num_kv_heads)](
@@ -153,8 +161,8 @@ def exact_window_partials(rotated_query: torch.Tensor, cache: torch.Tensor, code
         codec.key_centroids_fp16, codec.value_centroids_fp16, out, lse, rotated_query.stride(0),
         rotated_query.stride(1), block_table.stride(0), float(scale), float(softcap or 0.0),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), **page_constants(layout),
-        **lookup_constants(codec), SINKS=ring.sinks, RECENT=ring.recent,
-        POSITIONS=max(16, triton.next_power_of_2(ring.sinks + ring.recent)), USE_SOFTCAP=softcap is not None,
-        num_warps=4,
+        **lookup_constants(codec), SINKS=ring.sinks, RECENT=ring.recent, POSITIONS=positions,
+        TILE=min(positions, WINDOW_TILE if layout.head_dim <= 128 else WIDE_WINDOW_TILE),
+        USE_SOFTCAP=softcap is not None, num_warps=4,
     )
     return out, lse

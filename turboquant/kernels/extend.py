@@ -20,11 +20,11 @@ import triton
 import triton.language as tl
 
 from .codec import KernelCodec
-from .decode import tanh
 from .launch import (FLOAT_DTYPES, SLICED_METADATA, check_block_table, check_codec_device, check_device_tensor,
                      check_kv, lookup_constants, page_constants)
 from .packed_tile import load_levels, load_norms
 from .rotate import rotate
+from .softmax import masked_softmax_step, tanh
 
 
 def extend_launch(head_dim: int) -> dict:
@@ -34,20 +34,6 @@ def extend_launch(head_dim: int) -> dict:
     if head_dim > 128:
         return dict(ROWS=32, TILE=32, num_warps=4, num_stages=1)
     return dict(ROWS=64, TILE=128, num_warps=4, num_stages=1)
-
-
-@triton.jit
-def _online_softmax_step(scores, visible, running_max, running_sum, acc, values, value_scales):
-    """One flash-attention update with fp32 statistics; `scores` are in log2 units, `values` fp16 rows
-    that count `value_scales` times (their norms; folded into the probabilities, not the rows)."""
-    scores = tl.where(visible, scores, float("-inf"))
-    new_max = tl.maximum(running_max, tl.max(scores, axis=1))
-    shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # a row that sees nothing yet
-    correction = tl.exp2(running_max - shift)
-    probs = tl.exp2(scores - shift[:, None])
-    running_sum = running_sum * correction + tl.sum(probs, axis=1)
-    acc = acc * correction[:, None] + tl.dot((probs * value_scales[None, :]).to(tl.float16), values)
-    return new_max, running_sum, acc
 
 
 @triton.jit(do_not_specialize_on_alignment=SLICED_METADATA)
@@ -117,7 +103,7 @@ def _extend_kernel(
         values = load_levels(page_ptrs + VALUES_OFFSET + offsets * VALUE_BYTES, valid, value_centroids_ptr,
                              VALUE_BITS, VALUE_BYTES, HEAD_DIM_PAD, VALUE_LUT)
         value_norms = load_norms(page_ptrs + VALUE_NORMS_OFFSET + offsets * 4, valid)
-        running_max, running_sum, acc = _online_softmax_step(scores * 1.4426950408889634, visible, running_max,
+        running_max, running_sum, acc = masked_softmax_step(scores * 1.4426950408889634, visible, running_max,
                                                              running_sum, acc, values, value_norms)
 
     # (b) the chunk itself, causal, from its fresh K/V
@@ -141,7 +127,7 @@ def _extend_kernel(
                 visible = visible & (positions[None, :] > token[:, None] - sliding_window)
             values = tl.load(values_ptr + kv_offsets[:, None] + dims[None, :], mask=kv_mask, other=0.0).to(tl.float16)
             ones = tl.full([TILE], 1.0, tl.float32)
-            running_max, running_sum, acc = _online_softmax_step(scores * 1.4426950408889634, visible, running_max,
+            running_max, running_sum, acc = masked_softmax_step(scores * 1.4426950408889634, visible, running_max,
                                                                  running_sum, acc, values, ones)
 
     out = acc / tl.maximum(running_sum, 1e-30)[:, None]

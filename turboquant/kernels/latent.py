@@ -28,13 +28,14 @@ from ..core import MSEQuantizer, TurboQuantConfig
 from ..core.config import NORM_BYTES
 from ..core.packing import packed_bytes
 from .codec import PackedBits, rotation_operands
-from .decode import default_num_splits, online_softmax_step, reduce_splits
+from .decode import default_num_splits, reduce_splits
 from .gather import GATHER_COLUMNS, GATHER_ROWS, _gather_rows
 from .launch import (FLOAT_DTYPES, check_block_table, check_codec_device, check_device_tensor, head_dim_pad,
                      multiprocessor_count)
 from .lut_asm import LUT_BITS, antisymmetric_fp16, byte_permute_available, dequant_asm
 from .packed_tile import load_levels, load_norms
 from .rotate import rotate, rotation_columns, rotation_operand
+from .softmax import online_softmax_step
 from .store import _load_rows, _quantize_block, _safe_divide, _slots
 
 HEADS_PER_PROGRAM = 16  # query heads that share one read of a latent tile (tl.dot needs 16 rows)

@@ -1,0 +1,33 @@
+"""The online-softmax steps and soft-capping the attention kernels share (fp32 statistics, log2-unit scores)."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def tanh(x):
+    return 2 * tl.sigmoid(2 * x) - 1
+
+
+@triton.jit
+def online_softmax_step(scores, running_max, running_sum):
+    """One tile of an fp32 online softmax over log2-unit scores [rows, tile] → (probabilities, the factor
+    that rescales what was summed before, the new running max, the new running sum)."""
+    new_max = tl.maximum(running_max, tl.max(scores, axis=1))
+    correction = tl.exp2(running_max - new_max)
+    probs = tl.exp2(scores - new_max[:, None])
+    return probs, correction, new_max, running_sum * correction + tl.sum(probs, axis=1)
+
+
+@triton.jit
+def masked_softmax_step(scores, visible, running_max, running_sum, acc, values, value_scales):
+    """One flash-attention update with fp32 statistics; `scores` are in log2 units, `values` fp16 rows
+    that count `value_scales` times (their norms; folded into the probabilities, not the rows)."""
+    scores = tl.where(visible, scores, float("-inf"))
+    new_max = tl.maximum(running_max, tl.max(scores, axis=1))
+    shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # a row that sees nothing yet
+    correction = tl.exp2(running_max - shift)
+    probs = tl.exp2(scores - shift[:, None])
+    running_sum = running_sum * correction + tl.sum(probs, axis=1)
+    acc = acc * correction[:, None] + tl.dot((probs * value_scales[None, :]).to(tl.float16), values)
+    return new_max, running_sum, acc
