@@ -38,24 +38,26 @@ def test_store_writes_rotated_rows_and_both_tables(dtype, device, generator):
     assert getattr(ring, "keys")[[6, 8, 9]].abs().sum() == 0
 
 
-@pytest.mark.parametrize("key_bits, value_bits, sinks, recent", [(4, 4, 4, 8), (3, 3, 1, 5), (4, 2, 0, 16),
-                                                                   (8, 4, 3, 0)])
-@pytest.mark.parametrize("num_splits", [1, 3])
-def test_decode_reads_sinks_and_latest_keys_from_the_ring(key_bits, value_bits, sinks, recent, num_splits, device,
-                                                           generator):
+@pytest.mark.parametrize("head_dim, key_bits, value_bits, sinks, recent, num_splits", [
+    (64, 4, 4, 4, 8, 1), (64, 4, 4, 4, 8, 3), (64, 3, 3, 1, 5, 3), (64, 4, 2, 0, 16, 1), (64, 8, 4, 3, 0, 3),
+    (64, 4, 4, 4, 64, 3),  # two tiles of 64 positions
+    (256, 3, 3, 4, 32, 1),  # two tiles of 32 (head_dim 256)
+])
+def test_decode_reads_sinks_and_latest_keys_from_the_ring(head_dim, key_bits, value_bits, sinks, recent, num_splits,
+                                                           device, generator):
     """Sequences of 1, 6, 70 and 97 tokens: some of their end tokens are in the ring, one entry has been
     handed to another slot since (read compressed), and the longest has no entry at all."""
-    codec = make_codec(64, key_bits, value_bits, 2, 16, device)
+    codec = make_codec(head_dim, key_bits, value_bits, 2, 16, device)
     seq_lens = [1, 6, 70, 97]
     cache, block_table = filled_cache(codec, seq_lens, generator, device)
-    ring = ExactRing.allocate(64, codec.layout, cache.shape[0], sinks, recent, torch.bfloat16, device)
+    ring = ExactRing.allocate(200, codec.layout, cache.shape[0], sinks, recent, torch.bfloat16, device)
     entry = 0
     for seq, length in enumerate(seq_lens[:3]):  # store the ends of the first three again, through the ring
         positions = torch.tensor(sorted({*range(min(sinks, length)), *range(max(0, length - recent), length)}),
                                  dtype=torch.long, device=device)
         if positions.numel() == 0:
             continue
-        keys, values = (torch.randn(positions.numel(), 2, 64, generator=generator).to(device, torch.bfloat16)
+        keys, values = (torch.randn(positions.numel(), 2, head_dim, generator=generator).to(device, torch.bfloat16)
                         for _ in range(2))
         entries = torch.arange(entry, entry + positions.numel(), dtype=torch.int32, device=device)
         entry += positions.numel()
@@ -63,13 +65,14 @@ def test_decode_reads_sinks_and_latest_keys_from_the_ring(key_bits, value_bits, 
                        ring=ring, entries=entries)
     if entry:
         ring.slot_of_entry[entry - 1] = 10**6  # handed out again since: that token reads compressed
-    query = torch.randn(len(seq_lens), 8, 64, generator=generator).to(device)
+    query = torch.randn(len(seq_lens), 8, head_dim, generator=generator).to(device)
     lengths = torch.tensor(seq_lens, dtype=torch.int32, device=device)
-    out = paged_decode_attention(query, cache, codec, block_table, lengths, 0.125, num_splits=num_splits, exact=ring)
-    expected = exact_decode_reference(query, cache, codec, ring, block_table, lengths, 0.125)
+    scale = head_dim ** -0.5
+    out = paged_decode_attention(query, cache, codec, block_table, lengths, scale, num_splits=num_splits, exact=ring)
+    expected = exact_decode_reference(query, cache, codec, ring, block_table, lengths, scale)
     torch.testing.assert_close(out, expected, **TOLERANCE)
     if entry:  # the test tells the ring's keys from the cache's
-        compressed = decode_reference(query, cache, codec, block_table, lengths, 0.125)
+        compressed = decode_reference(query, cache, codec, block_table, lengths, scale)
         assert (out - compressed).abs().max() > 10 * TOLERANCE["atol"]
 
 
