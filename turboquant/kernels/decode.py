@@ -22,13 +22,14 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from . import decode_fragments
 from .codec import KernelCodec
+from .group_query import load_group_query
 from .exact_ring import ExactRing, exact_window_partials
 from .launch import (FLOAT_DTYPES, SLICED_METADATA, check_block_table, check_codec_device, check_device_tensor,
                      head_dim_pad, lookup_constants, multiprocessor_count, page_constants,
                      programmatic_launch, programmatic_launch_available)
 from .packed_tile import load_levels, load_norms
 from .rotate import rotate, rotated_columns, rotation_columns
-from .softmax import online_softmax_step, tanh
+from .softmax import empty_softmax_state, online_softmax_step, tanh
 from .visible_keys import first_visible_key
 
 
@@ -77,16 +78,10 @@ def _decode_split_kernel(
     lo = first + split * per_split
     hi = tl.minimum(lo + per_split, seq_len)
 
-    group = tl.arange(0, GROUP_PAD)
-    heads = kv_head * GROUP + group
+    query, group, heads = load_group_query(query_ptr, seq, kv_head, stride_query_seq, stride_query_head, scale,
+                                           GROUP, GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD)
     dims = tl.arange(0, HEAD_DIM_PAD)
-    query = tl.load(query_ptr + seq * stride_query_seq + heads[:, None] * stride_query_head + dims[None, :],
-                    mask=(group < GROUP)[:, None] & (dims < HEAD_DIM)[None, :], other=0.0)
-    query = (query * scale).to(tl.float16)
-
-    running_max = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
-    running_sum = tl.zeros([GROUP_PAD], dtype=tl.float32)
-    acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], dtype=tl.float32)
+    running_max, running_sum, acc = empty_softmax_state(GROUP_PAD, HEAD_DIM_PAD)
 
     table_ptr = block_table_ptr + seq * stride_table_seq
     for start in range(lo, hi, TILE):

@@ -19,9 +19,10 @@ import triton
 import triton.language as tl
 
 from ..core.paged_layout import PagedLayout
+from .group_query import load_group_query
 from .launch import SLICED_METADATA, check_device_tensor, head_dim_pad, lookup_constants, page_constants
 from .packed_tile import load_levels, load_norms
-from .softmax import masked_softmax_step, tanh
+from .softmax import empty_softmax_state, masked_softmax_step, tanh
 
 # Positions per tile of the window kernel, as the decode split kernel's tiles: at head_dim 256 a 64-token
 # tile of 3-bit codes exceeds shared memory there (`decode.decode_launch`).
@@ -99,15 +100,10 @@ def _exact_window_kernel(
 ):
     seq, kv_head = tl.program_id(0), tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + seq)
-    group = tl.arange(0, GROUP_PAD)
-    heads = kv_head * GROUP + group
+    query, group, heads = load_group_query(query_ptr, seq, kv_head, stride_query_seq, stride_query_head, scale,
+                                           GROUP, GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD)
     dims = tl.arange(0, HEAD_DIM_PAD)
-    query = tl.load(query_ptr + seq * stride_query_seq + heads[:, None] * stride_query_head + dims[None, :],
-                    mask=(group < GROUP)[:, None] & (dims < HEAD_DIM)[None, :], other=0.0)
-    query = (query * scale).to(tl.float16)
-    running_max = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
-    running_sum = tl.zeros([GROUP_PAD], dtype=tl.float32)
-    acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], dtype=tl.float32)
+    running_max, running_sum, acc = empty_softmax_state(GROUP_PAD, HEAD_DIM_PAD)
     for first in tl.static_range(0, POSITIONS, TILE):  # the sinks, then the latest tokens
         index = first + tl.arange(0, TILE)
         sink = index < SINKS

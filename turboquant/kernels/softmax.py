@@ -31,3 +31,10 @@ def masked_softmax_step(scores, visible, running_max, running_sum, acc, values, 
     running_sum = running_sum * correction + tl.sum(probs, axis=1)
     acc = acc * correction[:, None] + tl.dot((probs * value_scales[None, :]).to(tl.float16), values)
     return new_max, running_sum, acc
+
+
+@triton.jit
+def empty_softmax_state(ROWS: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
+    """(running max −inf, running sum 0, accumulator 0 [ROWS, HEAD_DIM_PAD]): no key seen yet."""
+    return (tl.full([ROWS], float("-inf"), dtype=tl.float32), tl.zeros([ROWS], dtype=tl.float32),
+            tl.zeros([ROWS, HEAD_DIM_PAD], dtype=tl.float32))
