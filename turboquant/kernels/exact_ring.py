@@ -7,7 +7,7 @@ written again (a freed block reused) points at its new entry or at none. `compre
 entries=)` fills it; `exact_window_partials` attends to each sequence's first `sinks` and latest
 `recent` tokens, each read from the ring where its entry still holds it and from the cache otherwise,
 as one more split that `paged_decode_attention(exact=)` merges with the compressed middle.
-Reference: `reference.exact_window_reference`.
+Reference: `reference.exact_decode_reference` (`exact_rows_reference`).
 """
 
 from __future__ import annotations
@@ -31,17 +31,17 @@ WINDOW_TILE, WIDE_WINDOW_TILE = 64, 32
 
 @dataclass(frozen=True)
 class ExactRing:
-    keys: torch.Tensor  # [entries + 1, kv_heads, head_dim] model dtype, rotated; the last row takes skipped writes
+    keys: torch.Tensor  # [entries, kv_heads, head_dim] model dtype, rotated
     values: torch.Tensor
-    slot_of_entry: torch.Tensor  # int64 [entries + 1]
-    entry_of_slot: torch.Tensor  # int32 [cache slots + 1]
+    slot_of_entry: torch.Tensor  # int64 [entries]
+    entry_of_slot: torch.Tensor  # int32 [cache slots]
     sinks: int
     recent: int
 
     @staticmethod
     def allocate_rows(entries: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
                       device) -> tuple[torch.Tensor, torch.Tensor]:
-        keys = torch.zeros(entries + 1, num_kv_heads, head_dim, dtype=dtype, device=device)
+        keys = torch.zeros(entries, num_kv_heads, head_dim, dtype=dtype, device=device)
         return keys, torch.zeros_like(keys)
 
     @classmethod
@@ -52,8 +52,8 @@ class ExactRing:
         tables (the layers of one engine do)."""
         keys, values = rows or cls.allocate_rows(entries, layout.num_kv_heads, layout.head_dim, dtype, device)
         if tables is None:
-            slot_of_entry = torch.full((entries + 1,), -1, dtype=torch.int64, device=device)
-            entry_of_slot = torch.full((num_blocks * layout.block_size + 1,), -1, dtype=torch.int32, device=device)
+            slot_of_entry = torch.full((entries,), -1, dtype=torch.int64, device=device)
+            entry_of_slot = torch.full((num_blocks * layout.block_size,), -1, dtype=torch.int32, device=device)
         else:
             slot_of_entry, entry_of_slot = tables.slot_of_entry, tables.entry_of_slot
         return cls(keys, values, slot_of_entry, entry_of_slot, sinks, recent)
@@ -67,7 +67,7 @@ class ExactRing:
                 raise ValueError(f"ring {name} must be contiguous")
         check_device_tensor(self.slot_of_entry, "slot_of_entry", (torch.int64,), None, cache.device)
         check_device_tensor(self.entry_of_slot, "entry_of_slot", (torch.int32,),
-                            (cache.shape[0] * layout.block_size + 1,), cache.device)
+                            (cache.shape[0] * layout.block_size,), cache.device)
         if self.sinks < 0 or self.recent < 0:
             raise ValueError(f"sinks and recent must be non-negative, got {self.sinks} and {self.recent}")
 
