@@ -1,11 +1,11 @@
 """The exact ring (`kernels/exact_ring.py`): what compress-store writes into it, and decode attention
-that reads each sequence's sinks and latest keys from it, against `reference.exact_decode_reference`."""
+that reads each sequence's sinks and latest keys from it, against `reference.decode_reference(..., ring=)`."""
 
 import pytest
 import torch
 
 from turboquant.kernels import ExactRing, compress_store, paged_decode_attention
-from turboquant.kernels.reference import decode_reference, exact_decode_reference
+from turboquant.kernels.reference import decode_reference
 
 from .paged import filled_cache, make_codec
 
@@ -69,7 +69,7 @@ def test_decode_reads_sinks_and_latest_keys_from_the_ring(head_dim, key_bits, va
     lengths = torch.tensor(seq_lens, dtype=torch.int32, device=device)
     scale = head_dim ** -0.5
     out = paged_decode_attention(query, cache, codec, block_table, lengths, scale, num_splits=num_splits, exact=ring)
-    expected = exact_decode_reference(query, cache, codec, ring, block_table, lengths, scale)
+    expected = decode_reference(query, cache, codec, block_table, lengths, scale, ring=ring)
     torch.testing.assert_close(out, expected, **TOLERANCE)
     if entry:  # the test tells the ring's keys from the cache's
         compressed = decode_reference(query, cache, codec, block_table, lengths, scale)

@@ -22,8 +22,8 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from . import decode_fragments
 from .codec import KernelCodec
-from .group_query import load_group_query
 from .exact_ring import ExactRing, exact_window_partials
+from .group_query import load_group_query
 from .launch import (FLOAT_DTYPES, SLICED_METADATA, check_block_table, check_codec_device, check_device_tensor,
                      head_dim_pad, lookup_constants, multiprocessor_count, page_constants,
                      programmatic_launch, programmatic_launch_available)

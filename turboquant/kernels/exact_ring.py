@@ -7,7 +7,7 @@ written again (a freed block reused) points at its new entry or at none. `compre
 entries=)` fills it; `exact_window_partials` attends to each sequence's first `sinks` and latest
 `recent` tokens, each read from the ring where its entry still holds it and from the cache otherwise,
 as one more split that `paged_decode_attention(exact=)` merges with the compressed middle.
-Reference: `reference.exact_decode_reference` (`exact_rows_reference`).
+Reference: `reference.decode_reference(..., ring=)` (`exact_rows_reference`).
 """
 
 from __future__ import annotations
@@ -73,7 +73,18 @@ class ExactRing:
 
 
 @triton.jit
-def _unit_rows(ring_ptrs, exact, code_ptrs, norm_ptrs, compressed, centroids_ptr, BITS: tl.constexpr,
+def held_rows(slots, candidates, entry_of_slot_ptr, slot_of_entry_ptr, kv_head, NUM_KV_HEADS: tl.constexpr,
+              HEAD_DIM: tl.constexpr):
+    """(which `candidates` the ring still holds: their slot's entry names that slot; each one's offset of
+    its kv head's row in the ring's keys or values)."""
+    entries = tl.load(entry_of_slot_ptr + slots, mask=candidates, other=-1).to(tl.int64)
+    held = candidates & (entries >= 0)
+    held = held & (tl.load(slot_of_entry_ptr + tl.maximum(entries, 0), mask=held, other=-1) == slots)
+    return held, (tl.maximum(entries, 0) * NUM_KV_HEADS + kv_head) * HEAD_DIM
+
+
+@triton.jit
+def unit_rows(ring_ptrs, exact, code_ptrs, norm_ptrs, compressed, centroids_ptr, BITS: tl.constexpr,
                ROW_BYTES: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, LUT: tl.constexpr):
     """(unit rows fp16 [rows, HEAD_DIM_PAD], their scales fp32 [rows]): an exact row from the ring as its
     direction and norm, a compressed one as its levels and stored norm, as the split kernels read codes."""
@@ -112,21 +123,17 @@ def _exact_window_kernel(
         positions = tl.maximum(positions, 0)
         blocks = tl.load(block_table_ptr + seq * stride_table_seq + positions // BLOCK_SIZE, mask=visible, other=0)
         offsets = positions % BLOCK_SIZE
-        slots = blocks.to(tl.int64) * BLOCK_SIZE + offsets
-        entries = tl.load(entry_of_slot_ptr + slots, mask=visible, other=-1).to(tl.int64)
-        held = tl.maximum(entries, 0)
-        exact = visible & (entries >= 0)
-        exact = exact & (tl.load(slot_of_entry_ptr + held, mask=exact, other=-1) == slots)
+        exact, ring_rows = held_rows(blocks.to(tl.int64) * BLOCK_SIZE + offsets, visible, entry_of_slot_ptr,
+                                     slot_of_entry_ptr, kv_head, NUM_KV_HEADS, HEAD_DIM)
         compressed = visible & ~exact
         page_ptrs = cache_ptr + (blocks.to(tl.int64) * NUM_KV_HEADS + kv_head) * HEAD_PAGE_BYTES
-        ring_rows = (held * NUM_KV_HEADS + kv_head) * HEAD_DIM
-        keys, key_scales = _unit_rows(ring_keys_ptr + ring_rows, exact, page_ptrs + offsets * KEY_BYTES,
+        keys, key_scales = unit_rows(ring_keys_ptr + ring_rows, exact, page_ptrs + offsets * KEY_BYTES,
                                       page_ptrs + KEY_NORMS_OFFSET + offsets * 4, compressed, key_centroids_ptr,
                                       KEY_BITS, KEY_BYTES, HEAD_DIM, HEAD_DIM_PAD, KEY_LUT)
         scores = tl.dot(query, tl.trans(keys)) * key_scales[None, :]
         if USE_SOFTCAP:
             scores = softcap * tanh(scores / softcap)
-        values, value_scales = _unit_rows(ring_values_ptr + ring_rows, exact,
+        values, value_scales = unit_rows(ring_values_ptr + ring_rows, exact,
                                           page_ptrs + VALUES_OFFSET + offsets * VALUE_BYTES,
                                           page_ptrs + VALUE_NORMS_OFFSET + offsets * 4, compressed, value_centroids_ptr,
                                           VALUE_BITS, VALUE_BYTES, HEAD_DIM, HEAD_DIM_PAD, VALUE_LUT)

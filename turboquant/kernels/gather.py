@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .codec import KernelCodec
-from .exact_ring import ExactRing
+from .exact_ring import ExactRing, held_rows, unit_rows
 from .launch import (FLOAT_DTYPES, SLICED_METADATA, check_block_table, check_codec_device, check_device_tensor,
                      check_kv, head_dim_pad, lookup_constants, page_constants)
 from .packed_tile import load_levels, load_norms
@@ -38,15 +38,12 @@ def _gather_rows(page_ptrs, in_prefix, centroids_ptr, norms_ptr, fresh_ptrs, fre
     """Rows of one role (keys or values): prefix rows from their codes (RING: the `exact` ones from their
     rotated rows at `ring_ptrs`, as a unit row times its norm like a code), the others copied from `fresh_ptrs`."""
     dims = tl.arange(0, HEAD_DIM_PAD)
-    levels = load_levels(page_ptrs, in_prefix, centroids_ptr, BITS, ROW_BYTES, HEAD_DIM_PAD, LUT)
-    norms = load_norms(norms_ptr, in_prefix)
     if RING:
-        rows = tl.load(ring_ptrs[:, None] + dims[None, :], mask=exact[:, None] & (dims < HEAD_DIM)[None, :],
-                       other=0.0).to(tl.float32)
-        row_norms = tl.sqrt(tl.sum(rows * rows, axis=1))
-        levels = tl.where(exact[:, None], rows / tl.maximum(row_norms, 1e-30)[:, None],
-                          levels.to(tl.float32)).to(tl.float16)
-        norms = tl.where(exact, row_norms, norms)
+        levels, norms = unit_rows(ring_ptrs, exact, page_ptrs, norms_ptr, in_prefix & ~exact, centroids_ptr, BITS,
+                                  ROW_BYTES, HEAD_DIM, HEAD_DIM_PAD, LUT)
+    else:
+        levels = load_levels(page_ptrs, in_prefix, centroids_ptr, BITS, ROW_BYTES, HEAD_DIM_PAD, LUT)
+        norms = load_norms(norms_ptr, in_prefix)
     for block in range(HEAD_DIM_PAD // COLUMNS):  # a loop, not unrolled: one block's addresses live at a time
         columns = block * COLUMNS + tl.arange(0, COLUMNS)
         column_mask = (columns < HEAD_DIM)[None, :]
@@ -90,12 +87,9 @@ def _gather_kernel(
         exact = positions < 0  # none, without a ring
         ring_rows = tl.zeros([ROWS], dtype=tl.int64)
         if RING:  # the prefix's sinks and latest tokens whose ring entry still holds their slot
-            slots = blocks.to(tl.int64) * BLOCK_SIZE + offsets
-            exact = in_prefix & ((positions < SINKS) | (positions >= prefix_len - RECENT))
-            entries = tl.load(entry_of_slot_ptr + slots, mask=exact, other=-1).to(tl.int64)
-            exact = exact & (entries >= 0)
-            exact = exact & (tl.load(slot_of_entry_ptr + tl.maximum(entries, 0), mask=exact, other=-1) == slots)
-            ring_rows = (tl.maximum(entries, 0) * NUM_KV_HEADS + kv_head) * HEAD_DIM
+            exact, ring_rows = held_rows(blocks.to(tl.int64) * BLOCK_SIZE + offsets,
+                                         in_prefix & ((positions < SINKS) | (positions >= prefix_len - RECENT)),
+                                         entry_of_slot_ptr, slot_of_entry_ptr, kv_head, NUM_KV_HEADS, HEAD_DIM)
         fresh_rows = (query_start + positions - prefix_len).to(tl.int64)
         out_offsets = (tl.load(key_start_ptr + seq) + positions).to(tl.int64) * stride_out_token \
             + kv_head * stride_out_head

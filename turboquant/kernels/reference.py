@@ -71,15 +71,18 @@ def attention_reference(query: torch.Tensor, keys: torch.Tensor, values: torch.T
 def decode_reference(query: torch.Tensor, cache: torch.Tensor, codec: KernelCodec, block_table: torch.Tensor,
                      seq_lens: torch.Tensor, scale: float, sliding_window: int | None = None,
                      softcap: float | None = None, key_starts: torch.Tensor | None = None,
-                     return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                     return_lse: bool = False, ring=None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """One new query per sequence, query [batch, Hq, d] at position seq_len − 1 → [batch, Hq, d] fp32
-    (and the log-sum-exp [batch, Hq]); sequence i sees no key before key_starts[i]."""
+    (and the log-sum-exp [batch, Hq]); sequence i sees no key before key_starts[i]. `ring`
+    (`exact_ring.ExactRing`): its sinks and latest keys from the ring (`exact_rows_reference`)."""
     out = torch.zeros(query.shape, dtype=torch.float32, device=query.device)
     lse = torch.full(query.shape[:2], float("-inf"), device=query.device)
     for seq, length in enumerate(seq_lens.tolist()):
         if length == 0:
             continue
         keys, values = gather_sequence_reference(cache, codec, block_table[seq], length)
+        if ring is not None:
+            exact_rows_reference(keys, values, ring, codec, block_table[seq])
         positions = torch.arange(length, device=query.device)
         start = 0 if key_starts is None else int(key_starts[seq])
         seq_out, seq_lse = attention_reference(query[seq : seq + 1], keys, values, positions[-1:], positions,
@@ -101,23 +104,6 @@ def exact_rows_reference(keys: torch.Tensor, values: torch.Tensor, ring, codec: 
     held &= (positions < ring.sinks) | (positions >= length - ring.recent)
     keys[held] = ring.keys[entries[held]].float() @ codec.rotation
     values[held] = ring.values[entries[held]].float() @ codec.rotation
-
-
-def exact_decode_reference(query: torch.Tensor, cache: torch.Tensor, codec: KernelCodec, ring,
-                           block_table: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                           softcap: float | None = None) -> torch.Tensor:
-    """`decode_reference` with each sequence's sinks and latest keys from the ring (`exact_rows_reference`)."""
-    out = torch.zeros(query.shape, dtype=torch.float32, device=query.device)
-    for seq, length in enumerate(seq_lens.tolist()):
-        if length == 0:
-            continue
-        keys, values = gather_sequence_reference(cache, codec, block_table[seq], length)
-        exact_rows_reference(keys, values, ring, codec, block_table[seq])
-        positions = torch.arange(length, device=query.device)
-        seq_out, _ = attention_reference(query[seq : seq + 1], keys, values, positions[-1:], positions, scale,
-                                         None, softcap)
-        out[seq] = seq_out[0]
-    return out
 
 
 def extend_reference(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, query_start: torch.Tensor,
