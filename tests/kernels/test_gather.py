@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from turboquant.kernels.gather import gather_sequences
+from turboquant.kernels.gather import _gather_kernel, gather_sequences
 from turboquant.kernels.reference import gather_sequence_reference
 
 from .paged import filled_cache, make_codec
@@ -61,6 +61,29 @@ def test_gather_of_an_empty_sequence_writes_nothing(device, generator):
     out = torch.full((1, 2, 64), 123.0, dtype=torch.bfloat16, device=device)
     gather_sequences(keys[:1], keys[:1], zeros, zeros[:1], cache, codec, block_table, zeros, 1, out, out)
     assert bool((out == 123.0).all())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="counts Triton's compiled variants: GPU only")
+def test_gather_after_the_compile_launch_compiles_nothing_more(generator):
+    """The backend's prefill rows slice vLLM's metadata at any request (seq_lens[decodes:]): such a call must
+    reuse what the backend's empty launch compiled, or serving stalls on a compile (H200, b32 x 1024: 0.86x
+    bf16's tok/s when a stand-in pointer followed the slice's alignment)."""
+    codec = make_codec(64, 4, 4, 2, 16, "cuda")
+    seq_lens = [20, 30, 40, 50]
+    cache, block_table = filled_cache(codec, seq_lens, generator, "cuda")
+    keys = torch.randn(8, 2, 64, generator=generator).to("cuda", torch.bfloat16)
+    zeros = torch.zeros(2, dtype=torch.int32, device="cuda")
+    out = torch.empty(200, 2, 64, dtype=torch.bfloat16, device="cuda")
+    gather_sequences(keys[:1], keys[:1], zeros, zeros[:1], cache, codec, block_table[:1], zeros, 1, out, out)
+    compiled = _gather_kernel.device_caches[torch.cuda.current_device()][0]
+    variants = len(compiled)
+    lengths = torch.tensor(seq_lens, dtype=torch.int32, device="cuda")
+    for first in (1, 2, 3):  # int32 metadata 4, 8 and 12 bytes past an aligned start
+        query_lens = [2] * (len(seq_lens) - first)
+        gather_sequences(keys[:sum(query_lens)], keys[:sum(query_lens)], chunks(query_lens, "cuda"),
+                         lengths[first:], cache, codec, block_table[first:],
+                         chunks(seq_lens[first:], "cuda"), max(seq_lens), out, out)
+    assert len(compiled) == variants
 
 
 def test_gather_rejects_bad_input(device, generator):

@@ -12,20 +12,21 @@ from turboquant.vllm.exact_tokens import ExactTokens  # noqa: E402
 def test_sinks_and_latest_tokens_get_entries_round_robin_and_padding_none():
     tokens = ExactTokens(sinks=2, recent=3, max_num_seqs=4, max_num_tokens=32, device="cpu")
     assert (tokens.sink_capacity, tokens.recent_capacity) == (8, 12)
-    # a decode at position 39, a first chunk of 6 tokens, a CUDA graph's padding request (length 0)
-    query_start = torch.tensor([0, 1, 7, 8], dtype=torch.int32)
-    seq_lens = torch.tensor([40, 6, 0], dtype=torch.int32)
-    step = tokens.step(query_start, seq_lens, num_tokens=8, num_reqs=3, num_decodes=1)
+    # a decode at position 39, a first chunk of 6 tokens, then a full CUDA graph's padding as vLLM lays it
+    # out: two padding requests (empty queries, length 0) and one padding token past the last request's end
+    query_start = torch.tensor([0, 1, 7, 7, 7], dtype=torch.int32)
+    seq_lens = torch.tensor([40, 6, 0, 0], dtype=torch.int32)
+    step = tokens.step(query_start, seq_lens, num_tokens=8, num_reqs=4, num_decodes=1)
     # the decode's token is recent; the chunk's positions 0, 1 are sinks, 3–5 recent, 2 neither
     assert step.entries[:8].tolist() == [8, 0, 1, -1, 9, 10, 11, -1]
     assert step.middle_ends.tolist() == [37] and step.middle_starts.tolist() == [2]
     assert tokens.cursor.tolist() == [2, 4]
     # the next step continues where this one stopped, and wraps around each part
     for _ in range(2):
-        step = tokens.step(query_start, seq_lens, num_tokens=8, num_reqs=3, num_decodes=1)
+        step = tokens.step(query_start, seq_lens, num_tokens=8, num_reqs=4, num_decodes=1)
     assert step.entries[:8].tolist() == [8 + 8 % 12, 4, 5, -1, 8 + 9 % 12, 8 + 10 % 12, 8 + 11 % 12, -1]
     assert tokens.cursor.tolist() == [6, 12]
-    step = tokens.step(query_start, seq_lens, num_tokens=8, num_reqs=3, num_decodes=1)
+    step = tokens.step(query_start, seq_lens, num_tokens=8, num_reqs=4, num_decodes=1)
     assert step.entries[:8].tolist() == [8, 6, 7, -1, 9, 10, 11, -1]  # the recent part wrapped around
 
 

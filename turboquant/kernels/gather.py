@@ -137,9 +137,10 @@ def gather_sequences(keys: torch.Tensor, values: torch.Tensor, query_start: torc
     _gather_kernel[(batch, triton.cdiv(max_seq_len, GATHER_ROWS), 2 * layout.num_kv_heads)](
         keys, values, cache, block_table, seq_lens, query_start, key_start, codec.rotation_fp16_parts[0],
         codec.key_centroids_fp16, codec.value_centroids_fp16, out_keys, out_values,
-        # without a ring these pointers are never read
-        *((ring.keys, ring.values, ring.slot_of_entry, ring.entry_of_slot) if ring is not None
-          else (keys, values, seq_lens, seq_lens)),
+        # without a ring these pointers are never read; the cache stands in for them because its address is
+        # always aligned, so the launch reuses one compiled variant (a sliced stand-in would change with
+        # the slice's offset: a compile at serving time)
+        *((ring.keys, ring.values, ring.slot_of_entry, ring.entry_of_slot) if ring is not None else (cache,) * 4),
         keys.stride(0), keys.stride(1), values.stride(0), values.stride(1), out_keys.stride(0), out_keys.stride(1),
         block_table.stride(0),
         **page_constants(layout),

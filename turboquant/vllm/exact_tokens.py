@@ -62,9 +62,11 @@ class ExactTokens:
         device = self.cursor.device
         starts, lengths = query_start[:num_reqs + 1].long(), seq_lens[:num_reqs].long()
         token = torch.arange(num_tokens, device=device)
-        request = torch.searchsorted(starts[1:], token, right=True)
+        # A full CUDA graph pads both: padding requests have empty queries and length 0, and the padding
+        # tokens lie past the last request's end, where no request owns them.
+        request = torch.searchsorted(starts[1:], token, right=True).clamp(max=num_reqs - 1)
         position = lengths[request] - (starts[request + 1] - token)
-        real = position >= 0  # a CUDA graph's padding requests have length 0
+        real = (token < starts[num_reqs]) & (position >= 0)
         sink = real & (position < self.sinks)
         recent = real & ~sink & (position >= lengths[request] - self.recent)
         sink_rank, recent_rank = sink.cumsum(0) - 1, recent.cumsum(0) - 1
