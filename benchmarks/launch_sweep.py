@@ -65,7 +65,7 @@ def decode_rows(batch: int, context: int, key_bits: int, value_bits: int) -> lis
                 0, ANY_SPAN, GROUP=NUM_Q_HEADS // NUM_KV_HEADS, GROUP_PAD=16, NUM_SPLITS=splits, PARTIAL_SPLITS=splits,
                 **page_constants(codec.layout),
                 **lookups, USE_SOFTCAP=False, USE_WINDOW=False, USE_STARTS=False, TILE=tile, REDUCTION_NEXT=False,
-                FRAGMENTS_NEXT=False, WAIT_FOR_QUERY=False, num_warps=warps,
+                READERS_NEXT=False, WAIT_FOR_QUERY=False, num_warps=warps,
                 num_stages=stages)
         try:
             kernel = run()

@@ -28,9 +28,9 @@ ENGINES: dict[str, dict] = {
     **{f"ours-{preset}-b1": dict(attention_backend="CUSTOM",
                                  additional_config={"turboquant": {"preset": preset, "boundary_layers": 1}})
        for preset in ("k4v4", "k3v3")},
-    # sinks and the latest tokens read in the model's dtype from a ring beside the cache (exact_tokens.py)
-    "ours-k4v4-exact": dict(attention_backend="CUSTOM", additional_config={
-        "turboquant": {"preset": "k4v4", "exact_sinks": 4, "exact_recent": 32}}),
+    # without the default's exact sinks and latest tokens (exact_tokens.py): every token read compressed
+    "ours-k4v4-no-ring": dict(attention_backend="CUSTOM", additional_config={
+        "turboquant": {"preset": "k4v4", "exact_sinks": 0, "exact_recent": 0}}),
     # weights compressed at load (issue: weight compression), the KV cache as bf16's
     "ours-weights-tq4": dict(attention_backend="FLASH_ATTN", quantization="turboquant"),
     "ours-weights-tq3": dict(attention_backend="FLASH_ATTN", quantization="turboquant"),

@@ -17,9 +17,11 @@ HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE, NUM_BLOCKS = 4, 2, 64, 16, 24
 def backend(monkeypatch):
     from turboquant.vllm import backend
 
-    config = SimpleNamespace(additional_config={"turboquant": "k4v4"},
+    # every token compressed: the references below read the cache alone (the ring's test sets its own)
+    config = SimpleNamespace(additional_config={"turboquant": {"preset": "k4v4", "exact_sinks": 0, "exact_recent": 0}},
                              model_config=SimpleNamespace(get_total_num_hidden_layers=lambda: 4, max_model_len=200,
-                                                          is_hybrid=False),
+                                                          is_hybrid=False, dtype=torch.bfloat16),
+                             scheduler_config=SimpleNamespace(max_num_seqs=4, max_num_batched_tokens=128),
                              parallel_config=SimpleNamespace(decode_context_parallel_size=1, use_ubatching=False),
                              speculative_config=None)
     monkeypatch.setattr(backend, "get_current_vllm_config", lambda: config)
@@ -202,6 +204,35 @@ def test_compiling_the_prefill_kernels_before_serving_writes_nothing(backend, to
     assert torch.equal(ref.cache, before) and not impl.prefill_uncompiled
 
 
+def test_exact_tokens_are_on_by_default_where_a_layer_can_read_them(backend, monkeypatch):
+    """Default settings: 4 sinks + 32 latest tokens in a ring on full-attention layers; off without an
+    error in batch-invariant mode, on sliding-window layers and on layers that read another's cache.
+    Counts set in the config there stop the engine instead."""
+    from vllm import envs
+    from vllm.model_executor.layers import layernorm
+
+    from turboquant.vllm import batch_invariance
+
+    module, config = backend
+    config.additional_config = {"turboquant": "k4v4"}
+    spec = SimpleNamespace(num_kv_heads=KV_HEADS, head_size=HEAD_DIM)
+
+    def impl(**kwargs):
+        return module.TurboQuantImpl(HEADS, HEAD_DIM, HEAD_DIM ** -0.5, KV_HEADS, **kwargs)
+    builder = module.TurboQuantMetadataBuilder(spec, ["x"], config, "cpu")
+    assert (builder.exact.sinks, builder.exact.recent) == (4, 32)
+    assert impl().exact_rows[0].shape == (4 * (4 + 32), KV_HEADS, HEAD_DIM)  # max_num_seqs 4
+    assert impl(sliding_window=8).exact_rows is None
+    assert impl(kv_sharing_target_layer_name="model.layers.0.self_attn.attn").exact_rows is None
+    monkeypatch.setattr(envs, "VLLM_BATCH_INVARIANT", True, raising=False)
+    monkeypatch.setattr(layernorm, "rms_norm_batch_invariant", layernorm.rms_norm_batch_invariant)  # restored after
+    monkeypatch.setattr(batch_invariance, "_installed", False)
+    assert impl().exact_rows is None and module.TurboQuantMetadataBuilder(spec, ["x"], config, "cpu").exact is None
+    config.additional_config = {"turboquant": {"preset": "k4v4", "exact_recent": 16}}
+    with pytest.raises(ValueError, match="batch-invariant mode"):
+        impl()
+
+
 def test_exact_sinks_and_recent_tokens_are_read_from_the_ring(backend, monkeypatch):
     """Settings exact_sinks=2, exact_recent=5: a prefill step puts each sequence's first 2 and last 5
     tokens in the ring; the decode step after it attends to those (and its own token) in the model's
@@ -214,8 +245,6 @@ def test_exact_sinks_and_recent_tokens_are_read_from_the_ring(backend, monkeypat
 
     module, config = backend
     config.additional_config = {"turboquant": {"preset": "k4v4", "exact_sinks": 2, "exact_recent": 5}}
-    config.scheduler_config = SimpleNamespace(max_num_seqs=4, max_num_batched_tokens=128)
-    config.model_config.dtype = torch.bfloat16
     device = "cuda" if torch.cuda.is_available() else "cpu"
     generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
 

@@ -75,8 +75,10 @@ def make_impl(monkeypatch, additional_config: dict):
     return impl
 
 
-def test_exact_tokens_are_refused_for_mla_layers(monkeypatch):
-    with pytest.raises(ValueError, match="not built for MLA"):
+def test_exact_tokens_set_in_the_config_are_refused_for_mla_layers(monkeypatch):
+    """The default (on for the other backend) turns itself off here; counts set in the config stop the engine."""
+    assert make_impl(monkeypatch, {"turboquant": "k4v4"}).settings.exact_sinks is None
+    with pytest.raises(ValueError, match="cannot be served on MLA"):
         make_impl(monkeypatch, {"turboquant": {"preset": "k4v4", "exact_sinks": 4, "exact_recent": 32}})
 
 

@@ -23,6 +23,23 @@ def test_default_is_k4v4_in_every_layer():
     assert layer_bits(settings) == [(4, 4)] * 4
 
 
+@pytest.mark.parametrize("value, counts", [
+    ("k4v4", (4, 32)),  # the default
+    ({"exact_recent": 16}, (4, 16)),  # the other count keeps its default
+    ({"exact_sinks": 0, "exact_recent": 0}, (0, 0)),
+])
+def test_exact_token_counts_default_to_4_sinks_and_32_latest(value, counts):
+    assert VllmSettings.from_additional_config({"turboquant": value}).exact_counts() == counts
+
+
+def test_exact_tokens_where_a_layer_cannot_read_them_turn_off_by_default_and_refuse_set_counts():
+    why = "on sliding-window layers"
+    assert VllmSettings().exact_counts(why) == (0, 0)
+    assert VllmSettings(exact_sinks=0, exact_recent=0).exact_counts(why) == (0, 0)
+    with pytest.raises(ValueError, match="cannot be served on sliding-window layers"):
+        VllmSettings(exact_recent=8).exact_counts(why)
+
+
 def test_boundary_layers_store_8_bit_codes_when_asked():
     settings = VllmSettings.from_additional_config({"turboquant": {"boundary_layers": 1}})
     assert layer_bits(settings) == [(8, 8), (4, 4), (4, 4), (8, 8)]

@@ -58,7 +58,7 @@ def _decode_split_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     KEY_BITS: tl.constexpr, KEY_BYTES: tl.constexpr, KEY_LUT: tl.constexpr, VALUE_BITS: tl.constexpr,
     VALUE_BYTES: tl.constexpr, VALUE_LUT: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr,
-    USE_STARTS: tl.constexpr, TILE: tl.constexpr, REDUCTION_NEXT: tl.constexpr, FRAGMENTS_NEXT: tl.constexpr,
+    USE_STARTS: tl.constexpr, TILE: tl.constexpr, REDUCTION_NEXT: tl.constexpr, READERS_NEXT: tl.constexpr,
     WAIT_FOR_QUERY: tl.constexpr,
 ):
     if REDUCTION_NEXT:  # the reduction, launched programmatically next, waits for this grid to end: start it now
@@ -70,7 +70,7 @@ def _decode_split_kernel(
     # before reading them, and before returning, as a program's return lets the fragment kernel start too.
     if WAIT_FOR_QUERY:
         gdc_wait()
-    if FRAGMENTS_NEXT:  # the fragment kernel reads the query without waiting: let it start once the query is there
+    if READERS_NEXT:  # the next launch reads the query without waiting: let it start once the query is there
         gdc_launch_dependents()
     if (seq_len - first < min_span) | (seq_len - first > max_span):  # the fragment kernel's sequence
         return
@@ -267,11 +267,12 @@ def launch_triton_split(rotated_query: torch.Tensor, cache: torch.Tensor, codec:
                         block_table: torch.Tensor, seq_lens: torch.Tensor, key_starts: torch.Tensor | None,
                         partial_out: torch.Tensor, partial_lse: torch.Tensor, scale: float, softcap: float | None,
                         sliding_window: int | None, num_splits: int, min_span: int = 0, max_span: int = ANY_SPAN,
-                        chained: bool = False, fragments_next: bool = False, after_store: bool = False) -> None:
+                        chained: bool = False, readers_next: bool = False, after_store: bool = False) -> None:
     """Fill the partials [batch, Hq, S(, D_pad)] of the sequences whose visible keys number min_span …
     max_span, each cut into `num_splits` (a divisor of S) splits; their slots past those read empty.
     `chained`: launched programmatically after the query's rotation, and the reduction after it so;
-    `fragments_next`: the fragment kernel is launched programmatically after it; `after_store`: launched
+    `readers_next`: a kernel that reads the query without waiting (the fragment kernel, the exact window
+    kernel) is launched programmatically after it; `after_store`: launched
     programmatically after the store that wrote the query and the step's keys."""
     layout = codec.layout
     batch, num_q_heads, partial_splits = partial_lse.shape
@@ -287,7 +288,7 @@ def launch_triton_split(rotated_query: torch.Tensor, cache: torch.Tensor, codec:
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), NUM_SPLITS=num_splits,
         PARTIAL_SPLITS=partial_splits, **page_constants(layout), **lookups,
         USE_SOFTCAP=softcap is not None, USE_WINDOW=sliding_window is not None, USE_STARTS=key_starts is not None,
-        REDUCTION_NEXT=chained, FRAGMENTS_NEXT=fragments_next, WAIT_FOR_QUERY=chained or after_store,
+        REDUCTION_NEXT=chained, READERS_NEXT=readers_next, WAIT_FOR_QUERY=chained or after_store,
         **triton_split_launch(codec, lookups), **programmatic_launch(chained or after_store),
     )
 
@@ -396,16 +397,20 @@ def paged_decode_attention(query: torch.Tensor, cache: torch.Tensor, codec: Kern
     # mostly gives all its sequences to one of them, and the other's programs, which only skip, then cost
     # no launch gap of their own (H200, b32 x 1K in 33K-token tables: kernels-decode-h200-overlap.md).
     overlapped = bool(triton_splits) and min_span is not None and pdl
+    # Likewise the exact window's split after the Triton one (H200, b32 x 1K: its own launch after the split
+    # kernel's cost ... ms a call, chained ... ms; kernels-step-h200-exact*.md)
+    window_overlapped = bool(triton_splits) and min_span is None and pdl and exact is not None
     if triton_splits:
         launch_triton_split(rotated_query, cache, codec, block_table, seq_lens, key_starts, partial_out, partial_lse,
                             scale, softcap, sliding_window, triton_splits,
                             max_span=ANY_SPAN if min_span is None else min_span - 1, chained=chained,
-                            fragments_next=overlapped, after_store=after_store)
+                            readers_next=overlapped or window_overlapped, after_store=after_store)
     if min_span is not None:
         decode_fragments.launch_split(rotated_query, cache, codec, block_table, seq_lens, key_starts, partial_out,
                                       partial_lse, scale, softcap, sliding_window, min_span, after_split=overlapped)
     extra = None if exact is None else exact_window_partials(rotated_query, cache, codec, exact, block_table,
-                                                             window_lengths, scale, softcap)
+                                                             window_lengths, scale, softcap,
+                                                             after_split=window_overlapped)
     out = torch.empty_like(query) if out is None else out
     lse = torch.empty(batch, num_q_heads, device=cache.device, dtype=torch.float32) if return_lse else None
     # merge the splits and un-rotate the weighted value sum once, cast and stored into the caller's tensor

@@ -322,7 +322,7 @@ def launch_split(rotated_query: torch.Tensor, cache: torch.Tensor, codec: Kernel
     """Fill `partial_out` [batch, Hq, splits, D] fp32 and `partial_lse` [batch, Hq, splits] as
     `decode._decode_split_kernel` does (the caller checked `unsupported_reason`), for the sequences with at
     least `min_span` visible keys. `after_split`: launched programmatically after the Triton split kernel
-    (`launch_triton_split(..., fragments_next=True)`), which serves the others."""
+    (`launch_triton_split(..., readers_next=True)`), which serves the others."""
     layout = codec.layout
     batch, num_q_heads, num_splits = partial_lse.shape
     constants = page_constants(layout)

@@ -55,6 +55,7 @@ else:
     flash_attn_varlen_func = None
 
 KERNEL_BLOCK_SIZES = [16, 32, 64, 128]
+BATCH_INVARIANT_MODE = "in vLLM's batch-invariant mode (a token's ring entry depends on the batch)"
 
 
 class CompressedCacheBackend:
@@ -157,10 +158,11 @@ class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
         self.gathers = engine_gathers(vllm_config.speculative_config is not None,
                                       vllm_config.parallel_config.use_ubatching)
         self.num_sms = multiprocessor_count(torch.device(device))
-        settings = VllmSettings.from_additional_config(vllm_config.additional_config)
-        self.exact = ExactTokens(settings.exact_sinks, settings.exact_recent, vllm_config.scheduler_config.max_num_seqs,
+        exact_counts = VllmSettings.from_additional_config(vllm_config.additional_config).exact_counts(
+            BATCH_INVARIANT_MODE if envs.VLLM_BATCH_INVARIANT else None)
+        self.exact = ExactTokens(*exact_counts, vllm_config.scheduler_config.max_num_seqs,
                                  vllm_config.scheduler_config.max_num_batched_tokens, device) \
-            if settings.exact_tokens else None
+            if any(exact_counts) else None
         if self.gathers and is_workspace_manager_initialized():  # reserve it now, while vLLM profiles memory
             gather_workspace(self.gather_capacity, kv_cache_spec.num_kv_heads, kv_cache_spec.head_size,
                              vllm_config.model_config.dtype, device)
@@ -227,10 +229,9 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
         self.settings = VllmSettings.from_additional_config(vllm_config.additional_config)  # bad config: fail at start
         if envs.VLLM_BATCH_INVARIANT:
             install_residual_rms_norm()  # vLLM's mode leaves that norm batch-dependent (batch_invariance.py)
-        if self.settings.exact_tokens and (envs.VLLM_BATCH_INVARIANT or sliding_window
-                                           or kv_sharing_target_layer_name):
-            raise ValueError("turboquant exact_sinks/exact_recent serve full-attention layers that store their own "
-                             "cache, outside vLLM's batch-invariant mode (a token's ring entry depends on the batch)")
+        exact_counts = self.settings.exact_counts(
+            BATCH_INVARIANT_MODE if envs.VLLM_BATCH_INVARIANT else "on sliding-window layers" if sliding_window
+            else "on layers that read another layer's cache (KV sharing)" if kv_sharing_target_layer_name else None)
         self.exact_ring: ExactRing | None = None  # built on the first step that has the builder's ExactTokens
         self.num_layers = vllm_config.model_config.get_total_num_hidden_layers()
         self.kv_cache_dtype = kv_cache_dtype
@@ -238,11 +239,10 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
         self.num_kv_heads = num_kv_heads or num_heads
         # the ring's rows now, with the model, so that vLLM's memory profile leaves them out of the KV budget
         self.exact_rows = ExactRing.allocate_rows(
-            sum(ExactTokens.capacities(self.settings.exact_sinks, self.settings.exact_recent,
-                                       vllm_config.scheduler_config.max_num_seqs)),
+            sum(ExactTokens.capacities(*exact_counts, vllm_config.scheduler_config.max_num_seqs)),
             self.num_kv_heads, head_size, vllm_config.model_config.dtype,
             torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu") \
-            if self.settings.exact_tokens else None
+            if any(exact_counts) else None  # None: this layer reads every token compressed
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
         self.sliding_window = sliding_window
         self.softcap = logits_soft_cap if logits_soft_cap else None
@@ -280,7 +280,7 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
                              self.scale, meta.max_query_len, self.sliding_window, self.softcap,
                              out=output[:num_tokens])
             return output
-        if meta.exact is not None and self.exact_ring is None:
+        if meta.exact is not None and self.exact_rows is not None and self.exact_ring is None:
             self.exact_ring = meta.exact.tokens.ring(codec.layout, kv_cache.shape[0], self.exact_rows)
         if self.prefill_uncompiled and key is not None and kv_cache.is_cuda \
                 and not torch.cuda.is_current_stream_capturing():
@@ -290,7 +290,7 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
         # the first decode launch starts while the store runs (programmatic dependent launch)
         rotated = self._store(key, value, kv_cache, codec, meta, query[:decode_queries], bool(decode_queries))
         queries = query if rotated is None else rotated
-        ring = None if meta.exact is None else self.exact_ring
+        ring = self.exact_ring
         if decodes:
             # The kernel's launches depend only on shapes (batch, block-table width), so a captured CUDA
             # graph replays them.
@@ -342,8 +342,7 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
                               fixed_tile=envs.VLLM_BATCH_INVARIANT,
                               queries=queries if queries is not None and queries.shape[0] else None,
                               launch_dependents=launch_dependents,
-                              ring=None if meta.exact is None else self.exact_ring,
-                              entries=None if meta.exact is None else meta.exact.entries)
+                              ring=self.exact_ring, entries=None if self.exact_ring is None else meta.exact.entries)
 
     def _prefill(self, query, key, value, kv_cache, codec, meta: TurboQuantMetadata, out: torch.Tensor) -> None:
         route = meta.prefill_route
@@ -360,7 +359,7 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
                                                 query.device)
                 gather_sequences(key[rows], value[rows], group.query_start, seq_lens[requests], kv_cache, codec,
                                  block_table[requests], group.key_start, group.max_seq_len, keys, values,
-                                 ring=None if meta.exact is None else self.exact_ring)
+                                 ring=self.exact_ring)
                 self._flash_attention(query[rows], keys, values, group.query_start, group.key_start,
                                       group.max_query_len, group.max_seq_len, out[rows])
             return

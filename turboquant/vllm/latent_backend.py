@@ -86,9 +86,7 @@ class TurboQuantLatentImpl(MLACommonImpl[MLACommonMetadata]):
         if parallel.decode_context_parallel_size > 1 or parallel.prefill_context_parallel_size > 1:
             raise ValueError("turboquant's MLA backend does not support context parallelism (DCP/PCP)")
         self.settings = VllmSettings.from_additional_config(vllm_config.additional_config)  # fail at start
-        if self.settings.exact_tokens:
-            raise ValueError("turboquant exact_sinks/exact_recent are not built for MLA (latent) layers; leave "
-                             "them at 0 for this model")
+        self.settings.exact_counts("on MLA (latent) layers")  # set in the config: stop here; the default is off
         self.num_layers = vllm_config.model_config.get_total_num_hidden_layers()
         self.supports_quant_query_input = False  # queries stay in the model's dtype
         self.layer_idx: int | None = None  # set by fold_rotation (vLLM does not tell an MLA impl its layer)
