@@ -116,9 +116,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         return worker(args.worker, args.model, args.prompts)
-    names = args.engines.split(",")
-    if names[0] != "bf16":
-        names.insert(0, "bf16")
+    names = ["bf16"] + [name for name in args.engines.split(",") if name != "bf16"]  # the reference first, once
     raw = {}
     for name in names:
         saved = os.path.join(args.raw_dir, f"{name}-{args.prompts}.json") if args.raw_dir else None

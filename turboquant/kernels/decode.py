@@ -318,9 +318,10 @@ def paged_decode_attention(query: torch.Tensor, cache: torch.Tensor, codec: Kern
     True the fragment kernel (`decode_fragments.py`; ValueError where it cannot serve the layer), False
     the Triton one, None each sequence's by its length (`fragment_min_span`). `query_rotated`: the query
     is already rotated (x @ Rᵀ, e.g. by `compress_store(..., queries=)` in the launch that stored the step's
-    keys), so this call launches no rotation of its own. `after_store`: that store is the launch just
-    before this call and let its dependents start (`launch_dependents=True`): the split kernel starts
-    while it runs and waits for it before reading the query and the cache. `exact` (`exact_ring.ExactRing`):
+    keys), so this call launches no rotation of its own. `after_store`: that store ran before this call,
+    and the launch just before it either is the store, which let its dependents start
+    (`launch_dependents=True`), or ended after it: the split kernel starts while that launch runs and
+    waits for it before reading the query and the cache. `exact` (`exact_ring.ExactRing`):
     each sequence's first `exact.sinks` and latest `exact.recent` keys are read from the ring where it
     still holds them, as one more split; the split kernels read the middle, positions [starts, ends) of
     `exact_middle` (int32 [batch] each: max(seq_len − recent, sinks) and sinks; computed when None)."""
@@ -397,8 +398,8 @@ def paged_decode_attention(query: torch.Tensor, cache: torch.Tensor, codec: Kern
     # mostly gives all its sequences to one of them, and the other's programs, which only skip, then cost
     # no launch gap of their own (H200, b32 x 1K in 33K-token tables: kernels-decode-h200-overlap.md).
     overlapped = bool(triton_splits) and min_span is not None and pdl
-    # Likewise the exact window's split after the Triton one (H200, b32 x 1K: its own launch after the split
-    # kernel's cost ... ms a call, chained ... ms; kernels-step-h200-exact*.md)
+    # Likewise the exact window's split after the Triton one where no fragment kernel runs (H200, batch 1: the
+    # ring's cost per step 9.0 -> 6.6 us at 1K, 9.3 -> 4.2 us at 16K; kernels-step-h200-exact{,-chained}.md)
     window_overlapped = bool(triton_splits) and min_span is None and pdl and exact is not None
     if triton_splits:
         launch_triton_split(rotated_query, cache, codec, block_table, seq_lens, key_starts, partial_out, partial_lse,

@@ -302,9 +302,13 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
         if meta.num_prefills:
             rows = slice(decode_tokens, num_tokens)
             if meta.prefill_route == "decode":
+                # after_store also after the decodes' launches: the split kernel's wait then waits for the last
+                # of them, which ended after the store. So the call launches the variants the decode graphs
+                # compiled; its own (launched normally) compiled while serving, once, 5 s at b32 x 1024 on an
+                # H200 (vllm-throughput-h200-exact-repeat.md: 742 then 2514 tok/s).
                 paged_decode_attention(queries[rows], kv_cache, codec, meta.chunk_block_table, meta.chunk_seq_lens,
                                        self.scale, self.sliding_window, self.softcap, out=output[rows],
-                                       query_rotated=rotated is not None, after_store=not decodes, exact=ring)
+                                       query_rotated=rotated is not None, after_store=True, exact=ring)
             else:
                 self._prefill(query[rows], key[rows], value[rows], kv_cache, codec, meta, output[rows])
         return output
