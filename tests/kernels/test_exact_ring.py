@@ -76,6 +76,58 @@ def test_decode_reads_sinks_and_latest_keys_from_the_ring(head_dim, key_bits, va
         assert (out - compressed).abs().max() > 10 * TOLERANCE["atol"]
 
 
+GPU_ONLY = pytest.mark.skipif(not torch.cuda.is_available(), reason="too long for the interpreter")
+
+
+@pytest.mark.parametrize("seq_lens", [
+    [300, 5, 0, 64],  # the Triton split kernel alone, then the window's
+    # on a GPU, the Triton split kernel, the window's and the fragment kernel, each started while the one
+    # before runs; then one where all the Triton kernel's programs only skip
+    pytest.param([9000, 50, 8192, 8191, 0, 1, 300, 12000], marks=GPU_ONLY),
+    pytest.param([9000, 8192, 12000, 16000, 8500, 8193, 9999, 10000], marks=GPU_ONLY)])
+def test_a_decode_step_with_a_ring_chained_to_its_store(seq_lens, device, generator):
+    """A decode step as the vLLM backend launches it with exact tokens: the store writes each sequence's
+    newest key into the cache and the ring, and rotates the queries; the split kernels and the window's
+    read them after it (programmatic dependent launch on a GPU, plain launches on the CPU). Against the
+    reference, and bit for bit against the same step launched after the store ended."""
+    heads, sinks, recent = 8, 4, 32
+    codec = make_codec(128, 4, 4, heads, 16, device)
+    cache, block_table = filled_cache(codec, seq_lens, generator, device)
+    ring = ExactRing.allocate(len(seq_lens) * (sinks + recent), codec.layout, cache.shape[0], sinks, recent,
+                              torch.bfloat16, device)
+    newest_entries = []
+    for seq, length in enumerate(seq_lens):  # each sequence's ends but its newest token, through the ring
+        ends = sorted({*range(min(sinks, length)), *range(max(0, length - recent), length)})
+        first = seq * (sinks + recent)
+        newest_entries.append(first + len(ends) - 1 if ends else -1)
+        positions = torch.tensor(ends[:-1], dtype=torch.long, device=device)
+        if positions.numel():
+            rows = (torch.randn(positions.numel(), heads, 128, generator=generator).to(device, torch.bfloat16)
+                    for _ in range(2))
+            compress_store(*rows, sequence_slots(block_table, seq, positions, 16).to(torch.int32), cache, codec,
+                           ring=ring, entries=torch.arange(first, first + positions.numel(), dtype=torch.int32,
+                                                           device=device))
+    lengths = torch.tensor(seq_lens, dtype=torch.int32, device=device)
+    newest = (lengths - 1).clamp(min=0).long()
+    slots = block_table.gather(1, newest[:, None] // 16)[:, 0] * 16 + newest % 16
+    slots = torch.where(lengths > 0, slots, -1).to(torch.int32)
+    entries = torch.tensor(newest_entries, dtype=torch.int32, device=device)
+    keys, values = (torch.randn(len(seq_lens), heads, 128, generator=generator).to(device, torch.bfloat16)
+                    for _ in range(2))
+    query = torch.randn(len(seq_lens), 4 * heads, 128, generator=generator).to(device, torch.bfloat16)
+    outs = []
+    for chained in (True, False):
+        rotated = compress_store(keys, values, slots, cache, codec, queries=query, launch_dependents=chained,
+                                 ring=ring, entries=entries)
+        outs.append(paged_decode_attention(rotated, cache, codec, block_table, lengths, 128**-0.5,
+                                           query_rotated=True, after_store=chained, exact=ring).float())
+    expected = decode_reference(query, cache, codec, block_table, lengths, 128**-0.5, ring=ring)
+    torch.testing.assert_close(outs[0], expected, atol=2e-2, rtol=2e-2)  # bf16 output rounding
+    assert torch.equal(outs[0], outs[1])
+    compressed = decode_reference(query, cache, codec, block_table, lengths, 128**-0.5)
+    assert (outs[0] - compressed).abs().max() > 10 * TOLERANCE["atol"]  # the ring's keys, not the cache's, were read
+
+
 def test_decode_with_a_ring_refuses_a_sliding_window_or_key_starts(device, generator):
     codec = make_codec(64, 4, 4, 2, 16, device)
     cache, block_table = filled_cache(codec, [20], generator, device)

@@ -398,20 +398,26 @@ def paged_decode_attention(query: torch.Tensor, cache: torch.Tensor, codec: Kern
     # mostly gives all its sequences to one of them, and the other's programs, which only skip, then cost
     # no launch gap of their own (H200, b32 x 1K in 33K-token tables: kernels-decode-h200-overlap.md).
     overlapped = bool(triton_splits) and min_span is not None and pdl
-    # Likewise the exact window's split after the Triton one where no fragment kernel runs (H200, batch 1: the
-    # ring's cost per step 9.0 -> 6.6 us at 1K, 9.3 -> 4.2 us at 16K; kernels-step-h200-exact{,-chained}.md)
-    window_overlapped = bool(triton_splits) and min_span is None and pdl and exact is not None
+    # Likewise the exact window's split, between the two: it starts while the Triton split kernel runs and
+    # lets the fragment kernel start at once (each kernel's first program waits for the one before, so the
+    # fragment kernel's grid still ends last). Launched after both, it measured 9-13 us a step on an H200
+    # (batch 1: 9.0 -> 6.6 us at 1K, 9.3 -> 4.2 us at 16K chained after the split kernel alone;
+    # kernels-step-h200-exact{,-chained}.md).
+    window_overlapped = bool(triton_splits) and pdl and exact is not None
     if triton_splits:
         launch_triton_split(rotated_query, cache, codec, block_table, seq_lens, key_starts, partial_out, partial_lse,
                             scale, softcap, sliding_window, triton_splits,
                             max_span=ANY_SPAN if min_span is None else min_span - 1, chained=chained,
                             readers_next=overlapped or window_overlapped, after_store=after_store)
+    extra = None
+    if window_overlapped:
+        extra = exact_window_partials(rotated_query, cache, codec, exact, block_table, window_lengths, scale, softcap,
+                                      after_split=True, readers_next=min_span is not None)
     if min_span is not None:
         decode_fragments.launch_split(rotated_query, cache, codec, block_table, seq_lens, key_starts, partial_out,
                                       partial_lse, scale, softcap, sliding_window, min_span, after_split=overlapped)
-    extra = None if exact is None else exact_window_partials(rotated_query, cache, codec, exact, block_table,
-                                                             window_lengths, scale, softcap,
-                                                             after_split=window_overlapped)
+    if exact is not None and extra is None:
+        extra = exact_window_partials(rotated_query, cache, codec, exact, block_table, window_lengths, scale, softcap)
     out = torch.empty_like(query) if out is None else out
     lse = torch.empty(batch, num_q_heads, device=cache.device, dtype=torch.float32) if return_lse else None
     # merge the splits and un-rotate the weighted value sum once, cast and stored into the caller's tensor

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_wait
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ..core.paged_layout import PagedLayout
 from .group_query import load_group_query
@@ -110,8 +110,10 @@ def _exact_window_kernel(
     HEAD_DIM_PAD: tl.constexpr, KEY_BITS: tl.constexpr, KEY_BYTES: tl.constexpr, KEY_LUT: tl.constexpr,
     VALUE_BITS: tl.constexpr, VALUE_BYTES: tl.constexpr, VALUE_LUT: tl.constexpr, SINKS: tl.constexpr,
     RECENT: tl.constexpr, POSITIONS: tl.constexpr, TILE: tl.constexpr, USE_SOFTCAP: tl.constexpr,
-    AFTER_SPLIT: tl.constexpr,
+    AFTER_SPLIT: tl.constexpr, READERS_NEXT: tl.constexpr,
 ):
+    if READERS_NEXT:  # the fragment kernel, launched next, reads the query without waiting: it may start now
+        gdc_launch_dependents()
     seq, kv_head = tl.program_id(0), tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + seq)
     query, group, heads = load_group_query(query_ptr, seq, kv_head, stride_query_seq, stride_query_head, scale,
@@ -157,13 +159,14 @@ def _exact_window_kernel(
 
 def exact_window_partials(rotated_query: torch.Tensor, cache: torch.Tensor, codec, ring: ExactRing,
                           block_table: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                          softcap: float | None, after_split: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                          softcap: float | None, after_split: bool = False,
+                          readers_next: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of each sequence's query (rotated, fp32 [batch, Hq, d], at position seq_len − 1) to its
     sinks and latest tokens → (output [batch, Hq, d_pad] fp32 in the rotated space, log-sum-exp [batch, Hq]
     in log2 units): a split of `paged_decode_attention`'s. The caller checks the arguments. `after_split`:
     launched programmatically after the Triton split kernel, which lets it start once that kernel has waited
     for the store that wrote the query and the ring (`launch_triton_split(..., readers_next=True)`), so
-    this kernel reads them without waiting."""
+    this kernel reads them without waiting. `readers_next`: the fragment kernel is launched so after this one."""
     layout = codec.layout
     batch, num_q_heads = rotated_query.shape[:2]
     group = num_q_heads // layout.num_kv_heads
@@ -177,6 +180,7 @@ def exact_window_partials(rotated_query: torch.Tensor, cache: torch.Tensor, code
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), **page_constants(layout),
         **lookup_constants(codec), SINKS=ring.sinks, RECENT=ring.recent, POSITIONS=positions,
         TILE=min(positions, WINDOW_TILE if layout.head_dim <= 128 else WIDE_WINDOW_TILE),
-        USE_SOFTCAP=softcap is not None, AFTER_SPLIT=after_split, num_warps=4, **programmatic_launch(after_split),
+        USE_SOFTCAP=softcap is not None, AFTER_SPLIT=after_split,
+        READERS_NEXT=readers_next, num_warps=4, **programmatic_launch(after_split),
     )
     return out, lse
