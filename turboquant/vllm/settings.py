@@ -4,6 +4,8 @@
     vllm serve MODEL --attention-backend CUSTOM --additional-config '{"turboquant": "k3v3"}'
     vllm serve MODEL --attention-backend CUSTOM \
         --additional-config '{"turboquant": {"preset": "k3v3", "boundary_layers": 1}}'
+    vllm serve MODEL --attention-backend CUSTOM \
+        --additional-config '{"turboquant": {"exact_sinks": 0, "exact_recent": 0}}'  # no exact tokens
 
 `additional_config` is vLLM's per-engine dictionary for plugins: it travels to every worker and is part
 of vLLM's compile-cache hash. Inside vLLM the cache holds every token compressed (paged blocks are
