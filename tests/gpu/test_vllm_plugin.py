@@ -120,6 +120,17 @@ def test_bad_configuration_fails_at_engine_start_with_one_clear_message(addition
     assert message in done.stdout + done.stderr
 
 
+@needs_model
+def test_exact_tokens_set_in_the_config_fail_at_start_in_batch_invariant_mode():
+    """The default's exact sinks and latest tokens turn themselves off in that mode (the load test above
+    runs so); counts set in the config stop the engine with one message instead."""
+    engine = {**ENGINE, "additional_config": {"turboquant": {"preset": "k4v4", "exact_recent": 32}}}
+    done = run_python(f"import os\nos.environ['VLLM_BATCH_INVARIANT'] = '1'\nfrom vllm import LLM\n"
+                      f"LLM(**{engine!r})\nprint('STARTED')")
+    assert done.returncode != 0 and "STARTED" not in done.stdout
+    assert "cannot be served in vLLM's batch-invariant mode" in done.stdout + done.stderr
+
+
 PROMPTS = ["The capital of France is", "Water boils at a temperature of", "The largest planet in the solar system is",
            "Once upon a time, there was a"]
 WEIGHTS = """
