@@ -19,10 +19,12 @@ import torch
 
 from ..kernels import ExactRing
 
-# The ring holds the sinks and latest tokens of this many sequences (or of max_num_seqs, if fewer). vLLM
-# defaults to 1024 sequences on an H100/H200, where a ring for all of them would take ~10 GB of the 8B
-# shape's KV budget at 4 + 32 tokens; past this many running sequences the oldest entries are handed out
-# again sooner, and those tokens read compressed: fidelity degrades, results stay correct.
+# The ring holds the sinks and latest tokens of this many sequences (or of max_num_seqs, if fewer): 1.2 GB
+# on the 8B shape at 4 + 32 tokens. vLLM defaults to 1024 sequences on an H100/H200, for which it would
+# take 4.8 GB of the KV budget. Entries are handed out again in turn, so a token reads compressed once
+# this many sequences' worth of sinks (or of latest tokens) have been handed out after it: past this many
+# running sequences a sequence's latest tokens, and in a long sequence beside a stream of newer requests
+# (their prefills take sink entries) its sinks. Fidelity degrades there; results stay correct.
 RING_SEQUENCES = 256
 
 
