@@ -216,13 +216,17 @@ def test_exact_tokens_are_on_by_default_where_a_layer_can_read_them(backend, mon
     module, config = backend
     config.additional_config = {"turboquant": "k4v4"}
     spec = SimpleNamespace(num_kv_heads=KV_HEADS, head_size=HEAD_DIM)
+    said = []  # the engine's log says which way each layer went
+    monkeypatch.setattr(module.logger, "info_once", lambda message, *args: said.append(message % args))
 
     def impl(**kwargs):
         return module.TurboQuantImpl(HEADS, HEAD_DIM, HEAD_DIM ** -0.5, KV_HEADS, **kwargs)
     builder = module.TurboQuantMetadataBuilder(spec, ["x"], config, "cpu")
     assert (builder.exact.sinks, builder.exact.recent) == (4, 32)
     assert impl().exact_rows[0].shape == (4 * (4 + 32), KV_HEADS, HEAD_DIM)  # max_num_seqs 4
+    assert "first 4 and latest 32 tokens exactly" in said[-1]
     assert impl(sliding_window=8).exact_rows is None
+    assert "off on sliding-window layers" in said[-1]
     assert impl(kv_sharing_target_layer_name="model.layers.0.self_attn.attn").exact_rows is None
     monkeypatch.setattr(envs, "VLLM_BATCH_INVARIANT", True, raising=False)
     monkeypatch.setattr(layernorm, "rms_norm_batch_invariant", layernorm.rms_norm_batch_invariant)  # restored after

@@ -25,6 +25,7 @@ from typing import ClassVar
 import torch
 from vllm import envs
 from vllm.config import get_current_vllm_config
+from vllm.logger import init_logger
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.attention.backend import (
     AttentionBackend,
@@ -54,6 +55,7 @@ if is_flash_attn_varlen_func_available():
 else:
     flash_attn_varlen_func = None
 
+logger = init_logger(__name__)
 KERNEL_BLOCK_SIZES = [16, 32, 64, 128]
 BATCH_INVARIANT_MODE = "in vLLM's batch-invariant mode (a token's ring entry depends on the batch)"
 
@@ -229,9 +231,16 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
         self.settings = VllmSettings.from_additional_config(vllm_config.additional_config)  # bad config: fail at start
         if envs.VLLM_BATCH_INVARIANT:
             install_residual_rms_norm()  # vLLM's mode leaves that norm batch-dependent (batch_invariance.py)
-        exact_counts = self.settings.exact_counts(
-            BATCH_INVARIANT_MODE if envs.VLLM_BATCH_INVARIANT else "on sliding-window layers" if sliding_window
-            else "on layers that read another layer's cache (KV sharing)" if kv_sharing_target_layer_name else None)
+        unsupported = (BATCH_INVARIANT_MODE if envs.VLLM_BATCH_INVARIANT else "on sliding-window layers"
+                       if sliding_window else "on layers that read another layer's cache (KV sharing)"
+                       if kv_sharing_target_layer_name else None)
+        exact_counts = self.settings.exact_counts(unsupported)
+        if any(exact_counts):
+            logger.info_once("turboquant: decode steps read each sequence's first %d and latest %d tokens exactly, "
+                             "from a ring beside the compressed cache", *exact_counts)
+        elif unsupported:
+            logger.info_once("turboquant: exact sinks and latest tokens are off %s; those layers read every token "
+                             "compressed", unsupported)
         self.exact_ring: ExactRing | None = None  # built on the first step that has the builder's ExactTokens
         self.num_layers = vllm_config.model_config.get_total_num_hidden_layers()
         self.kv_cache_dtype = kv_cache_dtype
