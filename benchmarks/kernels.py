@@ -5,7 +5,7 @@ Extend is timed two ways: the fused kernel, and what the vLLM backend runs for l
 prefix with `gather_sequences`, then FA3 varlen on the contiguous K/V). A decode step ('step') is the
 step's store and attention as the vLLM backends launch them: ours `compress_store(..., queries=)` then
 `paged_decode_attention(..., query_rotated=True)`, bf16 vLLM's `reshape_and_cache_flash` then FA3; and
-ours with an exact ring (`kernels/exact_ring.py`, the vLLM setting exact_sinks 4 / exact_recent 32) that
+ours with an exact ring (`kernels/exact_ring.py`, the vLLM default, exact_sinks 4 / exact_recent 32) that
 holds every sequence's sinks and latest tokens, so each of those reads comes from the ring.
 
     python benchmarks/kernels.py [--out benchmarks/results/kernels-h100.json] [--quick] [--only extend]
