@@ -9,5 +9,5 @@ from .gather import gather_sequences
 from .latent import LatentCodec, latent_decode, latent_gather, latent_store
 from .store import compress_store
 
-__all__ = ["KernelCodec", "ExactRing", "compress_store", "paged_decode_attention", "extend_attention", "cached_attention",
-           "gather_sequences", "LatentCodec", "latent_store", "latent_decode", "latent_gather"]
+__all__ = ["KernelCodec", "ExactRing", "compress_store", "paged_decode_attention", "extend_attention",
+           "cached_attention", "gather_sequences", "LatentCodec", "latent_store", "latent_decode", "latent_gather"]

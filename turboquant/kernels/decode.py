@@ -22,7 +22,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from . import decode_fragments
 from .codec import KernelCodec
-from .exact_ring import ExactRing, exact_window_partials
+from .exact_ring import ExactRing, exact_window_partials, middle_ends
 from .group_query import load_group_query
 from .launch import (FLOAT_DTYPES, SLICED_METADATA, check_block_table, check_codec_device, check_device_tensor,
                      head_dim_pad, lookup_constants, multiprocessor_count, page_constants,
@@ -351,8 +351,7 @@ def paged_decode_attention(query: torch.Tensor, cache: torch.Tensor, codec: Kern
             raise ValueError("an exact ring reads each sequence's first and latest keys: not with sliding_window "
                              "or key_starts")
         if exact_middle is None:
-            exact_middle = ((seq_lens - exact.recent).clamp(min=exact.sinks).to(torch.int32),
-                            torch.full_like(seq_lens, exact.sinks))
+            exact_middle = (middle_ends(seq_lens, exact.sinks, exact.recent), torch.full_like(seq_lens, exact.sinks))
         for name, tensor in zip(("exact_middle ends", "exact_middle starts"), exact_middle):
             check_device_tensor(tensor, name, (torch.int32,), (batch,), cache.device)
         seq_lens, key_starts = exact_middle
@@ -409,15 +408,12 @@ def paged_decode_attention(query: torch.Tensor, cache: torch.Tensor, codec: Kern
                             scale, softcap, sliding_window, triton_splits,
                             max_span=ANY_SPAN if min_span is None else min_span - 1, chained=chained,
                             readers_next=overlapped or window_overlapped, after_store=after_store)
-    extra = None
-    if window_overlapped:
-        extra = exact_window_partials(rotated_query, cache, codec, exact, block_table, window_lengths, scale, softcap,
-                                      after_split=True, readers_next=min_span is not None)
+    extra = None if exact is None else exact_window_partials(
+        rotated_query, cache, codec, exact, block_table, window_lengths, scale, softcap, after_split=window_overlapped,
+        readers_next=overlapped and window_overlapped)
     if min_span is not None:
         decode_fragments.launch_split(rotated_query, cache, codec, block_table, seq_lens, key_starts, partial_out,
                                       partial_lse, scale, softcap, sliding_window, min_span, after_split=overlapped)
-    if exact is not None and extra is None:
-        extra = exact_window_partials(rotated_query, cache, codec, exact, block_table, window_lengths, scale, softcap)
     out = torch.empty_like(query) if out is None else out
     lse = torch.empty(batch, num_q_heads, device=cache.device, dtype=torch.float32) if return_lse else None
     # merge the splits and un-rotate the weighted value sum once, cast and stored into the caller's tensor

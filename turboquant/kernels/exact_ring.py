@@ -74,6 +74,12 @@ class ExactRing:
             raise ValueError(f"sinks and recent must be non-negative, got {self.sinks} and {self.recent}")
 
 
+def middle_ends(seq_lens: torch.Tensor, sinks: int, recent: int) -> torch.Tensor:
+    """Where each sequence's compressed middle ends, int32: max(seq_len − recent, sinks) (it starts at
+    `sinks`); the split kernels read only the middle when a ring holds the ends."""
+    return (seq_lens - recent).clamp(min=sinks).to(torch.int32)
+
+
 @triton.jit
 def held_rows(slots, candidates, entry_of_slot_ptr, slot_of_entry_ptr, kv_head, NUM_KV_HEADS: tl.constexpr,
               HEAD_DIM: tl.constexpr):

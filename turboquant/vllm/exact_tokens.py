@@ -1,4 +1,5 @@
-"""Sink and recent tokens in the model's dtype for vLLM decode steps (opt-in: `exact_sinks`, `exact_recent`).
+"""Sink and recent tokens in the model's dtype for vLLM decode steps (`exact_sinks`, `exact_recent`; on by
+default where a layer can read them: `settings.VllmSettings.exact_counts`).
 
 The paged cache holds every token compressed; vLLM gives a backend no per-request identity to hang a
 full-precision window on, and prefix caching shares blocks between requests. So the exact copies live
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ..kernels import ExactRing
+from ..kernels.exact_ring import middle_ends
 
 # The ring holds the sinks and latest tokens of this many sequences (or of max_num_seqs, if fewer): 1.2 GB
 # on the 8B shape at 4 + 32 tokens. vLLM defaults to 1024 sequences on an H100/H200, for which it would
@@ -77,7 +79,7 @@ class ExactTokens:
                                           % self.recent_capacity, -1))
         self.entries[:num_tokens] = entries.to(torch.int32)
         self.cursor += torch.stack((sink.sum(), recent.sum()))
-        self.middle_ends[:num_decodes] = (seq_lens[:num_decodes] - self.recent).clamp(min=self.sinks)
+        self.middle_ends[:num_decodes] = middle_ends(seq_lens[:num_decodes], self.sinks, self.recent)
         return ExactStep(self, self.entries, self.middle_ends[:num_decodes], self.middle_starts[:num_decodes])
 
     def ring(self, layout, num_blocks: int, rows: tuple[torch.Tensor, torch.Tensor]) -> ExactRing:
