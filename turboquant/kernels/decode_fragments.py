@@ -201,9 +201,8 @@ if gluon is not None:
         seq = gl.program_id(0)
         kv_head = gl.program_id(1)
         split = gl.program_id(2)
-        # Launched programmatically while the Triton split kernel runs (it writes other partials; or the exact
-        # window kernel, whose first program waits for that one): the first program waits for it, so this grid
-        # ends after that one and the reduction launched next reads both.
+        # Launched programmatically while the Triton split kernel runs (it writes other partials): the first
+        # program waits for it, so this grid ends after that one and the reduction launched next reads both.
         if AFTER_SPLIT:
             if (seq == 0) & (kv_head == 0) & (split == 0):
                 gdc_wait()
@@ -323,8 +322,7 @@ def launch_split(rotated_query: torch.Tensor, cache: torch.Tensor, codec: Kernel
     """Fill `partial_out` [batch, Hq, splits, D] fp32 and `partial_lse` [batch, Hq, splits] as
     `decode._decode_split_kernel` does (the caller checked `unsupported_reason`), for the sequences with at
     least `min_span` visible keys. `after_split`: launched programmatically after the Triton split kernel
-    (`launch_triton_split(..., readers_next=True)`), which serves the others, or after the exact window
-    kernel launched so after it (`exact_ring.exact_window_partials(..., readers_next=True)`)."""
+    (`launch_triton_split(..., readers_next=True)`), which serves the others."""
     layout = codec.layout
     batch, num_q_heads, num_splits = partial_lse.shape
     constants = page_constants(layout)

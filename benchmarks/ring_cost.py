@@ -1,0 +1,110 @@
+"""What the exact ring (`kernels/exact_ring.py`, exact_sinks 4 / exact_recent 32) adds to a decode step
+(store + attention, as the vLLM backend launches them) on several shapes: the step without a ring, with
+one, and the split kernels alone over the middle (the ring's share of the work removed), each a CUDA-graph
+time per call (`kernels.graph_time_ms`) in 33K-token block tables, as vLLM's at max_model_len 33024.
+
+    python benchmarks/ring_cost.py --out benchmarks/results/ring-cost-h200 [--build NOTE]
+    python benchmarks/ring_cost.py --table benchmarks/results/ring-cost-h200.json   # print its markdown
+
+`--build` says which code ran (a commit), written into the JSON and the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernels import BLOCK_SIZE, block_table_for, filled_exact_ring, graph_time_ms, random_compressed_cache  # noqa: E402
+
+from turboquant.core import TurboQuantConfig  # noqa: E402 (kernels.py puts the repository on sys.path)
+from turboquant.kernels.codec import KernelCodec  # noqa: E402
+from turboquant.kernels.decode import paged_decode_attention  # noqa: E402
+from turboquant.kernels.store import compress_store  # noqa: E402
+
+TABLE_TOKENS = 33024
+# (shape, q heads, kv heads, head_dim, preset, batch, context)
+CASES = [("llama-3.1-8b", 32, 8, 128, "k4v4", 1, 1024), ("llama-3.1-8b", 32, 8, 128, "k4v4", 8, 1024),
+         ("llama-3.1-8b", 32, 8, 128, "k4v4", 32, 1024), ("llama-3.1-8b", 32, 8, 128, "k4v4", 8, 16384),
+         ("llama-3.1-8b", 32, 8, 128, "k4v4", 32, 16384), ("llama-3.1-8b", 32, 8, 128, "k4v4", 1, 16384),
+         ("llama-3.1-8b", 32, 8, 128, "k3v3", 32, 1024), ("smollm2-135m", 9, 3, 64, "k4v4", 32, 1024),
+         ("d256", 8, 4, 256, "k3v3", 8, 4096)]
+
+
+def step_cell(shape: str, num_q_heads: int, num_kv_heads: int, head_dim: int, preset: str, batch: int,
+              context: int) -> dict:
+    codec = KernelCodec.from_config(TurboQuantConfig.from_preset(preset), head_dim, num_kv_heads, BLOCK_SIZE,
+                                    device="cuda")
+    table, seq_lens, num_blocks = block_table_for(batch, context, TABLE_TOKENS)
+    last = seq_lens.long() - 1
+    slots = table.gather(1, (last // BLOCK_SIZE)[:, None]).squeeze(1).long() * BLOCK_SIZE + last % BLOCK_SIZE
+    query = torch.randn(batch, num_q_heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    keys = torch.randn(batch, num_kv_heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    values = torch.randn_like(keys)
+    out = torch.empty_like(query)
+    cache = random_compressed_cache(codec, num_blocks)
+    ring, entries, (middle_ends, middle_starts) = filled_exact_ring(codec, cache, table, seq_lens)
+    scale = head_dim**-0.5
+
+    def no_ring():
+        rotated = compress_store(keys, values, slots, cache, codec, queries=query, launch_dependents=True)
+        paged_decode_attention(rotated, cache, codec, table, seq_lens, scale, out=out, query_rotated=True,
+                               after_store=True)
+
+    def with_ring():
+        rotated = compress_store(keys, values, slots, cache, codec, queries=query, launch_dependents=True, ring=ring,
+                                 entries=entries)
+        paged_decode_attention(rotated, cache, codec, table, seq_lens, scale, out=out, query_rotated=True,
+                               after_store=True, exact=ring, exact_middle=(middle_ends, middle_starts))
+
+    def middle_only():
+        rotated = compress_store(keys, values, slots, cache, codec, queries=query, launch_dependents=True)
+        paged_decode_attention(rotated, cache, codec, table, middle_ends, scale, out=out, query_rotated=True,
+                               after_store=True, key_starts=middle_starts)
+
+    cell = dict(shape=shape, preset=preset, batch=batch, context=context)
+    for name, fn in (("no_ring_us", no_ring), ("ring_us", with_ring), ("middle_only_us", middle_only)):
+        cell[name] = round(graph_time_ms(fn) * 1000, 2)
+    cell["ring_cost_us"] = round(cell["ring_us"] - cell["no_ring_us"], 2)
+    return cell
+
+
+def markdown(result: dict) -> str:
+    lines = [f"Device: {result['device']}, {result['date']}; build: {result['build']}. Decode step (store + "
+             f"attention), µs per call (CUDA graph), {TABLE_TOKENS}-token block tables.", "",
+             "| shape | preset | batch | context | no ring µs | ring µs | ring's cost µs | middle only µs |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {c['shape']} | {c['preset']} | {c['batch']} | {c['context']} | {c['no_ring_us']:.2f} | "
+              f"{c['ring_us']:.2f} | {c['ring_cost_us']:+.2f} | {c['middle_only_us']:.2f} |" for c in result["cells"]]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="benchmarks/results/ring-cost-h200", help="writes OUT.json and OUT.md")
+    parser.add_argument("--build", default="working tree", help="which code ran (written into the results)")
+    parser.add_argument("--table", help="print the markdown table of a saved JSON and exit")
+    args = parser.parse_args()
+    if args.table:
+        print(markdown(json.loads(Path(args.table).read_text())), end="")
+        return
+    if not torch.cuda.is_available():
+        sys.exit("ring_cost.py times CUDA kernels: run it on the GPU host")
+    result = dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(), build=args.build,
+                  cells=[])
+    for case in CASES:
+        result["cells"].append(step_cell(*case))
+        torch.cuda.empty_cache()  # the cell's caches are gone with its closures
+        print(json.dumps(result["cells"][-1]), flush=True)
+    Path(args.out + ".json").write_text(json.dumps(result, indent=1) + "\n")
+    Path(args.out + ".md").write_text(markdown(result))
+    print(markdown(result), end="")
+
+
+if __name__ == "__main__":
+    main()
