@@ -66,8 +66,7 @@ def _decode_split_kernel(
 ):
     if REDUCTION_NEXT:  # the reduction, launched programmatically next, waits for this grid to end: start it now
         gdc_launch_dependents()
-    seq, kv_head = tl.program_id(0), tl.program_id(1)
-    split = tl.program_id(2) - EXACT  # with a ring, split −1 attends to the sequence's ends
+    seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
     first = first_visible_key(seq_len, seq, key_starts_ptr, sliding_window, USE_WINDOW, USE_STARTS)
     # Launched programmatically after the launch that wrote the query (and the step's keys): wait for it
@@ -77,16 +76,16 @@ def _decode_split_kernel(
     if READERS_NEXT:  # the next launch reads the query without waiting: let it start once the query is there
         gdc_launch_dependents()
     if EXACT:
-        # programs of the grid's first z-slice: scheduled first, so this short but latency-bound work
-        # overlaps the middle's splits (a launch of its own cost 9-13 us a step: kernels-step-h200-exact.md)
-        if split < 0:
+        # each pair's first split also attends to the sequence's ends, into partials of their own: this short
+        # but latency-bound work overlaps the other splits. A launch of its own cost 9-13 us a step, programs
+        # of their own (a first wave of them) 5-34 us (H200: kernels-step-h200-exact.md, ring-cost-h200.md)
+        if split == 0:
             attend_to_ends(query_ptr, cache_ptr, block_table_ptr, window_lens_ptr, ring_keys_ptr, ring_values_ptr,
                            slot_of_entry_ptr, entry_of_slot_ptr, key_centroids_ptr, value_centroids_ptr, ends_out_ptr,
                            ends_lse_ptr, seq, kv_head, stride_query_seq, stride_query_head, stride_table_seq, scale,
                            softcap, NUM_KV_HEADS, GROUP, GROUP_PAD, BLOCK_SIZE, HEAD_PAGE_BYTES, VALUES_OFFSET,
                            KEY_NORMS_OFFSET, VALUE_NORMS_OFFSET, HEAD_DIM, HEAD_DIM_PAD, KEY_BITS, KEY_BYTES, KEY_LUT,
                            VALUE_BITS, VALUE_BYTES, VALUE_LUT, SINKS, RECENT, ENDS_POSITIONS, ENDS_TILE, USE_SOFTCAP)
-            return
     if (seq_len - first < min_span) | (seq_len - first > max_span):  # the fragment kernel's sequence
         return
     per_split = tl.cdiv(tl.cdiv(seq_len - first, NUM_SPLITS), TILE) * TILE
@@ -298,7 +297,7 @@ def launch_triton_split(rotated_query: torch.Tensor, cache: torch.Tensor, codec:
         raise ValueError(f"num_splits ({num_splits}) must divide the partials' {partial_splits} splits")
     group = num_q_heads // layout.num_kv_heads
     lookups = lookup_constants(codec)
-    _decode_split_kernel[(batch, layout.num_kv_heads, num_splits + (exact is not None))](
+    _decode_split_kernel[(batch, layout.num_kv_heads, num_splits)](
         rotated_query, cache, block_table, seq_lens, seq_lens if key_starts is None else key_starts,
         codec.key_centroids_fp16, codec.value_centroids_fp16,
         partial_out, partial_lse, rotated_query.stride(0), rotated_query.stride(1), block_table.stride(0),
