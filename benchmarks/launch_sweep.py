@@ -24,7 +24,6 @@ from turboquant.kernels import extend as extend_module  # noqa: E402
 from turboquant.kernels.codec import KernelCodec  # noqa: E402
 from turboquant.kernels.decode import (ANY_SPAN, _decode_split_kernel, default_num_splits,  # noqa: E402
                                        paged_decode_attention)
-from turboquant.kernels.exact_ring import ends_split_arguments  # noqa: E402
 from turboquant.kernels.launch import head_dim_pad, lookup_constants, page_constants  # noqa: E402
 
 HEAD_DIM, NUM_KV_HEADS, NUM_Q_HEADS = 128, 8, 32  # Llama-3.1-8B attention
@@ -66,8 +65,7 @@ def decode_rows(batch: int, context: int, key_bits: int, value_bits: int) -> lis
                 0, ANY_SPAN, GROUP=NUM_Q_HEADS // NUM_KV_HEADS, GROUP_PAD=16, NUM_SPLITS=splits, PARTIAL_SPLITS=splits,
                 **page_constants(codec.layout),
                 **lookups, USE_SOFTCAP=False, USE_WINDOW=False, USE_STARTS=False, TILE=tile, REDUCTION_NEXT=False,
-                READERS_NEXT=False, WAIT_FOR_QUERY=False, **ends_split_arguments(None, HEAD_DIM, stand_in=seq_lens),
-                num_warps=warps,
+                READERS_NEXT=False, WAIT_FOR_QUERY=False, num_warps=warps,
                 num_stages=stages)
         try:
             kernel = run()

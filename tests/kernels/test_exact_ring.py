@@ -80,9 +80,9 @@ GPU_ONLY = pytest.mark.skipif(not torch.cuda.is_available(), reason="too long fo
 
 
 @pytest.mark.parametrize("seq_lens", [
-    [300, 5, 0, 64],  # the Triton split kernel alone, then the window's
-    # on a GPU, the Triton split kernel, the window's and the fragment kernel, each started while the one
-    # before runs; then one where all the Triton kernel's programs only skip
+    [300, 5, 0, 64],  # the Triton split kernel alone, the window's started while it runs (on a GPU)
+    # on a GPU, the fragment kernel started while the Triton split kernel runs, then the window's; then one
+    # where all the Triton kernel's programs only skip
     pytest.param([9000, 50, 8192, 8191, 0, 1, 300, 12000], marks=GPU_ONLY),
     pytest.param([9000, 8192, 12000, 16000, 8500, 8193, 9999, 10000], marks=GPU_ONLY)])
 def test_a_decode_step_with_a_ring_chained_to_its_store(seq_lens, device, generator):

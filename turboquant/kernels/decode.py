@@ -22,7 +22,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from . import decode_fragments
 from .codec import KernelCodec
-from .exact_ring import ExactRing, attend_to_ends, ends_split_arguments, middle_ends
+from .exact_ring import ExactRing, exact_window_partials, middle_ends
 from .group_query import load_group_query
 from .launch import (FLOAT_DTYPES, SLICED_METADATA, check_block_table, check_codec_device, check_device_tensor,
                      head_dim_pad, lookup_constants, multiprocessor_count, page_constants,
@@ -46,13 +46,11 @@ def decode_launch(head_dim: int, key_bits: int, value_bits: int, byte_permute: b
     return dict(TILE=128, num_warps=4, num_stages=2)
 
 
-@triton.jit(do_not_specialize=["min_span", "max_span"],
-            do_not_specialize_on_alignment=SLICED_METADATA + ("window_lens_ptr",))
+@triton.jit(do_not_specialize=["min_span", "max_span"], do_not_specialize_on_alignment=SLICED_METADATA)
 def _decode_split_kernel(
     query_ptr, cache_ptr, block_table_ptr, seq_lens_ptr, key_starts_ptr, key_centroids_ptr, value_centroids_ptr,
     partial_out_ptr, partial_lse_ptr,
     stride_query_seq, stride_query_head, stride_table_seq, scale, softcap, sliding_window, min_span, max_span,
-    window_lens_ptr, ring_keys_ptr, ring_values_ptr, slot_of_entry_ptr, entry_of_slot_ptr, ends_out_ptr, ends_lse_ptr,
     NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr,
     PARTIAL_SPLITS: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, HEAD_PAGE_BYTES: tl.constexpr, VALUES_OFFSET: tl.constexpr,
@@ -61,8 +59,7 @@ def _decode_split_kernel(
     KEY_BITS: tl.constexpr, KEY_BYTES: tl.constexpr, KEY_LUT: tl.constexpr, VALUE_BITS: tl.constexpr,
     VALUE_BYTES: tl.constexpr, VALUE_LUT: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr,
     USE_STARTS: tl.constexpr, TILE: tl.constexpr, REDUCTION_NEXT: tl.constexpr, READERS_NEXT: tl.constexpr,
-    WAIT_FOR_QUERY: tl.constexpr, EXACT: tl.constexpr, SINKS: tl.constexpr, RECENT: tl.constexpr,
-    ENDS_POSITIONS: tl.constexpr, ENDS_TILE: tl.constexpr,
+    WAIT_FOR_QUERY: tl.constexpr,
 ):
     if REDUCTION_NEXT:  # the reduction, launched programmatically next, waits for this grid to end: start it now
         gdc_launch_dependents()
@@ -75,17 +72,6 @@ def _decode_split_kernel(
         gdc_wait()
     if READERS_NEXT:  # the next launch reads the query without waiting: let it start once the query is there
         gdc_launch_dependents()
-    if EXACT:
-        # each pair's first split also attends to the sequence's ends, into partials of their own: this short
-        # but latency-bound work overlaps the other splits. A launch of its own cost 9-13 us a step, programs
-        # of their own (a first wave of them) 5-34 us (H200: kernels-step-h200-exact.md, ring-cost-h200.md)
-        if split == 0:
-            attend_to_ends(query_ptr, cache_ptr, block_table_ptr, window_lens_ptr, ring_keys_ptr, ring_values_ptr,
-                           slot_of_entry_ptr, entry_of_slot_ptr, key_centroids_ptr, value_centroids_ptr, ends_out_ptr,
-                           ends_lse_ptr, seq, kv_head, stride_query_seq, stride_query_head, stride_table_seq, scale,
-                           softcap, NUM_KV_HEADS, GROUP, GROUP_PAD, BLOCK_SIZE, HEAD_PAGE_BYTES, VALUES_OFFSET,
-                           KEY_NORMS_OFFSET, VALUE_NORMS_OFFSET, HEAD_DIM, HEAD_DIM_PAD, KEY_BITS, KEY_BYTES, KEY_LUT,
-                           VALUE_BITS, VALUE_BYTES, VALUE_LUT, SINKS, RECENT, ENDS_POSITIONS, ENDS_TILE, USE_SOFTCAP)
     if (seq_len - first < min_span) | (seq_len - first > max_span):  # the fragment kernel's sequence
         return
     per_split = tl.cdiv(tl.cdiv(seq_len - first, NUM_SPLITS), TILE) * TILE
@@ -281,16 +267,13 @@ def launch_triton_split(rotated_query: torch.Tensor, cache: torch.Tensor, codec:
                         block_table: torch.Tensor, seq_lens: torch.Tensor, key_starts: torch.Tensor | None,
                         partial_out: torch.Tensor, partial_lse: torch.Tensor, scale: float, softcap: float | None,
                         sliding_window: int | None, num_splits: int, min_span: int = 0, max_span: int = ANY_SPAN,
-                        chained: bool = False, readers_next: bool = False, after_store: bool = False,
-                        exact: ExactRing | None = None, window_lens: torch.Tensor | None = None,
-                        ends_partials: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+                        chained: bool = False, readers_next: bool = False, after_store: bool = False) -> None:
     """Fill the partials [batch, Hq, S(, D_pad)] of the sequences whose visible keys number min_span …
     max_span, each cut into `num_splits` (a divisor of S) splits; their slots past those read empty.
     `chained`: launched programmatically after the query's rotation, and the reduction after it so;
-    `readers_next`: a kernel that reads the query without waiting (the fragment kernel) is launched
-    programmatically after it; `after_store`: launched programmatically after the store that wrote the
-    query and the step's keys. `exact`: also every sequence's attention to its ends (the ring's tokens of
-    `window_lens`, its full lengths) into `ends_partials` (out [batch, Hq, D_pad], lse [batch, Hq])."""
+    `readers_next`: a kernel that reads the query without waiting (the fragment kernel, the exact window
+    kernel) is launched programmatically after it; `after_store`: launched
+    programmatically after the store that wrote the query and the step's keys."""
     layout = codec.layout
     batch, num_q_heads, partial_splits = partial_lse.shape
     if partial_splits % num_splits:
@@ -306,7 +289,6 @@ def launch_triton_split(rotated_query: torch.Tensor, cache: torch.Tensor, codec:
         PARTIAL_SPLITS=partial_splits, **page_constants(layout), **lookups,
         USE_SOFTCAP=softcap is not None, USE_WINDOW=sliding_window is not None, USE_STARTS=key_starts is not None,
         REDUCTION_NEXT=chained, READERS_NEXT=readers_next, WAIT_FOR_QUERY=chained or after_store,
-        **ends_split_arguments(exact, layout.head_dim, window_lens, ends_partials, stand_in=seq_lens),
         **triton_split_launch(codec, lookups), **programmatic_launch(chained or after_store),
     )
 
@@ -396,8 +378,6 @@ def paged_decode_attention(query: torch.Tensor, cache: torch.Tensor, codec: Kern
         num_splits = max(triton_splits, fragment_splits)
     else:
         triton_splits = num_splits if triton_runs else 0
-    if exact is not None and not triton_splits:  # its programs attend only to the ends: every middle is fragments'
-        triton_splits = 1
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits!r}")
 
@@ -409,7 +389,7 @@ def paged_decode_attention(query: torch.Tensor, cache: torch.Tensor, codec: Kern
     # (`benchmarks/kernels.py`, ours vs ours unchained), so larger batches launch one after another.
     pdl = programmatic_launch_available(cache.device)
     after_store = after_store and query_rotated and triton_splits > 0 and pdl
-    chained = batch == 1 and min_span is None and (after_store or not query_rotated) and pdl
+    chained = batch == 1 and min_span is None and (after_store or not query_rotated) and pdl and exact is None
     rotated_query = query if query_rotated else rotate(query, codec, launch_dependents=chained)
     partial_out = torch.empty(batch, num_q_heads, num_splits, pad, device=cache.device, dtype=torch.float32)
     partial_lse = torch.empty(batch, num_q_heads, num_splits, device=cache.device, dtype=torch.float32)
@@ -417,26 +397,30 @@ def paged_decode_attention(query: torch.Tensor, cache: torch.Tensor, codec: Kern
     # mostly gives all its sequences to one of them, and the other's programs, which only skip, then cost
     # no launch gap of their own (H200, b32 x 1K in 33K-token tables: kernels-decode-h200-overlap.md).
     overlapped = bool(triton_splits) and min_span is not None and pdl
-    ends_partials = None if exact is None else (
-        torch.empty(batch, num_q_heads, pad, device=cache.device, dtype=torch.float32),
-        torch.empty(batch, num_q_heads, device=cache.device, dtype=torch.float32))
+    # Likewise the exact window's split after the Triton one where no fragment kernel runs (H200, batch 1: the
+    # ring's cost per step 9.0 -> 6.6 us at 1K, 9.3 -> 4.2 us at 16K; kernels-step-h200-exact{,-chained}.md).
+    # Launched between the two split kernels, or inside the Triton one (a first split's work, or programs of
+    # its own), it cost more where a fragment kernel runs (b8 x 16K: +33-35 us a step) and at b32 x 1K
+    # (+25-27 us inside): kernels-step-h200-exact-between.md, ring-cost-h200-{own-programs,first-split}.md.
+    window_overlapped = bool(triton_splits) and min_span is None and pdl and exact is not None
     if triton_splits:
         launch_triton_split(rotated_query, cache, codec, block_table, seq_lens, key_starts, partial_out, partial_lse,
                             scale, softcap, sliding_window, triton_splits,
                             max_span=ANY_SPAN if min_span is None else min_span - 1, chained=chained,
-                            readers_next=overlapped, after_store=after_store, exact=exact, window_lens=window_lengths,
-                            ends_partials=ends_partials)
+                            readers_next=overlapped or window_overlapped, after_store=after_store)
     if min_span is not None:
         decode_fragments.launch_split(rotated_query, cache, codec, block_table, seq_lens, key_starts, partial_out,
                                       partial_lse, scale, softcap, sliding_window, min_span, after_split=overlapped)
+    extra = None if exact is None else exact_window_partials(rotated_query, cache, codec, exact, block_table,
+                                                             window_lengths, scale, softcap,
+                                                             after_split=window_overlapped)
     out = torch.empty_like(query) if out is None else out
     lse = torch.empty(batch, num_q_heads, device=cache.device, dtype=torch.float32) if return_lse else None
     # merge the splits and un-rotate the weighted value sum once, cast and stored into the caller's tensor
     if reduction_unrotates(num_splits, pad):
-        reduce_splits(partial_out, partial_lse, out, lse, rotation=codec.rotation, chained=chained,
-                      extra=ends_partials)
+        reduce_splits(partial_out, partial_lse, out, lse, rotation=codec.rotation, chained=chained, extra=extra)
     else:
         rotated_out = torch.empty(batch, num_q_heads, layout.head_dim, device=cache.device, dtype=torch.float32)
-        reduce_splits(partial_out, partial_lse, rotated_out, lse, chained=chained, extra=ends_partials)
+        reduce_splits(partial_out, partial_lse, rotated_out, lse, chained=chained, extra=extra)
         rotate(rotated_out, codec, inverse=True, out=out, after_previous=chained)
     return (out, lse) if return_lse else out

@@ -202,16 +202,13 @@ if gluon is not None:
         kv_head = gl.program_id(1)
         split = gl.program_id(2)
         # Launched programmatically while the Triton split kernel runs (it writes other partials): the first
-        # program waits for it before it ends, so this grid ends after that one and the reduction launched
-        # next reads both. Not before its work: the Triton kernel's first splits also attend to the exact
-        # ring's tokens of the sequences this kernel serves (waited for first: b8 x 16K +34 us a step).
-        waits = (seq == 0) & (kv_head == 0) & (split == 0)
+        # program waits for it, so this grid ends after that one and the reduction launched next reads both.
+        if AFTER_SPLIT:
+            if (seq == 0) & (kv_head == 0) & (split == 0):
+                gdc_wait()
         seq_len = gl.load(seq_lens_ptr + seq)
         first = first_visible_key(seq_len, seq, key_starts_ptr, sliding_window, USE_WINDOW, USE_STARTS)
         if seq_len - first < min_span:  # the Triton split kernel's sequence
-            if AFTER_SPLIT:
-                if waits:
-                    gdc_wait()
             return
         # tiles start at multiples of _TILE, so each lies in one page; keys before `first` are masked
         aligned = first // _TILE * _TILE
@@ -225,9 +222,6 @@ if gluon is not None:
             partial = (seq * NUM_KV_HEADS * GROUP + kv_head * GROUP + empty) * NUM_SPLITS + split
             gl.store(partial_lse_ptr + partial, gl.full([8], float("-inf"), gl.float32, layout=empty.type.layout),
                      mask=empty < GROUP)
-            if AFTER_SPLIT:
-                if waits:
-                    gdc_wait()
             return
 
         # Query rows are the group's heads; rows past it hold the next heads' queries, discarded (rows of
@@ -319,9 +313,6 @@ if gluon is not None:
         gl.store(partial_out_ptr + partial[None, :] * D + value_coordinate[:, None], out, mask=(heads < GROUP)[None, :])
         lse = gl.where(running_sum > 0, running_max + gl.log2(gl.maximum(running_sum, 1e-30)), float("-inf"))
         gl.store(partial_lse_ptr + partial, gl.convert_layout(lse, heads_layout), mask=heads < GROUP)
-        if AFTER_SPLIT:
-            if waits:
-                gdc_wait()
 
 
 def launch_split(rotated_query: torch.Tensor, cache: torch.Tensor, codec: KernelCodec, block_table: torch.Tensor,

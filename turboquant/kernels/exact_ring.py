@@ -4,9 +4,9 @@
 slot an entry holds (`slot_of_entry`) and which entry a slot last went to (`entry_of_slot`, −1: none)
 say whether an entry still holds a given slot: an engine hands entries out round-robin, and a slot
 written again (a freed block reused) points at its new entry or at none. `compress_store(ring=,
-entries=)` fills it; `attend_to_ends` attends to each sequence's first `sinks` and latest `recent`
-tokens, each read from the ring where its entry still holds it and from the cache otherwise: one more
-split of the decode split kernel's (`paged_decode_attention(exact=)`), merged with the compressed middle.
+entries=)` fills it; `exact_window_partials` attends to each sequence's first `sinks` and latest
+`recent` tokens, each read from the ring where its entry still holds it and from the cache otherwise,
+as one more split that `paged_decode_attention(exact=)` merges with the compressed middle.
 Reference: `reference.decode_reference(..., ring=)` (`exact_rows_reference`).
 """
 
@@ -17,16 +17,18 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_wait
 
 from ..core.paged_layout import PagedLayout
 from .group_query import load_group_query
-from .launch import check_device_tensor
+from .launch import (SLICED_METADATA, check_device_tensor, head_dim_pad, lookup_constants, page_constants,
+                     programmatic_launch)
 from .packed_tile import load_levels, load_norms
 from .softmax import empty_softmax_state, masked_softmax_step, tanh
 
-# Positions per tile of `attend_to_ends`, as the decode split kernel's tiles: at head_dim 256 a 64-token
+# Positions per tile of the window kernel, as the decode split kernel's tiles: at head_dim 256 a 64-token
 # tile of 3-bit codes exceeds shared memory there (`decode.decode_launch`).
-ENDS_TILE, WIDE_ENDS_TILE = 64, 32
+WINDOW_TILE, WIDE_WINDOW_TILE = 64, 32
 
 
 @dataclass(frozen=True)
@@ -103,10 +105,10 @@ def unit_rows(ring_ptrs, exact, code_ptrs, norm_ptrs, compressed, centroids_ptr,
     return units.to(tl.float16), tl.where(exact, norms, load_norms(norm_ptrs, compressed))
 
 
-@triton.jit
-def attend_to_ends(
-    query_ptr, cache_ptr, block_table_ptr, window_lens_ptr, ring_keys_ptr, ring_values_ptr, slot_of_entry_ptr,
-    entry_of_slot_ptr, key_centroids_ptr, value_centroids_ptr, out_ptr, lse_ptr, seq, kv_head,
+@triton.jit(do_not_specialize_on_alignment=SLICED_METADATA)
+def _exact_window_kernel(
+    query_ptr, cache_ptr, block_table_ptr, seq_lens_ptr, ring_keys_ptr, ring_values_ptr, slot_of_entry_ptr,
+    entry_of_slot_ptr, key_centroids_ptr, value_centroids_ptr, out_ptr, lse_ptr,
     stride_query_seq, stride_query_head, stride_table_seq, scale, softcap,
     NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, HEAD_PAGE_BYTES: tl.constexpr, VALUES_OFFSET: tl.constexpr,
@@ -114,11 +116,10 @@ def attend_to_ends(
     HEAD_DIM_PAD: tl.constexpr, KEY_BITS: tl.constexpr, KEY_BYTES: tl.constexpr, KEY_LUT: tl.constexpr,
     VALUE_BITS: tl.constexpr, VALUE_BYTES: tl.constexpr, VALUE_LUT: tl.constexpr, SINKS: tl.constexpr,
     RECENT: tl.constexpr, POSITIONS: tl.constexpr, TILE: tl.constexpr, USE_SOFTCAP: tl.constexpr,
+    AFTER_SPLIT: tl.constexpr,
 ):
-    """One (sequence, kv head)'s attention to its first SINKS and latest RECENT tokens (of
-    window_lens[seq]), each read from the ring where its entry still holds it and from the cache
-    otherwise → its rows of `out_ptr` [rows, HEAD_DIM_PAD] and `lse_ptr` [rows] (log2 units)."""
-    seq_len = tl.load(window_lens_ptr + seq)
+    seq, kv_head = tl.program_id(0), tl.program_id(1)
+    seq_len = tl.load(seq_lens_ptr + seq)
     query, group, heads = load_group_query(query_ptr, seq, kv_head, stride_query_seq, stride_query_head, scale,
                                            GROUP, GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD)
     dims = tl.arange(0, HEAD_DIM_PAD)
@@ -153,22 +154,35 @@ def attend_to_ends(
              mask=head_mask[:, None])
     lse = tl.where(running_sum > 0, running_max + tl.log2(tl.maximum(running_sum, 1e-30)), float("-inf"))
     tl.store(lse_ptr + rows, lse, mask=head_mask)
+    # Launched programmatically while the split kernel runs, after it saw the query (see below): one program
+    # waits for it, so this grid ends after that one and the reduction launched next reads both.
+    if AFTER_SPLIT:
+        if (seq == 0) & (kv_head == 0):
+            gdc_wait()
 
 
-def ends_split_arguments(ring: ExactRing | None, head_dim: int, window_lens: torch.Tensor | None = None,
-                         partials: tuple[torch.Tensor, torch.Tensor] | None = None,
-                         stand_in: torch.Tensor | None = None) -> dict:
-    """The decode split kernel's arguments for its programs that call `attend_to_ends` (one more split per
-    (sequence, kv head)): the ring, each sequence's length `window_lens` and the `partials` (out, lse) they
-    fill. Without a ring: `stand_in` for every pointer, and no such programs."""
-    if ring is None:
-        pointers = (stand_in,) * 7
-        positions = 16
-    else:
-        pointers = (window_lens, ring.keys, ring.values, ring.slot_of_entry, ring.entry_of_slot, *partials)
-        positions = max(16, triton.next_power_of_2(ring.sinks + ring.recent))  # tl.dot takes at least 16
-    names = ("window_lens_ptr", "ring_keys_ptr", "ring_values_ptr", "slot_of_entry_ptr", "entry_of_slot_ptr",
-             "ends_out_ptr", "ends_lse_ptr")
-    return dict(zip(names, pointers), EXACT=ring is not None, SINKS=0 if ring is None else ring.sinks,
-                RECENT=0 if ring is None else ring.recent, ENDS_POSITIONS=positions,
-                ENDS_TILE=min(positions, ENDS_TILE if head_dim <= 128 else WIDE_ENDS_TILE))
+def exact_window_partials(rotated_query: torch.Tensor, cache: torch.Tensor, codec, ring: ExactRing,
+                          block_table: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                          softcap: float | None, after_split: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of each sequence's query (rotated, fp32 [batch, Hq, d], at position seq_len − 1) to its
+    sinks and latest tokens → (output [batch, Hq, d_pad] fp32 in the rotated space, log-sum-exp [batch, Hq]
+    in log2 units): a split of `paged_decode_attention`'s. The caller checks the arguments. `after_split`:
+    launched programmatically after the Triton split kernel, which lets it start once that kernel has waited
+    for the store that wrote the query and the ring (`launch_triton_split(..., readers_next=True)`), so
+    this kernel reads them without waiting."""
+    layout = codec.layout
+    batch, num_q_heads = rotated_query.shape[:2]
+    group = num_q_heads // layout.num_kv_heads
+    positions = max(16, triton.next_power_of_2(ring.sinks + ring.recent))  # tl.dot takes at least 16
+    out = torch.empty(batch, num_q_heads, head_dim_pad(layout.head_dim), device=cache.device, dtype=torch.float32)
+    lse = torch.empty(batch, num_q_heads, device=cache.device, dtype=torch.float32)
+    _exact_window_kernel[(batch, layout.num_kv_heads)](
+        rotated_query, cache, block_table, seq_lens, ring.keys, ring.values, ring.slot_of_entry, ring.entry_of_slot,
+        codec.key_centroids_fp16, codec.value_centroids_fp16, out, lse, rotated_query.stride(0),
+        rotated_query.stride(1), block_table.stride(0), float(scale), float(softcap or 0.0),
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), **page_constants(layout),
+        **lookup_constants(codec), SINKS=ring.sinks, RECENT=ring.recent, POSITIONS=positions,
+        TILE=min(positions, WINDOW_TILE if layout.head_dim <= 128 else WIDE_WINDOW_TILE),
+        USE_SOFTCAP=softcap is not None, AFTER_SPLIT=after_split, num_warps=4, **programmatic_launch(after_split),
+    )
+    return out, lse
