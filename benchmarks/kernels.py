@@ -232,20 +232,43 @@ def decode_cell(baselines: Baselines, shape: dict, batch: int, context: int, pre
     return cell
 
 
-def step_cell(baselines: Baselines, shape: dict, batch: int, context: int, table_tokens: int) -> dict:
-    """One decode step's attention at k4v4: each sequence's newest token stored at position context − 1,
-    then its query attends to all `context` keys (see the module docstring)."""
-    num_q_heads, num_kv_heads, head_dim = shape["num_q_heads"], shape["num_kv_heads"], shape["head_dim"]
-    codec = KernelCodec.from_config(TurboQuantConfig.from_preset("k4v4"), head_dim, num_kv_heads, BLOCK_SIZE,
+@dataclasses.dataclass
+class DecodeStep:
+    """One decode step's inputs: each sequence's newest token (keys, values, query) at position context − 1
+    of a random compressed cache, `slots` where it is stored."""
+    codec: KernelCodec
+    table: torch.Tensor
+    seq_lens: torch.Tensor
+    num_blocks: int
+    slots: torch.Tensor
+    query: torch.Tensor
+    keys: torch.Tensor
+    values: torch.Tensor
+    out: torch.Tensor
+    cache: torch.Tensor
+
+
+def decode_step(num_q_heads: int, num_kv_heads: int, head_dim: int, preset: str, batch: int, context: int,
+                table_tokens: int) -> DecodeStep:
+    codec = KernelCodec.from_config(TurboQuantConfig.from_preset(preset), head_dim, num_kv_heads, BLOCK_SIZE,
                                     device="cuda")
     table, seq_lens, num_blocks = block_table_for(batch, context, table_tokens)
     last = seq_lens.long() - 1
     slots = table.gather(1, (last // BLOCK_SIZE)[:, None]).squeeze(1).long() * BLOCK_SIZE + last % BLOCK_SIZE
     query = torch.randn(batch, num_q_heads, head_dim, device="cuda", dtype=torch.bfloat16)
     keys = torch.randn(batch, num_kv_heads, head_dim, device="cuda", dtype=torch.bfloat16)
-    values = torch.randn_like(keys)
-    out = torch.empty_like(query)
-    cache = random_compressed_cache(codec, num_blocks)
+    return DecodeStep(codec, table, seq_lens, num_blocks, slots, query, keys, torch.randn_like(keys),
+                      torch.empty_like(query), random_compressed_cache(codec, num_blocks))
+
+
+def step_cell(baselines: Baselines, shape: dict, batch: int, context: int, table_tokens: int) -> dict:
+    """One decode step's attention at k4v4: each sequence's newest token stored at position context − 1,
+    then its query attends to all `context` keys (see the module docstring)."""
+    num_q_heads, num_kv_heads, head_dim = shape["num_q_heads"], shape["num_kv_heads"], shape["head_dim"]
+    step = decode_step(num_q_heads, num_kv_heads, head_dim, "k4v4", batch, context, table_tokens)
+    codec, table, seq_lens, num_blocks, slots = step.codec, step.table, step.seq_lens, step.num_blocks, step.slots
+    query, keys, values, out, cache = step.query, step.keys, step.values, step.out, step.cache
+    del step
 
     def ours(chained: bool):  # chained: the split kernel starts while the store runs, as the backend launches it
         rotated = compress_store(keys, values, slots, cache, codec, queries=query, launch_dependents=chained)

@@ -20,11 +20,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernels import BLOCK_SIZE, block_table_for, filled_exact_ring, graph_time_ms, random_compressed_cache  # noqa: E402
+from kernels import decode_step, filled_exact_ring, graph_time_ms  # noqa: E402
 
-from turboquant.core import TurboQuantConfig  # noqa: E402 (kernels.py puts the repository on sys.path)
-from turboquant.kernels.codec import KernelCodec  # noqa: E402
-from turboquant.kernels.decode import paged_decode_attention  # noqa: E402
+from turboquant.kernels.decode import paged_decode_attention  # noqa: E402 (kernels.py puts the repo on sys.path)
 from turboquant.kernels.store import compress_store  # noqa: E402
 
 TABLE_TOKENS = 33024
@@ -38,16 +36,9 @@ CASES = [("llama-3.1-8b", 32, 8, 128, "k4v4", 1, 1024), ("llama-3.1-8b", 32, 8, 
 
 def step_cell(shape: str, num_q_heads: int, num_kv_heads: int, head_dim: int, preset: str, batch: int,
               context: int) -> dict:
-    codec = KernelCodec.from_config(TurboQuantConfig.from_preset(preset), head_dim, num_kv_heads, BLOCK_SIZE,
-                                    device="cuda")
-    table, seq_lens, num_blocks = block_table_for(batch, context, TABLE_TOKENS)
-    last = seq_lens.long() - 1
-    slots = table.gather(1, (last // BLOCK_SIZE)[:, None]).squeeze(1).long() * BLOCK_SIZE + last % BLOCK_SIZE
-    query = torch.randn(batch, num_q_heads, head_dim, device="cuda", dtype=torch.bfloat16)
-    keys = torch.randn(batch, num_kv_heads, head_dim, device="cuda", dtype=torch.bfloat16)
-    values = torch.randn_like(keys)
-    out = torch.empty_like(query)
-    cache = random_compressed_cache(codec, num_blocks)
+    step = decode_step(num_q_heads, num_kv_heads, head_dim, preset, batch, context, TABLE_TOKENS)
+    codec, table, seq_lens, slots, cache = step.codec, step.table, step.seq_lens, step.slots, step.cache
+    query, keys, values, out = step.query, step.keys, step.values, step.out
     ring, entries, (middle_ends, middle_starts) = filled_exact_ring(codec, cache, table, seq_lens)
     scale = head_dim**-0.5
 
