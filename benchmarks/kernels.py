@@ -50,7 +50,8 @@ EXACT_SINKS, EXACT_RECENT = 4, 32  # the step's exact ring
 CALLS_PER_GRAPH = 20
 
 
-def graph_time_ms(fn) -> float:
+def captured(fn, calls: int = CALLS_PER_GRAPH) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of `calls` back-to-back calls of fn (warmed up eagerly first, then on a side stream)."""
     fn()
     torch.cuda.synchronize()
     stream = torch.cuda.Stream()
@@ -60,8 +61,13 @@ def graph_time_ms(fn) -> float:
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for _ in range(CALLS_PER_GRAPH):
+        for _ in range(calls):
             fn()
+    return graph
+
+
+def graph_time_ms(fn) -> float:
+    graph = captured(fn)
     graph.replay()
     times = []
     for _ in range(5):

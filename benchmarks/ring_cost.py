@@ -2,8 +2,11 @@
 (store + attention, as the vLLM backend launches them) on several shapes: the step without a ring, with
 one, and the split kernels alone over the middle (the ring's share of the work removed), each a CUDA-graph
 time per call (`kernels.graph_time_ms`) in 33K-token block tables, as vLLM's at max_model_len 33024.
+`--timeline` also profiles each case's step with and without the ring (torch.profiler over a graph of
+TIMELINE_STEPS steps): every kernel's mean start and end within its step, µs from the step's first kernel,
+which shows what overlaps what under programmatic dependent launch.
 
-    python benchmarks/ring_cost.py --out benchmarks/results/ring-cost-h200 [--build NOTE]
+    python benchmarks/ring_cost.py --out benchmarks/results/ring-cost-h200 [--build NOTE] [--timeline]
     python benchmarks/ring_cost.py --table benchmarks/results/ring-cost-h200.json   # print its markdown
 
 `--build` says which code ran (a commit), written into the JSON and the table.
@@ -20,12 +23,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernels import decode_step, filled_exact_ring, graph_time_ms  # noqa: E402
+from kernels import captured, decode_step, filled_exact_ring, graph_time_ms  # noqa: E402
 
 from turboquant.kernels.decode import paged_decode_attention  # noqa: E402 (kernels.py puts the repo on sys.path)
 from turboquant.kernels.store import compress_store  # noqa: E402
 
 TABLE_TOKENS = 33024
+TIMELINE_STEPS = 10
 # (shape, q heads, kv heads, head_dim, preset, batch, context)
 CASES = [("llama-3.1-8b", 32, 8, 128, "k4v4", 1, 1024), ("llama-3.1-8b", 32, 8, 128, "k4v4", 8, 1024),
          ("llama-3.1-8b", 32, 8, 128, "k4v4", 32, 1024), ("llama-3.1-8b", 32, 8, 128, "k4v4", 8, 16384),
@@ -34,8 +38,34 @@ CASES = [("llama-3.1-8b", 32, 8, 128, "k4v4", 1, 1024), ("llama-3.1-8b", 32, 8, 
          ("d256", 8, 4, 256, "k3v3", 8, 4096)]
 
 
+def kernel_timeline(fn) -> list[dict]:
+    """fn's kernels in start order, each with its mean start and end (µs from the first kernel's start)
+    over TIMELINE_STEPS calls replayed from one CUDA graph."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    graph = captured(fn, TIMELINE_STEPS)
+    graph.replay()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        graph.replay()
+        torch.cuda.synchronize()
+    kernels = sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA), key=lambda e: e.time_range.start)
+    per_step, left = divmod(len(kernels), TIMELINE_STEPS)
+    if left or not per_step:
+        raise RuntimeError(f"{len(kernels)} kernels do not split into {TIMELINE_STEPS} equal steps")
+    steps = [kernels[i * per_step:(i + 1) * per_step] for i in range(TIMELINE_STEPS)]
+    rows = []
+    for index in range(per_step):
+        starts = [step[index].time_range.start - step[0].time_range.start for step in steps]
+        ends = [step[index].time_range.end - step[0].time_range.start for step in steps]
+        rows.append(dict(kernel=steps[0][index].name[:60], start_us=round(sum(starts) / len(starts), 2),
+                         end_us=round(sum(ends) / len(ends), 2)))
+    return rows
+
+
 def step_cell(shape: str, num_q_heads: int, num_kv_heads: int, head_dim: int, preset: str, batch: int,
-              context: int) -> dict:
+              context: int, timeline: bool = False) -> dict:
     step = decode_step(num_q_heads, num_kv_heads, head_dim, preset, batch, context, TABLE_TOKENS)
     codec, table, seq_lens, slots, cache = step.codec, step.table, step.seq_lens, step.slots, step.cache
     query, keys, values, out = step.query, step.keys, step.values, step.out
@@ -62,6 +92,8 @@ def step_cell(shape: str, num_q_heads: int, num_kv_heads: int, head_dim: int, pr
     for name, fn in (("no_ring_us", no_ring), ("ring_us", with_ring), ("middle_only_us", middle_only)):
         cell[name] = round(graph_time_ms(fn) * 1000, 2)
     cell["ring_cost_us"] = round(cell["ring_us"] - cell["no_ring_us"], 2)
+    if timeline:
+        cell["timeline"] = {"no_ring": kernel_timeline(no_ring), "ring": kernel_timeline(with_ring)}
     return cell
 
 
@@ -72,6 +104,11 @@ def markdown(result: dict) -> str:
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {c['shape']} | {c['preset']} | {c['batch']} | {c['context']} | {c['no_ring_us']:.2f} | "
               f"{c['ring_us']:.2f} | {c['ring_cost_us']:+.2f} | {c['middle_only_us']:.2f} |" for c in result["cells"]]
+    for c in (c for c in result["cells"] if "timeline" in c):
+        lines += ["", f"Timeline, {c['shape']} {c['preset']} b{c['batch']} × {c['context']} (µs from the step's first "
+                  "kernel; mean of the profiled steps):", "", "| step | kernel | start | end |", "|---|---|---:|---:|"]
+        lines += [f"| {name} | `{k['kernel']}` | {k['start_us']:.1f} | {k['end_us']:.1f} |"
+                  for name, kernels in c["timeline"].items() for k in kernels]
     return "\n".join(lines) + "\n"
 
 
@@ -80,6 +117,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/ring-cost-h200", help="writes OUT.json and OUT.md")
     parser.add_argument("--build", default="working tree", help="which code ran (written into the results)")
     parser.add_argument("--table", help="print the markdown table of a saved JSON and exit")
+    parser.add_argument("--timeline", action="store_true", help="also profile each step's kernel timeline")
     args = parser.parse_args()
     if args.table:
         print(markdown(json.loads(Path(args.table).read_text())), end="")
@@ -89,9 +127,9 @@ def main() -> None:
     result = dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(), build=args.build,
                   cells=[])
     for case in CASES:
-        result["cells"].append(step_cell(*case))
+        result["cells"].append(step_cell(*case, timeline=args.timeline))
         torch.cuda.empty_cache()  # the cell's caches are gone with its closures
-        print(json.dumps(result["cells"][-1]), flush=True)
+        print(json.dumps({k: v for k, v in result["cells"][-1].items() if k != "timeline"}), flush=True)
     Path(args.out + ".json").write_text(json.dumps(result, indent=1) + "\n")
     Path(args.out + ".md").write_text(markdown(result))
     print(markdown(result), end="")
