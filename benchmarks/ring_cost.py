@@ -1,10 +1,13 @@
 """What the exact ring (`kernels/exact_ring.py`, exact_sinks 4 / exact_recent 32) adds to a decode step
 (store + attention, as the vLLM backend launches them) on several shapes: the step without a ring, with
-one, and the split kernels alone over the middle (the ring's share of the work removed), each a CUDA-graph
+one as `paged_decode_attention` places its window kernel, with that kernel on its own stream and after the
+split kernels whatever the pair count (`decode.WINDOW_STREAM_MIN_PAIRS`), and the split kernels alone over
+the middle (the ring's share of the work removed), each a CUDA-graph
 time per call (`kernels.graph_time_ms`) in 33K-token block tables, as vLLM's at max_model_len 33024.
-`--timeline` also profiles each case's step with and without the ring (torch.profiler over a graph of
+`--timeline` also profiles each case's step without and with the ring (torch.profiler over a graph of
 TIMELINE_STEPS steps): every kernel's mean start and end within its step, µs from the step's first kernel,
-which shows what overlaps what under programmatic dependent launch.
+which shows what overlaps what (kernels matched by start order: where two start in a varying order, the
+rows mix them).
 
     python benchmarks/ring_cost.py --out benchmarks/results/ring-cost-h200 [--build NOTE] [--timeline]
     python benchmarks/ring_cost.py --table benchmarks/results/ring-cost-h200.json   # print its markdown
@@ -25,7 +28,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kernels import captured, decode_step, filled_exact_ring, graph_time_ms  # noqa: E402
 
-from turboquant.kernels.decode import paged_decode_attention  # noqa: E402 (kernels.py puts the repo on sys.path)
+from turboquant.kernels import decode  # noqa: E402 (kernels.py puts the repo on sys.path)
+from turboquant.kernels.decode import paged_decode_attention  # noqa: E402
 from turboquant.kernels.store import compress_store  # noqa: E402
 
 TABLE_TOKENS = 33024
@@ -88,22 +92,37 @@ def step_cell(shape: str, num_q_heads: int, num_kv_heads: int, head_dim: int, pr
         paged_decode_attention(rotated, cache, codec, table, middle_ends, scale, out=out, query_rotated=True,
                                after_store=True, key_starts=middle_starts)
 
+    def pairs_limit(limit: int):  # with_ring with the exact window's stream chosen at another pair count
+        def step():
+            default, decode.WINDOW_STREAM_MIN_PAIRS = decode.WINDOW_STREAM_MIN_PAIRS, limit
+            try:
+                with_ring()
+            finally:
+                decode.WINDOW_STREAM_MIN_PAIRS = default
+        return step
+
+    variants = dict(no_ring=no_ring, ring=with_ring, ring_side_stream=pairs_limit(0),
+                    ring_after_splits=pairs_limit(1 << 62), middle_only=middle_only)
     cell = dict(shape=shape, preset=preset, batch=batch, context=context)
-    for name, fn in (("no_ring_us", no_ring), ("ring_us", with_ring), ("middle_only_us", middle_only)):
-        cell[name] = round(graph_time_ms(fn) * 1000, 2)
-    cell["ring_cost_us"] = round(cell["ring_us"] - cell["no_ring_us"], 2)
+    for name, fn in variants.items():
+        cell[name + "_us"] = round(graph_time_ms(fn) * 1000, 2)
+    for name in ("ring", "ring_side_stream", "ring_after_splits"):
+        cell[name + "_cost_us"] = round(cell[name + "_us"] - cell["no_ring_us"], 2)
     if timeline:
-        cell["timeline"] = {"no_ring": kernel_timeline(no_ring), "ring": kernel_timeline(with_ring)}
+        cell["timeline"] = {name: kernel_timeline(variants[name]) for name in ("no_ring", "ring", "ring_side_stream",
+                                                                               "ring_after_splits")}
     return cell
 
 
 def markdown(result: dict) -> str:
     lines = [f"Device: {result['device']}, {result['date']}; build: {result['build']}. Decode step (store + "
              f"attention), µs per call (CUDA graph), {TABLE_TOKENS}-token block tables.", "",
-             "| shape | preset | batch | context | no ring µs | ring µs | ring's cost µs | middle only µs |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "| shape | preset | batch | context | no ring µs | ring µs | ring's cost µs | its cost, window on its "
+             "own stream µs | its cost, window after the splits µs | middle only µs |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {c['shape']} | {c['preset']} | {c['batch']} | {c['context']} | {c['no_ring_us']:.2f} | "
-              f"{c['ring_us']:.2f} | {c['ring_cost_us']:+.2f} | {c['middle_only_us']:.2f} |" for c in result["cells"]]
+              f"{c['ring_us']:.2f} | {c['ring_cost_us']:+.2f} | {c['ring_side_stream_cost_us']:+.2f} | "
+              f"{c['ring_after_splits_cost_us']:+.2f} | {c['middle_only_us']:.2f} |" for c in result["cells"]]
     for c in (c for c in result["cells"] if "timeline" in c):
         lines += ["", f"Timeline, {c['shape']} {c['preset']} b{c['batch']} × {c['context']} (µs from the step's first "
                   "kernel; mean of the profiled steps):", "", "| step | kernel | start | end |", "|---|---|---:|---:|"]
@@ -118,6 +137,8 @@ def main() -> None:
     parser.add_argument("--build", default="working tree", help="which code ran (written into the results)")
     parser.add_argument("--table", help="print the markdown table of a saved JSON and exit")
     parser.add_argument("--timeline", action="store_true", help="also profile each step's kernel timeline")
+    parser.add_argument("--llama", metavar="BxC,...", help="only these batch x context cells of the Llama-3.1-8B "
+                        "shape at k4v4 (e.g. 8x16384,16x6144) in place of the default cases")
     args = parser.parse_args()
     if args.table:
         print(markdown(json.loads(Path(args.table).read_text())), end="")
@@ -126,7 +147,9 @@ def main() -> None:
         sys.exit("ring_cost.py times CUDA kernels: run it on the GPU host")
     result = dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(), build=args.build,
                   cells=[])
-    for case in CASES:
+    cases = CASES if not args.llama else [("llama-3.1-8b", 32, 8, 128, "k4v4", *map(int, cell.split("x")))
+                                          for cell in args.llama.split(",")]
+    for case in cases:
         result["cells"].append(step_cell(*case, timeline=args.timeline))
         torch.cuda.empty_cache()  # the cell's caches are gone with its closures
         print(json.dumps({k: v for k, v in result["cells"][-1].items() if k != "timeline"}), flush=True)

@@ -79,17 +79,30 @@ def test_decode_reads_sinks_and_latest_keys_from_the_ring(head_dim, key_bits, va
 GPU_ONLY = pytest.mark.skipif(not torch.cuda.is_available(), reason="too long for the interpreter")
 
 
+def replayed(fn) -> torch.Tensor:
+    """fn's output from a CUDA graph of it (captured on a side stream, as torch.cuda.graph does), replayed."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    return out
+
+
 @pytest.mark.parametrize("seq_lens", [
-    [300, 5, 0, 64],  # the Triton split kernel alone, the window's started while it runs (on a GPU)
+    [300, 5, 0, 64],  # the Triton split kernel alone; on a GPU the window's kernel beside it on its own stream
     # on a GPU, the fragment kernel started while the Triton split kernel runs, then the window's; then one
     # where all the Triton kernel's programs only skip
     pytest.param([9000, 50, 8192, 8191, 0, 1, 300, 12000], marks=GPU_ONLY),
-    pytest.param([9000, 8192, 12000, 16000, 8500, 8193, 9999, 10000], marks=GPU_ONLY)])
+    pytest.param([9000, 8192, 12000, 16000, 8500, 8193, 9999, 10000], marks=GPU_ONLY),
+    # 256 (sequence · kv head) pairs: both split kernels, and the window's on its own stream
+    pytest.param([700, 3000, 9000, 40, 1, 0, 2048, 12000] * 4, marks=GPU_ONLY)])
 def test_a_decode_step_with_a_ring_chained_to_its_store(seq_lens, device, generator):
     """A decode step as the vLLM backend launches it with exact tokens: the store writes each sequence's
     newest key into the cache and the ring, and rotates the queries; the split kernels and the window's
     read them after it (programmatic dependent launch on a GPU, plain launches on the CPU). Against the
-    reference, and bit for bit against the same step launched after the store ended."""
+    reference, and bit for bit against the same step launched after the store ended and, on a GPU,
+    replayed from a CUDA graph."""
     heads, sinks, recent = 8, 4, 32
     codec = make_codec(128, 4, 4, heads, 16, device)
     cache, block_table = filled_cache(codec, seq_lens, generator, device)
@@ -118,15 +131,19 @@ def test_a_decode_step_with_a_ring_chained_to_its_store(seq_lens, device, genera
     keys, values = (torch.randn(len(seq_lens), heads, 128, generator=generator).to(device, torch.bfloat16)
                     for _ in range(2))
     query = torch.randn(len(seq_lens), 4 * heads, 128, generator=generator).to(device, torch.bfloat16)
-    outs = []
-    for chained in (True, False):
+    def step(chained: bool) -> torch.Tensor:
         rotated = compress_store(keys, values, slots, cache, codec, queries=query, launch_dependents=chained,
                                  ring=ring, entries=entries)
-        outs.append(paged_decode_attention(rotated, cache, codec, block_table, lengths, 128**-0.5,
-                                           query_rotated=True, after_store=chained, exact=ring).float())
+        return paged_decode_attention(rotated, cache, codec, block_table, lengths, 128**-0.5, query_rotated=True,
+                                      after_store=chained, exact=ring).float()
+
+    outs = [step(True), step(False)]
+    if device == "cuda":  # the step stores the same rows again, so a replay reads what the others did
+        outs.append(replayed(lambda: step(True)))
     expected = decode_reference(query, cache, codec, block_table, lengths, 128**-0.5, ring=ring)
     torch.testing.assert_close(outs[0], expected, atol=2e-2, rtol=2e-2)  # bf16 output rounding
-    assert torch.equal(outs[0], outs[1])
+    for other in outs[1:]:
+        assert torch.equal(outs[0], other)
     compressed = decode_reference(query, cache, codec, block_table, lengths, 128**-0.5)
     shift, error = ((outs[0] - reference).abs().amax(dim=(1, 2)) for reference in (compressed, expected))
     assert (shift > 10 * error)[lengths > 0].all()  # each sequence read the ring's values, not the cache's

@@ -271,8 +271,8 @@ def launch_triton_split(rotated_query: torch.Tensor, cache: torch.Tensor, codec:
     """Fill the partials [batch, Hq, S(, D_pad)] of the sequences whose visible keys number min_span …
     max_span, each cut into `num_splits` (a divisor of S) splits; their slots past those read empty.
     `chained`: launched programmatically after the query's rotation, and the reduction after it so;
-    `readers_next`: a kernel that reads the query without waiting (the fragment kernel, the exact window
-    kernel) is launched programmatically after it; `after_store`: launched
+    `readers_next`: a kernel that reads the query without waiting (the fragment kernel) is launched
+    programmatically after it; `after_store`: launched
     programmatically after the store that wrote the query and the step's keys."""
     layout = codec.layout
     batch, num_q_heads, partial_splits = partial_lse.shape
@@ -298,6 +298,26 @@ def triton_split_launch(codec: KernelCodec, lookups: dict | None = None) -> dict
     layout, lookups = codec.layout, lookups or lookup_constants(codec)
     return decode_launch(layout.head_dim, layout.key_bits, layout.value_bits,
                          bool(lookups["KEY_LUT"] and lookups["VALUE_LUT"]))
+
+
+# The exact window's kernel runs on a stream of its own, forked after the store and joined before the
+# reduction, so it overlaps the split kernels, where no fragment kernel is launched or the call has at least
+# this many (sequence · kv head) pairs. Otherwise it runs after the split kernels: overlapping a fragment
+# kernel's single wave of programs at fewer pairs cost much more (H200, the ring's cost per step, side stream
+# against after: b8 x 16K +33.3 / +12.1 us, b16 x 6K +26.5 / +11.5, b16 x 16K +65.9 / +10.9; at 256+ pairs
+# b32 x 1K +8.0 / +11.7, b32 x 16K +7.5 / +12.5, b64 x 1K +28.8 / +34.7): ring-cost-h200-side-stream*.md.
+# Launched in the split kernels' stream while they run (chained, between, or inside the Triton one) it
+# cost as much or more: kernels-step-h200-exact-between.md, ring-cost-h200-{own-programs,first-split}.md.
+WINDOW_STREAM_MIN_PAIRS = 256
+_window_streams: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def window_stream(device: torch.device) -> torch.cuda.Stream:
+    """The stream the exact window's kernel runs on beside the split kernels (one per device)."""
+    device = torch.device(device)
+    if device not in _window_streams:
+        _window_streams[device] = torch.cuda.Stream(device)
+    return _window_streams[device]
 
 
 def paged_decode_attention(query: torch.Tensor, cache: torch.Tensor, codec: KernelCodec, block_table: torch.Tensor,
@@ -397,23 +417,28 @@ def paged_decode_attention(query: torch.Tensor, cache: torch.Tensor, codec: Kern
     # mostly gives all its sequences to one of them, and the other's programs, which only skip, then cost
     # no launch gap of their own (H200, b32 x 1K in 33K-token tables: kernels-decode-h200-overlap.md).
     overlapped = bool(triton_splits) and min_span is not None and pdl
-    # Likewise the exact window's split after the Triton one where no fragment kernel runs (H200, batch 1: the
-    # ring's cost per step 9.0 -> 6.6 us at 1K, 9.3 -> 4.2 us at 16K; kernels-step-h200-exact{,-chained}.md).
-    # Launched between the two split kernels, or inside the Triton one (a first split's work, or programs of
-    # its own), it cost more where a fragment kernel runs (b8 x 16K: +33-35 us a step) and at b32 x 1K
-    # (+25-27 us inside): kernels-step-h200-exact-between.md, ring-cost-h200-{own-programs,first-split}.md.
-    window_overlapped = bool(triton_splits) and min_span is None and pdl and exact is not None
+    side = None  # the exact window's stream (see WINDOW_STREAM_MIN_PAIRS)
+    pairs = batch * layout.num_kv_heads
+    if exact is not None and cache.is_cuda and (min_span is None or pairs >= WINDOW_STREAM_MIN_PAIRS):
+        main, side = torch.cuda.current_stream(cache.device), window_stream(cache.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            extra = exact_window_partials(rotated_query, cache, codec, exact, block_table, window_lengths, scale,
+                                          softcap)
     if triton_splits:
         launch_triton_split(rotated_query, cache, codec, block_table, seq_lens, key_starts, partial_out, partial_lse,
                             scale, softcap, sliding_window, triton_splits,
                             max_span=ANY_SPAN if min_span is None else min_span - 1, chained=chained,
-                            readers_next=overlapped or window_overlapped, after_store=after_store)
+                            readers_next=overlapped, after_store=after_store)
     if min_span is not None:
         decode_fragments.launch_split(rotated_query, cache, codec, block_table, seq_lens, key_starts, partial_out,
                                       partial_lse, scale, softcap, sliding_window, min_span, after_split=overlapped)
-    extra = None if exact is None else exact_window_partials(rotated_query, cache, codec, exact, block_table,
-                                                             window_lengths, scale, softcap,
-                                                             after_split=window_overlapped)
+    if side is not None:
+        main.wait_stream(side)
+    elif exact is not None:
+        extra = exact_window_partials(rotated_query, cache, codec, exact, block_table, window_lengths, scale, softcap)
+    else:
+        extra = None
     out = torch.empty_like(query) if out is None else out
     lse = torch.empty(batch, num_q_heads, device=cache.device, dtype=torch.float32) if return_lse else None
     # merge the splits and un-rotate the weighted value sum once, cast and stored into the caller's tensor

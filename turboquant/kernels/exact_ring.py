@@ -17,12 +17,10 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_wait
 
 from ..core.paged_layout import PagedLayout
 from .group_query import load_group_query
-from .launch import (SLICED_METADATA, check_device_tensor, head_dim_pad, lookup_constants, page_constants,
-                     programmatic_launch)
+from .launch import SLICED_METADATA, check_device_tensor, head_dim_pad, lookup_constants, page_constants
 from .packed_tile import load_levels, load_norms
 from .softmax import empty_softmax_state, masked_softmax_step, tanh
 
@@ -116,7 +114,6 @@ def _exact_window_kernel(
     HEAD_DIM_PAD: tl.constexpr, KEY_BITS: tl.constexpr, KEY_BYTES: tl.constexpr, KEY_LUT: tl.constexpr,
     VALUE_BITS: tl.constexpr, VALUE_BYTES: tl.constexpr, VALUE_LUT: tl.constexpr, SINKS: tl.constexpr,
     RECENT: tl.constexpr, POSITIONS: tl.constexpr, TILE: tl.constexpr, USE_SOFTCAP: tl.constexpr,
-    AFTER_SPLIT: tl.constexpr,
 ):
     seq, kv_head = tl.program_id(0), tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + seq)
@@ -154,22 +151,14 @@ def _exact_window_kernel(
              mask=head_mask[:, None])
     lse = tl.where(running_sum > 0, running_max + tl.log2(tl.maximum(running_sum, 1e-30)), float("-inf"))
     tl.store(lse_ptr + rows, lse, mask=head_mask)
-    # Launched programmatically while the split kernel runs, after it saw the query (see below): one program
-    # waits for it, so this grid ends after that one and the reduction launched next reads both.
-    if AFTER_SPLIT:
-        if (seq == 0) & (kv_head == 0):
-            gdc_wait()
 
 
 def exact_window_partials(rotated_query: torch.Tensor, cache: torch.Tensor, codec, ring: ExactRing,
                           block_table: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                          softcap: float | None, after_split: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                          softcap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of each sequence's query (rotated, fp32 [batch, Hq, d], at position seq_len − 1) to its
     sinks and latest tokens → (output [batch, Hq, d_pad] fp32 in the rotated space, log-sum-exp [batch, Hq]
-    in log2 units): a split of `paged_decode_attention`'s. The caller checks the arguments. `after_split`:
-    launched programmatically after the Triton split kernel, which lets it start once that kernel has waited
-    for the store that wrote the query and the ring (`launch_triton_split(..., readers_next=True)`), so
-    this kernel reads them without waiting."""
+    in log2 units): a split of `paged_decode_attention`'s. The caller checks the arguments."""
     layout = codec.layout
     batch, num_q_heads = rotated_query.shape[:2]
     group = num_q_heads // layout.num_kv_heads
@@ -183,6 +172,6 @@ def exact_window_partials(rotated_query: torch.Tensor, cache: torch.Tensor, code
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), **page_constants(layout),
         **lookup_constants(codec), SINKS=ring.sinks, RECENT=ring.recent, POSITIONS=positions,
         TILE=min(positions, WINDOW_TILE if layout.head_dim <= 128 else WIDE_WINDOW_TILE),
-        USE_SOFTCAP=softcap is not None, AFTER_SPLIT=after_split, num_warps=4, **programmatic_launch(after_split),
+        USE_SOFTCAP=softcap is not None, num_warps=4,
     )
     return out, lse
