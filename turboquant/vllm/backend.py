@@ -211,6 +211,17 @@ class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
         )
 
 
+def exact_tokens_unsupported(sliding_window: int | None, kv_sharing_target_layer_name: str | None) -> str | None:
+    """Where a layer cannot read exact tokens from a ring, why (completing "exact tokens are off …"); else None."""
+    if envs.VLLM_BATCH_INVARIANT:
+        return BATCH_INVARIANT_MODE
+    if sliding_window:
+        return "on sliding-window layers"
+    if kv_sharing_target_layer_name:
+        return "on layers that read another layer's cache (KV sharing)"
+    return None
+
+
 class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
     def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int | None = None,
                  alibi_slopes: list[float] | None = None, sliding_window: int | None = None,
@@ -231,9 +242,7 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
         self.settings = VllmSettings.from_additional_config(vllm_config.additional_config)  # bad config: fail at start
         if envs.VLLM_BATCH_INVARIANT:
             install_residual_rms_norm()  # vLLM's mode leaves that norm batch-dependent (batch_invariance.py)
-        unsupported = (BATCH_INVARIANT_MODE if envs.VLLM_BATCH_INVARIANT else "on sliding-window layers"
-                       if sliding_window else "on layers that read another layer's cache (KV sharing)"
-                       if kv_sharing_target_layer_name else None)
+        unsupported = exact_tokens_unsupported(sliding_window, kv_sharing_target_layer_name)
         exact_counts = self.settings.exact_counts(unsupported)
         if any(exact_counts):
             logger.info_once("turboquant: decode steps read each sequence's first %d and latest %d tokens exactly, "
