@@ -25,7 +25,10 @@ from .packed_tile import load_levels, load_norms
 from .softmax import empty_softmax_state, masked_softmax_step, tanh
 
 # Positions per tile of the window kernel, as the decode split kernel's tiles: at head_dim 256 a 64-token
-# tile of 3-bit codes exceeds shared memory there (`decode.decode_launch`).
+# tile of 3-bit codes exceeds shared memory there (`decode.decode_launch`). At head_dim 128 a 64-row tile
+# takes all 255 registers and spills (26-30 local-memory instructions; 32 rows: 212-219 registers, none;
+# sm_90, `benchmarks/window_sass.py` → window-sass.json). Which runs faster beside the split kernels is
+# not measured yet.
 WINDOW_TILE, WIDE_WINDOW_TILE = 64, 32
 
 
@@ -93,14 +96,16 @@ def held_rows(slots, candidates, entry_of_slot_ptr, slot_of_entry_ptr, kv_head, 
 def unit_rows(ring_ptrs, exact, code_ptrs, norm_ptrs, compressed, centroids_ptr, BITS: tl.constexpr,
                ROW_BYTES: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, LUT: tl.constexpr):
     """(unit rows fp16 [rows, HEAD_DIM_PAD], their scales fp32 [rows]): an exact row from the ring as its
-    direction and norm, a compressed one as its levels and stored norm, as the split kernels read codes."""
+    direction and norm, a compressed one as its levels and stored norm, as the split kernels read codes.
+    Picked between in fp16: an fp32 pick held both tiles in fp32 and spilled more (48 local-memory
+    instructions against 30 at d=128, k4v4; window-sass-before-fp16-select.json, window-sass.json)."""
     dims = tl.arange(0, HEAD_DIM_PAD)
     rows = tl.load(ring_ptrs[:, None] + dims[None, :], mask=exact[:, None] & (dims < HEAD_DIM)[None, :],
                    other=0.0).to(tl.float32)
     norms = tl.sqrt(tl.sum(rows * rows, axis=1))
+    units = (rows / tl.maximum(norms, 1e-30)[:, None]).to(tl.float16)
     levels = load_levels(code_ptrs, compressed, centroids_ptr, BITS, ROW_BYTES, HEAD_DIM_PAD, LUT)
-    units = tl.where(exact[:, None], rows / tl.maximum(norms, 1e-30)[:, None], levels.to(tl.float32))
-    return units.to(tl.float16), tl.where(exact, norms, load_norms(norm_ptrs, compressed))
+    return tl.where(exact[:, None], units, levels), tl.where(exact, norms, load_norms(norm_ptrs, compressed))
 
 
 @triton.jit(do_not_specialize_on_alignment=SLICED_METADATA)
