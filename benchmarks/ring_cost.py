@@ -93,13 +93,13 @@ def step_cell(shape: str, num_q_heads: int, num_kv_heads: int, head_dim: int, pr
                                after_store=True, key_starts=middle_starts)
 
     def pairs_limit(limit: int):  # with_ring with the exact window's stream chosen at another pair count
-        def step():
+        def with_ring_at_limit():
             default, decode.WINDOW_STREAM_MIN_PAIRS = decode.WINDOW_STREAM_MIN_PAIRS, limit
             try:
                 with_ring()
             finally:
                 decode.WINDOW_STREAM_MIN_PAIRS = default
-        return step
+        return with_ring_at_limit
 
     variants = dict(no_ring=no_ring, ring=with_ring, ring_side_stream=pairs_limit(0),
                     ring_after_splits=pairs_limit(1 << 62), middle_only=middle_only)

@@ -314,7 +314,6 @@ _window_streams: dict[torch.device, torch.cuda.Stream] = {}
 
 def window_stream(device: torch.device) -> torch.cuda.Stream:
     """The stream the exact window's kernel runs on beside the split kernels (one per device)."""
-    device = torch.device(device)
     if device not in _window_streams:
         _window_streams[device] = torch.cuda.Stream(device)
     return _window_streams[device]
