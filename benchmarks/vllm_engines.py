@@ -53,8 +53,10 @@ def dummy_weight_engine(name: str, model: str, tensor_parallel_size: int = 1):
     """An `LLM` for engine `name` over `model` with dummy weights, CUDA graphs on, 85% of each GPU."""
     from vllm import LLM
 
+    # jit_monitor_verbose: vLLM logs every Triton compile after its warm-up with the variant's constexprs (by
+    # default it warns once per kernel name, which left a second variant's compile in a timed run unsaid)
     return LLM(model=model, load_format="dummy", max_model_len=MAX_MODEL_LEN, gpu_memory_utilization=0.85, seed=0,
-               tensor_parallel_size=tensor_parallel_size, **engine_kwargs(name))
+               tensor_parallel_size=tensor_parallel_size, jit_monitor_verbose=True, **engine_kwargs(name))
 
 
 def random_prompts(rng, batch: int, length: int) -> list[dict]:
@@ -64,7 +66,7 @@ def random_prompts(rng, batch: int, length: int) -> list[dict]:
 # A worker prints these around each timed call; vLLM's JIT monitor lines between them name the Triton
 # kernels that compiled inside the timing (which then measured the compiler, not the kernels).
 TIMED_START, TIMED_END = "TIMED-START", "TIMED-END"
-JIT_WARNING = re.compile(r"Triton kernel JIT compilation during inference: (\w+)")
+JIT_WARNING = re.compile(r"Triton kernel JIT compilation during inference: (\w+)(?: \(constexprs=(\{[^}]*\}))?")
 
 
 def run_engine(script: str, name: str, args: list[str], timeout_s: int) -> dict:
@@ -91,6 +93,8 @@ def run_engine(script: str, name: str, args: list[str], timeout_s: int) -> dict:
             timed_case = None
         elif timed_case and (match := JIT_WARNING.search(line)):
             row.setdefault("jit_in_timed", {}).setdefault(timed_case, []).append(match.group(1))
+            if match.group(2):  # which variant: its constexprs
+                row.setdefault("jit_in_timed_constexprs", {}).setdefault(timed_case, []).append(match.group(2))
         if line.startswith("RESULT "):
             row.update(json.loads(line[len("RESULT "):]))
         if match := re.search(r"GPU KV cache size: ([\d,]+) tokens", line):

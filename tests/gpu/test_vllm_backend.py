@@ -191,17 +191,87 @@ def test_a_batch_of_first_chunks_has_no_prefix(backend):
 
 
 @pytest.mark.parametrize("tokens", [3, 300])  # 300: the rotations' 64-row tiles too
-def test_compiling_the_prefill_kernels_before_serving_writes_nothing(backend, tokens):
-    """`_compile_prefill_kernels` launches the prefill routes' kernels over one empty sequence, on each
-    layer's first uncaptured call (the GPU; here called directly): the cache must come out as it went in."""
+def test_compiling_the_serving_kernels_before_serving_writes_nothing(backend, tokens):
+    """`_compile_serving_kernels` launches the store over skipped slots and the prefill routes' kernels over
+    one empty sequence, on each layer's first uncaptured call (the GPU; here called directly): the cache
+    and the exact ring must come out as they went in."""
+    module, config = backend
+    config.additional_config = {"turboquant": {"preset": "k4v4", "exact_sinks": 2, "exact_recent": 5}}
     meta, _, _, _, _, ref = run_batch(backend, prefix=[40, 3], new=[1, 1])
-    impl = backend[0].TurboQuantImpl(HEADS, HEAD_DIM, HEAD_DIM ** -0.5, KV_HEADS)
+    impl = module.TurboQuantImpl(HEADS, HEAD_DIM, HEAD_DIM ** -0.5, KV_HEADS)
+    impl.exact_ring = meta.exact.tokens.ring(ref.codec.layout, ref.cache.shape[0], impl.exact_rows)
     device = ref.cache.device
     query = torch.randn(tokens, HEADS, HEAD_DIM, device=device, dtype=torch.bfloat16)
     keys = torch.randn(tokens, KV_HEADS, HEAD_DIM, device=device, dtype=torch.bfloat16)
-    before = ref.cache.clone()
-    impl._compile_prefill_kernels(query, keys, keys.clone(), ref.cache, ref.codec, meta)
-    assert torch.equal(ref.cache, before) and not impl.prefill_uncompiled
+    ring = impl.exact_ring
+    before = [x.clone() for x in (ref.cache, ring.keys, ring.slot_of_entry, ring.entry_of_slot)]
+    impl._compile_serving_kernels(query, keys, keys.clone(), ref.cache, ref.codec, meta)
+    after = (ref.cache, ring.keys, ring.slot_of_entry, ring.entry_of_slot)
+    assert all(torch.equal(x, y) for x, y in zip(before, after)) and not impl.serving_uncompiled
+
+
+def test_a_served_step_launches_only_kernel_variants_compiled_before_serving(backend):
+    """What CUDA-graph capture (decode batches of vLLM's capture sizes) and `_compile_serving_kernels`
+    launched covers the kernel variants of the steps an engine serves: prefill-only, mixed, a short tail
+    chunk, a long chunk after a prefix, an uncaptured decode batch. Launches recorded, not run (Triton
+    compiles a variant it has not seen on its first launch: seconds mid-serving)."""
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+
+    from tests.kernels.launches import recorded_launches
+
+    module, config = backend
+    config.additional_config = {"turboquant": "k4v4"}  # with the exact ring, as by default
+    config.model_config.max_model_len = 8192
+    config.scheduler_config = SimpleNamespace(max_num_seqs=16, max_num_batched_tokens=4096)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    impl = module.TurboQuantImpl(HEADS, HEAD_DIM, HEAD_DIM ** -0.5, KV_HEADS)
+    builder = module.TurboQuantMetadataBuilder(SimpleNamespace(num_kv_heads=KV_HEADS, head_size=HEAD_DIM), ["x"],
+                                               config, device)
+    layer = SimpleNamespace(layer_name="model.layers.1.self_attn.attn")
+    width = config.model_config.max_model_len // BLOCK_SIZE
+    cache = torch.zeros(64, KV_HEADS, BLOCK_SIZE * (32 + 32 + 8), dtype=torch.uint8, device=device)
+
+    def batch(requests, padded=None):  # [(cached prefix, new tokens)], decodes first; padded: a graph's tokens
+        new = [count for _, count in requests]
+        tokens = sum(new)
+        padded = padded or tokens
+        query_start = torch.tensor([0, *new], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        seq_lens = torch.tensor([prefix + count for prefix, count in requests], dtype=torch.int32)
+        meta = builder.build(0, CommonAttentionMetadata(
+            query_start_loc=query_start.to(device), query_start_loc_cpu=query_start, seq_lens=seq_lens.to(device),
+            num_reqs=len(new), num_actual_tokens=tokens, max_query_len=max(new), max_seq_len=int(seq_lens.max()),
+            block_table_tensor=torch.zeros(len(new), width, dtype=torch.int32, device=device),
+            slot_mapping=torch.full((padded,), -1, device=device), seq_lens_cpu_upper_bound=seq_lens))
+        qkv = torch.zeros(padded, HEADS + 2 * KV_HEADS, HEAD_DIM, dtype=torch.bfloat16, device=device)
+        return meta, *qkv.split([HEADS, KV_HEADS, KV_HEADS], dim=1)  # views of one tensor, as vLLM's
+
+    def step(requests, padded=None):
+        meta, query, key, value = batch(requests, padded)
+        output = torch.empty(query.shape[0], HEADS * HEAD_DIM, dtype=torch.bfloat16, device=device)
+        impl.forward(layer, query, key, value, cache, meta, output)
+
+    # vLLM's dummy run before capture, the layer's first uncaptured call (on a GPU forward compiles there)
+    meta, query, key, value = batch([(0, 4096)])
+    codec = impl._codec(layer, cache)
+    impl.exact_ring = meta.exact.tokens.ring(codec.layout, cache.shape[0], impl.exact_rows)  # as forward builds it
+    with recorded_launches() as compiled:
+        impl._compile_serving_kernels(query, key, value, cache, codec, meta)
+        for size in (1, 2, 4, 8, 16):  # vLLM's capture sizes of decode batches (up to max_num_seqs)
+            step([(100, 1)] * size, padded=size)
+    served = {
+        "a first step of one 1K prompt": [(0, 1024)],
+        "a first step of four 1K prompts": [(0, 1024)] * 4,
+        "a 40-token prompt": [(0, 40)],
+        "3 decodes and a 1K prompt": [(900, 1)] * 3 + [(0, 1024)],
+        "3 decodes and 4K of prompts": [(900, 1)] * 3 + [(0, 1024)] * 3 + [(0, 1021)],
+        "2 decodes and a prompt's 7-token tail": [(900, 1)] * 2 + [(3000, 7)],
+        "a long chunk after a prefix": [(3000, 1500)],
+        "5 decodes, uncaptured (mixed steps' count)": [(900, 1)] * 5,
+    }
+    for name, requests in served.items():
+        with recorded_launches() as launched:
+            step(requests)
+        assert set(launched) <= set(compiled), name
 
 
 def test_exact_tokens_are_on_by_default_where_a_layer_can_read_them(backend, monkeypatch):

@@ -53,7 +53,7 @@ def test_gather_matches_reference(head_dim, key_bits, value_bits, block_size, nu
 
 def test_gather_of_an_empty_sequence_writes_nothing(device, generator):
     """The vLLM backend compiles the kernel before serving by such a launch
-    (`TurboQuantImpl._compile_prefill_kernels`)."""
+    (`TurboQuantImpl._compile_serving_kernels`)."""
     codec = make_codec(64, 4, 4, 2, 16, device)
     cache, block_table = filled_cache(codec, [20], generator, device)
     keys = torch.randn(3, 2, 64, generator=generator).to(device, torch.bfloat16)

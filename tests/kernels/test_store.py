@@ -102,6 +102,33 @@ def test_queries_rotated_in_the_store_launch(head_dim, dtype, device, generator)
     torch.testing.assert_close(out, expected, atol=2e-6 * expected.abs().max().item(), rtol=0)
 
 
+@pytest.mark.parametrize("head_dim, key_bits, value_bits", [(128, 4, 4), (256, 3, 3), (64, 8, 2)])
+def test_storing_at_the_tile_token_counts_compiles_every_variant_of_any_count(head_dim, key_bits, value_bits, device):
+    """`tile_token_counts`: whatever a later call's token count, with or without queries, its launch is a
+    variant that the stores at those counts launched (recorded, not run)."""
+    from .launches import recorded_launches
+
+    codec = make_codec(head_dim, key_bits, value_bits, num_kv_heads=2, block_size=16, device=device)
+    cache = codec.layout.allocate(4, device)
+    most = 3 * store.SHORT_TILE_MAX_TOKENS
+
+    def launches(counts):
+        with recorded_launches() as recorded:
+            for count in counts:
+                keys = torch.zeros(count, 2, head_dim, device=device, dtype=torch.bfloat16)
+                slots = torch.full((count,), -1, device=device, dtype=torch.int64)
+                for queries in (None, torch.zeros(count, 8, head_dim, device=device, dtype=torch.bfloat16)):
+                    compress_store(keys, keys, slots, cache, codec, queries=queries)
+        return set(recorded)
+
+    compiled = launches(store.tile_token_counts(most))
+    boundaries = [store.ONE_BLOCK_MAX_TOKENS, store.SHORT_TILE_MAX_TOKENS]
+    later = launches([1, 2, 17, 300, most] + [edge + step for edge in boundaries for step in (0, 1)])
+    assert later <= compiled
+    assert len(compiled) == len(launches(store.tile_token_counts(most)[:-1])) + 2  # the last count's tiles are new
+    assert store.tile_token_counts(70) == [1, store.ONE_BLOCK_MAX_TOKENS + 1]
+
+
 def test_compress_store_rejects_bad_input(device):
     codec = make_codec(64, 4, 4, num_kv_heads=2, block_size=16, device=device)
     cache = codec.layout.allocate(2, device)

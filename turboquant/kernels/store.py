@@ -172,6 +172,13 @@ ONE_BLOCK_MAX_TOKENS = 64
 SHORT_TILE_MAX_TOKENS = 2048
 
 
+def tile_token_counts(max_tokens: int) -> list[int]:
+    """One token count (up to `max_tokens`) per tile shape that `compress_store` picks by the count: a caller
+    that stores once at each, with and without queries, has compiled every variant its later calls launch
+    (an engine's first short prompt after a warm-up of long ones compiled for seconds mid-serving)."""
+    return [count for count in (1, ONE_BLOCK_MAX_TOKENS + 1, SHORT_TILE_MAX_TOKENS + 1) if count <= max_tokens]
+
+
 def store_columns(head_dim_pad: int, part_scale: float, num_tokens: int | None) -> int:
     """Rotated coordinates per dot in `_compress_store_kernel` (see ONE_BLOCK_MAX_TOKENS); None tokens: the
     same blocks whatever the count (`fixed_tile`: a GPU's dots may round a row differently in another)."""

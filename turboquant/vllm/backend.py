@@ -45,6 +45,7 @@ from ..kernels import (ExactRing, KernelCodec, cached_attention, compress_store,
 from ..kernels.codec import KERNEL_HEAD_DIMS
 from ..kernels.launch import multiprocessor_count
 from ..kernels.rotate import SHORT_TILE_MAX_TOKENS as ROTATE_SHORT_TILE_MAX_TOKENS
+from ..kernels.store import tile_token_counts
 from .batch_invariance import install_residual_rms_norm
 from .exact_tokens import ExactStep, ExactTokens
 from .prefill_groups import PrefillGroup, chunk_decode_queries, engine_gathers, prefill_groups, prefill_route
@@ -268,7 +269,8 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
         self.codec: KernelCodec | None = None
         self.gathers = self.fa_version is not None and engine_gathers(
             vllm_config.speculative_config is not None, vllm_config.parallel_config.use_ubatching)
-        self.prefill_uncompiled = True  # its Triton kernels are compiled before serving (_compile_prefill_kernels)
+        self.max_step_tokens = vllm_config.scheduler_config.max_num_batched_tokens
+        self.serving_uncompiled = True  # its Triton kernels are compiled before serving (_compile_serving_kernels)
 
     def _codec(self, layer, kv_cache: torch.Tensor) -> KernelCodec:
         """Built on the first call, when the layer's name (its index, hence its bits) and cache are known."""
@@ -300,9 +302,9 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
             return output
         if meta.exact is not None and self.exact_rows is not None and self.exact_ring is None:
             self.exact_ring = meta.exact.tokens.ring(codec.layout, kv_cache.shape[0], self.exact_rows)
-        if self.prefill_uncompiled and key is not None and kv_cache.is_cuda \
+        if self.serving_uncompiled and key is not None and kv_cache.is_cuda \
                 and not torch.cuda.is_current_stream_capturing():
-            self._compile_prefill_kernels(query, key, value, kv_cache, codec, meta)
+            self._compile_serving_kernels(query, key, value, kv_cache, codec, meta)
         # the tokens that attend as decode queries over the cache: decode steps, and short chunks' tokens
         decode_queries = num_tokens if meta.prefill_route == "decode" else decode_tokens
         # the first decode launch starts while the store runs (programmatic dependent launch)
@@ -331,15 +333,29 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
                 self._prefill(query[rows], key[rows], value[rows], kv_cache, codec, meta, output[rows])
         return output
 
-    def _compile_prefill_kernels(self, query, key, value, kv_cache, codec, meta: TurboQuantMetadata) -> None:
-        """Compile the Triton kernels of the prefill routes for this layer's tensors on its first uncaptured
-        call (vLLM's dummy runs before graph capture), by launches over one empty sequence, which write
-        nothing the step reads: the gather (where the engine gathers) and the fused extend kernel with its
-        rotations, at both of `rotate`'s tile heights where the call has the tokens for the taller one.
+    def _compile_serving_kernels(self, query, key, value, kv_cache, codec, meta: TurboQuantMetadata) -> None:
+        """Compile the Triton kernels that steps other than CUDA-graph decode batches launch, for this layer's
+        tensors on its first uncaptured call (vLLM's dummy runs before graph capture), by launches that
+        write nothing a step reads: the store at each of its tile shapes with and without decode queries,
+        as prefill-only and mixed steps launch it (every slot skipped); the gather (where the engine
+        gathers) and the fused extend kernel with its rotations over one empty sequence, the latter at
+        both of `rotate`'s tile heights where the call has the tokens for the taller one.
         vLLM's kernel warm-up has no hook for an attention backend, and its dummy batches take none of these
         routes: the first long chunk after a cached prefix stalled serving for seconds of Triton compilation
-        (H200, b32 × 1024: 0.69x bf16's tok/s, vllm-throughput-h200-chained-fixed.md)."""
-        self.prefill_uncompiled = False
+        (H200, b32 × 1024: 0.69x bf16's tok/s, vllm-throughput-h200-chained-fixed.md), and so did a first
+        step of one or two 1K prompts after a warm-up whose first step held more (a store of ≤ 2048
+        tokens without queries: 669 and 836 tok/s against about 2515, vllm-throughput-h200-seven.md)."""
+        self.serving_uncompiled = False
+        if self.kv_sharing_target_layer_name is None:
+            for tokens in tile_token_counts(self.max_step_tokens):
+                # the step's strides: Triton compiles a variant per divisibility of each stride
+                keys, values, queries = (torch.empty_strided((tokens, *x.shape[1:]), x.stride(), dtype=x.dtype,
+                                                             device=x.device).zero_() for x in (key, value, query))
+                skipped = torch.full((tokens,), -1, dtype=meta.slot_mapping.dtype, device=kv_cache.device)
+                entries = None if self.exact_ring is None else skipped.to(torch.int32)
+                for with_queries in (False, True):
+                    compress_store(keys, values, skipped, kv_cache, codec, queries=queries if with_queries else None,
+                                   launch_dependents=with_queries, ring=self.exact_ring, entries=entries)
         zeros = torch.zeros(2, dtype=torch.int32, device=kv_cache.device)  # query_start, seq_lens, key_start
         table = meta.block_table[:1]
         if self.gathers:
