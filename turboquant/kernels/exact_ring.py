@@ -27,8 +27,10 @@ from .softmax import empty_softmax_state, masked_softmax_step, tanh
 # Positions per tile of the window kernel, as the decode split kernel's tiles: at head_dim 256 a 64-token
 # tile of 3-bit codes exceeds shared memory there (`decode.decode_launch`). At head_dim 128 a 64-row tile
 # takes all 255 registers and spills (26-30 local-memory instructions; 32 rows: 212-219 registers, none;
-# sm_90, `benchmarks/window_sass.py` → window-sass.json). Which runs faster beside the split kernels is
-# not measured yet.
+# sm_90, `benchmarks/window_sass.py` → window-sass.json). Beside the split kernels 64 rows measured as fast
+# or faster all the same (H200, the ring's cost per step at b32 × 1K, b16 × 6K, b8 × 16K: 32 rows +10.9,
+# +12.3, +12.2 µs; 64 rows +11.5 / +9.3, +10.1 / +10.4, +10.6 / +9.6 in runs before and after:
+# ring-cost-h200-tile{32,64}.md).
 WINDOW_TILE, WIDE_WINDOW_TILE = 64, 32
 
 
