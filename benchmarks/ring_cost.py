@@ -12,6 +12,11 @@ rows mix them).
     python benchmarks/ring_cost.py --out benchmarks/results/ring-cost-h200 [--build NOTE] [--timeline]
     python benchmarks/ring_cost.py --table benchmarks/results/ring-cost-h200.json   # print its markdown
 
+It also times what the metadata builder launches before each step to hand out ring entries: the one
+kernel (`kernels/ring_entries.py`) against the same in PyTorch ops (`reference.ring_entries_reference`,
+what the builder ran before), per call in a CUDA graph and eagerly (host launches included), for decode
+steps of 1, 32 and 256 sequences and a 16K-token prefill step.
+
 `--build` says which code ran (a commit), written into the JSON and the table.
 """
 
@@ -21,6 +26,7 @@ import argparse
 import datetime
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -30,6 +36,8 @@ from kernels import captured, decode_step, filled_exact_ring, graph_time_ms  # n
 
 from turboquant.kernels import decode  # noqa: E402 (kernels.py puts the repo on sys.path)
 from turboquant.kernels.decode import paged_decode_attention  # noqa: E402
+from turboquant.kernels.reference import ring_entries_reference  # noqa: E402
+from turboquant.kernels.ring_entries import hand_out_ring_entries  # noqa: E402
 from turboquant.kernels.store import compress_store  # noqa: E402
 
 TABLE_TOKENS = 33024
@@ -114,6 +122,48 @@ def step_cell(shape: str, num_q_heads: int, num_kv_heads: int, head_dim: int, pr
     return cell
 
 
+EAGER_CALLS = 200
+# (name, decode sequences, prefill requests × tokens each)
+BUILDER_STEPS = [("decode b1", 1, 0, 0), ("decode b32", 32, 0, 0), ("decode b256", 256, 0, 0),
+                 ("prefill 8 x 2048", 0, 8, 2048)]
+
+
+def builder_cell(name: str, decodes: int, prefills: int, chunk: int) -> dict:
+    """µs per call of handing out a step's ring entries (sinks 4, recent 32, 256 sequences' worth)."""
+    query_lens = [1] * decodes + [chunk] * prefills
+    seq_lens = torch.tensor([1000 + 7 * i for i in range(decodes)] + [chunk] * prefills, dtype=torch.int32,
+                            device="cuda")
+    query_start = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    num_tokens, num_reqs = int(query_start[-1]), len(query_lens)
+    cursor = torch.zeros(2, dtype=torch.int64, device="cuda")
+    entries = torch.empty(num_tokens, dtype=torch.int32, device="cuda")
+    middle_ends = torch.empty(max(1, decodes), dtype=torch.int32, device="cuda")
+    counts = (4, 32, 4 * 256, 32 * 256)
+
+    def kernel():
+        hand_out_ring_entries(query_start, seq_lens, num_tokens, num_reqs, decodes, cursor, entries, middle_ends,
+                              *counts)
+
+    def torch_ops():
+        handed, advanced, ends = ring_entries_reference(query_start, seq_lens, num_tokens, num_reqs, decodes, cursor,
+                                                        *counts)
+        entries.copy_(handed)
+        cursor.copy_(advanced)
+        middle_ends[:decodes] = ends
+
+    cell = dict(step=name, tokens=num_tokens)
+    for label, fn in (("kernel", kernel), ("torch_ops", torch_ops)):
+        cell[label + "_graph_us"] = round(graph_time_ms(fn) * 1000, 2)
+        fn()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(EAGER_CALLS):
+            fn()
+        torch.cuda.synchronize()
+        cell[label + "_eager_us"] = round((time.perf_counter() - start) / EAGER_CALLS * 1e6, 2)
+    return cell
+
+
 def markdown(result: dict) -> str:
     lines = [f"Device: {result['device']}, {result['date']}; build: {result['build']}. Decode step (store + "
              f"attention), µs per call (CUDA graph), {TABLE_TOKENS}-token block tables.", "",
@@ -123,6 +173,13 @@ def markdown(result: dict) -> str:
     lines += [f"| {c['shape']} | {c['preset']} | {c['batch']} | {c['context']} | {c['no_ring_us']:.2f} | "
               f"{c['ring_us']:.2f} | {c['ring_cost_us']:+.2f} | {c['ring_side_stream_cost_us']:+.2f} | "
               f"{c['ring_after_splits_cost_us']:+.2f} | {c['middle_only_us']:.2f} |" for c in result["cells"]]
+    if result.get("builder"):
+        lines += ["", "Handing out a step's ring entries, µs per call: in a CUDA graph (device time) and eagerly "
+                  f"({EAGER_CALLS} calls, then a sync: host launches included).", "",
+                  "| step | tokens | one kernel, graph | one kernel, eager | PyTorch ops, graph | PyTorch ops, eager |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| {c['step']} | {c['tokens']} | {c['kernel_graph_us']:.2f} | {c['kernel_eager_us']:.2f} | "
+                  f"{c['torch_ops_graph_us']:.2f} | {c['torch_ops_eager_us']:.2f} |" for c in result["builder"]]
     for c in (c for c in result["cells"] if "timeline" in c):
         lines += ["", f"Timeline, {c['shape']} {c['preset']} b{c['batch']} × {c['context']} (µs from the step's first "
                   "kernel; mean of the profiled steps):", "", "| step | kernel | start | end |", "|---|---|---:|---:|"]
@@ -153,6 +210,7 @@ def main() -> None:
         result["cells"].append(step_cell(*case, timeline=args.timeline))
         torch.cuda.empty_cache()  # the cell's caches are gone with its closures
         print(json.dumps({k: v for k, v in result["cells"][-1].items() if k != "timeline"}), flush=True)
+    result["builder"] = [builder_cell(*step) for step in BUILDER_STEPS]
     Path(args.out + ".json").write_text(json.dumps(result, indent=1) + "\n")
     Path(args.out + ".md").write_text(markdown(result))
     print(markdown(result), end="")

@@ -106,6 +106,24 @@ def exact_rows_reference(keys: torch.Tensor, values: torch.Tensor, ring, codec: 
     values[held] = ring.values[entries[held]].float() @ codec.rotation
 
 
+def ring_entries_reference(query_start: torch.Tensor, seq_lens: torch.Tensor, num_tokens: int, num_reqs: int,
+                           num_decodes: int, cursor: torch.Tensor, sinks: int, recent: int, sink_capacity: int,
+                           recent_capacity: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What `ring_entries.hand_out_ring_entries` computes: (entries int64 [num_tokens], the advanced cursor,
+    middle ends int64 [num_decodes])."""
+    starts, lengths = query_start[:num_reqs + 1].long(), seq_lens[:num_reqs].long()
+    token = torch.arange(num_tokens, device=starts.device)
+    request = torch.searchsorted(starts[1:], token, right=True).clamp(max=num_reqs - 1)
+    position = lengths[request] - (starts[request + 1] - token)
+    real = (token < starts[num_reqs]) & (position >= 0)
+    sink = real & (position < sinks)
+    late = real & ~sink & (position >= lengths[request] - recent)
+    entries = torch.where(sink, (cursor[0] + sink.cumsum(0) - 1) % sink_capacity,
+                          torch.where(late, sink_capacity + (cursor[1] + late.cumsum(0) - 1) % recent_capacity, -1))
+    advanced = cursor + torch.stack((sink.sum(), late.sum()))
+    return entries, advanced, (seq_lens[:num_decodes].long() - recent).clamp(min=sinks)
+
+
 def extend_reference(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, query_start: torch.Tensor,
                      seq_lens: torch.Tensor, cache: torch.Tensor, codec: KernelCodec, block_table: torch.Tensor,
                      scale: float, sliding_window: int | None = None, softcap: float | None = None,

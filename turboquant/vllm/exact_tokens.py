@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ..kernels import ExactRing
-from ..kernels.exact_ring import middle_ends
+from ..kernels.ring_entries import hand_out_ring_entries
 
 # The ring holds the sinks and latest tokens of this many sequences (or of max_num_seqs, if fewer): 1.2 GB
 # on the 8B shape at 4 + 32 tokens. vLLM defaults to 1024 sequences on an H100/H200, for which it would
@@ -62,24 +62,9 @@ class ExactTokens:
 
     def step(self, query_start: torch.Tensor, seq_lens: torch.Tensor, num_tokens: int, num_reqs: int,
              num_decodes: int) -> ExactStep:
-        """Hand out this step's entries (device ops only: no sync, so a CUDA graph may replay after it)."""
-        device = self.cursor.device
-        starts, lengths = query_start[:num_reqs + 1].long(), seq_lens[:num_reqs].long()
-        token = torch.arange(num_tokens, device=device)
-        # A full CUDA graph pads both: padding requests have empty queries and length 0, and the padding
-        # tokens lie past the last request's end, where no request owns them.
-        request = torch.searchsorted(starts[1:], token, right=True).clamp(max=num_reqs - 1)
-        position = lengths[request] - (starts[request + 1] - token)
-        real = (token < starts[num_reqs]) & (position >= 0)
-        sink = real & (position < self.sinks)
-        recent = real & ~sink & (position >= lengths[request] - self.recent)
-        sink_rank, recent_rank = sink.cumsum(0) - 1, recent.cumsum(0) - 1
-        entries = torch.where(sink, (self.cursor[0] + sink_rank) % self.sink_capacity,
-                              torch.where(recent, self.sink_capacity + (self.cursor[1] + recent_rank)
-                                          % self.recent_capacity, -1))
-        self.entries[:num_tokens] = entries.to(torch.int32)
-        self.cursor += torch.stack((sink.sum(), recent.sum()))
-        self.middle_ends[:num_decodes] = middle_ends(seq_lens[:num_decodes], self.sinks, self.recent)
+        """Hand out this step's entries (one launch, no sync, so a CUDA graph may replay after it)."""
+        hand_out_ring_entries(query_start, seq_lens, num_tokens, num_reqs, num_decodes, self.cursor, self.entries,
+                              self.middle_ends, self.sinks, self.recent, self.sink_capacity, self.recent_capacity)
         return ExactStep(self, self.entries, self.middle_ends[:num_decodes], self.middle_starts[:num_decodes])
 
     def ring(self, layout, num_blocks: int, rows: tuple[torch.Tensor, torch.Tensor]) -> ExactRing:
