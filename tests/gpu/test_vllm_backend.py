@@ -210,26 +210,45 @@ def test_compiling_the_serving_kernels_before_serving_writes_nothing(backend, to
     assert all(torch.equal(x, y) for x, y in zip(before, after)) and not impl.serving_uncompiled
 
 
-def test_a_served_step_launches_only_kernel_variants_compiled_before_serving(backend):
+# (q heads, kv heads, head_dim, max_model_len, max_num_seqs): this file's small shape, and Llama-3.1-8B's as the
+# throughput benchmark serves it (its capture sizes reach 512, its block tables 2064 blocks)
+SERVED_SHAPES = {"small": (HEADS, KV_HEADS, HEAD_DIM, 8192, 32), "llama-8b": (32, 8, 128, 33024, 1024)}
+
+
+@pytest.mark.parametrize("shape", SERVED_SHAPES)
+@pytest.mark.parametrize("like_hopper", [False, True])
+def test_a_served_step_launches_only_kernel_variants_compiled_before_serving(backend, monkeypatch, shape,
+                                                                              like_hopper):
     """What CUDA-graph capture (decode batches of vLLM's capture sizes) and `_compile_serving_kernels`
     launched covers the kernel variants of the steps an engine serves: prefill-only, mixed, a short tail
-    chunk, a long chunk after a prefix, an uncaptured decode batch. Launches recorded, not run (Triton
-    compiles a variant it has not seen on its first launch: seconds mid-serving)."""
+    chunk, a long chunk after a prefix, uncaptured decode batches. Launches recorded, not run (Triton
+    compiles a variant it has not seen on its first launch: seconds mid-serving). `like_hopper`: the
+    launches a Hopper GPU takes (programmatic dependent launch, the fragment decode kernel), which the
+    interpreter otherwise leaves out."""
     from vllm.v1.attention.backend import CommonAttentionMetadata
 
     from tests.kernels.launches import recorded_launches
+    from turboquant.kernels import decode, decode_fragments, store
 
+    if like_hopper:
+        for module_ in (decode, store):
+            monkeypatch.setattr(module_, "programmatic_launch_available", lambda device: True)
+        monkeypatch.setattr(decode_fragments, "unsupported_reason", lambda codec, group, device: None)
+    heads, kv_heads, head_dim, max_model_len, max_num_seqs = SERVED_SHAPES[shape]
     module, config = backend
     config.additional_config = {"turboquant": "k4v4"}  # with the exact ring, as by default
-    config.model_config.max_model_len = 8192
-    config.scheduler_config = SimpleNamespace(max_num_seqs=16, max_num_batched_tokens=4096)
+    config.model_config.max_model_len = max_model_len
+    config.scheduler_config = SimpleNamespace(max_num_seqs=max_num_seqs, max_num_batched_tokens=16384)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    impl = module.TurboQuantImpl(HEADS, HEAD_DIM, HEAD_DIM ** -0.5, KV_HEADS)
-    builder = module.TurboQuantMetadataBuilder(SimpleNamespace(num_kv_heads=KV_HEADS, head_size=HEAD_DIM), ["x"],
+    impl = module.TurboQuantImpl(heads, head_dim, head_dim ** -0.5, kv_heads)
+    builder = module.TurboQuantMetadataBuilder(SimpleNamespace(num_kv_heads=kv_heads, head_size=head_dim), ["x"],
                                                config, device)
     layer = SimpleNamespace(layer_name="model.layers.1.self_attn.attn")
-    width = config.model_config.max_model_len // BLOCK_SIZE
-    cache = torch.zeros(64, KV_HEADS, BLOCK_SIZE * (32 + 32 + 8), dtype=torch.uint8, device=device)
+    width = max_model_len // BLOCK_SIZE
+    # a k4v4 page: per token and kv head, head_dim / 2 bytes of key codes, as many of value codes, two fp32 norms
+    cache = torch.zeros(64, kv_heads, BLOCK_SIZE * (head_dim + 8), dtype=torch.uint8, device=device)
+    # vLLM's capture sizes of decode batches: 1, 2, 4, 8 to 256 by 8, 272 to 512 by 16, up to max_num_seqs
+    capture_sizes = [size for size in [1, 2, 4, *range(8, 256, 8), *range(256, 513, 16)] if size <= max_num_seqs]
 
     def batch(requests, padded=None):  # [(cached prefix, new tokens)], decodes first; padded: a graph's tokens
         new = [count for _, count in requests]
@@ -242,31 +261,33 @@ def test_a_served_step_launches_only_kernel_variants_compiled_before_serving(bac
             num_reqs=len(new), num_actual_tokens=tokens, max_query_len=max(new), max_seq_len=int(seq_lens.max()),
             block_table_tensor=torch.zeros(len(new), width, dtype=torch.int32, device=device),
             slot_mapping=torch.full((padded,), -1, device=device), seq_lens_cpu_upper_bound=seq_lens))
-        qkv = torch.zeros(padded, HEADS + 2 * KV_HEADS, HEAD_DIM, dtype=torch.bfloat16, device=device)
-        return meta, *qkv.split([HEADS, KV_HEADS, KV_HEADS], dim=1)  # views of one tensor, as vLLM's
+        qkv = torch.zeros(padded, heads + 2 * kv_heads, head_dim, dtype=torch.bfloat16, device=device)
+        return meta, *qkv.split([heads, kv_heads, kv_heads], dim=1)  # views of one tensor, as vLLM's
 
     def step(requests, padded=None):
         meta, query, key, value = batch(requests, padded)
-        output = torch.empty(query.shape[0], HEADS * HEAD_DIM, dtype=torch.bfloat16, device=device)
+        output = torch.empty(query.shape[0], heads * head_dim, dtype=torch.bfloat16, device=device)
         impl.forward(layer, query, key, value, cache, meta, output)
 
     # vLLM's dummy run before capture, the layer's first uncaptured call (on a GPU forward compiles there)
-    meta, query, key, value = batch([(0, 4096)])
+    meta, query, key, value = batch([(0, 8192)])
     codec = impl._codec(layer, cache)
     impl.exact_ring = meta.exact.tokens.ring(codec.layout, cache.shape[0], impl.exact_rows)  # as forward builds it
     with recorded_launches() as compiled:
         impl._compile_serving_kernels(query, key, value, cache, codec, meta)
-        for size in (1, 2, 4, 8, 16):  # vLLM's capture sizes of decode batches (up to max_num_seqs)
+        for size in capture_sizes:
             step([(100, 1)] * size, padded=size)
     served = {
         "a first step of one 1K prompt": [(0, 1024)],
-        "a first step of four 1K prompts": [(0, 1024)] * 4,
+        "a first step of sixteen 1K prompts": [(0, 1024)] * 16,
         "a 40-token prompt": [(0, 40)],
         "3 decodes and a 1K prompt": [(900, 1)] * 3 + [(0, 1024)],
-        "3 decodes and 4K of prompts": [(900, 1)] * 3 + [(0, 1024)] * 3 + [(0, 1021)],
+        "13 decodes and 16K of prompts": [(900, 1)] * 13 + [(0, 1024)] * 15 + [(0, 1011)],
         "2 decodes and a prompt's 7-token tail": [(900, 1)] * 2 + [(3000, 7)],
+        "three prompts' 20-token tails": [(3000, 20)] * 3,
+        "twenty prompts' 5-token tails": [(3000, 5)] * 20,
         "a long chunk after a prefix": [(3000, 1500)],
-        "5 decodes, uncaptured (mixed steps' count)": [(900, 1)] * 5,
+        **{f"{count} decodes, uncaptured (a mixed step's)": [(900, 1)] * count for count in (3, 5, 13)},
     }
     for name, requests in served.items():
         with recorded_launches() as launched:

@@ -220,3 +220,37 @@ def test_split_reduction_in_blocks_matches_one_softmax(num_splits, split_block, 
     torch.testing.assert_close(out_lse.cpu()[seen], torch.logsumexp(lse[seen] * 0.6931471805599453, -1), atol=1e-5,
                                rtol=1e-5)
     assert out_lse[2, 3] == float("-inf") and (out[2, 3] == 0).all()
+
+
+@pytest.mark.parametrize("like_hopper", [False, True])
+@pytest.mark.parametrize("head_dim, num_q_heads, num_kv_heads, table_blocks", [(128, 32, 8, 2064), (64, 4, 2, 512)])
+def test_calls_at_the_variant_batches_launch_every_variant_of_any_batch(like_hopper, head_dim, num_q_heads,
+                                                                        num_kv_heads, table_blocks, device,
+                                                                        monkeypatch):
+    """`variant_batches`: a call of any batch up to the limit launches kernel variants that calls at those
+    batches launched (recorded, not run). `like_hopper`: the launch decisions a Hopper GPU takes
+    (programmatic dependent launch, the fragment kernel), which the interpreter otherwise leaves out."""
+    from turboquant.kernels import decode, decode_fragments
+
+    from .launches import recorded_launches
+
+    if like_hopper:
+        monkeypatch.setattr(decode, "programmatic_launch_available", lambda device: True)
+        monkeypatch.setattr(decode_fragments, "unsupported_reason", lambda codec, group, device: None)
+    codec = make_codec(head_dim, 4, 4, num_kv_heads=num_kv_heads, block_size=16, device=device)
+    cache = codec.layout.allocate(4, device)
+    most = 600
+    batches = decode.variant_batches(codec, num_q_heads // num_kv_heads, table_blocks * 16, cache.device, most)
+
+    def launched(batch_sizes):
+        with recorded_launches() as recorded:
+            for batch in batch_sizes:
+                paged_decode_attention(torch.zeros(batch, num_q_heads, head_dim, device=device), cache, codec,
+                                       torch.zeros(batch, table_blocks, dtype=torch.int32, device=device),
+                                       torch.zeros(batch, dtype=torch.int32, device=device), 0.1,
+                                       query_rotated=True, after_store=True)
+        return set(recorded)
+
+    compiled = launched(batches)
+    assert launched(range(1, most + 1)) <= compiled
+    assert len(batches) < 20 and launched(batches[:-1]) < compiled  # few calls, each with a variant of its own

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from turboquant.vllm.prefill_groups import (SHORT_CHUNK, chunk_decode_queries, engine_gathers, prefill_groups,
-                                            prefill_route)
+from turboquant.vllm.prefill_groups import (SHORT_CHUNK, chunk_decode_queries, decode_route_max_tokens,
+                                            engine_gathers, prefill_groups, prefill_route)
 
 
 def test_routes_follow_prefixes_chunk_lengths_and_programs():
@@ -55,3 +55,17 @@ def test_speculative_decoding_and_micro_batching_engines_keep_the_fused_kernel()
     assert engine_gathers(speculative_decoding=False, micro_batching=False)
     assert not engine_gathers(speculative_decoding=True, micro_batching=False)
     assert not engine_gathers(speculative_decoding=False, micro_batching=True)
+
+
+@pytest.mark.parametrize("num_kv_heads, num_sms, max_num_seqs", [(8, 132, 1024), (2, 132, 32), (8, 132, 4), (1, 8, 64)])
+def test_decode_route_max_tokens_is_the_most_the_decode_route_takes(num_kv_heads, num_sms, max_num_seqs):
+    most = decode_route_max_tokens(num_kv_heads, num_sms, max_num_seqs)
+    requests = most // (SHORT_CHUNK - 1)
+    # that many requests' longest short chunks, each after a prefix, go the "decode" way; one more request
+    # (where max_num_seqs allows it) or one more token in a chunk does not
+    assert most % (SHORT_CHUNK - 1) == 0 and requests <= max_num_seqs
+    assert prefill_route([SHORT_CHUNK - 1] * requests, [100] * requests, num_kv_heads, num_sms, True) == "decode"
+    assert prefill_route([SHORT_CHUNK] + [SHORT_CHUNK - 1] * (requests - 1), [100] * requests, num_kv_heads,
+                         num_sms, True) != "decode"
+    if requests < max_num_seqs:
+        assert prefill_route([1] * (requests + 1), [100] * (requests + 1), num_kv_heads, num_sms, True) != "decode"

@@ -14,6 +14,7 @@ Reference: `reference.decode_reference`.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -28,6 +29,7 @@ from .launch import (FLOAT_DTYPES, SLICED_METADATA, check_block_table, check_cod
                      head_dim_pad, lookup_constants, multiprocessor_count, page_constants,
                      programmatic_launch, programmatic_launch_available)
 from .packed_tile import load_levels, load_norms
+from .rotate import SHORT_TILE_MAX_TOKENS as ROTATE_SHORT_TILE_MAX_TOKENS
 from .rotate import rotate, rotated_columns, rotation_columns
 from .softmax import empty_softmax_state, online_softmax_step, tanh
 from .visible_keys import first_visible_key
@@ -300,6 +302,64 @@ def triton_split_launch(codec: KernelCodec, lookups: dict | None = None) -> dict
                          bool(lookups["KEY_LUT"] and lookups["VALUE_LUT"]))
 
 
+@dataclass(frozen=True)
+class SplitPlan:
+    """The split kernels a `paged_decode_attention` call launches, from its shapes alone."""
+    min_span: int | None  # None: the Triton kernel alone; 0: the fragment kernel alone; else its fewest keys
+    triton_splits: int  # the Triton kernel's split count (0: not launched)
+    num_splits: int  # the partials' splits: the larger of the two kernels' counts
+
+
+def split_plan(codec: KernelCodec, batch: int, group: int, max_tokens: int, device: torch.device,
+               fragments: bool | None = None, num_splits: int | None = None) -> SplitPlan:
+    """`paged_decode_attention`'s choice for `batch` sequences in block tables of `max_tokens` keys
+    (`fragments` and `num_splits` as it takes them)."""
+    layout = codec.layout
+    if fragments is None:
+        min_span = fragment_min_span(codec, batch, group, max_tokens, device)
+    elif fragments:
+        if unsupported := decode_fragments.unsupported_reason(codec, group, device):
+            raise ValueError(f"the fragment decode kernel cannot serve this call: {unsupported}")
+        min_span = 0
+    else:
+        min_span = None
+    triton_runs = min_span != 0
+    if num_splits is None:
+        # each kernel's own split count, for the longest sequence it may serve; the partials hold the larger
+        num_sms = multiprocessor_count(device)
+        triton_splits = default_num_splits(
+            batch, layout.num_kv_heads, max_tokens if min_span is None else min(max_tokens, min_span - 1),
+            triton_split_launch(codec)["TILE"], num_sms) if triton_runs else 0
+        fragment_splits = (0 if min_span is None
+                           else decode_fragments.default_num_splits(batch * layout.num_kv_heads, max_tokens, num_sms,
+                                                                    layout.head_dim))
+        num_splits = max(triton_splits, fragment_splits)
+    else:
+        triton_splits = num_splits if triton_runs else 0
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits!r}")
+    return SplitPlan(min_span, triton_splits, num_splits)
+
+
+def variant_batches(codec: KernelCodec, group: int, max_tokens: int, device: torch.device, most: int) -> list[int]:
+    """The smallest batch of each set of kernel variants that `paged_decode_attention` calls of 1 … `most`
+    sequences launch by default: the variants follow which split kernels run and their split counts (not
+    the fragment kernel's span, a run-time value), a batch of one (chained launches) and, where the
+    reduction does not un-rotate, the inverse rotation's tile height. Calls at these batches compile all
+    of them (an engine before serving: `vllm.backend`)."""
+    seen, batches = set(), []
+    for batch in range(1, most + 1):
+        plan = split_plan(codec, batch, group, max_tokens, device)
+        tall_rotation = (not reduction_unrotates(plan.num_splits, head_dim_pad(codec.layout.head_dim))
+                         and batch > ROTATE_SHORT_TILE_MAX_TOKENS)
+        key = (plan.min_span is None, plan.min_span == 0, plan.triton_splits, plan.num_splits, batch == 1,
+               tall_rotation)
+        if key not in seen:
+            seen.add(key)
+            batches.append(batch)
+    return batches
+
+
 # The exact window's kernel runs on a stream of its own, forked after the store and joined before the
 # reduction, so it overlaps the split kernels, where no fragment kernel is launched or the call has at least
 # this many (sequence · kv head) pairs. Otherwise it runs after the split kernels: overlapping a fragment
@@ -375,30 +435,9 @@ def paged_decode_attention(query: torch.Tensor, cache: torch.Tensor, codec: Kern
             check_device_tensor(tensor, name, (torch.int32,), (batch,), cache.device)
         seq_lens, key_starts = exact_middle
     group = num_q_heads // layout.num_kv_heads
-    max_tokens = block_table.shape[1] * layout.block_size
-    if fragments is None:
-        min_span = fragment_min_span(codec, batch, group, max_tokens, cache.device)
-    elif fragments:
-        if unsupported := decode_fragments.unsupported_reason(codec, group, cache.device):
-            raise ValueError(f"the fragment decode kernel cannot serve this call: {unsupported}")
-        min_span = 0
-    else:
-        min_span = None
-    triton_runs = min_span != 0
-    if num_splits is None:
-        # each kernel's own split count, for the longest sequence it may serve; the partials hold the larger
-        num_sms = multiprocessor_count(cache.device)
-        triton_splits = default_num_splits(
-            batch, layout.num_kv_heads, max_tokens if min_span is None else min(max_tokens, min_span - 1),
-            triton_split_launch(codec)["TILE"], num_sms) if triton_runs else 0
-        fragment_splits = (0 if min_span is None
-                           else decode_fragments.default_num_splits(batch * layout.num_kv_heads, max_tokens, num_sms,
-                                                                    layout.head_dim))
-        num_splits = max(triton_splits, fragment_splits)
-    else:
-        triton_splits = num_splits if triton_runs else 0
-    if num_splits < 1:
-        raise ValueError(f"num_splits must be >= 1, got {num_splits!r}")
+    plan = split_plan(codec, batch, group, block_table.shape[1] * layout.block_size, cache.device, fragments,
+                      num_splits)
+    min_span, triton_splits, num_splits = plan.min_span, plan.triton_splits, plan.num_splits
 
     pad = head_dim_pad(layout.head_dim)
     # rotate q once (keys stay in the rotated space). For a single sequence the three launches are chained

@@ -175,7 +175,7 @@ SHORT_TILE_MAX_TOKENS = 2048
 def tile_token_counts(max_tokens: int) -> list[int]:
     """One token count (up to `max_tokens`) per tile shape that `compress_store` picks by the count: a caller
     that stores once at each, with and without queries, has compiled every variant its later calls launch
-    (an engine's first short prompt after a warm-up of long ones compiled for seconds mid-serving)."""
+    (in an engine, a first short prompt after a warm-up of long ones would compile one mid-serving)."""
     return [count for count in (1, ONE_BLOCK_MAX_TOKENS + 1, SHORT_TILE_MAX_TOKENS + 1) if count <= max_tokens]
 
 

@@ -43,12 +43,14 @@ from vllm.v1.worker.workspace import current_workspace_manager, is_workspace_man
 from ..kernels import (ExactRing, KernelCodec, cached_attention, compress_store, extend_attention, gather_sequences,
                        paged_decode_attention)
 from ..kernels.codec import KERNEL_HEAD_DIMS
+from ..kernels.decode import variant_batches
 from ..kernels.launch import multiprocessor_count
 from ..kernels.rotate import SHORT_TILE_MAX_TOKENS as ROTATE_SHORT_TILE_MAX_TOKENS
 from ..kernels.store import tile_token_counts
 from .batch_invariance import install_residual_rms_norm
 from .exact_tokens import ExactStep, ExactTokens
-from .prefill_groups import PrefillGroup, chunk_decode_queries, engine_gathers, prefill_groups, prefill_route
+from .prefill_groups import (PrefillGroup, chunk_decode_queries, decode_route_max_tokens, engine_gathers,
+                             prefill_groups, prefill_route)
 from .settings import VllmSettings
 
 if is_flash_attn_varlen_func_available():
@@ -270,6 +272,7 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
         self.gathers = self.fa_version is not None and engine_gathers(
             vllm_config.speculative_config is not None, vllm_config.parallel_config.use_ubatching)
         self.max_step_tokens = vllm_config.scheduler_config.max_num_batched_tokens
+        self.max_num_seqs = vllm_config.scheduler_config.max_num_seqs
         self.serving_uncompiled = True  # its Triton kernels are compiled before serving (_compile_serving_kernels)
 
     def _codec(self, layer, kv_cache: torch.Tensor) -> KernelCodec:
@@ -337,14 +340,17 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
         """Compile the Triton kernels that steps other than CUDA-graph decode batches launch, for this layer's
         tensors on its first uncaptured call (vLLM's dummy runs before graph capture), by launches that
         write nothing a step reads: the store at each of its tile shapes with and without decode queries,
-        as prefill-only and mixed steps launch it (every slot skipped); the gather (where the engine
-        gathers) and the fused extend kernel with its rotations over one empty sequence, the latter at
-        both of `rotate`'s tile heights where the call has the tokens for the taller one.
+        as prefill-only and mixed steps launch it (every slot skipped); decode attention over empty
+        sequences at each set of variants (`decode.variant_batches`) of the batches a step can hold (a
+        mixed step's decodes, uncaptured, and the "decode" route's chunk tokens, which may outnumber the
+        largest captured batch); the gather (where the engine gathers) and the fused extend kernel with its
+        rotations over one empty sequence, the latter at both of `rotate`'s tile heights where the call has
+        the tokens for the taller one.
         vLLM's kernel warm-up has no hook for an attention backend, and its dummy batches take none of these
         routes: the first long chunk after a cached prefix stalled serving for seconds of Triton compilation
-        (H200, b32 × 1024: 0.69x bf16's tok/s, vllm-throughput-h200-chained-fixed.md), and so did a first
-        step of one or two 1K prompts after a warm-up whose first step held more (a store of ≤ 2048
-        tokens without queries: 669 and 836 tok/s against about 2515, vllm-throughput-h200-seven.md)."""
+        (H200, b32 × 1024: 0.69x bf16's tok/s, vllm-throughput-h200-chained-fixed.md), and most likely so did
+        a first step of one or two 1K prompts after a warm-up whose first step held more, which stores
+        ≤ 2048 tokens without queries (669 and 836 tok/s against about 2515, vllm-throughput-h200-seven.md)."""
         self.serving_uncompiled = False
         if self.kv_sharing_target_layer_name is None:
             for tokens in tile_token_counts(self.max_step_tokens):
@@ -356,6 +362,7 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
                 for with_queries in (False, True):
                     compress_store(keys, values, skipped, kv_cache, codec, queries=queries if with_queries else None,
                                    launch_dependents=with_queries, ring=self.exact_ring, entries=entries)
+        self._compile_decode_kernels(query, kv_cache, codec, meta.block_table.shape[1])
         zeros = torch.zeros(2, dtype=torch.int32, device=kv_cache.device)  # query_start, seq_lens, key_start
         table = meta.block_table[:1]
         if self.gathers:
@@ -368,6 +375,25 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
                              self.scale, 1, self.sliding_window, self.softcap,
                              out=torch.empty(tokens, self.num_heads, self.head_size, dtype=query.dtype,
                                              device=query.device))
+
+    def _compile_decode_kernels(self, query, kv_cache, codec, table_width: int) -> None:
+        """`paged_decode_attention` as forward calls it, over empty sequences, at each batch of distinct
+        kernel variants up to the most decode queries a step holds (`_compile_serving_kernels`)."""
+        most_route_tokens = decode_route_max_tokens(self.num_kv_heads, multiprocessor_count(kv_cache.device),
+                                                    self.max_num_seqs)
+        most = min(self.max_step_tokens, max(self.max_num_seqs, most_route_tokens))
+        rotated = self.kv_sharing_target_layer_name is None  # by the store, as forward's queries are
+        for batch in variant_batches(codec, self.num_heads // self.num_kv_heads, table_width * codec.layout.block_size,
+                                     kv_cache.device, most):
+            empty = torch.zeros(batch, dtype=torch.int32, device=kv_cache.device)
+            queries = torch.zeros(batch, self.num_heads, self.head_size, device=kv_cache.device,
+                                  dtype=torch.float32 if rotated else query.dtype)
+            paged_decode_attention(
+                queries, kv_cache, codec, torch.zeros(batch, table_width, dtype=torch.int32, device=kv_cache.device),
+                empty, self.scale, self.sliding_window, self.softcap,
+                out=torch.empty(batch, self.num_heads, self.head_size, dtype=query.dtype, device=kv_cache.device),
+                query_rotated=rotated, after_store=True, exact=self.exact_ring,
+                exact_middle=None if self.exact_ring is None else (empty, empty))
 
     def _store(self, key, value, kv_cache, codec, meta: TurboQuantMetadata, queries: torch.Tensor | None,
                launch_dependents: bool = False) -> torch.Tensor | None:

@@ -41,6 +41,13 @@ def prefill_route(query_lens: list[int], prefix_lens: list[int], num_kv_heads: i
     return "decode"
 
 
+def decode_route_max_tokens(num_kv_heads: int, num_sms: int, max_num_seqs: int) -> int:
+    """The most chunk tokens a "decode" route step can hold: short chunks of as many requests as leave the
+    fused kernel's programs short of filling the device (`prefill_route`)."""
+    requests = min(max_num_seqs, -(-FUSED_MIN_PROGRAMS_PER_SM * num_sms // num_kv_heads) - 1)
+    return max(0, requests) * (SHORT_CHUNK - 1)
+
+
 def chunk_decode_queries(query_start: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
                          num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each of `num_tokens` chunk tokens as a decode query: (its request's block-table row [num_tokens,
