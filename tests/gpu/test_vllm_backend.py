@@ -223,8 +223,8 @@ def test_a_served_step_launches_only_kernel_variants_compiled_before_serving(bac
     launched covers the kernel variants of the steps an engine serves: prefill-only, mixed, a short tail
     chunk, a long chunk after a prefix, uncaptured decode batches. Launches recorded, not run (Triton
     compiles a variant it has not seen on its first launch: seconds mid-serving). `like_hopper`: the
-    launches a Hopper GPU takes (programmatic dependent launch, the fragment decode kernel), which the
-    interpreter otherwise leaves out."""
+    launches a Hopper GPU takes (programmatic dependent launch, the fragment decode kernel, prefixes
+    gathered for FlashAttention), which the interpreter otherwise leaves out."""
     from vllm.v1.attention.backend import CommonAttentionMetadata
 
     from tests.kernels.launches import recorded_launches
@@ -241,6 +241,9 @@ def test_a_served_step_launches_only_kernel_variants_compiled_before_serving(bac
     config.scheduler_config = SimpleNamespace(max_num_seqs=max_num_seqs, max_num_batched_tokens=16384)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     impl = module.TurboQuantImpl(heads, head_dim, head_dim ** -0.5, kv_heads)
+    if like_hopper and impl.fa_version is None:  # long chunks gather their prefixes for FlashAttention (a stub)
+        monkeypatch.setattr(module, "flash_attn_varlen_func", lambda **kwargs: None)
+        impl.fa_version, impl.gathers = 3, True
     builder = module.TurboQuantMetadataBuilder(SimpleNamespace(num_kv_heads=kv_heads, head_size=head_dim), ["x"],
                                                config, device)
     layer = SimpleNamespace(layer_name="model.layers.1.self_attn.attn")
