@@ -12,6 +12,12 @@ storing its share of the KV heads).
 
     python benchmarks/vllm_throughput.py --model /tmp/models/llama8b-shape --out benchmarks/results/vllm-throughput-h100
 
+All seven default engines and the first three cases took 21.7 minutes on an H200 (upstream's first start
+compiles its Triton kernels: 362 s), longer than one call to the GPU host may run: start it detached
+(`setsid nohup python benchmarks/vllm_throughput.py ... --out /tmp/run/x > /tmp/run/log 2>&1 &`) from a copy
+of the checkout outside the working tree and poll with back-to-back calls; the JSON is rewritten after
+every engine (vllm-throughput-h200-seven.md).
+
 An MLA model (`model_shapes.py deepseek-v2-lite`) runs with `--engines bf16-auto,ours-k4v4,ours-k3v3`: ours
 compresses its latent cache (`turboquant/vllm/latent_backend.py`).
 """
