@@ -291,6 +291,7 @@ def test_a_served_step_launches_only_kernel_variants_compiled_before_serving(bac
         "twenty prompts' 5-token tails": [(3000, 5)] * 20,
         "a long chunk after a prefix": [(3000, 1500)],
         **{f"{count} decodes, uncaptured (a mixed step's)": [(900, 1)] * count for count in (3, 5, 13)},
+        "as many decodes as max_num_seqs (past 512: never captured)": [(900, 1)] * max_num_seqs,
     }
     for name, requests in served.items():
         with recorded_launches() as launched:
