@@ -106,6 +106,10 @@ def markdown(result: dict) -> str:
             ratio = f" ({cell['tok_s'] / base[name]['tok_s']:.3f}x)" if base and base.get(name) else ""
             cells.append(f"{cell['tok_s']}{ratio}")
         lines.append(f"| {row['engine']} | {kv_cell} | " + " | ".join(cells) + f" | {row.get('startup_s')} |")
+    runs = [f"{row['engine']} {name}: {', '.join(map(str, row[name]['tok_s_runs']))}" for row in rows
+            for name in names if row.get(name, {}).get("tok_s_runs")]
+    if runs:  # a first run far below the others is a stall (a compile): the median leaves it out, this shows it
+        lines += ["", "Each timed run, tok/s: " + "; ".join(runs) + "."]
     if compiled:  # such a case's time includes Triton compiles: re-run it
         lines += ["", "Triton kernels vLLM's JIT monitor saw compile inside a timed case: " + "; ".join(compiled) + "."]
     return "\n".join(lines) + "\n"
