@@ -11,6 +11,7 @@ import torch
 
 from ..core import MSECode, unpack_indices
 from .codec import KernelCodec
+from .exact_ring import middle_ends
 from .latent import LatentCodec
 
 
@@ -121,7 +122,7 @@ def ring_entries_reference(query_start: torch.Tensor, seq_lens: torch.Tensor, nu
     entries = torch.where(sink, (cursor[0] + sink.cumsum(0) - 1) % sink_capacity,
                           torch.where(late, sink_capacity + (cursor[1] + late.cumsum(0) - 1) % recent_capacity, -1))
     advanced = cursor + torch.stack((sink.sum(), late.sum()))
-    return entries, advanced, (seq_lens[:num_decodes].long() - recent).clamp(min=sinks)
+    return entries, advanced, middle_ends(seq_lens[:num_decodes], sinks, recent).long()
 
 
 def extend_reference(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, query_start: torch.Tensor,
