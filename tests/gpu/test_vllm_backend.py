@@ -28,12 +28,23 @@ def backend(monkeypatch):
     return backend, config
 
 
+def step_metadata(new: list[int], seq_lens: list[int], block_table: torch.Tensor, slot_mapping: torch.Tensor,
+                  device):
+    """vLLM's metadata of a step whose requests take `new` tokens each and reach `seq_lens` tokens."""
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+
+    query_start = torch.tensor([0, *new], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    lengths = torch.tensor(seq_lens, dtype=torch.int32)
+    return CommonAttentionMetadata(
+        query_start_loc=query_start.to(device), query_start_loc_cpu=query_start, seq_lens=lengths.to(device),
+        num_reqs=len(new), num_actual_tokens=sum(new), max_query_len=max(new), max_seq_len=max(seq_lens),
+        block_table_tensor=block_table, slot_mapping=slot_mapping, seq_lens_cpu_upper_bound=lengths)
+
+
 def run_batch(backend, prefix: list[int], new: list[int]):
     """Fill a cache with each sequence's prefix, then run one step of `new` tokens per sequence through
     the backend. Returns (metadata, output [tokens, HEADS, HEAD_DIM] fp32, query, keys, values, and what
     the references need)."""
-    from vllm.v1.attention.backend import CommonAttentionMetadata
-
     from turboquant.kernels import compress_store
 
     module, config = backend
@@ -64,13 +75,7 @@ def run_batch(backend, prefix: list[int], new: list[int]):
     slot_mapping = torch.cat([slots(seq, prefix[seq], count) for seq, count in enumerate(new)]
                              + [torch.full((3,), -1, device=device)])
 
-    query_start = torch.zeros(len(new) + 1, dtype=torch.int32)
-    query_start[1:] = torch.tensor(new).cumsum(0)
-    seq_lens = torch.tensor([p + n for p, n in zip(prefix, new)], dtype=torch.int32)
-    common = CommonAttentionMetadata(
-        query_start_loc=query_start.to(device), query_start_loc_cpu=query_start, seq_lens=seq_lens.to(device),
-        num_reqs=len(new), num_actual_tokens=tokens, max_query_len=max(new), max_seq_len=int(seq_lens.max()),
-        block_table_tensor=block_table.to(device), slot_mapping=slot_mapping, seq_lens_cpu_upper_bound=seq_lens)
+    common = step_metadata(new, [p + n for p, n in zip(prefix, new)], block_table.to(device), slot_mapping, device)
     spec = SimpleNamespace(num_kv_heads=KV_HEADS, head_size=HEAD_DIM)
     meta = module.TurboQuantMetadataBuilder(spec, ["x"], config, device).build(0, common)
     output = torch.full((tokens + 3, HEADS * HEAD_DIM), float("nan"), dtype=torch.bfloat16, device=device)
@@ -78,7 +83,7 @@ def run_batch(backend, prefix: list[int], new: list[int]):
     impl.forward(layer, *padded, cache, meta, output)
     assert output[tokens:].isnan().all()
     references = SimpleNamespace(cache=cache, codec=impl.codec, block_table=block_table.to(device),
-                                 query_start=query_start.to(device), seq_lens=seq_lens.to(device), scale=impl.scale)
+                                 query_start=common.query_start_loc, seq_lens=common.seq_lens, scale=impl.scale)
     return meta, output[:tokens].view(-1, HEADS, HEAD_DIM).float(), query, keys, values, references
 
 
@@ -177,14 +182,8 @@ def test_long_chunks_gather_their_prefixes_in_groups(backend):
 
 
 def test_a_batch_of_first_chunks_has_no_prefix(backend):
-    from vllm.v1.attention.backend import CommonAttentionMetadata
-
     module, config = backend
-    query_start, seq_lens = torch.tensor([0, 5, 12], dtype=torch.int32), torch.tensor([5, 7], dtype=torch.int32)
-    common = CommonAttentionMetadata(
-        query_start_loc=query_start, query_start_loc_cpu=query_start, seq_lens=seq_lens, num_reqs=2,
-        num_actual_tokens=12, max_query_len=7, max_seq_len=7, block_table_tensor=torch.zeros(2, 1, dtype=torch.int32),
-        slot_mapping=torch.arange(12), seq_lens_cpu_upper_bound=seq_lens)
+    common = step_metadata([5, 7], [5, 7], torch.zeros(2, 1, dtype=torch.int32), torch.arange(12), "cpu")
     spec = SimpleNamespace(num_kv_heads=KV_HEADS, head_size=HEAD_DIM)
     meta = module.TurboQuantMetadataBuilder(spec, ["x"], config, "cpu").build(0, common)
     assert (meta.num_decodes, meta.num_prefills, meta.prefill_route, meta.prefill_max_query_len) == (0, 2, "flash", 7)
@@ -225,8 +224,6 @@ def test_a_served_step_launches_only_kernel_variants_compiled_before_serving(bac
     compiles a variant it has not seen on its first launch: seconds mid-serving). `like_hopper`: the
     launches a Hopper GPU takes (programmatic dependent launch, the fragment decode kernel, prefixes
     gathered for FlashAttention), which the interpreter otherwise leaves out."""
-    from vllm.v1.attention.backend import CommonAttentionMetadata
-
     from tests.kernels.launches import recorded_launches
     from turboquant.kernels import decode, decode_fragments, store
 
@@ -255,15 +252,11 @@ def test_a_served_step_launches_only_kernel_variants_compiled_before_serving(bac
 
     def batch(requests, padded=None):  # [(cached prefix, new tokens)], decodes first; padded: a graph's tokens
         new = [count for _, count in requests]
-        tokens = sum(new)
-        padded = padded or tokens
-        query_start = torch.tensor([0, *new], dtype=torch.int32).cumsum(0, dtype=torch.int32)
-        seq_lens = torch.tensor([prefix + count for prefix, count in requests], dtype=torch.int32)
-        meta = builder.build(0, CommonAttentionMetadata(
-            query_start_loc=query_start.to(device), query_start_loc_cpu=query_start, seq_lens=seq_lens.to(device),
-            num_reqs=len(new), num_actual_tokens=tokens, max_query_len=max(new), max_seq_len=int(seq_lens.max()),
-            block_table_tensor=torch.zeros(len(new), width, dtype=torch.int32, device=device),
-            slot_mapping=torch.full((padded,), -1, device=device), seq_lens_cpu_upper_bound=seq_lens))
+        padded = padded or sum(new)
+        meta = builder.build(0, step_metadata(
+            new, [prefix + count for prefix, count in requests],
+            torch.zeros(len(new), width, dtype=torch.int32, device=device), torch.full((padded,), -1, device=device),
+            device))
         qkv = torch.zeros(padded, heads + 2 * kv_heads, head_dim, dtype=torch.bfloat16, device=device)
         return meta, *qkv.split([heads, kv_heads, kv_heads], dim=1)  # views of one tensor, as vLLM's
 
@@ -337,8 +330,6 @@ def test_exact_sinks_and_recent_tokens_are_read_from_the_ring(backend, monkeypat
     tokens in the ring; the decode step after it attends to those (and its own token) in the model's
     dtype and to the rest compressed. A sequence whose prefix was stored outside the backend (no ring
     entries) reads it compressed, its own new token exact."""
-    from vllm.v1.attention.backend import CommonAttentionMetadata
-
     from turboquant.kernels import compress_store
     from turboquant.kernels.reference import attention_reference, gather_sequence_reference
 
@@ -371,14 +362,9 @@ def test_exact_sinks_and_recent_tokens_are_read_from_the_ring(backend, monkeypat
         tokens = sum(new)
         query = randn(tokens, HEADS, HEAD_DIM)
         keys, values = randn(tokens, KV_HEADS, HEAD_DIM), randn(tokens, KV_HEADS, HEAD_DIM)
-        query_start = torch.zeros(len(new) + 1, dtype=torch.int32)
-        query_start[1:] = torch.tensor(new).cumsum(0)
-        seq_lens = torch.tensor([start + count for _, start, count in requests], dtype=torch.int32)
-        common = CommonAttentionMetadata(
-            query_start_loc=query_start.to(device), query_start_loc_cpu=query_start, seq_lens=seq_lens.to(device),
-            num_reqs=len(new), num_actual_tokens=tokens, max_query_len=max(new), max_seq_len=int(seq_lens.max()),
-            block_table_tensor=block_table[[seq for seq, _, _ in requests]].contiguous(),
-            slot_mapping=torch.cat([slots(*request) for request in requests]), seq_lens_cpu_upper_bound=seq_lens)
+        common = step_metadata(new, [start + count for _, start, count in requests],
+                               block_table[[seq for seq, _, _ in requests]].contiguous(),
+                               torch.cat([slots(*request) for request in requests]), device)
         output = torch.empty(tokens, HEADS * HEAD_DIM, dtype=torch.bfloat16, device=device)
         impl.forward(layer, query, keys, values, cache, builder.build(0, common), output)
         return query, keys, values, output.view(-1, HEADS, HEAD_DIM).float()
