@@ -347,10 +347,10 @@ def variant_batches(codec: KernelCodec, group: int, max_tokens: int, device: tor
     the fragment kernel's span, a run-time value), a batch of one (chained launches) and, where the
     reduction does not un-rotate, the inverse rotation's tile height. Calls at these batches compile all
     of them (an engine before serving: `vllm.backend`)."""
-    seen, batches = set(), []
+    seen, batches, pad = set(), [], head_dim_pad(codec.layout.head_dim)
     for batch in range(1, most + 1):
         plan = split_plan(codec, batch, group, max_tokens, device)
-        tall_rotation = (not reduction_unrotates(plan.num_splits, head_dim_pad(codec.layout.head_dim))
+        tall_rotation = (not reduction_unrotates(plan.num_splits, pad)
                          and batch > ROTATE_SHORT_TILE_MAX_TOKENS)
         key = (plan.min_span is None, plan.min_span == 0, plan.triton_splits, plan.num_splits, batch == 1,
                tall_rotation)
