@@ -1,8 +1,9 @@
 """What the exact ring (`kernels/exact_ring.py`, exact_sinks 4 / exact_recent 32) adds to a decode step
 (store + attention, as the vLLM backend launches them) on several shapes: the step without a ring, with
-one as `paged_decode_attention` places its window kernel, with that kernel on its own stream and after the
-split kernels whatever the pair count (`decode.WINDOW_STREAM_MIN_PAIRS`), and the split kernels alone over
-the middle (the ring's share of the work removed), each a CUDA-graph
+one as `paged_decode_attention(store=)` places the store and the window kernel, with the store first (the
+backend's order before `store=`), with the window kernel on its own stream and after the split kernels
+whatever the pair count (`decode.WINDOW_STREAM_MIN_PAIRS`), and the split kernels alone over the middle
+(the ring's share of the work removed), each a CUDA-graph
 time per call (`kernels.graph_time_ms`) in 33K-token block tables, as vLLM's at max_model_len 33024.
 `--timeline` also profiles each case's step without and with the ring (torch.profiler over a graph of
 TIMELINE_STEPS steps): every kernel's mean start and end within its step, µs from the step's first kernel,
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -89,10 +91,16 @@ def step_cell(shape: str, num_q_heads: int, num_kv_heads: int, head_dim: int, pr
         paged_decode_attention(rotated, cache, codec, table, seq_lens, scale, out=out, query_rotated=True,
                                after_store=True)
 
-    def with_ring():
-        rotated = compress_store(keys, values, slots, cache, codec, queries=query, launch_dependents=True, ring=ring,
-                                 entries=entries)
-        paged_decode_attention(rotated, cache, codec, table, seq_lens, scale, out=out, query_rotated=True,
+    def ring_store(queries: torch.Tensor | None) -> torch.Tensor | None:
+        return compress_store(keys, values, slots, cache, codec, queries=queries,
+                              launch_dependents=queries is not None, ring=ring, entries=entries)
+
+    def with_ring():  # as the backend launches a decode step with a ring: the store beside the split kernels
+        paged_decode_attention(query, cache, codec, table, seq_lens, scale, out=out, exact=ring,
+                               exact_middle=(middle_ends, middle_starts), store=ring_store)
+
+    def with_ring_store_first():  # as it did before: the store first, rotating the queries
+        paged_decode_attention(ring_store(query), cache, codec, table, seq_lens, scale, out=out, query_rotated=True,
                                after_store=True, exact=ring, exact_middle=(middle_ends, middle_starts))
 
     def middle_only():
@@ -109,12 +117,12 @@ def step_cell(shape: str, num_q_heads: int, num_kv_heads: int, head_dim: int, pr
                 decode.WINDOW_STREAM_MIN_PAIRS = default
         return with_ring_at_limit
 
-    variants = dict(no_ring=no_ring, ring=with_ring, ring_side_stream=pairs_limit(0),
-                    ring_after_splits=pairs_limit(1 << 62), middle_only=middle_only)
+    variants = dict(no_ring=no_ring, ring=with_ring, ring_store_first=with_ring_store_first,
+                    ring_side_stream=pairs_limit(0), ring_after_splits=pairs_limit(1 << 62), middle_only=middle_only)
     cell = dict(shape=shape, preset=preset, batch=batch, context=context)
     for name, fn in variants.items():
         cell[name + "_us"] = round(graph_time_ms(fn) * 1000, 2)
-    for name in ("ring", "ring_side_stream", "ring_after_splits"):
+    for name in ("ring", "ring_store_first", "ring_side_stream", "ring_after_splits"):
         cell[name + "_cost_us"] = round(cell[name + "_us"] - cell["no_ring_us"], 2)
     if timeline:
         cell["timeline"] = {name: kernel_timeline(variants[name]) for name in ("no_ring", "ring", "ring_side_stream",
@@ -167,12 +175,13 @@ def builder_cell(name: str, decodes: int, prefills: int, chunk: int) -> dict:
 def markdown(result: dict) -> str:
     lines = [f"Device: {result['device']}, {result['date']}; build: {result['build']}. Decode step (store + "
              f"attention), µs per call (CUDA graph), {TABLE_TOKENS}-token block tables.", "",
-             "| shape | preset | batch | context | no ring µs | ring µs | ring's cost µs | its cost, window on its "
-             "own stream µs | its cost, window after the splits µs | middle only µs |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| shape | preset | batch | context | no ring µs | ring µs | ring's cost µs | its cost, store first "
+             "µs | its cost, window on its own stream µs | its cost, window after the splits µs | middle only µs |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {c['shape']} | {c['preset']} | {c['batch']} | {c['context']} | {c['no_ring_us']:.2f} | "
-              f"{c['ring_us']:.2f} | {c['ring_cost_us']:+.2f} | {c['ring_side_stream_cost_us']:+.2f} | "
-              f"{c['ring_after_splits_cost_us']:+.2f} | {c['middle_only_us']:.2f} |" for c in result["cells"]]
+              f"{c['ring_us']:.2f} | {c['ring_cost_us']:+.2f} | {c.get('ring_store_first_cost_us', math.nan):+.2f} | "
+              f"{c['ring_side_stream_cost_us']:+.2f} | {c['ring_after_splits_cost_us']:+.2f} | "
+              f"{c['middle_only_us']:.2f} |" for c in result["cells"]]
     if result.get("builder"):
         lines += ["", "Handing out a step's ring entries, µs per call: in a CUDA graph (device time) and eagerly "
                   f"({EAGER_CALLS} calls, then a sync: host launches included).", "",

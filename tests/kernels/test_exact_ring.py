@@ -131,31 +131,49 @@ def test_a_decode_step_with_a_ring_chained_to_its_store(seq_lens, device, genera
     keys, values = (torch.randn(len(seq_lens), heads, 128, generator=generator).to(device, torch.bfloat16)
                     for _ in range(2))
     query = torch.randn(len(seq_lens), 4 * heads, 128, generator=generator).to(device, torch.bfloat16)
+    def store(queries: torch.Tensor | None, chained: bool) -> torch.Tensor | None:
+        return compress_store(keys, values, slots, cache, codec, queries=queries, launch_dependents=chained,
+                              ring=ring, entries=entries)
+
     def step(chained: bool) -> torch.Tensor:
-        rotated = compress_store(keys, values, slots, cache, codec, queries=query, launch_dependents=chained,
-                                 ring=ring, entries=entries)
+        rotated = store(query, chained)
         return paged_decode_attention(rotated, cache, codec, block_table, lengths, 128**-0.5, query_rotated=True,
                                       after_store=chained, exact=ring).float()
 
+    def step_store_inside() -> torch.Tensor:  # on a GPU the store beside the split kernels, before the window
+        return paged_decode_attention(query, cache, codec, block_table, lengths, 128**-0.5, exact=ring,
+                                      store=lambda queries: store(queries, queries is not None)).float()
+
     outs = [step(True), step(False)]
+    inside = [step_store_inside()]
     if device == "cuda":  # the step stores the same rows again, so a replay reads what the others did
         outs.append(replayed(lambda: step(True)))
+        inside.append(replayed(step_store_inside))
     expected = decode_reference(query, cache, codec, block_table, lengths, 128**-0.5, ring=ring)
     torch.testing.assert_close(outs[0], expected, atol=2e-2, rtol=2e-2)  # bf16 output rounding
     for other in outs[1:]:
         assert torch.equal(outs[0], other)
+    # the query rotated by its own launch beside the store, where the split kernels run beside it: the same
+    # arithmetic in a tile of another height, which a GPU's matmul may round otherwise in the last bit
+    for other in inside:
+        torch.testing.assert_close(other, outs[0], atol=1e-3, rtol=1e-2)  # a bf16 ulp: at most 2^-7 of |out|
     compressed = decode_reference(query, cache, codec, block_table, lengths, 128**-0.5)
     shift, error = ((outs[0] - reference).abs().amax(dim=(1, 2)) for reference in (compressed, expected))
     assert (shift > 10 * error)[lengths > 0].all()  # each sequence read the ring's values, not the cache's
 
 
-def test_decode_with_a_ring_refuses_a_sliding_window_or_key_starts(device, generator):
+def test_decode_with_a_ring_refuses_a_sliding_window_key_starts_or_a_store_it_would_read(device, generator):
     codec = make_codec(64, 4, 4, 2, 16, device)
     cache, block_table = filled_cache(codec, [20], generator, device)
     ring = ExactRing.allocate(8, codec.layout, cache.shape[0], 4, 4, torch.bfloat16, device)
     query, lengths = torch.randn(1, 4, 64).to(device), torch.tensor([20], dtype=torch.int32, device=device)
     with pytest.raises(ValueError, match="not with sliding_window"):
         paged_decode_attention(query, cache, codec, block_table, lengths, 0.1, sliding_window=8, exact=ring)
+    no_recent = ExactRing.allocate(8, codec.layout, cache.shape[0], 4, 0, torch.bfloat16, device)
+    for ring_or_none in (None, no_recent):  # the split kernels would read the step's own keys
+        with pytest.raises(ValueError, match="store= runs the step's store beside"):
+            paged_decode_attention(query, cache, codec, block_table, lengths, 0.1, exact=ring_or_none,
+                                   store=lambda queries: None)
     small = ExactRing.allocate(8, codec.layout, cache.shape[0] - 1, 4, 4, torch.bfloat16, device)
     with pytest.raises(ValueError, match="entry_of_slot must have shape"):
         paged_decode_attention(query, cache, codec, block_table, lengths, 0.1, exact=small)

@@ -14,6 +14,7 @@ Reference: `reference.decode_reference`.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -386,6 +387,7 @@ def paged_decode_attention(query: torch.Tensor, cache: torch.Tensor, codec: Kern
                            out: torch.Tensor | None = None, fragments: bool | None = None,
                            query_rotated: bool = False, after_store: bool = False, exact: ExactRing | None = None,
                            exact_middle: tuple[torch.Tensor, torch.Tensor] | None = None,
+                           store: Callable[[torch.Tensor | None], torch.Tensor | None] | None = None,
                            ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """query [batch, num_q_heads, head_dim] (the token at position seq_len − 1 of each sequence) →
     attention output of the same shape and dtype. block_table int32 [batch, max_blocks], seq_lens int32
@@ -403,7 +405,13 @@ def paged_decode_attention(query: torch.Tensor, cache: torch.Tensor, codec: Kern
     waits for it before reading the query and the cache. `exact` (`exact_ring.ExactRing`):
     each sequence's first `exact.sinks` and latest `exact.recent` keys are read from the ring where it
     still holds them, as one more split; the split kernels read the middle, positions [starts, ends) of
-    `exact_middle` (int32 [batch] each: max(seq_len − recent, sinks) and sinks; computed when None)."""
+    `exact_middle` (int32 [batch] each: max(seq_len − recent, sinks) and sinks; computed when None).
+    `store` (with `exact`, recent ≥ 1, the query not rotated): launches the step's store, not yet run;
+    called with the query it also rotates it in the same launch, lets the next launch start early
+    (`compress_store(queries=, launch_dependents=True)`) and returns it rotated; called with None it
+    stores only. Where the window kernel runs on its own stream, the split kernels then wait only for a
+    rotation of the query: they read the middle, which ends before the step's tokens, so the store runs
+    beside them, on the window's stream before the window kernel. Elsewhere it runs first."""
     layout = codec.layout
     layout.check_cache(cache)
     check_codec_device(codec, cache)
@@ -424,6 +432,9 @@ def paged_decode_attention(query: torch.Tensor, cache: torch.Tensor, codec: Kern
     if out is not None:
         check_device_tensor(out, "out", FLOAT_DTYPES, query.shape, cache.device)
     window_lengths = seq_lens
+    if store is not None and (exact is None or exact.recent < 1 or query_rotated):
+        raise ValueError("store= runs the step's store beside the split kernels, which needs an exact ring with "
+                         "recent >= 1 (its middle then ends before the step's tokens) and an unrotated query")
     if exact is not None:
         exact.check(layout, exact.keys.dtype, cache)
         if sliding_window is not None or key_starts is not None:
@@ -446,21 +457,31 @@ def paged_decode_attention(query: torch.Tensor, cache: torch.Tensor, codec: Kern
     # (H200, b1 x 1K: 0.014 → 0.012 ms). At batch 8 and 64 the same chaining measured 1–17% slower
     # (`benchmarks/kernels.py`, ours vs ours unchained), so larger batches launch one after another.
     pdl = programmatic_launch_available(cache.device)
-    after_store = after_store and query_rotated and triton_splits > 0 and pdl
+    pairs = batch * layout.num_kv_heads
+    # the exact window's kernel on a stream of its own (see WINDOW_STREAM_MIN_PAIRS)
+    window_beside = exact is not None and cache.is_cuda and (min_span is None or pairs >= WINDOW_STREAM_MIN_PAIRS)
+    store_beside = store is not None and window_beside
+    if store is not None and not store_beside:
+        query, query_rotated, after_store = store(query), True, True
+    after_store = (store_beside or (after_store and query_rotated)) and triton_splits > 0 and pdl
     chained = batch == 1 and min_span is None and (after_store or not query_rotated) and pdl and exact is None
-    rotated_query = query if query_rotated else rotate(query, codec, launch_dependents=chained)
+    if store_beside:  # the split kernels wait for this rotation as for a store's
+        rotated_query = rotate(query, codec, launch_dependents=after_store)
+    else:
+        rotated_query = query if query_rotated else rotate(query, codec, launch_dependents=chained)
     partial_out = torch.empty(batch, num_q_heads, num_splits, pad, device=cache.device, dtype=torch.float32)
     partial_lse = torch.empty(batch, num_q_heads, num_splits, device=cache.device, dtype=torch.float32)
     # Where both split kernels are launched, the fragment kernel starts while the Triton one runs: a call
     # mostly gives all its sequences to one of them, and the other's programs, which only skip, then cost
     # no launch gap of their own (H200, b32 x 1K in 33K-token tables: kernels-decode-h200-overlap.md).
     overlapped = bool(triton_splits) and min_span is not None and pdl
-    side = None  # the exact window's stream (see WINDOW_STREAM_MIN_PAIRS)
-    pairs = batch * layout.num_kv_heads
-    if exact is not None and cache.is_cuda and (min_span is None or pairs >= WINDOW_STREAM_MIN_PAIRS):
+    side = None
+    if window_beside:
         main, side = torch.cuda.current_stream(cache.device), window_stream(cache.device)
         side.wait_stream(main)
         with torch.cuda.stream(side):
+            if store_beside:
+                store(None)
             extra = exact_window_partials(rotated_query, cache, codec, exact, block_table, window_lengths, scale,
                                           softcap)
     if triton_splits:

@@ -308,20 +308,28 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
         if self.serving_uncompiled and key is not None and kv_cache.is_cuda \
                 and not torch.cuda.is_current_stream_capturing():
             self._compile_serving_kernels(query, key, value, kv_cache, codec, meta)
+        ring = self.exact_ring
+        exact_middle = None if ring is None else (meta.exact.middle_ends, meta.exact.middle_starts)
+        if decodes and not meta.num_prefills and ring is not None and ring.recent and self._stores(key):
+            # A decode step with a ring: decode attention runs the store beside its split kernels where it can
+            # (their middle ends before the step's tokens). The launches depend only on shapes (batch,
+            # block-table width), so a captured CUDA graph replays them.
+            paged_decode_attention(
+                query[:decode_tokens], kv_cache, codec, meta.block_table[:decodes], meta.seq_lens[:decodes],
+                self.scale, self.sliding_window, self.softcap, out=output[:decode_tokens], exact=ring,
+                exact_middle=exact_middle,
+                store=lambda queries: self._store(key, value, kv_cache, codec, meta, queries, queries is not None))
+            return output
         # the tokens that attend as decode queries over the cache: decode steps, and short chunks' tokens
         decode_queries = num_tokens if meta.prefill_route == "decode" else decode_tokens
         # the first decode launch starts while the store runs (programmatic dependent launch)
         rotated = self._store(key, value, kv_cache, codec, meta, query[:decode_queries], bool(decode_queries))
         queries = query if rotated is None else rotated
-        ring = self.exact_ring
         if decodes:
-            # The kernel's launches depend only on shapes (batch, block-table width), so a captured CUDA
-            # graph replays them.
             paged_decode_attention(
                 queries[:decode_tokens], kv_cache, codec, meta.block_table[:decodes], meta.seq_lens[:decodes],
                 self.scale, self.sliding_window, self.softcap, out=output[:decode_tokens],
-                query_rotated=rotated is not None, after_store=True, exact=ring,
-                exact_middle=None if ring is None else (meta.exact.middle_ends, meta.exact.middle_starts))
+                query_rotated=rotated is not None, after_store=True, exact=ring, exact_middle=exact_middle)
         if meta.num_prefills:
             rows = slice(decode_tokens, num_tokens)
             if meta.prefill_route == "decode":
@@ -395,11 +403,15 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
                 query_rotated=rotated, after_store=True, exact=self.exact_ring,
                 exact_middle=None if self.exact_ring is None else (empty, empty))
 
+    def _stores(self, key) -> bool:
+        """Whether this layer stores its keys and values (not where it reads the cache of an earlier layer)."""
+        return self.kv_sharing_target_layer_name is None and key is not None
+
     def _store(self, key, value, kv_cache, codec, meta: TurboQuantMetadata, queries: torch.Tensor | None,
                launch_dependents: bool = False) -> torch.Tensor | None:
         """Compress the step's keys and values into the cache, and rotate `queries` in the same launch
-        (returned fp32; None where this layer stores nothing: it reads the cache of an earlier layer)."""
-        if self.kv_sharing_target_layer_name is not None or key is None:
+        (returned fp32; None where this layer stores nothing)."""
+        if not self._stores(key):
             return None
         num_slots = meta.slot_mapping.shape[0]
         return compress_store(key[:num_slots], value[:num_slots], meta.slot_mapping, kv_cache, codec,
