@@ -6,7 +6,8 @@ separate `do_kv_cache_update` would allow); then it runs decode requests through
 (split-K over the compressed pages, CUDA-graph safe: its launches depend only on shapes) and prefill
 chunks, which attend to their compressed prefix and in full precision to their own K/V (compressed on
 the "decode" route), by the route `prefill_groups.prefill_route` picks for the step ("flash", "gather",
-"fused" or "decode"; that module says when and why each).
+"fused" or "decode"; that module says when and why each). A decode step with exact tokens (a ring)
+hands its store to `paged_decode_attention(store=)` instead, which runs it beside the split kernels.
 In vLLM's batch-invariant mode (`VLLM_BATCH_INVARIANT=1`) every token, decode steps and prefill chunks
 alike, goes through `cached_attention` instead: each query reads the cache alone (its own chunk from the
 cache too), so its result does not depend on how requests were batched, chunked, prefix-cached or
