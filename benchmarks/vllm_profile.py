@@ -6,13 +6,16 @@ weights, CUDA graphs on. This is what showed compress-store taking 30% of our GP
 
 decode_step_ms = (whole − prefill-only) / (output − 1); the kernel table covers a 24-token generate, and
 `decode_step` is each kernel's time per decode step: (its time in that generate − in a profiled 1-token
-generate) / 23.
+generate) / 23. Beside it, the same difference of the device's timeline: `span_us` from the first kernel's
+start to the last one's end, `busy_us` the time some kernel (or copy) ran, and `idle_us` the rest: a step
+whose kernels sum to less than its time either overlaps them (span < sum) or waits for the host (idle).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import sys
@@ -29,6 +32,20 @@ def kernel_times(prof) -> dict[str, tuple[float, int]]:
     """kernel name → (µs on the device, calls)."""
     return {event.key[:110]: (event.self_device_time_total, event.count) for event in prof.key_averages()
             if "CUDA" in str(getattr(event, "device_type", ""))}
+
+
+def device_timeline(prof) -> tuple[float, float]:
+    """(µs from the first device event's start to the last one's end, µs some device event ran)."""
+    from torch.autograd import DeviceType
+
+    intervals = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                       if e.device_type == DeviceType.CUDA)
+    busy, covered = 0.0, -math.inf
+    for start, end in intervals:
+        if end > covered:
+            busy += end - max(start, covered)
+            covered = end
+    return (intervals[-1][1] - intervals[0][0], busy) if intervals else (0.0, 0.0)
 
 
 def kernel_table(times: dict[str, tuple[float, int]], top: int = 30) -> dict:
@@ -85,11 +102,15 @@ def main() -> None:
                "decode_step_ms": round((whole - prefill) / (output - 1) * 1e3, 2)}
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             row["profiled_wall_s"] = round(generate(random_prompts(rng, batch, length), PROFILED_TOKENS), 3)
-        whole_times = kernel_times(prof)
+        whole_times, whole_timeline = kernel_times(prof), device_timeline(prof)
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             generate(random_prompts(rng, batch, length), 1)
         row.update(kernel_table(whole_times))
         row["decode_step"] = decode_step_table(whole_times, kernel_times(prof), PROFILED_TOKENS - 1)
+        span, busy = ((a - b) / (PROFILED_TOKENS - 1) for a, b in zip(whole_timeline, device_timeline(prof)))
+        row["decode_step"].update(span_us=round(span, 1), busy_us=round(busy, 1), idle_us=round(span - busy, 1))
+        print(f"  decode step device timeline: span {span:.1f} us, busy {busy:.1f}, idle {span - busy:.1f}",
+              flush=True)
         result[f"b{batch}x{length}->{output}"] = row
         print(case, json.dumps({k: v for k, v in row.items() if k not in ("top", "decode_step")}), flush=True)
         for kernel in row["decode_step"]["top"][:12]:
