@@ -311,8 +311,7 @@ def filled_exact_ring(codec: KernelCodec, cache: torch.Tensor, table: torch.Tens
     """An exact ring holding each sequence's first EXACT_SINKS and latest EXACT_RECENT tokens (random rows),
     the step's entries (each sequence's newest token stored again at its entry) and the middle's bounds."""
     batch, per_sequence = seq_lens.shape[0], EXACT_SINKS + EXACT_RECENT
-    ring = ExactRing.allocate(batch * per_sequence, codec.layout, cache.shape[0], EXACT_SINKS, EXACT_RECENT,
-                              torch.bfloat16, "cuda")
+    ring = ExactRing.allocate(batch * per_sequence, codec.layout, cache.shape[0], EXACT_SINKS, EXACT_RECENT, "cuda")
     lengths = seq_lens.long()[:, None]
     index = torch.arange(per_sequence, device="cuda")
     positions = torch.where(index < EXACT_SINKS, index, lengths - EXACT_RECENT + index - EXACT_SINKS)  # [batch, n]

@@ -29,7 +29,8 @@ from turboquant.kernels.store import _compress_store_kernel  # noqa: E402
 POINTERS = dict(keys_ptr="*bf16", values_ptr="*bf16", rotation_ptr="*bf16", queries_ptr="*bf16",
                 slot_mapping_ptr="*i64", cache_ptr="*u8", rotated_queries_ptr="*fp32", key_centroids_ptr="*fp32",
                 key_boundaries_ptr="*fp32", value_centroids_ptr="*fp32", value_boundaries_ptr="*fp32",
-                entries_ptr="*i32", ring_keys_ptr="*bf16", ring_values_ptr="*bf16", slot_of_entry_ptr="*i64",
+                entries_ptr="*i32", ring_keys_ptr="*fp16", ring_values_ptr="*fp16", ring_key_norms_ptr="*fp32",
+                ring_value_norms_ptr="*fp32", slot_of_entry_ptr="*i64",
                 entry_of_slot_ptr="*i32")
 PART_SCALE_BF16 = 256.0  # codec.PART_SCALES[torch.bfloat16]
 

@@ -1,6 +1,6 @@
 """The exact window kernel's sm_90 machine code (`exact_ring._exact_window_kernel`), compiled on the CPU (no
-GPU needed): registers, local-memory (spill) instructions and all instructions, at the tile heights it
-could take over its 64 positions (4 sinks + 32 latest, padded), for the shapes `ring_cost.py` times. The
+GPU needed): registers, local-memory (spill) instructions and all instructions, with its 4 sinks in one
+tile of 16 rows and its latest 32 tokens in tiles of 32 or 16 rows, for the shapes `ring_cost.py` times. The
 kernel shares the GPU with the split kernels (`decode.WINDOW_STREAM_MIN_PAIRS`), so what a program holds
 matters beyond its own time.
 
@@ -23,11 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gemv_sass import print_and_save, resource_summary  # noqa: E402
 from turboquant.core import TurboQuantConfig  # noqa: E402
 from turboquant.kernels.codec import KernelCodec  # noqa: E402
-from turboquant.kernels.exact_ring import WIDE_WINDOW_TILE, WINDOW_TILE, _exact_window_kernel  # noqa: E402
+from turboquant.kernels.exact_ring import _exact_window_kernel, window_tile_rows  # noqa: E402
 from turboquant.kernels.launch import page_constants  # noqa: E402
 
 POINTERS = dict(query_ptr="*fp32", cache_ptr="*u8", block_table_ptr="*i32", seq_lens_ptr="*i32",
-                ring_keys_ptr="*bf16", ring_values_ptr="*bf16", slot_of_entry_ptr="*i64", entry_of_slot_ptr="*i32",
+                ring_keys_ptr="*fp16", ring_values_ptr="*fp16", ring_key_norms_ptr="*fp32",
+                ring_value_norms_ptr="*fp32", slot_of_entry_ptr="*i64", entry_of_slot_ptr="*i32",
                 key_centroids_ptr="*fp16", value_centroids_ptr="*fp16", out_ptr="*fp32", lse_ptr="*fp32")
 SCALARS = dict(stride_query_seq="i32", stride_query_head="i32", stride_table_seq="i32", scale="fp32", softcap="fp32")
 # (head_dim, bits, kv heads, q heads per kv head), as ring_cost.py's shapes
@@ -40,13 +41,13 @@ def compile_window(head_dim: int, bits: int, num_kv_heads: int, group: int, tile
     # the byte-permute lookups, as on an H100/H200 (`launch.lookup_constants`)
     constants = page_constants(codec.layout) | dict(
         GROUP=group, GROUP_PAD=16, KEY_LUT=codec.key_lut_asm, VALUE_LUT=codec.value_lut_asm, SINKS=4, RECENT=32,
-        POSITIONS=64, TILE=tile, USE_SOFTCAP=False)
+        SINK_TILE=window_tile_rows(4, head_dim), RECENT_TILE=tile, USE_SOFTCAP=False)
     signature = {name: (POINTERS | SCALARS).get(name, "constexpr") for name in names}
     constants = {name: constants[name] for name in names if name in constants}
     kernel = triton.compile(ASTSource(_exact_window_kernel, signature, constants),
                             target=GPUTarget("cuda", 90, 64), options=dict(num_warps=4))
-    default = WINDOW_TILE if head_dim <= 128 else WIDE_WINDOW_TILE
-    return ({"head_dim": head_dim, "bits": bits, "tile": tile, "default_tile": tile == default}
+    return ({"head_dim": head_dim, "bits": bits, "recent_tile": tile,
+             "default_tile": tile == window_tile_rows(32, head_dim)}
             | resource_summary(kernel))
 
 
@@ -54,7 +55,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", help="also write the rows as JSON here")
     args = parser.parse_args()
-    print_and_save([compile_window(*shape, tile) for shape in SHAPES for tile in (64, 32, 16)], args.out)
+    print_and_save([compile_window(*shape, tile) for shape in SHAPES for tile in (32, 16)], args.out)
 
 
 if __name__ == "__main__":

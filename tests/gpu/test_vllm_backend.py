@@ -203,9 +203,9 @@ def test_compiling_the_serving_kernels_before_serving_writes_nothing(backend, to
     query = torch.randn(tokens, HEADS, HEAD_DIM, device=device, dtype=torch.bfloat16)
     keys = torch.randn(tokens, KV_HEADS, HEAD_DIM, device=device, dtype=torch.bfloat16)
     ring = impl.exact_ring
-    before = [x.clone() for x in (ref.cache, ring.keys, ring.slot_of_entry, ring.entry_of_slot)]
+    before = [x.clone() for x in (ref.cache, ring.keys, ring.key_norms, ring.slot_of_entry, ring.entry_of_slot)]
     impl._compile_serving_kernels(query, keys, keys.clone(), ref.cache, ref.codec, meta)
-    after = (ref.cache, ring.keys, ring.slot_of_entry, ring.entry_of_slot)
+    after = (ref.cache, ring.keys, ring.key_norms, ring.slot_of_entry, ring.entry_of_slot)
     assert all(torch.equal(x, y) for x, y in zip(before, after)) and not impl.serving_uncompiled
 
 
@@ -311,7 +311,8 @@ def test_exact_tokens_are_on_by_default_where_a_layer_can_read_them(backend, mon
         return module.TurboQuantImpl(HEADS, HEAD_DIM, HEAD_DIM ** -0.5, KV_HEADS, **kwargs)
     builder = module.TurboQuantMetadataBuilder(spec, ["x"], config, "cpu")
     assert (builder.exact.sinks, builder.exact.recent) == (4, 32)
-    assert impl().exact_rows[0].shape == (4 * (4 + 32), KV_HEADS, HEAD_DIM)  # max_num_seqs 4
+    rows = impl().exact_rows
+    assert rows[0].shape == (4 * (4 + 32), KV_HEADS, HEAD_DIM) and rows[2].shape == (4 * (4 + 32), KV_HEADS)
     assert "first 4 and latest 32 tokens exactly" in said[-1]
     assert impl(sliding_window=8).exact_rows is None
     assert "off on sliding-window layers" in said[-1]

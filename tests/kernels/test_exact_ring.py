@@ -20,7 +20,7 @@ def sequence_slots(block_table: torch.Tensor, seq: int, positions: torch.Tensor,
 def test_store_writes_rotated_rows_and_both_tables(dtype, device, generator):
     codec = make_codec(64, 4, 4, 2, 16, device)
     cache, block_table = filled_cache(codec, [40], generator, device)
-    ring = ExactRing.allocate(10, codec.layout, cache.shape[0], 2, 4, dtype, device)
+    ring = ExactRing.allocate(10, codec.layout, cache.shape[0], 2, 4, device)
     slots = sequence_slots(block_table, 0, torch.arange(30, 40, device=device), 16)
     slots[3] = -1  # a padding row: skipped
     keys, values = (torch.randn(10, 2, 64, generator=generator).to(device, dtype) for _ in range(2))
@@ -32,10 +32,14 @@ def test_store_writes_rotated_rows_and_both_tables(dtype, device, generator):
     assert torch.equal(ring.entry_of_slot[slots[stored]], entries[stored])
     assert torch.equal(ring.slot_of_entry[entries[kept].long()], slots[kept])
     assert (ring.slot_of_entry[[6, 8, 9]] == -1).all()  # entries no token took
-    for name, x in (("keys", keys), ("values", values)):
+    for x, units, norms in ((keys, ring.keys, ring.key_norms), (values, ring.values, ring.value_norms)):
         rotated = x[kept].float() @ codec.rotation.T
-        torch.testing.assert_close(getattr(ring, name)[entries[kept].long()].float(), rotated, atol=2e-2, rtol=1e-2)
-    assert getattr(ring, "keys")[[6, 8, 9]].abs().sum() == 0
+        expected_norms = x[kept].float().norm(dim=-1)
+        torch.testing.assert_close(norms[entries[kept].long()], expected_norms, atol=1e-5, rtol=1e-5)
+        # fp16 unit rows: 2^-11 of each coordinate, and the rotation's own fp32 rounding
+        torch.testing.assert_close(units[entries[kept].long()].float(), rotated / expected_norms[..., None],
+                                   atol=1e-3, rtol=1e-3)
+        assert units[[6, 8, 9]].abs().sum() == 0 and norms[[6, 8, 9]].abs().sum() == 0
 
 
 @pytest.mark.parametrize("head_dim, key_bits, value_bits, sinks, recent, num_splits", [
@@ -50,7 +54,7 @@ def test_decode_reads_sinks_and_latest_keys_from_the_ring(head_dim, key_bits, va
     codec = make_codec(head_dim, key_bits, value_bits, 2, 16, device)
     seq_lens = [1, 6, 70, 97]
     cache, block_table = filled_cache(codec, seq_lens, generator, device)
-    ring = ExactRing.allocate(200, codec.layout, cache.shape[0], sinks, recent, torch.bfloat16, device)
+    ring = ExactRing.allocate(200, codec.layout, cache.shape[0], sinks, recent, device)
     entry = 0
     for seq, length in enumerate(seq_lens[:3]):  # store the ends of the first three again, through the ring
         positions = torch.tensor(sorted({*range(min(sinks, length)), *range(max(0, length - recent), length)}),
@@ -106,8 +110,7 @@ def test_a_decode_step_with_a_ring_chained_to_its_store(seq_lens, device, genera
     heads, sinks, recent = 8, 4, 32
     codec = make_codec(128, 4, 4, heads, 16, device)
     cache, block_table = filled_cache(codec, seq_lens, generator, device)
-    ring = ExactRing.allocate(len(seq_lens) * (sinks + recent), codec.layout, cache.shape[0], sinks, recent,
-                              torch.bfloat16, device)
+    ring = ExactRing.allocate(len(seq_lens) * (sinks + recent), codec.layout, cache.shape[0], sinks, recent, device)
     newest_entries = []
     for seq, length in enumerate(seq_lens):  # each sequence's ends but its newest token, through the ring
         ends = sorted({*range(min(sinks, length)), *range(max(0, length - recent), length)})
@@ -165,16 +168,16 @@ def test_a_decode_step_with_a_ring_chained_to_its_store(seq_lens, device, genera
 def test_decode_with_a_ring_refuses_a_sliding_window_key_starts_or_a_store_it_would_read(device, generator):
     codec = make_codec(64, 4, 4, 2, 16, device)
     cache, block_table = filled_cache(codec, [20], generator, device)
-    ring = ExactRing.allocate(8, codec.layout, cache.shape[0], 4, 4, torch.bfloat16, device)
+    ring = ExactRing.allocate(8, codec.layout, cache.shape[0], 4, 4, device)
     query, lengths = torch.randn(1, 4, 64).to(device), torch.tensor([20], dtype=torch.int32, device=device)
     with pytest.raises(ValueError, match="not with sliding_window"):
         paged_decode_attention(query, cache, codec, block_table, lengths, 0.1, sliding_window=8, exact=ring)
-    no_recent = ExactRing.allocate(8, codec.layout, cache.shape[0], 4, 0, torch.bfloat16, device)
+    no_recent = ExactRing.allocate(8, codec.layout, cache.shape[0], 4, 0, device)
     for ring_or_none in (None, no_recent):  # the split kernels would read the step's own keys
         with pytest.raises(ValueError, match="store= runs the step's store beside"):
             paged_decode_attention(query, cache, codec, block_table, lengths, 0.1, exact=ring_or_none,
                                    store=lambda queries: None)
-    small = ExactRing.allocate(8, codec.layout, cache.shape[0] - 1, 4, 4, torch.bfloat16, device)
+    small = ExactRing.allocate(8, codec.layout, cache.shape[0] - 1, 4, 4, device)
     with pytest.raises(ValueError, match="entry_of_slot must have shape"):
         paged_decode_attention(query, cache, codec, block_table, lengths, 0.1, exact=small)
 
@@ -188,7 +191,7 @@ def test_gather_reads_a_prefix_s_sinks_and_latest_tokens_from_the_ring(device, g
     codec = make_codec(64, 4, 4, 2, 16, device)
     prefixes, chunks = [50, 0, 21], [7, 5, 3]
     cache, block_table = filled_cache(codec, [p + c for p, c in zip(prefixes, chunks)], generator, device)
-    ring = ExactRing.allocate(32, codec.layout, cache.shape[0], 2, 6, torch.bfloat16, device)
+    ring = ExactRing.allocate(32, codec.layout, cache.shape[0], 2, 6, device)
     for seq, positions in ((0, [0, 1, 44, 45, 46, 47, 48, 49]), (2, [1, 16, 17, 18, 19, 20])):
         positions = torch.tensor(positions, device=device)
         rows = (torch.randn(positions.numel(), 2, 64, generator=generator).to(device, torch.bfloat16) for _ in range(2))

@@ -436,7 +436,7 @@ def paged_decode_attention(query: torch.Tensor, cache: torch.Tensor, codec: Kern
         raise ValueError("store= runs the step's store beside the split kernels, which needs an exact ring with "
                          "recent >= 1 (its middle then ends before the step's tokens) and an unrotated query")
     if exact is not None:
-        exact.check(layout, exact.keys.dtype, cache)
+        exact.check(layout, cache)
         if sliding_window is not None or key_starts is not None:
             raise ValueError("an exact ring reads each sequence's first and latest keys: not with sliding_window "
                              "or key_starts")

@@ -1,6 +1,7 @@
 """Exact copies of some tokens beside the compressed paged cache: a sequence's sinks and latest tokens.
 
-`ExactRing` holds, per entry, one token's keys and values rotated (x @ Rᵀ) in the model's dtype; which
+`ExactRing` holds, per entry, one token's keys and values rotated (x @ Rᵀ) as unit rows in fp16 beside
+their fp32 norms, the form the cache's levels and norms take, so that a kernel reads either alike; which
 slot an entry holds (`slot_of_entry`) and which entry a slot last went to (`entry_of_slot`, −1: none)
 say whether an entry still holds a given slot: an engine hands entries out round-robin, and a slot
 written again (a freed block reused) points at its new entry or at none. `compress_store(ring=,
@@ -24,50 +25,57 @@ from .launch import SLICED_METADATA, check_device_tensor, head_dim_pad, lookup_c
 from .packed_tile import load_levels, load_norms
 from .softmax import empty_softmax_state, masked_softmax_step, tanh
 
-# Positions per tile of the window kernel, as the decode split kernel's tiles: at head_dim 256 a 64-token
-# tile of 3-bit codes exceeds shared memory there (`decode.decode_launch`). At head_dim 128 a 64-row tile
-# takes all 255 registers and spills (26-30 local-memory instructions; 32 rows: 212-219 registers, none;
-# sm_90, `benchmarks/window_sass.py` → window-sass.json). Beside the split kernels 64 rows measured as fast
-# or faster all the same (H200, the ring's cost per step at b32 × 1K, b16 × 6K, b8 × 16K: 32 rows +10.9,
-# +12.3, +12.2 µs; 64 rows +11.5 / +9.3, +10.1 / +10.4, +10.6 / +9.6 in runs before and after:
-# ring-cost-h200-tile{32,64}.md).
-WINDOW_TILE, WIDE_WINDOW_TILE = 64, 32
+# Rows per tile of the window kernel: the sinks take tiles of their own (4 sinks: one tile of 16, tl.dot's
+# least), then the latest tokens tiles of up to WINDOW_TILE rows at head_dim <= 128, WIDE_WINDOW_TILE above.
+# Larger tiles spill (sm_90, `benchmarks/window_sass.py` → window-sass.json): at head_dim 256, 3 bits, 32
+# rows take 86 local-memory instructions, 16 none. At head_dim 128, k4v4: 3,600 instructions and no spill;
+# before the ring held unit rows, one 64-row tile over sinks and latest tokens together (64 rows read for
+# 36) normalized the ring's rows itself: 7,240 instructions, 30 of them spills.
+WINDOW_TILE, WIDE_WINDOW_TILE = 32, 16
+
+
+RingRows = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # keys, values, their norms
 
 
 @dataclass(frozen=True)
 class ExactRing:
-    keys: torch.Tensor  # [entries, kv_heads, head_dim] model dtype, rotated
+    keys: torch.Tensor  # fp16 [entries, kv_heads, head_dim]: x @ Rᵀ / ‖x‖
     values: torch.Tensor
+    key_norms: torch.Tensor  # fp32 [entries, kv_heads]: ‖x‖
+    value_norms: torch.Tensor
     slot_of_entry: torch.Tensor  # int64 [entries]
     entry_of_slot: torch.Tensor  # int32 [cache slots]
     sinks: int
     recent: int
 
     @staticmethod
-    def allocate_rows(entries: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-                      device) -> tuple[torch.Tensor, torch.Tensor]:
-        keys = torch.zeros(entries, num_kv_heads, head_dim, dtype=dtype, device=device)
-        return keys, torch.zeros_like(keys)
+    def allocate_rows(entries: int, num_kv_heads: int, head_dim: int, device) -> RingRows:
+        """Zeroed rows and norms of a ring of `entries`: (keys, values, key norms, value norms)."""
+        keys = torch.zeros(entries, num_kv_heads, head_dim, dtype=torch.float16, device=device)
+        norms = torch.zeros(entries, num_kv_heads, dtype=torch.float32, device=device)
+        return keys, torch.zeros_like(keys), norms, torch.zeros_like(norms)
 
     @classmethod
-    def allocate(cls, entries: int, layout: PagedLayout, num_blocks: int, sinks: int, recent: int,
-                 dtype: torch.dtype, device, tables: "ExactRing | None" = None,
-                 rows: tuple[torch.Tensor, torch.Tensor] | None = None) -> "ExactRing":
+    def allocate(cls, entries: int, layout: PagedLayout, num_blocks: int, sinks: int, recent: int, device,
+                 tables: "ExactRing | None" = None, rows: RingRows | None = None) -> "ExactRing":
         """A ring of `entries` (on `rows` from `allocate_rows` where given); `tables`: share that ring's slot
         tables (the layers of one engine do)."""
-        keys, values = rows or cls.allocate_rows(entries, layout.num_kv_heads, layout.head_dim, dtype, device)
+        rows = rows or cls.allocate_rows(entries, layout.num_kv_heads, layout.head_dim, device)
         if tables is None:
             slot_of_entry = torch.full((entries,), -1, dtype=torch.int64, device=device)
             entry_of_slot = torch.full((num_blocks * layout.block_size,), -1, dtype=torch.int32, device=device)
         else:
             slot_of_entry, entry_of_slot = tables.slot_of_entry, tables.entry_of_slot
-        return cls(keys, values, slot_of_entry, entry_of_slot, sinks, recent)
+        return cls(*rows, slot_of_entry, entry_of_slot, sinks, recent)
 
-    def check(self, layout: PagedLayout, dtype: torch.dtype, cache: torch.Tensor) -> None:
+    def check(self, layout: PagedLayout, cache: torch.Tensor) -> None:
         entries = self.slot_of_entry.shape[0]
-        for name, tensor in (("keys", self.keys), ("values", self.values)):
-            check_device_tensor(tensor, f"ring {name}", (dtype,), (entries, layout.num_kv_heads, layout.head_dim),
-                                cache.device)
+        for name, tensor, dtype, shape in (
+                ("keys", self.keys, torch.float16, (entries, layout.num_kv_heads, layout.head_dim)),
+                ("values", self.values, torch.float16, (entries, layout.num_kv_heads, layout.head_dim)),
+                ("key_norms", self.key_norms, torch.float32, (entries, layout.num_kv_heads)),
+                ("value_norms", self.value_norms, torch.float32, (entries, layout.num_kv_heads))):
+            check_device_tensor(tensor, f"ring {name}", (dtype,), shape, cache.device)
             if not tensor.is_contiguous():
                 raise ValueError(f"ring {name} must be contiguous")
         check_device_tensor(self.slot_of_entry, "slot_of_entry", (torch.int64,), None, cache.device)
@@ -84,43 +92,77 @@ def middle_ends(seq_lens: torch.Tensor, sinks: int, recent: int) -> torch.Tensor
 
 
 @triton.jit
-def held_rows(slots, candidates, entry_of_slot_ptr, slot_of_entry_ptr, kv_head, NUM_KV_HEADS: tl.constexpr,
-              HEAD_DIM: tl.constexpr):
-    """(which `candidates` the ring still holds: their slot's entry names that slot; each one's offset of
-    its kv head's row in the ring's keys or values)."""
+def held_rows(slots, candidates, entry_of_slot_ptr, slot_of_entry_ptr, kv_head, NUM_KV_HEADS: tl.constexpr):
+    """(which `candidates` the ring still holds: their slot's entry names that slot; each one's row of its kv
+    head in the ring, entry · NUM_KV_HEADS + kv_head: the index of its norm, of its unit row times head_dim)."""
     entries = tl.load(entry_of_slot_ptr + slots, mask=candidates, other=-1).to(tl.int64)
     held = candidates & (entries >= 0)
     held = held & (tl.load(slot_of_entry_ptr + tl.maximum(entries, 0), mask=held, other=-1) == slots)
-    return held, (tl.maximum(entries, 0) * NUM_KV_HEADS + kv_head) * HEAD_DIM
+    rows = tl.maximum(entries, 0) * NUM_KV_HEADS + kv_head
+    # `& (rows >= 0)` changes nothing but the layouts Triton 3.6 gives `held`: without it the gather kernel
+    # fails to compile there ("'arith.xori' op requires the same encoding for all operands and results")
+    return held & (rows >= 0), rows
 
 
 @triton.jit
-def unit_rows(ring_ptrs, exact, code_ptrs, norm_ptrs, compressed, centroids_ptr, BITS: tl.constexpr,
-               ROW_BYTES: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, LUT: tl.constexpr):
-    """(unit rows fp16 [rows, HEAD_DIM_PAD], their scales fp32 [rows]): an exact row from the ring as its
-    direction and norm, a compressed one as its levels and stored norm, as the split kernels read codes.
-    Picked between in fp16: an fp32 pick held both tiles in fp32 and spilled more (48 local-memory
-    instructions against 30 at d=128, k4v4; window-sass-before-fp16-select.json, window-sass.json)."""
+def unit_rows(ring_ptrs, ring_norm_ptrs, exact, code_ptrs, norm_ptrs, compressed, centroids_ptr, BITS: tl.constexpr,
+              ROW_BYTES: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, LUT: tl.constexpr):
+    """(unit rows fp16 [rows, HEAD_DIM_PAD], their norms fp32 [rows]): an exact row from the ring, a compressed
+    one from its codes, as the split kernels read them. Codes are unpacked only in a tile with a row the ring
+    no longer holds: in the window kernel's tiles mostly none has."""
     dims = tl.arange(0, HEAD_DIM_PAD)
-    rows = tl.load(ring_ptrs[:, None] + dims[None, :], mask=exact[:, None] & (dims < HEAD_DIM)[None, :],
-                   other=0.0).to(tl.float32)
-    norms = tl.sqrt(tl.sum(rows * rows, axis=1))
-    units = (rows / tl.maximum(norms, 1e-30)[:, None]).to(tl.float16)
-    levels = load_levels(code_ptrs, compressed, centroids_ptr, BITS, ROW_BYTES, HEAD_DIM_PAD, LUT)
-    return tl.where(exact[:, None], units, levels), tl.where(exact, norms, load_norms(norm_ptrs, compressed))
+    units = tl.load(ring_ptrs[:, None] + dims[None, :], mask=exact[:, None] & (dims < HEAD_DIM)[None, :], other=0.0)
+    norms = tl.load(ring_norm_ptrs, mask=exact, other=0.0)
+    if tl.max(compressed.to(tl.int32), axis=0) > 0:
+        levels = load_levels(code_ptrs, compressed, centroids_ptr, BITS, ROW_BYTES, HEAD_DIM_PAD, LUT)
+        units = tl.where(exact[:, None], units, levels)
+        norms = tl.where(exact, norms, load_norms(norm_ptrs, compressed))
+    return units, norms
+
+
+@triton.jit
+def window_tile(positions, visible, query, running_max, running_sum, acc, cache_ptr, table_ptr, ring_keys_ptr,
+                ring_values_ptr, ring_key_norms_ptr, ring_value_norms_ptr, slot_of_entry_ptr, entry_of_slot_ptr,
+                key_centroids_ptr, value_centroids_ptr, kv_head, softcap, NUM_KV_HEADS: tl.constexpr,
+                BLOCK_SIZE: tl.constexpr, HEAD_PAGE_BYTES: tl.constexpr, VALUES_OFFSET: tl.constexpr,
+                KEY_NORMS_OFFSET: tl.constexpr, VALUE_NORMS_OFFSET: tl.constexpr, HEAD_DIM: tl.constexpr,
+                HEAD_DIM_PAD: tl.constexpr, KEY_BITS: tl.constexpr, KEY_BYTES: tl.constexpr, KEY_LUT: tl.constexpr,
+                VALUE_BITS: tl.constexpr, VALUE_BYTES: tl.constexpr, VALUE_LUT: tl.constexpr,
+                USE_SOFTCAP: tl.constexpr):
+    """The online softmax state after the `visible` ones of a tile's `positions` (one sequence, one kv head)."""
+    positions = tl.maximum(positions, 0)
+    blocks = tl.load(table_ptr + positions // BLOCK_SIZE, mask=visible, other=0)
+    offsets = positions % BLOCK_SIZE
+    exact, ring_rows = held_rows(blocks.to(tl.int64) * BLOCK_SIZE + offsets, visible, entry_of_slot_ptr,
+                                 slot_of_entry_ptr, kv_head, NUM_KV_HEADS)
+    compressed = visible & ~exact
+    page_ptrs = cache_ptr + (blocks.to(tl.int64) * NUM_KV_HEADS + kv_head) * HEAD_PAGE_BYTES
+    keys, key_scales = unit_rows(ring_keys_ptr + ring_rows * HEAD_DIM, ring_key_norms_ptr + ring_rows, exact,
+                                 page_ptrs + offsets * KEY_BYTES, page_ptrs + KEY_NORMS_OFFSET + offsets * 4,
+                                 compressed, key_centroids_ptr, KEY_BITS, KEY_BYTES, HEAD_DIM, HEAD_DIM_PAD, KEY_LUT)
+    scores = tl.dot(query, tl.trans(keys)) * key_scales[None, :]
+    if USE_SOFTCAP:
+        scores = softcap * tanh(scores / softcap)
+    values, value_scales = unit_rows(ring_values_ptr + ring_rows * HEAD_DIM, ring_value_norms_ptr + ring_rows,
+                                     exact, page_ptrs + VALUES_OFFSET + offsets * VALUE_BYTES,
+                                     page_ptrs + VALUE_NORMS_OFFSET + offsets * 4, compressed, value_centroids_ptr,
+                                     VALUE_BITS, VALUE_BYTES, HEAD_DIM, HEAD_DIM_PAD, VALUE_LUT)
+    return masked_softmax_step(scores * 1.4426950408889634, visible[None, :], running_max, running_sum, acc, values,
+                               value_scales)
 
 
 @triton.jit(do_not_specialize_on_alignment=SLICED_METADATA)
 def _exact_window_kernel(
-    query_ptr, cache_ptr, block_table_ptr, seq_lens_ptr, ring_keys_ptr, ring_values_ptr, slot_of_entry_ptr,
-    entry_of_slot_ptr, key_centroids_ptr, value_centroids_ptr, out_ptr, lse_ptr,
+    query_ptr, cache_ptr, block_table_ptr, seq_lens_ptr, ring_keys_ptr, ring_values_ptr, ring_key_norms_ptr,
+    ring_value_norms_ptr, slot_of_entry_ptr, entry_of_slot_ptr, key_centroids_ptr, value_centroids_ptr, out_ptr,
+    lse_ptr,
     stride_query_seq, stride_query_head, stride_table_seq, scale, softcap,
     NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, HEAD_PAGE_BYTES: tl.constexpr, VALUES_OFFSET: tl.constexpr,
     KEY_NORMS_OFFSET: tl.constexpr, VALUE_NORMS_OFFSET: tl.constexpr, HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr, KEY_BITS: tl.constexpr, KEY_BYTES: tl.constexpr, KEY_LUT: tl.constexpr,
     VALUE_BITS: tl.constexpr, VALUE_BYTES: tl.constexpr, VALUE_LUT: tl.constexpr, SINKS: tl.constexpr,
-    RECENT: tl.constexpr, POSITIONS: tl.constexpr, TILE: tl.constexpr, USE_SOFTCAP: tl.constexpr,
+    RECENT: tl.constexpr, SINK_TILE: tl.constexpr, RECENT_TILE: tl.constexpr, USE_SOFTCAP: tl.constexpr,
 ):
     seq, kv_head = tl.program_id(0), tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + seq)
@@ -128,36 +170,33 @@ def _exact_window_kernel(
                                            GROUP, GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD)
     dims = tl.arange(0, HEAD_DIM_PAD)
     running_max, running_sum, acc = empty_softmax_state(GROUP_PAD, HEAD_DIM_PAD)
-    for first in tl.static_range(0, POSITIONS, TILE):  # the sinks, then the latest tokens
-        index = first + tl.arange(0, TILE)
-        sink = index < SINKS
-        positions = tl.where(sink, index, seq_len - RECENT + index - SINKS)
-        visible = tl.where(sink, index < seq_len, (index < SINKS + RECENT) & (positions >= SINKS))
-        positions = tl.maximum(positions, 0)
-        blocks = tl.load(block_table_ptr + seq * stride_table_seq + positions // BLOCK_SIZE, mask=visible, other=0)
-        offsets = positions % BLOCK_SIZE
-        exact, ring_rows = held_rows(blocks.to(tl.int64) * BLOCK_SIZE + offsets, visible, entry_of_slot_ptr,
-                                     slot_of_entry_ptr, kv_head, NUM_KV_HEADS, HEAD_DIM)
-        compressed = visible & ~exact
-        page_ptrs = cache_ptr + (blocks.to(tl.int64) * NUM_KV_HEADS + kv_head) * HEAD_PAGE_BYTES
-        keys, key_scales = unit_rows(ring_keys_ptr + ring_rows, exact, page_ptrs + offsets * KEY_BYTES,
-                                      page_ptrs + KEY_NORMS_OFFSET + offsets * 4, compressed, key_centroids_ptr,
-                                      KEY_BITS, KEY_BYTES, HEAD_DIM, HEAD_DIM_PAD, KEY_LUT)
-        scores = tl.dot(query, tl.trans(keys)) * key_scales[None, :]
-        if USE_SOFTCAP:
-            scores = softcap * tanh(scores / softcap)
-        values, value_scales = unit_rows(ring_values_ptr + ring_rows, exact,
-                                          page_ptrs + VALUES_OFFSET + offsets * VALUE_BYTES,
-                                          page_ptrs + VALUE_NORMS_OFFSET + offsets * 4, compressed, value_centroids_ptr,
-                                          VALUE_BITS, VALUE_BYTES, HEAD_DIM, HEAD_DIM_PAD, VALUE_LUT)
-        running_max, running_sum, acc = masked_softmax_step(scores * 1.4426950408889634, visible[None, :],
-                                                             running_max, running_sum, acc, values, value_scales)
+    table_ptr = block_table_ptr + seq * stride_table_seq
+    sink_tiles: tl.constexpr = (SINKS + SINK_TILE - 1) // SINK_TILE
+    for tile in tl.static_range(sink_tiles + (RECENT + RECENT_TILE - 1) // RECENT_TILE):
+        if tile < sink_tiles:  # the sinks
+            index = tile * SINK_TILE + tl.arange(0, SINK_TILE)
+            positions, visible = index, (index < SINKS) & (index < seq_len)
+        else:  # the latest tokens, after the sinks
+            index = (tile - sink_tiles) * RECENT_TILE + tl.arange(0, RECENT_TILE)
+            positions = seq_len - RECENT + index
+            visible = (index < RECENT) & (positions >= SINKS)
+        running_max, running_sum, acc = window_tile(
+            positions, visible, query, running_max, running_sum, acc, cache_ptr, table_ptr, ring_keys_ptr,
+            ring_values_ptr, ring_key_norms_ptr, ring_value_norms_ptr, slot_of_entry_ptr, entry_of_slot_ptr,
+            key_centroids_ptr, value_centroids_ptr, kv_head, softcap, NUM_KV_HEADS, BLOCK_SIZE, HEAD_PAGE_BYTES,
+            VALUES_OFFSET, KEY_NORMS_OFFSET, VALUE_NORMS_OFFSET, HEAD_DIM, HEAD_DIM_PAD, KEY_BITS, KEY_BYTES, KEY_LUT,
+            VALUE_BITS, VALUE_BYTES, VALUE_LUT, USE_SOFTCAP)
     rows = seq * NUM_KV_HEADS * GROUP + heads
     head_mask = group < GROUP
     tl.store(out_ptr + rows[:, None] * HEAD_DIM_PAD + dims[None, :], acc / tl.maximum(running_sum, 1e-30)[:, None],
              mask=head_mask[:, None])
     lse = tl.where(running_sum > 0, running_max + tl.log2(tl.maximum(running_sum, 1e-30)), float("-inf"))
     tl.store(lse_ptr + rows, lse, mask=head_mask)
+
+
+def window_tile_rows(positions: int, head_dim: int) -> int:
+    """Rows per tile over `positions` sinks or latest tokens: tl.dot takes at least 16."""
+    return min(max(16, triton.next_power_of_2(positions)), WINDOW_TILE if head_dim <= 128 else WIDE_WINDOW_TILE)
 
 
 def exact_window_partials(rotated_query: torch.Tensor, cache: torch.Tensor, codec, ring: ExactRing,
@@ -169,16 +208,17 @@ def exact_window_partials(rotated_query: torch.Tensor, cache: torch.Tensor, code
     layout = codec.layout
     batch, num_q_heads = rotated_query.shape[:2]
     group = num_q_heads // layout.num_kv_heads
-    positions = max(16, triton.next_power_of_2(ring.sinks + ring.recent))  # tl.dot takes at least 16
     out = torch.empty(batch, num_q_heads, head_dim_pad(layout.head_dim), device=cache.device, dtype=torch.float32)
     lse = torch.empty(batch, num_q_heads, device=cache.device, dtype=torch.float32)
     _exact_window_kernel[(batch, layout.num_kv_heads)](
-        rotated_query, cache, block_table, seq_lens, ring.keys, ring.values, ring.slot_of_entry, ring.entry_of_slot,
+        rotated_query, cache, block_table, seq_lens, ring.keys, ring.values, ring.key_norms, ring.value_norms,
+        ring.slot_of_entry, ring.entry_of_slot,
         codec.key_centroids_fp16, codec.value_centroids_fp16, out, lse, rotated_query.stride(0),
         rotated_query.stride(1), block_table.stride(0), float(scale), float(softcap or 0.0),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), **page_constants(layout),
-        **lookup_constants(codec), SINKS=ring.sinks, RECENT=ring.recent, POSITIONS=positions,
-        TILE=min(positions, WINDOW_TILE if layout.head_dim <= 128 else WIDE_WINDOW_TILE),
+        **lookup_constants(codec), SINKS=ring.sinks, RECENT=ring.recent,
+        SINK_TILE=window_tile_rows(ring.sinks, layout.head_dim),
+        RECENT_TILE=window_tile_rows(ring.recent, layout.head_dim),
         USE_SOFTCAP=softcap is not None, num_warps=4,
     )
     return out, lse

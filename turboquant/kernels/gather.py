@@ -33,14 +33,16 @@ GATHER_ROWS, GATHER_COLUMNS = 64, 32
 
 @triton.jit
 def _gather_rows(page_ptrs, in_prefix, centroids_ptr, norms_ptr, fresh_ptrs, fresh, out_ptrs, in_sequence,
-                 rotation_ptr, ring_ptrs, exact, BITS: tl.constexpr, ROW_BYTES: tl.constexpr, LUT: tl.constexpr,
-                 HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, COLUMNS: tl.constexpr, RING: tl.constexpr):
+                 rotation_ptr, ring_ptrs, ring_norm_ptrs, exact, BITS: tl.constexpr, ROW_BYTES: tl.constexpr,
+                 LUT: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, COLUMNS: tl.constexpr,
+                 RING: tl.constexpr):
     """Rows of one role (keys or values): prefix rows from their codes (RING: the `exact` ones from their
-    rotated rows at `ring_ptrs`, as a unit row times its norm like a code), the others copied from `fresh_ptrs`."""
+    rotated unit rows at `ring_ptrs` and norms at `ring_norm_ptrs`, as codes are), the others copied from
+    `fresh_ptrs`."""
     dims = tl.arange(0, HEAD_DIM_PAD)
     if RING:
-        levels, norms = unit_rows(ring_ptrs, exact, page_ptrs, norms_ptr, in_prefix & ~exact, centroids_ptr, BITS,
-                                  ROW_BYTES, HEAD_DIM, HEAD_DIM_PAD, LUT)
+        levels, norms = unit_rows(ring_ptrs, ring_norm_ptrs, exact, page_ptrs, norms_ptr, in_prefix & ~exact,
+                                  centroids_ptr, BITS, ROW_BYTES, HEAD_DIM, HEAD_DIM_PAD, LUT)
     else:
         levels = load_levels(page_ptrs, in_prefix, centroids_ptr, BITS, ROW_BYTES, HEAD_DIM_PAD, LUT)
         norms = load_norms(norms_ptr, in_prefix)
@@ -61,7 +63,7 @@ def _gather_rows(page_ptrs, in_prefix, centroids_ptr, norms_ptr, fresh_ptrs, fre
 def _gather_kernel(
     keys_ptr, values_ptr, cache_ptr, block_table_ptr, seq_lens_ptr, query_start_ptr, key_start_ptr,
     rotation_ptr, key_centroids_ptr, value_centroids_ptr, out_keys_ptr, out_values_ptr, ring_keys_ptr,
-    ring_values_ptr, slot_of_entry_ptr, entry_of_slot_ptr,
+    ring_values_ptr, ring_key_norms_ptr, ring_value_norms_ptr, slot_of_entry_ptr, entry_of_slot_ptr,
     stride_key_token, stride_key_head, stride_value_token, stride_value_head, stride_out_token, stride_out_head,
     stride_table_seq,
     NUM_KV_HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_PAGE_BYTES: tl.constexpr,
@@ -89,7 +91,7 @@ def _gather_kernel(
         if RING:  # the prefix's sinks and latest tokens whose ring entry still holds their slot
             exact, ring_rows = held_rows(blocks.to(tl.int64) * BLOCK_SIZE + offsets,
                                          in_prefix & ((positions < SINKS) | (positions >= prefix_len - RECENT)),
-                                         entry_of_slot_ptr, slot_of_entry_ptr, kv_head, NUM_KV_HEADS, HEAD_DIM)
+                                         entry_of_slot_ptr, slot_of_entry_ptr, kv_head, NUM_KV_HEADS)
         fresh_rows = (query_start + positions - prefix_len).to(tl.int64)
         out_offsets = (tl.load(key_start_ptr + seq) + positions).to(tl.int64) * stride_out_token \
             + kv_head * stride_out_head
@@ -97,14 +99,16 @@ def _gather_kernel(
             _gather_rows(page_ptrs + offsets * KEY_BYTES, in_prefix, key_centroids_ptr,
                          page_ptrs + KEY_NORMS_OFFSET + offsets * 4,
                          keys_ptr + fresh_rows * stride_key_token + kv_head * stride_key_head, fresh,
-                         out_keys_ptr + out_offsets, in_sequence, rotation_ptr, ring_keys_ptr + ring_rows, exact,
-                         KEY_BITS, KEY_BYTES, KEY_LUT, HEAD_DIM, HEAD_DIM_PAD, COLUMNS, RING)
+                         out_keys_ptr + out_offsets, in_sequence, rotation_ptr, ring_keys_ptr + ring_rows * HEAD_DIM,
+                         ring_key_norms_ptr + ring_rows, exact, KEY_BITS, KEY_BYTES, KEY_LUT, HEAD_DIM, HEAD_DIM_PAD,
+                         COLUMNS, RING)
         else:
             _gather_rows(page_ptrs + VALUES_OFFSET + offsets * VALUE_BYTES, in_prefix, value_centroids_ptr,
                          page_ptrs + VALUE_NORMS_OFFSET + offsets * 4,
                          values_ptr + fresh_rows * stride_value_token + kv_head * stride_value_head, fresh,
-                         out_values_ptr + out_offsets, in_sequence, rotation_ptr, ring_values_ptr + ring_rows, exact,
-                         VALUE_BITS, VALUE_BYTES, VALUE_LUT, HEAD_DIM, HEAD_DIM_PAD, COLUMNS, RING)
+                         out_values_ptr + out_offsets, in_sequence, rotation_ptr,
+                         ring_values_ptr + ring_rows * HEAD_DIM, ring_value_norms_ptr + ring_rows, exact, VALUE_BITS,
+                         VALUE_BYTES, VALUE_LUT, HEAD_DIM, HEAD_DIM_PAD, COLUMNS, RING)
 
 
 def gather_sequences(keys: torch.Tensor, values: torch.Tensor, query_start: torch.Tensor, seq_lens: torch.Tensor,
@@ -131,7 +135,7 @@ def gather_sequences(keys: torch.Tensor, values: torch.Tensor, query_start: torc
     if out_keys.stride() != out_values.stride():
         raise ValueError("out_keys and out_values must have the same strides")
     if ring is not None:
-        ring.check(layout, ring.keys.dtype, cache)
+        ring.check(layout, cache)
     if batch == 0 or max_seq_len <= 0:
         return
     _gather_kernel[(batch, triton.cdiv(max_seq_len, GATHER_ROWS), 2 * layout.num_kv_heads)](
@@ -140,7 +144,8 @@ def gather_sequences(keys: torch.Tensor, values: torch.Tensor, query_start: torc
         # without a ring these pointers are never read; the cache stands in for them because its address is
         # always aligned, so the launch reuses one compiled variant (a sliced stand-in would change with
         # the slice's offset: a compile at serving time)
-        *((ring.keys, ring.values, ring.slot_of_entry, ring.entry_of_slot) if ring is not None else (cache,) * 4),
+        *((ring.keys, ring.values, ring.key_norms, ring.value_norms, ring.slot_of_entry, ring.entry_of_slot)
+          if ring is not None else (cache,) * 6),
         keys.stride(0), keys.stride(1), values.stride(0), values.stride(1), out_keys.stride(0), out_keys.stride(1),
         block_table.stride(0),
         **page_constants(layout),

@@ -376,8 +376,8 @@ def _latent_gather_kernel(cache_ptr, block_table_ptr, cu_seq_lens_ptr, seq_start
         rows = (first_row + positions).to(tl.int64)
         kv_c_ptrs = out_kv_c_ptr + rows * stride_out_kv_c
         _gather_rows(page_ptrs + offsets * CODE_BYTES, valid, centroids_ptr, page_ptrs + NORMS_OFFSET + offsets * 4,
-                     kv_c_ptrs, positions < 0, kv_c_ptrs, valid, rotation_ptr, kv_c_ptrs, positions < 0, BITS,
-                     CODE_BYTES, LUT, LATENT_DIM, LATENT_PAD, COLUMNS, False)  # no exact ring
+                     kv_c_ptrs, positions < 0, kv_c_ptrs, valid, rotation_ptr, kv_c_ptrs, kv_c_ptrs, positions < 0,
+                     BITS, CODE_BYTES, LUT, LATENT_DIM, LATENT_PAD, COLUMNS, False)  # no exact ring
         k_pe = _load_rope(page_ptrs, offsets, valid, ROPE_OFFSET, ROPE_DIM, ROPE_PAD, ROPE_BF16)
         rope_dims = tl.arange(0, ROPE_PAD)
         mask = valid[:, None] & (rope_dims < ROPE_DIM)[None, :]

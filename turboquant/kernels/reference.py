@@ -96,15 +96,16 @@ def exact_rows_reference(keys: torch.Tensor, values: torch.Tensor, ring, codec: 
                          block_table_row: torch.Tensor) -> None:
     """In place: of a sequence's dequantized keys and values [length, kv_heads, d] (`gather_sequence_reference`),
     its first `ring.sinks` and latest `ring.recent` rows become the ring's (`exact_ring.ExactRing`, rotated
-    rows, un-rotated here) wherever their slot's entry still holds that slot."""
+    unit rows times their norms, un-rotated here) wherever their slot's entry still holds that slot."""
     block_size, length = codec.layout.block_size, keys.shape[0]
     positions = torch.arange(length, device=keys.device)
     slots = block_table_row[positions // block_size].long() * block_size + positions % block_size
     entries = ring.entry_of_slot[slots].long()
     held = (entries >= 0) & (ring.slot_of_entry[entries.clamp(min=0)] == slots)
     held &= (positions < ring.sinks) | (positions >= length - ring.recent)
-    keys[held] = ring.keys[entries[held]].float() @ codec.rotation
-    values[held] = ring.values[entries[held]].float() @ codec.rotation
+    held_entries = entries[held]
+    for rows, units, norms in ((keys, ring.keys, ring.key_norms), (values, ring.values, ring.value_norms)):
+        rows[held] = (units[held_entries].float() * norms[held_entries][:, :, None]) @ codec.rotation
 
 
 def ring_entries_reference(query_start: torch.Tensor, seq_lens: torch.Tensor, num_tokens: int, num_reqs: int,

@@ -49,15 +49,15 @@ def _quantize_block(x, inverse_norms, block, rotation_ptr, centroids_ptr, bounda
                     PART_SCALE: tl.constexpr, SIGN_SCALE: tl.constexpr, COLUMNS: tl.constexpr, ROWS: tl.constexpr,
                     RING: tl.constexpr):
     """Rotate, quantize and pack coordinates block·COLUMNS … of each row (RING: also store the rotated
-    coordinates of the `ring_rows` at `ring_ptrs`); returns the rows' Σ level² over them (0 without norm
-    correction)."""
+    unit coordinates of the `ring_rows` at `ring_ptrs`, fp16); returns the rows' Σ level² over them (0
+    without norm correction)."""
     dims = tl.arange(0, HEAD_DIM_PAD)
     columns = block * COLUMNS + tl.arange(0, COLUMNS)
     rotated = rotated_columns(x, rotation_ptr, columns, dims, HEAD_DIM, PART_SCALE, SIGN_SCALE, False)
-    if RING:
-        tl.store(ring_ptrs[:, None] + columns[None, :], rotated.to(ring_ptrs.dtype.element_ty),
-                 mask=ring_rows[:, None] & (columns < HEAD_DIM)[None, :])
     unit = rotated * inverse_norms[:, None]
+    if RING:
+        tl.store(ring_ptrs[:, None] + columns[None, :], unit.to(tl.float16),
+                 mask=ring_rows[:, None] & (columns < HEAD_DIM)[None, :])
     # Nearest level = number of decision boundaries below the value (torch.bucketize).
     indices = tl.zeros([ROWS, COLUMNS], dtype=tl.int32)
     if BITS <= 4:
@@ -85,7 +85,8 @@ def _quantize_block(x, inverse_norms, block, rotation_ptr, centroids_ptr, bounda
 
 @triton.jit
 def _quantize_rows(x_ptr, stride_token, stride_head, tokens, rows_valid, head, rotation_ptr, centroids_ptr,
-                   boundaries_ptr, code_ptrs, norm_ptrs, ring_ptrs, ring_rows, NORM_CORRECTION: tl.constexpr,
+                   boundaries_ptr, code_ptrs, norm_ptrs, ring_ptrs, ring_norm_ptrs, ring_rows,
+                   NORM_CORRECTION: tl.constexpr,
                    BITS: tl.constexpr, COORDS: tl.constexpr, GROUP_BYTES: tl.constexpr, HEAD_DIM: tl.constexpr,
                    HEAD_DIM_PAD: tl.constexpr, PART_SCALE: tl.constexpr, SIGN_SCALE: tl.constexpr,
                    COLUMNS: tl.constexpr, ROWS: tl.constexpr, RING: tl.constexpr):
@@ -96,6 +97,8 @@ def _quantize_rows(x_ptr, stride_token, stride_head, tokens, rows_valid, head, r
         levels_sq += _quantize_block(x, inverse_norms, block, rotation_ptr, centroids_ptr, boundaries_ptr, code_ptrs,
                                      rows_valid, ring_ptrs, ring_rows, NORM_CORRECTION, BITS, COORDS, GROUP_BYTES,
                                      HEAD_DIM, HEAD_DIM_PAD, PART_SCALE, SIGN_SCALE, COLUMNS, ROWS, RING)
+    if RING:  # the norm itself: the ring's rows are exact
+        tl.store(ring_norm_ptrs, norms, mask=ring_rows)
     if NORM_CORRECTION:
         norms = _safe_divide(norms, tl.sqrt(levels_sq))
     tl.store(norm_ptrs.to(tl.pointer_type(tl.float32)), norms, mask=rows_valid)
@@ -105,9 +108,10 @@ def _quantize_rows(x_ptr, stride_token, stride_head, tokens, rows_valid, head, r
 def _compress_store_kernel(
     keys_ptr, values_ptr, slot_mapping_ptr, rotation_ptr, cache_ptr,
     key_centroids_ptr, key_boundaries_ptr, value_centroids_ptr, value_boundaries_ptr, queries_ptr,
-    rotated_queries_ptr, entries_ptr, ring_keys_ptr, ring_values_ptr, slot_of_entry_ptr, entry_of_slot_ptr,
-    num_tokens, num_query_tokens, stride_key_token, stride_key_head, stride_value_token,
-    stride_value_head, stride_query_token, stride_query_head, stride_rotated_token, stride_rotated_head,
+    rotated_queries_ptr, entries_ptr, ring_keys_ptr, ring_values_ptr, ring_key_norms_ptr, ring_value_norms_ptr,
+    slot_of_entry_ptr, entry_of_slot_ptr, num_tokens, num_query_tokens, stride_key_token, stride_key_head,
+    stride_value_token, stride_value_head, stride_query_token, stride_query_head, stride_rotated_token,
+    stride_rotated_head,
     GROUP: tl.constexpr, NUM_KV_HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_PAGE_BYTES: tl.constexpr,
     VALUES_OFFSET: tl.constexpr, KEY_NORMS_OFFSET: tl.constexpr, VALUE_NORMS_OFFSET: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, NORM_CORRECTION: tl.constexpr,
@@ -131,7 +135,7 @@ def _compress_store_kernel(
         return
     rows_valid, blocks, offsets = _slots(slot_mapping_ptr, tokens, num_tokens, BLOCK_SIZE)
     page_ptrs = cache_ptr + (blocks * NUM_KV_HEADS + head) * HEAD_PAGE_BYTES
-    # RING (`exact_ring.py`): tokens with an entry also go there, rotated, in the model's dtype; each
+    # RING (`exact_ring.py`): tokens with an entry also go there, rotated, as unit rows and norms; each
     # stored slot records its entry (−1: none), written by one head's key programs
     entries = tl.full([ROWS], -1, tl.int64)
     if RING:
@@ -141,19 +145,19 @@ def _compress_store_kernel(
             tl.store(entry_of_slot_ptr + slots, entries.to(tl.int32), mask=rows_valid)
             tl.store(slot_of_entry_ptr + entries, slots, mask=rows_valid & (entries >= 0))
     ring_rows = rows_valid & (entries >= 0)
-    ring_row = (tl.maximum(entries, 0) * NUM_KV_HEADS + head) * HEAD_DIM
+    ring_row = tl.maximum(entries, 0) * NUM_KV_HEADS + head
     if role == 0:
         _quantize_rows(keys_ptr, stride_key_token, stride_key_head, tokens, rows_valid, head, rotation_ptr,
                        key_centroids_ptr, key_boundaries_ptr, page_ptrs + offsets * KEY_BYTES,
-                       page_ptrs + KEY_NORMS_OFFSET + offsets * 4, ring_keys_ptr + ring_row, ring_rows,
-                       NORM_CORRECTION, KEY_BITS, KEY_COORDS, KEY_GROUP_BYTES, HEAD_DIM, HEAD_DIM_PAD, PART_SCALE,
-                       SIGN_SCALE, COLUMNS, ROWS, RING)
+                       page_ptrs + KEY_NORMS_OFFSET + offsets * 4, ring_keys_ptr + ring_row * HEAD_DIM,
+                       ring_key_norms_ptr + ring_row, ring_rows, NORM_CORRECTION, KEY_BITS, KEY_COORDS,
+                       KEY_GROUP_BYTES, HEAD_DIM, HEAD_DIM_PAD, PART_SCALE, SIGN_SCALE, COLUMNS, ROWS, RING)
     else:
         _quantize_rows(values_ptr, stride_value_token, stride_value_head, tokens, rows_valid, head, rotation_ptr,
                        value_centroids_ptr, value_boundaries_ptr, page_ptrs + VALUES_OFFSET + offsets * VALUE_BYTES,
-                       page_ptrs + VALUE_NORMS_OFFSET + offsets * 4, ring_values_ptr + ring_row, ring_rows,
-                       NORM_CORRECTION, VALUE_BITS, VALUE_COORDS, VALUE_GROUP_BYTES, HEAD_DIM, HEAD_DIM_PAD,
-                       PART_SCALE, SIGN_SCALE, COLUMNS, ROWS, RING)
+                       page_ptrs + VALUE_NORMS_OFFSET + offsets * 4, ring_values_ptr + ring_row * HEAD_DIM,
+                       ring_value_norms_ptr + ring_row, ring_rows, NORM_CORRECTION, VALUE_BITS, VALUE_COORDS,
+                       VALUE_GROUP_BYTES, HEAD_DIM, HEAD_DIM_PAD, PART_SCALE, SIGN_SCALE, COLUMNS, ROWS, RING)
 
 
 # Up to this many tokens a store is latency-bound (a decode step of up to 64 sequences): 16-bit rows at
@@ -222,7 +226,7 @@ def compress_store(keys: torch.Tensor, values: torch.Tensor, slot_mapping: torch
         check_device_tensor(rotated_queries, "rotated_queries", (torch.float32,), queries.shape, cache.device)
         group = queries.shape[1] // layout.num_kv_heads
     if ring is not None:
-        ring.check(layout, keys.dtype, cache)
+        ring.check(layout, cache)
         check_device_tensor(entries, "entries", (torch.int32,), None, cache.device)
         if entries.ndim != 1 or entries.shape[0] < num_tokens:
             raise ValueError(f"entries must be int32 [>= {num_tokens}], got {tuple(entries.shape)}")
@@ -235,8 +239,9 @@ def compress_store(keys: torch.Tensor, values: torch.Tensor, slot_mapping: torch
     # without query programs these pointers and strides are never read
     query_in, query_out = (queries, rotated_queries) if group else (keys, keys)
     # without a ring these pointers are never read either
-    ring_tensors = (entries, ring.keys, ring.values, ring.slot_of_entry, ring.entry_of_slot) if ring is not None \
-        else (slot_mapping, keys, values, slot_mapping, slot_mapping)
+    ring_tensors = (entries, ring.keys, ring.values, ring.key_norms, ring.value_norms, ring.slot_of_entry,
+                    ring.entry_of_slot) if ring is not None else (slot_mapping, keys, values, keys, keys, slot_mapping,
+                                                                  slot_mapping)
     _compress_store_kernel[grid](
         keys, values, slot_mapping, rotation, cache,
         codec.key_centroids, codec.key_boundaries, codec.value_centroids, codec.value_boundaries, query_in,

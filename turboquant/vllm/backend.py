@@ -262,7 +262,7 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
         # the ring's rows now, with the model, so that vLLM's memory profile leaves them out of the KV budget
         self.exact_rows = ExactRing.allocate_rows(
             sum(ExactTokens.capacities(*exact_counts, vllm_config.scheduler_config.max_num_seqs)),
-            self.num_kv_heads, head_size, vllm_config.model_config.dtype,
+            self.num_kv_heads, head_size,
             torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu") \
             if any(exact_counts) else None  # None: this layer reads every token compressed
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name

@@ -1,4 +1,4 @@
-"""Sink and recent tokens in the model's dtype for vLLM decode steps (`exact_sinks`, `exact_recent`; on by
+"""Sink and recent tokens, uncompressed, for vLLM decode steps (`exact_sinks`, `exact_recent`; on by
 default where a layer can read them: `settings.VllmSettings.exact_counts`).
 
 The paged cache holds every token compressed; vLLM gives a backend no per-request identity to hang a
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ..kernels import ExactRing
+from ..kernels.exact_ring import RingRows
 from ..kernels.ring_entries import hand_out_ring_entries
 
 # The ring holds the sinks and latest tokens of this many sequences (or of max_num_seqs, if fewer): 1.2 GB
@@ -67,13 +68,13 @@ class ExactTokens:
                               self.middle_ends, self.sinks, self.recent, self.sink_capacity, self.recent_capacity)
         return ExactStep(self, self.entries, self.middle_ends[:num_decodes], self.middle_starts[:num_decodes])
 
-    def ring(self, layout, num_blocks: int, rows: tuple[torch.Tensor, torch.Tensor]) -> ExactRing:
+    def ring(self, layout, num_blocks: int, rows: RingRows) -> ExactRing:
         """A layer's ring on its `rows` (allocated with the model, so that vLLM's memory profile counts them)
         and the slot tables of the engine's first ring (their size is known once the cache's is)."""
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             raise RuntimeError("turboquant exact tokens: a layer's ring must exist before CUDA graph capture")
-        ring = ExactRing.allocate(self.capacity, layout, num_blocks, self.sinks, self.recent, rows[0].dtype,
-                                  rows[0].device, tables=self.tables, rows=rows)
+        ring = ExactRing.allocate(self.capacity, layout, num_blocks, self.sinks, self.recent, rows[0].device,
+                                  tables=self.tables, rows=rows)
         if self.tables is None:
             self.tables = ring
         return ring
