@@ -240,8 +240,8 @@ def compress_store(keys: torch.Tensor, values: torch.Tensor, slot_mapping: torch
     query_in, query_out = (queries, rotated_queries) if group else (keys, keys)
     # without a ring these pointers are never read either
     ring_tensors = (entries, ring.keys, ring.values, ring.key_norms, ring.value_norms, ring.slot_of_entry,
-                    ring.entry_of_slot) if ring is not None else (slot_mapping, keys, values, keys, keys, slot_mapping,
-                                                                  slot_mapping)
+                    ring.entry_of_slot) if ring is not None \
+        else (slot_mapping, keys, values, keys, keys, slot_mapping, slot_mapping)
     _compress_store_kernel[grid](
         keys, values, slot_mapping, rotation, cache,
         codec.key_centroids, codec.key_boundaries, codec.value_centroids, codec.value_boundaries, query_in,
