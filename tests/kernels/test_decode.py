@@ -222,14 +222,16 @@ def test_split_reduction_in_blocks_matches_one_softmax(num_splits, split_block, 
     assert out_lse[2, 3] == float("-inf") and (out[2, 3] == 0).all()
 
 
+@pytest.mark.parametrize("query_rotated", [True, False])
 @pytest.mark.parametrize("like_hopper", [False, True])
 @pytest.mark.parametrize("head_dim, num_q_heads, num_kv_heads, table_blocks", [(128, 32, 8, 2064), (64, 4, 2, 512)])
-def test_calls_at_the_variant_batches_launch_every_variant_of_any_batch(like_hopper, head_dim, num_q_heads,
-                                                                        num_kv_heads, table_blocks, device,
-                                                                        monkeypatch):
+def test_calls_at_the_variant_batches_launch_every_variant_of_any_batch(query_rotated, like_hopper, head_dim,
+                                                                        num_q_heads, num_kv_heads, table_blocks,
+                                                                        device, monkeypatch):
     """`variant_batches`: a call of any batch up to the limit launches kernel variants that calls at those
     batches launched (recorded, not run). `like_hopper`: the launch decisions a Hopper GPU takes
-    (programmatic dependent launch, the fragment kernel), which the interpreter otherwise leaves out."""
+    (programmatic dependent launch, the fragment kernel), which the interpreter otherwise leaves out.
+    Unrotated queries: each call rotates them too, at a tile height that follows the batch."""
     from turboquant.kernels import decode, decode_fragments
 
     from .launches import recorded_launches
@@ -240,7 +242,8 @@ def test_calls_at_the_variant_batches_launch_every_variant_of_any_batch(like_hop
     codec = make_codec(head_dim, 4, 4, num_kv_heads=num_kv_heads, block_size=16, device=device)
     cache = codec.layout.allocate(4, device)
     most = 600
-    batches = decode.variant_batches(codec, num_q_heads // num_kv_heads, table_blocks * 16, cache.device, most)
+    batches = decode.variant_batches(codec, num_q_heads // num_kv_heads, table_blocks * 16, cache.device, most,
+                                     rotates_queries=not query_rotated)
 
     def launched(batch_sizes):
         with recorded_launches() as recorded:
@@ -248,7 +251,7 @@ def test_calls_at_the_variant_batches_launch_every_variant_of_any_batch(like_hop
                 paged_decode_attention(torch.zeros(batch, num_q_heads, head_dim, device=device), cache, codec,
                                        torch.zeros(batch, table_blocks, dtype=torch.int32, device=device),
                                        torch.zeros(batch, dtype=torch.int32, device=device), 0.1,
-                                       query_rotated=True, after_store=True)
+                                       query_rotated=query_rotated, after_store=True)
         return set(recorded)
 
     compiled = launched(batches)

@@ -342,16 +342,18 @@ def split_plan(codec: KernelCodec, batch: int, group: int, max_tokens: int, devi
     return SplitPlan(min_span, triton_splits, num_splits)
 
 
-def variant_batches(codec: KernelCodec, group: int, max_tokens: int, device: torch.device, most: int) -> list[int]:
+def variant_batches(codec: KernelCodec, group: int, max_tokens: int, device: torch.device, most: int,
+                    rotates_queries: bool = False) -> list[int]:
     """The smallest batch of each set of kernel variants that `paged_decode_attention` calls of 1 … `most`
     sequences launch by default: the variants follow which split kernels run and their split counts (not
-    the fragment kernel's span, a run-time value), a batch of one (chained launches) and, where the
-    reduction does not un-rotate, the inverse rotation's tile height. Calls at these batches compile all
-    of them (an engine before serving: `vllm.backend`)."""
+    the fragment kernel's span, a run-time value), a batch of one (chained launches) and the tile height of
+    each rotation of the batch's rows: the output's where the reduction does not un-rotate, the query's
+    where the calls rotate it (`rotates_queries`: an unrotated query, or `store=`). Calls at these batches
+    compile all of them (an engine before serving: `vllm.backend`)."""
     seen, batches, pad = set(), [], head_dim_pad(codec.layout.head_dim)
     for batch in range(1, most + 1):
         plan = split_plan(codec, batch, group, max_tokens, device)
-        tall_rotation = (not reduction_unrotates(plan.num_splits, pad)
+        tall_rotation = ((rotates_queries or not reduction_unrotates(plan.num_splits, pad))
                          and batch > ROTATE_SHORT_TILE_MAX_TOKENS)
         key = (plan.min_span is None, plan.min_span == 0, plan.triton_splits, plan.num_splits, batch == 1,
                tall_rotation)

@@ -215,6 +215,17 @@ class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
         )
 
 
+def skipped_step(tokens: int, key: torch.Tensor, value: torch.Tensor, query: torch.Tensor,
+                 meta: TurboQuantMetadata) -> tuple[torch.Tensor, ...]:
+    """Zeroed keys, values and queries of `tokens` rows with the step's strides (Triton compiles a variant
+    per divisibility of each stride), a slot mapping of the step's dtype that skips every row, and ring
+    entries that skip them too: a store that writes nothing, for compiling before serving."""
+    keys, values, queries = (torch.empty_strided((tokens, *x.shape[1:]), x.stride(), dtype=x.dtype,
+                                                 device=x.device).zero_() for x in (key, value, query))
+    skipped = torch.full((tokens,), -1, dtype=meta.slot_mapping.dtype, device=key.device)
+    return keys, values, queries, skipped, skipped.to(torch.int32)
+
+
 def exact_tokens_unsupported(sliding_window: int | None, kv_sharing_target_layer_name: str | None) -> str | None:
     """Where a layer cannot read exact tokens from a ring, why (completing "exact tokens are off …"); else None."""
     if envs.VLLM_BATCH_INVARIANT:
@@ -363,15 +374,12 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
         self.serving_uncompiled = False
         if self.kv_sharing_target_layer_name is None:
             for tokens in tile_token_counts(self.max_step_tokens):
-                # the step's strides: Triton compiles a variant per divisibility of each stride
-                keys, values, queries = (torch.empty_strided((tokens, *x.shape[1:]), x.stride(), dtype=x.dtype,
-                                                             device=x.device).zero_() for x in (key, value, query))
-                skipped = torch.full((tokens,), -1, dtype=meta.slot_mapping.dtype, device=kv_cache.device)
-                entries = None if self.exact_ring is None else skipped.to(torch.int32)
+                keys, values, queries, skipped, entries = skipped_step(tokens, key, value, query, meta)
+                entries = None if self.exact_ring is None else entries
                 for with_queries in (False, True):
                     compress_store(keys, values, skipped, kv_cache, codec, queries=queries if with_queries else None,
                                    launch_dependents=with_queries, ring=self.exact_ring, entries=entries)
-        self._compile_decode_kernels(query, kv_cache, codec, meta.block_table.shape[1])
+        self._compile_decode_kernels(query, key, value, kv_cache, codec, meta)
         zeros = torch.zeros(2, dtype=torch.int32, device=kv_cache.device)  # query_start, seq_lens, key_start
         table = meta.block_table[:1]
         if self.gathers:
@@ -385,24 +393,35 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
                              out=torch.empty(tokens, self.num_heads, self.head_size, dtype=query.dtype,
                                              device=query.device))
 
-    def _compile_decode_kernels(self, query, kv_cache, codec, table_width: int) -> None:
+    def _compile_decode_kernels(self, query, key, value, kv_cache, codec, meta: TurboQuantMetadata) -> None:
         """`paged_decode_attention` as forward calls it, over empty sequences, at each batch of distinct
-        kernel variants up to the most decode queries a step holds (`_compile_serving_kernels`)."""
+        kernel variants up to the most decode queries a step holds (`_compile_serving_kernels`): after the
+        store as mixed steps call it, and with a ring also handed the store as decode-only steps do (a store
+        over skipped slots, the queries unrotated with forward's strides)."""
         most_route_tokens = decode_route_max_tokens(self.num_kv_heads, multiprocessor_count(kv_cache.device),
                                                     self.max_num_seqs)
         most = min(self.max_step_tokens, max(self.max_num_seqs, most_route_tokens))
-        rotated = self.kv_sharing_target_layer_name is None  # by the store, as forward's queries are
+        table_width = meta.block_table.shape[1]
+        rotated = self._stores(key)  # by the store, as forward's queries are
+        ring = self.exact_ring
+        store_handed = rotated and ring is not None and ring.recent > 0  # forward's decode-only steps
         for batch in variant_batches(codec, self.num_heads // self.num_kv_heads, table_width * codec.layout.block_size,
-                                     kv_cache.device, most):
+                                     kv_cache.device, most, rotates_queries=store_handed):
             empty = torch.zeros(batch, dtype=torch.int32, device=kv_cache.device)
+            table = torch.zeros(batch, table_width, dtype=torch.int32, device=kv_cache.device)
+            out = torch.empty(batch, self.num_heads, self.head_size, dtype=query.dtype, device=kv_cache.device)
             queries = torch.zeros(batch, self.num_heads, self.head_size, device=kv_cache.device,
                                   dtype=torch.float32 if rotated else query.dtype)
-            paged_decode_attention(
-                queries, kv_cache, codec, torch.zeros(batch, table_width, dtype=torch.int32, device=kv_cache.device),
-                empty, self.scale, self.sliding_window, self.softcap,
-                out=torch.empty(batch, self.num_heads, self.head_size, dtype=query.dtype, device=kv_cache.device),
-                query_rotated=rotated, after_store=True, exact=self.exact_ring,
-                exact_middle=None if self.exact_ring is None else (empty, empty))
+            paged_decode_attention(queries, kv_cache, codec, table, empty, self.scale, self.sliding_window,
+                                   self.softcap, out=out, query_rotated=rotated, after_store=True, exact=ring,
+                                   exact_middle=None if ring is None else (empty, empty))
+            if store_handed:
+                keys, values, queries, skipped, entries = skipped_step(batch, key, value, query, meta)
+                paged_decode_attention(
+                    queries, kv_cache, codec, table, empty, self.scale, self.sliding_window, self.softcap, out=out,
+                    exact=ring, exact_middle=(empty, empty),
+                    store=lambda q: compress_store(keys, values, skipped, kv_cache, codec, queries=q,
+                                                   launch_dependents=q is not None, ring=ring, entries=entries))
 
     def _stores(self, key) -> bool:
         """Whether this layer stores its keys and values (not where it reads the cache of an earlier layer)."""

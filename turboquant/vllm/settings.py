@@ -40,8 +40,8 @@ class VllmSettings:
     boundary_bits: int = 8
     seed: int = 0
     # Decode steps read each sequence's first `exact_sinks` and latest `exact_recent` tokens uncompressed
-    # (fp16 unit rows and fp32 norms), from a ring beside the cache (`exact_tokens.py`). None: DEFAULT_EXACT_TOKENS' count, on the
-    # layers that can (`exact_counts`); 0 and 0 turn the ring off.
+    # (fp16 unit rows and fp32 norms), from a ring beside the cache (`exact_tokens.py`). None:
+    # DEFAULT_EXACT_TOKENS' count, on the layers that can (`exact_counts`); 0 and 0 turn the ring off.
     exact_sinks: int | None = None
     exact_recent: int | None = None
 
