@@ -22,8 +22,8 @@ from kernels import BLOCK_SIZE, block_table_for, graph_time_ms, random_compresse
 from turboquant.core import TurboQuantConfig  # noqa: E402 (kernels.py puts the repository on sys.path)
 from turboquant.kernels import extend as extend_module  # noqa: E402
 from turboquant.kernels.codec import KernelCodec  # noqa: E402
-from turboquant.kernels.decode import (ANY_SPAN, _decode_split_kernel, default_num_splits,  # noqa: E402
-                                       paged_decode_attention)
+from turboquant.kernels.decode import (ANY_SPAN, _decode_split_kernel, decode_launch,  # noqa: E402
+                                       default_num_splits, paged_decode_attention)
 from turboquant.kernels.launch import head_dim_pad, lookup_constants, page_constants  # noqa: E402
 
 HEAD_DIM, NUM_KV_HEADS, NUM_Q_HEADS = 128, 8, 32  # Llama-3.1-8B attention
@@ -56,16 +56,18 @@ def decode_rows(batch: int, context: int, key_bits: int, value_bits: int) -> lis
         splits = default_num_splits(batch, NUM_KV_HEADS, context, tile, 132)
         partial_out = torch.empty(batch, NUM_Q_HEADS, splits, head_dim_pad(HEAD_DIM), device="cuda")
         partial_lse = torch.empty(batch, NUM_Q_HEADS, splits, device="cuda")
-        lookups = lookup_constants(codec) if lookup == "lut" else GATHER
+        lookups = lookup_constants(codec, table_inputs=True) if lookup == "lut" else GATHER
+        token_rows = decode_launch(HEAD_DIM, key_bits, value_bits, lookup == "lut")["TOKEN_ROWS"]
 
         def run():
             return _decode_split_kernel[(batch, NUM_KV_HEADS, splits)](
                 query, cache, table, seq_lens, seq_lens, codec.key_centroids_fp16, codec.value_centroids_fp16,
-                partial_out, partial_lse, query.stride(0), query.stride(1), table.stride(0), HEAD_DIM**-0.5, 0.0, 0,
-                0, ANY_SPAN, GROUP=NUM_Q_HEADS // NUM_KV_HEADS, GROUP_PAD=16, NUM_SPLITS=splits, PARTIAL_SPLITS=splits,
+                codec.lut_lane_tables, partial_out, partial_lse, query.stride(0), query.stride(1), table.stride(0),
+                HEAD_DIM**-0.5, 0.0, 0, 0, ANY_SPAN, GROUP=NUM_Q_HEADS // NUM_KV_HEADS, GROUP_PAD=16,
+                NUM_SPLITS=splits, PARTIAL_SPLITS=splits,
                 **page_constants(codec.layout),
                 **lookups, USE_SOFTCAP=False, USE_WINDOW=False, USE_STARTS=False, TILE=tile, REDUCTION_NEXT=False,
-                READERS_NEXT=False, WAIT_FOR_QUERY=False, num_warps=warps,
+                READERS_NEXT=False, WAIT_FOR_QUERY=False, TOKEN_ROWS=token_rows, num_warps=warps,
                 num_stages=stages)
         try:
             kernel = run()

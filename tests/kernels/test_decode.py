@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from turboquant.kernels import decode
 from turboquant.kernels.decode import launch_triton_split, paged_decode_attention, reduce_splits
 from turboquant.kernels.reference import decode_reference
 from turboquant.kernels.rotate import rotate
@@ -38,6 +39,29 @@ def test_decode_matches_reference(head_dim, key_bits, value_bits, block_size, nu
                                               return_lse=True, **options)
     torch.testing.assert_close(out, expected, **TOLERANCE)
     torch.testing.assert_close(lse, expected_lse, **TOLERANCE)
+
+
+@pytest.mark.parametrize("token_rows", [True, False])
+@pytest.mark.parametrize("case", [CASES[0], CASES[4]])
+@pytest.mark.parametrize("options", [{"softcap": 4.0}, {"key_starts": [0, 1, 30, 96]}])
+def test_both_orientations_of_the_split_kernel_match_the_reference(token_rows, case, options, device, generator,
+                                                                    monkeypatch):
+    """`decode_launch` picks the orientation by the codec's widths and lookups (the interpreter gathers, so
+    by default it runs one): each is forced here."""
+    chosen = decode.decode_launch
+    monkeypatch.setattr(decode, "decode_launch", lambda *args: chosen(*args) | {"TOKEN_ROWS": token_rows})
+    head_dim, key_bits, value_bits, block_size, num_q_heads, num_kv_heads = case
+    codec = make_codec(head_dim, key_bits, value_bits, num_kv_heads, block_size, device)
+    seq_lens = [150, 1, 64, 97]
+    cache, block_table = filled_cache(codec, seq_lens, generator, device)
+    query = torch.randn(len(seq_lens), num_q_heads, head_dim, generator=generator).to(device)
+    lengths = torch.tensor(seq_lens, dtype=torch.int32, device=device)
+    if "key_starts" in options:
+        options = {"key_starts": torch.tensor(options["key_starts"], dtype=torch.int32, device=device)}
+    out = paged_decode_attention(query, cache, codec, block_table, lengths, head_dim**-0.5, num_splits=3,
+                                 fragments=False, **options)
+    expected = decode_reference(query, cache, codec, block_table, lengths, head_dim**-0.5, **options)
+    torch.testing.assert_close(out, expected, **TOLERANCE)
 
 
 @pytest.mark.parametrize("num_splits", [1, 2, 5, 16, 17])  # 17: the un-rotation in a launch of its own

@@ -44,11 +44,15 @@ class KernelCodec:
     # kernel wrapper must not read device tensors back (CUDA graph capture).
     key_lut_asm: str
     value_lut_asm: str
-    # The same lookups for 4-bit codes in the fragment decode kernel (`decode_fragments.py`): PTX that
-    # takes the table words as inputs ("" otherwise), and those words, one copy per lane ([8, 32] int32:
-    # the key tables' four words, then the value tables').
+    # The same lookups taking the table words as inputs (`dequant_asm(..., table_inputs=True)`), for
+    # kernels that load `lut_lane_tables` once (the Triton decode split kernel), and for 4-bit codes in
+    # the fragment decode kernel (`decode_fragments.py`) as fp16 pairs; "" where there is no lookup.
+    key_table_lut_asm: str
+    value_table_lut_asm: str
     key_pairs_lut_asm: str
     value_pairs_lut_asm: str
+    # The table words, one copy per lane ([8, 32] int32: the key lookup's four words, then the value
+    # lookup's; zeros for codes of other widths).
     lut_lane_tables: torch.Tensor
 
     @property
@@ -93,6 +97,9 @@ class KernelCodec:
             key_centroids_fp16=key_levels.to(device), value_centroids_fp16=value_levels.to(device),
             key_lut_asm=dequant_asm(key_levels) if config.key_bits in LUT_BITS else "",
             value_lut_asm=dequant_asm(value_levels) if config.value_bits in LUT_BITS else "",
+            key_table_lut_asm=dequant_asm(key_levels, table_inputs=True) if config.key_bits in LUT_BITS else "",
+            value_table_lut_asm=(dequant_asm(value_levels, table_inputs=True) if config.value_bits in LUT_BITS
+                                 else ""),
             key_pairs_lut_asm=dequant_pairs_asm(key_levels) if config.key_bits == 4 else "",
             value_pairs_lut_asm=dequant_pairs_asm(value_levels) if config.value_bits == 4 else "",
             lut_lane_tables=lane_tables(key_levels, value_levels).to(device),
@@ -100,10 +107,10 @@ class KernelCodec:
 
 
 def lane_tables(key_levels: torch.Tensor, value_levels: torch.Tensor) -> torch.Tensor:
-    """[8, 32] int32: the four table words of each 4-bit codebook's lookup (zeros for other widths), each
-    repeated once per lane of a warp."""
+    """[8, 32] int32: the four table words of each 3- or 4-bit codebook's lookup (zeros for other widths),
+    each repeated once per lane of a warp."""
     words = [word for levels in (key_levels, value_levels)
-             for word in (lookup_tables(levels) if levels.numel() == 16 else (0, 0, 0, 0))]
+             for word in (lookup_tables(levels) if levels.numel() in (8, 16) else (0, 0, 0, 0))]
     signed = torch.tensor(words, dtype=torch.int64)
     signed = torch.where(signed >= 1 << 31, signed - (1 << 32), signed).to(torch.int32)
     return signed[:, None].expand(8, 32).contiguous()

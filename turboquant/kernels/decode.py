@@ -29,7 +29,7 @@ from .group_query import load_group_query
 from .launch import (FLOAT_DTYPES, SLICED_METADATA, check_block_table, check_codec_device, check_device_tensor,
                      head_dim_pad, lookup_constants, multiprocessor_count, page_constants,
                      programmatic_launch, programmatic_launch_available)
-from .packed_tile import load_levels, load_norms
+from .packed_tile import lane_lookup_tables, load_levels, load_norms
 from .rotate import SHORT_TILE_MAX_TOKENS as ROTATE_SHORT_TILE_MAX_TOKENS
 from .rotate import rotate, rotated_columns, rotation_columns
 from .softmax import empty_softmax_state, online_softmax_step, tanh
@@ -39,20 +39,24 @@ from .visible_keys import first_visible_key
 def decode_launch(head_dim: int, key_bits: int, value_bits: int, byte_permute: bool) -> dict:
     """Tokens per tile and Triton's warps/pipeline depth, from sweeps on an H100 (b32 × 16K/32K, b8 × 32K;
     benchmarks/results/launch-sweep-h100.json). Byte-permute lookups (`lut_asm.py`) run best without
-    software pipelining, 4-bit ones with the shorter tile."""
+    software pipelining, 4-bit ones with the shorter tile. TOKEN_ROWS (the kernel's orientation) where
+    keys and values are 4-bit lookups: H200, 4–14% faster there (b32 × 1K 0.0381 against 0.0416 ms),
+    where 3-bit lookups and gathers ran up to 10% slower (benchmarks/results/decode-variants-h200.md)."""
+    token_rows = byte_permute and key_bits == value_bits == 4
     if head_dim > 128:
         if 3 in (key_bits, value_bits):  # d=256 at 3 bits: a 64-token tile exceeds shared memory
-            return dict(TILE=32, num_warps=4, num_stages=1)
-        return dict(TILE=64, num_warps=4, num_stages=2)
+            return dict(TILE=32, num_warps=4, num_stages=1, TOKEN_ROWS=token_rows)
+        return dict(TILE=64, num_warps=4, num_stages=2, TOKEN_ROWS=token_rows)
     if byte_permute:
-        return dict(TILE=64 if 4 in (key_bits, value_bits) else 128, num_warps=4, num_stages=1)
-    return dict(TILE=128, num_warps=4, num_stages=2)
+        return dict(TILE=64 if 4 in (key_bits, value_bits) else 128, num_warps=4, num_stages=1,
+                    TOKEN_ROWS=token_rows)
+    return dict(TILE=128, num_warps=4, num_stages=2, TOKEN_ROWS=token_rows)
 
 
 @triton.jit(do_not_specialize=["min_span", "max_span"], do_not_specialize_on_alignment=SLICED_METADATA)
 def _decode_split_kernel(
     query_ptr, cache_ptr, block_table_ptr, seq_lens_ptr, key_starts_ptr, key_centroids_ptr, value_centroids_ptr,
-    partial_out_ptr, partial_lse_ptr,
+    lut_tables_ptr, partial_out_ptr, partial_lse_ptr,
     stride_query_seq, stride_query_head, stride_table_seq, scale, softcap, sliding_window, min_span, max_span,
     NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr,
     PARTIAL_SPLITS: tl.constexpr,
@@ -62,7 +66,7 @@ def _decode_split_kernel(
     KEY_BITS: tl.constexpr, KEY_BYTES: tl.constexpr, KEY_LUT: tl.constexpr, VALUE_BITS: tl.constexpr,
     VALUE_BYTES: tl.constexpr, VALUE_LUT: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr,
     USE_STARTS: tl.constexpr, TILE: tl.constexpr, REDUCTION_NEXT: tl.constexpr, READERS_NEXT: tl.constexpr,
-    WAIT_FOR_QUERY: tl.constexpr,
+    WAIT_FOR_QUERY: tl.constexpr, TOKEN_ROWS: tl.constexpr,
 ):
     if REDUCTION_NEXT:  # the reduction, launched programmatically next, waits for this grid to end: start it now
         gdc_launch_dependents()
@@ -85,6 +89,17 @@ def _decode_split_kernel(
                                            GROUP, GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD)
     dims = tl.arange(0, HEAD_DIM_PAD)
     running_max, running_sum, acc = empty_softmax_state(GROUP_PAD, HEAD_DIM_PAD)
+    # TOKEN_ROWS: the tile's tokens are the rows of both products (scores [TILE, GROUP_PAD], the value sum
+    # transposed [HEAD_DIM_PAD, GROUP_PAD]), so a tile of 64+ tokens is a Hopper warpgroup MMA (wgmma);
+    # else the query heads are (scores [GROUP_PAD, TILE]). AXIS: the tokens' axis of the scores.
+    AXIS: tl.constexpr = 0 if TOKEN_ROWS else 1
+    if TOKEN_ROWS:
+        query_t = tl.trans(query)
+        acc = tl.trans(acc)
+
+    # the byte-permute lookups' table words, held in registers (`lane_lookup_tables`)
+    key_tables = lane_lookup_tables(lut_tables_ptr, 0) if KEY_LUT != "" else None
+    value_tables = lane_lookup_tables(lut_tables_ptr, 4) if VALUE_LUT != "" else None
 
     table_ptr = block_table_ptr + seq * stride_table_seq
     for start in range(lo, hi, TILE):
@@ -95,20 +110,31 @@ def _decode_split_kernel(
         offsets = tokens % BLOCK_SIZE
 
         keys = load_levels(page_ptrs + offsets * KEY_BYTES, valid, key_centroids_ptr, KEY_BITS, KEY_BYTES,
-                           HEAD_DIM_PAD, KEY_LUT)
+                           HEAD_DIM_PAD, KEY_LUT, key_tables)
         key_norms = load_norms(page_ptrs + KEY_NORMS_OFFSET + offsets * 4, valid)
-        scores = tl.dot(query, tl.trans(keys)) * key_norms[None, :]
+        if TOKEN_ROWS:
+            scores = tl.dot(keys, query_t)
+        else:
+            scores = tl.dot(query, tl.trans(keys))
+        scores = scores * tl.expand_dims(key_norms, 1 - AXIS)
         if USE_SOFTCAP:
             scores = softcap * tanh(scores / softcap)
-        scores = tl.where(valid[None, :], scores * 1.4426950408889634, float("-inf"))  # log2 units
+        # log2 units
+        scores = tl.where(tl.expand_dims(valid, 1 - AXIS), scores * 1.4426950408889634, float("-inf"))
 
-        probs, correction, new_max, running_sum = online_softmax_step(scores, running_max, running_sum)
+        probs, correction, new_max, running_sum = online_softmax_step(scores, running_max, running_sum, AXIS)
 
         values = load_levels(page_ptrs + VALUES_OFFSET + offsets * VALUE_BYTES, valid, value_centroids_ptr,
-                             VALUE_BITS, VALUE_BYTES, HEAD_DIM_PAD, VALUE_LUT)
+                             VALUE_BITS, VALUE_BYTES, HEAD_DIM_PAD, VALUE_LUT, value_tables)
         value_norms = load_norms(page_ptrs + VALUE_NORMS_OFFSET + offsets * 4, valid)
-        acc = acc * correction[:, None] + tl.dot((probs * value_norms[None, :]).to(tl.float16), values)
+        weights = (probs * tl.expand_dims(value_norms, 1 - AXIS)).to(tl.float16)
+        if TOKEN_ROWS:
+            acc = acc * correction[None, :] + tl.dot(tl.trans(values), weights)
+        else:
+            acc = acc * correction[:, None] + tl.dot(weights, values)
         running_max = new_max
+    if TOKEN_ROWS:
+        acc = tl.trans(acc)
 
     partial = (seq * NUM_KV_HEADS * GROUP + heads) * PARTIAL_SPLITS + split
     head_mask = group < GROUP
@@ -282,10 +308,10 @@ def launch_triton_split(rotated_query: torch.Tensor, cache: torch.Tensor, codec:
     if partial_splits % num_splits:
         raise ValueError(f"num_splits ({num_splits}) must divide the partials' {partial_splits} splits")
     group = num_q_heads // layout.num_kv_heads
-    lookups = lookup_constants(codec)
+    lookups = lookup_constants(codec, table_inputs=True)
     _decode_split_kernel[(batch, layout.num_kv_heads, num_splits)](
         rotated_query, cache, block_table, seq_lens, seq_lens if key_starts is None else key_starts,
-        codec.key_centroids_fp16, codec.value_centroids_fp16,
+        codec.key_centroids_fp16, codec.value_centroids_fp16, codec.lut_lane_tables,
         partial_out, partial_lse, rotated_query.stride(0), rotated_query.stride(1), block_table.stride(0),
         float(scale), float(softcap or 0.0), int(sliding_window or 0), int(min_span), int(max_span),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), NUM_SPLITS=num_splits,

@@ -54,14 +54,16 @@ def page_constants(layout: PagedLayout) -> dict:
     )
 
 
-def lookup_constants(codec: KernelCodec, bits: tuple[int, ...] = LUT_BITS) -> dict:
+def lookup_constants(codec: KernelCodec, bits: tuple[int, ...] = LUT_BITS, table_inputs: bool = False) -> dict:
     """How the attention kernels turn indices into levels: byte-permute PTX for codes of `bits` bits
-    (see `lut_asm.py`), else "" (gather from the fp16 codebook)."""
+    (see `lut_asm.py`; `table_inputs`: the form that takes the table words as inputs), else "" (gather
+    from the fp16 codebook)."""
     available = byte_permute_available(codec.device)
+    form = "table_lut_asm" if table_inputs else "lut_asm"
 
     def lut(role: str) -> str:
         wanted = available and getattr(codec.layout, f"{role}_bits") in bits
-        return getattr(codec, f"{role}_lut_asm") if wanted else ""
+        return getattr(codec, f"{role}_{form}") if wanted else ""
     return dict(KEY_LUT=lut("key"), VALUE_LUT=lut("value"))
 
 

@@ -97,11 +97,15 @@ def _lookups(centroids: torch.Tensor, word: str, emit_pair, tables: tuple[str, s
                    + _lookup_half("jh", "shi", high, tables))
 
 
-def dequant_asm(centroids: torch.Tensor) -> str:
+def dequant_asm(centroids: torch.Tensor, table_inputs: bool = False) -> str:
     """PTX mapping one 32-bit input ($8: a word of eight 4-bit indices, or eight 3-bit indices in its
     low 24 bits) to its eight fp16 levels, $0..$7 in index order. Each output is a function of the
-    one input, so the asm is elementwise whatever layout Triton gives the tensors."""
-    return "{\n" + _lookups(centroids, "$8", lambda k: f"mov.b32 {{${2 * k}, ${2 * k + 1}}}, t;\n") + "}"
+    one input, so the asm is elementwise whatever layout Triton gives the tensors. `table_inputs`: the
+    four table words (`lookup_tables`) are inputs $9..$12 instead of constants, so a kernel that loads
+    them once keeps them in registers (a constant, or a value every lane shares, is copied into a
+    register before every byte permute)."""
+    tables = ("$9", "$10", "$11", "$12") if table_inputs else None
+    return "{\n" + _lookups(centroids, "$8", lambda k: f"mov.b32 {{${2 * k}, ${2 * k + 1}}}, t;\n", tables) + "}"
 
 
 def dequant_pairs_asm(centroids: torch.Tensor) -> str:

@@ -154,27 +154,29 @@ def load_codes(row_ptrs, row_mask, BITS: tl.constexpr, ROW_BYTES: tl.constexpr, 
 
 
 @triton.jit
-def code_levels(codes, centroids_ptr, BITS: tl.constexpr, LUT_ASM: tl.constexpr):
+def code_levels(codes, centroids_ptr, BITS: tl.constexpr, LUT_ASM: tl.constexpr, tables=None):
     """`load_codes`' tile → [ROWS, HEAD_DIM_PAD] fp16 codebook levels: by byte permutation when the
-    wrapper passes the codec's PTX (`lut_asm.py`), else by gathering from `centroids_ptr` (fp16)."""
+    wrapper passes the codec's PTX (`lut_asm.py`), else by gathering from `centroids_ptr` (fp16).
+    `tables`: the lookup's four table words, for PTX that takes them as inputs (`run_levels`)."""
     if LUT_ASM == "":
         return tl.load(centroids_ptr + codes)
     else:
-        return runs_levels(codes, centroids_ptr, BITS, LUT_ASM)
+        return runs_levels(codes, centroids_ptr, BITS, LUT_ASM, tables)
 
 
 @triton.jit
-def runs_levels(runs, centroids_ptr, BITS: tl.constexpr, LUT_ASM: tl.constexpr):
+def runs_levels(runs, centroids_ptr, BITS: tl.constexpr, LUT_ASM: tl.constexpr, tables=None):
     """[ROWS, N] runs of eight packed indices → their [ROWS, 8N] fp16 levels in coordinate order."""
-    return tl.reshape(_interleave8(*run_levels(runs, centroids_ptr, BITS, LUT_ASM)), [runs.shape[0], runs.shape[1] * 8])
+    return tl.reshape(_interleave8(*run_levels(runs, centroids_ptr, BITS, LUT_ASM, tables)),
+                      [runs.shape[0], runs.shape[1] * 8])
 
 
 @triton.jit
 def load_levels(row_ptrs, row_mask, centroids_ptr, BITS: tl.constexpr, ROW_BYTES: tl.constexpr,
-                HEAD_DIM_PAD: tl.constexpr, LUT_ASM: tl.constexpr):
+                HEAD_DIM_PAD: tl.constexpr, LUT_ASM: tl.constexpr, tables=None):
     """[ROWS, HEAD_DIM_PAD] fp16 codebook levels of the packed rows (`load_codes`, then `code_levels`)."""
     return code_levels(load_codes(row_ptrs, row_mask, BITS, ROW_BYTES, HEAD_DIM_PAD, LUT_ASM), centroids_ptr, BITS,
-                       LUT_ASM)
+                       LUT_ASM, tables)
 
 
 @triton.jit
@@ -202,19 +204,37 @@ def load_runs(row_ptrs, row_mask, quads, BITS: tl.constexpr, ROW_BYTES: tl.const
 
 
 @triton.jit
-def run_levels(run, centroids_ptr, BITS: tl.constexpr, LUT_ASM: tl.constexpr):
+def run_levels(run, centroids_ptr, BITS: tl.constexpr, LUT_ASM: tl.constexpr, tables=None):
     """A tensor of runs of eight packed indices → the eight fp16 levels of each, as eight tensors of its
     shape and layout: by byte permutation (`lut_asm.py`, one word in, eight levels out, elementwise), or
-    without the PTX by gathering from `centroids_ptr`."""
+    without the PTX by gathering from `centroids_ptr`. `tables` (four scalars, `lane_lookup_tables`):
+    the table words, for PTX built with `dequant_asm(..., table_inputs=True)`."""
     if LUT_ASM == "":
         MASK: tl.constexpr = (1 << BITS) - 1
         return (tl.load(centroids_ptr + (run & MASK)), tl.load(centroids_ptr + ((run >> BITS) & MASK)),
                 tl.load(centroids_ptr + ((run >> 2 * BITS) & MASK)), tl.load(centroids_ptr + ((run >> 3 * BITS) & MASK)),
                 tl.load(centroids_ptr + ((run >> 4 * BITS) & MASK)), tl.load(centroids_ptr + ((run >> 5 * BITS) & MASK)),
                 tl.load(centroids_ptr + ((run >> 6 * BITS) & MASK)), tl.load(centroids_ptr + ((run >> 7 * BITS) & MASK)))
-    else:
+    elif tables is None:
         return tl.inline_asm_elementwise(LUT_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r", [run], dtype=(tl.float16,) * 8,
                                          is_pure=True, pack=1)
+    else:
+        t0, t1, t2, t3 = tables
+        words = [run, tl.broadcast_to(t0, run.shape), tl.broadcast_to(t1, run.shape), tl.broadcast_to(t2, run.shape),
+                 tl.broadcast_to(t3, run.shape)]
+        return tl.inline_asm_elementwise(LUT_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r", words,
+                                         dtype=(tl.float16,) * 8, is_pure=True, pack=1)
+
+
+@triton.jit
+def lane_lookup_tables(lane_tables_ptr, FIRST_ROW: tl.constexpr):
+    """The four table words at rows FIRST_ROW.. of `KernelCodec.lut_lane_tables` ([8, 32] int32), each
+    thread reading its lane's copy: a value the compiler knows every lane shares lives in a uniform
+    register, which is copied into a register before every byte permute; these stay in registers."""
+    lane = tl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [FIRST_ROW], dtype=tl.int32, is_pure=True,
+                                     pack=1)
+    ptrs = lane_tables_ptr + FIRST_ROW * 32 + lane
+    return tl.load(ptrs), tl.load(ptrs + 32), tl.load(ptrs + 64), tl.load(ptrs + 96)
 
 
 @triton.jit

@@ -10,13 +10,14 @@ def tanh(x):
 
 
 @triton.jit
-def online_softmax_step(scores, running_max, running_sum):
-    """One tile of an fp32 online softmax over log2-unit scores [rows, tile] → (probabilities, the factor
-    that rescales what was summed before, the new running max, the new running sum)."""
-    new_max = tl.maximum(running_max, tl.max(scores, axis=1))
+def online_softmax_step(scores, running_max, running_sum, AXIS: tl.constexpr = 1):
+    """One tile of an fp32 online softmax over log2-unit scores, the tile's keys along `AXIS` ([rows, tile]
+    by default) → (probabilities, the factor that rescales what was summed before, the new running max,
+    the new running sum)."""
+    new_max = tl.maximum(running_max, tl.max(scores, axis=AXIS))
     correction = tl.exp2(running_max - new_max)
-    probs = tl.exp2(scores - new_max[:, None])
-    return probs, correction, new_max, running_sum * correction + tl.sum(probs, axis=1)
+    probs = tl.exp2(scores - tl.expand_dims(new_max, AXIS))
+    return probs, correction, new_max, running_sum * correction + tl.sum(probs, axis=AXIS)
 
 
 @triton.jit
