@@ -26,6 +26,20 @@ GPU_ONLY = pytest.mark.skipif(not torch.cuda.is_available(), reason="too long fo
                                      {"key_starts": [0, 1, 30, 96]}])  # the second sees no key at all
 def test_decode_matches_reference(head_dim, key_bits, value_bits, block_size, num_q_heads, num_kv_heads, options,
                                   device, generator):
+    codec, query, cache, block_table, lengths, options = decode_inputs(
+        (head_dim, key_bits, value_bits, block_size, num_q_heads, num_kv_heads), options, device, generator)
+    out, lse = paged_decode_attention(query, cache, codec, block_table, lengths, head_dim**-0.5, num_splits=3,
+                                      return_lse=True, **options)
+    expected, expected_lse = decode_reference(query, cache, codec, block_table, lengths, head_dim**-0.5,
+                                              return_lse=True, **options)
+    torch.testing.assert_close(out, expected, **TOLERANCE)
+    torch.testing.assert_close(lse, expected_lse, **TOLERANCE)
+
+
+def decode_inputs(case, options, device, generator):
+    """(codec, query, cache, block table, lengths, options with key_starts as a tensor) for one of CASES:
+    four sequences of 150, 1, 64 and 97 keys."""
+    head_dim, key_bits, value_bits, block_size, num_q_heads, num_kv_heads = case
     codec = make_codec(head_dim, key_bits, value_bits, num_kv_heads, block_size, device)
     seq_lens = [150, 1, 64, 97]
     cache, block_table = filled_cache(codec, seq_lens, generator, device)
@@ -33,12 +47,7 @@ def test_decode_matches_reference(head_dim, key_bits, value_bits, block_size, nu
     lengths = torch.tensor(seq_lens, dtype=torch.int32, device=device)
     if "key_starts" in options:
         options = {"key_starts": torch.tensor(options["key_starts"], dtype=torch.int32, device=device)}
-    out, lse = paged_decode_attention(query, cache, codec, block_table, lengths, head_dim**-0.5, num_splits=3,
-                                      return_lse=True, **options)
-    expected, expected_lse = decode_reference(query, cache, codec, block_table, lengths, head_dim**-0.5,
-                                              return_lse=True, **options)
-    torch.testing.assert_close(out, expected, **TOLERANCE)
-    torch.testing.assert_close(lse, expected_lse, **TOLERANCE)
+    return codec, query, cache, block_table, lengths, options
 
 
 @pytest.mark.parametrize("token_rows", [True, False])
@@ -50,17 +59,11 @@ def test_both_orientations_of_the_split_kernel_match_the_reference(token_rows, c
     by default it runs one): each is forced here."""
     chosen = decode.decode_launch
     monkeypatch.setattr(decode, "decode_launch", lambda *args: chosen(*args) | {"TOKEN_ROWS": token_rows})
-    head_dim, key_bits, value_bits, block_size, num_q_heads, num_kv_heads = case
-    codec = make_codec(head_dim, key_bits, value_bits, num_kv_heads, block_size, device)
-    seq_lens = [150, 1, 64, 97]
-    cache, block_table = filled_cache(codec, seq_lens, generator, device)
-    query = torch.randn(len(seq_lens), num_q_heads, head_dim, generator=generator).to(device)
-    lengths = torch.tensor(seq_lens, dtype=torch.int32, device=device)
-    if "key_starts" in options:
-        options = {"key_starts": torch.tensor(options["key_starts"], dtype=torch.int32, device=device)}
-    out = paged_decode_attention(query, cache, codec, block_table, lengths, head_dim**-0.5, num_splits=3,
-                                 fragments=False, **options)
-    expected = decode_reference(query, cache, codec, block_table, lengths, head_dim**-0.5, **options)
+    codec, query, cache, block_table, lengths, options = decode_inputs(case, options, device, generator)
+    scale = case[0] ** -0.5
+    out = paged_decode_attention(query, cache, codec, block_table, lengths, scale, num_splits=3, fragments=False,
+                                 **options)
+    expected = decode_reference(query, cache, codec, block_table, lengths, scale, **options)
     torch.testing.assert_close(out, expected, **TOLERANCE)
 
 
