@@ -61,17 +61,24 @@ def test_gather_lookup_matches_unpacked_indices(generator, device):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("table_inputs", [False, True])
 @pytest.mark.parametrize("bits", [3, 4])
-def test_lookup_ptx_interpreted_on_the_cpu_gives_the_codebook_levels(bits, generator):
+def test_lookup_ptx_interpreted_on_the_cpu_gives_the_codebook_levels(bits, table_inputs, generator):
     """The integer PTX of `dequant_asm`, run by a CPU interpreter of its instructions: the eight fp16
     outputs of a word are the codebook levels of its eight indices (3 bits: the low 24 bits, whatever
-    the high 8 hold), bit for bit. Fresh random words each run, all indices included."""
+    the high 8 hold), bit for bit. Fresh random words each run, all indices included. `table_inputs`:
+    the codec's form that takes the table words as inputs, given the key rows of `lut_lane_tables`."""
     codec = make_codec(64, bits, bits, num_kv_heads=1, block_size=16, device="cpu")
     centroids = codec.key_centroids_fp16.cpu()
     words = torch.randint(0, 2**32, (4096,), generator=generator, dtype=torch.int64)
     # the first words repeat one index in all eight fields, so every index is looked up; the rest are random
     words[:2**bits] = torch.arange(2**bits) * sum(1 << (bits * k) for k in range(8))
-    registers = ptx_integer.run(dequant_asm(centroids), {"$8": words})
+    if table_inputs:
+        lanes = codec.lut_lane_tables.to(torch.int64) & 0xFFFFFFFF
+        tables = {f"${9 + i}": torch.full_like(words, int(lanes[i, 0])) for i in range(4)}
+        registers = ptx_integer.run(codec.key_table_lut_asm, {"$8": words, **tables})
+    else:
+        registers = ptx_integer.run(dequant_asm(centroids), {"$8": words})
     level_bits = centroids.view(torch.int16).to(torch.int64) & 0xFFFF
     for k in range(8):
         index = (words >> (bits * k)) & (2**bits - 1)
