@@ -1,8 +1,10 @@
 """The Triton decode split kernel's code variants side by side in one run (CUDA): its orientation
 (`TOKEN_ROWS`: tokens as the rows of both products, so a 64-token tile is a Hopper warpgroup MMA, against
-the query heads as rows) and its byte-permute lookups' table words (held in registers, loaded once per
-program, against constants of the PTX). Whole `paged_decode_attention` calls with the Triton split kernel
-forced (`fragments=False`), CUDA-graph times; each variant's output against the default's.
+the query heads as rows), its byte-permute lookups' table words (held in registers, loaded once per
+program, against constants of the PTX) and a register cap (Triton's `maxnreg`: more programs per SM,
+for a few spilled bytes; `benchmarks/split_sass.py` shows what each cap spills). Whole
+`paged_decode_attention` calls with the Triton split kernel forced (`fragments=False`), CUDA-graph times;
+each variant's output against the default's.
 
     python benchmarks/decode_variants.py [--out benchmarks/results/decode-variants-h200.json]
         [--cells k4v4:128:32x1024,...]
@@ -28,19 +30,22 @@ from turboquant.kernels.codec import KernelCodec  # noqa: E402
 CELLS = ("k4v4:128:1x1024,k4v4:128:1x16384,k4v4:128:8x1024,k4v4:128:8x4096,k4v4:128:32x1024,k4v4:128:32x4096,"
          "k4v4:128:64x1024,k3v3:128:8x4096,k3v3:128:32x4096,k4v3:128:32x1024,k4v4:256:32x4096,k3v3:256:8x4096,"
          "k4v4:64:32x4096,k8v4:128:8x4096,k2v2:128:8x4096")
-# (name, TOKEN_ROWS, table words as inputs)
-VARIANTS = (("default", None, None), ("head_rows", False, None), ("constant_tables", None, False),
-            ("head_rows_constant_tables", False, False))
+# (name, TOKEN_ROWS, table words as inputs, register cap); None: the default's choice
+VARIANTS = (("default", None, None, None), ("head_rows", False, None, None), ("constant_tables", None, False, None),
+            ("head_rows_constant_tables", False, False, None), ("max_96_registers", None, None, 96),
+            ("token_rows_max_128_registers", True, None, 128))
 NUM_Q_HEADS, NUM_KV_HEADS = 32, 8
 
 
-def variant(token_rows: bool | None, table_inputs: bool | None):
+def variant(token_rows: bool | None, table_inputs: bool | None, max_registers: int | None):
     """Patch decode's launch choices for one variant (None: the default); returns the undo."""
     launch, lookups = decode.decode_launch, decode.lookup_constants
 
     def patched_launch(*args):
         chosen = launch(*args)
-        return chosen if token_rows is None else chosen | {"TOKEN_ROWS": token_rows}
+        if token_rows is not None:
+            chosen = chosen | {"TOKEN_ROWS": token_rows}
+        return chosen if max_registers is None else chosen | {"maxnreg": max_registers}
 
     def patched_lookups(codec, *args, **kwargs):
         if table_inputs is not None and "table_inputs" in kwargs:
@@ -82,8 +87,8 @@ def main() -> int:
         query = torch.randn(batch, NUM_Q_HEADS, head_dim, device="cuda", dtype=torch.bfloat16)
         row = {"preset": preset, "head_dim": head_dim, "batch": batch, "context": context}
         reference = None
-        for name, token_rows, table_inputs in VARIANTS:
-            undo = variant(token_rows, table_inputs)
+        for name, token_rows, table_inputs, max_registers in VARIANTS:
+            undo = variant(token_rows, table_inputs, max_registers)
             try:
                 def call():
                     return decode.paged_decode_attention(query, cache, codec, table, seq_lens, head_dim**-0.5,
@@ -98,13 +103,14 @@ def main() -> int:
         rows.append(row)
     build = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     result = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(), "build": build,
-              "variants": [name for name, _, _ in VARIANTS], "rows": rows}
+              "variants": [name for name, *_ in VARIANTS], "rows": rows}
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    names = [name for name, _, _ in VARIANTS]
+    names = [name for name, *_ in VARIANTS]
     lines = [f"Device: {result['device']}, {result['date']}, build `{build}`. `paged_decode_attention` with the Triton "
              "split kernel forced, ms per call (CUDA graph), 32 query heads and 8 kv heads, page 16. default: "
-             "tokens as the products' rows, table words in registers; head_rows: the query heads as rows; "
-             "constant_tables: the tables as constants of the PTX. Ratio: the variant's time over the default's.",
+             "`decode_launch`'s choice, table words in registers; head_rows: the query heads as rows; "
+             "constant_tables: the tables as constants of the PTX; max_N_registers: Triton's maxnreg at N. Ratio: "
+             "the variant's time over the default's.",
              "", "| preset | head_dim | batch | context | " + " | ".join(f"{n} ms" for n in names) + " | "
              + " | ".join(f"{n} / default" for n in names[1:]) + " |",
              "|---|---:|---:|---:|" + "---:|" * (2 * len(names) - 1)]

@@ -3,7 +3,8 @@
 byte-permute tables (in registers, or constants of the PTX). Per variant: registers, local-memory bytes
 (spills), instructions in the token loop (one tile), its matrix-multiply instructions and barriers.
 
-    python benchmarks/split_sass.py [--cases k4v4:128,k3v3:128,...] [--out benchmarks/results/split-sass.json]
+    python benchmarks/split_sass.py [--cases k4v4:128,k3v3:128,...] [--max-registers 96]
+        [--out benchmarks/results/split-sass.json]
 
 Compiled as `decode.launch_triton_split` launches it (GQA group 4, page size 16, 8 kv heads, key starts on,
 launched after a store), with `decode.decode_launch`'s tile and warps for the case. Run it without
@@ -41,7 +42,7 @@ SCALARS = dict(stride_query_seq="i32", stride_query_head="i32", stride_table_seq
                sliding_window="i32", min_span="i32", max_span="i32")
 
 
-def compile_split_kernel(codec: KernelCodec, token_rows: bool, table_inputs: bool):
+def compile_split_kernel(codec: KernelCodec, token_rows: bool, table_inputs: bool, max_registers: int | None = None):
     layout = codec.layout
 
     def lut(role: str) -> str:
@@ -60,13 +61,16 @@ def compile_split_kernel(codec: KernelCodec, token_rows: bool, table_inputs: boo
     constants = {name: constants[name] for name in names if name in constants}  # in the kernel's order
     aligned = {(names.index(name),): [["tt.divisibility", 16]] for name in ("query_ptr", "cache_ptr")}
     source = ASTSource(kernel, signature, constants, aligned)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 64),
-                          options=dict(num_warps=launch["num_warps"], num_stages=launch["num_stages"]))
+    options = dict(num_warps=launch["num_warps"], num_stages=launch["num_stages"])
+    if max_registers is not None:  # Triton's maxnreg, as `decode_variants.py` launches it
+        options["maxnreg"] = max_registers
+    return triton.compile(source, target=GPUTarget("cuda", 90, 64), options=options)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", default=CASES, help="PRESET:HEAD_DIM items (default: %(default)s)")
+    parser.add_argument("--max-registers", type=int, help="compile with this register cap (Triton's maxnreg)")
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()
     rows = []
@@ -74,7 +78,8 @@ def main() -> None:
         preset, head_dim = case.split(":")
         codec = KernelCodec.from_config(TurboQuantConfig.from_preset(preset), int(head_dim), 8, 16)
         for name, token_rows, table_inputs in VARIANTS:
-            sass, usage = disassemble(compile_split_kernel(codec, token_rows, table_inputs).asm["cubin"])
+            kernel = compile_split_kernel(codec, token_rows, table_inputs, args.max_registers)
+            sass, usage = disassemble(kernel.asm["cubin"])
             loop = loop_counts(sass)
             row = {"preset": preset, "head_dim": int(head_dim), "variant": name,
                    "registers": int(re.search(r"REG:(\d+)", usage).group(1)),
@@ -85,8 +90,8 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             rows.append(row)
     if args.out:
-        Path(args.out).write_text(json.dumps({"triton": triton.__version__, "target": "sm_90", "rows": rows},
-                                             indent=1) + "\n")
+        Path(args.out).write_text(json.dumps({"triton": triton.__version__, "target": "sm_90",
+                                              "max_registers": args.max_registers, "rows": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
