@@ -1,3 +1,9 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -65,6 +71,22 @@ def test_both_orientations_of_the_split_kernel_match_the_reference(token_rows, c
                                  **options)
     expected = decode_reference(query, cache, codec, block_table, lengths, scale, **options)
     torch.testing.assert_close(out, expected, **TOLERANCE)
+
+
+def test_the_transposed_split_kernel_compiles_to_warpgroup_mma_with_its_tables_in_registers():
+    """The premises of the 4-bit split kernel's form, in its sm_90 code: with the tokens as rows a tile's
+    products are Hopper warpgroup MMAs and nothing spills; with the lookup tables as inputs the loop is
+    shorter than with them as constants (no copy before every byte permute). Compiled by
+    `benchmarks/split_sass.py` in a process without TRITON_INTERPRET."""
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "split_sass.py"
+    run = subprocess.run([sys.executable, str(script), "--cases", "k4v4:128"], capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = {row["variant"]: row for row in map(json.loads, run.stdout.splitlines())}
+    token_rows = rows["token_rows"]
+    assert set(token_rows["loop_mma"]) == {"HGMMA.64x16x16.F32"} and token_rows["stack_bytes"] == 0
+    assert token_rows["loop_instructions"] < rows["token_rows_constant_tables"]["loop_instructions"]
 
 
 @pytest.mark.parametrize("num_splits", [1, 2, 5, 16, 17])  # 17: the un-rotation in a launch of its own
