@@ -42,15 +42,14 @@ def decode_launch(head_dim: int, key_bits: int, value_bits: int, byte_permute: b
     software pipelining, 4-bit ones with the shorter tile. TOKEN_ROWS (the kernel's orientation) where
     keys and values are 4-bit lookups: H200, 4–14% faster there (b32 × 1K 0.0381 against 0.0416 ms),
     where 3-bit lookups and gathers ran up to 10% slower (benchmarks/results/decode-variants-h200.md)."""
-    token_rows = byte_permute and key_bits == value_bits == 4
     if head_dim > 128:
-        if 3 in (key_bits, value_bits):  # d=256 at 3 bits: a 64-token tile exceeds shared memory
-            return dict(TILE=32, num_warps=4, num_stages=1, TOKEN_ROWS=token_rows)
-        return dict(TILE=64, num_warps=4, num_stages=2, TOKEN_ROWS=token_rows)
-    if byte_permute:
-        return dict(TILE=64 if 4 in (key_bits, value_bits) else 128, num_warps=4, num_stages=1,
-                    TOKEN_ROWS=token_rows)
-    return dict(TILE=128, num_warps=4, num_stages=2, TOKEN_ROWS=token_rows)
+        # d=256 at 3 bits: a 64-token tile exceeds shared memory
+        tiling = dict(TILE=32, num_stages=1) if 3 in (key_bits, value_bits) else dict(TILE=64, num_stages=2)
+    elif byte_permute:
+        tiling = dict(TILE=64 if 4 in (key_bits, value_bits) else 128, num_stages=1)
+    else:
+        tiling = dict(TILE=128, num_stages=2)
+    return tiling | dict(num_warps=4, TOKEN_ROWS=byte_permute and key_bits == value_bits == 4)
 
 
 @triton.jit(do_not_specialize=["min_span", "max_span"], do_not_specialize_on_alignment=SLICED_METADATA)

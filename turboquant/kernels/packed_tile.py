@@ -231,6 +231,7 @@ def lane_lookup_tables(lane_tables_ptr, FIRST_ROW: tl.constexpr):
     """The four table words at rows FIRST_ROW.. of `KernelCodec.lut_lane_tables` ([8, 32] int32), each
     thread reading its lane's copy: a value the compiler knows every lane shares lives in a uniform
     register, which is copied into a register before every byte permute; these stay in registers."""
+    # the asm reads no input; FIRST_ROW stands in for the operand inline_asm_elementwise requires
     lane = tl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [FIRST_ROW], dtype=tl.int32, is_pure=True,
                                      pack=1)
     ptrs = lane_tables_ptr + FIRST_ROW * 32 + lane
