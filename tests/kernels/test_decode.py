@@ -1,8 +1,4 @@
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +10,7 @@ from turboquant.kernels.rotate import rotate
 from turboquant.kernels.store import compress_store
 
 from .paged import filled_cache, make_codec
+from .sass_scripts import run_sass_script
 
 # (head_dim, key_bits, value_bits, block_size, num_q_heads, num_kv_heads): every bit width on each side,
 # every head_dim, block sizes 16–128, MHA and GQA groups of 1, 4, 6 and 8.
@@ -78,12 +75,8 @@ def test_the_transposed_split_kernel_compiles_to_warpgroup_mma_with_its_tables_i
     products are Hopper warpgroup MMAs and nothing spills; with the lookup tables as inputs the loop is
     shorter than with them as constants (no copy before every byte permute). Compiled by
     `benchmarks/split_sass.py` in a process without TRITON_INTERPRET."""
-    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    script = Path(__file__).resolve().parents[2] / "benchmarks" / "split_sass.py"
-    run = subprocess.run([sys.executable, str(script), "--cases", "k4v4:128"], capture_output=True, text=True,
-                         env=env, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    rows = {row["variant"]: row for row in map(json.loads, run.stdout.splitlines())}
+    output = run_sass_script("split_sass.py", "--cases", "k4v4:128")
+    rows = {row["variant"]: row for row in map(json.loads, output.splitlines())}
     token_rows = rows["token_rows"]
     assert set(token_rows["loop_mma"]) == {"HGMMA.64x16x16.F32"} and token_rows["stack_bytes"] == 0
     assert token_rows["loop_instructions"] < rows["token_rows_constant_tables"]["loop_instructions"]

@@ -4,10 +4,6 @@ sm_90 (Triton ships ptxas), which checks that every layout conversion in it move
 loop keeps the levels out of shared memory."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +13,7 @@ from turboquant.kernels.decode import fragment_min_span, paged_decode_attention
 from turboquant.kernels.reference import decode_reference
 
 from .paged import filled_cache, make_codec
+from .sass_scripts import run_sass_script
 from .test_decode import TOLERANCE
 
 needs_gluon = pytest.mark.skipif(decode_fragments.gluon is None, reason="this Triton has no Gluon")
@@ -74,11 +71,6 @@ def test_fragment_kernel_compiles_without_shared_memory_in_its_loop(head_dim):
     stops matching the MMA's fragments fails `convert_layout(..., assert_trivial=True)` at compile time,
     and one that sends levels through shared memory shows as shared-memory instructions in the loop.
     Compiled by `benchmarks/decode_sass.py` in a process without TRITON_INTERPRET."""
-    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    script = Path(__file__).resolve().parents[2] / "benchmarks" / "decode_sass.py"
-    run = subprocess.run([sys.executable, str(script), "--head-dim", str(head_dim)], capture_output=True, text=True,
-                         env=env, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    sass = json.loads(run.stdout)
+    sass = json.loads(run_sass_script("decode_sass.py", "--head-dim", str(head_dim)))
     assert sass["loop_mma"] == 3 * head_dim // 16  # a tile's score MMA (D/8) and value MMA (D/16)
     assert sass["loop_shared_memory"] == {}
