@@ -3,7 +3,8 @@ needed): registers, local-memory (spill) instructions and all instructions, for 
 `paged_decode_attention` launches. It chose `decode.UNROTATE_MAX_HEAD_DIM`: un-rotating inside the
 reduction spills at head_dim 256.
 
-    python benchmarks/reduce_sass.py [--out benchmarks/results/reduce-sass.json]
+    python benchmarks/reduce_sass.py [--out benchmarks/results/reduce-sass.json] [--column-programs 4]
+        [--lse-and-extra]
 
 Run it without TRITON_INTERPRET. The GPU host runs Triton 3.6.
 """
@@ -27,10 +28,11 @@ POINTERS = dict(partial_out_ptr="*fp32", partial_lse_ptr="*fp32", extra_out_ptr=
 SCALARS = dict(num_rows="i32", stride_out_seq="i32", stride_out_head="i32")
 
 
-def compile_reduction(head_dim: int, num_splits: int, unrotate: bool) -> dict:
+def compile_reduction(head_dim: int, num_splits: int, unrotate: bool, column_programs: int = 1,
+                      lse_and_extra: bool = False) -> dict:
     names = list(_decode_reduce_kernel.arg_names)
-    constants = reduce_constants(num_splits, head_dim, unrotate) | dict(
-        HEADS=32, HEAD_DIM=head_dim, RETURN_LSE=False, CHAINED=False, EXTRA=False)
+    constants = reduce_constants(num_splits, head_dim, unrotate, column_programs) | dict(
+        HEADS=32, HEAD_DIM=head_dim, RETURN_LSE=lse_and_extra, CHAINED=False, EXTRA=lse_and_extra)
     signature = {name: (POINTERS | SCALARS).get(name, "constexpr") for name in names}
     constants = {name: constants[name] for name in names if name in constants}
     aligned = {(names.index(name),): [["tt.divisibility", 16]] for name in POINTERS}
@@ -42,8 +44,12 @@ def compile_reduction(head_dim: int, num_splits: int, unrotate: bool) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", help="also write the rows as JSON here")
+    parser.add_argument("--column-programs", type=int, default=1, help="programs per row block of the un-rotation")
+    parser.add_argument("--lse-and-extra", action="store_true",
+                        help="compile with the log-sum-exp output and the exact ring's extra split")
     args = parser.parse_args()
-    print_and_save([compile_reduction(head_dim, splits, unrotate) for head_dim in (64, 128, 256)
+    print_and_save([compile_reduction(head_dim, splits, unrotate, args.column_programs, args.lse_and_extra)
+                    for head_dim in (64, 128, 256)
                     for splits, unrotate in ((4, True), (16, True), (4, False), (16, False), (128, False))], args.out)
 
 

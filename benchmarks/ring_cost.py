@@ -18,7 +18,8 @@ kernel (`kernels/ring_entries.py`) against the same in PyTorch ops (`reference.r
 what the builder ran before), per call in a CUDA graph and eagerly (host launches included), for decode
 steps of 1, 32 and 256 sequences and a 16K-token prefill step.
 
-`--build` says which code ran (a commit), written into the JSON and the table.
+`--build` says which code ran (a commit), written into the JSON and the table. `--variant NAME` times one
+of `benchmarks/decode_variants.py`'s code variants in place of the code as it is.
 """
 
 from __future__ import annotations
@@ -205,7 +206,15 @@ def main() -> None:
     parser.add_argument("--timeline", action="store_true", help="also profile each step's kernel timeline")
     parser.add_argument("--llama", metavar="BxC,...", help="only these batch x context cells of the Llama-3.1-8B "
                         "shape at k4v4 (e.g. 8x16384,16x6144) in place of the default cases")
+    parser.add_argument("--variant", help="time a code variant of benchmarks/decode_variants.py (one that keeps "
+                        "the split count) in place of the code as it is")
     args = parser.parse_args()
+    if args.variant:
+        from decode_variants import VARIANTS, variant
+        if "splits" in VARIANTS.get(args.variant, {"splits": None}):
+            parser.error(f"--variant takes one of {sorted(n for n, v in VARIANTS.items() if 'splits' not in v)}")
+        variant(**VARIANTS[args.variant])
+        args.build += f", variant {args.variant}"
     if args.table:
         print(markdown(json.loads(Path(args.table).read_text())), end="")
         return

@@ -62,7 +62,8 @@ def compile_split_kernel(codec: KernelCodec, token_rows: bool, table_inputs: boo
     aligned = {(names.index(name),): [["tt.divisibility", 16]] for name in ("query_ptr", "cache_ptr")}
     source = ASTSource(kernel, signature, constants, aligned)
     options = dict(num_warps=launch["num_warps"], num_stages=launch["num_stages"])
-    if max_registers is not None:  # Triton's maxnreg, as `decode_variants.py` launches it
+    max_registers = max_registers or launch.get("maxnreg")  # Triton's register cap: the default's, or the given
+    if max_registers is not None:
         options["maxnreg"] = max_registers
     return triton.compile(source, target=GPUTarget("cuda", 90, 64), options=options)
 

@@ -217,14 +217,26 @@ def test_decode_rejects_bad_input(device, generator):
 
 
 
-@pytest.mark.parametrize("num_splits, split_block, unrotate, extra", [
-    (5, 2, False, False), (8, 8, False, False), (3, 1, False, False), (5, 2, True, False), (8, 4, True, False),
-    (5, 2, False, True), (8, 4, True, True)])
-def test_split_reduction_in_blocks_matches_one_softmax(num_splits, split_block, unrotate, extra, device, generator):
+def test_the_reduction_compiles_for_sm90_with_every_output_and_shared_unrotation():
+    """The interpreter runs code that Triton's compiler may reject (a constexpr `and` a tensor in a
+    condition did): the reduction with its log-sum-exp, the exact ring's split and its un-rotation shared
+    by four programs must compile for sm_90 at every tiling `paged_decode_attention` launches. Compiled by
+    `benchmarks/reduce_sass.py` in a process without TRITON_INTERPRET."""
+    output = run_sass_script("reduce_sass.py", "--column-programs", "4", "--lse-and-extra")
+    rows = list(map(json.loads, output.splitlines()))
+    assert len(rows) == 15 and all(row["instructions"] > 0 for row in rows)
+
+
+@pytest.mark.parametrize("num_splits, split_block, unrotate, extra, column_programs", [
+    (5, 2, False, False, 1), (8, 8, False, False, 1), (3, 1, False, False, 1), (5, 2, True, False, 1),
+    (8, 4, True, False, 1), (5, 2, False, True, 1), (8, 4, True, True, 1), (5, 2, True, True, 2)])
+def test_split_reduction_in_blocks_matches_one_softmax(num_splits, split_block, unrotate, extra, column_programs,
+                                                       device, generator):
     """The reduction merges partial outputs `split_block` splits at a time (wide latents would spill
     holding them all); a split that saw no key (lse −inf, its partial output never written: NaN here)
-    and a row that saw none at all weigh 0. `unrotate`: 16 rows per program, then x @ R. `extra`: one
-    more partial per row from a buffer of its own (`exact_ring`'s), merged as one more split."""
+    and a row that saw none at all weigh 0. `unrotate`: 16 rows per program, then x @ R, its 32 columns
+    in blocks of 16 (`column_programs` 2: one block each in two programs). `extra`: one more partial per
+    row from a buffer of its own (`exact_ring`'s), merged as one more split."""
     import triton
 
     from turboquant.kernels.decode import UNROTATE_ROWS, _decode_reduce_kernel
@@ -244,12 +256,12 @@ def test_split_reduction_in_blocks_matches_one_softmax(num_splits, split_block, 
     extra_lse[1, 1], extra_lse[2, 3] = float("-inf"), float("-inf")
     extra_partial[extra_lse == float("-inf")] = float("nan")
     rows = UNROTATE_ROWS if unrotate else 1
-    _decode_reduce_kernel[(triton.cdiv(batch * heads, rows),)](
+    _decode_reduce_kernel[(triton.cdiv(batch * heads, rows), column_programs)](
         partial.to(device), lse.to(device), extra_partial.to(device), extra_lse.to(device), rotation.to(device), out,
         out_lse, batch * heads, out.stride(0), out.stride(1), HEADS=heads, NUM_SPLITS=num_splits,
         NUM_SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim, HEAD_DIM_PAD=pad,
-        SPLIT_BLOCK=split_block, ROWS=rows, UNROTATE=unrotate, COLUMNS=16, RETURN_LSE=True, CHAINED=False,
-        EXTRA=extra)
+        SPLIT_BLOCK=split_block, ROWS=rows, UNROTATE=unrotate, COLUMNS=16, COLUMN_PROGRAMS=column_programs,
+        RETURN_LSE=True, CHAINED=False, EXTRA=extra)
     if extra:
         partial = torch.cat([partial, extra_partial[:, :, None]], dim=2)
         lse = torch.cat([lse, extra_lse[:, :, None]], dim=2)

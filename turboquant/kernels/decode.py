@@ -39,17 +39,30 @@ from .visible_keys import first_visible_key
 def decode_launch(head_dim: int, key_bits: int, value_bits: int, byte_permute: bool) -> dict:
     """Tokens per tile and Triton's warps/pipeline depth, from sweeps on an H100 (b32 × 16K/32K, b8 × 32K;
     benchmarks/results/launch-sweep-h100.json). Byte-permute lookups (`lut_asm.py`) run best without
-    software pipelining, 4-bit ones with the shorter tile. TOKEN_ROWS (the kernel's orientation) where
-    keys and values are 4-bit lookups: H200, 4–14% faster there (b32 × 1K 0.0381 against 0.0416 ms),
-    where 3-bit lookups and gathers ran up to 10% slower (benchmarks/results/decode-variants-h200.md)."""
+    software pipelining, 4-bit ones with the shorter tile, except at head_dim 64 and 256 (H200, k4v4: a
+    128-token tile 0.76–0.88x the time at d=64, 0.92–0.94x at d=256). TOKEN_ROWS (the kernel's
+    orientation) where keys and values are 4-bit lookups: H200, 4–14% faster there (b32 × 1K 0.0381
+    against 0.0416 ms), where 3-bit lookups and gathers ran up to 10% slower
+    (benchmarks/results/decode-variants-h200.md); with 3-bit lookups at head_dim 128 it wins once capped
+    at 128 registers (Triton's maxnreg: 0.95–0.98x, where the cap kept four programs per SM; at d=256 it
+    lost), benchmarks/results/decode-variants-h200-rules.md."""
+    four_bit = byte_permute and key_bits == value_bits == 4
     if head_dim > 128:
         # d=256 at 3 bits: a 64-token tile exceeds shared memory
-        tiling = dict(TILE=32, num_stages=1) if 3 in (key_bits, value_bits) else dict(TILE=64, num_stages=2)
+        tiling = (dict(TILE=32, num_stages=1) if 3 in (key_bits, value_bits)
+                  else dict(TILE=128 if four_bit else 64, num_stages=2))
     elif byte_permute:
-        tiling = dict(TILE=64 if 4 in (key_bits, value_bits) else 128, num_stages=1)
+        short = 4 in (key_bits, value_bits) and not (four_bit and head_dim <= 64)
+        tiling = dict(TILE=64 if short else 128, num_stages=1)
     else:
         tiling = dict(TILE=128, num_stages=2)
-    return tiling | dict(num_warps=4, TOKEN_ROWS=byte_permute and key_bits == value_bits == 4)
+    if four_bit:
+        orientation = dict(TOKEN_ROWS=True)
+    elif byte_permute and head_dim_pad(head_dim) == 128:
+        orientation = dict(TOKEN_ROWS=True, maxnreg=128)
+    else:
+        orientation = dict(TOKEN_ROWS=False)
+    return tiling | dict(num_warps=4) | orientation
 
 
 @triton.jit(do_not_specialize=["min_span", "max_span"], do_not_specialize_on_alignment=SLICED_METADATA)
@@ -153,12 +166,13 @@ def _decode_reduce_kernel(partial_out_ptr, partial_lse_ptr, extra_out_ptr, extra
                           lse_ptr, num_rows, stride_out_seq, stride_out_head, HEADS: tl.constexpr,
                           NUM_SPLITS: tl.constexpr, NUM_SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                           HEAD_DIM_PAD: tl.constexpr, SPLIT_BLOCK: tl.constexpr, ROWS: tl.constexpr,
-                          UNROTATE: tl.constexpr, COLUMNS: tl.constexpr, RETURN_LSE: tl.constexpr,
-                          CHAINED: tl.constexpr, EXTRA: tl.constexpr):
+                          UNROTATE: tl.constexpr, COLUMNS: tl.constexpr, COLUMN_PROGRAMS: tl.constexpr,
+                          RETURN_LSE: tl.constexpr, CHAINED: tl.constexpr, EXTRA: tl.constexpr):
     """Merge each (sequence · head) row's split partials by their log-sum-exps, ROWS rows per program
     (EXTRA: and one more partial per row, [rows, HEAD_DIM_PAD] and [rows], from `exact_ring`);
     UNROTATE: then x @ R (fp32 R, tf32x3: fp32-accurate) in the same program, stored cast to out's dtype,
-    which saves the un-rotation its own launch."""
+    which saves the un-rotation its own launch; COLUMN_PROGRAMS programs (grid axis 1) share a row block,
+    each merging it and un-rotating its share of the columns."""
     if CHAINED:  # launched programmatically after the split kernel; an un-rotation after it may start early
         gdc_launch_dependents()
         gdc_wait()
@@ -193,17 +207,20 @@ def _decode_reduce_kernel(partial_out_ptr, partial_lse_ptr, extra_out_ptr, extra
     out = out / tl.maximum(total, 1e-30)[:, None]
     row_ptrs = out_ptr + (rows // HEADS) * stride_out_seq + (rows % HEADS) * stride_out_head
     if UNROTATE:
-        for block in tl.static_range(HEAD_DIM_PAD // COLUMNS):
-            columns = block * COLUMNS + tl.arange(0, COLUMNS)
+        blocks: tl.constexpr = HEAD_DIM_PAD // COLUMNS // COLUMN_PROGRAMS
+        for block in tl.static_range(blocks):
+            columns = (tl.program_id(1) * blocks + block) * COLUMNS + tl.arange(0, COLUMNS)
             y = rotated_columns(out, rotation_ptr, columns, dims, HEAD_DIM, 0.0, 0.0, True)
             tl.store(row_ptrs[:, None] + columns[None, :], y.to(out_ptr.dtype.element_ty),
                      mask=rows_valid[:, None] & (columns < HEAD_DIM)[None, :])
     else:
         tl.store(row_ptrs[:, None] + dims[None, :], out.to(out_ptr.dtype.element_ty),
                  mask=rows_valid[:, None] & (dims < HEAD_DIM)[None, :])
-    if RETURN_LSE:  # natural log, like torch.logsumexp
-        lse = tl.where(total > 0, (top + tl.log2(tl.maximum(total, 1e-30))) * 0.6931471805599453, float("-inf"))
-        tl.store(lse_ptr + rows, lse, mask=rows_valid)
+    if RETURN_LSE:  # natural log, like torch.logsumexp; by a row block's first program
+        if tl.program_id(1) == 0:
+            row_lse = tl.where(total > 0, (top + tl.log2(tl.maximum(total, 1e-30))) * 0.6931471805599453,
+                               float("-inf"))
+            tl.store(lse_ptr + rows, row_lse, mask=rows_valid)
 
 
 # The merge stays a launch of its own: merged instead by each pair's last split program (a ticket from an
@@ -242,9 +259,12 @@ def reduce_splits(partial_out: torch.Tensor, partial_lse: torch.Tensor, out: tor
     and `extra` (out [batch, heads, D_pad], lse [batch, heads]) as one more split where given;
     `rotation` (fp32 [D, D]): un-rotated (x @ R) on the way. `lse` [batch, heads] fp32, natural log."""
     batch, heads, num_splits = partial_lse.shape
-    constants = reduce_constants(num_splits, partial_out.shape[-1], rotation is not None)
+    pad = partial_out.shape[-1]
+    column_programs = 1 if rotation is None else reduce_column_programs(
+        triton.cdiv(batch * heads, UNROTATE_ROWS), pad, multiprocessor_count(out.device))
+    constants = reduce_constants(num_splits, pad, rotation is not None, column_programs)
     extra_out, extra_lse = extra if extra is not None else (partial_out, partial_lse)  # not read without extra
-    _decode_reduce_kernel[(triton.cdiv(batch * heads, constants["ROWS"]),)](
+    _decode_reduce_kernel[(triton.cdiv(batch * heads, constants["ROWS"]), constants["COLUMN_PROGRAMS"])](
         partial_out, partial_lse, extra_out, extra_lse, partial_lse if rotation is None else rotation, out,
         partial_lse if lse is None else lse, batch * heads, out.stride(0), out.stride(1), HEADS=heads,
         HEAD_DIM=out.shape[-1], **constants, RETURN_LSE=lse is not None, CHAINED=chained, EXTRA=extra is not None,
@@ -252,13 +272,25 @@ def reduce_splits(partial_out: torch.Tensor, partial_lse: torch.Tensor, out: tor
     )
 
 
-def reduce_constants(num_splits: int, head_dim_pad: int, unrotate: bool) -> dict:
+def reduce_column_programs(row_blocks: int, head_dim_pad: int, num_sms: int) -> int:
+    """Programs per row block of an un-rotating reduction: about one program per SM, each un-rotating at
+    least 16 columns, at most 4. Its few 16-row programs are latency-bound; sharing the un-rotation
+    among more of them measured faster (H200, k4v4 d=128, two and four per row block against one:
+    b1 x 1K 0.90x and 0.86x, b8 x 1K 0.92x and 0.90x, b32 x 1K 0.96x and 0.97x, b64 x 1K 0.99x and 1.01x;
+    benchmarks/results/decode-variants-h200-launch.md)."""
+    wanted = max(1, num_sms // max(1, row_blocks))
+    return max(1, min(1 << (wanted.bit_length() - 1), 4, head_dim_pad // 16))
+
+
+def reduce_constants(num_splits: int, head_dim_pad: int, unrotate: bool, column_programs: int = 1) -> dict:
     """`_decode_reduce_kernel`'s tiling constants (also compiled by `benchmarks/reduce_sass.py`)."""
     rows = UNROTATE_ROWS if unrotate else 1
     splits_pad = triton.next_power_of_2(num_splits)
+    column_programs = column_programs if unrotate else 1
     return dict(NUM_SPLITS=num_splits, NUM_SPLITS_PAD=splits_pad, HEAD_DIM_PAD=head_dim_pad,
                 SPLIT_BLOCK=reduce_split_block(splits_pad, head_dim_pad, rows), ROWS=rows, UNROTATE=unrotate,
-                COLUMNS=rotation_columns(head_dim_pad, 0.0))
+                COLUMNS=min(rotation_columns(head_dim_pad, 0.0), head_dim_pad // column_programs),
+                COLUMN_PROGRAMS=column_programs)
 
 
 def default_num_splits(batch: int, num_kv_heads: int, max_tokens: int, tile: int, num_sms: int) -> int:
@@ -371,17 +403,21 @@ def variant_batches(codec: KernelCodec, group: int, max_tokens: int, device: tor
                     rotates_queries: bool = False) -> list[int]:
     """The smallest batch of each set of kernel variants that `paged_decode_attention` calls of 1 … `most`
     sequences launch by default: the variants follow which split kernels run and their split counts (not
-    the fragment kernel's span, a run-time value), a batch of one (chained launches) and the tile height of
-    each rotation of the batch's rows: the output's where the reduction does not un-rotate, the query's
-    where the calls rotate it (`rotates_queries`: an unrotated query, or `store=`). Calls at these batches
+    the fragment kernel's span, a run-time value), a batch of one (chained launches), the tile height of
+    each rotation of the batch's rows (the output's where the reduction does not un-rotate, the query's
+    where the calls rotate it: `rotates_queries`, an unrotated query or `store=`) and the reduction's
+    programs per row block where it un-rotates (`reduce_column_programs`). Calls at these batches
     compile all of them (an engine before serving: `vllm.backend`)."""
     seen, batches, pad = set(), [], head_dim_pad(codec.layout.head_dim)
+    num_sms = multiprocessor_count(device)
     for batch in range(1, most + 1):
         plan = split_plan(codec, batch, group, max_tokens, device)
-        tall_rotation = ((rotates_queries or not reduction_unrotates(plan.num_splits, pad))
-                         and batch > ROTATE_SHORT_TILE_MAX_TOKENS)
+        unrotates = reduction_unrotates(plan.num_splits, pad)
+        tall_rotation = (rotates_queries or not unrotates) and batch > ROTATE_SHORT_TILE_MAX_TOKENS
+        row_blocks = triton.cdiv(batch * group * codec.layout.num_kv_heads, UNROTATE_ROWS)
+        column_programs = reduce_column_programs(row_blocks, pad, num_sms) if unrotates else 1
         key = (plan.min_span is None, plan.min_span == 0, plan.triton_splits, plan.num_splits, batch == 1,
-               tall_rotation)
+               tall_rotation, column_programs)
         if key not in seen:
             seen.add(key)
             batches.append(batch)
