@@ -50,8 +50,7 @@ def compile_split_kernel(codec: KernelCodec, token_rows: bool, table_inputs: boo
             return ""
         return getattr(codec, f"{role}_table_lut_asm" if table_inputs else f"{role}_lut_asm")
     lookups = dict(KEY_LUT=lut("key"), VALUE_LUT=lut("value"))
-    launch = decode.decode_launch(layout.head_dim, layout.key_bits, layout.value_bits,
-                                  bool(lookups["KEY_LUT"] and lookups["VALUE_LUT"]))
+    launch = decode.triton_split_launch(codec, lookups)
     constants = page_constants(layout) | lookups | dict(
         GROUP=4, GROUP_PAD=16, NUM_SPLITS=2, PARTIAL_SPLITS=2, USE_SOFTCAP=False, USE_WINDOW=False, USE_STARTS=True,
         TILE=launch["TILE"], REDUCTION_NEXT=False, READERS_NEXT=True, WAIT_FOR_QUERY=True, TOKEN_ROWS=token_rows)

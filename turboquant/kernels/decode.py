@@ -260,8 +260,7 @@ def reduce_splits(partial_out: torch.Tensor, partial_lse: torch.Tensor, out: tor
     `rotation` (fp32 [D, D]): un-rotated (x @ R) on the way. `lse` [batch, heads] fp32, natural log."""
     batch, heads, num_splits = partial_lse.shape
     pad = partial_out.shape[-1]
-    column_programs = 1 if rotation is None else reduce_column_programs(
-        triton.cdiv(batch * heads, UNROTATE_ROWS), pad, multiprocessor_count(out.device))
+    column_programs = 1 if rotation is None else reduce_column_programs(batch * heads, pad, out.device)
     constants = reduce_constants(num_splits, pad, rotation is not None, column_programs)
     extra_out, extra_lse = extra if extra is not None else (partial_out, partial_lse)  # not read without extra
     _decode_reduce_kernel[(triton.cdiv(batch * heads, constants["ROWS"]), constants["COLUMN_PROGRAMS"])](
@@ -272,13 +271,15 @@ def reduce_splits(partial_out: torch.Tensor, partial_lse: torch.Tensor, out: tor
     )
 
 
-def reduce_column_programs(row_blocks: int, head_dim_pad: int, num_sms: int) -> int:
-    """Programs per row block of an un-rotating reduction: about one program per SM, each un-rotating at
-    least 16 columns, at most 4. Its few 16-row programs are latency-bound; sharing the un-rotation
-    among more of them measured faster (H200, k4v4 d=128, two and four per row block against one:
+def reduce_column_programs(num_rows: int, head_dim_pad: int, device: torch.device) -> int:
+    """Programs per UNROTATE_ROWS-row block of an un-rotating reduction over `num_rows` (sequence · head)
+    rows: about one program per SM, each un-rotating at least 16 columns, at most 4. Its few 16-row
+    programs are latency-bound; sharing the un-rotation among more of them measured faster (H200, k4v4
+    d=128, two and four per row block against one:
     b1 x 1K 0.90x and 0.86x, b8 x 1K 0.92x and 0.90x, b32 x 1K 0.96x and 0.97x, b64 x 1K 0.99x and 1.01x;
     benchmarks/results/decode-variants-h200-launch.md)."""
-    wanted = max(1, num_sms // max(1, row_blocks))
+    row_blocks = triton.cdiv(num_rows, UNROTATE_ROWS)
+    wanted = max(1, multiprocessor_count(device) // max(1, row_blocks))
     return max(1, min(1 << (wanted.bit_length() - 1), 4, head_dim_pad // 16))
 
 
@@ -409,13 +410,12 @@ def variant_batches(codec: KernelCodec, group: int, max_tokens: int, device: tor
     programs per row block where it un-rotates (`reduce_column_programs`). Calls at these batches
     compile all of them (an engine before serving: `vllm.backend`)."""
     seen, batches, pad = set(), [], head_dim_pad(codec.layout.head_dim)
-    num_sms = multiprocessor_count(device)
     for batch in range(1, most + 1):
         plan = split_plan(codec, batch, group, max_tokens, device)
         unrotates = reduction_unrotates(plan.num_splits, pad)
         tall_rotation = (rotates_queries or not unrotates) and batch > ROTATE_SHORT_TILE_MAX_TOKENS
-        row_blocks = triton.cdiv(batch * group * codec.layout.num_kv_heads, UNROTATE_ROWS)
-        column_programs = reduce_column_programs(row_blocks, pad, num_sms) if unrotates else 1
+        column_programs = (reduce_column_programs(batch * group * codec.layout.num_kv_heads, pad, device)
+                           if unrotates else 1)
         key = (plan.min_span is None, plan.min_span == 0, plan.triton_splits, plan.num_splits, batch == 1,
                tall_rotation, column_programs)
         if key not in seen:
