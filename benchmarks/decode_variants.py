@@ -27,7 +27,7 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernels import block_table_for, graph_time_ms, random_compressed_cache  # noqa: E402
 from turboquant.core import TurboQuantConfig  # noqa: E402
-from turboquant.kernels import decode  # noqa: E402
+from turboquant.kernels import decode, exact_ring  # noqa: E402
 from turboquant.kernels.codec import KernelCodec  # noqa: E402
 
 CELLS = ("k4v4:128:1x1024,k4v4:128:1x16384,k4v4:128:8x1024,k4v4:128:8x4096,k4v4:128:32x1024,k4v4:128:32x4096,"
@@ -36,7 +36,9 @@ CELLS = ("k4v4:128:1x1024,k4v4:128:1x16384,k4v4:128:8x1024,k4v4:128:8x4096,k4v4:
 # name → what it changes from the default: `launch`, keys over `decode_launch`'s choice (TOKEN_ROWS,
 # TILE, num_stages, num_warps, maxnreg: Triton's register cap); `table_inputs`, the lookups' form;
 # `column_programs`, programs per row block of the reduction's un-rotation; `splits`, a factor on the
-# default split count
+# default split count; `window`, keys over the exact window kernel's `exact_ring.window_launch` (PARTS,
+# num_warps, maxnreg) and `window_priority`, the window stream's CUDA priority (lower: sooner), both timed by
+# `ring_cost.py --variant`, the only caller with a ring
 VARIANTS = {
     "default": {}, "head_rows": dict(launch=dict(TOKEN_ROWS=False)), "constant_tables": dict(table_inputs=False),
     "head_rows_constant_tables": dict(launch=dict(TOKEN_ROWS=False), table_inputs=False),
@@ -49,15 +51,20 @@ VARIANTS = {
     "reduce_one_column_program": dict(column_programs=1), "reduce_two_column_programs": dict(column_programs=2),
     "reduce_four_column_programs": dict(column_programs=4),
     "twice_the_splits": dict(splits=2), "half_the_splits": dict(splits=0.5),
+    "window_in_one_part": dict(window=dict(PARTS=1)), "window_max_128_registers": dict(window=dict(maxnreg=128)),
+    "window_two_warps": dict(window=dict(num_warps=2)),
+    "window_stream_high_priority": dict(window_priority=-1),
 }
 DEFAULT_VARIANTS = ("default,head_rows,constant_tables,head_rows_constant_tables,max_96_registers,max_80_registers,"
                     "token_rows_max_128_registers")
 NUM_Q_HEADS, NUM_KV_HEADS = 32, 8
 
 
-def variant(launch: dict | None = None, table_inputs: bool | None = None, column_programs: int | None = None):
+def variant(launch: dict | None = None, table_inputs: bool | None = None, column_programs: int | None = None,
+            window: dict | None = None, window_priority: int | None = None):
     """Patch decode's launch choices for one variant; returns the undo."""
     saved = decode.decode_launch, decode.lookup_constants, decode.reduce_constants
+    window_launch, window_stream = exact_ring.window_launch, decode.window_stream
     decode_launch, lookup_constants, reduce_constants = saved
 
     def patched_launch(*args):
@@ -72,9 +79,19 @@ def variant(launch: dict | None = None, table_inputs: bool | None = None, column
         return reduce_constants(num_splits, head_dim_pad, unrotate, *((column_programs,) if column_programs else args))
     decode.decode_launch, decode.lookup_constants, decode.reduce_constants = (patched_launch, patched_lookups,
                                                                              patched_reduce)
+    exact_ring.window_launch = lambda head_dim: window_launch(head_dim) | (window or {})
+    if window_priority is not None:
+        streams = {}
+
+        def prioritized_stream(device):
+            if device not in streams:
+                streams[device] = torch.cuda.Stream(device, priority=window_priority)
+            return streams[device]
+        decode.window_stream = prioritized_stream
 
     def undo():
         decode.decode_launch, decode.lookup_constants, decode.reduce_constants = saved
+        exact_ring.window_launch, decode.window_stream = window_launch, window_stream
     return undo
 
 

@@ -32,7 +32,7 @@ def compile_reduction(head_dim: int, num_splits: int, unrotate: bool, column_pro
                       lse_and_extra: bool = False) -> dict:
     names = list(_decode_reduce_kernel.arg_names)
     constants = reduce_constants(num_splits, head_dim, unrotate, column_programs) | dict(
-        HEADS=32, HEAD_DIM=head_dim, RETURN_LSE=lse_and_extra, CHAINED=False, EXTRA=lse_and_extra)
+        HEADS=32, HEAD_DIM=head_dim, RETURN_LSE=lse_and_extra, CHAINED=False, EXTRA=int(lse_and_extra))
     signature = {name: (POINTERS | SCALARS).get(name, "constexpr") for name in names}
     constants = {name: constants[name] for name in names if name in constants}
     aligned = {(names.index(name),): [["tt.divisibility", 16]] for name in POINTERS}

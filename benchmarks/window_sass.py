@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gemv_sass import print_and_save, resource_summary  # noqa: E402
 from turboquant.core import TurboQuantConfig  # noqa: E402
 from turboquant.kernels.codec import KernelCodec  # noqa: E402
-from turboquant.kernels.exact_ring import _exact_window_kernel, window_tile_rows  # noqa: E402
+from turboquant.kernels.exact_ring import _exact_window_kernel, window_launch, window_tile_rows  # noqa: E402
 from turboquant.kernels.launch import page_constants  # noqa: E402
 
 POINTERS = dict(query_ptr="*fp32", cache_ptr="*u8", block_table_ptr="*i32", seq_lens_ptr="*i32",
@@ -38,14 +38,15 @@ SHAPES = [(128, 4, 8, 4), (128, 3, 8, 4), (64, 4, 3, 3), (256, 3, 4, 2)]
 def compile_window(head_dim: int, bits: int, num_kv_heads: int, group: int, tile: int) -> dict:
     codec = KernelCodec.from_config(TurboQuantConfig(key_bits=bits, value_bits=bits), head_dim, num_kv_heads, 16)
     names = list(_exact_window_kernel.arg_names)
+    launch = window_launch(head_dim)
     # the byte-permute lookups, as on an H100/H200 (`launch.lookup_constants`)
     constants = page_constants(codec.layout) | dict(
         GROUP=group, GROUP_PAD=16, KEY_LUT=codec.key_lut_asm, VALUE_LUT=codec.value_lut_asm, SINKS=4, RECENT=32,
-        SINK_TILE=window_tile_rows(4, head_dim), RECENT_TILE=tile, USE_SOFTCAP=False)
+        SINK_TILE=window_tile_rows(4, head_dim), RECENT_TILE=tile, USE_SOFTCAP=False, PARTS=launch.pop("PARTS"))
     signature = {name: (POINTERS | SCALARS).get(name, "constexpr") for name in names}
     constants = {name: constants[name] for name in names if name in constants}
     kernel = triton.compile(ASTSource(_exact_window_kernel, signature, constants),
-                            target=GPUTarget("cuda", 90, 64), options=dict(num_warps=4))
+                            target=GPUTarget("cuda", 90, 64), options=launch)
     return ({"head_dim": head_dim, "bits": bits, "recent_tile": tile,
              "default_tile": tile == window_tile_rows(32, head_dim)}
             | resource_summary(kernel))

@@ -228,15 +228,15 @@ def test_the_reduction_compiles_for_sm90_with_every_output_and_shared_unrotation
 
 
 @pytest.mark.parametrize("num_splits, split_block, unrotate, extra, column_programs", [
-    (5, 2, False, False, 1), (8, 8, False, False, 1), (3, 1, False, False, 1), (5, 2, True, False, 1),
-    (8, 4, True, False, 1), (5, 2, False, True, 1), (8, 4, True, True, 1), (5, 2, True, True, 2)])
+    (5, 2, False, 0, 1), (8, 8, False, 0, 1), (3, 1, False, 0, 1), (5, 2, True, 0, 1), (8, 4, True, 0, 1),
+    (5, 2, False, 1, 1), (8, 4, True, 1, 1), (5, 2, True, 2, 2), (3, 1, False, 2, 1)])
 def test_split_reduction_in_blocks_matches_one_softmax(num_splits, split_block, unrotate, extra, column_programs,
                                                        device, generator):
     """The reduction merges partial outputs `split_block` splits at a time (wide latents would spill
     holding them all); a split that saw no key (lse −inf, its partial output never written: NaN here)
     and a row that saw none at all weigh 0. `unrotate`: 16 rows per program, then x @ R, its 32 columns
-    in blocks of 16 (`column_programs` 2: one block each in two programs). `extra`: one more partial per
-    row from a buffer of its own (`exact_ring`'s), merged as one more split."""
+    in blocks of 16 (`column_programs` 2: one block each in two programs). `extra`: that many more partials
+    per row from buffers of their own (`exact_ring`'s), merged as that many more splits."""
     import triton
 
     from turboquant.kernels.decode import UNROTATE_ROWS, _decode_reduce_kernel
@@ -251,9 +251,9 @@ def test_split_reduction_in_blocks_matches_one_softmax(num_splits, split_block, 
     out = torch.full((batch, heads + 2, head_dim), 7.0)[:, 1:-1]  # strided rows, as vLLM's slices can be
     out_lse = torch.empty(batch, heads)
     out, out_lse = out.to(device), out_lse.to(device)
-    extra_partial = torch.randn(batch, heads, pad, generator=generator)
-    extra_lse = torch.randn(batch, heads, generator=generator) * 3
-    extra_lse[1, 1], extra_lse[2, 3] = float("-inf"), float("-inf")
+    extra_partial = torch.randn(extra, batch, heads, pad, generator=generator)
+    extra_lse = torch.randn(extra, batch, heads, generator=generator) * 3
+    extra_lse[:, 1, 1], extra_lse[:, 2, 3] = float("-inf"), float("-inf")
     extra_partial[extra_lse == float("-inf")] = float("nan")
     rows = UNROTATE_ROWS if unrotate else 1
     _decode_reduce_kernel[(triton.cdiv(batch * heads, rows), column_programs)](
@@ -262,9 +262,8 @@ def test_split_reduction_in_blocks_matches_one_softmax(num_splits, split_block, 
         NUM_SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim, HEAD_DIM_PAD=pad,
         SPLIT_BLOCK=split_block, ROWS=rows, UNROTATE=unrotate, COLUMNS=16, COLUMN_PROGRAMS=column_programs,
         RETURN_LSE=True, CHAINED=False, EXTRA=extra)
-    if extra:
-        partial = torch.cat([partial, extra_partial[:, :, None]], dim=2)
-        lse = torch.cat([lse, extra_lse[:, :, None]], dim=2)
+    partial = torch.cat([partial, extra_partial.permute(1, 2, 0, 3)], dim=2)
+    lse = torch.cat([lse, extra_lse.permute(1, 2, 0)], dim=2)
     weights = torch.softmax(lse * 0.6931471805599453, dim=-1).nan_to_num(0.0)  # lse is in log2 units
     expected = (weights[..., None] * partial.nan_to_num(0.0)).sum(2)[..., :head_dim]
     if unrotate:

@@ -42,15 +42,20 @@ def test_store_writes_rotated_rows_and_both_tables(dtype, device, generator):
         assert units[[6, 8, 9]].abs().sum() == 0 and norms[[6, 8, 9]].abs().sum() == 0
 
 
-@pytest.mark.parametrize("head_dim, key_bits, value_bits, sinks, recent, num_splits", [
-    (64, 4, 4, 4, 8, 1), (64, 4, 4, 4, 8, 3), (64, 3, 3, 1, 5, 3), (64, 4, 2, 0, 16, 1), (64, 8, 4, 3, 0, 3),
-    (64, 4, 4, 4, 64, 3),  # two tiles of 64 positions
-    (256, 3, 3, 4, 32, 1),  # two tiles of 32 (head_dim 256)
+@pytest.mark.parametrize("head_dim, key_bits, value_bits, sinks, recent, num_splits, parts", [
+    (64, 4, 4, 4, 8, 1, 1), (64, 4, 4, 4, 8, 3, 2), (64, 3, 3, 1, 5, 3, 1), (64, 4, 2, 0, 16, 1, 2),
+    (64, 8, 4, 3, 0, 3, 2),
+    (64, 4, 4, 4, 64, 3, 1),  # two tiles of 64 positions
+    (256, 3, 3, 4, 32, 1, 1),  # two tiles of 32 (head_dim 256)
 ])
 def test_decode_reads_sinks_and_latest_keys_from_the_ring(head_dim, key_bits, value_bits, sinks, recent, num_splits,
-                                                           device, generator):
+                                                           parts, device, generator, monkeypatch):
     """Sequences of 1, 6, 70 and 97 tokens: some of their end tokens are in the ring, one entry has been
-    handed to another slot since (read compressed), and the longest has no entry at all."""
+    handed to another slot since (read compressed), and the longest has no entry at all. `parts` 2: the
+    window kernel's sinks and latest tokens in programs of their own."""
+    from turboquant.kernels import exact_ring
+
+    monkeypatch.setattr(exact_ring, "window_launch", lambda head_dim: dict(PARTS=parts, num_warps=4))
     codec = make_codec(head_dim, key_bits, value_bits, 2, 16, device)
     seq_lens = [1, 6, 70, 97]
     cache, block_table = filled_cache(codec, seq_lens, generator, device)

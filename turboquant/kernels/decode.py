@@ -169,7 +169,8 @@ def _decode_reduce_kernel(partial_out_ptr, partial_lse_ptr, extra_out_ptr, extra
                           UNROTATE: tl.constexpr, COLUMNS: tl.constexpr, COLUMN_PROGRAMS: tl.constexpr,
                           RETURN_LSE: tl.constexpr, CHAINED: tl.constexpr, EXTRA: tl.constexpr):
     """Merge each (sequence · head) row's split partials by their log-sum-exps, ROWS rows per program
-    (EXTRA: and one more partial per row, [rows, HEAD_DIM_PAD] and [rows], from `exact_ring`);
+    (EXTRA: and that many more partials per row, [EXTRA, rows, HEAD_DIM_PAD] and [EXTRA, rows], from
+    `exact_ring`);
     UNROTATE: then x @ R (fp32 R, tf32x3: fp32-accurate) in the same program, stored cast to out's dtype,
     which saves the un-rotation its own launch; COLUMN_PROGRAMS programs (grid axis 1) share a row block,
     each merging it and un-rotating its share of the columns."""
@@ -183,13 +184,10 @@ def _decode_reduce_kernel(partial_out_ptr, partial_lse_ptr, extra_out_ptr, extra
     lse = tl.load(partial_lse_ptr + rows[:, None] * NUM_SPLITS + splits[None, :],
                   mask=rows_valid[:, None] & (splits < NUM_SPLITS)[None, :], other=float("-inf"))
     top = tl.max(lse, axis=1)
-    extra_lse = tl.full([ROWS], float("-inf"), tl.float32)
-    if EXTRA:
-        extra_lse = tl.load(extra_lse_ptr + rows, mask=rows_valid, other=float("-inf"))
-        top = tl.maximum(top, extra_lse)
+    for part in tl.static_range(EXTRA):
+        top = tl.maximum(top, tl.load(extra_lse_ptr + part * num_rows + rows, mask=rows_valid, other=float("-inf")))
     top = tl.where(top == float("-inf"), 0.0, top)  # an empty sequence: every weight is 0
-    extra_weight = tl.exp2(extra_lse - top)
-    total = tl.sum(tl.exp2(lse - top[:, None]), axis=1) + extra_weight
+    total = tl.sum(tl.exp2(lse - top[:, None]), axis=1)
     out = tl.zeros([ROWS, HEAD_DIM_PAD], dtype=tl.float32)
     for first in tl.static_range(0, NUM_SPLITS_PAD, SPLIT_BLOCK):  # [ROWS, SPLIT_BLOCK, HEAD_DIM_PAD] at a time
         block = first + tl.arange(0, SPLIT_BLOCK)
@@ -201,8 +199,12 @@ def _decode_reduce_kernel(partial_out_ptr, partial_lse_ptr, extra_out_ptr, extra
         partial = tl.load(partial_out_ptr + ((rows[:, None] * NUM_SPLITS + block[None, :]) * HEAD_DIM_PAD)[:, :, None]
                           + dims[None, None, :], mask=(valid & (block_lse > float("-inf")))[:, :, None], other=0.0)
         out += tl.sum(weights[:, :, None] * partial, axis=1)
-    if EXTRA:
-        out += extra_weight[:, None] * tl.load(extra_out_ptr + rows[:, None] * HEAD_DIM_PAD + dims[None, :],
+    for part in tl.static_range(EXTRA):
+        extra_lse = tl.load(extra_lse_ptr + part * num_rows + rows, mask=rows_valid, other=float("-inf"))
+        extra_weight = tl.exp2(extra_lse - top)
+        total += extra_weight
+        out += extra_weight[:, None] * tl.load(extra_out_ptr + (part * num_rows + rows[:, None]) * HEAD_DIM_PAD
+                                               + dims[None, :],
                                                mask=(rows_valid & (extra_lse > float("-inf")))[:, None], other=0.0)
     out = out / tl.maximum(total, 1e-30)[:, None]
     row_ptrs = out_ptr + (rows // HEADS) * stride_out_seq + (rows % HEADS) * stride_out_head
@@ -256,7 +258,7 @@ def reduce_splits(partial_out: torch.Tensor, partial_lse: torch.Tensor, out: tor
                   extra: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """out [batch, heads, D] (any strides of its first two axes, any float dtype) ← the splits merged:
     partial_out [batch, heads, splits, D_pad] fp32 and partial_lse [batch, heads, splits] (log2 units),
-    and `extra` (out [batch, heads, D_pad], lse [batch, heads]) as one more split where given;
+    and `extra` (outs [parts, batch, heads, D_pad], lses [parts, batch, heads]) as `parts` more splits;
     `rotation` (fp32 [D, D]): un-rotated (x @ R) on the way. `lse` [batch, heads] fp32, natural log."""
     batch, heads, num_splits = partial_lse.shape
     pad = partial_out.shape[-1]
@@ -266,7 +268,8 @@ def reduce_splits(partial_out: torch.Tensor, partial_lse: torch.Tensor, out: tor
     _decode_reduce_kernel[(triton.cdiv(batch * heads, constants["ROWS"]), constants["COLUMN_PROGRAMS"])](
         partial_out, partial_lse, extra_out, extra_lse, partial_lse if rotation is None else rotation, out,
         partial_lse if lse is None else lse, batch * heads, out.stride(0), out.stride(1), HEADS=heads,
-        HEAD_DIM=out.shape[-1], **constants, RETURN_LSE=lse is not None, CHAINED=chained, EXTRA=extra is not None,
+        HEAD_DIM=out.shape[-1], **constants, RETURN_LSE=lse is not None, CHAINED=chained,
+        EXTRA=0 if extra is None else extra_lse.shape[0],
         **programmatic_launch(chained),
     )
 

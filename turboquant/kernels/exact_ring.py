@@ -7,7 +7,7 @@ say whether an entry still holds a given slot: an engine hands entries out round
 written again (a freed block reused) points at its new entry or at none. `compress_store(ring=,
 entries=)` fills it; `exact_window_partials` attends to each sequence's first `sinks` and latest
 `recent` tokens, each read from the ring where its entry still holds it and from the cache otherwise,
-as one more split that `paged_decode_attention(exact=)` merges with the compressed middle.
+as more splits that `paged_decode_attention(exact=)` merges with the compressed middle.
 Reference: `reference.decode_reference(..., ring=)` (`exact_rows_reference`).
 """
 
@@ -163,8 +163,9 @@ def _exact_window_kernel(
     HEAD_DIM_PAD: tl.constexpr, KEY_BITS: tl.constexpr, KEY_BYTES: tl.constexpr, KEY_LUT: tl.constexpr,
     VALUE_BITS: tl.constexpr, VALUE_BYTES: tl.constexpr, VALUE_LUT: tl.constexpr, SINKS: tl.constexpr,
     RECENT: tl.constexpr, SINK_TILE: tl.constexpr, RECENT_TILE: tl.constexpr, USE_SOFTCAP: tl.constexpr,
+    PARTS: tl.constexpr,
 ):
-    seq, kv_head = tl.program_id(0), tl.program_id(1)
+    seq, kv_head, part = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
     query, group, heads = load_group_query(query_ptr, seq, kv_head, stride_query_seq, stride_query_head, scale,
                                            GROUP, GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD)
@@ -180,13 +181,14 @@ def _exact_window_kernel(
             index = (tile - sink_tiles) * RECENT_TILE + tl.arange(0, RECENT_TILE)
             positions = seq_len - RECENT + index
             visible = (index < RECENT) & (positions >= SINKS)
-        running_max, running_sum, acc = window_tile(
-            positions, visible, query, running_max, running_sum, acc, cache_ptr, table_ptr, ring_keys_ptr,
-            ring_values_ptr, ring_key_norms_ptr, ring_value_norms_ptr, slot_of_entry_ptr, entry_of_slot_ptr,
-            key_centroids_ptr, value_centroids_ptr, kv_head, softcap, NUM_KV_HEADS, BLOCK_SIZE, HEAD_PAGE_BYTES,
-            VALUES_OFFSET, KEY_NORMS_OFFSET, VALUE_NORMS_OFFSET, HEAD_DIM, HEAD_DIM_PAD, KEY_BITS, KEY_BYTES, KEY_LUT,
-            VALUE_BITS, VALUE_BYTES, VALUE_LUT, USE_SOFTCAP)
-    rows = seq * NUM_KV_HEADS * GROUP + heads
+        if part == (tile >= sink_tiles) * (PARTS - 1):  # PARTS 2: the sinks in program 0, the latest in 1
+            running_max, running_sum, acc = window_tile(
+                positions, visible, query, running_max, running_sum, acc, cache_ptr, table_ptr, ring_keys_ptr,
+                ring_values_ptr, ring_key_norms_ptr, ring_value_norms_ptr, slot_of_entry_ptr, entry_of_slot_ptr,
+                key_centroids_ptr, value_centroids_ptr, kv_head, softcap, NUM_KV_HEADS, BLOCK_SIZE, HEAD_PAGE_BYTES,
+                VALUES_OFFSET, KEY_NORMS_OFFSET, VALUE_NORMS_OFFSET, HEAD_DIM, HEAD_DIM_PAD, KEY_BITS, KEY_BYTES,
+                KEY_LUT, VALUE_BITS, VALUE_BYTES, VALUE_LUT, USE_SOFTCAP)
+    rows = (part * tl.num_programs(0) + seq) * NUM_KV_HEADS * GROUP + heads
     head_mask = group < GROUP
     tl.store(out_ptr + rows[:, None] * HEAD_DIM_PAD + dims[None, :], acc / tl.maximum(running_sum, 1e-30)[:, None],
              mask=head_mask[:, None])
@@ -199,18 +201,32 @@ def window_tile_rows(positions: int, head_dim: int) -> int:
     return min(max(16, triton.next_power_of_2(positions)), WINDOW_TILE if head_dim <= 128 else WIDE_WINDOW_TILE)
 
 
+def window_launch(head_dim: int) -> dict:
+    """The window kernel's launch choices: PARTS programs per (sequence · kv head), warps. Two parts (the
+    sinks in one program, the latest tokens in another) halve each program's serial chain of dependent
+    loads; they measured the ring's cost per decode step lower than one program per pair (H200, k4v4
+    d=128, µs: b1 x 1K 3.7 against 5.3, b8 x 1K 5.6 against 6.7, b8 x 16K 5.8 against 7.9, b32 and b64
+    x 1K even; benchmarks/results/ring-cost-h200-window-parts.md). Two warps, or 128 registers (spilling),
+    cost as much or more."""
+    return dict(PARTS=2, num_warps=4)
+
+
 def exact_window_partials(rotated_query: torch.Tensor, cache: torch.Tensor, codec, ring: ExactRing,
                           block_table: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                           softcap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of each sequence's query (rotated, fp32 [batch, Hq, d], at position seq_len − 1) to its
-    sinks and latest tokens → (output [batch, Hq, d_pad] fp32 in the rotated space, log-sum-exp [batch, Hq]
-    in log2 units): a split of `paged_decode_attention`'s. The caller checks the arguments."""
+    sinks and latest tokens → (outputs [parts, batch, Hq, d_pad] fp32 in the rotated space, log-sum-exps
+    [parts, batch, Hq] in log2 units): `parts` more splits of `paged_decode_attention`'s. The caller
+    checks the arguments."""
     layout = codec.layout
     batch, num_q_heads = rotated_query.shape[:2]
     group = num_q_heads // layout.num_kv_heads
-    out = torch.empty(batch, num_q_heads, head_dim_pad(layout.head_dim), device=cache.device, dtype=torch.float32)
-    lse = torch.empty(batch, num_q_heads, device=cache.device, dtype=torch.float32)
-    _exact_window_kernel[(batch, layout.num_kv_heads)](
+    launch = window_launch(layout.head_dim)
+    parts = launch["PARTS"]
+    out = torch.empty(parts, batch, num_q_heads, head_dim_pad(layout.head_dim), device=cache.device,
+                      dtype=torch.float32)
+    lse = torch.empty(parts, batch, num_q_heads, device=cache.device, dtype=torch.float32)
+    _exact_window_kernel[(batch, layout.num_kv_heads, parts)](
         rotated_query, cache, block_table, seq_lens, ring.keys, ring.values, ring.key_norms, ring.value_norms,
         ring.slot_of_entry, ring.entry_of_slot,
         codec.key_centroids_fp16, codec.value_centroids_fp16, out, lse, rotated_query.stride(0),
@@ -219,6 +235,6 @@ def exact_window_partials(rotated_query: torch.Tensor, cache: torch.Tensor, code
         **lookup_constants(codec), SINKS=ring.sinks, RECENT=ring.recent,
         SINK_TILE=window_tile_rows(ring.sinks, layout.head_dim),
         RECENT_TILE=window_tile_rows(ring.recent, layout.head_dim),
-        USE_SOFTCAP=softcap is not None, num_warps=4,
+        USE_SOFTCAP=softcap is not None, **launch,
     )
     return out, lse
