@@ -37,8 +37,8 @@ CELLS = ("k4v4:128:1x1024,k4v4:128:1x16384,k4v4:128:8x1024,k4v4:128:8x4096,k4v4:
 # TILE, num_stages, num_warps, maxnreg: Triton's register cap); `table_inputs`, the lookups' form;
 # `column_programs`, programs per row block of the reduction's un-rotation; `splits`, a factor on the
 # default split count; `window`, keys over the exact window kernel's `exact_ring.window_launch` (PARTS,
-# num_warps, maxnreg) and `window_priority`, the window stream's CUDA priority (lower: sooner), both timed by
-# `ring_cost.py --variant`, the only caller with a ring
+# num_warps, maxnreg) and `window_priority`, the window stream's CUDA priority (lower: sooner; -1 by
+# default), both timed by `ring_cost.py --variant`, the only caller with a ring
 VARIANTS = {
     "default": {}, "head_rows": dict(launch=dict(TOKEN_ROWS=False)), "constant_tables": dict(table_inputs=False),
     "head_rows_constant_tables": dict(launch=dict(TOKEN_ROWS=False), table_inputs=False),
@@ -53,7 +53,7 @@ VARIANTS = {
     "twice_the_splits": dict(splits=2), "half_the_splits": dict(splits=0.5),
     "window_in_one_part": dict(window=dict(PARTS=1)), "window_max_128_registers": dict(window=dict(maxnreg=128)),
     "window_two_warps": dict(window=dict(num_warps=2)),
-    "window_stream_high_priority": dict(window_priority=-1),
+    "window_stream_normal_priority": dict(window_priority=0),
 }
 DEFAULT_VARIANTS = ("default,head_rows,constant_tables,head_rows_constant_tables,max_96_registers,max_80_registers,"
                     "token_rows_max_128_registers")
