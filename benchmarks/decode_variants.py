@@ -37,8 +37,9 @@ CELLS = ("k4v4:128:1x1024,k4v4:128:1x16384,k4v4:128:8x1024,k4v4:128:8x4096,k4v4:
 # TILE, num_stages, num_warps, maxnreg: Triton's register cap); `table_inputs`, the lookups' form;
 # `column_programs`, programs per row block of the reduction's un-rotation; `splits`, a factor on the
 # default split count; `window`, keys over the exact window kernel's `exact_ring.window_launch` (PARTS,
-# num_warps, maxnreg) and `window_priority`, the window stream's CUDA priority (lower: sooner; -1 by
-# default), both timed by `ring_cost.py --variant`, the only caller with a ring
+# num_warps, maxnreg), `window_tile`, its latest tokens' rows per tile at head_dim <= 128
+# (`exact_ring.WINDOW_TILE`), and `window_priority`, the window stream's CUDA priority (lower: sooner; -1
+# by default), all timed by `ring_cost.py --variant`, the only caller with a ring
 VARIANTS = {
     "default": {}, "head_rows": dict(launch=dict(TOKEN_ROWS=False)), "constant_tables": dict(table_inputs=False),
     "head_rows_constant_tables": dict(launch=dict(TOKEN_ROWS=False), table_inputs=False),
@@ -52,7 +53,7 @@ VARIANTS = {
     "reduce_four_column_programs": dict(column_programs=4),
     "twice_the_splits": dict(splits=2), "half_the_splits": dict(splits=0.5),
     "window_in_one_part": dict(window=dict(PARTS=1)), "window_max_128_registers": dict(window=dict(maxnreg=128)),
-    "window_two_warps": dict(window=dict(num_warps=2)),
+    "window_two_warps": dict(window=dict(num_warps=2)), "window_tile_16": dict(window_tile=16),
     "window_stream_normal_priority": dict(window_priority=0),
 }
 DEFAULT_VARIANTS = ("default,head_rows,constant_tables,head_rows_constant_tables,max_96_registers,max_80_registers,"
@@ -61,10 +62,10 @@ NUM_Q_HEADS, NUM_KV_HEADS = 32, 8
 
 
 def variant(launch: dict | None = None, table_inputs: bool | None = None, column_programs: int | None = None,
-            window: dict | None = None, window_priority: int | None = None):
+            window: dict | None = None, window_priority: int | None = None, window_tile: int | None = None):
     """Patch decode's launch choices for one variant; returns the undo."""
     saved = decode.decode_launch, decode.lookup_constants, decode.reduce_constants
-    window_launch, window_stream = exact_ring.window_launch, decode.window_stream
+    window_launch, window_stream, window_rows = exact_ring.window_launch, decode.window_stream, exact_ring.WINDOW_TILE
     decode_launch, lookup_constants, reduce_constants = saved
 
     def patched_launch(*args):
@@ -80,6 +81,7 @@ def variant(launch: dict | None = None, table_inputs: bool | None = None, column
     decode.decode_launch, decode.lookup_constants, decode.reduce_constants = (patched_launch, patched_lookups,
                                                                              patched_reduce)
     exact_ring.window_launch = lambda head_dim: window_launch(head_dim) | (window or {})
+    exact_ring.WINDOW_TILE = window_tile or window_rows
     if window_priority is not None:
         streams = {}
 
@@ -91,7 +93,8 @@ def variant(launch: dict | None = None, table_inputs: bool | None = None, column
 
     def undo():
         decode.decode_launch, decode.lookup_constants, decode.reduce_constants = saved
-        exact_ring.window_launch, decode.window_stream = window_launch, window_stream
+        exact_ring.window_launch, decode.window_stream, exact_ring.WINDOW_TILE = (window_launch, window_stream,
+                                                                                  window_rows)
     return undo
 
 
