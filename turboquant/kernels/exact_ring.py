@@ -206,9 +206,9 @@ def window_launch(head_dim: int) -> dict:
     """The window kernel's launch choices: PARTS programs per (sequence · kv head), warps. Two parts (the
     sinks in one program, the latest tokens in another) halve each program's serial chain of dependent
     loads; they measured the ring's cost per decode step lower than one program per pair (H200, k4v4
-    d=128, µs: b1 x 1K 3.7 against 5.3, b8 x 1K 5.6 against 6.7, b8 x 16K 5.8 against 7.9, b32 and b64
-    x 1K even; benchmarks/results/ring-cost-h200-window-parts.md). Two warps, or 128 registers (spilling),
-    cost as much or more."""
+    d=128, µs: b1 x 1K 3.4 against 5.2, b8 x 1K 5.4 against 6.9, b32 x 1K 2.1 against 3.7, b8 x 16K 6.5
+    against 8.1, b16 x 6K 5.7 against 9.0, b64 x 1K even; benchmarks/results/ring-cost-h200-window-parts.md).
+    Two warps, or 128 registers (spilling), cost as much or more."""
     return dict(PARTS=2, num_warps=4)
 
 
