@@ -95,30 +95,47 @@ def middle_ends(seq_lens: torch.Tensor, sinks: int, recent: int) -> torch.Tensor
 @triton.jit
 def held_rows(slots, candidates, entry_of_slot_ptr, slot_of_entry_ptr, kv_head, NUM_KV_HEADS: tl.constexpr):
     """(which `candidates` the ring still holds: their slot's entry names that slot; each one's row of its kv
-    head in the ring, entry · NUM_KV_HEADS + kv_head: the index of its norm, of its unit row times head_dim)."""
+    head in the ring, entry · NUM_KV_HEADS + kv_head: the index of its norm, of its unit row times head_dim;
+    which candidates have an entry, held or not: their rows may be loaded before the check is back)."""
     entries = tl.load(entry_of_slot_ptr + slots, mask=candidates, other=-1).to(tl.int64)
-    held = candidates & (entries >= 0)
-    held = held & (tl.load(slot_of_entry_ptr + tl.maximum(entries, 0), mask=held, other=-1) == slots)
+    listed = candidates & (entries >= 0)
+    held = listed & (tl.load(slot_of_entry_ptr + tl.maximum(entries, 0), mask=listed, other=-1) == slots)
     rows = tl.maximum(entries, 0) * NUM_KV_HEADS + kv_head
     # `& (rows >= 0)` changes nothing but the layouts Triton 3.6 gives `held`: without it the gather kernel
     # fails to compile there ("'arith.xori' op requires the same encoding for all operands and results")
-    return held & (rows >= 0), rows
+    return held & (rows >= 0), rows, listed
+
+
+@triton.jit
+def ring_unit_rows(ring_ptrs, ring_norm_ptrs, loaded, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
+    """(the ring's unit rows fp16 [rows, HEAD_DIM_PAD] and norms fp32 [rows] at `ring_ptrs` and
+    `ring_norm_ptrs`, zero where not `loaded`): finite wherever loaded, since the ring starts zeroed."""
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    units = tl.load(ring_ptrs[:, None] + dims[None, :], mask=loaded[:, None] & (dims < HEAD_DIM)[None, :], other=0.0)
+    return units, tl.load(ring_norm_ptrs, mask=loaded, other=0.0)
+
+
+@triton.jit
+def with_compressed_rows(units, norms, exact, code_ptrs, norm_ptrs, compressed, centroids_ptr, BITS: tl.constexpr,
+                         ROW_BYTES: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, LUT: tl.constexpr):
+    """`units` and `norms` with every row but the `exact` ones from its codes, as the split kernels read
+    them. Codes are unpacked only in a tile with a `compressed` row: in the window kernel's tiles mostly
+    none has."""
+    if tl.max(compressed.to(tl.int32), axis=0) > 0:
+        levels = load_levels(code_ptrs, compressed, centroids_ptr, BITS, ROW_BYTES, HEAD_DIM_PAD, LUT)
+        units = tl.where(exact[:, None], units, levels)
+        norms = tl.where(exact, norms, load_norms(norm_ptrs, compressed))
+    return units, norms
 
 
 @triton.jit
 def unit_rows(ring_ptrs, ring_norm_ptrs, exact, code_ptrs, norm_ptrs, compressed, centroids_ptr, BITS: tl.constexpr,
               ROW_BYTES: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, LUT: tl.constexpr):
     """(unit rows fp16 [rows, HEAD_DIM_PAD], their norms fp32 [rows]): an exact row from the ring, a compressed
-    one from its codes, as the split kernels read them. Codes are unpacked only in a tile with a row the ring
-    no longer holds: in the window kernel's tiles mostly none has."""
-    dims = tl.arange(0, HEAD_DIM_PAD)
-    units = tl.load(ring_ptrs[:, None] + dims[None, :], mask=exact[:, None] & (dims < HEAD_DIM)[None, :], other=0.0)
-    norms = tl.load(ring_norm_ptrs, mask=exact, other=0.0)
-    if tl.max(compressed.to(tl.int32), axis=0) > 0:
-        levels = load_levels(code_ptrs, compressed, centroids_ptr, BITS, ROW_BYTES, HEAD_DIM_PAD, LUT)
-        units = tl.where(exact[:, None], units, levels)
-        norms = tl.where(exact, norms, load_norms(norm_ptrs, compressed))
-    return units, norms
+    one from its codes."""
+    units, norms = ring_unit_rows(ring_ptrs, ring_norm_ptrs, exact, HEAD_DIM, HEAD_DIM_PAD)
+    return with_compressed_rows(units, norms, exact, code_ptrs, norm_ptrs, compressed, centroids_ptr, BITS, ROW_BYTES,
+                                HEAD_DIM_PAD, LUT)
 
 
 @triton.jit
@@ -134,20 +151,25 @@ def window_tile(positions, visible, query, running_max, running_sum, acc, cache_
     positions = tl.maximum(positions, 0)
     blocks = tl.load(table_ptr + positions // BLOCK_SIZE, mask=visible, other=0)
     offsets = positions % BLOCK_SIZE
-    exact, ring_rows = held_rows(blocks.to(tl.int64) * BLOCK_SIZE + offsets, visible, entry_of_slot_ptr,
-                                 slot_of_entry_ptr, kv_head, NUM_KV_HEADS)
+    exact, ring_rows, listed = held_rows(blocks.to(tl.int64) * BLOCK_SIZE + offsets, visible, entry_of_slot_ptr,
+                                         slot_of_entry_ptr, kv_head, NUM_KV_HEADS)
+    # the listed rows' keys and values load beside the check of their entries, before either is unpacked
+    keys, key_scales = ring_unit_rows(ring_keys_ptr + ring_rows * HEAD_DIM, ring_key_norms_ptr + ring_rows, listed,
+                                      HEAD_DIM, HEAD_DIM_PAD)
+    values, value_scales = ring_unit_rows(ring_values_ptr + ring_rows * HEAD_DIM, ring_value_norms_ptr + ring_rows,
+                                          listed, HEAD_DIM, HEAD_DIM_PAD)
     compressed = visible & ~exact
     page_ptrs = cache_ptr + (blocks.to(tl.int64) * NUM_KV_HEADS + kv_head) * HEAD_PAGE_BYTES
-    keys, key_scales = unit_rows(ring_keys_ptr + ring_rows * HEAD_DIM, ring_key_norms_ptr + ring_rows, exact,
-                                 page_ptrs + offsets * KEY_BYTES, page_ptrs + KEY_NORMS_OFFSET + offsets * 4,
-                                 compressed, key_centroids_ptr, KEY_BITS, KEY_BYTES, HEAD_DIM, HEAD_DIM_PAD, KEY_LUT)
+    keys, key_scales = with_compressed_rows(keys, key_scales, exact, page_ptrs + offsets * KEY_BYTES,
+                                            page_ptrs + KEY_NORMS_OFFSET + offsets * 4, compressed, key_centroids_ptr,
+                                            KEY_BITS, KEY_BYTES, HEAD_DIM_PAD, KEY_LUT)
+    values, value_scales = with_compressed_rows(values, value_scales, exact, page_ptrs + VALUES_OFFSET
+                                                + offsets * VALUE_BYTES, page_ptrs + VALUE_NORMS_OFFSET + offsets * 4,
+                                                compressed, value_centroids_ptr, VALUE_BITS, VALUE_BYTES,
+                                                HEAD_DIM_PAD, VALUE_LUT)
     scores = tl.dot(query, tl.trans(keys)) * key_scales[None, :]
     if USE_SOFTCAP:
         scores = softcap * tanh(scores / softcap)
-    values, value_scales = unit_rows(ring_values_ptr + ring_rows * HEAD_DIM, ring_value_norms_ptr + ring_rows,
-                                     exact, page_ptrs + VALUES_OFFSET + offsets * VALUE_BYTES,
-                                     page_ptrs + VALUE_NORMS_OFFSET + offsets * 4, compressed, value_centroids_ptr,
-                                     VALUE_BITS, VALUE_BYTES, HEAD_DIM, HEAD_DIM_PAD, VALUE_LUT)
     return masked_softmax_step(scores * 1.4426950408889634, visible[None, :], running_max, running_sum, acc, values,
                                value_scales)
 

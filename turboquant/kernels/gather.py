@@ -89,9 +89,9 @@ def _gather_kernel(
         exact = positions < 0  # none, without a ring
         ring_rows = tl.zeros([ROWS], dtype=tl.int64)
         if RING:  # the prefix's sinks and latest tokens whose ring entry still holds their slot
-            exact, ring_rows = held_rows(blocks.to(tl.int64) * BLOCK_SIZE + offsets,
-                                         in_prefix & ((positions < SINKS) | (positions >= prefix_len - RECENT)),
-                                         entry_of_slot_ptr, slot_of_entry_ptr, kv_head, NUM_KV_HEADS)
+            exact, ring_rows, _ = held_rows(blocks.to(tl.int64) * BLOCK_SIZE + offsets,
+                                            in_prefix & ((positions < SINKS) | (positions >= prefix_len - RECENT)),
+                                            entry_of_slot_ptr, slot_of_entry_ptr, kv_head, NUM_KV_HEADS)
         fresh_rows = (query_start + positions - prefix_len).to(tl.int64)
         out_offsets = (tl.load(key_start_ptr + seq) + positions).to(tl.int64) * stride_out_token \
             + kv_head * stride_out_head
