@@ -28,8 +28,9 @@ from .softmax import empty_softmax_state, masked_softmax_step, tanh
 # Rows per tile of the window kernel: the sinks take tiles of their own (4 sinks: one tile of 16, tl.dot's
 # least), then the latest tokens tiles of up to WINDOW_TILE rows at head_dim <= 128, WIDE_WINDOW_TILE above.
 # Larger tiles hold more registers (sm_90, `benchmarks/window_sass.py` → window-sass.json, Triton 3.6): at
-# head_dim 256, 3 bits, 32 rows take 250 a thread, 16 rows 213 (Triton 3.9 spilled 86 local-memory
-# instructions at 32). At head_dim 128, k4v4: 3,456 instructions, 230 registers, no spill; before the ring
+# head_dim 256, 3 bits, 32 rows take 255 a thread, 16 rows 164 (Triton 3.9 spilled 86 local-memory
+# instructions at 32). At head_dim 128, k4v4: 3,160 instructions, 254 registers, no spill (16 rows: 166
+# registers, yet 1.2-2.9 us more per decode step: ring-cost-h200-speculative-summary.md); before the ring
 # held unit rows, one 64-row tile over sinks and latest tokens together (64 rows read for 36) normalized
 # the ring's rows itself: 7,240 instructions, 30 of them spills.
 WINDOW_TILE, WIDE_WINDOW_TILE = 32, 16
