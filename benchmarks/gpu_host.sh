@@ -14,6 +14,15 @@ printf 'Metadata-Version: 2.1\nName: turboquant\nVersion: 0.1.0\n' > "$TQ_SITE/t
 printf '[vllm.general_plugins]\nturboquant = turboquant.vllm.plugin:register\n' \
     > "$TQ_SITE/turboquant-0.1.0.dist-info/entry_points.txt"
 export PYTHONPATH="$PWD:$TQ_SITE:$PYTHONPATH"
+# `vllm serve` also needs uvicorn and model_hosting_container_standards, which the slim bundle leaves out.
+# Download them here, then carry .gpu/serve:
+#     pip download --no-deps --only-binary=:all: --python-version 3.12 -d .gpu/serve uvicorn h11 click \
+#         model-hosting-container-standards httpx httpcore anyio jmespath supervisor certifi idna
+# They go last on the path, so the host's own packages win.
+if compgen -G ".gpu/serve/*.whl" > /dev/null; then
+    pip install -q --no-deps --target /tmp/serve-site .gpu/serve/*.whl > /dev/null 2>&1
+    export PYTHONPATH="$PYTHONPATH:/tmp/serve-site"
+fi
 if [ -d .gpu/tools/llama8b-shape ] && [ ! -d /tmp/models/llama8b-shape ]; then
     mkdir -p /tmp/models && cp -r .gpu/tools/llama8b-shape /tmp/models/
 fi

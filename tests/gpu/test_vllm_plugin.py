@@ -39,7 +39,7 @@ def result_of(done: subprocess.CompletedProcess) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
-SERVER_MODULES = ("uvicorn", "model_hosting_container_standards")  # not in the slim offline bundle
+SERVER_MODULES = ("uvicorn", "model_hosting_container_standards")  # not in the slim bundle: gpu_host.sh
 
 
 @needs_model
