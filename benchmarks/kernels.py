@@ -209,6 +209,10 @@ def decode_cell(baselines: Baselines, shape: dict, batch: int, context: int, pre
         with mock.patch.object(decode_module, "programmatic_launch_available", lambda device: False):
             cell["ours_unoverlapped_ms"] = graph_time_ms(
                 lambda: paged_decode_attention(query, cache, codec, table, seq_lens, head_dim**-0.5))
+        # overlapped, but the reduction launched after the fragment kernel ends
+        with mock.patch.object(decode_module, "CHAIN_REDUCTION_AFTER_FRAGMENTS", False):
+            cell["ours_reduction_unchained_ms"] = graph_time_ms(
+                lambda: paged_decode_attention(query, cache, codec, table, seq_lens, head_dim**-0.5))
     for fragments in (False, True):  # each split kernel forced, where it can serve
         if fragments and decode_fragments.unsupported_reason(codec, num_q_heads // num_kv_heads, query.device):
             continue
@@ -432,26 +436,28 @@ def markdown(result: dict) -> str:
     if result["decode"]:
         lines += ["", "Ours: `paged_decode_attention` as called, which picks its split kernel (column 'kernel'); "
                   "'not overlapped' times the same launches where both split kernels run, the fragment "
-                  "kernel's launched after the Triton one ends; the two columns after it time each split kernel "
+                  "kernel's launched after the Triton one ends, and 'reduction not chained' with them overlapped "
+                  "but the reduction launched after the fragment kernel ends "
+                  "(`decode.CHAIN_REDUCTION_AFTER_FRAGMENTS`); the two columns after it time each split kernel "
                   "forced (`fragments=False` / `True`; the "
                   "fragment kernel serves 4-bit keys and values only); 'dense R ms' times the call with its "
                   "Hadamard rotation taken as dense (`dense_rotation`: the query is rotated by R's three 16-bit "
                   "parts, not by its sign matrix).", "",
-                  "| shape | preset | batch | context | ours ms | kernel | not overlapped ms | Triton split ms "
-                  "| fragment split ms | dense R ms | ours GB/s (% copy) | FA3 bf16 ms | vs FA3 | vLLM TQ ms "
-                  "| vs vLLM TQ |",
-                  "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| shape | preset | batch | context | ours ms | kernel | not overlapped ms "
+                  "| reduction not chained ms | Triton split ms | fragment split ms | dense R ms "
+                  "| ours GB/s (% copy) | FA3 bf16 ms | vs FA3 | vLLM TQ ms | vs vLLM TQ |",
+                  "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for c in result["decode"]:
         fa3 = c.get("fa3_bf16", {})
         tq = c.get("vllm_tq", {})
         lines.append(
-            f"| {c['shape']} | {c['preset']} | {c['batch']} | {c['context']} | {c['ours']['ms']:.3f} | "
-            f"{c['ours'].get('split_kernel', '')} | {c.get('ours_unoverlapped_ms', nan):.3f} | "
-            f"{c.get('ours_triton_ms', nan):.3f} | "
-            f"{c.get('ours_fragments_ms', nan):.3f} | {c.get('ours_dense_rotation_ms', nan):.3f} | "
+            f"| {c['shape']} | {c['preset']} | {c['batch']} | {c['context']} | {c['ours']['ms']:.4f} | "
+            f"{c['ours'].get('split_kernel', '')} | {c.get('ours_unoverlapped_ms', nan):.4f} | "
+            f"{c.get('ours_reduction_unchained_ms', nan):.4f} | {c.get('ours_triton_ms', nan):.4f} | "
+            f"{c.get('ours_fragments_ms', nan):.4f} | {c.get('ours_dense_rotation_ms', nan):.4f} | "
             f"{c['ours']['gbs']:.0f} ({100 * c['ours']['fraction_of_copy_bw']:.0f}%) | "
-            f"{fa3.get('ms', nan):.3f} | {c.get('speedup_vs_fa3', nan):.2f}x | "
-            f"{tq.get('ms', nan):.3f} | {c.get('speedup_vs_vllm_tq', nan):.2f}x |")
+            f"{fa3.get('ms', nan):.4f} | {c.get('speedup_vs_fa3', nan):.2f}x | "
+            f"{tq.get('ms', nan):.4f} | {c.get('speedup_vs_vllm_tq', nan):.2f}x |")
     if result["extend"]:
         lines += ["", "| extend: shape | prefix | chunk | fused ms | FA3 bf16 ms | fused / FA3 | gather ms | "
                   "gather + FA3 ms | (gather + FA3) / FA3 |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]

@@ -312,6 +312,10 @@ def default_num_splits(batch: int, num_kv_heads: int, max_tokens: int, tile: int
 # one wave of fragment programs it won at b8 × 6K but lost at b1 and b32 × 1K in 33K-token tables
 # (kernels-decode-h200-table33k-min-work-2e18.md).
 FRAGMENT_MIN_WORK = 1 << 19
+# Where both split kernels run, overlapped, and no exact window kernel runs between them and the reduction,
+# the reduction is launched programmatically after the fragment kernel (benchmarks/kernels.py times it
+# without: the column 'reduction not chained').
+CHAIN_REDUCTION_AFTER_FRAGMENTS = True
 # The Triton kernel's span limit when it serves every sequence (int32).
 ANY_SPAN = (1 << 31) - 1
 
@@ -544,6 +548,10 @@ def paged_decode_attention(query: torch.Tensor, cache: torch.Tensor, codec: Kern
     # mostly gives all its sequences to one of them, and the other's programs, which only skip, then cost
     # no launch gap of their own (H200, b32 x 1K in 33K-token tables: kernels-decode-h200-overlap.md).
     overlapped = bool(triton_splits) and min_span is not None and pdl
+    # ... and the reduction then starts while the fragment kernel runs, and waits for its grid (whose first
+    # program waits for the Triton one's) to end, which hides one launch gap where the Triton kernel served
+    # every sequence (see CHAIN_REDUCTION_AFTER_FRAGMENTS)
+    reduction_chained = chained or (overlapped and exact is None and CHAIN_REDUCTION_AFTER_FRAGMENTS)
     side = None
     if window_beside:
         main, side = torch.cuda.current_stream(cache.device), window_stream(cache.device)
@@ -560,7 +568,8 @@ def paged_decode_attention(query: torch.Tensor, cache: torch.Tensor, codec: Kern
                             readers_next=overlapped, after_store=after_store)
     if min_span is not None:
         decode_fragments.launch_split(rotated_query, cache, codec, block_table, seq_lens, key_starts, partial_out,
-                                      partial_lse, scale, softcap, sliding_window, min_span, after_split=overlapped)
+                                      partial_lse, scale, softcap, sliding_window, min_span, after_split=overlapped,
+                                      reduction_next=reduction_chained)
     if side is not None:
         main.wait_stream(side)
     elif exact is not None:
@@ -571,9 +580,10 @@ def paged_decode_attention(query: torch.Tensor, cache: torch.Tensor, codec: Kern
     lse = torch.empty(batch, num_q_heads, device=cache.device, dtype=torch.float32) if return_lse else None
     # merge the splits and un-rotate the weighted value sum once, cast and stored into the caller's tensor
     if reduction_unrotates(num_splits, pad):
-        reduce_splits(partial_out, partial_lse, out, lse, rotation=codec.rotation, chained=chained, extra=extra)
+        reduce_splits(partial_out, partial_lse, out, lse, rotation=codec.rotation, chained=reduction_chained,
+                      extra=extra)
     else:
         rotated_out = torch.empty(batch, num_q_heads, layout.head_dim, device=cache.device, dtype=torch.float32)
-        reduce_splits(partial_out, partial_lse, rotated_out, lse, chained=chained, extra=extra)
-        rotate(rotated_out, codec, inverse=True, out=out, after_previous=chained)
+        reduce_splits(partial_out, partial_lse, rotated_out, lse, chained=reduction_chained, extra=extra)
+        rotate(rotated_out, codec, inverse=True, out=out, after_previous=reduction_chained)
     return (out, lse) if return_lse else out

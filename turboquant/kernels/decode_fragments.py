@@ -30,7 +30,7 @@ try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import mma_v2
-    from triton.language.extra.cuda import gdc_wait
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
     from triton.runtime.jit import constexpr_function
 except ImportError:  # a Triton without Gluon: `unsupported_reason` says so and decode uses its Triton kernel
     gluon = None
@@ -187,7 +187,7 @@ if gluon is not None:
         HEAD_PAGE_BYTES: gl.constexpr, VALUES_OFFSET: gl.constexpr, KEY_NORMS_OFFSET: gl.constexpr,
         VALUE_NORMS_OFFSET: gl.constexpr, HEAD_DIM: gl.constexpr, KEY_BYTES: gl.constexpr, VALUE_BYTES: gl.constexpr,
         KEY_LUT: gl.constexpr, VALUE_LUT: gl.constexpr, USE_SOFTCAP: gl.constexpr, USE_WINDOW: gl.constexpr,
-        USE_STARTS: gl.constexpr, AFTER_SPLIT: gl.constexpr,
+        USE_STARTS: gl.constexpr, AFTER_SPLIT: gl.constexpr, REDUCTION_NEXT: gl.constexpr,
     ):
         D: gl.constexpr = HEAD_DIM
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
@@ -203,6 +203,8 @@ if gluon is not None:
         split = gl.program_id(2)
         # Launched programmatically while the Triton split kernel runs (it writes other partials): the first
         # program waits for it, so this grid ends after that one and the reduction launched next reads both.
+        if REDUCTION_NEXT:  # the reduction, launched programmatically next, waits for this grid to end
+            gdc_launch_dependents()
         if AFTER_SPLIT:
             if (seq == 0) & (kv_head == 0) & (split == 0):
                 gdc_wait()
@@ -318,11 +320,12 @@ if gluon is not None:
 def launch_split(rotated_query: torch.Tensor, cache: torch.Tensor, codec: KernelCodec, block_table: torch.Tensor,
                  seq_lens: torch.Tensor, key_starts: torch.Tensor | None, partial_out: torch.Tensor,
                  partial_lse: torch.Tensor, scale: float, softcap: float | None, sliding_window: int | None,
-                 min_span: int = 0, after_split: bool = False) -> None:
+                 min_span: int = 0, after_split: bool = False, reduction_next: bool = False) -> None:
     """Fill `partial_out` [batch, Hq, splits, D] fp32 and `partial_lse` [batch, Hq, splits] as
     `decode._decode_split_kernel` does (the caller checked `unsupported_reason`), for the sequences with at
     least `min_span` visible keys. `after_split`: launched programmatically after the Triton split kernel
-    (`launch_triton_split(..., readers_next=True)`), which serves the others."""
+    (`launch_triton_split(..., readers_next=True)`), which serves the others. `reduction_next`: the
+    reduction is launched programmatically next (`reduce_splits(..., chained=True)`)."""
     layout = codec.layout
     batch, num_q_heads, num_splits = partial_lse.shape
     constants = page_constants(layout)
@@ -338,5 +341,5 @@ def launch_split(rotated_query: torch.Tensor, cache: torch.Tensor, codec: Kernel
         VALUE_NORMS_OFFSET=constants["VALUE_NORMS_OFFSET"], HEAD_DIM=layout.head_dim, KEY_BYTES=constants["KEY_BYTES"],
         VALUE_BYTES=constants["VALUE_BYTES"], KEY_LUT=codec.key_pairs_lut_asm, VALUE_LUT=codec.value_pairs_lut_asm,
         USE_SOFTCAP=softcap is not None, USE_WINDOW=sliding_window is not None, USE_STARTS=key_starts is not None,
-        AFTER_SPLIT=after_split, num_warps=1, **programmatic_launch(after_split),
+        AFTER_SPLIT=after_split, REDUCTION_NEXT=reduction_next, num_warps=1, **programmatic_launch(after_split),
     )
