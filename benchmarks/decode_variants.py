@@ -65,7 +65,8 @@ def variant(launch: dict | None = None, table_inputs: bool | None = None, column
             window: dict | None = None, window_priority: int | None = None, window_tile: int | None = None):
     """Patch decode's launch choices for one variant; returns the undo."""
     saved = decode.decode_launch, decode.lookup_constants, decode.reduce_constants
-    window_launch, window_stream, window_rows = exact_ring.window_launch, decode.window_stream, exact_ring.WINDOW_TILE
+    window_launch, window_priority_default, window_rows = (exact_ring.window_launch, decode.WINDOW_STREAM_PRIORITY,
+                                                           exact_ring.WINDOW_TILE)
     decode_launch, lookup_constants, reduce_constants = saved
 
     def patched_launch(*args):
@@ -82,19 +83,12 @@ def variant(launch: dict | None = None, table_inputs: bool | None = None, column
                                                                              patched_reduce)
     exact_ring.window_launch = lambda head_dim: window_launch(head_dim) | (window or {})
     exact_ring.WINDOW_TILE = window_tile or window_rows
-    if window_priority is not None:
-        streams = {}
-
-        def prioritized_stream(device):
-            if device not in streams:
-                streams[device] = torch.cuda.Stream(device, priority=window_priority)
-            return streams[device]
-        decode.window_stream = prioritized_stream
+    decode.WINDOW_STREAM_PRIORITY = window_priority_default if window_priority is None else window_priority
 
     def undo():
         decode.decode_launch, decode.lookup_constants, decode.reduce_constants = saved
-        exact_ring.window_launch, decode.window_stream, exact_ring.WINDOW_TILE = (window_launch, window_stream,
-                                                                                  window_rows)
+        exact_ring.window_launch, decode.WINDOW_STREAM_PRIORITY, exact_ring.WINDOW_TILE = (
+            window_launch, window_priority_default, window_rows)
     return undo
 
 

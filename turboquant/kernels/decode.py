@@ -441,7 +441,9 @@ def variant_batches(codec: KernelCodec, group: int, max_tokens: int, device: tor
 # Launched in the split kernels' stream while they run (chained, between, or inside the Triton one) it
 # cost as much or more: kernels-step-h200-exact-between.md, ring-cost-h200-{own-programs,first-split}.md.
 WINDOW_STREAM_MIN_PAIRS = 256
-_window_streams: dict[torch.device, torch.cuda.Stream] = {}
+# The window stream's CUDA priority (lower: sooner; the split kernels' stream is at 0): see window_stream.
+WINDOW_STREAM_PRIORITY = -1
+_window_streams: dict[tuple[torch.device, int], torch.cuda.Stream] = {}
 
 
 def window_stream(device: torch.device) -> torch.cuda.Stream:
@@ -449,9 +451,10 @@ def window_stream(device: torch.device) -> torch.cuda.Stream:
     priority than theirs: its few programs then take the SMs' free slots ahead of the split kernels' pending
     ones, and end sooner (H200, the ring's cost per step: b32 x 1K 1.4 against 2.1 µs, b64 x 1K 7.6
     against 9.9; elsewhere even: ring-cost-h200-window-parts.md)."""
-    if device not in _window_streams:
-        _window_streams[device] = torch.cuda.Stream(device, priority=-1)
-    return _window_streams[device]
+    key = (device, WINDOW_STREAM_PRIORITY)
+    if key not in _window_streams:
+        _window_streams[key] = torch.cuda.Stream(device, priority=WINDOW_STREAM_PRIORITY)
+    return _window_streams[key]
 
 
 def paged_decode_attention(query: torch.Tensor, cache: torch.Tensor, codec: KernelCodec, block_table: torch.Tensor,
