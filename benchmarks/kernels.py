@@ -546,6 +546,8 @@ def main() -> int:
         save(result, args.out)
     if "extend" in sections:
         result["extend"] = extend_cells(baselines, LLAMA_8B, 16384, [64, 128, 512, 2048])
+        for shape in () if args.quick else (HEAD_64, HEAD_256):
+            result["extend"] += extend_cells(baselines, shape, 16384, [512, 2048])
     if "store" in sections:
         result["store"] = store_cells(baselines, LLAMA_8B)
     # a step's store and launches matter where attention is short: the grid's contexts, else 1K and 16K

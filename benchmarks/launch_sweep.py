@@ -1,8 +1,9 @@
-"""Launch-config sweep for the decode and extend kernels on the GPU host: byte-permute lookups
+"""Launch-config sweep for the decode kernel on the GPU host: byte-permute lookups
 (`turboquant/kernels/lut_asm.py`) against the codebook gather, several tile/warps/stages choices,
-kernel-only times (do_bench medians, random codes). The chosen defaults live in `decode_launch` and
-`extend_launch`. First, whole decode calls at short contexts with `num_splits` fixed (`--only-splits`: just
-those), against `default_num_splits`, which never makes a split shorter than two tiles.
+kernel-only times (do_bench medians, random codes). The chosen defaults live in `decode_launch` (the
+extend kernel's sweep: `extend_launch.py`). First, whole decode calls at short contexts with
+`num_splits` fixed (`--only-splits`: just those), against `default_num_splits`, which never makes a
+split shorter than two tiles.
 
     python benchmarks/launch_sweep.py --out /tmp/out/launch-sweep.json [--only-splits]
 """
@@ -10,7 +11,6 @@ those), against `default_num_splits`, which never makes a split shorter than two
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 from pathlib import Path
 
@@ -20,7 +20,6 @@ import triton
 from kernels import BLOCK_SIZE, block_table_for, graph_time_ms, random_compressed_cache  # benchmarks/kernels.py
 
 from turboquant.core import TurboQuantConfig  # noqa: E402 (kernels.py puts the repository on sys.path)
-from turboquant.kernels import extend as extend_module  # noqa: E402
 from turboquant.kernels.codec import KernelCodec  # noqa: E402
 from turboquant.kernels.decode import (ANY_SPAN, _decode_split_kernel, decode_launch,  # noqa: E402
                                        default_num_splits, paged_decode_attention)
@@ -32,8 +31,6 @@ DECODE_CASES = [(32, 16384, 4, 4), (8, 32768, 4, 4), (32, 32768, 4, 4), (1, 1024
                 (32, 16384, 3, 3), (32, 16384, 8, 8)]
 DECODE_CONFIGS = [("gather", 128, 4, 2), ("lut", 128, 4, 2), ("lut", 128, 4, 1), ("lut", 64, 4, 2), ("lut", 64, 4, 1),
                   ("lut", 128, 8, 2), ("lut", 64, 8, 2), ("lut", 256, 8, 2), ("lut", 32, 4, 2)]
-EXTEND_CONFIGS = [("gather", 256, 64, 8), ("lut", 256, 64, 8), ("lut", 128, 64, 8), ("lut", 128, 64, 4), ("lut", 64, 64, 4),
-                  ("lut", 128, 32, 4), ("lut", 128, 128, 8), ("lut", 64, 128, 4)]  # (lookup, ROWS, TILE, warps)
 
 
 def make_codec(key_bits: int, value_bits: int) -> KernelCodec:
@@ -105,47 +102,6 @@ def decode_split_rows(batch: int, context: int) -> list[dict]:
     return rows
 
 
-@contextlib.contextmanager
-def extend_overrides(lookups: dict | None, launch: dict):
-    """extend_attention with a fixed launch config (and, for the gather rows, no byte-permute PTX)."""
-    saved = extend_module.lookup_constants, extend_module.extend_launch
-    if lookups is not None:
-        extend_module.lookup_constants = lambda codec, bits=(): lookups
-    extend_module.extend_launch = lambda head_dim: dict(launch)
-    try:
-        yield
-    finally:
-        extend_module.lookup_constants, extend_module.extend_launch = saved
-
-
-def extend_rows(chunk: int, bits: int, prefix: int = 16384) -> list[dict]:
-    codec = make_codec(bits, bits)
-    table, seq_lens, num_blocks = block_table_for(1, prefix + chunk)
-    cache = random_compressed_cache(codec, num_blocks)
-    starts = torch.tensor([0, chunk], dtype=torch.int32, device="cuda")
-    query = torch.randn(chunk, NUM_Q_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
-    keys = torch.randn(chunk, NUM_KV_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
-    values = torch.randn_like(keys)
-    rows, reference = [], None
-    for lookup, query_rows, tile, warps in EXTEND_CONFIGS:
-        launch = dict(ROWS=query_rows, TILE=tile, num_warps=warps, num_stages=1)
-        row = dict(kernel="extend", case=f"prefix{prefix} chunk{chunk} k{bits}v{bits}", variant=lookup, **launch)
-        with extend_overrides(GATHER if lookup == "gather" else None, launch):
-            def run():
-                return extend_module.extend_attention(query, keys, values, starts, seq_lens, cache, codec, table,
-                                                      HEAD_DIM**-0.5, chunk)
-            try:
-                out = run().float()
-                reference = out if reference is None else reference
-                ms = triton.testing.do_bench(run, warmup=20, rep=200, return_mode="median")
-                row.update(ms=round(ms, 4), err=((out - reference).norm() / reference.norm()).item())
-            except Exception as error:
-                row.update(error=repr(error)[:300])
-        rows.append(row)
-        print(row, flush=True)
-    return rows
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("/tmp/out/launch-sweep.json"))
@@ -161,10 +117,6 @@ def main() -> None:
     for case in DECODE_CASES:
         rows += decode_rows(*case)
         args.out.write_text(json.dumps(rows, indent=1))  # partial results survive a timeout
-    for chunk in (512, 2048):
-        for bits in (4, 3):
-            rows += extend_rows(chunk, bits)
-            args.out.write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from turboquant.kernels import extend
 from turboquant.kernels.extend import cached_attention, extend_attention
 from turboquant.kernels.reference import cached_attention_reference, extend_reference
 
@@ -31,6 +32,28 @@ def test_extend_matches_reference(head_dim, key_bits, value_bits, block_size, nu
                            max(query_lens), **options)
     expected = extend_reference(query, keys, values, starts, seq_lens, cache, codec, block_table, head_dim**-0.5,
                                 **options)
+    torch.testing.assert_close(out, expected, **TOLERANCE)
+
+
+@pytest.mark.parametrize("case", [CASES[4], CASES[5]])
+def test_extend_wide_programs_match_reference(case, device, generator, monkeypatch):
+    """The program shape `extend_launch` picks where the grid fills the SMs (here: on a one-SM device),
+    with rows past each chunk's end."""
+    monkeypatch.setattr(extend, "multiprocessor_count", lambda device: 1)
+    assert extend.extend_launch(case[0], 1, 1)["ROWS"] == extend.WIDE_ROWS
+    head_dim, key_bits, value_bits, block_size, num_q_heads, num_kv_heads = case
+    codec = make_codec(head_dim, key_bits, value_bits, num_kv_heads, block_size, device)
+    prefix_lens, query_lens = [70, 5], [43, 21]
+    cache, block_table = filled_cache(codec, [p + q for p, q in zip(prefix_lens, query_lens)], generator, device)
+    tokens = sum(query_lens)
+    query = torch.randn(tokens, num_q_heads, head_dim, generator=generator).to(device)
+    keys = torch.randn(tokens, num_kv_heads, head_dim, generator=generator).to(device, torch.bfloat16)
+    values = torch.randn(tokens, num_kv_heads, head_dim, generator=generator).to(device, torch.bfloat16)
+    seq_lens = torch.tensor([p + q for p, q in zip(prefix_lens, query_lens)], dtype=torch.int32, device=device)
+    starts = chunks(query_lens, device)
+    out = extend_attention(query, keys, values, starts, seq_lens, cache, codec, block_table, head_dim**-0.5,
+                           max(query_lens))
+    expected = extend_reference(query, keys, values, starts, seq_lens, cache, codec, block_table, head_dim**-0.5)
     torch.testing.assert_close(out, expected, **TOLERANCE)
 
 

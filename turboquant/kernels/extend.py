@@ -21,19 +21,36 @@ import triton.language as tl
 
 from .codec import KernelCodec
 from .launch import (FLOAT_DTYPES, SLICED_METADATA, check_block_table, check_codec_device, check_device_tensor,
-                     check_kv, lookup_constants, page_constants)
+                     check_kv, lookup_constants, multiprocessor_count, page_constants)
 from .packed_tile import load_levels, load_norms
 from .rotate import rotate
 from .softmax import masked_softmax_step, tanh
 
 
-def extend_launch(head_dim: int) -> dict:
-    """Query rows (tokens × heads of one group) per program, key tokens per tile, and Triton's
-    warps/pipeline depth, from sweeps on an H100 (16K prefix, 512 and 2K chunks, d=128;
-    benchmarks/results/launch-sweep-h100.json): more rows per program spill registers."""
+WIDE_ROWS = 128  # query rows per program (tokens × heads of one group) where there are enough of them
+
+
+def extend_launch(head_dim: int, wide_programs: int, multiprocessors: int) -> dict:
+    """Query rows per program, key tokens per tile, and Triton's warps/pipeline depth, from sweeps on an
+    H200 (16K prefix, chunks 16–2048, d=64/128/256; benchmarks/results/extend-launch-h200.md). Where
+    programs of WIDE_ROWS rows (`wide_programs` of them) about fill the SMs, two warpgroups share each
+    unpacked tile (half the unpacking per query row); fewer query rows take 64 per program, which makes
+    more programs."""
+    wide = wide_programs >= 0.9 * multiprocessors
     if head_dim > 128:
-        return dict(ROWS=32, TILE=32, num_warps=4, num_stages=1)
-    return dict(ROWS=64, TILE=128, num_warps=4, num_stages=1)
+        return dict(ROWS=WIDE_ROWS, TILE=64, num_warps=8, num_stages=2) if wide else \
+            dict(ROWS=64, TILE=64, num_warps=8, num_stages=1)
+    return dict(ROWS=WIDE_ROWS, TILE=128, num_warps=8, num_stages=2) if wide else \
+        dict(ROWS=64, TILE=128, num_warps=4, num_stages=1)
+
+
+@triton.jit
+def _row_mask(rows, dims, HEAD_DIM: tl.constexpr):
+    """[rows, dims] mask of a tile of head vectors; without padding it is constant along a row, which
+    lets Triton load and store rows as vectors."""
+    if HEAD_DIM == dims.shape[0]:
+        return tl.broadcast_to(rows[:, None], (rows.shape[0], dims.shape[0]))
+    return rows[:, None] & (dims < HEAD_DIM)[None, :]
 
 
 @triton.jit(do_not_specialize_on_alignment=SLICED_METADATA)
@@ -69,11 +86,11 @@ def _extend_kernel(
     member = rows % GROUP_PAD
     row_valid = (token < query_len) & (member < GROUP)
     dims = tl.arange(0, HEAD_DIM_PAD)
-    dim_mask = dims < HEAD_DIM
     row_offsets = (query_start + token) * stride_query_token + (kv_head * GROUP + member) * stride_query_head
-    query = tl.load(query_ptr + row_offsets[:, None] + dims[None, :], mask=row_valid[:, None] & dim_mask[None, :],
+    query = tl.load(query_ptr + row_offsets[:, None] + dims[None, :], mask=_row_mask(row_valid, dims, HEAD_DIM),
                     other=0.0)
-    query = (query * scale).to(tl.float16)
+    # scores come out in log2 units (the softmax's exp2) unless soft-capping needs them natural first
+    query = (query * (scale if USE_SOFTCAP else scale * 1.4426950408889634)).to(tl.float16)
     query_pos = prefix_len + token
 
     running_max = tl.full([ROWS], float("-inf"), dtype=tl.float32)
@@ -92,9 +109,10 @@ def _extend_kernel(
         offsets = positions % BLOCK_SIZE
         keys = load_levels(page_ptrs + offsets * KEY_BYTES, valid, key_centroids_ptr, KEY_BITS, KEY_BYTES,
                            HEAD_DIM_PAD, KEY_LUT)
-        scores = tl.dot(query, tl.trans(keys)) * load_norms(page_ptrs + KEY_NORMS_OFFSET + offsets * 4, valid)[None, :]
+        keys = keys * load_norms(page_ptrs + KEY_NORMS_OFFSET + offsets * 4, valid).to(tl.float16)[:, None]
+        scores = tl.dot(query, tl.trans(keys))
         if USE_SOFTCAP:
-            scores = softcap * tanh(scores / softcap)
+            scores = softcap * tanh(scores / softcap) * 1.4426950408889634
         visible = valid[None, :] & (positions[None, :] >= key_start)
         if CACHED_CHUNK:
             visible = visible & (positions[None, :] <= query_pos[:, None])
@@ -102,9 +120,9 @@ def _extend_kernel(
             visible = visible & (positions[None, :] > query_pos[:, None] - sliding_window)
         values = load_levels(page_ptrs + VALUES_OFFSET + offsets * VALUE_BYTES, valid, value_centroids_ptr,
                              VALUE_BITS, VALUE_BYTES, HEAD_DIM_PAD, VALUE_LUT)
-        value_norms = load_norms(page_ptrs + VALUE_NORMS_OFFSET + offsets * 4, valid)
-        running_max, running_sum, acc = masked_softmax_step(scores * 1.4426950408889634, visible, running_max,
-                                                             running_sum, acc, values, value_norms)
+        values = values * load_norms(page_ptrs + VALUE_NORMS_OFFSET + offsets * 4, valid).to(tl.float16)[:, None]
+        running_max, running_sum, acc = masked_softmax_step(scores, visible, running_max, running_sum, acc, values,
+                                                             tl.full([TILE], 1.0, tl.float32))
 
     # (b) the chunk itself, causal, from its fresh K/V
     if not CACHED_CHUNK:
@@ -116,23 +134,23 @@ def _extend_kernel(
             positions = start + tl.arange(0, TILE)  # chunk-relative
             valid = positions < hi
             kv_offsets = (query_start + positions) * stride_kv_token + kv_head * stride_kv_head
-            kv_mask = valid[:, None] & dim_mask[None, :]
-            keys = tl.load(keys_ptr + kv_offsets[:, None] + dims[None, :], mask=kv_mask, other=0.0).to(tl.float16)
+            kv_mask = _row_mask(valid, dims, HEAD_DIM)
+            keys = tl.load(keys_ptr + kv_offsets[:, None] + dims[None, :], mask=kv_mask, other=0.0)
             scores = tl.dot(query, tl.trans(keys))
             if USE_SOFTCAP:
-                scores = softcap * tanh(scores / softcap)
+                scores = softcap * tanh(scores / softcap) * 1.4426950408889634
             visible = valid[None, :] & (positions[None, :] <= token[:, None])
             visible = visible & (prefix_len + positions[None, :] >= key_start)
             if USE_WINDOW:
                 visible = visible & (positions[None, :] > token[:, None] - sliding_window)
-            values = tl.load(values_ptr + kv_offsets[:, None] + dims[None, :], mask=kv_mask, other=0.0).to(tl.float16)
+            values = tl.load(values_ptr + kv_offsets[:, None] + dims[None, :], mask=kv_mask, other=0.0)
             ones = tl.full([TILE], 1.0, tl.float32)
-            running_max, running_sum, acc = masked_softmax_step(scores * 1.4426950408889634, visible, running_max,
-                                                                 running_sum, acc, values, ones)
+            running_max, running_sum, acc = masked_softmax_step(scores, visible, running_max, running_sum, acc, values,
+                                                                 ones)
 
     out = acc / tl.maximum(running_sum, 1e-30)[:, None]
     out_offsets = (query_start + token) * stride_query_token + (kv_head * GROUP + member) * stride_query_head
-    tl.store(out_ptr + out_offsets[:, None] + dims[None, :], out, mask=row_valid[:, None] & dim_mask[None, :])
+    tl.store(out_ptr + out_offsets[:, None] + dims[None, :], out, mask=_row_mask(row_valid, dims, HEAD_DIM))
     if RETURN_LSE:  # natural log, like torch.logsumexp; rows are (token, q head) of out
         lse = tl.where(running_sum > 0, (running_max + tl.log2(tl.maximum(running_sum, 1e-30))) * 0.6931471805599453,
                        float("-inf"))
@@ -196,13 +214,17 @@ def _launch(query, keys, values, query_start, seq_lens, cache, codec, block_tabl
     num_q_heads = query.shape[1]
     group = num_q_heads // layout.num_kv_heads
     group_pad = triton.next_power_of_2(group)
-    launch = extend_launch(layout.head_dim)
-    query_tokens = max(1, launch.pop("ROWS") // group_pad)
     cached_chunk = keys is None
+    # a cached chunk keeps one program shape whatever the batch: its results must not depend on it
+    blocks = triton.cdiv(max(max_query_len, 1), max(1, WIDE_ROWS // group_pad))
+    wide_programs = 0 if cached_chunk else batch * blocks * layout.num_kv_heads
+    launch = extend_launch(layout.head_dim, wide_programs, multiprocessor_count(cache.device))
+    query_tokens = max(1, launch.pop("ROWS") // group_pad)
     rotated_query = rotate(query, codec, fixed_tile=cached_chunk)
     # a cached chunk has no fresh K/V: the kernel never reads these pointers (its part (b) is compiled out)
     rotated_keys, rotated_values = (rotated_query, rotated_query) if cached_chunk else \
-        (rotate(keys, codec), rotate(values, codec))
+        (rotate(keys, codec, out=torch.empty(keys.shape, dtype=torch.float16, device=keys.device)),
+         rotate(values, codec, out=torch.empty(values.shape, dtype=torch.float16, device=values.device)))
     rotated_out = torch.zeros(num_tokens, num_q_heads, layout.head_dim, device=cache.device, dtype=torch.float32)
     lse = torch.full((num_tokens, num_q_heads), float("-inf"), device=cache.device) if return_lse else rotated_out
     grid = (batch, triton.cdiv(max(max_query_len, 1), query_tokens), layout.num_kv_heads)

@@ -45,6 +45,7 @@ from ..kernels import (ExactRing, KernelCodec, cached_attention, compress_store,
                        paged_decode_attention)
 from ..kernels.codec import KERNEL_HEAD_DIMS
 from ..kernels.decode import variant_batches
+from ..kernels.extend import WIDE_ROWS as EXTEND_WIDE_ROWS
 from ..kernels.launch import multiprocessor_count
 from ..kernels.rotate import SHORT_TILE_MAX_TOKENS as ROTATE_SHORT_TILE_MAX_TOKENS
 from ..kernels.store import tile_token_counts
@@ -364,8 +365,8 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
         sequences at each set of variants (`decode.variant_batches`) of the batches a step can hold (a
         mixed step's decodes, uncaptured, and the "decode" route's chunk tokens, which may outnumber the
         largest captured batch); the gather (where the engine gathers) and the fused extend kernel with its
-        rotations over one empty sequence, the latter at both of `rotate`'s tile heights where the call has
-        the tokens for the taller one.
+        rotations over one empty sequence, the latter in both of its program shapes and at both of `rotate`'s
+        tile heights where the call has the tokens for the taller one.
         vLLM's kernel warm-up has no hook for an attention backend, and its dummy batches take none of these
         routes: the first long chunk after a cached prefix stalled serving for seconds of Triton compilation
         (H200, b32 × 1024: 0.69x bf16's tok/s, vllm-throughput-h200-chained-fixed.md), and most likely so did
@@ -388,10 +389,12 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
             gather_sequences(key[:1], value[:1], zeros, zeros[:1], kv_cache, codec, table, zeros, 1, keys, values,
                              ring=self.exact_ring)  # None without exact tokens
         for tokens in sorted({1, min(key.shape[0], ROTATE_SHORT_TILE_MAX_TOKENS + 1)}):
-            extend_attention(query[:tokens], key[:tokens], value[:tokens], zeros, zeros[:1], kv_cache, codec, table,
-                             self.scale, 1, self.sliding_window, self.softcap,
-                             out=torch.empty(tokens, self.num_heads, self.head_size, dtype=query.dtype,
-                                             device=query.device))
+            # both program shapes (`extend.extend_launch`): the wide one where the grid would fill the SMs
+            for max_query_len in (1, EXTEND_WIDE_ROWS * multiprocessor_count(kv_cache.device)):
+                extend_attention(query[:tokens], key[:tokens], value[:tokens], zeros, zeros[:1], kv_cache, codec,
+                                 table, self.scale, max_query_len, self.sliding_window, self.softcap,
+                                 out=torch.empty(tokens, self.num_heads, self.head_size, dtype=query.dtype,
+                                                 device=query.device))
 
     def _compile_decode_kernels(self, query, key, value, kv_cache, codec, meta: TurboQuantMetadata) -> None:
         """`paged_decode_attention` as forward calls it, over empty sequences, at each batch of distinct

@@ -1,0 +1,107 @@
+"""Launch-config sweep for the fused extend kernel (`turboquant/kernels/extend.py`, CUDA): one chunk of
+a single sequence over a compressed 16K prefix (k4v4, random codes), per head_dim and chunk length,
+`extend_attention` as `extend_launch` picks its program shape ('auto') and with each fixed
+(query rows per program, key tile, warps, pipeline stages). Times per call in CUDA graphs, in one run.
+
+    python benchmarks/extend_launch.py [--out benchmarks/results/extend-launch-h200.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernels import HEAD_64, HEAD_256, LLAMA_8B, block_table_for, graph_time_ms, random_compressed_cache  # noqa: E402
+
+from turboquant.core import TurboQuantConfig  # noqa: E402 (kernels.py puts the repository on sys.path)
+from turboquant.kernels import extend  # noqa: E402
+from turboquant.kernels.codec import KernelCodec  # noqa: E402
+
+PREFIX = 16384
+CHUNKS = (16, 64, 512, 2048)
+CONFIGS = {  # (ROWS, TILE, num_warps, num_stages)
+    64: [(64, 128, 4, 1), (128, 128, 8, 2), (128, 128, 4, 1), (256, 128, 8, 2)],
+    128: [(64, 128, 4, 1), (64, 128, 4, 2), (128, 128, 8, 1), (128, 128, 8, 2), (128, 64, 8, 2), (256, 64, 8, 1)],
+    256: [(32, 32, 4, 1), (64, 32, 4, 1), (64, 64, 8, 1), (64, 64, 8, 2), (128, 32, 8, 1), (128, 64, 8, 2)],
+}
+
+
+def cell_rows(shape: dict, chunk: int) -> list[dict]:
+    head_dim, num_q_heads, num_kv_heads = shape["head_dim"], shape["num_q_heads"], shape["num_kv_heads"]
+    codec = KernelCodec.from_config(TurboQuantConfig.from_preset("k4v4"), head_dim, num_kv_heads, 16, device="cuda")
+    table, seq_lens, num_blocks = block_table_for(1, PREFIX + chunk)
+    cache = random_compressed_cache(codec, num_blocks)
+    query = torch.randn(chunk, num_q_heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    keys = torch.randn(chunk, num_kv_heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    values = torch.randn_like(keys)
+    starts = torch.tensor([0, chunk], dtype=torch.int32, device="cuda")
+
+    def call():
+        return extend.extend_attention(query, keys, values, starts, seq_lens, cache, codec, table, head_dim**-0.5,
+                                       chunk)
+    picked, auto = extend.extend_launch, {}
+    extend.extend_launch = lambda *args: auto.update(picked(*args)) or dict(auto)  # records auto's pick
+    try:
+        rows, reference = [], call().float()
+    finally:
+        extend.extend_launch = picked
+    auto_ms = graph_time_ms(call)
+    for rows_, tile, warps, stages in CONFIGS[head_dim]:
+        extend.extend_launch = lambda *args, c=(rows_, tile, warps, stages): dict(
+            ROWS=c[0], TILE=c[1], num_warps=c[2], num_stages=c[3])
+        try:
+            out = call().float()
+            ms = graph_time_ms(call)
+        finally:
+            extend.extend_launch = picked
+        rows.append(dict(shape=shape["name"], chunk=chunk, rows=rows_, tile=tile, warps=warps, stages=stages, ms=ms,
+                         relative_to_auto=ms / auto_ms,
+                         relative_difference=float((out - reference).norm() / reference.norm())))
+    rows.append(dict(shape=shape["name"], chunk=chunk, rows=f"auto ({auto['ROWS']})", tile=auto["TILE"],
+                     warps=auto["num_warps"], stages=auto["num_stages"], ms=auto_ms, relative_to_auto=1.0,
+                     relative_difference=0.0))
+    return rows
+
+
+def markdown(result: dict) -> str:
+    lines = [f"Device: {result['device']}, {result['date']}, build `{result['build']}`. "
+             f"`python benchmarks/extend_launch.py`: one chunk over a compressed {PREFIX}-token prefix (k4v4), "
+             "ms per call (CUDA graph). 'auto' is `extend_launch`'s pick; 'x auto' the config's time over it.", "",
+             "| shape | chunk | rows | tile | warps | stages | ms | x auto |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in result["rows"]:
+        lines.append(f"| {row['shape']} | {row['chunk']} | {row['rows']} | {row['tile']} | {row['warps']} | "
+                     f"{row['stages']} | {row['ms']:.4f} | {row['relative_to_auto']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="benchmarks/results/extend-launch-h200.json")
+    parser.add_argument("--build", help="the build measured (default: git's HEAD here)")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA device")
+    build = args.build or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                         text=True).stdout.strip()
+    result = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(), "build": build,
+              "rows": []}
+    for shape in (LLAMA_8B, HEAD_64, HEAD_256):
+        for chunk in CHUNKS:
+            result["rows"] += cell_rows(shape, chunk)
+            print(json.dumps(result["rows"][-1]), flush=True)
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    Path(args.out).with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
