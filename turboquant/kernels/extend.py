@@ -35,13 +35,13 @@ def extend_launch(head_dim: int, wide_programs: int, multiprocessors: int) -> di
     H200 (16K prefix, chunks 16–2048, d=64/128/256; benchmarks/results/extend-launch-h200.md). Where
     programs of WIDE_ROWS rows (`wide_programs` of them) about fill the SMs, two warpgroups share each
     unpacked tile (half the unpacking per query row); fewer query rows take 64 per program, which makes
-    more programs."""
+    more programs (pipelined where that measured faster: d=128, not d=64)."""
     wide = wide_programs >= 0.9 * multiprocessors
     if head_dim > 128:
         return dict(ROWS=WIDE_ROWS, TILE=64, num_warps=8, num_stages=2) if wide else \
             dict(ROWS=64, TILE=64, num_warps=8, num_stages=1)
     return dict(ROWS=WIDE_ROWS, TILE=128, num_warps=8, num_stages=2) if wide else \
-        dict(ROWS=64, TILE=128, num_warps=4, num_stages=1)
+        dict(ROWS=64, TILE=128, num_warps=4, num_stages=2 if head_dim > 64 else 1)
 
 
 @triton.jit
