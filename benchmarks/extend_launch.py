@@ -1,7 +1,8 @@
 """Launch-config sweep for the fused extend kernel (`turboquant/kernels/extend.py`, CUDA): one chunk of
 a single sequence over a compressed 16K prefix (k4v4, random codes), per head_dim and chunk length,
-`extend_attention` as `extend_launch` picks its program shape ('auto') and with each fixed
-(query rows per program, key tile, warps, pipeline stages). Times per call in CUDA graphs, in one run.
+`extend_attention` as it picks its programs ('auto': `extend.program_plan`, shape and splits of the
+prefix) and unsplit with each fixed (query rows per program, key tile, warps, pipeline stages). Times
+per call in CUDA graphs, in one run.
 
     python benchmarks/extend_launch.py [--out benchmarks/results/extend-launch-h200.json]
 """
@@ -43,42 +44,43 @@ def cell_rows(shape: dict, chunk: int) -> list[dict]:
     values = torch.randn_like(keys)
     starts = torch.tensor([0, chunk], dtype=torch.int32, device="cuda")
 
-    def call():
+    def call(num_splits=None):
         return extend.extend_attention(query, keys, values, starts, seq_lens, cache, codec, table, head_dim**-0.5,
-                                       chunk)
-    picked, auto = extend.extend_launch, {}
-    extend.extend_launch = lambda *args: auto.update(picked(*args)) or dict(auto)  # records auto's pick
-    try:
-        rows, reference = [], call().float()
-    finally:
-        extend.extend_launch = picked
+                                       chunk, num_splits=num_splits)
+    launch, query_tokens, splits = extend.program_plan(
+        codec.layout, num_q_heads, 1, chunk, table.shape[1] * codec.layout.block_size, False,
+        torch.cuda.get_device_properties(0).multi_processor_count)
+    reference = call().float()
     auto_ms = graph_time_ms(call)
+    group_pad = 1 << (num_q_heads // num_kv_heads - 1).bit_length()  # the kernel's GQA group, padded
+    rows = [dict(shape=shape["name"], chunk=chunk, rows=f"auto ({query_tokens * group_pad})", tile=launch["TILE"],
+                 warps=launch["num_warps"], stages=launch["num_stages"], splits=splits, ms=auto_ms,
+                 relative_to_auto=1.0, relative_difference=0.0)]
+    picked = extend.extend_launch
     for rows_, tile, warps, stages in CONFIGS[head_dim]:
         extend.extend_launch = lambda *args, c=(rows_, tile, warps, stages): dict(
             ROWS=c[0], TILE=c[1], num_warps=c[2], num_stages=c[3])
         try:
-            out = call().float()
-            ms = graph_time_ms(call)
+            out = call(1).float()
+            ms = graph_time_ms(lambda: call(1))
         finally:
             extend.extend_launch = picked
-        rows.append(dict(shape=shape["name"], chunk=chunk, rows=rows_, tile=tile, warps=warps, stages=stages, ms=ms,
-                         relative_to_auto=ms / auto_ms,
+        rows.append(dict(shape=shape["name"], chunk=chunk, rows=rows_, tile=tile, warps=warps, stages=stages, splits=1,
+                         ms=ms, relative_to_auto=ms / auto_ms,
                          relative_difference=float((out - reference).norm() / reference.norm())))
-    rows.append(dict(shape=shape["name"], chunk=chunk, rows=f"auto ({auto['ROWS']})", tile=auto["TILE"],
-                     warps=auto["num_warps"], stages=auto["num_stages"], ms=auto_ms, relative_to_auto=1.0,
-                     relative_difference=0.0))
     return rows
 
 
 def markdown(result: dict) -> str:
     lines = [f"Device: {result['device']}, {result['date']}, build `{result['build']}`. "
              f"`python benchmarks/extend_launch.py`: one chunk over a compressed {PREFIX}-token prefix (k4v4), "
-             "ms per call (CUDA graph). 'auto' is `extend_launch`'s pick; 'x auto' the config's time over it.", "",
-             "| shape | chunk | rows | tile | warps | stages | ms | x auto |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "ms per call (CUDA graph). 'auto' is `extend_attention`'s pick (`extend.program_plan`: program shape and "
+             "splits of the prefix); the fixed shapes run unsplit; 'x auto' is their time over auto's.", "",
+             "| shape | chunk | rows | tile | warps | stages | splits | ms | x auto |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in result["rows"]:
         lines.append(f"| {row['shape']} | {row['chunk']} | {row['rows']} | {row['tile']} | {row['warps']} | "
-                     f"{row['stages']} | {row['ms']:.4f} | {row['relative_to_auto']:.2f} |")
+                     f"{row['stages']} | {row['splits']} | {row['ms']:.4f} | {row['relative_to_auto']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -96,7 +98,7 @@ def main() -> int:
     for shape in (LLAMA_8B, HEAD_64, HEAD_256):
         for chunk in CHUNKS:
             result["rows"] += cell_rows(shape, chunk)
-            print(json.dumps(result["rows"][-1]), flush=True)
+            print(json.dumps(result["rows"][-len(CONFIGS[shape["head_dim"]]) - 1]), flush=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     Path(args.out).with_suffix(".md").write_text(markdown(result))
     print(markdown(result))

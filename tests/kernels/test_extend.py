@@ -1,5 +1,6 @@
 import pytest
 import torch
+import triton
 
 from turboquant.kernels import extend
 from turboquant.kernels.extend import cached_attention, extend_attention
@@ -40,9 +41,11 @@ def test_extend_wide_programs_match_reference(case, device, generator, monkeypat
     """The program shape `extend_launch` picks where the grid fills the SMs (here: on a one-SM device),
     with rows past each chunk's end."""
     monkeypatch.setattr(extend, "multiprocessor_count", lambda device: 1)
-    assert extend.extend_launch(case[0], 1, 1)["ROWS"] == extend.WIDE_ROWS
     head_dim, key_bits, value_bits, block_size, num_q_heads, num_kv_heads = case
     codec = make_codec(head_dim, key_bits, value_bits, num_kv_heads, block_size, device)
+    group_pad = triton.next_power_of_2(num_q_heads // num_kv_heads)
+    plan = extend.program_plan(codec.layout, num_q_heads, 2, 43, 256, False, 1)
+    assert plan[1:] == (extend.WIDE_ROWS // group_pad, 1)  # query tokens per program, splits
     prefix_lens, query_lens = [70, 5], [43, 21]
     cache, block_table = filled_cache(codec, [p + q for p, q in zip(prefix_lens, query_lens)], generator, device)
     tokens = sum(query_lens)
@@ -57,6 +60,34 @@ def test_extend_wide_programs_match_reference(case, device, generator, monkeypat
     torch.testing.assert_close(out, expected, **TOLERANCE)
 
 
+@pytest.mark.parametrize("case, options", [(CASES[0], {}), (CASES[3], {"sliding_window": 29}),
+                                           (CASES[4], {"softcap": 4.0})])
+@pytest.mark.parametrize("num_splits", [2, 5])
+def test_extend_split_prefix_matches_reference(case, options, num_splits, device, generator):
+    """Each query block's prefix split among programs and merged after (as `extend_attention` does where
+    its programs would not fill the device), with key starts and the log-sum-exp: a split that sees no
+    key (the second sequence's prefix is short, the third has none) must weigh nothing."""
+    head_dim, key_bits, value_bits, block_size, num_q_heads, num_kv_heads = case
+    codec = make_codec(head_dim, key_bits, value_bits, num_kv_heads, block_size, device)
+    prefix_lens, query_lens = [150, 9, 0], [21, 4, 6]
+    seq_lens = [p + q for p, q in zip(prefix_lens, query_lens)]
+    cache, block_table = filled_cache(codec, seq_lens, generator, device)
+    tokens = sum(query_lens)
+    query = torch.randn(tokens, num_q_heads, head_dim, generator=generator).to(device)
+    keys = torch.randn(tokens, num_kv_heads, head_dim, generator=generator).to(device, torch.bfloat16)
+    values = torch.randn(tokens, num_kv_heads, head_dim, generator=generator).to(device, torch.bfloat16)
+    lengths = torch.tensor(seq_lens, dtype=torch.int32, device=device)
+    key_starts = torch.tensor([30, 0, 0], dtype=torch.int32, device=device)
+    starts = chunks(query_lens, device)
+    out, lse = extend_attention(query, keys, values, starts, lengths, cache, codec, block_table, head_dim**-0.5,
+                                max(query_lens), key_starts=key_starts, return_lse=True, num_splits=num_splits,
+                                **options)
+    expected, expected_lse = extend_reference(query, keys, values, starts, lengths, cache, codec, block_table,
+                                              head_dim**-0.5, key_starts=key_starts, return_lse=True, **options)
+    torch.testing.assert_close(out, expected, **TOLERANCE)
+    torch.testing.assert_close(lse, expected_lse, **TOLERANCE)
+
+
 def test_extend_rejects_bad_input(device, generator):
     codec = make_codec(64, 4, 4, 2, 16, device)
     cache, block_table = filled_cache(codec, [20], generator, device)
@@ -69,6 +100,8 @@ def test_extend_rejects_bad_input(device, generator):
         extend_attention(query, keys, keys, starts[:1], seq_lens, cache, codec, block_table, 0.1, 5)
     with pytest.raises(ValueError, match="values"):
         extend_attention(query, keys, keys[:, :, :32], starts, seq_lens, cache, codec, block_table, 0.1, 5)
+    with pytest.raises(ValueError, match="num_splits"):
+        extend_attention(query, keys, keys, starts, seq_lens, cache, codec, block_table, 0.1, 5, num_splits=0)
     with pytest.raises(ValueError, match="out must have shape"):
         extend_attention(query, keys, keys, starts, seq_lens, cache, codec, block_table, 0.1, 5,
                          out=torch.empty(5, 2, 64, device=device))

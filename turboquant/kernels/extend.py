@@ -20,8 +20,9 @@ import triton
 import triton.language as tl
 
 from .codec import KernelCodec
+from .decode import default_num_splits, reduce_splits, reduction_unrotates
 from .launch import (FLOAT_DTYPES, SLICED_METADATA, check_block_table, check_codec_device, check_device_tensor,
-                     check_kv, lookup_constants, multiprocessor_count, page_constants)
+                     check_kv, head_dim_pad, lookup_constants, multiprocessor_count, page_constants)
 from .packed_tile import load_levels, load_norms
 from .rotate import rotate
 from .softmax import masked_softmax_step, tanh
@@ -30,18 +31,43 @@ from .softmax import masked_softmax_step, tanh
 WIDE_ROWS = 128  # query rows per program (tokens × heads of one group) where there are enough of them
 
 
-def extend_launch(head_dim: int, wide_programs: int, multiprocessors: int) -> dict:
+def extend_launch(head_dim: int, wide: bool) -> dict:
     """Query rows per program, key tokens per tile, and Triton's warps/pipeline depth, from sweeps on an
-    H200 (16K prefix, chunks 16–2048, d=64/128/256; benchmarks/results/extend-launch-h200.md). Where
-    programs of WIDE_ROWS rows (`wide_programs` of them) about fill the SMs, two warpgroups share each
-    unpacked tile (half the unpacking per query row); fewer query rows take 64 per program, which makes
-    more programs (pipelined where that measured faster: d=128, not d=64)."""
-    wide = wide_programs >= 0.9 * multiprocessors
+    H200 (16K prefix, chunks 16–2048, d=64/128/256; benchmarks/results/extend-launch-h200.md). `wide`
+    (programs of WIDE_ROWS rows about fill the SMs): two warpgroups share each unpacked tile, half the
+    unpacking per query row; else 64 rows per program, which makes more programs."""
     if head_dim > 128:
         return dict(ROWS=WIDE_ROWS, TILE=64, num_warps=8, num_stages=2) if wide else \
             dict(ROWS=64, TILE=64, num_warps=8, num_stages=1)
     return dict(ROWS=WIDE_ROWS, TILE=128, num_warps=8, num_stages=2) if wide else \
-        dict(ROWS=64, TILE=128, num_warps=4, num_stages=2 if head_dim > 64 else 1)
+        dict(ROWS=64, TILE=128, num_warps=4, num_stages=2)
+
+
+def program_plan(layout, num_q_heads: int, batch: int, max_query_len: int, table_tokens: int, cached_chunk: bool,
+                 multiprocessors: int) -> tuple[dict, int, int]:
+    """`extend_attention`'s programs for `batch` chunks of at most `max_query_len` tokens in block tables of
+    `table_tokens` keys: (Triton launch options with TILE, query tokens per program, splits per query
+    block). Few programs (short chunks) split each one's prefix, as decode does. A cached chunk
+    (`cached_attention`) keeps one program shape and no splits whatever the batch: its results must not
+    depend on it."""
+    group_pad = triton.next_power_of_2(num_q_heads // layout.num_kv_heads)
+    blocks = triton.cdiv(max(max_query_len, 1), max(1, WIDE_ROWS // group_pad))
+    wide = not cached_chunk and batch * blocks * layout.num_kv_heads >= 0.9 * multiprocessors
+    launch = extend_launch(layout.head_dim, wide)
+    query_tokens = max(1, launch.pop("ROWS") // group_pad)
+    if cached_chunk or wide:
+        return launch, query_tokens, 1
+    query_blocks = triton.cdiv(max(max_query_len, 1), query_tokens)
+    return launch, query_tokens, default_num_splits(batch * query_blocks, layout.num_kv_heads, table_tokens,
+                                                    launch["TILE"], multiprocessors)
+
+
+def split_counts(head_dim: int, num_kv_heads: int, max_tokens: int, multiprocessors: int) -> list[int]:
+    """Every `num_splits` `extend_attention` may pick by default for block tables of `max_tokens` keys
+    (one reduction to compile ahead per count)."""
+    tile = extend_launch(head_dim, False)["TILE"]
+    most = default_num_splits(1, num_kv_heads, max_tokens, tile, multiprocessors)
+    return [1 << i for i in range(most.bit_length())]
 
 
 @triton.jit
@@ -58,7 +84,7 @@ def _extend_kernel(
     query_ptr, keys_ptr, values_ptr, cache_ptr, block_table_ptr, seq_lens_ptr, query_start_ptr, key_starts_ptr,
     key_centroids_ptr, value_centroids_ptr, out_ptr, lse_ptr,
     stride_query_token, stride_query_head, stride_kv_token, stride_kv_head, stride_table_seq,
-    scale, softcap, sliding_window,
+    scale, softcap, sliding_window, num_splits,
     NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, QUERY_TOKENS: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, HEAD_PAGE_BYTES: tl.constexpr, VALUES_OFFSET: tl.constexpr,
     KEY_NORMS_OFFSET: tl.constexpr, VALUE_NORMS_OFFSET: tl.constexpr,
@@ -66,8 +92,10 @@ def _extend_kernel(
     KEY_BITS: tl.constexpr, KEY_BYTES: tl.constexpr, KEY_LUT: tl.constexpr, VALUE_BITS: tl.constexpr,
     VALUE_BYTES: tl.constexpr, VALUE_LUT: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr,
     USE_STARTS: tl.constexpr, RETURN_LSE: tl.constexpr, CACHED_CHUNK: tl.constexpr, TILE: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
-    seq, query_block, kv_head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    seq, query_block = tl.program_id(0), tl.program_id(1)
+    kv_head, split = tl.program_id(2) // num_splits, tl.program_id(2) % num_splits
     query_start = tl.load(query_start_ptr + seq)
     query_len = tl.load(query_start_ptr + seq + 1) - query_start
     first_token = query_block * QUERY_TOKENS
@@ -101,7 +129,12 @@ def _extend_kernel(
     lo = key_start // TILE * TILE
     if USE_WINDOW:
         lo = tl.maximum(tl.maximum(prefix_len + first_token - sliding_window + 1, 0) // TILE * TILE, lo)
-    for start in range(lo, cached_len, TILE):
+    hi = cached_len
+    if SPLIT:  # this program's share of the prefix's tiles; the last split also attends to the chunk
+        span = tl.cdiv(tl.cdiv(tl.maximum(cached_len - lo, 0), TILE), num_splits) * TILE
+        lo = lo + split * span
+        hi = tl.minimum(lo + span, cached_len)
+    for start in range(lo, hi, TILE):
         positions = start + tl.arange(0, TILE)
         valid = positions < cached_len
         blocks = tl.load(block_table_ptr + seq * stride_table_seq + positions // BLOCK_SIZE, mask=valid, other=0)
@@ -129,7 +162,7 @@ def _extend_kernel(
         lo = 0
         if USE_WINDOW:
             lo = tl.maximum(first_token - sliding_window + 1, 0) // TILE * TILE
-        hi = tl.minimum(first_token + QUERY_TOKENS, query_len)
+        hi = tl.where(split == num_splits - 1, tl.minimum(first_token + QUERY_TOKENS, query_len), lo)
         for start in range(lo, hi, TILE):
             positions = start + tl.arange(0, TILE)  # chunk-relative
             valid = positions < hi
@@ -149,31 +182,40 @@ def _extend_kernel(
                                                                  ones)
 
     out = acc / tl.maximum(running_sum, 1e-30)[:, None]
-    out_offsets = (query_start + token) * stride_query_token + (kv_head * GROUP + member) * stride_query_head
-    tl.store(out_ptr + out_offsets[:, None] + dims[None, :], out, mask=_row_mask(row_valid, dims, HEAD_DIM))
-    if RETURN_LSE:  # natural log, like torch.logsumexp; rows are (token, q head) of out
-        lse = tl.where(running_sum > 0, (running_max + tl.log2(tl.maximum(running_sum, 1e-30))) * 0.6931471805599453,
-                       float("-inf"))
-        lse_rows = (query_start + token) * (NUM_KV_HEADS * GROUP) + kv_head * GROUP + member
-        tl.store(lse_ptr + lse_rows, lse, mask=row_valid)
+    if SPLIT:  # partials [tokens, q heads, splits, HEAD_DIM_PAD] and their log2-unit log-sum-exps
+        partial_rows = ((query_start + token) * (NUM_KV_HEADS * GROUP) + kv_head * GROUP + member) * num_splits + split
+        tl.store(out_ptr + partial_rows[:, None] * HEAD_DIM_PAD + dims[None, :], out, mask=row_valid[:, None])
+        lse = tl.where(running_sum > 0, running_max + tl.log2(tl.maximum(running_sum, 1e-30)), float("-inf"))
+        tl.store(lse_ptr + partial_rows, lse, mask=row_valid)
+    else:
+        out_offsets = (query_start + token) * stride_query_token + (kv_head * GROUP + member) * stride_query_head
+        tl.store(out_ptr + out_offsets[:, None] + dims[None, :], out, mask=_row_mask(row_valid, dims, HEAD_DIM))
+        if RETURN_LSE:  # natural log, like torch.logsumexp; rows are (token, q head) of out
+            lse = tl.where(running_sum > 0,
+                           (running_max + tl.log2(tl.maximum(running_sum, 1e-30))) * 0.6931471805599453, float("-inf"))
+            lse_rows = (query_start + token) * (NUM_KV_HEADS * GROUP) + kv_head * GROUP + member
+            tl.store(lse_ptr + lse_rows, lse, mask=row_valid)
 
 
 def extend_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, query_start: torch.Tensor,
                      seq_lens: torch.Tensor, cache: torch.Tensor, codec: KernelCodec, block_table: torch.Tensor,
                      scale: float, max_query_len: int, sliding_window: int | None = None,
                      softcap: float | None = None, key_starts: torch.Tensor | None = None,
-                     return_lse: bool = False,
-                     out: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                     return_lse: bool = False, out: torch.Tensor | None = None,
+                     num_splits: int | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """query [tokens, num_q_heads, d] and the chunk's fresh keys/values [tokens, num_kv_heads, d];
     sequence i owns rows query_start[i]:query_start[i+1] (int32 [batch + 1]) and has seq_lens[i]
     tokens in total, the compressed prefix first. `max_query_len` bounds the chunk lengths (the grid).
-    `key_starts`, `return_lse` and `out` as in `paged_decode_attention` (lse: [tokens, num_q_heads])."""
+    `key_starts`, `return_lse` and `out` as in `paged_decode_attention` (lse: [tokens, num_q_heads]).
+    `num_splits`: programs per query block and kv head, each over its share of the prefix, merged after
+    (None: more than one only where the programs would not fill the device, `decode.default_num_splits`
+    from the block table's width; fixed by the shapes alone, so a CUDA graph can capture the call)."""
     check_kv(keys, values, codec.layout, cache.device)
     if not isinstance(query, torch.Tensor) or query.shape[0] != keys.shape[0]:
         raise ValueError(f"query must be [{keys.shape[0]}, num_q_heads, {codec.layout.head_dim}] (a row per fresh "
                          f"key), got {tuple(getattr(query, 'shape', ()))}")
     return _launch(query, keys, values, query_start, seq_lens, cache, codec, block_table, scale, max_query_len,
-                   sliding_window, softcap, key_starts, return_lse, out)
+                   sliding_window, softcap, key_starts, return_lse, out, num_splits)
 
 
 def cached_attention(query: torch.Tensor, query_start: torch.Tensor, seq_lens: torch.Tensor, cache: torch.Tensor,
@@ -188,7 +230,7 @@ def cached_attention(query: torch.Tensor, query_start: torch.Tensor, seq_lens: t
 
 
 def _launch(query, keys, values, query_start, seq_lens, cache, codec, block_table, scale, max_query_len,
-            sliding_window, softcap, key_starts, return_lse, out):
+            sliding_window, softcap, key_starts, return_lse, out, num_splits=1):
     """Checks, then the kernel; keys/values None: the chunk is read from the cache (`cached_attention`)."""
     layout = codec.layout
     layout.check_cache(cache)
@@ -213,32 +255,45 @@ def _launch(query, keys, values, query_start, seq_lens, cache, codec, block_tabl
 
     num_q_heads = query.shape[1]
     group = num_q_heads // layout.num_kv_heads
-    group_pad = triton.next_power_of_2(group)
     cached_chunk = keys is None
-    # a cached chunk keeps one program shape whatever the batch: its results must not depend on it
-    blocks = triton.cdiv(max(max_query_len, 1), max(1, WIDE_ROWS // group_pad))
-    wide_programs = 0 if cached_chunk else batch * blocks * layout.num_kv_heads
-    launch = extend_launch(layout.head_dim, wide_programs, multiprocessor_count(cache.device))
-    query_tokens = max(1, launch.pop("ROWS") // group_pad)
+    launch, query_tokens, default_splits = program_plan(layout, num_q_heads, batch, max_query_len,
+                                                        block_table.shape[1] * layout.block_size, cached_chunk,
+                                                        multiprocessor_count(cache.device))
+    num_splits = default_splits if num_splits is None else num_splits
+    if not isinstance(num_splits, int) or num_splits < 1:
+        raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")
     rotated_query = rotate(query, codec, fixed_tile=cached_chunk)
     # a cached chunk has no fresh K/V: the kernel never reads these pointers (its part (b) is compiled out)
     rotated_keys, rotated_values = (rotated_query, rotated_query) if cached_chunk else \
         (rotate(keys, codec, out=torch.empty(keys.shape, dtype=torch.float16, device=keys.device)),
          rotate(values, codec, out=torch.empty(values.shape, dtype=torch.float16, device=values.device)))
-    rotated_out = torch.zeros(num_tokens, num_q_heads, layout.head_dim, device=cache.device, dtype=torch.float32)
-    lse = torch.full((num_tokens, num_q_heads), float("-inf"), device=cache.device) if return_lse else rotated_out
-    grid = (batch, triton.cdiv(max(max_query_len, 1), query_tokens), layout.num_kv_heads)
+    pad = head_dim_pad(layout.head_dim)
+    if num_splits > 1:
+        rotated_out = torch.empty(num_tokens, num_q_heads, num_splits, pad, device=cache.device, dtype=torch.float32)
+        lse = torch.empty(num_tokens, num_q_heads, num_splits, device=cache.device, dtype=torch.float32)
+    else:
+        rotated_out = torch.zeros(num_tokens, num_q_heads, layout.head_dim, device=cache.device, dtype=torch.float32)
+        lse = torch.full((num_tokens, num_q_heads), float("-inf"), device=cache.device) if return_lse else rotated_out
+    grid = (batch, triton.cdiv(max(max_query_len, 1), query_tokens), layout.num_kv_heads * num_splits)
     _extend_kernel[grid](
         rotated_query, rotated_keys, rotated_values, cache, block_table, seq_lens, query_start,
         seq_lens if key_starts is None else key_starts, codec.key_centroids_fp16, codec.value_centroids_fp16,
         rotated_out, lse,
         rotated_query.stride(0), rotated_query.stride(1), rotated_keys.stride(0), rotated_keys.stride(1),
-        block_table.stride(0), float(scale), float(softcap or 0.0), int(sliding_window or 0),
-        GROUP=group, GROUP_PAD=group_pad, QUERY_TOKENS=query_tokens, **page_constants(layout),
+        block_table.stride(0), float(scale), float(softcap or 0.0), int(sliding_window or 0), num_splits,
+        GROUP=group, GROUP_PAD=triton.next_power_of_2(group), QUERY_TOKENS=query_tokens, **page_constants(layout),
         **lookup_constants(codec, bits=(4,)),  # 3-bit byte permutes into wgmma tiles: Triton 3.6 fails to compile
         USE_SOFTCAP=softcap is not None, USE_WINDOW=sliding_window is not None, USE_STARTS=key_starts is not None,
-        RETURN_LSE=return_lse, CACHED_CHUNK=cached_chunk, **launch,
+        RETURN_LSE=return_lse, CACHED_CHUNK=cached_chunk, SPLIT=num_splits > 1, **launch,
     )
-    out = rotate(rotated_out, codec, inverse=True, out=torch.empty_like(query) if out is None else out,
-                 fixed_tile=cached_chunk)
+    out = torch.empty_like(query) if out is None else out
+    if num_splits > 1:  # merge the splits (decode's reduction), un-rotating there where it can
+        partial_out, partial_lse = rotated_out, lse
+        lse = torch.empty(num_tokens, num_q_heads, device=cache.device, dtype=torch.float32) if return_lse else None
+        if reduction_unrotates(num_splits, pad):
+            reduce_splits(partial_out, partial_lse, out, lse, rotation=codec.rotation)
+            return (out, lse) if return_lse else out
+        rotated_out = torch.empty(num_tokens, num_q_heads, layout.head_dim, device=cache.device, dtype=torch.float32)
+        reduce_splits(partial_out, partial_lse, rotated_out, lse)
+    out = rotate(rotated_out, codec, inverse=True, out=out, fixed_tile=cached_chunk)
     return (out, lse) if return_lse else out

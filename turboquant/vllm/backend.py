@@ -46,6 +46,7 @@ from ..kernels import (ExactRing, KernelCodec, cached_attention, compress_store,
 from ..kernels.codec import KERNEL_HEAD_DIMS
 from ..kernels.decode import variant_batches
 from ..kernels.extend import WIDE_ROWS as EXTEND_WIDE_ROWS
+from ..kernels.extend import split_counts as extend_split_counts
 from ..kernels.launch import multiprocessor_count
 from ..kernels.rotate import SHORT_TILE_MAX_TOKENS as ROTATE_SHORT_TILE_MAX_TOKENS
 from ..kernels.store import tile_token_counts
@@ -365,8 +366,9 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
         sequences at each set of variants (`decode.variant_batches`) of the batches a step can hold (a
         mixed step's decodes, uncaptured, and the "decode" route's chunk tokens, which may outnumber the
         largest captured batch); the gather (where the engine gathers) and the fused extend kernel with its
-        rotations over one empty sequence, the latter in both of its program shapes and at both of `rotate`'s
-        tile heights where the call has the tokens for the taller one.
+        rotations over one empty sequence, the latter in both of its program shapes, at both of `rotate`'s
+        tile heights where the call has the tokens for the taller one, and at each split count a short chunk
+        may take (`extend.split_counts`).
         vLLM's kernel warm-up has no hook for an attention backend, and its dummy batches take none of these
         routes: the first long chunk after a cached prefix stalled serving for seconds of Triton compilation
         (H200, b32 × 1024: 0.69x bf16's tok/s, vllm-throughput-h200-chained-fixed.md), and most likely so did
@@ -395,6 +397,13 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
                                  table, self.scale, max_query_len, self.sliding_window, self.softcap,
                                  out=torch.empty(tokens, self.num_heads, self.head_size, dtype=query.dtype,
                                                  device=query.device))
+        # the splits a short chunk's programs may take over a long prefix (a reduction per count)
+        table_tokens = table.shape[1] * codec.layout.block_size
+        for num_splits in extend_split_counts(self.head_size, self.num_kv_heads, table_tokens,
+                                              multiprocessor_count(kv_cache.device))[1:]:
+            extend_attention(query[:1], key[:1], value[:1], zeros, zeros[:1], kv_cache, codec, table, self.scale, 1,
+                             self.sliding_window, self.softcap, num_splits=num_splits,
+                             out=torch.empty(1, self.num_heads, self.head_size, dtype=query.dtype, device=query.device))
 
     def _compile_decode_kernels(self, query, key, value, kv_cache, codec, meta: TurboQuantMetadata) -> None:
         """`paged_decode_attention` as forward calls it, over empty sequences, at each batch of distinct
