@@ -16,23 +16,31 @@ def chunks(query_lens: list[int], device: str) -> torch.Tensor:
     return starts.to(device)
 
 
+def chunked_case(case, prefix_lens: list[int], query_lens: list[int], device, generator, key_scale: float = 1.0,
+                 kv_dtype: torch.dtype = torch.bfloat16):
+    """A cache filled with each sequence's prefix and chunk, and the chunks' queries and fresh K/V:
+    (codec, cache, block table, `extend_attention`'s first five arguments)."""
+    head_dim, key_bits, value_bits, block_size, num_q_heads, num_kv_heads = case
+    codec = make_codec(head_dim, key_bits, value_bits, num_kv_heads, block_size, device)
+    seq_lens = [p + q for p, q in zip(prefix_lens, query_lens)]
+    cache, block_table = filled_cache(codec, seq_lens, generator, device)
+    tokens = sum(query_lens)
+    query = torch.randn(tokens, num_q_heads, head_dim, generator=generator).to(device)
+    keys = (torch.randn(tokens, num_kv_heads, head_dim, generator=generator) * key_scale).to(device, kv_dtype)
+    values = torch.randn(tokens, num_kv_heads, head_dim, generator=generator).to(device, kv_dtype)
+    lengths = torch.tensor(seq_lens, dtype=torch.int32, device=device)
+    return codec, cache, block_table, (query, keys, values, chunks(query_lens, device), lengths)
+
+
 @pytest.mark.parametrize("head_dim,key_bits,value_bits,block_size,num_q_heads,num_kv_heads", CASES)
 @pytest.mark.parametrize("options", [{}, {"sliding_window": 29}, {"softcap": 4.0}])
 def test_extend_matches_reference(head_dim, key_bits, value_bits, block_size, num_q_heads, num_kv_heads, options,
                                   device, generator):
-    codec = make_codec(head_dim, key_bits, value_bits, num_kv_heads, block_size, device)
-    prefix_lens, query_lens = [90, 0, 33], [21, 70, 1]  # a chunk after a prefix, a first chunk, one token
-    cache, block_table = filled_cache(codec, [p + q for p, q in zip(prefix_lens, query_lens)], generator, device)
-    tokens = sum(query_lens)
-    query = torch.randn(tokens, num_q_heads, head_dim, generator=generator).to(device)
-    keys = (torch.randn(tokens, num_kv_heads, head_dim, generator=generator) * 2).to(device, torch.bfloat16)
-    values = torch.randn(tokens, num_kv_heads, head_dim, generator=generator).to(device, torch.bfloat16)
-    seq_lens = torch.tensor([p + q for p, q in zip(prefix_lens, query_lens)], dtype=torch.int32, device=device)
-    starts = chunks(query_lens, device)
-    out = extend_attention(query, keys, values, starts, seq_lens, cache, codec, block_table, head_dim**-0.5,
-                           max(query_lens), **options)
-    expected = extend_reference(query, keys, values, starts, seq_lens, cache, codec, block_table, head_dim**-0.5,
-                                **options)
+    case = (head_dim, key_bits, value_bits, block_size, num_q_heads, num_kv_heads)
+    query_lens = [21, 70, 1]  # a chunk after a prefix, a first chunk, one token
+    codec, cache, table, inputs = chunked_case(case, [90, 0, 33], query_lens, device, generator, key_scale=2.0)
+    out = extend_attention(*inputs, cache, codec, table, head_dim**-0.5, max(query_lens), **options)
+    expected = extend_reference(*inputs, cache, codec, table, head_dim**-0.5, **options)
     torch.testing.assert_close(out, expected, **TOLERANCE)
 
 
@@ -41,22 +49,13 @@ def test_extend_wide_programs_match_reference(case, device, generator, monkeypat
     """The program shape `extend_launch` picks where the grid fills the SMs (here: on a one-SM device),
     with rows past each chunk's end."""
     monkeypatch.setattr(extend, "multiprocessor_count", lambda device: 1)
-    head_dim, key_bits, value_bits, block_size, num_q_heads, num_kv_heads = case
-    codec = make_codec(head_dim, key_bits, value_bits, num_kv_heads, block_size, device)
+    head_dim, num_q_heads, num_kv_heads = case[0], case[4], case[5]
+    codec, cache, table, inputs = chunked_case(case, [70, 5], [43, 21], device, generator)
     group_pad = triton.next_power_of_2(num_q_heads // num_kv_heads)
     plan = extend.program_plan(codec.layout, num_q_heads, 2, 43, 256, False, 1)
     assert plan[1:] == (extend.WIDE_ROWS // group_pad, 1)  # query tokens per program, splits
-    prefix_lens, query_lens = [70, 5], [43, 21]
-    cache, block_table = filled_cache(codec, [p + q for p, q in zip(prefix_lens, query_lens)], generator, device)
-    tokens = sum(query_lens)
-    query = torch.randn(tokens, num_q_heads, head_dim, generator=generator).to(device)
-    keys = torch.randn(tokens, num_kv_heads, head_dim, generator=generator).to(device, torch.bfloat16)
-    values = torch.randn(tokens, num_kv_heads, head_dim, generator=generator).to(device, torch.bfloat16)
-    seq_lens = torch.tensor([p + q for p, q in zip(prefix_lens, query_lens)], dtype=torch.int32, device=device)
-    starts = chunks(query_lens, device)
-    out = extend_attention(query, keys, values, starts, seq_lens, cache, codec, block_table, head_dim**-0.5,
-                           max(query_lens))
-    expected = extend_reference(query, keys, values, starts, seq_lens, cache, codec, block_table, head_dim**-0.5)
+    out = extend_attention(*inputs, cache, codec, table, head_dim**-0.5, 43)
+    expected = extend_reference(*inputs, cache, codec, table, head_dim**-0.5)
     torch.testing.assert_close(out, expected, **TOLERANCE)
 
 
@@ -66,23 +65,13 @@ def test_extend_split_prefix_matches_reference(case, options, num_splits, device
     """Each query block's prefix split among programs and merged after (as `extend_attention` does where
     its programs would not fill the device), with key starts and the log-sum-exp: a split that sees no
     key (the second sequence's prefix is short, the third has none) must weigh nothing."""
-    head_dim, key_bits, value_bits, block_size, num_q_heads, num_kv_heads = case
-    codec = make_codec(head_dim, key_bits, value_bits, num_kv_heads, block_size, device)
-    prefix_lens, query_lens = [150, 9, 0], [21, 4, 6]
-    seq_lens = [p + q for p, q in zip(prefix_lens, query_lens)]
-    cache, block_table = filled_cache(codec, seq_lens, generator, device)
-    tokens = sum(query_lens)
-    query = torch.randn(tokens, num_q_heads, head_dim, generator=generator).to(device)
-    keys = torch.randn(tokens, num_kv_heads, head_dim, generator=generator).to(device, torch.bfloat16)
-    values = torch.randn(tokens, num_kv_heads, head_dim, generator=generator).to(device, torch.bfloat16)
-    lengths = torch.tensor(seq_lens, dtype=torch.int32, device=device)
+    head_dim = case[0]
+    codec, cache, table, inputs = chunked_case(case, [150, 9, 0], [21, 4, 6], device, generator)
     key_starts = torch.tensor([30, 0, 0], dtype=torch.int32, device=device)
-    starts = chunks(query_lens, device)
-    out, lse = extend_attention(query, keys, values, starts, lengths, cache, codec, block_table, head_dim**-0.5,
-                                max(query_lens), key_starts=key_starts, return_lse=True, num_splits=num_splits,
-                                **options)
-    expected, expected_lse = extend_reference(query, keys, values, starts, lengths, cache, codec, block_table,
-                                              head_dim**-0.5, key_starts=key_starts, return_lse=True, **options)
+    out, lse = extend_attention(*inputs, cache, codec, table, head_dim**-0.5, 21, key_starts=key_starts,
+                                return_lse=True, num_splits=num_splits, **options)
+    expected, expected_lse = extend_reference(*inputs, cache, codec, table, head_dim**-0.5, key_starts=key_starts,
+                                              return_lse=True, **options)
     torch.testing.assert_close(out, expected, **TOLERANCE)
     torch.testing.assert_close(lse, expected_lse, **TOLERANCE)
 
@@ -109,21 +98,14 @@ def test_extend_rejects_bad_input(device, generator):
 @pytest.mark.parametrize("head_dim,key_bits,value_bits,block_size,num_q_heads,num_kv_heads", [CASES[1], CASES[3]])
 def test_extend_key_starts_and_log_sum_exp(head_dim, key_bits, value_bits, block_size, num_q_heads, num_kv_heads,
                                           device, generator):
-    codec = make_codec(head_dim, key_bits, value_bits, num_kv_heads, block_size, device)
-    prefix_lens, query_lens = [90, 40, 0], [21, 3, 9]
-    seq_lens = [p + q for p, q in zip(prefix_lens, query_lens)]
-    cache, block_table = filled_cache(codec, seq_lens, generator, device)
-    tokens = sum(query_lens)
-    query = torch.randn(tokens, num_q_heads, head_dim, generator=generator).to(device)
-    keys = torch.randn(tokens, num_kv_heads, head_dim, generator=generator).to(device)
-    values = torch.randn(tokens, num_kv_heads, head_dim, generator=generator).to(device)
-    lengths = torch.tensor(seq_lens, dtype=torch.int32, device=device)
+    case = (head_dim, key_bits, value_bits, block_size, num_q_heads, num_kv_heads)
+    codec, cache, table, inputs = chunked_case(case, [90, 40, 0], [21, 3, 9], device, generator,
+                                               kv_dtype=torch.float32)
     key_starts = torch.tensor([17, 40, 0], dtype=torch.int32, device=device)  # inside, at the end of a prefix
-    starts = chunks(query_lens, device)
-    out, lse = extend_attention(query, keys, values, starts, lengths, cache, codec, block_table, head_dim**-0.5,
-                                max(query_lens), key_starts=key_starts, return_lse=True)
-    expected, expected_lse = extend_reference(query, keys, values, starts, lengths, cache, codec, block_table,
-                                              head_dim**-0.5, key_starts=key_starts, return_lse=True)
+    out, lse = extend_attention(*inputs, cache, codec, table, head_dim**-0.5, 21, key_starts=key_starts,
+                                return_lse=True)
+    expected, expected_lse = extend_reference(*inputs, cache, codec, table, head_dim**-0.5, key_starts=key_starts,
+                                              return_lse=True)
     torch.testing.assert_close(out, expected, **TOLERANCE)
     torch.testing.assert_close(lse, expected_lse, **TOLERANCE)
 
