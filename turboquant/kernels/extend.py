@@ -1,7 +1,9 @@
 """Extend (chunked prefill) attention: a chunk of new queries attends to (a) the compressed prefix in
 the paged cache, unpacked tile by tile in registers, and (b) causally to the chunk's own fresh
 full-precision K/V — what chunked prefill and prefix caching need. One program owns a block of query
-tokens times all query heads of one GQA group, so each compressed tile is unpacked once for the group.
+tokens times all query heads of one GQA group, so each compressed tile is unpacked once for the group;
+where such programs would not fill the device (short chunks), each takes a share of the prefix and
+decode's reduction merges the shares.
 Everything runs in the rotated space (q and the fresh K/V are rotated once); the output is un-rotated
 once. Reference: `reference.extend_reference`.
 
