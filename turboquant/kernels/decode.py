@@ -247,6 +247,19 @@ def reduction_unrotates(num_splits: int, head_dim_pad: int) -> bool:
     return num_splits <= UNROTATE_MAX_SPLITS and head_dim_pad <= UNROTATE_MAX_HEAD_DIM
 
 
+def merge_splits(partial_out: torch.Tensor, partial_lse: torch.Tensor, out: torch.Tensor, lse: torch.Tensor | None,
+                 codec: KernelCodec, chained: bool = False,
+                 extra: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    """`reduce_splits` into the caller's `out` with the weighted value sum un-rotated once: inside the
+    reduction where it can (`reduction_unrotates`), else by a rotation launched after it."""
+    if reduction_unrotates(partial_lse.shape[-1], partial_out.shape[-1]):
+        reduce_splits(partial_out, partial_lse, out, lse, rotation=codec.rotation, chained=chained, extra=extra)
+    else:
+        rotated_out = torch.empty(out.shape, device=out.device, dtype=torch.float32)
+        reduce_splits(partial_out, partial_lse, rotated_out, lse, chained=chained, extra=extra)
+        rotate(rotated_out, codec, inverse=True, out=out, after_previous=chained)
+
+
 def reduce_split_block(num_splits_pad: int, head_dim_pad: int, rows: int = 1) -> int:
     """Partial outputs the reduction holds at once: at most 8K fp32 values (more spill to local memory,
     which cost a 512-wide latent ~1 ms per call)."""
@@ -582,12 +595,5 @@ def paged_decode_attention(query: torch.Tensor, cache: torch.Tensor, codec: Kern
         extra = None
     out = torch.empty_like(query) if out is None else out
     lse = torch.empty(batch, num_q_heads, device=cache.device, dtype=torch.float32) if return_lse else None
-    # merge the splits and un-rotate the weighted value sum once, cast and stored into the caller's tensor
-    if reduction_unrotates(num_splits, pad):
-        reduce_splits(partial_out, partial_lse, out, lse, rotation=codec.rotation, chained=reduction_chained,
-                      extra=extra)
-    else:
-        rotated_out = torch.empty(batch, num_q_heads, layout.head_dim, device=cache.device, dtype=torch.float32)
-        reduce_splits(partial_out, partial_lse, rotated_out, lse, chained=reduction_chained, extra=extra)
-        rotate(rotated_out, codec, inverse=True, out=out, after_previous=reduction_chained)
+    merge_splits(partial_out, partial_lse, out, lse, codec, chained=reduction_chained, extra=extra)
     return (out, lse) if return_lse else out

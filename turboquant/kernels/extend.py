@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .codec import KernelCodec
-from .decode import default_num_splits, reduce_splits, reduction_unrotates
+from .decode import default_num_splits, merge_splits
 from .launch import (FLOAT_DTYPES, SLICED_METADATA, check_block_table, check_codec_device, check_device_tensor,
                      check_kv, head_dim_pad, lookup_constants, multiprocessor_count, page_constants)
 from .packed_tile import load_levels, load_norms
@@ -289,13 +289,10 @@ def _launch(query, keys, values, query_start, seq_lens, cache, codec, block_tabl
         RETURN_LSE=return_lse, CACHED_CHUNK=cached_chunk, SPLIT=num_splits > 1, **launch,
     )
     out = torch.empty_like(query) if out is None else out
-    if num_splits > 1:  # merge the splits (decode's reduction), un-rotating there where it can
-        partial_out, partial_lse = rotated_out, lse
-        lse = torch.empty(num_tokens, num_q_heads, device=cache.device, dtype=torch.float32) if return_lse else None
-        if reduction_unrotates(num_splits, pad):
-            reduce_splits(partial_out, partial_lse, out, lse, rotation=codec.rotation)
-            return (out, lse) if return_lse else out
-        rotated_out = torch.empty(num_tokens, num_q_heads, layout.head_dim, device=cache.device, dtype=torch.float32)
-        reduce_splits(partial_out, partial_lse, rotated_out, lse)
-    out = rotate(rotated_out, codec, inverse=True, out=out, fixed_tile=cached_chunk)
+    if num_splits > 1:  # merged and un-rotated by decode's reduction
+        partial_lse, lse = lse, (torch.empty(num_tokens, num_q_heads, device=cache.device, dtype=torch.float32)
+                                 if return_lse else None)
+        merge_splits(rotated_out, partial_lse, out, lse, codec)
+    else:
+        rotate(rotated_out, codec, inverse=True, out=out, fixed_tile=cached_chunk)
     return (out, lse) if return_lse else out
