@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import torch
+import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kernels import HEAD_64, HEAD_256, LLAMA_8B, block_table_for, graph_time_ms, random_compressed_cache  # noqa: E402
@@ -52,7 +53,7 @@ def cell_rows(shape: dict, chunk: int) -> list[dict]:
         torch.cuda.get_device_properties(0).multi_processor_count)
     reference = call().float()
     auto_ms = graph_time_ms(call)
-    group_pad = 1 << (num_q_heads // num_kv_heads - 1).bit_length()  # the kernel's GQA group, padded
+    group_pad = triton.next_power_of_2(num_q_heads // num_kv_heads)  # the kernel's GQA group, padded
     rows = [dict(shape=shape["name"], chunk=chunk, rows=f"auto ({query_tokens * group_pad})", tile=launch["TILE"],
                  warps=launch["num_warps"], stages=launch["num_stages"], splits=splits, ms=auto_ms,
                  relative_to_auto=1.0, relative_difference=0.0)]
