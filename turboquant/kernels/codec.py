@@ -13,7 +13,7 @@ import torch
 
 from ..core import MSEQuantizer, TurboQuantConfig
 from ..core.paged_layout import PagedLayout
-from .lut_asm import LUT_BITS, antisymmetric_fp16, dequant_asm, dequant_pairs_asm, lookup_tables
+from .lut_asm import LUT_BITS, antisymmetric_fp16, dequant_asm, dequant_pairs_asm, lookup_tables, scaled_dequant_asm
 
 KERNEL_HEAD_DIMS = (64, 80, 96, 128, 256)
 KERNEL_BITS = (2, 3, 4, 8)
@@ -51,6 +51,8 @@ class KernelCodec:
     value_table_lut_asm: str
     key_pairs_lut_asm: str
     value_pairs_lut_asm: str
+    # Value lookups that scale the levels by an fp16 norm (`scaled_dequant_asm`; the Hopper extend kernel).
+    value_scaled_lut_asm: str
     # The table words, one copy per lane ([8, 32] int32: the key lookup's four words, then the value
     # lookup's; zeros for codes of other widths).
     lut_lane_tables: torch.Tensor
@@ -102,6 +104,7 @@ class KernelCodec:
                                  else ""),
             key_pairs_lut_asm=dequant_pairs_asm(key_levels) if config.key_bits == 4 else "",
             value_pairs_lut_asm=dequant_pairs_asm(value_levels) if config.value_bits == 4 else "",
+            value_scaled_lut_asm=scaled_dequant_asm(value_levels) if config.value_bits in LUT_BITS else "",
             lut_lane_tables=lane_tables(key_levels, value_levels).to(device),
         )
 

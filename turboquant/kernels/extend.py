@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import extend_hopper
 from .codec import KernelCodec
 from .decode import default_num_splits, merge_splits
 from .launch import (FLOAT_DTYPES, SLICED_METADATA, check_block_table, check_codec_device, check_device_tensor,
@@ -280,17 +281,24 @@ def _launch(query, keys, values, query_start, seq_lens, cache, codec, block_tabl
         rotated_out = torch.zeros(num_tokens, num_q_heads, layout.head_dim, device=cache.device, dtype=torch.float32)
         lse = torch.full((num_tokens, num_q_heads), float("-inf"), device=cache.device) if return_lse else rotated_out
     grid = (batch, triton.cdiv(max(max_query_len, 1), query_tokens), layout.num_kv_heads * num_splits)
-    _extend_kernel[grid](
-        rotated_query, rotated_keys, rotated_values, cache, block_table, seq_lens, query_start,
-        seq_lens if key_starts is None else key_starts, codec.key_centroids_fp16, codec.value_centroids_fp16,
-        rotated_out, lse,
-        rotated_query.stride(0), rotated_query.stride(1), rotated_keys.stride(0), rotated_keys.stride(1),
-        block_table.stride(0), float(scale), float(softcap or 0.0), int(sliding_window or 0), num_splits,
-        GROUP=group, GROUP_PAD=triton.next_power_of_2(group), QUERY_TOKENS=query_tokens, **page_constants(layout),
-        **lookup_constants(codec, bits=(4,)),  # 3-bit byte permutes into wgmma tiles: Triton 3.6 fails to compile
-        USE_SOFTCAP=softcap is not None, USE_WINDOW=sliding_window is not None, USE_STARTS=key_starts is not None,
-        RETURN_LSE=return_lse, CACHED_CHUNK=cached_chunk, SPLIT=num_splits > 1, **launch,
-    )
+    group_pad = triton.next_power_of_2(group)
+    rows = query_tokens * group_pad
+    if extend_hopper.serves(layout, cache.device, cached_chunk, rows):
+        extend_hopper.launch(rotated_query, rotated_keys, rotated_values, cache, block_table, seq_lens, query_start,
+                             key_starts, rotated_out, lse, codec, group, group_pad, rows, grid, scale, softcap,
+                             sliding_window, num_splits, return_lse)
+    else:
+        _extend_kernel[grid](
+            rotated_query, rotated_keys, rotated_values, cache, block_table, seq_lens, query_start,
+            seq_lens if key_starts is None else key_starts, codec.key_centroids_fp16, codec.value_centroids_fp16,
+            rotated_out, lse,
+            rotated_query.stride(0), rotated_query.stride(1), rotated_keys.stride(0), rotated_keys.stride(1),
+            block_table.stride(0), float(scale), float(softcap or 0.0), int(sliding_window or 0), num_splits,
+            GROUP=group, GROUP_PAD=group_pad, QUERY_TOKENS=query_tokens, **page_constants(layout),
+            **lookup_constants(codec, bits=(4,)),  # 3-bit byte permutes into wgmma tiles: Triton 3.6 fails to compile
+            USE_SOFTCAP=softcap is not None, USE_WINDOW=sliding_window is not None, USE_STARTS=key_starts is not None,
+            RETURN_LSE=return_lse, CACHED_CHUNK=cached_chunk, SPLIT=num_splits > 1, **launch,
+        )
     out = torch.empty_like(query) if out is None else out
     if num_splits > 1:  # merged and un-rotated by decode's reduction
         partial_lse, lse = lse, (torch.empty(num_tokens, num_q_heads, device=cache.device, dtype=torch.float32)

@@ -117,6 +117,15 @@ def dequant_pairs_asm(centroids: torch.Tensor) -> str:
     return "{\n" + _lookups(centroids, "$4", lambda k: f"mov.b32 ${k}, t;\n", ("$6", "$8", "$10", "$12")) + "}"
 
 
+def scaled_dequant_asm(centroids: torch.Tensor) -> str:
+    """`dequant_asm` with the eight levels multiplied by an fp16 scale ($9, given again as $10): each pair
+    by one `mul.f16x2`, for kernels that fold a row's norm into its levels (the Hopper extend kernel's
+    values)."""
+    def emit_pair(k: int) -> str:
+        return f"mul.rn.f16x2 t, t, scale;\nmov.b32 {{${2 * k}, ${2 * k + 1}}}, t;\n"
+    return "{\n.reg .b32 scale;\nmov.b32 scale, {$9, $10};\n" + _lookups(centroids, "$8", emit_pair) + "}"
+
+
 def dot_asm(centroids: torch.Tensor) -> str:
     """PTX for Σ_k level_k · x_k over one run of eight packed indices ($1, as for `dequant_asm`) and
     their eight input coordinates, given as four fp16 pairs ($2..$5, x_2p in the low half): the products

@@ -1,0 +1,61 @@
+"""The Hopper extend kernel (`extend_hopper.py`, Gluon) against the PyTorch reference, through
+`extend_attention`, which runs it where `extend_hopper.serves` says. Gluon does not run in Triton's
+interpreter: these tests need a Hopper GPU."""
+
+import pytest
+import torch
+import triton
+
+from turboquant.kernels import extend, extend_hopper
+from turboquant.kernels.extend import extend_attention
+from turboquant.kernels.reference import extend_reference
+
+from .test_decode import TOLERANCE
+from .test_extend import chunked_case
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
+                                reason="the Gluon kernel runs on Hopper GPUs only")
+
+# (head_dim, key_bits, value_bits, block_size, num_q_heads, num_kv_heads): Llama-3.1-8B's heads, d=64 with
+# 32-token blocks, a GQA group of 5 (padded to 8 rows per token)
+CASES = [(128, 4, 4, 16, 32, 8), (64, 4, 4, 32, 16, 4), (128, 4, 4, 16, 40, 8)]
+OPTIONS = [{}, {"sliding_window": 150}, {"softcap": 4.0}, {"key_starts": [60, 0, 3, 0], "return_lse": True}]
+
+
+def run_case(case, options, wide: bool, num_splits, monkeypatch, generator):
+    """extend_attention on the kernel's wide (128 rows, as where programs fill the SMs) or narrow (64 rows)
+    programs against the reference: a chunk after a long prefix (every tile kind: first, full, last), one
+    after a short prefix, a first chunk, one token."""
+    head_dim, num_q_heads = case[0], case[4]
+    # a device of one SM: every grid fills it; of 10,000: none does (the group of 5's programs would fill 132)
+    monkeypatch.setattr(extend, "multiprocessor_count", lambda device: 1 if wide else 10_000)
+    codec, cache, table, inputs = chunked_case(case, [700, 5, 0, 130], [37, 3, 100, 1], "cuda", generator,
+                                               key_scale=2.0)
+    options = dict(options)
+    if "key_starts" in options:
+        options["key_starts"] = torch.tensor(options["key_starts"], dtype=torch.int32, device="cuda")
+    launch, query_tokens, default_splits = extend.program_plan(codec.layout, num_q_heads, 4, 100, table.shape[1] * 16,
+                                                               False, extend.multiprocessor_count(cache.device))
+    rows = query_tokens * triton.next_power_of_2(num_q_heads // case[5])
+    assert rows == (128 if wide else 64) and extend_hopper.serves(codec.layout, cache.device, False, rows)
+    out = extend_attention(*inputs, cache, codec, table, head_dim**-0.5, 100, num_splits=num_splits, **options)
+    expected = extend_reference(*inputs, cache, codec, table, head_dim**-0.5, **options)
+    if options.get("return_lse"):
+        (out, lse), (expected, expected_lse) = out, expected
+        torch.testing.assert_close(lse, expected_lse, **TOLERANCE)
+    torch.testing.assert_close(out, expected, **TOLERANCE)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("options", OPTIONS)
+@pytest.mark.parametrize("wide", [True, False])
+def test_hopper_extend_matches_reference(case, options, wide, monkeypatch, generator):
+    run_case(case, options, wide, None, monkeypatch, generator)
+
+
+@pytest.mark.parametrize("case", CASES[:2])
+@pytest.mark.parametrize("options", OPTIONS)
+def test_hopper_extend_split_prefix_matches_reference(case, options, monkeypatch, generator):
+    """Narrow programs that each take a share of the prefix, merged after (short chunks); with 7 splits
+    of the 700-token prefix some see one tile, those of the short ones none."""
+    run_case(case, options, False, 7, monkeypatch, generator)
