@@ -1,8 +1,9 @@
 """Launch-config sweep for the fused extend kernel (`turboquant/kernels/extend.py`, CUDA): one chunk of
 a single sequence over a compressed 16K prefix (k4v4, random codes), per head_dim and chunk length,
 `extend_attention` as it picks its programs ('auto': `extend.program_plan`, shape and splits of the
-prefix) and unsplit with each fixed (query rows per program, key tile, warps, pipeline stages). Times
-per call in CUDA graphs, in one run.
+prefix; on Hopper the Gluon kernel of `extend_hopper.py` where it serves, then extend.py's Triton
+kernel at the same plan), and extend.py's kernel unsplit with each fixed (query rows per program, key
+tile, warps, pipeline stages). Times per call in CUDA graphs, in one run.
 
     python benchmarks/extend_launch.py [--out benchmarks/results/extend-launch-h200.json]
 """
@@ -15,6 +16,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import torch
 import triton
@@ -23,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kernels import HEAD_64, HEAD_256, LLAMA_8B, block_table_for, graph_time_ms, random_compressed_cache  # noqa: E402
 
 from turboquant.core import TurboQuantConfig  # noqa: E402 (kernels.py puts the repository on sys.path)
-from turboquant.kernels import extend  # noqa: E402
+from turboquant.kernels import extend, extend_hopper  # noqa: E402
 from turboquant.kernels.codec import KernelCodec  # noqa: E402
 
 PREFIX = 16384
@@ -54,11 +56,27 @@ def cell_rows(shape: dict, chunk: int) -> list[dict]:
     reference = call().float()
     auto_ms = graph_time_ms(call)
     group_pad = triton.next_power_of_2(num_q_heads // num_kv_heads)  # the kernel's GQA group, padded
-    rows = [dict(shape=shape["name"], chunk=chunk, rows=f"auto ({query_tokens * group_pad})", tile=launch["TILE"],
-                 warps=launch["num_warps"], stages=launch["num_stages"], splits=splits, ms=auto_ms,
-                 relative_to_auto=1.0, relative_difference=0.0)]
+    hopper = extend_hopper.serves(codec.layout, cache.device, False, query_tokens * group_pad)
+    triton_auto = dict(shape=shape["name"], chunk=chunk, rows=f"auto ({query_tokens * group_pad})", tile=launch["TILE"],
+                       warps=launch["num_warps"], stages=launch["num_stages"], splits=splits)
+    rows = [dict(triton_auto, ms=auto_ms, relative_to_auto=1.0, relative_difference=0.0)]
+    if hopper:  # the Gluon kernel: 16 query rows per warp, its own tiles and pipeline
+        rows[0].update(tile="Gluon", warps=query_tokens * group_pad // 16, stages="-")
+    with mock.patch.object(extend_hopper, "enabled", False):  # extend.py's Triton kernel from here on
+        if hopper:
+            out = call().float()
+            ms = graph_time_ms(call)
+            rows.append(dict(triton_auto, ms=ms, relative_to_auto=ms / auto_ms,
+                             relative_difference=float((out - reference).norm() / reference.norm())))
+        rows += fixed_launch_rows(shape, chunk, call, reference, auto_ms)
+    return rows
+
+
+def fixed_launch_rows(shape: dict, chunk: int, call, reference: torch.Tensor, auto_ms: float) -> list[dict]:
+    """extend.py's kernel unsplit at each fixed (query rows, key tile, warps, stages) of the sweep."""
+    rows = []
     picked = extend.extend_launch
-    for rows_, tile, warps, stages in CONFIGS[head_dim]:
+    for rows_, tile, warps, stages in CONFIGS[shape["head_dim"]]:
         extend.extend_launch = lambda *args, c=(rows_, tile, warps, stages): dict(
             ROWS=c[0], TILE=c[1], num_warps=c[2], num_stages=c[3])
         try:
@@ -76,7 +94,8 @@ def markdown(result: dict) -> str:
     lines = [f"Device: {result['device']}, {result['date']}, build `{result['build']}`. "
              f"`python benchmarks/extend_launch.py`: one chunk over a compressed {PREFIX}-token prefix (k4v4), "
              "ms per call (CUDA graph). 'auto' is `extend_attention`'s pick (`extend.program_plan`: program shape and "
-             "splits of the prefix); the fixed shapes run unsplit; 'x auto' is their time over auto's.", "",
+             "splits of the prefix; tile 'Gluon': `extend_hopper.py`'s kernel, then extend.py's at the same plan); "
+             "the fixed shapes run extend.py's kernel unsplit; 'x auto' is their time over auto's.", "",
              "| shape | chunk | rows | tile | warps | stages | splits | ms | x auto |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in result["rows"]:
