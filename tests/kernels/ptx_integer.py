@@ -1,5 +1,6 @@
-"""A CPU interpreter for the integer PTX of `lut_asm.dequant_asm` (mov, and, or, xor, not, shl, shr,
-mul.lo, lop3, prmt on .b32), so CI checks the byte-permute lookups without a GPU. Every register holds a
+"""A CPU interpreter for the PTX of `lut_asm`'s lookups (mov, and, or, xor, not, shl, shr, mul.lo, lop3,
+prmt on .b32, and the fp16 pair product mul.rn.f16x2 of `scaled_dequant_asm`), so CI checks the
+byte-permute lookups without a GPU. Every register holds a
 torch int64 tensor of 32-bit values: one program run covers many input words at once."""
 
 from __future__ import annotations
@@ -34,6 +35,20 @@ def _lop3(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, table: int) -> torc
     return out
 
 
+def _halves(word: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A register's two fp16 halves as fp32 (low, high)."""
+    low, high = (word & 0xFFFF).to(torch.int16), (word >> 16).to(torch.int16)  # wraps to the same 16 bits
+    return low.view(torch.float16).float(), high.view(torch.float16).float()
+
+
+def _mul_f16x2(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Two fp16 products rounded to nearest even: a product of fp16 values is exact in fp32, so one
+    rounding to fp16 gives the instruction's result."""
+    (a0, a1), (b0, b1) = _halves(a), _halves(b)
+    bits = [(x * y).half().view(torch.int16).to(torch.int64) & 0xFFFF for x, y in ((a0, b0), (a1, b1))]
+    return bits[0] | bits[1] << 16
+
+
 def run(ptx: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Run `ptx` on `inputs` ({"$8": words}); returns every register, the 16-bit outputs of
     `mov.b32 {$i, $j}, t` included."""
@@ -54,6 +69,11 @@ def run(ptx: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if unpack:
             low, high, source = unpack.groups()
             registers[low], registers[high] = value(source) & 0xFFFF, value(source) >> 16
+            continue
+        pack = re.fullmatch(r"mov\.b32 (\S+), \{(\S+), ([^\s}]+)\}?", statement)  # the strip above may eat "}"
+        if pack:
+            dest, low, high = pack.groups()
+            registers[dest] = (value(low) & 0xFFFF) | (value(high) & 0xFFFF) << 16
             continue
         opcode, operands = statement.split(None, 1)
         dest, *args = [operand.strip() for operand in operands.split(",")]
@@ -78,6 +98,8 @@ def run(ptx: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             result = _lop3(x[0], x[1], x[2], int(args[3], 0))
         elif opcode == "prmt.b32":
             result = _prmt(x[0], x[1], x[2])
+        elif opcode == "mul.rn.f16x2":
+            result = _mul_f16x2(x[0], x[1])
         else:
             raise NotImplementedError(f"no interpreter for {opcode!r}")
         registers[dest] = result & MASK

@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 from turboquant.core import unpack_indices
-from turboquant.kernels.lut_asm import dequant_asm
+from turboquant.kernels.lut_asm import dequant_asm, scaled_dequant_asm
 from turboquant.kernels.packed_tile import load_levels
 
 from . import ptx_integer
@@ -101,6 +101,23 @@ def test_pair_lookup_ptx_gives_level_pairs_from_tables_in_registers(generator):
     for k in range(4):
         low, high = (words >> (8 * k)) & 15, (words >> (8 * k + 4)) & 15
         assert torch.equal(registers[f"${k}"], level_bits[low] | level_bits[high] << 16), f"pair {k}"
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_scaled_lookup_ptx_gives_levels_times_the_scale(bits, generator):
+    """`scaled_dequant_asm` (the Hopper extend kernel's value lookup), interpreted on the CPU: each output
+    is the fp16 product of a level and the word's fp16 scale (norms up to ~300 and below 1), bit for bit."""
+    codec = make_codec(128, bits, bits, num_kv_heads=1, block_size=16, device="cpu")
+    centroids = codec.value_centroids_fp16.cpu()
+    words = torch.randint(0, 2**32, (4096,), generator=generator, dtype=torch.int64)
+    words[:2**bits] = torch.arange(2**bits) * sum(1 << (bits * k) for k in range(8))
+    scales = (torch.rand(4096, generator=generator) * 300).half()
+    scale_bits = scales.view(torch.int16).to(torch.int64) & 0xFFFF
+    registers = ptx_integer.run(scaled_dequant_asm(centroids), {"$8": words, "$9": scale_bits, "$10": scale_bits})
+    for k in range(8):
+        index = (words >> (bits * k)) & (2**bits - 1)
+        expected = (centroids[index].float() * scales.float()).half().view(torch.int16).to(torch.int64) & 0xFFFF
+        assert torch.equal(registers[f"${k}"], expected), f"level {k} of the run"
 
 
 def test_asm_refuses_codebooks_it_cannot_hold():
