@@ -29,6 +29,7 @@ from .launch import (FLOAT_DTYPES, SLICED_METADATA, check_block_table, check_cod
 from .packed_tile import load_levels, load_norms
 from .rotate import rotate
 from .softmax import masked_softmax_step, tanh
+from .visible_keys import extend_tile_range
 
 
 WIDE_ROWS = 128  # query rows per program (tokens × heads of one group) where there are enough of them
@@ -129,14 +130,9 @@ def _extend_kernel(
     acc = tl.zeros([ROWS, HEAD_DIM_PAD], dtype=tl.float32)
 
     # (a) the compressed prefix (and, for a cached chunk, the chunk)
-    lo = key_start // TILE * TILE
-    if USE_WINDOW:
-        lo = tl.maximum(tl.maximum(prefix_len + first_token - sliding_window + 1, 0) // TILE * TILE, lo)
-    hi = cached_len
-    if SPLIT:  # this program's share of the prefix's tiles; the last split also attends to the chunk
-        span = tl.cdiv(tl.cdiv(tl.maximum(cached_len - lo, 0), TILE), num_splits) * TILE
-        lo = lo + split * span
-        hi = tl.minimum(lo + span, cached_len)
+    # with splits, this program's share of the prefix's tiles; the last split also attends to the chunk
+    lo, hi = extend_tile_range(key_start, prefix_len + first_token, cached_len, sliding_window, split, num_splits,
+                               TILE, USE_WINDOW, SPLIT)
     for start in range(lo, hi, TILE):
         positions = start + tl.arange(0, TILE)
         valid = positions < cached_len

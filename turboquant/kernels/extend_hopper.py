@@ -27,6 +27,7 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 
 from .launch import SLICED_METADATA
 from .lut_asm import byte_permute_available
+from .visible_keys import extend_tile_range
 
 LOG2E = gl.constexpr(1.4426950408889634)
 enabled = True  # False: `extend_attention` runs extend.py's kernel everywhere (benchmarks time both)
@@ -259,14 +260,9 @@ def _extend_hopper_kernel(
     columns = gl.arange(0, TILE, layout=gl.SliceLayout(0, S_LAYOUT))
 
     # (a) the compressed prefix, its tiles in [lo, hi)
-    lo = key_start // TILE * TILE
-    if USE_WINDOW:
-        lo = gl.maximum(gl.maximum(prefix_len + first_token - sliding_window + 1, 0) // TILE * TILE, lo)
-    hi = prefix_len
-    if SPLIT:  # this program's share of the prefix's tiles; the last split also attends to the chunk
-        span = gl.cdiv(gl.cdiv(gl.maximum(prefix_len - lo, 0), TILE), num_splits) * TILE
-        lo = lo + split * span
-        hi = gl.minimum(lo + span, prefix_len)
+    # with splits, this program's share of the prefix's tiles; the last split also attends to the chunk
+    lo, hi = extend_tile_range(key_start, prefix_len + first_token, prefix_len, sliding_window, split, num_splits,
+                               TILE, USE_WINDOW, SPLIT)
     num_tiles = gl.cdiv(gl.maximum(hi - lo, 0), TILE)
     if num_tiles > 0:
         W_ROWS: gl.constexpr = gl.SliceLayout(1, WORDS_LAYOUT)
