@@ -27,6 +27,7 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 
 from .launch import SLICED_METADATA
 from .lut_asm import byte_permute_available
+from .softmax import masked_online_softmax_step
 from .visible_keys import extend_tile_range
 
 LOG2E = gl.constexpr(1.4426950408889634)
@@ -108,23 +109,18 @@ def _unpack_values(codes, norms, dst, SCALED_LUT: gl.constexpr, WORDS_LAYOUT: gl
 
 
 @gluon.jit
-def _log2_scores(scores, key_norms, softcap, USE_SOFTCAP: gl.constexpr):
-    """Raw tile scores (levels · query) → log2-unit scores: keys scaled by their fp32 norms, soft-capped."""
-    scores = scores * key_norms[None, :]
-    if USE_SOFTCAP:  # softcap · tanh(s / softcap), tanh(x) = 1 − 2 / (exp(2x) + 1)
-        scores = softcap * LOG2E * (1.0 - 2.0 / (gl.exp2(scores * (2.0 * LOG2E / softcap)) + 1.0))
-    return scores
+def _softcapped_log2(scores, softcap):
+    """softcap · tanh(scores / softcap) in log2 units, tanh(x) = 1 − 2 / (exp(2x) + 1)."""
+    return softcap * LOG2E * (1.0 - 2.0 / (gl.exp2(scores * (2.0 * LOG2E / softcap)) + 1.0))
 
 
 @gluon.jit
-def _online_softmax(scores, running_max, running_sum):
-    """fp32 online-softmax step over log2-unit scores (−inf where not visible) → (probabilities, the
-    factor that rescales what was accumulated, new max, new sum)."""
-    new_max = gl.maximum(running_max, gl.max(scores, axis=1))
-    shift = gl.where(new_max == float("-inf"), 0.0, new_max)  # a row that sees nothing yet
-    correction = gl.exp2(running_max - shift)
-    p = gl.exp2(scores - shift[:, None])
-    return p, correction, new_max, running_sum * correction + gl.sum(p, axis=1)
+def _log2_scores(scores, key_norms, softcap, USE_SOFTCAP: gl.constexpr):
+    """Raw tile scores (levels · query) → log2-unit scores: keys scaled by their fp32 norms, soft-capped."""
+    scores = scores * key_norms[None, :]
+    if USE_SOFTCAP:
+        scores = _softcapped_log2(scores, softcap)
+    return scores
 
 
 @gluon.jit
@@ -171,7 +167,7 @@ def _prefix_step(j, lo, query, scores, acc, probs, running_max, running_sum, blo
     if FIRST or LAST or USE_STARTS or USE_WINDOW:
         scores = gl.where(_prefix_visible(start, hi, key_start, query_pos, sliding_window, columns, USE_STARTS,
                                           USE_WINDOW), scores, float("-inf"))
-    p, correction, running_max, running_sum = _online_softmax(scores, running_max, running_sum)
+    p, correction, running_max, running_sum = masked_online_softmax_step(scores, running_max, running_sum)
     probs = gl.convert_layout(p.to(gl.float16), P_OPERAND)
     if FIRST:
         acc = warpgroup_mma(probs, v_bufs.index(j % 2), acc, use_acc=False, is_async=True)
@@ -335,15 +331,15 @@ def _extend_hopper_kernel(
         gl.thread_barrier()
         scores = warpgroup_mma(query, k_bufs.index(0).permute((1, 0)), s_zero, use_acc=False)
         if USE_SOFTCAP:
-            scores = softcap * LOG2E * (1.0 - 2.0 / (gl.exp2(scores * (2.0 * LOG2E / softcap)) + 1.0))
+            scores = _softcapped_log2(scores, softcap)
         cols = prefix_len + start + columns
         visible = (cols[None, :] <= query_pos[:, None]) & (cols < prefix_len + chunk_hi)[None, :]
         if USE_STARTS:
             visible = visible & (cols >= key_start)[None, :]
         if USE_WINDOW:
             visible = visible & (cols[None, :] > query_pos[:, None] - sliding_window)
-        p, correction, running_max, running_sum = _online_softmax(gl.where(visible, scores, float("-inf")),
-                                                                  running_max, running_sum)
+        p, correction, running_max, running_sum = masked_online_softmax_step(
+            gl.where(visible, scores, float("-inf")), running_max, running_sum)
         out = out * gl.convert_layout(correction, gl.SliceLayout(1, O_LAYOUT))[:, None]
         out = warpgroup_mma(gl.convert_layout(p.to(gl.float16), P_OPERAND), v_bufs.index(0), out)
 

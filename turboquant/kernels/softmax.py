@@ -21,15 +21,23 @@ def online_softmax_step(scores, running_max, running_sum, AXIS: tl.constexpr = 1
 
 
 @triton.jit
-def masked_softmax_step(scores, visible, running_max, running_sum, acc, values, value_scales):
-    """One flash-attention update with fp32 statistics; `scores` are in log2 units, `values` fp16 rows
-    that count `value_scales` times (their norms; folded into the probabilities, not the rows)."""
-    scores = tl.where(visible, scores, float("-inf"))
+def masked_online_softmax_step(scores, running_max, running_sum):
+    """`online_softmax_step` over [rows, tile] log2-unit scores that are −inf where a key is not visible,
+    safe for a row that has seen no key yet (its probabilities and correction stay 0, not NaN). Gluon
+    kernels call it too (`extend_hopper.py`)."""
     new_max = tl.maximum(running_max, tl.max(scores, axis=1))
     shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # a row that sees nothing yet
     correction = tl.exp2(running_max - shift)
     probs = tl.exp2(scores - shift[:, None])
-    running_sum = running_sum * correction + tl.sum(probs, axis=1)
+    return probs, correction, new_max, running_sum * correction + tl.sum(probs, axis=1)
+
+
+@triton.jit
+def masked_softmax_step(scores, visible, running_max, running_sum, acc, values, value_scales):
+    """One flash-attention update with fp32 statistics; `scores` are in log2 units, `values` fp16 rows
+    that count `value_scales` times (their norms; folded into the probabilities, not the rows)."""
+    probs, correction, new_max, running_sum = masked_online_softmax_step(tl.where(visible, scores, float("-inf")),
+                                                                         running_max, running_sum)
     acc = acc * correction[:, None] + tl.dot((probs * value_scales[None, :]).to(tl.float16), values)
     return new_max, running_sum, acc
 
