@@ -105,15 +105,19 @@ def test_pair_lookup_ptx_gives_level_pairs_from_tables_in_registers(generator):
 
 @pytest.mark.parametrize("bits", [3, 4])
 def test_scaled_lookup_ptx_gives_levels_times_the_scale(bits, generator):
-    """`scaled_dequant_asm` (the Hopper extend kernel's value lookup), interpreted on the CPU: each output
-    is the fp16 product of a level and the word's fp16 scale (norms up to ~300 and below 1), bit for bit."""
+    """`scaled_dequant_asm` (the Hopper extend kernel's value lookup), interpreted on the CPU with the table
+    words of the codec's `lut_lane_tables`: each output is the fp16 product of a level and the word's fp16
+    scale (norms up to ~300 and below 1), bit for bit."""
     codec = make_codec(128, bits, bits, num_kv_heads=1, block_size=16, device="cpu")
     centroids = codec.value_centroids_fp16.cpu()
     words = torch.randint(0, 2**32, (4096,), generator=generator, dtype=torch.int64)
     words[:2**bits] = torch.arange(2**bits) * sum(1 << (bits * k) for k in range(8))
     scales = (torch.rand(4096, generator=generator) * 300).half()
     scale_bits = scales.view(torch.int16).to(torch.int64) & 0xFFFF
-    registers = ptx_integer.run(scaled_dequant_asm(centroids), {"$8": words, "$9": scale_bits, "$10": scale_bits})
+    lanes = codec.lut_lane_tables.to(torch.int64) & 0xFFFFFFFF  # the value's table words: rows 4..7
+    tables = {f"${11 + i}": torch.full_like(words, int(lanes[4 + i, 0])) for i in range(4)}
+    registers = ptx_integer.run(scaled_dequant_asm(centroids), {"$8": words, "$9": scale_bits, "$10": scale_bits,
+                                                                **tables})
     for k in range(8):
         index = (words >> (bits * k)) & (2**bits - 1)
         expected = (centroids[index].float() * scales.float()).half().view(torch.int16).to(torch.int64) & 0xFFFF

@@ -51,7 +51,8 @@ class KernelCodec:
     value_table_lut_asm: str
     key_pairs_lut_asm: str
     value_pairs_lut_asm: str
-    # Value lookups that scale the levels by an fp16 norm (`scaled_dequant_asm`; the Hopper extend kernel).
+    # Value lookups that scale the levels by an fp16 norm, table words as inputs (`scaled_dequant_asm`; the
+    # Hopper extend kernel).
     value_scaled_lut_asm: str
     # The table words, one copy per lane ([8, 32] int32: the key lookup's four words, then the value
     # lookup's; zeros for codes of other widths).

@@ -120,10 +120,11 @@ def dequant_pairs_asm(centroids: torch.Tensor) -> str:
 def scaled_dequant_asm(centroids: torch.Tensor) -> str:
     """`dequant_asm` with the eight levels multiplied by an fp16 scale ($9, given again as $10): each pair
     by one `mul.f16x2`, for kernels that fold a row's norm into its levels (the Hopper extend kernel's
-    values)."""
+    values). The four table words (`lookup_tables`) are inputs $11..$14, so they stay in registers."""
     def emit_pair(k: int) -> str:
         return f"mul.rn.f16x2 t, t, scale;\nmov.b32 {{${2 * k}, ${2 * k + 1}}}, t;\n"
-    return "{\n.reg .b32 scale;\nmov.b32 scale, {$9, $10};\n" + _lookups(centroids, "$8", emit_pair) + "}"
+    return ("{\n.reg .b32 scale;\nmov.b32 scale, {$9, $10};\n"
+            + _lookups(centroids, "$8", emit_pair, ("$11", "$12", "$13", "$14")) + "}")
 
 
 def dot_asm(centroids: torch.Tensor) -> str:
