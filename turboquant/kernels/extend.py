@@ -7,7 +7,7 @@ decode's reduction merges the shares.
 Everything runs in the rotated space (q and the fresh K/V are rotated once); the output is un-rotated
 once. Reference: `reference.extend_reference`. On Hopper, `extend_attention` runs the Gluon kernel of
 `extend_hopper.py` instead where it serves (4-bit codes, d=64/128): the same grid, outputs and reference,
-with the unpacking overlapped with the tensor cores.
+with the unpacking done by warps of its own beside the attention.
 
 `cached_attention` is the same kernel for chunks already stored: every query reads every key, its own
 chunk's included, from the cache, causally. A query's result then depends only on its position and
