@@ -6,6 +6,7 @@ kernel at the same plan), and extend.py's kernel unsplit with each fixed (query 
 tile, warps, pipeline stages). Times per call in CUDA graphs, in one run.
 
     python benchmarks/extend_launch.py [--out benchmarks/results/extend-launch-h200.json]
+    python benchmarks/extend_launch.py --chunks 16,64 --kernels-only --out ...  # the two kernels, short chunks
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from turboquant.kernels.codec import KernelCodec  # noqa: E402
 
 PREFIX = 16384
 CHUNKS = (16, 64, 512, 2048)
+SHAPES = (LLAMA_8B, HEAD_64, HEAD_256)
 CONFIGS = {  # (ROWS, TILE, num_warps, num_stages)
     64: [(64, 128, 4, 1), (64, 128, 4, 2), (128, 128, 8, 2), (128, 128, 4, 1), (256, 128, 8, 2)],
     128: [(64, 128, 4, 1), (64, 128, 4, 2), (128, 128, 8, 1), (128, 128, 8, 2), (128, 64, 8, 2), (256, 64, 8, 1)],
@@ -37,7 +39,7 @@ CONFIGS = {  # (ROWS, TILE, num_warps, num_stages)
 }
 
 
-def cell_rows(shape: dict, chunk: int) -> list[dict]:
+def cell_rows(shape: dict, chunk: int, kernels_only: bool = False) -> list[dict]:
     head_dim, num_q_heads, num_kv_heads = shape["head_dim"], shape["num_q_heads"], shape["num_kv_heads"]
     codec = KernelCodec.from_config(TurboQuantConfig.from_preset("k4v4"), head_dim, num_kv_heads, 16, device="cuda")
     table, seq_lens, num_blocks = block_table_for(1, PREFIX + chunk)
@@ -68,7 +70,8 @@ def cell_rows(shape: dict, chunk: int) -> list[dict]:
             ms = graph_time_ms(call)
             rows.append(dict(triton_auto, ms=ms, relative_to_auto=ms / auto_ms,
                              relative_difference=float((out - reference).norm() / reference.norm())))
-        rows += fixed_launch_rows(shape, chunk, call, reference, auto_ms)
+        if not kernels_only:
+            rows += fixed_launch_rows(shape, chunk, call, reference, auto_ms)
     return rows
 
 
@@ -91,8 +94,9 @@ def fixed_launch_rows(shape: dict, chunk: int, call, reference: torch.Tensor, au
 
 
 def markdown(result: dict) -> str:
+    command = result.get("command", "python benchmarks/extend_launch.py")
     lines = [f"Device: {result['device']}, {result['date']}, build `{result['build']}`. "
-             f"`python benchmarks/extend_launch.py`: one chunk over a compressed {PREFIX}-token prefix (k4v4), "
+             f"`{command}`: one chunk over a compressed {PREFIX}-token prefix (k4v4), "
              "ms per call (CUDA graph). 'auto' is `extend_attention`'s pick (`extend.program_plan`: program shape and "
              "splits of the prefix; tile 'Gluon': `extend_hopper.py`'s kernel, then extend.py's at the same plan); "
              "the fixed shapes run extend.py's kernel unsplit; 'x auto' is their time over auto's.", "",
@@ -108,17 +112,27 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="benchmarks/results/extend-launch-h200.json")
     parser.add_argument("--build", help="the build measured (default: git's HEAD here)")
+    parser.add_argument("--chunks", default=",".join(map(str, CHUNKS)), help="chunk lengths, comma-separated")
+    parser.add_argument("--shapes", default=",".join(s["name"] for s in SHAPES),
+                        help="shape names, comma-separated (default: all)")
+    parser.add_argument("--kernels-only", action="store_true",
+                        help="only 'auto' and, on Hopper, extend.py's kernel at the same plan (no fixed shapes)")
     args = parser.parse_args()
+    chunks = [int(chunk) for chunk in args.chunks.split(",")]
+    shapes = [shape for shape in SHAPES if shape["name"] in args.shapes.split(",")]
+    if not shapes or any(chunk < 1 for chunk in chunks):
+        parser.error(f"--shapes must name some of {[s['name'] for s in SHAPES]} and --chunks be positive")
     if not torch.cuda.is_available():
         parser.error("needs a CUDA device")
     build = args.build or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                          text=True).stdout.strip()
     result = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(), "build": build,
-              "rows": []}
-    for shape in (LLAMA_8B, HEAD_64, HEAD_256):
-        for chunk in CHUNKS:
-            result["rows"] += cell_rows(shape, chunk)
-            print(json.dumps(result["rows"][-len(CONFIGS[shape["head_dim"]]) - 1]), flush=True)
+              "command": " ".join(["python", "benchmarks/extend_launch.py"] + sys.argv[1:]), "rows": []}
+    for shape in shapes:
+        for chunk in chunks:
+            rows = cell_rows(shape, chunk, args.kernels_only)
+            result["rows"] += rows
+            print(json.dumps(rows[0]), flush=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     Path(args.out).with_suffix(".md").write_text(markdown(result))
     print(markdown(result))
