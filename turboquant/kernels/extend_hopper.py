@@ -6,10 +6,10 @@ Why a second kernel: Triton 3.6 waits for each `wgmma` right after issuing it, a
 at d=128 that kernel took 2.5–2.9x the time of bf16 FlashAttention-3 over a 16K prefix. Here each
 program (one block of query rows of one GQA group, as in `extend.py`) is three kinds of warpgroup,
 FlashAttention-3 style, which the warp schedulers interleave:
-- a producer warpgroup loads each tile's packed codes and norms (the next tile's while it unpacks this
-  one), looks the codes up into fp16 levels (byte permutes, `lut_asm.py`; values times their norms) and
-  stores them into a ring of STAGES shared-memory operand buffers; after the prefix come the chunk's own
-  fresh K/V (key norms 1);
+- a producer warpgroup loads each tile's packed codes and norms ahead of unpacking them (one tile ahead,
+  128 keys where a single consumer waits on it), looks the codes up into fp16 levels (byte permutes,
+  `lut_asm.py`; values times their norms) and stores them into a ring of STAGES shared-memory operand
+  buffers; after the prefix come the chunk's own fresh K/V (key norms 1);
 - one or two consumer warpgroups of 64 query rows each score a tile on the tensor cores (`wgmma`, the
   query read from shared memory), multiply the scores by the keys' fp32 norms, run the fp32 online
   softmax, accumulate the previous tile's values, and hand each stage back when both MMAs that read it
@@ -117,7 +117,7 @@ def _producer(cache_ptr, tables_ptr, block_table_ptr, table_row, kv_head, keys_p
               HEAD_PAGE_BYTES: gl.constexpr, VALUES_OFFSET: gl.constexpr, KEY_NORMS_OFFSET: gl.constexpr,
               VALUE_NORMS_OFFSET: gl.constexpr, KEY_BYTES: gl.constexpr, VALUE_BYTES: gl.constexpr,
               KEY_LUT: gl.constexpr, VALUE_LUT: gl.constexpr, HEAD_DIM: gl.constexpr, TILE: gl.constexpr,
-              STAGES: gl.constexpr):
+              STAGES: gl.constexpr, PREFETCH: gl.constexpr):
     """Fills the ring: prefix tiles unpacked from the cache (values scaled by their norms, key norms beside),
     then the chunk's fresh K/V (norms 1)."""
     WORDS: gl.constexpr = HEAD_DIM // 8
@@ -135,13 +135,19 @@ def _producer(cache_ptr, tables_ptr, block_table_ptr, table_row, kv_head, keys_p
     vt1 = gl.load(tables_ptr + table + 160)
     vt2 = gl.load(tables_ptr + table + 192)
     vt3 = gl.load(tables_ptr + table + 224)
+    # codes arrive PREFETCH tiles ahead of their unpacking, in registers
     k_words, v_words, v_norms, k_norms = _load_codes(
         cache_ptr, block_table_ptr, table_row, kv_head, lo, hi, NUM_KV_HEADS, BLOCK_SIZE, HEAD_PAGE_BYTES,
         VALUES_OFFSET, KEY_NORMS_OFFSET, VALUE_NORMS_OFFSET, KEY_BYTES, VALUE_BYTES, TILE, WORDS, WORDS_LAYOUT,
         NORMS_LAYOUT)
+    if PREFETCH == 2:
+        k_words2, v_words2, v_norms2, k_norms2 = _load_codes(
+            cache_ptr, block_table_ptr, table_row, kv_head, lo + TILE, hi, NUM_KV_HEADS, BLOCK_SIZE, HEAD_PAGE_BYTES,
+            VALUES_OFFSET, KEY_NORMS_OFFSET, VALUE_NORMS_OFFSET, KEY_BYTES, VALUE_BYTES, TILE, WORDS, WORDS_LAYOUT,
+            NORMS_LAYOUT)
     for t in range(n_prefix):
         next_k, next_v, next_vn, next_kn = _load_codes(
-            cache_ptr, block_table_ptr, table_row, kv_head, lo + (t + 1) * TILE, hi, NUM_KV_HEADS, BLOCK_SIZE,
+            cache_ptr, block_table_ptr, table_row, kv_head, lo + (t + PREFETCH) * TILE, hi, NUM_KV_HEADS, BLOCK_SIZE,
             HEAD_PAGE_BYTES, VALUES_OFFSET, KEY_NORMS_OFFSET, VALUE_NORMS_OFFSET, KEY_BYTES, VALUE_BYTES, TILE, WORDS,
             WORDS_LAYOUT, NORMS_LAYOUT)
         stage = t % STAGES
@@ -157,7 +163,11 @@ def _producer(cache_ptr, tables_ptr, block_table_ptr, table_row, kv_head, keys_p
         kn_bufs.index(stage).store(k_norms)
         fence_async_shared()
         mbarrier.arrive(ready.index(stage), count=1)
-        k_words, v_words, v_norms, k_norms = next_k, next_v, next_vn, next_kn
+        if PREFETCH == 2:
+            k_words, v_words, v_norms, k_norms = k_words2, v_words2, v_norms2, k_norms2
+            k_words2, v_words2, v_norms2, k_norms2 = next_k, next_v, next_vn, next_kn
+        else:
+            k_words, v_words, v_norms, k_norms = next_k, next_v, next_vn, next_kn
     kv_rows = gl.arange(0, TILE, layout=gl.SliceLayout(1, ROWS_LAYOUT))
     dims = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, ROWS_LAYOUT))
     ones = gl.full([TILE], 1.0, gl.float32, layout=NORMS_LAYOUT)
@@ -320,7 +330,8 @@ def _extend_hopper_kernel(
     VALUE_NORMS_OFFSET: gl.constexpr, HEAD_DIM: gl.constexpr, KEY_BYTES: gl.constexpr, KEY_LUT: gl.constexpr,
     VALUE_BYTES: gl.constexpr, VALUE_LUT: gl.constexpr, USE_SOFTCAP: gl.constexpr, USE_WINDOW: gl.constexpr,
     USE_STARTS: gl.constexpr, RETURN_LSE: gl.constexpr, TILE: gl.constexpr, SPLIT: gl.constexpr,
-    CONSUMERS: gl.constexpr, STAGES: gl.constexpr, PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+    CONSUMERS: gl.constexpr, STAGES: gl.constexpr, PREFETCH: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+    CONSUMER_REGS: gl.constexpr,
 ):
     ROWS: gl.constexpr = 64 * CONSUMERS
     QUERY_TOKENS: gl.constexpr = ROWS // GROUP_PAD
@@ -380,7 +391,7 @@ def _extend_hopper_kernel(
                          stride_kv_token, stride_kv_head, query_start, lo, hi, n_prefix, prefix_len, chunk_lo,
                          chunk_hi, n_tiles, k_bufs, v_bufs, kn_bufs, ready, empty, NUM_KV_HEADS, BLOCK_SIZE,
                          HEAD_PAGE_BYTES, VALUES_OFFSET, KEY_NORMS_OFFSET, VALUE_NORMS_OFFSET, KEY_BYTES,
-                         VALUE_BYTES, KEY_LUT, VALUE_LUT, HEAD_DIM, TILE, STAGES)),
+                         VALUE_BYTES, KEY_LUT, VALUE_LUT, HEAD_DIM, TILE, STAGES, PREFETCH)),
         ], [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
     else:
         gl.warp_specialize([
@@ -393,7 +404,7 @@ def _extend_hopper_kernel(
                          stride_kv_token, stride_kv_head, query_start, lo, hi, n_prefix, prefix_len, chunk_lo,
                          chunk_hi, n_tiles, k_bufs, v_bufs, kn_bufs, ready, empty, NUM_KV_HEADS, BLOCK_SIZE,
                          HEAD_PAGE_BYTES, VALUES_OFFSET, KEY_NORMS_OFFSET, VALUE_NORMS_OFFSET, KEY_BYTES,
-                         VALUE_BYTES, KEY_LUT, VALUE_LUT, HEAD_DIM, TILE, STAGES)),
+                         VALUE_BYTES, KEY_LUT, VALUE_LUT, HEAD_DIM, TILE, STAGES, PREFETCH)),
         ], [4], [PRODUCER_REGS])
 
 
@@ -404,6 +415,7 @@ def launch(rotated_query, rotated_keys, rotated_values, cache, block_table, seq_
     `extend._extend_kernel`; `rows`: query rows per program, 64 per consumer warpgroup)."""
     layout = codec.layout
     consumers = rows // 64
+    tile = 64 if layout.head_dim == 128 or consumers == 2 else 128
     _extend_hopper_kernel[grid](
         rotated_query, rotated_keys, rotated_values, cache, codec.lut_lane_tables, block_table, seq_lens, query_start,
         seq_lens if key_starts is None else key_starts, rotated_out, lse,
@@ -416,7 +428,9 @@ def launch(rotated_query, rotated_keys, rotated_values, cache, block_table, seq_
         VALUE_BYTES=layout.value_bytes, VALUE_LUT=codec.value_scaled_lut_asm, USE_SOFTCAP=softcap is not None,
         USE_WINDOW=sliding_window is not None, USE_STARTS=key_starts is not None, RETURN_LSE=return_lse,
         # 128-key tiles spill two consumers' registers; one consumer (d=64) has room for them
-        TILE=64 if layout.head_dim == 128 or consumers == 2 else 128, SPLIT=num_splits > 1, CONSUMERS=consumers,
-        STAGES=STAGES, PRODUCER_REGS=PRODUCER_REGS if consumers == 2 else NARROW_PRODUCER_REGS,
+        TILE=tile, SPLIT=num_splits > 1, CONSUMERS=consumers, STAGES=STAGES,
+        # a single consumer waits on the producer: there it keeps 128 keys of codes in flight
+        PREFETCH=128 // tile if consumers == 1 else 1,
+        PRODUCER_REGS=PRODUCER_REGS if consumers == 2 else NARROW_PRODUCER_REGS,
         CONSUMER_REGS=CONSUMER_REGS, num_warps=4,  # the default partition: the first consumer
         maxnreg=(65536 // (128 * (consumers + 1))) // 8 * 8)  # the register file over every warpgroup
