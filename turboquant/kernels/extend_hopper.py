@@ -215,9 +215,11 @@ def _consumer_step(n, query, acc, probs, running_max, running_sum, n_prefix, lo,
                    columns, TILE: gl.constexpr, STAGES: gl.constexpr, S_LAYOUT: gl.constexpr, O_LAYOUT: gl.constexpr,
                    P_OPERAND: gl.constexpr, USE_SOFTCAP: gl.constexpr, USE_STARTS: gl.constexpr,
                    USE_WINDOW: gl.constexpr, MASKED: gl.constexpr, FIRST: gl.constexpr):
-    """Tile n ≥ 1 (FlashAttention-3's intra-warpgroup overlap): its scores and tile n − 1's values run on the
-    tensor cores, its softmax runs while the values do, then tile n − 1's stage goes back to the producer
-    and what was summed is rescaled to tile n's maximum. FIRST: n = 1, nothing summed yet."""
+    """Tile n ≥ 1, in FlashAttention-3's intra-warpgroup order: its scores and tile n − 1's values go to the
+    tensor cores, its softmax follows, then tile n − 1's stage goes back to the producer and what was summed
+    is rescaled to tile n's maximum. FIRST: n = 1, nothing summed yet. (ptxas moves the wait for the values
+    ahead of the softmax; the other consumer's work fills that time. Pinning the wait after the softmax with a
+    shared-memory store was tried in a scratch run and not kept: it was no faster.)"""
     stage = n % STAGES
     mbarrier.wait(ready.index(stage), (n // STAGES) & 1)
     scores = warpgroup_mma(query, k_bufs.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
