@@ -38,6 +38,8 @@ from .softmax import masked_online_softmax_step
 from .visible_keys import extend_tile_range
 
 LOG2E = gl.constexpr(1.4426950408889634)
+# a barrier among the warps of one partition: `thread_barrier` in Triton 3.6, `barrier` in later releases
+partition_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 enabled = True  # False: `extend_attention` runs extend.py's kernel everywhere (benchmarks time both)
 STAGES = 4  # tiles the ring holds (d=128: 32 KB of fp16 keys and values each)
 # Registers a thread: each consumer warpgroup's, and the producer's where there are two consumers (with
@@ -262,7 +264,7 @@ def _consumer(query_ptr, out_ptr, lse_ptr, stride_query_token, stride_query_head
     query_smem = q_bufs.index(WARPGROUP)
     query_smem.store((query * (scale if USE_SOFTCAP else scale * LOG2E)).to(gl.float16))
     fence_async_shared()
-    gl.thread_barrier()
+    partition_barrier()
     query = query_smem
     query_pos = prefix_len + gl.convert_layout(token, gl.SliceLayout(1, S_LAYOUT))
 
