@@ -238,6 +238,17 @@ def _consumer_step(n, query, acc, probs, running_max, running_sum, n_prefix, lo,
 
 
 @gluon.jit
+def _query_rows(first_token, query_len, GROUP: gl.constexpr, GROUP_PAD: gl.constexpr, WARPGROUP: gl.constexpr,
+                LAYOUT: gl.constexpr):
+    """A consumer's 64 query rows (rows 64·WARPGROUP on of the program's; a row is a token × a head of the
+    GQA group, padded to GROUP_PAD) in a 1-D LAYOUT: (token, head within the group, whether it exists)."""
+    rows = 64 * WARPGROUP + gl.arange(0, 64, layout=LAYOUT)
+    token = first_token + rows // GROUP_PAD
+    member = rows % GROUP_PAD
+    return token, member, (token < query_len) & (member < GROUP)
+
+
+@gluon.jit
 def _consumer(query_ptr, out_ptr, lse_ptr, stride_query_token, stride_query_head, scale, softcap, sliding_window,
               query_start, query_len, first_token, prefix_len, key_start, kv_head, split, num_splits, lo, hi,
               n_prefix, chunk_lo, chunk_hi, n_tiles, q_bufs, k_bufs, v_bufs, kn_bufs, ready, empty,
@@ -253,11 +264,9 @@ def _consumer(query_ptr, out_ptr, lse_ptr, stride_query_token, stride_query_head
     P_OPERAND: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=O_LAYOUT, k_width=2)
     ROWS_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [256 // HEAD_DIM, HEAD_DIM // 8], [4, 1], [1, 0])
 
-    rows = 64 * WARPGROUP + gl.arange(0, 64, layout=gl.SliceLayout(1, ROWS_LAYOUT))
+    token, member, row_valid = _query_rows(first_token, query_len, GROUP, GROUP_PAD, WARPGROUP,
+                                           gl.SliceLayout(1, ROWS_LAYOUT))
     dims = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, ROWS_LAYOUT))
-    token = first_token + rows // GROUP_PAD
-    member = rows % GROUP_PAD
-    row_valid = (token < query_len) & (member < GROUP)
     row_offsets = (query_start + token) * stride_query_token + (kv_head * GROUP + member) * stride_query_head
     query = gl.load(query_ptr + row_offsets[:, None] + dims[None, :], mask=row_valid[:, None], other=0.0)
     # the query stays in shared memory (wgmma reads it there), which leaves registers for the softmax
@@ -301,11 +310,10 @@ def _consumer(query_ptr, out_ptr, lse_ptr, stride_query_token, stride_query_head
         acc = warpgroup_mma_wait(0, deps=(acc, probs))[0]
         mbarrier.arrive(empty.index((n_tiles - 1) % STAGES), count=1)
 
-    out_rows = 64 * WARPGROUP + gl.arange(0, 64, layout=gl.SliceLayout(1, O_LAYOUT))
+    # the outputs straight from the MMA's layout
+    out_token, out_member, out_valid = _query_rows(first_token, query_len, GROUP, GROUP_PAD, WARPGROUP,
+                                                   gl.SliceLayout(1, O_LAYOUT))
     out_dims = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, O_LAYOUT))
-    out_token = first_token + out_rows // GROUP_PAD
-    out_member = out_rows % GROUP_PAD
-    out_valid = (out_token < query_len) & (out_member < GROUP)
     running_sum = gl.convert_layout(running_sum, gl.SliceLayout(1, O_LAYOUT))
     running_max = gl.convert_layout(running_max, gl.SliceLayout(1, O_LAYOUT))
     acc = acc / gl.maximum(running_sum, 1e-30)[:, None]
