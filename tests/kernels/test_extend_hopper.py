@@ -22,15 +22,23 @@ CASES = [(128, 4, 4, 16, 32, 8), (64, 4, 4, 32, 16, 4), (128, 4, 4, 16, 40, 8)]
 OPTIONS = [{}, {"sliding_window": 150}, {"softcap": 4.0}, {"key_starts": [60, 0, 3, 0], "return_lse": True}]
 
 
-def run_case(case, options, wide: bool, num_splits, monkeypatch, generator):
+def run_case(case, options, wide: bool, num_splits, monkeypatch, generator, key_norm_step: int = 0):
     """extend_attention on the kernel's wide (128 rows, as where programs fill the SMs) or narrow (64 rows)
     programs against the reference: a chunk after a long prefix (every tile kind: first, full, last), one
-    after a short prefix, a first chunk, one token."""
+    after a short prefix, a first chunk, one token. `key_norm_step`: the cached keys before that position
+    shrink to a tenth of their norms, those after grow by half."""
     head_dim, num_q_heads = case[0], case[4]
     # a device of one SM: every grid fills it; of 10,000: none does (the group of 5's programs would fill 132)
     monkeypatch.setattr(extend, "multiprocessor_count", lambda device: 1 if wide else 10_000)
     codec, cache, table, inputs = chunked_case(case, [700, 5, 0, 130], [37, 3, 100, 1], "cuda", generator,
                                                key_scale=2.0)
+    if key_norm_step:
+        key_norms = codec.layout.views(cache)[2]  # [blocks, kv heads, block size] fp32, the cache's own bytes
+        for sequence, length in enumerate(inputs[4].tolist()):
+            positions = torch.arange(length, device="cuda")
+            blocks = table[sequence, positions // codec.layout.block_size].long()
+            factors = torch.where(positions < key_norm_step, 0.1, 1.5)[:, None]
+            key_norms[blocks, :, positions % codec.layout.block_size] *= factors
     options = dict(options)
     if "key_starts" in options:
         options["key_starts"] = torch.tensor(options["key_starts"], dtype=torch.int32, device="cuda")
@@ -59,3 +67,11 @@ def test_hopper_extend_split_prefix_matches_reference(case, options, monkeypatch
     """Narrow programs that each take a share of the prefix, merged after (short chunks); with 7 splits
     of the 700-token prefix some see one tile, those of the short ones none."""
     run_case(case, options, False, 7, monkeypatch, generator)
+
+
+@pytest.mark.parametrize("wide", [True, False])
+def test_hopper_extend_rising_scores_match_reference(wide, monkeypatch, generator):
+    """Key norms that step up fifteenfold after the first 256 cached keys (scores up to ~12 in log2
+    units): the fp32 norms hold the tolerance there, where keys scaled by fp16 norms did not (the
+    rounding of a norm moves every score of its key alike)."""
+    run_case(CASES[0], {}, wide, None, monkeypatch, generator, key_norm_step=256)
