@@ -1,5 +1,5 @@
 """A CPU interpreter for the PTX of `lut_asm`'s lookups (mov, and, or, xor, not, shl, shr, mul.lo, lop3,
-prmt on .b32, and the fp16 pair product mul.rn.f16x2 of `scaled_dequant_asm`), so CI checks the
+prmt on .b32, and the fp16 pair operations mul.rn.f16x2 and fma.rn.f16x2 of `scaled_dequant_asm`), so CI checks the
 byte-permute lookups without a GPU. Every register holds a
 torch int64 tensor of 32-bit values: one program run covers many input words at once."""
 
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 
+import numpy
 import torch
 
 MASK = 0xFFFFFFFF
@@ -47,6 +48,16 @@ def _mul_f16x2(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     (a0, a1), (b0, b1) = _halves(a), _halves(b)
     bits = [(x * y).half().view(torch.int16).to(torch.int64) & 0xFFFF for x, y in ((a0, b0), (a1, b1))]
     return bits[0] | bits[1] << 16
+
+
+def _fma_f16x2(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Two fp16 a·b + c rounded once to nearest even: exact in fp64 (a 22-bit product plus an fp16), then
+    numpy's direct fp64 → fp16 rounding (torch's goes through fp32, which would round twice)."""
+    out = []
+    for x, y, z in zip(_halves(a), _halves(b), _halves(c)):
+        exact = x.double().numpy() * y.double().numpy() + z.double().numpy()
+        out.append(torch.from_numpy(exact.astype(numpy.float16)).view(torch.int16).to(torch.int64) & 0xFFFF)
+    return out[0] | out[1] << 16
 
 
 def run(ptx: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -100,6 +111,8 @@ def run(ptx: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             result = _prmt(x[0], x[1], x[2])
         elif opcode == "mul.rn.f16x2":
             result = _mul_f16x2(x[0], x[1])
+        elif opcode == "fma.rn.f16x2":
+            result = _fma_f16x2(x[0], x[1], x[2])
         else:
             raise NotImplementedError(f"no interpreter for {opcode!r}")
         registers[dest] = result & MASK

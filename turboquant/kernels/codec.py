@@ -51,8 +51,9 @@ class KernelCodec:
     value_table_lut_asm: str
     key_pairs_lut_asm: str
     value_pairs_lut_asm: str
-    # Value lookups that scale the levels by an fp16 norm, table words as inputs (`scaled_dequant_asm`; the
-    # Hopper extend kernel).
+    # Lookups that scale the levels by a norm, table words as inputs (`scaled_dequant_asm`; the Hopper
+    # extend kernel): keys by an fp32 norm given as an fp16 hi/lo pair, values by an fp16 norm.
+    key_scaled_lut_asm: str
     value_scaled_lut_asm: str
     # The table words, one copy per lane ([8, 32] int32: the key lookup's four words, then the value
     # lookup's; zeros for codes of other widths).
@@ -105,6 +106,8 @@ class KernelCodec:
                                  else ""),
             key_pairs_lut_asm=dequant_pairs_asm(key_levels) if config.key_bits == 4 else "",
             value_pairs_lut_asm=dequant_pairs_asm(value_levels) if config.value_bits == 4 else "",
+            key_scaled_lut_asm=(scaled_dequant_asm(key_levels, split_scale=True) if config.key_bits in LUT_BITS
+                                else ""),
             value_scaled_lut_asm=scaled_dequant_asm(value_levels) if config.value_bits in LUT_BITS else "",
             lut_lane_tables=lane_tables(key_levels, value_levels).to(device),
         )

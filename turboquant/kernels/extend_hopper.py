@@ -112,9 +112,10 @@ def _producer(cache_ptr, tables_ptr, block_table_ptr, table_row, kv_head, fresh_
               NUM_KV_HEADS: gl.constexpr, BLOCK_SIZE: gl.constexpr, HEAD_PAGE_BYTES: gl.constexpr,
               CODES_OFFSET: gl.constexpr, NORMS_OFFSET: gl.constexpr, CODE_BYTES: gl.constexpr, LUT: gl.constexpr,
               HEAD_DIM: gl.constexpr, TILE: gl.constexpr, STAGES: gl.constexpr, PREFETCH: gl.constexpr,
-              KEYS: gl.constexpr):
-    """Fills one side of the ring (KEYS: the keys and their fp32 norms, else the values scaled by their
-    norms): prefix tiles unpacked from the cache, then the chunk's fresh K/V (key norms 1)."""
+              KEYS: gl.constexpr, SCALED_KEYS: gl.constexpr):
+    """Fills one side of the ring (KEYS: the keys, scaled by their fp32 norms where SCALED_KEYS, else with
+    the norms beside them; else the values scaled by their fp16 norms): prefix tiles unpacked from the
+    cache, then the chunk's fresh K/V (key norms 1)."""
     WORDS: gl.constexpr = HEAD_DIM // 8
     WORDS_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 4], [128 // WORDS, WORDS // 4], [4, 1], [1, 0])
     ROWS_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [256 // HEAD_DIM, HEAD_DIM // 8], [4, 1], [1, 0])
@@ -138,7 +139,14 @@ def _producer(cache_ptr, tables_ptr, block_table_ptr, table_row, kv_head, fresh_
             HEAD_PAGE_BYTES, CODES_OFFSET, NORMS_OFFSET, CODE_BYTES, TILE, WORDS, WORDS_LAYOUT)
         stage = t % STAGES
         mbarrier.wait(empty.index(stage), ((t // STAGES) & 1) ^ 1)
-        if KEYS:
+        if KEYS and SCALED_KEYS:  # the fp32 norm as an fp16 pair hi + lo, each level rounded once
+            high = norms.to(gl.float16)
+            low = (norms - high.to(gl.float32)).to(gl.float16)[:, None]
+            high = high[:, None]
+            levels = gl.inline_asm_elementwise(LUT, "=h,=h,=h,=h,=h,=h,=h,=h,r,h,h,h,h,r,r,r,r",
+                                               [codes, high, high, low, low, t0, t1, t2, t3],
+                                               dtype=(gl.float16,) * 8, is_pure=True, pack=1)
+        elif KEYS:
             levels = gl.inline_asm_elementwise(LUT, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r", [codes, t0, t1, t2, t3],
                                                dtype=(gl.float16,) * 8, is_pure=True, pack=1)
             kn_bufs.index(stage).store(norms)
@@ -165,7 +173,7 @@ def _producer(cache_ptr, tables_ptr, block_table_ptr, table_row, kv_head, fresh_
         stage = t % STAGES
         mbarrier.wait(empty.index(stage), ((t // STAGES) & 1) ^ 1)
         bufs.index(stage).store(fresh)
-        if KEYS:
+        if KEYS and not SCALED_KEYS:
             kn_bufs.index(stage).store(ones)
         fence_async_shared()
         mbarrier.arrive(ready.index(stage), count=1)
@@ -175,10 +183,12 @@ def _producer(cache_ptr, tables_ptr, block_table_ptr, table_row, kv_head, fresh_
 def _tile_softmax(n, scores, running_max, running_sum, n_prefix, lo, hi, prefix_len, chunk_lo, chunk_hi, key_start,
                   query_pos, sliding_window, softcap, kn_bufs, columns, TILE: gl.constexpr, STAGES: gl.constexpr,
                   S_LAYOUT: gl.constexpr, P_OPERAND: gl.constexpr, USE_SOFTCAP: gl.constexpr,
-                  USE_STARTS: gl.constexpr, USE_WINDOW: gl.constexpr, MASKED: gl.constexpr):
+                  USE_STARTS: gl.constexpr, USE_WINDOW: gl.constexpr, MASKED: gl.constexpr,
+                  SCALED_KEYS: gl.constexpr):
     """Tile n's raw scores → its fp16 probabilities (the value MMA's operand), the correction of what was
     summed before, the new statistics."""
-    scores = scores * kn_bufs.index(n % STAGES).load(gl.SliceLayout(0, S_LAYOUT))[None, :]
+    if not SCALED_KEYS:
+        scores = scores * kn_bufs.index(n % STAGES).load(gl.SliceLayout(0, S_LAYOUT))[None, :]
     if USE_SOFTCAP:
         scores = _softcapped_log2(scores, softcap)
     if MASKED:
@@ -199,7 +209,7 @@ def _consumer_step(n, query, acc, probs, running_max, running_sum, n_prefix, lo,
                    key_start, query_pos, sliding_window, softcap, k_bufs, v_bufs, kn_bufs, ready, empty, s_zero,
                    columns, TILE: gl.constexpr, STAGES: gl.constexpr, S_LAYOUT: gl.constexpr, O_LAYOUT: gl.constexpr,
                    P_OPERAND: gl.constexpr, USE_SOFTCAP: gl.constexpr, USE_STARTS: gl.constexpr,
-                   USE_WINDOW: gl.constexpr, MASKED: gl.constexpr, FIRST: gl.constexpr):
+                   USE_WINDOW: gl.constexpr, MASKED: gl.constexpr, FIRST: gl.constexpr, SCALED_KEYS: gl.constexpr):
     """Tile n ≥ 1, in FlashAttention-3's intra-warpgroup order: its scores and tile n − 1's values go to the
     tensor cores, its softmax follows, then tile n − 1's stage goes back to the producer and what was summed
     is rescaled to tile n's maximum. FIRST: n = 1, nothing summed yet. (ptxas moves the wait for the values
@@ -213,7 +223,7 @@ def _consumer_step(n, query, acc, probs, running_max, running_sum, n_prefix, lo,
     next_probs, correction, running_max, running_sum = _tile_softmax(
         n, scores, running_max, running_sum, n_prefix, lo, hi, prefix_len, chunk_lo, chunk_hi, key_start, query_pos,
         sliding_window, softcap, kn_bufs, columns, TILE, STAGES, S_LAYOUT, P_OPERAND, USE_SOFTCAP, USE_STARTS,
-        USE_WINDOW, MASKED)
+        USE_WINDOW, MASKED, SCALED_KEYS)
     acc, probs = warpgroup_mma_wait(0, deps=(acc, probs))
     mbarrier.arrive(empty.index((n - 1) % STAGES), count=1)
     acc = acc * gl.convert_layout(correction, gl.SliceLayout(1, O_LAYOUT))[:, None]
@@ -238,9 +248,10 @@ def _consumer(query_ptr, out_ptr, lse_ptr, stride_query_token, stride_query_head
               NUM_KV_HEADS: gl.constexpr, GROUP: gl.constexpr, GROUP_PAD: gl.constexpr, HEAD_DIM: gl.constexpr,
               TILE: gl.constexpr, STAGES: gl.constexpr, USE_SOFTCAP: gl.constexpr, USE_WINDOW: gl.constexpr,
               USE_STARTS: gl.constexpr, RETURN_LSE: gl.constexpr, SPLIT: gl.constexpr, WARPGROUP: gl.constexpr,
-              QUERY_IN_REGS: gl.constexpr):
+              WIDE: gl.constexpr):
     """One warpgroup's 64 query rows (rows 64·WARPGROUP on of the program's) over every tile of the ring,
-    then their outputs (the fp32 partial and log-sum-exp of a split, or the rotated output)."""
+    then their outputs (the fp32 partial and log-sum-exp of a split, or the rotated output). WIDE (one of
+    two consumers): the query is the score MMA's register operand and the keys come scaled by their norms."""
     S_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, TILE, 16])
     O_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -253,11 +264,10 @@ def _consumer(query_ptr, out_ptr, lse_ptr, stride_query_token, stride_query_head
     dims = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, ROWS_LAYOUT))
     row_offsets = (query_start + token) * stride_query_token + (kv_head * GROUP + member) * stride_query_head
     query = gl.load(query_ptr + row_offsets[:, None] + dims[None, :], mask=row_valid[:, None], other=0.0)
-    # the query stays in shared memory (wgmma reads it there), which leaves registers for the softmax
     query = (query * (scale if USE_SOFTCAP else scale * LOG2E)).to(gl.float16)
-    if QUERY_IN_REGS:
+    if WIDE:
         query = gl.convert_layout(query, gl.DotOperandLayout(operand_index=0, parent=S_LAYOUT, k_width=2))
-    else:
+    else:  # in shared memory (wgmma reads it there), which leaves registers for the softmax
         query_smem = q_bufs.index(WARPGROUP)
         query_smem.store(query)
         fence_async_shared()
@@ -276,24 +286,27 @@ def _consumer(query_ptr, out_ptr, lse_ptr, stride_query_token, stride_query_head
         probs, correction, running_max, running_sum = _tile_softmax(
             0, scores, running_max, running_sum, n_prefix, lo, hi, prefix_len, chunk_lo, chunk_hi, key_start,
             query_pos, sliding_window, softcap, kn_bufs, columns, TILE, STAGES, S_LAYOUT, P_OPERAND, USE_SOFTCAP,
-            USE_STARTS, USE_WINDOW, True)
+            USE_STARTS, USE_WINDOW, True, WIDE)
         if n_tiles > 1:
             acc, probs, running_max, running_sum = _consumer_step(
                 1, query, acc, probs, running_max, running_sum, n_prefix, lo, hi, prefix_len, chunk_lo, chunk_hi,
                 key_start, query_pos, sliding_window, softcap, k_bufs, v_bufs, kn_bufs, ready, empty, s_zero, columns,
-                TILE, STAGES, S_LAYOUT, O_LAYOUT, P_OPERAND, USE_SOFTCAP, USE_STARTS, USE_WINDOW, True, True)
+                TILE, STAGES, S_LAYOUT, O_LAYOUT, P_OPERAND, USE_SOFTCAP, USE_STARTS, USE_WINDOW, True, True,
+                WIDE)
         # whole prefix tiles need no mask (key starts and windows mask every tile)
         n_plain = 0 if USE_STARTS or USE_WINDOW else (hi - lo) // TILE
         for n in range(2, gl.minimum(n_plain, n_tiles)):
             acc, probs, running_max, running_sum = _consumer_step(
                 n, query, acc, probs, running_max, running_sum, n_prefix, lo, hi, prefix_len, chunk_lo, chunk_hi,
                 key_start, query_pos, sliding_window, softcap, k_bufs, v_bufs, kn_bufs, ready, empty, s_zero, columns,
-                TILE, STAGES, S_LAYOUT, O_LAYOUT, P_OPERAND, USE_SOFTCAP, USE_STARTS, USE_WINDOW, False, False)
+                TILE, STAGES, S_LAYOUT, O_LAYOUT, P_OPERAND, USE_SOFTCAP, USE_STARTS, USE_WINDOW, False, False,
+                WIDE)
         for n in range(gl.maximum(n_plain, 2), n_tiles):
             acc, probs, running_max, running_sum = _consumer_step(
                 n, query, acc, probs, running_max, running_sum, n_prefix, lo, hi, prefix_len, chunk_lo, chunk_hi,
                 key_start, query_pos, sliding_window, softcap, k_bufs, v_bufs, kn_bufs, ready, empty, s_zero, columns,
-                TILE, STAGES, S_LAYOUT, O_LAYOUT, P_OPERAND, USE_SOFTCAP, USE_STARTS, USE_WINDOW, True, False)
+                TILE, STAGES, S_LAYOUT, O_LAYOUT, P_OPERAND, USE_SOFTCAP, USE_STARTS, USE_WINDOW, True, False,
+                WIDE)
         acc = warpgroup_mma(probs, v_bufs.index((n_tiles - 1) % STAGES), acc, use_acc=n_tiles > 1, is_async=True)
         acc = warpgroup_mma_wait(0, deps=(acc, probs))[0]
         mbarrier.arrive(empty.index((n_tiles - 1) % STAGES), count=1)
@@ -331,7 +344,7 @@ def _extend_hopper_kernel(
     VALUE_BYTES: gl.constexpr, VALUE_LUT: gl.constexpr, USE_SOFTCAP: gl.constexpr, USE_WINDOW: gl.constexpr,
     USE_STARTS: gl.constexpr, RETURN_LSE: gl.constexpr, TILE: gl.constexpr, SPLIT: gl.constexpr,
     CONSUMERS: gl.constexpr, STAGES: gl.constexpr, PREFETCH: gl.constexpr, PRODUCER_REGS: gl.constexpr,
-    CONSUMER_REGS: gl.constexpr, QUERY_IN_REGS: gl.constexpr,
+    CONSUMER_REGS: gl.constexpr, WIDE: gl.constexpr,
 ):
     ROWS: gl.constexpr = 64 * CONSUMERS
     QUERY_TOKENS: gl.constexpr = ROWS // GROUP_PAD
@@ -381,20 +394,20 @@ def _extend_hopper_kernel(
                          sliding_window, query_start, query_len, first_token, prefix_len, key_start, kv_head, split,
                          num_splits, lo, hi, n_prefix, chunk_lo, chunk_hi, n_tiles, q_bufs, k_bufs, v_bufs, kn_bufs,
                          ready, empty, NUM_KV_HEADS, GROUP, GROUP_PAD, HEAD_DIM, TILE, STAGES, USE_SOFTCAP,
-                         USE_WINDOW, USE_STARTS, RETURN_LSE, SPLIT, 0, QUERY_IN_REGS)),
+                         USE_WINDOW, USE_STARTS, RETURN_LSE, SPLIT, 0, WIDE)),
             (_consumer, (query_ptr, out_ptr, lse_ptr, stride_query_token, stride_query_head, scale, softcap,
                          sliding_window, query_start, query_len, first_token, prefix_len, key_start, kv_head, split,
                          num_splits, lo, hi, n_prefix, chunk_lo, chunk_hi, n_tiles, q_bufs, k_bufs, v_bufs, kn_bufs,
                          ready, empty, NUM_KV_HEADS, GROUP, GROUP_PAD, HEAD_DIM, TILE, STAGES, USE_SOFTCAP,
-                         USE_WINDOW, USE_STARTS, RETURN_LSE, SPLIT, 1, QUERY_IN_REGS)),
+                         USE_WINDOW, USE_STARTS, RETURN_LSE, SPLIT, 1, WIDE)),
             (_producer, (cache_ptr, tables_ptr, block_table_ptr, table_row, kv_head, keys_ptr, stride_kv_token,
                          stride_kv_head, query_start, lo, hi, n_prefix, chunk_lo, chunk_hi, n_tiles, k_bufs, kn_bufs,
                          ready, empty, NUM_KV_HEADS, BLOCK_SIZE, HEAD_PAGE_BYTES, 0, KEY_NORMS_OFFSET, KEY_BYTES,
-                         KEY_LUT, HEAD_DIM, TILE, STAGES, PREFETCH, True)),
+                         KEY_LUT, HEAD_DIM, TILE, STAGES, PREFETCH, True, True)),
             (_producer, (cache_ptr, tables_ptr, block_table_ptr, table_row, kv_head, values_ptr, stride_kv_token,
                          stride_kv_head, query_start, lo, hi, n_prefix, chunk_lo, chunk_hi, n_tiles, v_bufs, kn_bufs,
                          ready, empty, NUM_KV_HEADS, BLOCK_SIZE, HEAD_PAGE_BYTES, VALUES_OFFSET, VALUE_NORMS_OFFSET,
-                         VALUE_BYTES, VALUE_LUT, HEAD_DIM, TILE, STAGES, PREFETCH, False)),
+                         VALUE_BYTES, VALUE_LUT, HEAD_DIM, TILE, STAGES, PREFETCH, False, False)),
         ], [4, 4, 4], [CONSUMER_REGS, PRODUCER_REGS, PRODUCER_REGS])
     else:
         gl.warp_specialize([
@@ -402,15 +415,15 @@ def _extend_hopper_kernel(
                          sliding_window, query_start, query_len, first_token, prefix_len, key_start, kv_head, split,
                          num_splits, lo, hi, n_prefix, chunk_lo, chunk_hi, n_tiles, q_bufs, k_bufs, v_bufs, kn_bufs,
                          ready, empty, NUM_KV_HEADS, GROUP, GROUP_PAD, HEAD_DIM, TILE, STAGES, USE_SOFTCAP,
-                         USE_WINDOW, USE_STARTS, RETURN_LSE, SPLIT, 0, QUERY_IN_REGS)),
+                         USE_WINDOW, USE_STARTS, RETURN_LSE, SPLIT, 0, WIDE)),
             (_producer, (cache_ptr, tables_ptr, block_table_ptr, table_row, kv_head, keys_ptr, stride_kv_token,
                          stride_kv_head, query_start, lo, hi, n_prefix, chunk_lo, chunk_hi, n_tiles, k_bufs, kn_bufs,
                          ready, empty, NUM_KV_HEADS, BLOCK_SIZE, HEAD_PAGE_BYTES, 0, KEY_NORMS_OFFSET, KEY_BYTES,
-                         KEY_LUT, HEAD_DIM, TILE, STAGES, PREFETCH, True)),
+                         KEY_LUT, HEAD_DIM, TILE, STAGES, PREFETCH, True, False)),
             (_producer, (cache_ptr, tables_ptr, block_table_ptr, table_row, kv_head, values_ptr, stride_kv_token,
                          stride_kv_head, query_start, lo, hi, n_prefix, chunk_lo, chunk_hi, n_tiles, v_bufs, kn_bufs,
                          ready, empty, NUM_KV_HEADS, BLOCK_SIZE, HEAD_PAGE_BYTES, VALUES_OFFSET, VALUE_NORMS_OFFSET,
-                         VALUE_BYTES, VALUE_LUT, HEAD_DIM, TILE, STAGES, PREFETCH, False)),
+                         VALUE_BYTES, VALUE_LUT, HEAD_DIM, TILE, STAGES, PREFETCH, False, False)),
         ], [4, 4], [PRODUCER_REGS, PRODUCER_REGS])
 
 
@@ -431,7 +444,7 @@ def launch(rotated_query, rotated_keys, rotated_values, cache, block_table, seq_
         HEAD_PAGE_BYTES=layout.head_page_bytes, VALUES_OFFSET=layout.values_offset,
         KEY_NORMS_OFFSET=layout.key_norms_offset, VALUE_NORMS_OFFSET=layout.value_norms_offset,
         HEAD_DIM=layout.head_dim, KEY_BYTES=layout.key_bytes,
-        KEY_LUT=codec.key_table_lut_asm,
+        KEY_LUT=codec.key_scaled_lut_asm if consumers == 2 else codec.key_table_lut_asm,
         VALUE_BYTES=layout.value_bytes, VALUE_LUT=codec.value_scaled_lut_asm, USE_SOFTCAP=softcap is not None,
         USE_WINDOW=sliding_window is not None, USE_STARTS=key_starts is not None, RETURN_LSE=return_lse,
         # 128-key tiles spill two consumers' registers; one consumer (d=64) has room for them
@@ -439,10 +452,12 @@ def launch(rotated_query, rotated_keys, rotated_values, cache, block_table, seq_
         # a single consumer waits on the producer: there it keeps 128 keys of codes in flight
         PREFETCH=128 // tile if consumers == 1 else 1,
         PRODUCER_REGS=PRODUCER_REGS if consumers == 2 else NARROW_PRODUCER_REGS,
-        # With two consumers the query is the score MMA's register operand, which spares each MMA a
-        # shared-memory read of it (H200, 16K prefix, scratch run: d=128 chunk 2048 1.571 -> 1.541 ms, 512
-        # 0.374 -> 0.361; d=64 1.018 -> 1.004, 0.244 -> 0.240); a single consumer keeps it in shared memory
-        # (in registers d=64 chunk 16 took 0.038 ms against 0.037). Its buffers are then left unused.
-        CONSUMER_REGS=CONSUMER_REGS, QUERY_IN_REGS=consumers == 2,
+        # Two consumers are short of issue slots: there the query is the score MMA's register operand (no
+        # shared-memory read of it per MMA; its buffers are then left unused) and the key producer scales
+        # the keys by their fp32 norms (no multiply per score). H200, 16K prefix, scratch runs against the
+        # query in shared memory: d=128 chunk 2048 1.571 -> 1.541 ms, 512 0.374 -> 0.361; with keys scaled
+        # by fp16 norms too 1.482 and 0.353. A single consumer waits on its producers: there scaled keys
+        # took chunk 64 from 0.099 to 0.109 ms, and the query in registers d=64 chunk 16 from 0.037 to 0.038.
+        CONSUMER_REGS=CONSUMER_REGS, WIDE=consumers == 2,
         num_warps=4,  # the default partition: the first consumer
         maxnreg=(65536 // (128 * (consumers + 2))) // 8 * 8)  # the register file over every warpgroup

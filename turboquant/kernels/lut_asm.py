@@ -117,14 +117,24 @@ def dequant_pairs_asm(centroids: torch.Tensor) -> str:
     return "{\n" + _lookups(centroids, "$4", lambda k: f"mov.b32 ${k}, t;\n", ("$6", "$8", "$10", "$12")) + "}"
 
 
-def scaled_dequant_asm(centroids: torch.Tensor) -> str:
+def scaled_dequant_asm(centroids: torch.Tensor, split_scale: bool = False) -> str:
     """`dequant_asm` with the eight levels multiplied by an fp16 scale ($9, given again as $10): each pair
     by one `mul.f16x2`, for kernels that fold a row's norm into its levels (the Hopper extend kernel's
-    values). The four table words (`lookup_tables`) are inputs $11..$14, so they stay in registers."""
-    def emit_pair(k: int) -> str:
-        return f"mul.rn.f16x2 t, t, scale;\nmov.b32 {{${2 * k}, ${2 * k + 1}}}, t;\n"
-    return ("{\n.reg .b32 scale;\nmov.b32 scale, {$9, $10};\n"
-            + _lookups(centroids, "$8", emit_pair, ("$11", "$12", "$13", "$14")) + "}")
+    values). The four table words (`lookup_tables`) are inputs $11..$14, so they stay in registers.
+    `split_scale`: the scale is an fp16 pair hi + lo ($9/$10 hi, $11/$12 lo, tables $13..$16) and each level
+    becomes fma(level, hi, level · lo), rounded to fp16 once: the product with an fp32 norm, not with the
+    norm rounded to fp16, whose error would move every level of the row alike (the extend kernel's keys)."""
+    if split_scale:
+        head, tables = ".reg .b32 nhi, nlo, nu;\nmov.b32 nhi, {$9, $10};\nmov.b32 nlo, {$11, $12};\n", range(13, 17)
+
+        def emit_pair(k: int) -> str:
+            return f"mul.rn.f16x2 nu, t, nlo;\nfma.rn.f16x2 t, t, nhi, nu;\nmov.b32 {{${2 * k}, ${2 * k + 1}}}, t;\n"
+    else:
+        head, tables = ".reg .b32 scale;\nmov.b32 scale, {$9, $10};\n", range(11, 15)
+
+        def emit_pair(k: int) -> str:
+            return f"mul.rn.f16x2 t, t, scale;\nmov.b32 {{${2 * k}, ${2 * k + 1}}}, t;\n"
+    return "{\n" + head + _lookups(centroids, "$8", emit_pair, tuple(f"${i}" for i in tables)) + "}"
 
 
 def dot_asm(centroids: torch.Tensor) -> str:
