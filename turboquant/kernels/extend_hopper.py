@@ -8,14 +8,15 @@ program (one block of query rows of one GQA group, as in `extend.py`) is warpgro
 FlashAttention-3 style, which the warp schedulers interleave:
 - two producer warpgroups, one for the keys and one for the values, each load a tile's packed codes and
   norms ahead of unpacking them (one tile ahead, 128 keys where a single consumer waits on them), look the
-  codes up into fp16 levels (byte permutes, `lut_asm.py`; values times their norms) and store them into a
+  codes up into fp16 levels (byte permutes, `lut_asm.py`; values times their norms, and with two consumers
+  keys times theirs, rounded once from an fp16 hi/lo pair of the fp32 norm) and store them into a
   ring of STAGES shared-memory operand buffers; after the prefix come the chunk's own fresh K/V (key norms
   1). Split in two, the unpacking issues from two warps per scheduler (H200, scratch run: 1.5–2.7% faster
   than one producer at chunks of 512–2048 tokens, 1.6–2.5% slower with one consumer);
 - one or two consumer warpgroups of 64 query rows each score a tile on the tensor cores (`wgmma`; the
   query in registers where there are two, in shared memory where there is one), multiply the scores by
-  the keys' fp32 norms, run the fp32 online softmax, accumulate the previous tile's values, and hand each
-  stage back when both MMAs that read it are done;
+  the keys' fp32 norms where the keys come unscaled, run the fp32 online softmax, accumulate the previous
+  tile's values, and hand each stage back when both MMAs that read it are done;
 - mbarriers pass the stages between them (ready: both producers filled it; empty: every consumer is
   done with it).
 With the producers' registers few and the consumers' many (`setmaxnreg`), the unpacking no longer
@@ -454,10 +455,11 @@ def launch(rotated_query, rotated_keys, rotated_values, cache, block_table, seq_
         PRODUCER_REGS=PRODUCER_REGS if consumers == 2 else NARROW_PRODUCER_REGS,
         # Two consumers are short of issue slots: there the query is the score MMA's register operand (no
         # shared-memory read of it per MMA; its buffers are then left unused) and the key producer scales
-        # the keys by their fp32 norms (no multiply per score). H200, 16K prefix, scratch runs against the
-        # query in shared memory: d=128 chunk 2048 1.571 -> 1.541 ms, 512 0.374 -> 0.361; with keys scaled
-        # by fp16 norms too 1.482 and 0.353. A single consumer waits on its producers: there scaled keys
-        # took chunk 64 from 0.099 to 0.109 ms, and the query in registers d=64 chunk 16 from 0.037 to 0.038.
+        # the keys by their fp32 norms (no multiply per score). H200, 16K prefix, scratch runs at d=128,
+        # chunk 2048 / 512: the query in shared memory 1.571 / 0.374 ms, in registers 1.541 / 0.361; keys
+        # scaled too 1.483 / 0.350 (1.531 / 0.362 without, same run). A single consumer waits on its
+        # producers: there keys scaled (by fp16 norms) took chunk 64 from 0.099 to 0.109 ms, and the query
+        # in registers d=64 chunk 16 from 0.037 to 0.038.
         CONSUMER_REGS=CONSUMER_REGS, WIDE=consumers == 2,
         num_warps=4,  # the default partition: the first consumer
         maxnreg=(65536 // (128 * (consumers + 2))) // 8 * 8)  # the register file over every warpgroup
