@@ -404,7 +404,7 @@ def _extend_hopper_kernel(
             (_producer, (cache_ptr, tables_ptr, block_table_ptr, table_row, kv_head, keys_ptr, stride_kv_token,
                          stride_kv_head, query_start, lo, hi, n_prefix, chunk_lo, chunk_hi, n_tiles, k_bufs, kn_bufs,
                          ready, empty, NUM_KV_HEADS, BLOCK_SIZE, HEAD_PAGE_BYTES, 0, KEY_NORMS_OFFSET, KEY_BYTES,
-                         KEY_LUT, HEAD_DIM, TILE, STAGES, PREFETCH, True, True)),
+                         KEY_LUT, HEAD_DIM, TILE, STAGES, PREFETCH, True, WIDE)),
             (_producer, (cache_ptr, tables_ptr, block_table_ptr, table_row, kv_head, values_ptr, stride_kv_token,
                          stride_kv_head, query_start, lo, hi, n_prefix, chunk_lo, chunk_hi, n_tiles, v_bufs, kn_bufs,
                          ready, empty, NUM_KV_HEADS, BLOCK_SIZE, HEAD_PAGE_BYTES, VALUES_OFFSET, VALUE_NORMS_OFFSET,
@@ -420,7 +420,7 @@ def _extend_hopper_kernel(
             (_producer, (cache_ptr, tables_ptr, block_table_ptr, table_row, kv_head, keys_ptr, stride_kv_token,
                          stride_kv_head, query_start, lo, hi, n_prefix, chunk_lo, chunk_hi, n_tiles, k_bufs, kn_bufs,
                          ready, empty, NUM_KV_HEADS, BLOCK_SIZE, HEAD_PAGE_BYTES, 0, KEY_NORMS_OFFSET, KEY_BYTES,
-                         KEY_LUT, HEAD_DIM, TILE, STAGES, PREFETCH, True, False)),
+                         KEY_LUT, HEAD_DIM, TILE, STAGES, PREFETCH, True, WIDE)),
             (_producer, (cache_ptr, tables_ptr, block_table_ptr, table_row, kv_head, values_ptr, stride_kv_token,
                          stride_kv_head, query_start, lo, hi, n_prefix, chunk_lo, chunk_hi, n_tiles, v_bufs, kn_bufs,
                          ready, empty, NUM_KV_HEADS, BLOCK_SIZE, HEAD_PAGE_BYTES, VALUES_OFFSET, VALUE_NORMS_OFFSET,
@@ -436,6 +436,7 @@ def launch(rotated_query, rotated_keys, rotated_values, cache, block_table, seq_
     layout = codec.layout
     consumers = rows // 64
     tile = 64 if layout.head_dim == 128 or consumers == 2 else 128
+    wide = consumers == 2  # see WIDE below
     _extend_hopper_kernel[grid](
         rotated_query, rotated_keys, rotated_values, cache, codec.lut_lane_tables, block_table, seq_lens, query_start,
         seq_lens if key_starts is None else key_starts, rotated_out, lse,
@@ -445,12 +446,12 @@ def launch(rotated_query, rotated_keys, rotated_values, cache, block_table, seq_
         HEAD_PAGE_BYTES=layout.head_page_bytes, VALUES_OFFSET=layout.values_offset,
         KEY_NORMS_OFFSET=layout.key_norms_offset, VALUE_NORMS_OFFSET=layout.value_norms_offset,
         HEAD_DIM=layout.head_dim, KEY_BYTES=layout.key_bytes,
-        KEY_LUT=codec.key_scaled_lut_asm if consumers == 2 else codec.key_table_lut_asm,
+        KEY_LUT=codec.key_scaled_lut_asm if wide else codec.key_table_lut_asm,
         VALUE_BYTES=layout.value_bytes, VALUE_LUT=codec.value_scaled_lut_asm, USE_SOFTCAP=softcap is not None,
         USE_WINDOW=sliding_window is not None, USE_STARTS=key_starts is not None, RETURN_LSE=return_lse,
         # 128-key tiles spill two consumers' registers; one consumer (d=64) has room for them
         TILE=tile, SPLIT=num_splits > 1, CONSUMERS=consumers, STAGES=STAGES,
-        # a single consumer waits on the producer: there it keeps 128 keys of codes in flight
+        # a single consumer waits on the producers: there they keep 128 keys of codes in flight
         PREFETCH=128 // tile if consumers == 1 else 1,
         PRODUCER_REGS=PRODUCER_REGS if consumers == 2 else NARROW_PRODUCER_REGS,
         # Two consumers are short of issue slots: there the query is the score MMA's register operand (no
@@ -460,6 +461,6 @@ def launch(rotated_query, rotated_keys, rotated_values, cache, block_table, seq_
         # scaled too 1.483 / 0.350 (1.531 / 0.362 without, same run). A single consumer waits on its
         # producers: there keys scaled (by fp16 norms) took chunk 64 from 0.099 to 0.109 ms, and the query
         # in registers d=64 chunk 16 from 0.037 to 0.038.
-        CONSUMER_REGS=CONSUMER_REGS, WIDE=consumers == 2,
+        CONSUMER_REGS=CONSUMER_REGS, WIDE=wide,
         num_warps=4,  # the default partition: the first consumer
         maxnreg=(65536 // (128 * (consumers + 2))) // 8 * 8)  # the register file over every warpgroup
