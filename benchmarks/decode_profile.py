@@ -57,9 +57,10 @@ def child(cell: str) -> None:
     torch.cuda.synchronize()
 
 
-def ncu(*args: str, cell: str) -> str:
-    command = ["ncu", "--kernel-name", KERNEL, "--launch-skip", "2", "--launch-count", "1", *args,
-               sys.executable, __file__, "--child", cell]
+def ncu(*args: str, cell: str, kernel: str = KERNEL, script: str = __file__) -> str:
+    """`ncu` over the third launch of `kernel` in `script --child cell` (two warm-up calls first)."""
+    command = ["ncu", "--kernel-name", kernel, "--launch-skip", "2", "--launch-count", "1", *args,
+               sys.executable, script, "--child", cell]
     return subprocess.run(command, capture_output=True, text=True, check=True).stdout
 
 
@@ -67,9 +68,10 @@ def csv_rows(text: str) -> list[list[str]]:
     return list(csv.reader(io.StringIO("\n".join(line for line in text.splitlines() if line.startswith('"')))))
 
 
-def counters(cell: str) -> dict:
+def counters(cell: str, kernel: str = KERNEL, script: str = __file__) -> dict:
     """The kernel's counters and stall reasons (cycles per issued instruction), from `ncu --page raw`."""
-    rows = csv_rows(ncu("--csv", "--page", "raw", "--metrics", ",".join([STALLS, *COUNTERS]), cell=cell))
+    rows = csv_rows(ncu("--csv", "--page", "raw", "--metrics", ",".join([STALLS, *COUNTERS]), cell=cell,
+                        kernel=kernel, script=script))
     values = dict(zip(rows[0], rows[-1]))
     number = lambda text: float(text.replace(",", ""))  # noqa: E731
     out = {label: number(values[name]) for name, label in COUNTERS.items()}
@@ -79,27 +81,46 @@ def counters(cell: str) -> dict:
     return out
 
 
-def opcode_stalls(cell: str) -> dict:
-    """Sampled stalls per SASS opcode (share of all samples) and each opcode's top three reasons."""
+def sass_samples(cell: str, kernel: str = KERNEL, script: str = __file__) -> tuple[list[str], list[dict]]:
+    """(stall reasons, one dict per SASS instruction in address order: its text, sampled stalls in all and by
+    reason, and any other numeric column of `ncu`'s source page), from a full-set profile."""
     with tempfile.TemporaryDirectory() as folder:
         report = str(Path(folder) / "report")
-        ncu("--set", "full", "--import-source", "no", "-o", report, cell=cell)
+        ncu("--set", "full", "--import-source", "no", "-o", report, cell=cell, kernel=kernel, script=script)
         text = subprocess.run(["ncu", "--import", report + ".ncu-rep", "--page", "source", "--print-source", "sass",
                                "--csv"], capture_output=True, text=True, check=True).stdout
     rows = csv_rows(text)
     head = next(row for row in rows if "Source" in row)
-    column = {name: i for i, name in enumerate(head)}
-    reasons = [name for name in head if name.startswith("stall_") and "Not Issued" not in name]
-    samples, by_reason = collections.Counter(), collections.defaultdict(collections.Counter)
+    reasons = [name[len("stall_"):] for name in head if name.startswith("stall_") and "Not Issued" not in name]
+    instructions = []
     for row in rows[rows.index(head) + 1:]:
-        words = row[column["Source"]].split()
-        if not words:
+        entry = dict(zip(head, row))
+        if not entry["Source"].split():
             continue
-        opcode = (words[1] if words[0].startswith("@") else words[0]).split(".")[0]
-        value = lambda name: float(row[column[name]].replace(",", "") or 0)  # noqa: E731
-        samples[opcode] += value("Warp Stall Sampling (All Samples)")
+        numbers = {}
+        for name, text in entry.items():
+            try:
+                numbers[name] = float(text.replace(",", "") or 0)
+            except ValueError:
+                pass
+        instructions.append({"source": entry["Source"], **numbers})
+    return reasons, instructions
+
+
+def opcode(source: str) -> str:
+    words = source.split()
+    return (words[1] if words[0].startswith("@") else words[0]).split(".")[0]
+
+
+def opcode_stalls(cell: str) -> dict:
+    """Sampled stalls per SASS opcode (share of all samples) and each opcode's top three reasons."""
+    reasons, instructions = sass_samples(cell)
+    samples, by_reason = collections.Counter(), collections.defaultdict(collections.Counter)
+    for instruction in instructions:
+        name = opcode(instruction["source"])
+        samples[name] += instruction["Warp Stall Sampling (All Samples)"]
         for reason in reasons:
-            by_reason[opcode][reason[len("stall_"):]] += value(reason)
+            by_reason[name][reason] += instruction["stall_" + reason]
     total = sum(samples.values())
     return {op: {"share": round(n / total, 4),
                  "reasons": {r: round(v / total, 4) for r, v in by_reason[op].most_common(3)}}
