@@ -129,8 +129,9 @@ def test_scaled_lookup_ptx_gives_levels_times_the_scale(bits, generator):
 def test_split_scaled_lookup_ptx_rounds_the_product_with_the_fp32_norm_once(bits, generator):
     """`scaled_dequant_asm(..., split_scale=True)` (the Hopper extend kernel's keys), interpreted on the CPU:
     with an fp32 norm given as fp16 hi + lo, each output is fma(level, hi, fp16(level · lo)) rounded once,
-    bit for bit, which is within half a unit in the last place (and lo's own rounding) of level × the fp32
-    norm; level × fp16(norm) strays up to a whole unit."""
+    bit for bit. That is within half a unit in the last place of level × the fp32 norm, plus the roundings
+    of lo and of level · lo (half their fp16 spacing each: small for normal halves, up to ~0.1 unit of the
+    output where a small norm makes level · lo subnormal); level × fp16(norm) strays up to a whole unit."""
     codec = make_codec(128, bits, bits, num_kv_heads=1, block_size=16, device="cpu")
     centroids = codec.key_centroids_fp16.cpu()
     words = torch.randint(0, 2**32, (4096,), generator=generator, dtype=torch.int64)
@@ -138,6 +139,7 @@ def test_split_scaled_lookup_ptx_rounds_the_product_with_the_fp32_norm_once(bits
     hi = norms.half()
     lo = (norms - hi.float()).half()
     as_bits = lambda halves: halves.view(torch.int16).to(torch.int64) & 0xFFFF  # noqa: E731
+    spacing = lambda x: numpy.spacing(numpy.abs(x).astype(numpy.float16)).astype(numpy.float64)  # noqa: E731
     lanes = codec.lut_lane_tables.to(torch.int64) & 0xFFFFFFFF  # the key's table words: rows 0..3
     tables = {f"${13 + i}": torch.full_like(words, int(lanes[i, 0])) for i in range(4)}
     registers = ptx_integer.run(scaled_dequant_asm(centroids, split_scale=True),
@@ -151,11 +153,13 @@ def test_split_scaled_lookup_ptx_rounds_the_product_with_the_fp32_norm_once(bits
         got = registers[f"${k}"].to(torch.int16).numpy().view(numpy.float16)
         assert numpy.array_equal(got.view(numpy.int16), expected.view(numpy.int16)), f"level {k} of the run"
         exact = level * norms.double().numpy()
-        unit = numpy.spacing(numpy.abs(exact).astype(numpy.float16)).astype(numpy.float64)
+        unit = spacing(exact)
+        roundings = (spacing(partial) + numpy.abs(level) * spacing(lo.double().numpy())) / 2
         plain = (level * hi.double().numpy()).astype(numpy.float16).astype(numpy.float64)
-        worst_split = max(worst_split, float(numpy.max(numpy.abs(got.astype(numpy.float64) - exact) / unit)))
+        worst_split = max(worst_split, float(numpy.max((numpy.abs(got.astype(numpy.float64) - exact) - roundings)
+                                                       / unit)))
         worst_plain = max(worst_plain, float(numpy.max(numpy.abs(plain - exact) / unit)))
-    assert worst_split < 0.51 < 0.75 < worst_plain
+    assert worst_split <= 0.5 < 0.75 < worst_plain
 
 
 def test_asm_refuses_codebooks_it_cannot_hold():
