@@ -151,13 +151,18 @@ if gluon is not None:
         return gl.load(ptrs), gl.load(ptrs + 32), gl.load(ptrs + 64), gl.load(ptrs + 96)
 
     @gluon.jit
-    def _load_tile(cache_ptr, table_ptr, kv_head, start, first, hi, key_token, key_chunk, key_words, tokens,
+    def _tile_block(table_ptr, start, hi, BLOCK_SIZE: gl.constexpr):
+        """The page of the tile from `start` (0 at or past `hi`)."""
+        return gl.load(table_ptr + start // BLOCK_SIZE, mask=start < hi, other=0)
+
+    @gluon.jit
+    def _load_tile(cache_ptr, block, kv_head, start, first, hi, key_token, key_chunk, key_words, tokens,
                    value_token, value_chunk, value_words, NUM_KV_HEADS: gl.constexpr, BLOCK_SIZE: gl.constexpr,
                    HEAD_PAGE_BYTES: gl.constexpr, VALUES_OFFSET: gl.constexpr, KEY_NORMS_OFFSET: gl.constexpr,
                    VALUE_NORMS_OFFSET: gl.constexpr, KEY_BYTES: gl.constexpr, VALUE_BYTES: gl.constexpr):
-        """The tile of tokens start .. start + TILE − 1 (each lane's share: key words, key and value norms,
-        value words); tokens outside [first, hi) read 0, and a tile at or past `hi` reads no memory."""
-        block = gl.load(table_ptr + start // BLOCK_SIZE, mask=start < hi, other=0)
+        """The tile of tokens start .. start + TILE − 1 on page `block` (`_tile_block`; each lane's share: key
+        words, key and value norms, value words); tokens outside [first, hi) read 0, and a tile at or past `hi`
+        reads no memory."""
         page = cache_ptr + (block.to(gl.int64) * NUM_KV_HEADS + kv_head) * HEAD_PAGE_BYTES
         offset = start % BLOCK_SIZE
         visible = (start + key_token < hi) & (start + key_token >= first)
@@ -258,15 +263,19 @@ if gluon is not None:
         value_tables = _lane_tables(tables_ptr, value_lanes, 4)
 
         table_ptr = block_table_ptr + seq * stride_table_seq
-        # each step issues the next tile's loads before it computes on the tile loaded the step before
-        tile = _load_tile(cache_ptr, table_ptr, kv_head, lo, first, hi, key_token, key_chunk, key_words, tokens,
-                          value_token, value_chunk, value_words, NUM_KV_HEADS, BLOCK_SIZE, HEAD_PAGE_BYTES,
-                          VALUES_OFFSET, KEY_NORMS_OFFSET, VALUE_NORMS_OFFSET, KEY_BYTES, VALUE_BYTES)
+        # each step issues the next tile's loads before it computes on the tile loaded the step before, and
+        # reads the page of the tile after that (read right before the codes it locates, it would hold them up)
+        tile = _load_tile(cache_ptr, _tile_block(table_ptr, lo, hi, BLOCK_SIZE), kv_head, lo, first, hi, key_token,
+                          key_chunk, key_words, tokens, value_token, value_chunk, value_words, NUM_KV_HEADS,
+                          BLOCK_SIZE, HEAD_PAGE_BYTES, VALUES_OFFSET, KEY_NORMS_OFFSET, VALUE_NORMS_OFFSET, KEY_BYTES,
+                          VALUE_BYTES)
+        block = _tile_block(table_ptr, lo + _TILE, hi, BLOCK_SIZE)
         for start in range(lo, hi, _TILE):
-            following = _load_tile(cache_ptr, table_ptr, kv_head, start + _TILE, first, hi, key_token, key_chunk,
+            following = _load_tile(cache_ptr, block, kv_head, start + _TILE, first, hi, key_token, key_chunk,
                                    key_words, tokens, value_token, value_chunk, value_words, NUM_KV_HEADS, BLOCK_SIZE,
                                    HEAD_PAGE_BYTES, VALUES_OFFSET, KEY_NORMS_OFFSET, VALUE_NORMS_OFFSET, KEY_BYTES,
                                    VALUE_BYTES)
+            block = _tile_block(table_ptr, start + 2 * _TILE, hi, BLOCK_SIZE)
             key_codes, key_norms, value_norms, value_codes = tile
 
             # keys, as the MMA's B operand [D, _TILE]: lane 4g + t holds chunk t of tokens g and g + 8
