@@ -5,7 +5,7 @@ tensor-core fragments (Gluon, Triton's layout-explicit dialect).
 moves them through shared memory into the layout that `mma.sync` reads (stores, barriers, `ldmatrix`).
 Here each lane loads exactly the codes whose levels its fragment registers hold, so levels go from the
 byte permute (`lut_asm.dequant_pairs_asm`) to the MMA in registers: no shared memory, no barrier, and
-fewer instructions per token (sm_90 SASS, Triton 3.6, d=128: 616 per 16 tokens in one warp with window,
+fewer instructions per token (sm_90 SASS, Triton 3.6, d=128: 622 per 16 tokens in one warp with window,
 softcap and key starts compiled in, against 915 per 64 tokens in each of 4 warps; 39 against 57 warp
 instructions per token; `benchmarks/decode_sass.py` counts them).
 
