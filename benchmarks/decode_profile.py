@@ -127,22 +127,28 @@ def opcode_stalls(cell: str) -> dict:
             for op, n in samples.most_common(10)}
 
 
+def counter_tables(cells: dict, reasons_title: str) -> list[str]:
+    """Markdown lines: each cell's counters, then its stall reasons (those of 0.05 cycles or more somewhere)."""
+    lines = ["| counter | " + " | ".join(cells) + " |", "|---|" + "---:|" * len(cells)]
+    for label in COUNTERS.values():
+        lines.append(f"| {label} | " + " | ".join(f"{cells[c]['counters'][label]:,.2f}" for c in cells) + " |")
+    reasons = list(next(iter(cells.values()))["counters"]["stalls"])
+    lines += ["", reasons_title, "", "| reason | " + " | ".join(cells) + " |", "|---|" + "---:|" * len(cells)]
+    for reason in reasons:
+        values = [cells[c]["counters"]["stalls"].get(reason, 0.0) for c in cells]
+        if max(values) >= 0.05:
+            lines.append(f"| {reason} | " + " | ".join(f"{v:.2f}" for v in values) + " |")
+    return lines
+
+
 def markdown(result: dict) -> str:
     cells = result["cells"]
     lines = [f"Device: {result['device']}, {result['date']}, build `{result['build']}`. "
              f"`python benchmarks/decode_profile.py --cells {','.join(cells)}`: the fragment decode kernel (k4v4, "
              "d=128, 32 q / 8 kv heads, fragment kernel forced) under Nsight Compute, which runs the SM at its base "
-             "clock.", "",
-             "| counter | " + " | ".join(cells) + " |", "|---|" + "---:|" * len(cells)]
-    for label in COUNTERS.values():
-        lines.append(f"| {label} | " + " | ".join(f"{cells[c]['counters'][label]:,.2f}" for c in cells) + " |")
-    reasons = list(next(iter(cells.values()))["counters"]["stalls"])
-    lines += ["", "Stall reasons, cycles per issued instruction (their sum is the cycles between a warp's issues):", "",
-              "| reason | " + " | ".join(cells) + " |", "|---|" + "---:|" * len(cells)]
-    for reason in reasons:
-        values = [cells[c]["counters"]["stalls"].get(reason, 0.0) for c in cells]
-        if max(values) >= 0.05:
-            lines.append(f"| {reason} | " + " | ".join(f"{v:.2f}" for v in values) + " |")
+             "clock.", ""]
+    lines += counter_tables(cells, "Stall reasons, cycles per issued instruction (their sum is the cycles between "
+                                   "a warp's issues):")
     for cell, data in cells.items():
         lines += ["", f"Sampled stalls by SASS opcode, {cell} (share of all samples; top reasons):", "",
                   "| opcode | share | top reasons |", "|---|---:|---|"]
@@ -152,10 +158,12 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cells", default="8x32768,64x32768", help="BATCHxCONTEXT items, comma-separated")
-    parser.add_argument("--out", default="benchmarks/results/decode-profile-h200.json")
+def profile_main(doc: str, cells: str, cells_help: str, out: str, child, profile, markdown) -> int:
+    """A profile script's command line: `--child CELL` runs `child(CELL)` (the process `ncu` records); else
+    `profile(cell)` for each cell of --cells, written as JSON and `markdown(result)` beside it."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cells", default=cells, help=cells_help)
+    parser.add_argument("--out", default=out)
     parser.add_argument("--build", help="the build measured (default: git's HEAD here)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -166,18 +174,20 @@ def main() -> int:
         parser.error("needs a CUDA device")
     if shutil.which("ncu") is None:
         parser.error("needs Nsight Compute's ncu on PATH")
-    cells = {}
+    results = {}
     for cell in args.cells.split(","):
-        cells[cell] = {"counters": counters(cell), "opcodes": opcode_stalls(cell)}
-        print(json.dumps({cell: cells[cell]}), flush=True)
+        results[cell] = profile(cell)
+        print(json.dumps({cell: results[cell]}), flush=True)
     build = args.build or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                          text=True).stdout.strip()
     result = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(), "build": build,
-              "cells": cells}
+              "cells": results}
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     Path(args.out).with_suffix(".md").write_text(markdown(result))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(profile_main(__doc__, "8x32768,64x32768", "BATCHxCONTEXT items, comma-separated",
+                          "benchmarks/results/decode-profile-h200.json", child,
+                          lambda cell: {"counters": counters(cell), "opcodes": opcode_stalls(cell)}, markdown))

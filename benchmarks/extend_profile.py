@@ -10,19 +10,14 @@ the one that also scales by `HFMA2`, with two consumers). `ncu` runs the SM at i
 
 from __future__ import annotations
 
-import argparse
 import collections
-import datetime
-import json
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from decode_profile import COUNTERS, counters, opcode, sass_samples  # noqa: E402
+from decode_profile import counter_tables, counters, opcode, profile_main, sass_samples  # noqa: E402
 from kernels import block_table_for, random_compressed_cache  # noqa: E402
 from turboquant.core import TurboQuantConfig  # noqa: E402
 from turboquant.kernels.codec import KernelCodec  # noqa: E402
@@ -90,17 +85,8 @@ def markdown(result: dict) -> str:
     lines = [f"Device: {result['device']}, {result['date']}, build `{result['build']}`. "
              f"`python benchmarks/extend_profile.py --cells {','.join(cells)}` (cell: head_dim x chunk tokens; "
              f"k4v4, 32 q / 8 kv heads, {PREFIX}-token compressed prefix): the Hopper extend kernel under Nsight "
-             "Compute, which runs the SM at its base clock.", "",
-             "| counter | " + " | ".join(cells) + " |", "|---|" + "---:|" * len(cells)]
-    for label in COUNTERS.values():
-        lines.append(f"| {label} | " + " | ".join(f"{cells[c]['counters'][label]:,.2f}" for c in cells) + " |")
-    reasons = list(next(iter(cells.values()))["counters"]["stalls"])
-    lines += ["", "Stall reasons, cycles per issued instruction (all roles together):", "",
-              "| reason | " + " | ".join(cells) + " |", "|---|" + "---:|" * len(cells)]
-    for reason in reasons:
-        values = [cells[c]["counters"]["stalls"].get(reason, 0.0) for c in cells]
-        if max(values) >= 0.05:
-            lines.append(f"| {reason} | " + " | ".join(f"{v:.2f}" for v in values) + " |")
+             "Compute, which runs the SM at its base clock.", ""]
+    lines += counter_tables(cells, "Stall reasons, cycles per issued instruction (all roles together):")
     for cell, data in cells.items():
         lines += ["", f"By role, {cell} (shares of all sampled stalls and executed instructions; a role's reasons "
                   "and opcodes as shares of its own samples):", "",
@@ -113,32 +99,8 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cells", default="128x512,128x2048", help="HEAD_DIMxCHUNK items, comma-separated")
-    parser.add_argument("--out", default="benchmarks/results/extend-profile-h200.json")
-    parser.add_argument("--build", help="the build measured (default: git's HEAD here)")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        child(args.child)
-        return 0
-    if not torch.cuda.is_available():
-        parser.error("needs a CUDA device")
-    if shutil.which("ncu") is None:
-        parser.error("needs Nsight Compute's ncu on PATH")
-    cells = {}
-    for cell in args.cells.split(","):
-        cells[cell] = {"counters": counters(cell, kernel=KERNEL, script=__file__), "roles": role_stalls(cell)}
-        print(json.dumps({cell: cells[cell]}), flush=True)
-    build = args.build or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                         text=True).stdout.strip()
-    result = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(), "build": build,
-              "cells": cells}
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    Path(args.out).with_suffix(".md").write_text(markdown(result))
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(profile_main(__doc__, "128x512,128x2048", "HEAD_DIMxCHUNK items, comma-separated",
+                          "benchmarks/results/extend-profile-h200.json", child,
+                          lambda cell: {"counters": counters(cell, kernel=KERNEL, script=__file__),
+                                        "roles": role_stalls(cell)}, markdown))
