@@ -63,7 +63,7 @@ def cell_rows(shape: dict, chunk: int, kernels_only: bool = False) -> list[dict]
                        warps=launch["num_warps"], stages=launch["num_stages"], splits=splits)
     rows = [dict(triton_auto, ms=auto_ms, relative_to_auto=1.0, relative_difference=0.0)]
     if hopper:  # the Gluon kernel: a warpgroup per 64 query rows and two producer warpgroups, its own tiles and ring
-        rows[0].update(tile="Gluon", warps=4 * (query_tokens * group_pad // 64 + 2), stages="-")
+        rows[0].update(tile="Gluon", warps=extend_hopper.program_warps(query_tokens * group_pad), stages="-")
     with mock.patch.object(extend_hopper, "enabled", False):  # extend.py's Triton kernel from here on
         if hopper:
             out = call().float()

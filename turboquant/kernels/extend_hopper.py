@@ -62,6 +62,11 @@ def serves(layout, device: torch.device, cached_chunk: bool, rows: int) -> bool:
             and layout.head_dim in (64, 128) and rows in (64, 128))
 
 
+def program_warps(rows: int) -> int:
+    """The warps of a program of `rows` query rows: a consumer warpgroup per 64 rows, two producer warpgroups."""
+    return 4 * (rows // 64 + 2)
+
+
 @gluon.jit
 def _coordinate_order(levels, words):
     """The eight [R, W] outputs of a lookup over `words` (level k of each run of 8 indices) → [R, 8W] in
@@ -475,4 +480,4 @@ def launch(rotated_query, rotated_keys, rotated_values, cache, block_table, seq_
         # in registers d=64 chunk 16 from 0.037 to 0.038.
         CONSUMER_REGS=CONSUMER_REGS, WIDE=wide,
         num_warps=4,  # the default partition: the first consumer
-        maxnreg=(65536 // (128 * (consumers + 2))) // 8 * 8)  # the register file over every warpgroup
+        maxnreg=(65536 // (32 * program_warps(rows))) // 8 * 8)  # the register file over every warp
