@@ -5,9 +5,12 @@ A 16-bit x is exact in its own dtype, so x @ Rᵀ is computed from three 16-bit 
 R = P0 + P1/s + P2/s² (s = 2^8 for bf16, 2^11 for fp16): every product is exact and the sums are
 fp32, so the result matches an fp32 matmul (within 2e-6 of its largest entry, tested) while running
 as 16-bit MMAs. A randomized Hadamard R is c · S with S of ±1 (`codec.sign_form`): one dot with S,
-exact in the 16-bit dtype, then the multiply by c. An fp32 x uses Triton's tf32x3 dots with fp32 R. A
-plain tf32 or bf16 rotation would move coordinates across the quantizer's decision boundaries that the
-PyTorch reference keeps.
+exact in the 16-bit dtype, then the multiply by c; an fp32 x (attention outputs on their way back) is
+split exactly into three bf16 parts, three dots with S (H200, scratch run, d=128: un-rotating 512 × 32
+rows 0.018 → 0.009 ms against tf32x3, 2048 × 32 0.069 → 0.028; 1–64 rows even). With a dense R an
+fp32 x takes Triton's tf32x3 dots with fp32 R, as does every fp32 x in the interpreter (it multiplies
+bf16 tiles wrongly). A plain tf32 or bf16 rotation would move coordinates across the quantizer's
+decision boundaries that the PyTorch reference keeps.
 
 Reference: `x.float() @ rotation.T` (and `@ rotation` for the inverse).
 """
@@ -33,18 +36,29 @@ def rotation_columns(head_dim_pad: int, part_scale: float) -> int:
 def rotated_columns(x, rotation_ptr, columns, dims, HEAD_DIM: tl.constexpr, PART_SCALE: tl.constexpr,
                     SIGN_SCALE: tl.constexpr, INVERSE: tl.constexpr):
     """fp32 columns `columns` of x @ Rᵀ (x @ R when INVERSE) for x [rows, HEAD_DIM_PAD], zero-padded.
-    PART_SCALE > 0: x is 16-bit and rotation_ptr holds R's three parts, or, where SIGN_SCALE > 0, the
-    int8 S of R = SIGN_SCALE · S; PART_SCALE == 0: fp32 R (tf32x3)."""
+    SIGN_SCALE > 0: rotation_ptr holds the int8 S of R = SIGN_SCALE · S (x of any float dtype);
+    else PART_SCALE > 0: x is 16-bit and rotation_ptr holds R's three parts; PART_SCALE == 0: fp32 R
+    (tf32x3)."""
     if INVERSE:
         offsets = dims[None, :] * HEAD_DIM + columns[:, None]
     else:
         offsets = columns[:, None] * HEAD_DIM + dims[None, :]
     mask = (columns[:, None] < HEAD_DIM) & (dims[None, :] < HEAD_DIM)
-    if PART_SCALE == 0:
+    if SIGN_SCALE > 0:
+        signs = tl.trans(tl.load(rotation_ptr + offsets, mask=mask, other=0))
+        if x.dtype == tl.float32:  # x = high + middle + low exactly (8 significant bits each), smallest summed first
+            high = x.to(tl.bfloat16)
+            rest = x - high.to(tl.float32)
+            middle = rest.to(tl.bfloat16)
+            low = (rest - middle.to(tl.float32)).to(tl.bfloat16)
+            signs = signs.to(tl.bfloat16)
+            y = tl.dot(high, signs, tl.dot(middle, signs, tl.dot(low, signs)))
+        else:
+            y = tl.dot(x, signs.to(x.dtype))
+        y = y * SIGN_SCALE
+    elif PART_SCALE == 0:
         y = tl.dot(x.to(tl.float32), tl.trans(tl.load(rotation_ptr + offsets, mask=mask, other=0.0)),
                    input_precision="tf32x3")
-    elif SIGN_SCALE > 0:
-        y = tl.dot(x, tl.trans(tl.load(rotation_ptr + offsets, mask=mask, other=0).to(x.dtype))) * SIGN_SCALE
     else:
         size: tl.constexpr = HEAD_DIM * HEAD_DIM
         y = tl.dot(x, tl.trans(tl.load(rotation_ptr + 2 * size + offsets, mask=mask, other=0.0)))
@@ -95,13 +109,13 @@ def _rotate_kernel(x_ptr, rotation_ptr, out_ptr, num_tokens, stride_x_token, str
 def rotation_operand(codec, dtype: torch.dtype) -> tuple[torch.Tensor, float, float]:
     """(the tensor `rotated_columns` reads, its PART_SCALE, its SIGN_SCALE) for an x of `dtype`, either
     direction."""
-    # Triton's CPU interpreter multiplies bf16 tiles as raw integers; there a bf16 x (exact in tf32)
-    # takes the tf32x3 path, which gives the same fp32-accurate result.
-    interpreted_bf16 = dtype == torch.bfloat16 and codec.device.type != "cuda"
-    if dtype == torch.float32 or interpreted_bf16:  # the sign form gains nothing here: tf32x3 splits S too
+    # Triton's CPU interpreter multiplies bf16 tiles as raw integers; there a bf16 x (exact in tf32), and an
+    # fp32 x, which the sign form splits into bf16 parts, take the tf32x3 path: the same fp32-accurate result.
+    no_bf16_dots = dtype != torch.float16 and codec.device.type != "cuda"
+    if codec.rotation_signs is not None and not no_bf16_dots:
+        return codec.rotation_signs, PART_SCALES.get(dtype, 0.0), codec.rotation_sign_scale
+    if dtype == torch.float32 or no_bf16_dots:
         return codec.rotation, 0.0, 0.0
-    if codec.rotation_signs is not None:
-        return codec.rotation_signs, PART_SCALES[dtype], codec.rotation_sign_scale
     parts = codec.rotation_bf16_parts if dtype == torch.bfloat16 else codec.rotation_fp16_parts
     return parts, PART_SCALES[dtype], 0.0
 
