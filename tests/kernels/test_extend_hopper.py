@@ -22,11 +22,13 @@ CASES = [(128, 4, 4, 16, 32, 8), (64, 4, 4, 32, 16, 4), (128, 4, 4, 16, 40, 8)]
 OPTIONS = [{}, {"sliding_window": 150}, {"softcap": 4.0}, {"key_starts": [60, 0, 3, 0], "return_lse": True}]
 
 
-def run_case(case, options, wide: bool, num_splits, monkeypatch, generator, key_norm_step: int = 0):
+def run_case(case, options, wide: bool, num_splits, monkeypatch, generator, key_norm_step: int = 0,
+             query_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """extend_attention on the kernel's wide (128 rows, as where programs fill the SMs) or narrow (64 rows)
     programs against the reference: a chunk after a long prefix (every tile kind: first, full, last), one
-    after a short prefix, a first chunk, one token. `key_norm_step`: the cached keys before that position
-    shrink to a tenth of their norms, those after grow by half."""
+    after a short prefix, a first chunk, one token; its output. `key_norm_step`: the cached keys before that
+    position shrink to a tenth of their norms, those after grow by half. The query and output are fp32
+    unless `query_dtype` says otherwise."""
     head_dim, num_q_heads = case[0], case[4]
     # a device of one SM: every grid fills it; of 10,000: none does (the group of 5's programs would fill 132)
     monkeypatch.setattr(extend, "multiprocessor_count", lambda device: 1 if wide else 10_000)
@@ -39,6 +41,7 @@ def run_case(case, options, wide: bool, num_splits, monkeypatch, generator, key_
             blocks = table[sequence, positions // codec.layout.block_size].long()
             factors = torch.where(positions < key_norm_step, 0.1, 1.5)[:, None]
             key_norms[blocks, :, positions % codec.layout.block_size] *= factors
+    inputs = (inputs[0].to(query_dtype),) + inputs[1:]
     options = dict(options)
     if "key_starts" in options:
         options["key_starts"] = torch.tensor(options["key_starts"], dtype=torch.int32, device="cuda")
@@ -51,7 +54,9 @@ def run_case(case, options, wide: bool, num_splits, monkeypatch, generator, key_
     if options.get("return_lse"):
         (out, lse), (expected, expected_lse) = out, expected
         torch.testing.assert_close(lse, expected_lse, **TOLERANCE)
-    torch.testing.assert_close(out, expected, **TOLERANCE)
+    assert out.dtype == query_dtype
+    torch.testing.assert_close(out.float(), expected, **TOLERANCE)
+    return out
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -75,3 +80,20 @@ def test_hopper_extend_rising_scores_match_reference(wide, monkeypatch, generato
     units): the fp32 norms hold the tolerance there, where keys scaled by fp16 norms did not (the
     rounding of a norm moves every score of its key alike)."""
     run_case(CASES[0], {}, wide, None, monkeypatch, generator, key_norm_step=256)
+
+
+@pytest.mark.parametrize("case", CASES[:2])
+@pytest.mark.parametrize("options", OPTIONS[::3])
+@pytest.mark.parametrize("wide", [True, False])
+@pytest.mark.parametrize("query_dtype", [torch.bfloat16, torch.float16])
+def test_hopper_extend_unrotates_16_bit_outputs_itself(case, options, wide, query_dtype, monkeypatch, generator):
+    """A 16-bit output is un-rotated by the kernel (two bf16 parts of the fp32 output times the rotation's
+    signs on the tensor cores): it matches the reference, and, to within a rounding of the output dtype,
+    the same output un-rotated by a launch of its own (fp32-accurate)."""
+    codec = chunked_case(case, [1], [1], "cuda", generator)[0]
+    assert extend_hopper.unrotates(codec, 1, query_dtype) and not extend_hopper.unrotates(codec, 2, query_dtype)
+    out = run_case(case, options, wide, None, monkeypatch, generator.manual_seed(7), query_dtype=query_dtype)
+    monkeypatch.setattr(extend_hopper, "unrotates", lambda *args: False)
+    separate = run_case(case, options, wide, None, monkeypatch, generator.manual_seed(7), query_dtype=query_dtype)
+    ulp = torch.finfo(query_dtype).eps
+    torch.testing.assert_close(out.float(), separate.float(), atol=ulp, rtol=ulp)

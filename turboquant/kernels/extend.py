@@ -266,22 +266,26 @@ def _launch(query, keys, values, query_start, seq_lens, cache, codec, block_tabl
     num_splits = default_splits if num_splits is None else num_splits
     if not isinstance(num_splits, int) or num_splits < 1:
         raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")
+    group_pad = triton.next_power_of_2(group)
+    rows = query_tokens * group_pad
+    hopper = extend_hopper.serves(layout, cache.device, cached_chunk, rows)
     rotated_query = rotate(query, codec, fixed_tile=cached_chunk)
     # a cached chunk has no fresh K/V: the kernel never reads these pointers (its part (b) is compiled out)
     rotated_keys, rotated_values = (rotated_query, rotated_query) if cached_chunk else \
         (rotate(keys, codec, out=torch.empty(keys.shape, dtype=torch.float16, device=keys.device)),
          rotate(values, codec, out=torch.empty(values.shape, dtype=torch.float16, device=values.device)))
     pad = head_dim_pad(layout.head_dim)
+    out = torch.empty_like(query) if out is None else out
+    unrotated = hopper and extend_hopper.unrotates(codec, num_splits, out.dtype)  # by the kernel, into `out`
     if num_splits > 1:
         rotated_out = torch.empty(num_tokens, num_q_heads, num_splits, pad, device=cache.device, dtype=torch.float32)
         lse = torch.empty(num_tokens, num_q_heads, num_splits, device=cache.device, dtype=torch.float32)
     else:
-        rotated_out = torch.zeros(num_tokens, num_q_heads, layout.head_dim, device=cache.device, dtype=torch.float32)
+        rotated_out = out if unrotated else torch.zeros(num_tokens, num_q_heads, layout.head_dim, device=cache.device,
+                                                        dtype=torch.float32)
         lse = torch.full((num_tokens, num_q_heads), float("-inf"), device=cache.device) if return_lse else rotated_out
     grid = (batch, triton.cdiv(max(max_query_len, 1), query_tokens), layout.num_kv_heads * num_splits)
-    group_pad = triton.next_power_of_2(group)
-    rows = query_tokens * group_pad
-    if extend_hopper.serves(layout, cache.device, cached_chunk, rows):
+    if hopper:
         extend_hopper.launch(rotated_query, rotated_keys, rotated_values, cache, block_table, seq_lens, query_start,
                              key_starts, rotated_out, lse, codec, group, group_pad, rows, grid, scale, softcap,
                              sliding_window, num_splits, return_lse)
@@ -297,11 +301,10 @@ def _launch(query, keys, values, query_start, seq_lens, cache, codec, block_tabl
             USE_SOFTCAP=softcap is not None, USE_WINDOW=sliding_window is not None, USE_STARTS=key_starts is not None,
             RETURN_LSE=return_lse, CACHED_CHUNK=cached_chunk, SPLIT=num_splits > 1, **launch,
         )
-    out = torch.empty_like(query) if out is None else out
     if num_splits > 1:  # merged and un-rotated by decode's reduction
         partial_lse, lse = lse, (torch.empty(num_tokens, num_q_heads, device=cache.device, dtype=torch.float32)
                                  if return_lse else None)
         merge_splits(rotated_out, partial_lse, out, lse, codec)
-    else:
+    elif not unrotated:
         rotate(rotated_out, codec, inverse=True, out=out, fixed_tile=cached_chunk)
     return (out, lse) if return_lse else out

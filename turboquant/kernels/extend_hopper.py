@@ -260,16 +260,18 @@ def _query_rows(first_token, query_len, GROUP: gl.constexpr, GROUP_PAD: gl.const
 
 
 @gluon.jit
-def _consumer(query_ptr, out_ptr, lse_ptr, stride_query_token, stride_query_head, scale, softcap, sliding_window,
-              query_start, query_len, first_token, prefix_len, key_start, kv_head, split, num_splits, lo, hi,
-              n_prefix, chunk_lo, chunk_hi, n_tiles, q_bufs, k_bufs, v_bufs, kn_bufs, ready, empty,
-              NUM_KV_HEADS: gl.constexpr, GROUP: gl.constexpr, GROUP_PAD: gl.constexpr, HEAD_DIM: gl.constexpr,
-              TILE: gl.constexpr, STAGES: gl.constexpr, USE_SOFTCAP: gl.constexpr, USE_WINDOW: gl.constexpr,
-              USE_STARTS: gl.constexpr, RETURN_LSE: gl.constexpr, SPLIT: gl.constexpr, WARPGROUP: gl.constexpr,
-              WIDE: gl.constexpr):
+def _consumer(query_ptr, out_ptr, lse_ptr, signs_ptr, stride_query_token, stride_query_head, stride_out_token,
+              stride_out_head, scale, softcap, sliding_window, query_start, query_len, first_token, prefix_len,
+              key_start, kv_head, split, num_splits, lo, hi, n_prefix, chunk_lo, chunk_hi, n_tiles, q_bufs, k_bufs,
+              v_bufs, kn_bufs, s_buf, ready, empty, s_ready, NUM_KV_HEADS: gl.constexpr, GROUP: gl.constexpr,
+              GROUP_PAD: gl.constexpr, HEAD_DIM: gl.constexpr, TILE: gl.constexpr, STAGES: gl.constexpr,
+              USE_SOFTCAP: gl.constexpr, USE_WINDOW: gl.constexpr, USE_STARTS: gl.constexpr,
+              RETURN_LSE: gl.constexpr, SPLIT: gl.constexpr, WARPGROUP: gl.constexpr, WIDE: gl.constexpr,
+              UNROTATE: gl.constexpr, SIGN_SCALE: gl.constexpr):
     """One warpgroup's 64 query rows (rows 64·WARPGROUP on of the program's) over every tile of the ring,
-    then their outputs (the fp32 partial and log-sum-exp of a split, or the rotated output). WIDE (one of
-    two consumers): the query is the score MMA's register operand and the keys come scaled by their norms."""
+    then their outputs (the fp32 partial and log-sum-exp of a split, or the output: un-rotated here where
+    UNROTATE: R = SIGN_SCALE · S, S from signs_ptr, else rotated). WIDE (one of two consumers): the query is
+    the score MMA's register operand and the keys come scaled by their norms."""
     S_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, TILE, 16])
     O_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -292,6 +294,9 @@ def _consumer(query_ptr, out_ptr, lse_ptr, stride_query_token, stride_query_head
         partition_barrier()
         query = query_smem
     query_pos = prefix_len + gl.convert_layout(token, gl.SliceLayout(1, S_LAYOUT))
+    if UNROTATE and WARPGROUP == 0:  # S into shared memory once per program, long before the outputs need it
+        _store_signs(signs_ptr, s_buf, HEAD_DIM)
+        mbarrier.arrive(s_ready, count=1)
 
     running_max = gl.full([64], float("-inf"), gl.float32, layout=gl.SliceLayout(1, S_LAYOUT))
     running_sum = gl.zeros([64], gl.float32, layout=gl.SliceLayout(1, S_LAYOUT))
@@ -336,6 +341,9 @@ def _consumer(query_ptr, out_ptr, lse_ptr, stride_query_token, stride_query_head
     running_sum = gl.convert_layout(running_sum, gl.SliceLayout(1, O_LAYOUT))
     running_max = gl.convert_layout(running_max, gl.SliceLayout(1, O_LAYOUT))
     acc = acc / gl.maximum(running_sum, 1e-30)[:, None]
+    if UNROTATE:
+        mbarrier.wait(s_ready, 0)
+        acc = _unrotated(acc, s_buf, SIGN_SCALE, O_LAYOUT)
     lse = gl.where(running_sum > 0, running_max + gl.log2(gl.maximum(running_sum, 1e-30)), float("-inf"))
     if SPLIT:
         partial_rows = (((query_start + out_token) * (NUM_KV_HEADS * GROUP) + kv_head * GROUP + out_member)
@@ -343,26 +351,51 @@ def _consumer(query_ptr, out_ptr, lse_ptr, stride_query_token, stride_query_head
         gl.store(out_ptr + partial_rows[:, None] * HEAD_DIM + out_dims[None, :], acc, mask=out_valid[:, None])
         gl.store(lse_ptr + partial_rows, lse, mask=out_valid)
     else:
-        out_offsets = ((query_start + out_token) * stride_query_token
-                       + (kv_head * GROUP + out_member) * stride_query_head)
-        gl.store(out_ptr + out_offsets[:, None] + out_dims[None, :], acc, mask=out_valid[:, None])
+        out_offsets = (query_start + out_token) * stride_out_token + (kv_head * GROUP + out_member) * stride_out_head
+        gl.store(out_ptr + out_offsets[:, None] + out_dims[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=out_valid[:, None])
         if RETURN_LSE:
             lse_rows = (query_start + out_token) * (NUM_KV_HEADS * GROUP) + kv_head * GROUP + out_member
             gl.store(lse_ptr + lse_rows, lse * 0.6931471805599453, mask=out_valid)
 
 
+@gluon.jit
+def _store_signs(signs_ptr, s_buf, HEAD_DIM: gl.constexpr):
+    """The int8 S of the rotation R = c · S into shared memory as bf16 (exact), the B operand of `_unrotated`."""
+    LAYOUT: gl.constexpr = gl.BlockedLayout([1, 16], [512 // HEAD_DIM, HEAD_DIM // 16], [4, 1], [1, 0])
+    rows = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(1, LAYOUT))
+    columns = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, LAYOUT))
+    s_buf.store(gl.load(signs_ptr + rows[:, None] * HEAD_DIM + columns[None, :]).to(gl.bfloat16))
+    fence_async_shared()
+
+
+@gluon.jit
+def _unrotated(x, s_buf, SIGN_SCALE: gl.constexpr, LAYOUT: gl.constexpr):
+    """x @ R for fp32 x [64, D] in the MMA's LAYOUT, R = SIGN_SCALE · S with S in s_buf, for a 16-bit output:
+    x split into two bf16 parts (16 significant bits: the rest, under 2^-16 of x, is far below the output's
+    rounding), each times S on the tensor cores (exact products, fp32 sums). An fp32-accurate third part
+    takes registers enough that ptxas serializes every `wgmma` of the kernel (sm_90, Triton 3.6)."""
+    A_OPERAND: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=LAYOUT, k_width=2)
+    high = x.to(gl.bfloat16)
+    low = (x - high.to(gl.float32)).to(gl.bfloat16)
+    y = warpgroup_mma(gl.convert_layout(low, A_OPERAND), s_buf, gl.zeros(x.shape, gl.float32, layout=LAYOUT),
+                      use_acc=False)
+    y = warpgroup_mma(gl.convert_layout(high, A_OPERAND), s_buf, y)
+    return y * SIGN_SCALE
+
+
 @gluon.jit(do_not_specialize_on_alignment=SLICED_METADATA)
 def _extend_hopper_kernel(
     query_ptr, keys_ptr, values_ptr, cache_ptr, tables_ptr, block_table_ptr, seq_lens_ptr, query_start_ptr,
-    key_starts_ptr, out_ptr, lse_ptr, stride_query_token, stride_query_head, stride_kv_token, stride_kv_head,
-    stride_table_seq, scale, softcap, sliding_window, num_splits,
+    key_starts_ptr, signs_ptr, out_ptr, lse_ptr, stride_query_token, stride_query_head, stride_kv_token,
+    stride_kv_head, stride_out_token, stride_out_head, stride_table_seq, scale, softcap, sliding_window, num_splits,
     NUM_KV_HEADS: gl.constexpr, GROUP: gl.constexpr, GROUP_PAD: gl.constexpr, BLOCK_SIZE: gl.constexpr,
     HEAD_PAGE_BYTES: gl.constexpr, VALUES_OFFSET: gl.constexpr, KEY_NORMS_OFFSET: gl.constexpr,
     VALUE_NORMS_OFFSET: gl.constexpr, HEAD_DIM: gl.constexpr, KEY_BYTES: gl.constexpr, KEY_LUT: gl.constexpr,
     VALUE_BYTES: gl.constexpr, VALUE_LUT: gl.constexpr, USE_SOFTCAP: gl.constexpr, USE_WINDOW: gl.constexpr,
     USE_STARTS: gl.constexpr, RETURN_LSE: gl.constexpr, TILE: gl.constexpr, SPLIT: gl.constexpr,
     CONSUMERS: gl.constexpr, STAGES: gl.constexpr, PREFETCH: gl.constexpr, PRODUCER_REGS: gl.constexpr,
-    CONSUMER_REGS: gl.constexpr, WIDE: gl.constexpr,
+    CONSUMER_REGS: gl.constexpr, WIDE: gl.constexpr, UNROTATE: gl.constexpr, SIGN_SCALE: gl.constexpr,
 ):
     ROWS: gl.constexpr = 64 * CONSUMERS
     QUERY_TOKENS: gl.constexpr = ROWS // GROUP_PAD
@@ -399,6 +432,9 @@ def _extend_hopper_kernel(
     k_bufs = gl.allocate_shared_memory(gl.float16, [STAGES, TILE, HEAD_DIM], TILE_SMEM)
     v_bufs = gl.allocate_shared_memory(gl.float16, [STAGES, TILE, HEAD_DIM], TILE_SMEM)
     kn_bufs = gl.allocate_shared_memory(gl.float32, [STAGES, TILE], NORMS_SMEM)
+    s_buf = gl.allocate_shared_memory(gl.bfloat16, [HEAD_DIM, HEAD_DIM], TILE_SMEM)  # used where UNROTATE
+    s_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    mbarrier.init(s_ready, count=1)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
@@ -408,16 +444,18 @@ def _extend_hopper_kernel(
     # each partition's arguments are a tuple literal: bound to a name, a tuple's constexprs become tensors
     if CONSUMERS == 2:
         gl.warp_specialize([
-            (_consumer, (query_ptr, out_ptr, lse_ptr, stride_query_token, stride_query_head, scale, softcap,
-                         sliding_window, query_start, query_len, first_token, prefix_len, key_start, kv_head, split,
-                         num_splits, lo, hi, n_prefix, chunk_lo, chunk_hi, n_tiles, q_bufs, k_bufs, v_bufs, kn_bufs,
-                         ready, empty, NUM_KV_HEADS, GROUP, GROUP_PAD, HEAD_DIM, TILE, STAGES, USE_SOFTCAP,
-                         USE_WINDOW, USE_STARTS, RETURN_LSE, SPLIT, 0, WIDE)),
-            (_consumer, (query_ptr, out_ptr, lse_ptr, stride_query_token, stride_query_head, scale, softcap,
-                         sliding_window, query_start, query_len, first_token, prefix_len, key_start, kv_head, split,
-                         num_splits, lo, hi, n_prefix, chunk_lo, chunk_hi, n_tiles, q_bufs, k_bufs, v_bufs, kn_bufs,
-                         ready, empty, NUM_KV_HEADS, GROUP, GROUP_PAD, HEAD_DIM, TILE, STAGES, USE_SOFTCAP,
-                         USE_WINDOW, USE_STARTS, RETURN_LSE, SPLIT, 1, WIDE)),
+            (_consumer, (query_ptr, out_ptr, lse_ptr, signs_ptr, stride_query_token, stride_query_head,
+                         stride_out_token, stride_out_head, scale, softcap, sliding_window, query_start, query_len,
+                         first_token, prefix_len, key_start, kv_head, split, num_splits, lo, hi, n_prefix, chunk_lo,
+                         chunk_hi, n_tiles, q_bufs, k_bufs, v_bufs, kn_bufs, s_buf, ready, empty, s_ready,
+                         NUM_KV_HEADS, GROUP, GROUP_PAD, HEAD_DIM, TILE, STAGES, USE_SOFTCAP, USE_WINDOW, USE_STARTS,
+                         RETURN_LSE, SPLIT, 0, WIDE, UNROTATE, SIGN_SCALE)),
+            (_consumer, (query_ptr, out_ptr, lse_ptr, signs_ptr, stride_query_token, stride_query_head,
+                         stride_out_token, stride_out_head, scale, softcap, sliding_window, query_start, query_len,
+                         first_token, prefix_len, key_start, kv_head, split, num_splits, lo, hi, n_prefix, chunk_lo,
+                         chunk_hi, n_tiles, q_bufs, k_bufs, v_bufs, kn_bufs, s_buf, ready, empty, s_ready,
+                         NUM_KV_HEADS, GROUP, GROUP_PAD, HEAD_DIM, TILE, STAGES, USE_SOFTCAP, USE_WINDOW, USE_STARTS,
+                         RETURN_LSE, SPLIT, 1, WIDE, UNROTATE, SIGN_SCALE)),
             (_producer, (cache_ptr, tables_ptr, block_table_ptr, table_row, kv_head, keys_ptr, stride_kv_token,
                          stride_kv_head, query_start, lo, hi, n_prefix, chunk_lo, chunk_hi, n_tiles, k_bufs, kn_bufs,
                          ready, empty, NUM_KV_HEADS, BLOCK_SIZE, HEAD_PAGE_BYTES, 0, KEY_NORMS_OFFSET, KEY_BYTES,
@@ -429,11 +467,12 @@ def _extend_hopper_kernel(
         ], [4, 4, 4], [CONSUMER_REGS, PRODUCER_REGS, PRODUCER_REGS])
     else:
         gl.warp_specialize([
-            (_consumer, (query_ptr, out_ptr, lse_ptr, stride_query_token, stride_query_head, scale, softcap,
-                         sliding_window, query_start, query_len, first_token, prefix_len, key_start, kv_head, split,
-                         num_splits, lo, hi, n_prefix, chunk_lo, chunk_hi, n_tiles, q_bufs, k_bufs, v_bufs, kn_bufs,
-                         ready, empty, NUM_KV_HEADS, GROUP, GROUP_PAD, HEAD_DIM, TILE, STAGES, USE_SOFTCAP,
-                         USE_WINDOW, USE_STARTS, RETURN_LSE, SPLIT, 0, WIDE)),
+            (_consumer, (query_ptr, out_ptr, lse_ptr, signs_ptr, stride_query_token, stride_query_head,
+                         stride_out_token, stride_out_head, scale, softcap, sliding_window, query_start, query_len,
+                         first_token, prefix_len, key_start, kv_head, split, num_splits, lo, hi, n_prefix, chunk_lo,
+                         chunk_hi, n_tiles, q_bufs, k_bufs, v_bufs, kn_bufs, s_buf, ready, empty, s_ready,
+                         NUM_KV_HEADS, GROUP, GROUP_PAD, HEAD_DIM, TILE, STAGES, USE_SOFTCAP, USE_WINDOW, USE_STARTS,
+                         RETURN_LSE, SPLIT, 0, WIDE, UNROTATE, SIGN_SCALE)),
             (_producer, (cache_ptr, tables_ptr, block_table_ptr, table_row, kv_head, keys_ptr, stride_kv_token,
                          stride_kv_head, query_start, lo, hi, n_prefix, chunk_lo, chunk_hi, n_tiles, k_bufs, kn_bufs,
                          ready, empty, NUM_KV_HEADS, BLOCK_SIZE, HEAD_PAGE_BYTES, 0, KEY_NORMS_OFFSET, KEY_BYTES,
@@ -445,20 +484,30 @@ def _extend_hopper_kernel(
         ], [4, 4], [PRODUCER_REGS, PRODUCER_REGS])
 
 
-def launch(rotated_query, rotated_keys, rotated_values, cache, block_table, seq_lens, query_start, key_starts,
-           rotated_out, lse, codec, group: int, group_pad: int, rows: int, grid: tuple, scale: float,
-           softcap: float | None, sliding_window: int | None, num_splits: int, return_lse: bool) -> None:
-    """The kernel over `extend._launch`'s rotated operands and outputs (same grid and output layout as
-    `extend._extend_kernel`; `rows`: query rows per program, 64 per consumer warpgroup)."""
+def unrotates(codec, num_splits: int, out_dtype: torch.dtype) -> bool:
+    """Whether the kernel un-rotates its outputs itself (`_unrotated`): unsplit programs, a rotation with a
+    sign form (a randomized Hadamard's), a 16-bit output. Else they come out rotated, for a rotation or a
+    merge after it."""
+    return num_splits == 1 and codec.rotation_signs is not None and out_dtype in (torch.float16, torch.bfloat16)
+
+
+def launch(rotated_query, rotated_keys, rotated_values, cache, block_table, seq_lens, query_start, key_starts, out,
+           lse, codec, group: int, group_pad: int, rows: int, grid: tuple, scale: float, softcap: float | None,
+           sliding_window: int | None, num_splits: int, return_lse: bool) -> None:
+    """The kernel over `extend._launch`'s rotated operands into its outputs (same grid and output layout as
+    `extend._extend_kernel`): `out` the rotated outputs unless `unrotates`, then the output (any 16-bit
+    dtype, any token and head strides). `rows`: query rows per program, 64 per consumer warpgroup."""
     layout = codec.layout
+    unrotate = unrotates(codec, num_splits, out.dtype)
     consumers = rows // 64
     tile = 64 if layout.head_dim == 128 or consumers == 2 else 128
     wide = consumers == 2  # see WIDE below
     _extend_hopper_kernel[grid](
         rotated_query, rotated_keys, rotated_values, cache, codec.lut_lane_tables, block_table, seq_lens, query_start,
-        seq_lens if key_starts is None else key_starts, rotated_out, lse,
+        seq_lens if key_starts is None else key_starts, codec.rotation_signs if unrotate else seq_lens, out, lse,
         rotated_query.stride(0), rotated_query.stride(1), rotated_keys.stride(0), rotated_keys.stride(1),
-        block_table.stride(0), float(scale), float(softcap or 0.0), int(sliding_window or 0), num_splits,
+        out.stride(0), out.stride(1), block_table.stride(0), float(scale), float(softcap or 0.0),
+        int(sliding_window or 0), num_splits,
         NUM_KV_HEADS=layout.num_kv_heads, GROUP=group, GROUP_PAD=group_pad, BLOCK_SIZE=layout.block_size,
         HEAD_PAGE_BYTES=layout.head_page_bytes, VALUES_OFFSET=layout.values_offset,
         KEY_NORMS_OFFSET=layout.key_norms_offset, VALUE_NORMS_OFFSET=layout.value_norms_offset,
@@ -479,5 +528,7 @@ def launch(rotated_query, rotated_keys, rotated_values, cache, block_table, seq_
         # producers: there keys scaled (by fp16 norms) took chunk 64 from 0.099 to 0.109 ms, and the query
         # in registers d=64 chunk 16 from 0.037 to 0.038.
         CONSUMER_REGS=CONSUMER_REGS, WIDE=wide,
+        # Un-rotated here, the output saves the rotation a launch and an fp32 round trip (H200, scratch run)
+        UNROTATE=unrotate, SIGN_SCALE=codec.rotation_sign_scale if unrotate else 0.0,
         num_warps=4,  # the default partition: the first consumer
         maxnreg=(65536 // (32 * program_warps(rows))) // 8 * 8)  # the register file over every warp
