@@ -332,6 +332,13 @@ FRAGMENT_MIN_WORK = 1 << 19
 # reduction launched after it ends: b8 x 1K 0.0156 against 0.0165 ms, b32 x 4K 0.6-1.0% slower, the other
 # cells within 0.8% (kernels-decode-h200-reduction-chained*.md; kernels.py's 'reduction not chained').
 CHAIN_REDUCTION_AFTER_FRAGMENTS = True
+# Up to this batch the rotation, the Triton split kernel and the reduction are chained by programmatic
+# dependent launch where the device has it: each starts while the one before runs and waits for it only
+# before reading its output, which hides launch gaps that dominate a short call. H200, 1K, chained against
+# one after another (`decode_variants.py --variants default,chained_launches`,
+# decode-variants-h200-chained.md): b2 0.0117 → 0.0104 ms, b4 0.0125 → 0.0114, but b8 0.0155 → 0.0169,
+# b16 and b32 3% slower, b8 x 4K 8% slower (b1 x 1K: 0.014 → 0.012 ms when it was first chained).
+CHAIN_MAX_BATCH = 4
 # The Triton kernel's span limit when it serves every sequence (int32).
 ANY_SPAN = (1 << 31) - 1
 
@@ -427,7 +434,7 @@ def variant_batches(codec: KernelCodec, group: int, max_tokens: int, device: tor
                     rotates_queries: bool = False) -> list[int]:
     """The smallest batch of each set of kernel variants that `paged_decode_attention` calls of 1 … `most`
     sequences launch by default: the variants follow which split kernels run and their split counts (not
-    the fragment kernel's span, a run-time value), a batch of one (chained launches), the tile height of
+    the fragment kernel's span, a run-time value), a batch up to CHAIN_MAX_BATCH (chained launches), the tile height of
     each rotation of the batch's rows (the output's where the reduction does not un-rotate, the query's
     where the calls rotate it: `rotates_queries`, an unrotated query or `store=`) and the reduction's
     programs per row block where it un-rotates (`reduce_column_programs`). Calls at these batches
@@ -439,7 +446,7 @@ def variant_batches(codec: KernelCodec, group: int, max_tokens: int, device: tor
         tall_rotation = (rotates_queries or not unrotates) and batch > ROTATE_SHORT_TILE_MAX_TOKENS
         column_programs = (reduce_column_programs(batch * group * codec.layout.num_kv_heads, pad, device)
                            if unrotates else 1)
-        key = (plan.min_span is None, plan.min_span == 0, plan.triton_splits, plan.num_splits, batch == 1,
+        key = (plan.min_span is None, plan.min_span == 0, plan.triton_splits, plan.num_splits, batch <= CHAIN_MAX_BATCH,
                tall_rotation, column_programs)
         if key not in seen:
             seen.add(key)
@@ -543,11 +550,7 @@ def paged_decode_attention(query: torch.Tensor, cache: torch.Tensor, codec: Kern
     min_span, triton_splits, num_splits = plan.min_span, plan.triton_splits, plan.num_splits
 
     pad = head_dim_pad(layout.head_dim)
-    # rotate q once (keys stay in the rotated space). For a single sequence the three launches are chained
-    # by programmatic dependent launch where the device has it: each starts while the one before runs and
-    # waits for it only before reading its output, which hides launch gaps that dominate a short call
-    # (H200, b1 x 1K: 0.014 → 0.012 ms). At batch 8 and 64 the same chaining measured 1–17% slower
-    # (`benchmarks/kernels.py`, ours vs ours unchained), so larger batches launch one after another.
+    # rotate q once (keys stay in the rotated space); up to CHAIN_MAX_BATCH sequences the launches are chained
     pdl = programmatic_launch_available(cache.device)
     pairs = batch * layout.num_kv_heads
     # the exact window's kernel on a stream of its own (see WINDOW_STREAM_MIN_PAIRS)
@@ -556,7 +559,8 @@ def paged_decode_attention(query: torch.Tensor, cache: torch.Tensor, codec: Kern
     if store is not None and not store_beside:
         query, query_rotated, after_store = store(query), True, True
     after_store = (store_beside or (after_store and query_rotated)) and triton_splits > 0 and pdl
-    chained = batch == 1 and min_span is None and (after_store or not query_rotated) and pdl and exact is None
+    chained = (batch <= CHAIN_MAX_BATCH and min_span is None and (after_store or not query_rotated) and pdl
+               and exact is None)
     if store_beside:  # the split kernels wait for this rotation as for a store's
         rotated_query = rotate(query, codec, launch_dependents=after_store)
     else:
