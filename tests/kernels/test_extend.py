@@ -110,6 +110,17 @@ def test_extend_key_starts_and_log_sum_exp(head_dim, key_bits, value_bits, block
     torch.testing.assert_close(lse, expected_lse, **TOLERANCE)
 
 
+def test_extend_fresh_keys_and_values_of_different_dtypes(device, generator):
+    """Fresh keys and values share one rotation launch where their dtypes match; fp32 keys beside bf16
+    values take one launch each, and the output still matches the reference."""
+    head_dim = CASES[1][0]
+    codec, cache, table, (query, keys, values, starts, lengths) = chunked_case(CASES[1], [40, 0], [9, 5], device,
+                                                                               generator)
+    inputs = (query, keys.float(), values, starts, lengths)
+    out = extend_attention(*inputs, cache, codec, table, head_dim**-0.5, 9)
+    torch.testing.assert_close(out, extend_reference(*inputs, cache, codec, table, head_dim**-0.5), **TOLERANCE)
+
+
 # the window and soft-capping code is extend's (tested above over every case): one case each here
 @pytest.mark.parametrize("case, options", [(CASES[1], {}), (CASES[3], {"sliding_window": 29}),
                                            (CASES[5], {"softcap": 4.0})])

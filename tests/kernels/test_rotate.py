@@ -48,6 +48,26 @@ def test_rotate_matches_fp32_matmul(head_dim, dtype, tokens, device, generator):
     torch.testing.assert_close(back.float(), x.float(), rtol=1e-2, atol=2e-2 if dtype != torch.float32 else 1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rotate_rotates_a_second_tensor_in_the_same_launch(dtype, device, generator):
+    """`second` (a chunk's values beside its keys): its rows come out as the heads after x's, each exactly as
+    a launch of its own rotates them; both strided views of one buffer, as vLLM's keys and values are."""
+    codec = make_codec(64, 4, 4, num_kv_heads=2, block_size=16, device=device)
+    packed = torch.randn(20, 7, 64, generator=generator).to(dtype).to(device)
+    keys, values = packed[:, 1:3], packed[:, 4:6]
+    out = torch.empty(20, 4, 64, dtype=torch.float16, device=device)
+    assert rotate(keys, codec, second=values, out=out) is out
+    for rows, x in ((out[:, :2], keys), (out[:, 2:], values)):
+        alone = rotate(x, codec, out=torch.empty(20, 2, 64, dtype=torch.float16, device=device))
+        torch.testing.assert_close(rows, alone, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="second must have shape"):
+        rotate(keys, codec, second=values[:5], out=out)
+    with pytest.raises(ValueError, match="second must have dtype"):
+        rotate(keys, codec, second=values.float(), out=out)
+    with pytest.raises(ValueError, match="out must have shape"):
+        rotate(keys, codec, second=values, out=out[:, :2])
+
+
 def test_rotate_rejects_bad_input(device):
     codec = make_codec(64, 4, 4, num_kv_heads=2, block_size=16, device=device)
     with pytest.raises(ValueError, match="x must be"):

@@ -271,9 +271,17 @@ def _launch(query, keys, values, query_start, seq_lens, cache, codec, block_tabl
     hopper = extend_hopper.serves(layout, cache.device, cached_chunk, rows)
     rotated_query = rotate(query, codec, fixed_tile=cached_chunk)
     # a cached chunk has no fresh K/V: the kernel never reads these pointers (its part (b) is compiled out)
-    rotated_keys, rotated_values = (rotated_query, rotated_query) if cached_chunk else \
-        (rotate(keys, codec, out=torch.empty(keys.shape, dtype=torch.float16, device=keys.device)),
-         rotate(values, codec, out=torch.empty(values.shape, dtype=torch.float16, device=values.device)))
+    rotated_keys = rotated_values = rotated_query
+    if not cached_chunk:  # views of one [tokens, 2 · kv heads, D] buffer (the kernels read both at one stride)
+        kv_heads = layout.num_kv_heads
+        rotated_kv = torch.empty(keys.shape[0], 2 * kv_heads, layout.head_dim, dtype=torch.float16,
+                                 device=keys.device)
+        rotated_keys, rotated_values = rotated_kv[:, :kv_heads], rotated_kv[:, kv_heads:]
+        if keys.dtype == values.dtype:  # in one launch (H200, scratch run: ~2.7 us less per call)
+            rotate(keys, codec, second=values, out=rotated_kv)
+        else:
+            rotate(keys, codec, out=rotated_keys)
+            rotate(values, codec, out=rotated_values)
     pad = head_dim_pad(layout.head_dim)
     out = torch.empty_like(query) if out is None else out
     unrotated = hopper and extend_hopper.unrotates(codec, num_splits, out.dtype)  # by the kernel, into `out`

@@ -89,10 +89,12 @@ def store_rotated_block(x, block, rotation_ptr, out_ptr, stride_out_token, strid
 
 
 @triton.jit(do_not_specialize=["num_tokens"])  # num_tokens changes every step: one variant for all
-def _rotate_kernel(x_ptr, rotation_ptr, out_ptr, num_tokens, stride_x_token, stride_x_head, stride_out_token,
-                   stride_out_head, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, PART_SCALE: tl.constexpr,
+def _rotate_kernel(x_ptr, second_ptr, rotation_ptr, out_ptr, num_tokens, x_heads, stride_x_token, stride_x_head,
+                   stride_second_token, stride_second_head, stride_out_token, stride_out_head,
+                   HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, PART_SCALE: tl.constexpr,
                    SIGN_SCALE: tl.constexpr, INVERSE: tl.constexpr, COLUMNS: tl.constexpr, ROWS: tl.constexpr,
                    LAUNCH_DEPENDENTS: tl.constexpr, WAIT_FOR_INPUT: tl.constexpr):
+    """Output heads from x_heads on are the rows of second_ptr's heads (`rotate`'s `second`)."""
     if LAUNCH_DEPENDENTS:  # the next kernel may start now; it waits for this one before reading its output
         gdc_launch_dependents()
     if WAIT_FOR_INPUT:  # launched while the kernel that writes x may still run
@@ -101,7 +103,11 @@ def _rotate_kernel(x_ptr, rotation_ptr, out_ptr, num_tokens, stride_x_token, str
     tokens = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     head = tl.program_id(1)
     rows_valid = tokens < num_tokens
-    x = load_head_rows(x_ptr, stride_x_token, stride_x_head, tokens, rows_valid, head, HEAD_DIM, HEAD_DIM_PAD)
+    in_second = head >= x_heads
+    x = load_head_rows(tl.where(in_second, second_ptr, x_ptr),
+                       tl.where(in_second, stride_second_token, stride_x_token),
+                       tl.where(in_second, stride_second_head, stride_x_head), tokens, rows_valid,
+                       tl.where(in_second, head - x_heads, head), HEAD_DIM, HEAD_DIM_PAD)
     store_rotated_block(x, tl.program_id(2), rotation_ptr, out_ptr, stride_out_token, stride_out_head, tokens,
                         rows_valid, head, HEAD_DIM, HEAD_DIM_PAD, PART_SCALE, SIGN_SCALE, INVERSE, COLUMNS)
 
@@ -125,7 +131,8 @@ SHORT_TILE_MAX_TOKENS = 256
 
 
 def rotate(x: torch.Tensor, codec, inverse: bool = False, out: torch.Tensor | None = None,
-           fixed_tile: bool = False, launch_dependents: bool = False, after_previous: bool = False) -> torch.Tensor:
+           fixed_tile: bool = False, launch_dependents: bool = False, after_previous: bool = False,
+           second: torch.Tensor | None = None) -> torch.Tensor:
     """x [tokens, heads, head_dim] (fp16/bf16/fp32, any token and head strides) → x @ Rᵀ (x @ R when
     `inverse`) as fp32, or written into `out` (same shape, any float dtype, cast on store). `fixed_tile`:
     the same tile shape whatever the token count, so that a row's result does not depend on how many
@@ -133,27 +140,34 @@ def rotate(x: torch.Tensor, codec, inverse: bool = False, out: torch.Tensor | No
     (a `KernelCodec`, or a weight layer's `GroupRotation`). Programmatic dependent launch (see
     `launch.programmatic_launch_available`): `launch_dependents` lets a next kernel launched that way
     start at once (it must `gdc_wait` before reading `out`); `after_previous` launches this one that way
-    (it waits for the kernel before it, which writes x, before reading x)."""
+    (it waits for the kernel before it, which writes x, before reading x). `second`: a tensor of x's shape
+    and dtype rotated in the same launch (a chunk's keys and values), its heads after x's in `out`, which is
+    then [tokens, 2 · heads, head_dim]."""
     head_dim = codec.rotation.shape[-1]
     if not isinstance(x, torch.Tensor) or x.ndim != 3 or x.shape[-1] != head_dim or x.dtype not in FLOAT_DTYPES:
         raise ValueError(f"x must be a float tensor [tokens, heads, {head_dim}], got "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
     if x.device != codec.device:
         raise ValueError(f"x is on {x.device}, the codec on {codec.device}")
+    if second is not None:
+        check_device_tensor(second, "second", (x.dtype,), x.shape, x.device)
+    tokens, heads = x.shape[:2]
+    out_shape = (tokens, heads * (1 if second is None else 2), head_dim)
     if out is None:
-        out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-    check_device_tensor(out, "out", FLOAT_DTYPES, x.shape, x.device)
+        out = torch.empty(out_shape, dtype=torch.float32, device=x.device)
+    check_device_tensor(out, "out", FLOAT_DTYPES, out_shape, x.device)
     if x.stride(-1) != 1:
         x = x.contiguous()
-    tokens, heads = x.shape[:2]
+    second = x if second is None else second
     if tokens == 0 or heads == 0:
         return out
     operand, part_scale, sign_scale = rotation_operand(codec, x.dtype)
     rows = 16 if tokens <= SHORT_TILE_MAX_TOKENS or fixed_tile else 64
     pad = head_dim_pad(head_dim)
     columns = rotation_columns(pad, part_scale)
-    _rotate_kernel[(triton.cdiv(tokens, rows), heads, pad // columns)](
-        x, operand, out, tokens, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
+    _rotate_kernel[(triton.cdiv(tokens, rows), out_shape[1], pad // columns)](
+        x, second, operand, out, tokens, heads, x.stride(0), x.stride(1), second.stride(0), second.stride(1),
+        out.stride(0), out.stride(1),
         HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, PART_SCALE=part_scale, SIGN_SCALE=sign_scale, INVERSE=inverse,
         COLUMNS=columns, ROWS=rows,
         LAUNCH_DEPENDENTS=launch_dependents, WAIT_FOR_INPUT=after_previous,
