@@ -16,7 +16,9 @@ FlashAttention-3 style, which the warp schedulers interleave:
 - one or two consumer warpgroups of 64 query rows each score a tile on the tensor cores (`wgmma`; the
   query in registers where there are two, in shared memory where there is one), multiply the scores by
   the keys' fp32 norms where the keys come unscaled, run the fp32 online softmax, accumulate the previous
-  tile's values, and hand each stage back when both MMAs that read it are done;
+  tile's values, and hand each stage back when both MMAs that read it are done; at the end they un-rotate
+  a 16-bit output themselves (`unrotates`: two MMAs with the rotation's signs, which the first consumer
+  put in shared memory at its start), which saves the output's rotation a launch of its own;
 - mbarriers pass the stages between them (ready: both producers filled it; empty: every consumer is
   done with it).
 With the producers' registers few and the consumers' many (`setmaxnreg`), the unpacking no longer
