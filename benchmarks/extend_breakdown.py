@@ -11,20 +11,17 @@ time in a CUDA graph. The kernels are what `extend_attention` picks (on Hopper `
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernels import HEAD_64, LLAMA_8B, block_table_for, graph_time_ms, random_compressed_cache  # noqa: E402
+from extend_launch import add_sweep_arguments, parse_sweep, save_sweep  # noqa: E402
+from kernels import HEAD_64, LLAMA_8B, extend_case, graph_time_ms  # noqa: E402
 
-from turboquant.core import TurboQuantConfig  # noqa: E402 (kernels.py puts the repository on sys.path)
-from turboquant.kernels import extend  # noqa: E402
-from turboquant.kernels.codec import KernelCodec  # noqa: E402
+from turboquant.kernels import extend  # noqa: E402 (kernels.py puts the repository on sys.path)
 
 PREFIX = 16384
 CHUNKS = (16, 512, 2048)
@@ -49,18 +46,11 @@ def kernel_times_us(call, calls: int = PROFILED_CALLS) -> dict[str, float]:
 
 
 def cell(shape: dict, chunk: int) -> dict:
-    head_dim, num_q_heads, num_kv_heads = shape["head_dim"], shape["num_q_heads"], shape["num_kv_heads"]
-    codec = KernelCodec.from_config(TurboQuantConfig.from_preset("k4v4"), head_dim, num_kv_heads, 16, device="cuda")
-    table, seq_lens, num_blocks = block_table_for(1, PREFIX + chunk)
-    cache = random_compressed_cache(codec, num_blocks)
-    query = torch.randn(chunk, num_q_heads, head_dim, device="cuda", dtype=torch.bfloat16)
-    keys = torch.randn(chunk, num_kv_heads, head_dim, device="cuda", dtype=torch.bfloat16)
-    values = torch.randn_like(keys)
-    starts = torch.tensor([0, chunk], dtype=torch.int32, device="cuda")
+    codec, table, seq_lens, cache, query, keys, values, starts = extend_case(shape, PREFIX, chunk)
 
     def call():
-        return extend.extend_attention(query, keys, values, starts, seq_lens, cache, codec, table, head_dim**-0.5,
-                                       chunk)
+        return extend.extend_attention(query, keys, values, starts, seq_lens, cache, codec, table,
+                                       shape["head_dim"]**-0.5, chunk)
     kernels = kernel_times_us(call)
     return {"shape": shape["name"], "prefix": PREFIX, "chunk": chunk, "graph_ms": graph_time_ms(call),
             "kernels_us": kernels, "kernels_total_us": sum(kernels.values())}
@@ -80,30 +70,14 @@ def markdown(result: dict) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="benchmarks/results/extend-breakdown-h200.json")
-    parser.add_argument("--build", help="the build measured (default: git's HEAD here)")
-    parser.add_argument("--chunks", default=",".join(map(str, CHUNKS)), help="chunk lengths, comma-separated")
-    parser.add_argument("--shapes", default=",".join(s["name"] for s in SHAPES),
-                        help="shape names, comma-separated (default: all)")
+    add_sweep_arguments(parser, "benchmarks/results/extend-breakdown-h200.json", CHUNKS, SHAPES)
     args = parser.parse_args()
-    chunks = [int(chunk) for chunk in args.chunks.split(",")]
-    shapes = [shape for shape in SHAPES if shape["name"] in args.shapes.split(",")]
-    if not shapes or any(chunk < 1 for chunk in chunks):
-        parser.error(f"--shapes must name some of {[s['name'] for s in SHAPES]} and --chunks be positive")
-    if not torch.cuda.is_available():
-        parser.error("needs a CUDA device")
-    build = args.build or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                         text=True).stdout.strip()
-    result = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(), "build": build,
-              "command": " ".join(["python", "benchmarks/extend_breakdown.py"] + sys.argv[1:]), "rows": []}
+    chunks, shapes, result = parse_sweep(parser, args, SHAPES, "benchmarks/extend_breakdown.py")
     for shape in shapes:
         for chunk in chunks:
             result["rows"].append(cell(shape, chunk))
             print(json.dumps(result["rows"][-1]), flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    Path(args.out).with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    save_sweep(result, args.out, markdown)
     return 0
 
 

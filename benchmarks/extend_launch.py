@@ -23,11 +23,9 @@ import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernels import HEAD_64, HEAD_256, LLAMA_8B, block_table_for, graph_time_ms, random_compressed_cache  # noqa: E402
+from kernels import HEAD_64, HEAD_256, LLAMA_8B, extend_case, graph_time_ms  # noqa: E402
 
-from turboquant.core import TurboQuantConfig  # noqa: E402 (kernels.py puts the repository on sys.path)
-from turboquant.kernels import extend, extend_hopper  # noqa: E402
-from turboquant.kernels.codec import KernelCodec  # noqa: E402
+from turboquant.kernels import extend, extend_hopper  # noqa: E402 (kernels.py puts the repository on sys.path)
 
 PREFIX = 16384
 CHUNKS = (16, 64, 512, 2048)
@@ -41,13 +39,7 @@ CONFIGS = {  # (ROWS, TILE, num_warps, num_stages)
 
 def cell_rows(shape: dict, chunk: int, kernels_only: bool = False) -> list[dict]:
     head_dim, num_q_heads, num_kv_heads = shape["head_dim"], shape["num_q_heads"], shape["num_kv_heads"]
-    codec = KernelCodec.from_config(TurboQuantConfig.from_preset("k4v4"), head_dim, num_kv_heads, 16, device="cuda")
-    table, seq_lens, num_blocks = block_table_for(1, PREFIX + chunk)
-    cache = random_compressed_cache(codec, num_blocks)
-    query = torch.randn(chunk, num_q_heads, head_dim, device="cuda", dtype=torch.bfloat16)
-    keys = torch.randn(chunk, num_kv_heads, head_dim, device="cuda", dtype=torch.bfloat16)
-    values = torch.randn_like(keys)
-    starts = torch.tensor([0, chunk], dtype=torch.int32, device="cuda")
+    codec, table, seq_lens, cache, query, keys, values, starts = extend_case(shape, PREFIX, chunk)
 
     def call(num_splits=None):
         return extend.extend_attention(query, keys, values, starts, seq_lens, cache, codec, table, head_dim**-0.5,
@@ -108,34 +100,51 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="benchmarks/results/extend-launch-h200.json")
+def add_sweep_arguments(parser: argparse.ArgumentParser, out: str, chunks, shapes) -> None:
+    """--out, --build, --chunks, --shapes: the command line of a sweep over chunks of one sequence per shape."""
+    parser.add_argument("--out", default=out)
     parser.add_argument("--build", help="the build measured (default: git's HEAD here)")
-    parser.add_argument("--chunks", default=",".join(map(str, CHUNKS)), help="chunk lengths, comma-separated")
-    parser.add_argument("--shapes", default=",".join(s["name"] for s in SHAPES),
+    parser.add_argument("--chunks", default=",".join(map(str, chunks)), help="chunk lengths, comma-separated")
+    parser.add_argument("--shapes", default=",".join(s["name"] for s in shapes),
                         help="shape names, comma-separated (default: all)")
-    parser.add_argument("--kernels-only", action="store_true",
-                        help="only 'auto' and, on Hopper, extend.py's kernel at the same plan (no fixed shapes)")
-    args = parser.parse_args()
+
+
+def parse_sweep(parser: argparse.ArgumentParser, args, shapes, script: str) -> tuple[list[int], list[dict], dict]:
+    """(chunks, shapes, the result's header with no rows yet) from `add_sweep_arguments`' options; exits with
+    the parser's error on bad ones or without a CUDA device."""
     chunks = [int(chunk) for chunk in args.chunks.split(",")]
-    shapes = [shape for shape in SHAPES if shape["name"] in args.shapes.split(",")]
-    if not shapes or any(chunk < 1 for chunk in chunks):
-        parser.error(f"--shapes must name some of {[s['name'] for s in SHAPES]} and --chunks be positive")
+    picked = [shape for shape in shapes if shape["name"] in args.shapes.split(",")]
+    if not picked or any(chunk < 1 for chunk in chunks):
+        parser.error(f"--shapes must name some of {[s['name'] for s in shapes]} and --chunks be positive")
     if not torch.cuda.is_available():
         parser.error("needs a CUDA device")
     build = args.build or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                          text=True).stdout.strip()
-    result = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(), "build": build,
-              "command": " ".join(["python", "benchmarks/extend_launch.py"] + sys.argv[1:]), "rows": []}
+    return chunks, picked, {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
+                            "build": build, "command": " ".join(["python", script] + sys.argv[1:]), "rows": []}
+
+
+def save_sweep(result: dict, out: str, markdown) -> None:
+    """The result as JSON at `out`, its `markdown` table beside it (.md) and on stdout."""
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=1) + "\n")
+    Path(out).with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_sweep_arguments(parser, "benchmarks/results/extend-launch-h200.json", CHUNKS, SHAPES)
+    parser.add_argument("--kernels-only", action="store_true",
+                        help="only 'auto' and, on Hopper, extend.py's kernel at the same plan (no fixed shapes)")
+    args = parser.parse_args()
+    chunks, shapes, result = parse_sweep(parser, args, SHAPES, "benchmarks/extend_launch.py")
     for shape in shapes:
         for chunk in chunks:
             rows = cell_rows(shape, chunk, args.kernels_only)
             result["rows"] += rows
             print(json.dumps(rows[0]), flush=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    Path(args.out).with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    save_sweep(result, args.out, markdown)
     return 0
 
 

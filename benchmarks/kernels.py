@@ -376,19 +376,29 @@ def store_cells(baselines: Baselines, shape: dict) -> list[dict]:
     return out
 
 
-def extend_cells(baselines: Baselines, shape: dict, prefix: int, chunks: list[int]) -> list[dict]:
+def extend_case(shape: dict, prefix: int, chunk: int) -> tuple:
+    """One chunk of a single sequence over a compressed prefix, as the extend benchmarks time it (k4v4, random
+    codes; bf16 query and fresh K/V): (codec, block table, seq_lens, cache, query, keys, values, query_start)."""
     num_q_heads, num_kv_heads, head_dim = shape["num_q_heads"], shape["num_kv_heads"], shape["head_dim"]
     codec = KernelCodec.from_config(TurboQuantConfig.from_preset("k4v4"), head_dim, num_kv_heads, BLOCK_SIZE,
                                     device="cuda")
+    table, seq_lens, num_blocks = block_table_for(1, prefix + chunk)
+    cache = random_compressed_cache(codec, num_blocks)
+    query = torch.randn(chunk, num_q_heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    keys = torch.randn(chunk, num_kv_heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    values = torch.randn_like(keys)
+    starts = torch.tensor([0, chunk], dtype=torch.int32, device="cuda")
+    return codec, table, seq_lens, cache, query, keys, values, starts
+
+
+def extend_cells(baselines: Baselines, shape: dict, prefix: int, chunks: list[int]) -> list[dict]:
+    num_kv_heads, head_dim = shape["num_kv_heads"], shape["head_dim"]
     out = []
     for chunk in chunks:
         context = prefix + chunk
-        table, seq_lens, num_blocks = block_table_for(1, context)
-        cache = random_compressed_cache(codec, num_blocks)
-        query = torch.randn(chunk, num_q_heads, head_dim, device="cuda", dtype=torch.bfloat16)
-        keys = torch.randn(chunk, num_kv_heads, head_dim, device="cuda", dtype=torch.bfloat16)
-        values = torch.randn_like(keys)
-        starts = torch.tensor([0, chunk], dtype=torch.int32, device="cuda")
+        codec, table, seq_lens, cache, query, keys, values, starts = extend_case(shape, prefix, chunk)
+        num_blocks = table.shape[1]  # one sequence's table: every page of the cache, once
+
         def fused():
             return extend_attention(query, keys, values, starts, seq_lens, cache, codec, table, head_dim**-0.5, chunk)
         ms = graph_time_ms(fused)
