@@ -210,7 +210,8 @@ def extend_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
     """query [tokens, num_q_heads, d] and the chunk's fresh keys/values [tokens, num_kv_heads, d];
     sequence i owns rows query_start[i]:query_start[i+1] (int32 [batch + 1]) and has seq_lens[i]
     tokens in total, the compressed prefix first. `max_query_len` bounds the chunk lengths (the grid).
-    `key_starts`, `return_lse` and `out` as in `paged_decode_attention` (lse: [tokens, num_q_heads]).
+    `key_starts`, `return_lse` and `out` as in `paged_decode_attention` (lse: [tokens, num_q_heads]); rows
+    past query_start[batch] (padding) are no sequence's: the Hopper kernel leaves them as they were.
     `num_splits`: programs per query block and kv head, each over its share of the prefix, merged after
     (None: more than one only where the programs would not fill the device, `decode.default_num_splits`
     from the block table's width; fixed by the shapes alone, so a CUDA graph can capture the call)."""
