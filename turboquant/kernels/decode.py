@@ -434,11 +434,11 @@ def variant_batches(codec: KernelCodec, group: int, max_tokens: int, device: tor
                     rotates_queries: bool = False) -> list[int]:
     """The smallest batch of each set of kernel variants that `paged_decode_attention` calls of 1 … `most`
     sequences launch by default: the variants follow which split kernels run and their split counts (not
-    the fragment kernel's span, a run-time value), a batch up to CHAIN_MAX_BATCH (chained launches), the tile height of
-    each rotation of the batch's rows (the output's where the reduction does not un-rotate, the query's
-    where the calls rotate it: `rotates_queries`, an unrotated query or `store=`) and the reduction's
-    programs per row block where it un-rotates (`reduce_column_programs`). Calls at these batches
-    compile all of them (an engine before serving: `vllm.backend`)."""
+    the fragment kernel's span, a run-time value), a batch up to CHAIN_MAX_BATCH (chained launches), the
+    tile height of each rotation of the batch's rows (the output's where the reduction does not un-rotate,
+    the query's where the calls rotate it: `rotates_queries`, an unrotated query or `store=`) and the
+    reduction's programs per row block where it un-rotates (`reduce_column_programs`). Calls at these
+    batches compile all of them (an engine before serving: `vllm.backend`)."""
     seen, batches, pad = set(), [], head_dim_pad(codec.layout.head_dim)
     for batch in range(1, most + 1):
         plan = split_plan(codec, batch, group, max_tokens, device)
@@ -446,8 +446,8 @@ def variant_batches(codec: KernelCodec, group: int, max_tokens: int, device: tor
         tall_rotation = (rotates_queries or not unrotates) and batch > ROTATE_SHORT_TILE_MAX_TOKENS
         column_programs = (reduce_column_programs(batch * group * codec.layout.num_kv_heads, pad, device)
                            if unrotates else 1)
-        key = (plan.min_span is None, plan.min_span == 0, plan.triton_splits, plan.num_splits, batch <= CHAIN_MAX_BATCH,
-               tall_rotation, column_programs)
+        key = (plan.min_span is None, plan.min_span == 0, plan.triton_splits, plan.num_splits,
+               batch <= CHAIN_MAX_BATCH, tall_rotation, column_programs)
         if key not in seen:
             seen.add(key)
             batches.append(batch)
