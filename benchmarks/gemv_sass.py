@@ -28,7 +28,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from turboquant.kernels.lut_asm import antisymmetric_fp16, dequant_asm  # noqa: E402
+from turboquant.kernels.lut_asm import code_levels_fp16, dequant_asm  # noqa: E402
 from turboquant.weights import TQLinear  # noqa: E402
 from turboquant.weights.gemv import _gemv_kernel, vector_codes  # noqa: E402
 
@@ -41,7 +41,7 @@ SHARED_MEMORY = ("STS", "LDS", "LDSM", "STSM")
 def compile_gemv(bits: int, rows: int, step_groups: int, warps: int, batch_tile: int, group_size: int = 128):
     layer = TQLinear.from_weight(torch.randn(rows, step_groups * group_size) * 0.02, None, bits, group_size)
     constants = dict(GROUP_SIZE=group_size, GROUP_BYTES=layer.packed.shape[-1], BITS=bits,
-                     LUT=dequant_asm(antisymmetric_fp16(layer.quantizer.codebook.centroids)), ROWS=rows,
+                     LUT=dequant_asm(code_levels_fp16(layer.quantizer.codebook.centroids)), ROWS=rows,
                      BATCH_TILE=batch_tile, STEP_GROUPS=step_groups, HAS_BIAS=False, PARTIAL=True,
                      WAIT_FOR_INPUT=True, LAUNCH_DEPENDENTS=True,
                      VECTOR_CODES=bits == 3 and vector_codes(rows, step_groups * group_size, warps))

@@ -3,7 +3,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from turboquant.core.packing import PACKABLE_BITS, pack_indices, packed_bytes, unpack_indices
+from turboquant.core.packing import (PACKABLE_BITS, code_order, pack_indices, packed_bytes, sign_magnitude,
+                                     unpack_indices)
 
 
 @settings(max_examples=60, deadline=None)
@@ -25,11 +26,25 @@ def test_packed_sizes_at_d128(bits, expected):
 
 
 def test_layout_is_little_endian_bit_stream():
-    # 4-bit: index 0 in the low nibble. 3-bit: 8 indices in 3 bytes, index i at bits 3i..3i+2.
-    assert pack_indices(torch.tensor([1, 2], dtype=torch.uint8), 4).tolist() == [0x21]
-    packed = pack_indices(torch.tensor([1, 2, 3, 4, 5, 6, 7, 0], dtype=torch.uint8), 3)
+    # 4-bit: code 0 in the low nibble. 3-bit: 8 codes in 3 bytes, code i at bits 3i..3i+2.
+    codes = lambda values, bits: sign_magnitude(torch.tensor(values, dtype=torch.uint8), bits)  # noqa: E731
+    assert pack_indices(codes([1, 2], 4), 4).tolist() == [0x21]
+    packed = pack_indices(codes([1, 2, 3, 4, 5, 6, 7, 0], 3), 3)
     stream = int.from_bytes(bytes(packed.tolist()), "little")
     assert [(stream >> (3 * i)) & 7 for i in range(8)] == [1, 2, 3, 4, 5, 6, 7, 0]
+
+
+@pytest.mark.parametrize("bits", PACKABLE_BITS)
+def test_stored_codes_are_sign_and_magnitude_rank(bits):
+    """Index i of the ascending levels is stored as i in the upper half (i ≥ 2^(b−1)) and as 2^(b−1) − 1 − i
+    in the lower: the top bit is the half, the low bits rank the distance from the middle, nearest first.
+    `code_order` maps codes back to indices."""
+    half = 1 << (bits - 1)
+    expected = [i if i >= half else half - 1 - i for i in range(1 << bits)]
+    rows = torch.arange(1 << bits, dtype=torch.uint8)[:, None].expand(-1, 8)  # row i: eight copies of index i
+    stored = [int.from_bytes(bytes(row.tolist()), "little") & ((1 << bits) - 1) for row in pack_indices(rows, bits)]
+    assert stored == expected
+    assert code_order(bits).tolist() == expected  # the map is its own inverse
 
 
 def test_bad_packing_input():
@@ -39,3 +54,4 @@ def test_bad_packing_input():
         pack_indices(torch.zeros(5, dtype=torch.uint8), 3)
     with pytest.raises(ValueError, match="bytes"):
         unpack_indices(torch.zeros(7, dtype=torch.uint8), 4, 16)
+

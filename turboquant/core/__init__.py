@@ -3,12 +3,12 @@
 
 from .codebook import Codebook, lloyd_max_codebook
 from .config import PRESETS, TurboQuantConfig, vector_bytes
-from .packing import PACKABLE_BITS, pack_indices, packed_bytes, unpack_indices
+from .packing import PACKABLE_BITS, code_order, pack_indices, packed_bytes, sign_magnitude, unpack_indices
 from .quantizer import MSECode, MSEQuantizer, ProdCode, ProdQuantizer, check_vectors, qjl_correction
 from .rotation import Rotation, make_rotation
 
 __all__ = [
-    "Codebook", "lloyd_max_codebook", "PRESETS", "TurboQuantConfig", "vector_bytes", "PACKABLE_BITS",
-    "pack_indices", "packed_bytes", "unpack_indices", "MSECode", "MSEQuantizer", "ProdCode", "ProdQuantizer",
-    "check_vectors", "qjl_correction", "Rotation", "make_rotation",
+    "Codebook", "lloyd_max_codebook", "PRESETS", "TurboQuantConfig", "vector_bytes", "PACKABLE_BITS", "code_order",
+    "pack_indices", "packed_bytes", "sign_magnitude", "unpack_indices", "MSECode", "MSEQuantizer", "ProdCode",
+    "ProdQuantizer", "check_vectors", "qjl_correction", "Rotation", "make_rotation",
 ]

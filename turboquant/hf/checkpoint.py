@@ -24,7 +24,7 @@ from ..weights import TQLinear
 
 WEIGHTS_CONFIG = "turboquant_weights.json"
 TENSORS = "model.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: codes stored sign-magnitude (`core.packing.sign_magnitude`); 1 stored indices
 
 
 def is_quantized_checkpoint(path: str | Path) -> bool:

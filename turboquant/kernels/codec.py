@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..core import MSEQuantizer, TurboQuantConfig
+from ..core import MSEQuantizer, TurboQuantConfig, code_order
 from ..core.paged_layout import PagedLayout
-from .lut_asm import LUT_BITS, antisymmetric_fp16, dequant_asm, dequant_pairs_asm, lookup_tables, scaled_dequant_asm
+from .lut_asm import LUT_BITS, code_levels_fp16, dequant_asm, dequant_pairs_asm, lookup_tables, scaled_dequant_asm
 
 KERNEL_HEAD_DIMS = (64, 80, 96, 128, 256)
 KERNEL_BITS = (2, 3, 4, 8)
@@ -31,13 +31,14 @@ class KernelCodec:
     rotation_fp16_parts: torch.Tensor
     rotation_signs: torch.Tensor | None  # rotation = rotation_sign_scale · signs: see `sign_form`
     rotation_sign_scale: float
+    # Levels are indexed by stored code (`core.packing.code_order`), boundaries ascend.
     key_centroids: torch.Tensor  # [2**key_bits] float32
     key_boundaries: torch.Tensor  # [2**key_bits - 1] float32
     value_centroids: torch.Tensor
     value_boundaries: torch.Tensor
     # Attention multiplies levels in fp16 on the tensor cores (10-bit mantissa, like tf32; finer than bf16).
     # They are made exactly antisymmetric, as the Lloyd–Max levels of a symmetric law are, so the
-    # byte-permute lookup (`lut_asm.py`) can store magnitudes only.
+    # byte-permute lookup (`lut_asm.py`) can store magnitudes only (`lut_asm.code_levels_fp16`).
     key_centroids_fp16: torch.Tensor
     value_centroids_fp16: torch.Tensor
     # Byte-permute lookup PTX for 3- and 4-bit codebooks ("" otherwise), built here on the host: a
@@ -93,11 +94,13 @@ class KernelCodec:
         for book in (key_book, value_book):  # the store counts positive boundaries only (store._quantize_block)
             if not torch.equal(book.boundaries, -book.boundaries.flip(0)):
                 raise ValueError(f"the kernels need a codebook symmetric around 0 ({book.bits} bits, d={book.dim})")
-        key_levels, value_levels = antisymmetric_fp16(key_book.centroids), antisymmetric_fp16(value_book.centroids)
+        key_levels, value_levels = code_levels_fp16(key_book.centroids), code_levels_fp16(value_book.centroids)
         return cls(
             layout, key_quantizer, value_quantizer, **rotation_operands(key_quantizer.rotation.matrix(), device),
-            key_centroids=key_book.centroids.to(device), key_boundaries=key_book.boundaries.to(device),
-            value_centroids=value_book.centroids.to(device), value_boundaries=value_book.boundaries.to(device),
+            key_centroids=key_book.centroids[code_order(key_book.bits)].to(device),
+            key_boundaries=key_book.boundaries.to(device),
+            value_centroids=value_book.centroids[code_order(value_book.bits)].to(device),
+            value_boundaries=value_book.boundaries.to(device),
             key_centroids_fp16=key_levels.to(device), value_centroids_fp16=value_levels.to(device),
             key_lut_asm=dequant_asm(key_levels) if config.key_bits in LUT_BITS else "",
             value_lut_asm=dequant_asm(value_levels) if config.value_bits in LUT_BITS else "",

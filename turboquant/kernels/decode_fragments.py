@@ -5,9 +5,10 @@ tensor-core fragments (Gluon, Triton's layout-explicit dialect).
 moves them through shared memory into the layout that `mma.sync` reads (stores, barriers, `ldmatrix`).
 Here each lane loads exactly the codes whose levels its fragment registers hold, so levels go from the
 byte permute (`lut_asm.dequant_pairs_asm`) to the MMA in registers: no shared memory, no barrier, and
-fewer instructions per token (sm_90 SASS, Triton 3.6, d=128: 622 per 16 tokens in one warp with window,
-softcap and key starts compiled in, against 915 per 64 tokens in each of 4 warps; 39 against 57 warp
-instructions per token; `benchmarks/decode_sass.py` counts them).
+fewer instructions per token (sm_90 SASS, Triton 3.6, d=128: 574 per 16 tokens in one warp with window,
+softcap and key starts compiled in, against 647 per 64 tokens in each of 4 warps of the Triton kernel's
+wgmma form; 36 against 40 warp instructions per token; `benchmarks/decode_sass.py` and `split_sass.py`
+count them).
 
 That works because the order of the coordinates inside the MMA is free: a score sums over them, so
 the query's columns are permuted once (`key_coordinate`) to match the keys as each lane reads them,

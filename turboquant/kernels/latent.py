@@ -26,13 +26,13 @@ import triton.language as tl
 
 from ..core import MSEQuantizer, TurboQuantConfig
 from ..core.config import NORM_BYTES
-from ..core.packing import packed_bytes
+from ..core.packing import code_order, packed_bytes
 from .codec import PackedBits, rotation_operands
 from .decode import default_num_splits, reduce_splits
 from .gather import GATHER_COLUMNS, GATHER_ROWS, _gather_rows
 from .launch import (FLOAT_DTYPES, check_block_table, check_codec_device, check_device_tensor, head_dim_pad,
                      multiprocessor_count)
-from .lut_asm import LUT_BITS, antisymmetric_fp16, byte_permute_available, dequant_asm
+from .lut_asm import LUT_BITS, byte_permute_available, code_levels_fp16, dequant_asm
 from .packed_tile import load_levels, load_norms
 from .rotate import rotate, rotation_columns, rotation_operand
 from .softmax import online_softmax_step
@@ -127,7 +127,7 @@ class LatentCodec:
     rotation_fp16_parts: torch.Tensor
     rotation_signs: torch.Tensor | None
     rotation_sign_scale: float
-    centroids: torch.Tensor
+    centroids: torch.Tensor  # indexed by stored code (`core.packing.code_order`), as centroids_fp16
     boundaries: torch.Tensor
     centroids_fp16: torch.Tensor
     lut_asm: str
@@ -145,9 +145,9 @@ class LatentCodec:
             raise ValueError("the latent kernels implement the mse quantizer only")
         layout = LatentLayout(latent_dim, rope_dim, config.key_bits, block_size, rope_dtype)
         quantizer = config.make_quantizer("key", latent_dim, layer_idx)
-        levels = antisymmetric_fp16(quantizer.codebook.centroids)
+        levels = code_levels_fp16(quantizer.codebook.centroids)
         return cls(layout, quantizer, **rotation_operands(quantizer.rotation.matrix(), device),
-                   centroids=quantizer.codebook.centroids.to(device),
+                   centroids=quantizer.codebook.centroids[code_order(layout.bits)].to(device),
                    boundaries=quantizer.codebook.boundaries.to(device), centroids_fp16=levels.to(device),
                    lut_asm=dequant_asm(levels) if layout.bits in LUT_BITS else "")
 

@@ -1,14 +1,17 @@
 """Codebook lookups by byte permutation (PTX `prmt`), built per codebook as an inline-asm string.
 
-Decode and extend attention are bound by the instructions that turn packed indices into fp16 levels,
+Decode and extend attention are bound by the instructions that turn packed codes into fp16 levels,
 not by memory. A global-memory gather costs an address computation, a load and a 16-bit shared-memory
 store per coordinate. `prmt` instead selects four bytes out of an 8-byte table held in two registers,
 so one instruction looks up the low (or high) bytes of four levels: 8 fp16 levels cost 16 (3 bits)
-to about 20 (4 bits) integer instructions and no memory access.
+or 15 (4 bits) integer instructions and no memory access.
 
-- 3 bits: 8 levels, one table; the 24 bits of 8 indices are spread to one index per nibble.
+- 3 bits: 8 levels, one table; the 24 bits of 8 codes are spread to one code per nibble.
 - 4 bits: 16 levels, but the codebook is antisymmetric (c[15 − i] = −c[i]), so an 8-entry table of
-  magnitudes plus a sign bit suffices.
+  magnitudes plus a sign bit suffices: a code's top bit is its sign and its low three bits rank the
+  magnitude (`core.packing.sign_magnitude`).
+
+Levels here are indexed by stored code (`code_levels_fp16`), not by the codebook's ascending index.
 
 `dot_asm` goes on from the looked-up levels to their dot product with eight input coordinates, for the
 weight GEMV's FMA kernel. The strings are built once per codec (`KernelCodec`, the GEMV's `DeviceCodec`)
@@ -22,13 +25,17 @@ import os
 
 import torch
 
+from ..core import code_order
+
 LUT_BITS = (3, 4)
 
 
-def antisymmetric_fp16(levels: torch.Tensor) -> torch.Tensor:
-    """Levels of a symmetric law as fp16 on the CPU, made exactly antisymmetric (c[−i] = −c[i]) so a
-    4-bit lookup can store magnitudes only."""
-    return ((levels - levels.flip(0)) / 2).half().cpu()
+def code_levels_fp16(levels: torch.Tensor) -> torch.Tensor:
+    """Ascending levels of a symmetric law as fp16 on the CPU, made exactly antisymmetric (c[−i] = −c[i])
+    so a 4-bit lookup can store magnitudes only, and indexed by stored code (`core.packing.code_order`):
+    what kernels gather from and build their lookup tables of."""
+    antisymmetric = ((levels - levels.flip(0)) / 2).half().cpu()
+    return antisymmetric[code_order(levels.numel().bit_length() - 1)]
 
 
 def _byte_tables(levels: torch.Tensor) -> tuple[int, int, int, int]:
@@ -54,21 +61,22 @@ def lookup_tables(centroids: torch.Tensor) -> tuple[int, int, int, int]:
 
 
 def _stored_levels(centroids: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(the 8 fp16 levels a lookup's tables hold, bits): a 3-bit codebook, or a 4-bit one's magnitudes."""
+    """(the 8 fp16 levels a lookup's tables hold, bits) of levels indexed by code (`code_levels_fp16`):
+    a 3-bit codebook, or a 4-bit one's magnitudes."""
     levels = centroids.to(torch.float16)
     bits = {8: 3, 16: 4}.get(levels.numel())
     if bits is None:
         raise ValueError(f"byte-permute lookups serve 3- and 4-bit codebooks, got {levels.numel()} levels")
     if bits == 4:
-        if not torch.equal(levels[:8], -levels[8:].flip(0)):
-            raise ValueError("a 4-bit byte-permute lookup needs an antisymmetric codebook")
-        levels = levels[8:]  # magnitudes; index i ≥ 8 → +levels[i − 8], i < 8 → −levels[7 − i]
+        if not torch.equal(levels[:8], -levels[8:]):
+            raise ValueError("a 4-bit byte-permute lookup needs an antisymmetric codebook, indexed by code")
+        levels = levels[8:]  # magnitudes; code c ≥ 8 → +levels[c − 8], c < 8 → −levels[c]
     return levels, bits
 
 
 def _lookups(centroids: torch.Tensor, word: str, emit_pair, tables: tuple[str, str, str, str] | None = None) -> str:
-    """PTX that looks up the eight levels of the packed indices in `word` (a word of eight 4-bit indices,
-    or eight 3-bit indices in its low 24 bits, the high 8 ignored) as four fp16 pairs, handing pair p
+    """PTX that looks up the eight levels of the packed codes in `word` (a word of eight 4-bit codes,
+    or eight 3-bit codes in its low 24 bits, the high 8 ignored) as four fp16 pairs, handing pair p
     (levels 2p, 2p + 1) to `emit_pair(p)`; its registers are declared inside. `tables` names registers
     that hold the table words (`lookup_tables`); without them the words are constants of the PTX."""
     levels, bits = _stored_levels(centroids)
@@ -89,17 +97,16 @@ def _lookups(centroids: torch.Tensor, word: str, emit_pair, tables: tuple[str, s
                        "shl.b32 t, j, 1;\nlop3.b32 j, j, 0x0f0f0f0f, t, 0xe2;\n"
                        "and.b32 j, j, 0x77777777;\n"
                        "shr.b32 jh, j, 16;\n" + _lookup_half("j", None, low, tables) + _lookup_half("jh", None, high, tables))
-    # magnitude index j = i & 7 for i ≥ 8, 7 − i below; bit 3 of each nibble, moved to bit 7 of a byte, is the sign
-    return head + (f".reg .b32 f, up, slo, shi;\nshr.b32 f, {word}, 3;\nand.b32 f, f, 0x11111111;\n"
-                   f"mul.lo.u32 f, f, 7;\nxor.b32 j, {word}, f;\nnot.b32 j, j;\nand.b32 j, j, 0x77777777;\n"
+    # magnitude rank j = c & 7; bit 3 of each nibble (1: positive), moved to bit 7 of a byte, is the sign
+    return head + (f".reg .b32 up, slo, shi;\nand.b32 j, {word}, 0x77777777;\n"
                    f"shr.b32 jh, j, 16;\nshl.b32 up, {word}, 4;\nprmt.b32 slo, up, {word}, 0x5140;\n"
                    f"prmt.b32 shi, up, {word}, 0x7362;\n" + _lookup_half("j", "slo", low, tables)
                    + _lookup_half("jh", "shi", high, tables))
 
 
 def dequant_asm(centroids: torch.Tensor, table_inputs: bool = False) -> str:
-    """PTX mapping one 32-bit input ($8: a word of eight 4-bit indices, or eight 3-bit indices in its
-    low 24 bits) to its eight fp16 levels, $0..$7 in index order. Each output is a function of the
+    """PTX mapping one 32-bit input ($8: a word of eight 4-bit codes, or eight 3-bit codes in its
+    low 24 bits) to its eight fp16 levels, $0..$7 in the word's order. Each output is a function of the
     one input, so the asm is elementwise whatever layout Triton gives the tensors. `table_inputs`: the
     four table words (`lookup_tables`) are inputs $9..$12 instead of constants, so a kernel that loads
     them once keeps them in registers (a constant, or a value every lane shares, is copied into a
@@ -138,7 +145,7 @@ def scaled_dequant_asm(centroids: torch.Tensor, split_scale: bool = False) -> st
 
 
 def dot_asm(centroids: torch.Tensor) -> str:
-    """PTX for Σ_k level_k · x_k over one run of eight packed indices ($1, as for `dequant_asm`) and
+    """PTX for Σ_k level_k · x_k over one run of eight packed codes ($1, as for `dequant_asm`) and
     their eight input coordinates, given as four fp16 pairs ($2..$5, x_2p in the low half): the products
     are summed as fp16 pairs (four `fma.f16x2`), the two halves in fp32 ($0). Half the instructions of a
     lookup followed by eight fp32 conversions and FMAs; four-term fp16 sums lose ~1e-3 relative at most."""

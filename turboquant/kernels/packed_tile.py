@@ -239,12 +239,12 @@ def lane_lookup_tables(lane_tables_ptr, FIRST_ROW: tl.constexpr):
 
 
 @triton.jit
-def store_indices(row_ptrs, row_mask, indices, BITS: tl.constexpr, COORDS: tl.constexpr,
-                  GROUP_BYTES: tl.constexpr, HEAD_DIM, HEAD_DIM_PAD: tl.constexpr, ROWS: tl.constexpr):
-    """Pack int32 indices [ROWS, HEAD_DIM_PAD] (< 2**BITS) into the rows at `row_ptrs`; only the first
-    HEAD_DIM indices of a row are written (HEAD_DIM may be a runtime value: a block of a wider row)."""
+def store_codes(row_ptrs, row_mask, codes, BITS: tl.constexpr, COORDS: tl.constexpr,
+                GROUP_BYTES: tl.constexpr, HEAD_DIM, HEAD_DIM_PAD: tl.constexpr, ROWS: tl.constexpr):
+    """Pack int32 codes [ROWS, HEAD_DIM_PAD] (< 2**BITS) into the rows at `row_ptrs`; only the first
+    HEAD_DIM codes of a row are written (HEAD_DIM may be a runtime value: a block of a wider row)."""
     GROUPS_PAD: tl.constexpr = HEAD_DIM_PAD // COORDS
-    grouped = tl.reshape(indices, [ROWS, GROUPS_PAD, COORDS])
+    grouped = tl.reshape(codes, [ROWS, GROUPS_PAD, COORDS])
     shifts = tl.arange(0, COORDS) * BITS
     word = tl.sum(grouped << shifts[None, None, :], axis=2)  # the fields are disjoint, so sum == or
     groups = tl.arange(0, GROUPS_PAD)

@@ -14,7 +14,7 @@ from .codec import KernelCodec, PackedBits
 from .exact_ring import ExactRing
 from .launch import (check_codec_device, check_device_tensor, check_kv, head_dim_pad, page_constants,
                      programmatic_launch_available)
-from .packed_tile import store_indices
+from .packed_tile import store_codes
 from .rotate import load_head_rows, rotated_columns, rotation_columns, rotation_operand, store_rotated_block
 
 
@@ -58,28 +58,31 @@ def _quantize_block(x, inverse_norms, block, rotation_ptr, centroids_ptr, bounda
     if RING:
         tl.store(ring_ptrs[:, None] + columns[None, :], unit.to(tl.float16),
                  mask=ring_rows[:, None] & (columns < HEAD_DIM)[None, :])
-    # Nearest level = number of decision boundaries below the value (torch.bucketize).
-    indices = tl.zeros([ROWS, COLUMNS], dtype=tl.int32)
+    # Nearest level = number of decision boundaries below the value (torch.bucketize), stored as its code
+    # (`core.packing.sign_magnitude`: the half it is in, then its magnitude's rank).
+    codes = tl.zeros([ROWS, COLUMNS], dtype=tl.int32)
     if BITS <= 4:
         # The codebook is symmetric (boundary 2^(BITS-1) − 1 is 0, the others ± p): count the ≤ 7 positive
-        # boundaries p below |v|, uniform loads, no gathers. v > 0 takes level 2^(BITS-1) + #(p < v); v ≤ 0
-        # takes 2^(BITS-1) − 1 − #(p ≤ −v), counted as #(p < the next float above −v), as bucketize does.
+        # boundaries p below |v|, uniform loads, no gathers. v > 0 takes level 2^(BITS-1) + #(p < v), its
+        # code; v ≤ 0 takes 2^(BITS-1) − 1 − #(p ≤ −v), code #(p ≤ −v), counted as #(p < the next float
+        # above −v), as bucketize does.
         positive = unit > 0.0
         above = ((-unit).to(tl.int32, bitcast=True) + 1).to(tl.float32, bitcast=True)
         magnitude = tl.where(positive, unit, above)
         for j in tl.static_range(1 << (BITS - 1), (1 << BITS) - 1):
-            indices += (magnitude > tl.load(boundaries_ptr + j)).to(tl.int32)
-        indices = tl.where(positive, (1 << (BITS - 1)) + indices, (1 << (BITS - 1)) - 1 - indices)
-    else:  # binary search over 255 boundaries
+            codes += (magnitude > tl.load(boundaries_ptr + j)).to(tl.int32)
+        codes = tl.where(positive, (1 << (BITS - 1)) + codes, codes)
+    else:  # binary search over 255 boundaries, then the index's code
         for step in tl.static_range(BITS):
-            candidate = indices + (1 << (BITS - 1 - step))
-            indices = tl.where(unit > tl.load(boundaries_ptr + candidate - 1), candidate, indices)
+            candidate = codes + (1 << (BITS - 1 - step))
+            codes = tl.where(unit > tl.load(boundaries_ptr + candidate - 1), candidate, codes)
+        codes = tl.where(codes < (1 << (BITS - 1)), codes ^ ((1 << (BITS - 1)) - 1), codes)
     levels_sq = tl.zeros([ROWS], dtype=tl.float32)
     if NORM_CORRECTION:
-        levels = tl.where((columns < HEAD_DIM)[None, :], tl.load(centroids_ptr + indices), 0.0)
+        levels = tl.where((columns < HEAD_DIM)[None, :], tl.load(centroids_ptr + codes), 0.0)
         levels_sq = tl.sum(levels * levels, axis=1)
-    store_indices(code_ptrs + block * (COLUMNS * BITS // 8), rows_valid, indices, BITS, COORDS, GROUP_BYTES,
-                  HEAD_DIM - block * COLUMNS, COLUMNS, ROWS)
+    store_codes(code_ptrs + block * (COLUMNS * BITS // 8), rows_valid, codes, BITS, COORDS, GROUP_BYTES,
+                HEAD_DIM - block * COLUMNS, COLUMNS, ROWS)
     return levels_sq
 
 

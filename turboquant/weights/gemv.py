@@ -33,7 +33,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from ..core import MSEQuantizer
 from ..kernels.codec import rotation_operands
 from ..kernels.launch import multiprocessor_count, programmatic_launch, programmatic_launch_available
-from ..kernels.lut_asm import LUT_BITS, antisymmetric_fp16, byte_permute_available, dequant_asm, dot_asm
+from ..kernels.lut_asm import LUT_BITS, byte_permute_available, code_levels_fp16, dequant_asm, dot_asm
 from ..kernels.packed_tile import (code_levels, load_codes, load_runs, load_runs3_vectors, quarters, run_levels,
                                    runs_levels)
 from ..kernels.rotate import rotate
@@ -88,7 +88,7 @@ class DeviceCodec:
 @functools.lru_cache(maxsize=None)
 def device_codec(quantizer: MSEQuantizer, device: torch.device) -> DeviceCodec:
     """`DeviceCodec` of a shared weight quantizer, built once per device."""
-    levels = antisymmetric_fp16(quantizer.codebook.centroids)  # a Gaussian's levels: antisymmetric up to rounding
+    levels = code_levels_fp16(quantizer.codebook.centroids)  # a Gaussian's levels: antisymmetric up to rounding
     ptx = quantizer.bits in LOOKUP_BITS and byte_permute_available(device)
     rotation = GroupRotation(**rotation_operands(quantizer.rotation.matrix(), device))
     return DeviceCodec(rotation, levels.to(device), dequant_asm(levels) if ptx else "", dot_asm(levels) if ptx else "")
