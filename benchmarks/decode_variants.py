@@ -40,7 +40,8 @@ CELLS = ("k4v4:128:1x1024,k4v4:128:1x16384,k4v4:128:8x1024,k4v4:128:8x4096,k4v4:
 # num_warps, maxnreg), `window_tile`, its latest tokens' rows per tile at head_dim <= 128
 # (`exact_ring.WINDOW_TILE`), and `window_priority`, the window stream's CUDA priority (lower: sooner; -1
 # by default), all timed by `ring_cost.py --variant`, the only caller with a ring; `chain_max_batch`, the
-# largest batch whose launches are chained by programmatic dependent launch (`decode.CHAIN_MAX_BATCH`)
+# largest batch whose launches are chained by programmatic dependent launch (`decode.CHAIN_MAX_BATCH`);
+# `rotate_in_split_max_batch`, the largest whose split kernel rotates the query (`decode.ROTATE_IN_SPLIT_MAX_BATCH`)
 VARIANTS = {
     "default": {}, "head_rows": dict(launch=dict(TOKEN_ROWS=False)), "constant_tables": dict(table_inputs=False),
     "head_rows_constant_tables": dict(launch=dict(TOKEN_ROWS=False), table_inputs=False),
@@ -57,6 +58,8 @@ VARIANTS = {
     "window_two_warps": dict(window=dict(num_warps=2)), "window_tile_16": dict(window_tile=16),
     "window_stream_normal_priority": dict(window_priority=0),
     "chained_launches": dict(chain_max_batch=1 << 30),
+    "query_rotated_in_split": dict(rotate_in_split_max_batch=1 << 30),
+    "query_rotated_apart": dict(rotate_in_split_max_batch=0),
 }
 DEFAULT_VARIANTS = ("default,head_rows,constant_tables,head_rows_constant_tables,max_96_registers,max_80_registers,"
                     "token_rows_max_128_registers")
@@ -65,11 +68,13 @@ NUM_Q_HEADS, NUM_KV_HEADS = 32, 8
 
 def variant(launch: dict | None = None, table_inputs: bool | None = None, column_programs: int | None = None,
             window: dict | None = None, window_priority: int | None = None, window_tile: int | None = None,
-            chain_max_batch: int | None = None):
+            chain_max_batch: int | None = None, rotate_in_split_max_batch: int | None = None):
     """Patch decode's launch choices for one variant; returns the undo."""
     saved = decode.decode_launch, decode.lookup_constants, decode.reduce_constants
-    chain_default = decode.CHAIN_MAX_BATCH
+    chain_default, rotate_default = decode.CHAIN_MAX_BATCH, decode.ROTATE_IN_SPLIT_MAX_BATCH
     decode.CHAIN_MAX_BATCH = chain_default if chain_max_batch is None else chain_max_batch
+    decode.ROTATE_IN_SPLIT_MAX_BATCH = (rotate_default if rotate_in_split_max_batch is None
+                                        else rotate_in_split_max_batch)
     window_launch, window_priority_default, window_rows = (exact_ring.window_launch, decode.WINDOW_STREAM_PRIORITY,
                                                            exact_ring.WINDOW_TILE)
     decode_launch, lookup_constants, reduce_constants = saved
@@ -92,7 +97,7 @@ def variant(launch: dict | None = None, table_inputs: bool | None = None, column
 
     def undo():
         decode.decode_launch, decode.lookup_constants, decode.reduce_constants = saved
-        decode.CHAIN_MAX_BATCH = chain_default
+        decode.CHAIN_MAX_BATCH, decode.ROTATE_IN_SPLIT_MAX_BATCH = chain_default, rotate_default
         exact_ring.window_launch, decode.WINDOW_STREAM_PRIORITY, exact_ring.WINDOW_TILE = (
             window_launch, window_priority_default, window_rows)
     return undo

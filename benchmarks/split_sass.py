@@ -36,7 +36,7 @@ CASES = "k4v4:128,k4v4:256,k4v4:64,k3v3:128,k3v3:256,k4v3:128,k2v2:128,k8v4:128"
 VARIANTS = (("token_rows", True, True), ("head_rows", False, True), ("token_rows_constant_tables", True, False),
             ("head_rows_constant_tables", False, False))
 POINTERS = dict(query_ptr="*fp32", cache_ptr="*u8", block_table_ptr="*i32", seq_lens_ptr="*i32", key_starts_ptr="*i32",
-                key_centroids_ptr="*fp16", value_centroids_ptr="*fp16", lut_tables_ptr="*i32",
+                key_centroids_ptr="*fp16", value_centroids_ptr="*fp16", lut_tables_ptr="*i32", rotation_ptr="*fp32",
                 partial_out_ptr="*fp32", partial_lse_ptr="*fp32")
 SCALARS = dict(stride_query_seq="i32", stride_query_head="i32", stride_table_seq="i32", scale="fp32", softcap="fp32",
                sliding_window="i32", min_span="i32", max_span="i32")
@@ -53,7 +53,8 @@ def compile_split_kernel(codec: KernelCodec, token_rows: bool, table_inputs: boo
     launch = decode.triton_split_launch(codec, lookups)
     constants = page_constants(layout) | lookups | dict(
         GROUP=4, GROUP_PAD=16, NUM_SPLITS=2, PARTIAL_SPLITS=2, USE_SOFTCAP=False, USE_WINDOW=False, USE_STARTS=True,
-        TILE=launch["TILE"], REDUCTION_NEXT=False, READERS_NEXT=True, WAIT_FOR_QUERY=True, TOKEN_ROWS=token_rows)
+        TILE=launch["TILE"], REDUCTION_NEXT=False, READERS_NEXT=True, WAIT_FOR_QUERY=True, TOKEN_ROWS=token_rows,
+        ROTATE_QUERY=False, PART_SCALE=0.0, SIGN_SCALE=0.0)
     kernel = decode._decode_split_kernel
     names = list(kernel.arg_names)
     signature = {name: (POINTERS | SCALARS).get(name, "constexpr") for name in names}

@@ -134,6 +134,33 @@ def test_a_query_rotated_beforehand_gives_the_same_output(device, generator):
     assert torch.equal(out, expected)
 
 
+@pytest.mark.parametrize("head_dim", [64, 96, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_split_kernel_rotating_the_query_itself_gives_the_rotated_querys_output(head_dim, dtype, device,
+                                                                                   generator, monkeypatch):
+    """Up to ROTATE_IN_SPLIT_MAX_BATCH sequences each split program rotates its group's query rows, with the
+    rotation launch's math: the output of a call that launched the rotation, within fp32 rounding (and a
+    bf16 output's last place, where a sum rounded differently crosses a rounding boundary)."""
+    codec = make_codec(head_dim, 4, 3, 2, 16, device)
+    seq_lens = [70, 33, 0]
+    cache, block_table = filled_cache(codec, seq_lens, generator, device)
+    query = torch.randn(3, 8, head_dim, generator=generator).to(device, dtype)
+    lengths = torch.tensor(seq_lens, dtype=torch.int32, device=device)
+    rotations = []
+    monkeypatch.setattr(decode, "rotate", lambda x, *args, **kw: rotations.append(x) or rotate(x, *args, **kw))
+    outs = []
+    for most in (0, 3):
+        monkeypatch.setattr(decode, "ROTATE_IN_SPLIT_MAX_BATCH", most)
+        outs.append(paged_decode_attention(query, cache, codec, block_table, lengths, head_dim**-0.5,
+                                           num_splits=2).float())
+        assert len(rotations) == 1  # the query's, in the first call only (the reduction un-rotates the output)
+    same = 2**-8 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(outs[1], outs[0], atol=same, rtol=same)
+    expected = decode_reference(query, cache, codec, block_table, lengths, head_dim**-0.5)
+    rounding = 2e-2 if dtype == torch.bfloat16 else TOLERANCE["atol"]  # of the bf16 output
+    torch.testing.assert_close(outs[1], expected, atol=rounding, rtol=rounding)
+
+
 @pytest.mark.parametrize("seq_lens, num_kv_heads", [
     ([300], 2), ([150, 1, 64, 0], 2),
     # on a GPU, both split kernels (as in test_decode_fragments), then the fragment kernel's sequences only
@@ -284,10 +311,13 @@ def test_calls_at_the_variant_batches_launch_every_variant_of_any_batch(query_ro
     """`variant_batches`: a call of any batch up to the limit launches kernel variants that calls at those
     batches launched (recorded, not run). `like_hopper`: the launch decisions a Hopper GPU takes
     (programmatic dependent launch, the fragment kernel), which the interpreter otherwise leaves out.
-    Unrotated queries: each call rotates them too, at a tile height that follows the batch."""
+    Unrotated queries: each call rotates them too, at a tile height that follows the batch, or up to
+    ROTATE_IN_SPLIT_MAX_BATCH (8 here) in the split kernel."""
     from turboquant.kernels import decode, decode_fragments
 
     from .launches import recorded_launches
+
+    monkeypatch.setattr(decode, "ROTATE_IN_SPLIT_MAX_BATCH", 8)
 
     if like_hopper:
         monkeypatch.setattr(decode, "programmatic_launch_available", lambda device: True)

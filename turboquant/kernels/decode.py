@@ -31,7 +31,7 @@ from .launch import (FLOAT_DTYPES, SLICED_METADATA, check_block_table, check_cod
                      programmatic_launch, programmatic_launch_available)
 from .packed_tile import lane_lookup_tables, load_levels, load_norms
 from .rotate import SHORT_TILE_MAX_TOKENS as ROTATE_SHORT_TILE_MAX_TOKENS
-from .rotate import rotate, rotated_columns, rotation_columns
+from .rotate import rotate, rotated_columns, rotation_columns, rotation_operand
 from .softmax import empty_softmax_state, online_softmax_step, tanh
 from .visible_keys import first_visible_key
 
@@ -68,7 +68,7 @@ def decode_launch(head_dim: int, key_bits: int, value_bits: int, byte_permute: b
 @triton.jit(do_not_specialize=["min_span", "max_span"], do_not_specialize_on_alignment=SLICED_METADATA)
 def _decode_split_kernel(
     query_ptr, cache_ptr, block_table_ptr, seq_lens_ptr, key_starts_ptr, key_centroids_ptr, value_centroids_ptr,
-    lut_tables_ptr, partial_out_ptr, partial_lse_ptr,
+    lut_tables_ptr, rotation_ptr, partial_out_ptr, partial_lse_ptr,
     stride_query_seq, stride_query_head, stride_table_seq, scale, softcap, sliding_window, min_span, max_span,
     NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr,
     PARTIAL_SPLITS: tl.constexpr,
@@ -78,7 +78,8 @@ def _decode_split_kernel(
     KEY_BITS: tl.constexpr, KEY_BYTES: tl.constexpr, KEY_LUT: tl.constexpr, VALUE_BITS: tl.constexpr,
     VALUE_BYTES: tl.constexpr, VALUE_LUT: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr,
     USE_STARTS: tl.constexpr, TILE: tl.constexpr, REDUCTION_NEXT: tl.constexpr, READERS_NEXT: tl.constexpr,
-    WAIT_FOR_QUERY: tl.constexpr, TOKEN_ROWS: tl.constexpr,
+    WAIT_FOR_QUERY: tl.constexpr, TOKEN_ROWS: tl.constexpr, ROTATE_QUERY: tl.constexpr, PART_SCALE: tl.constexpr,
+    SIGN_SCALE: tl.constexpr,
 ):
     if REDUCTION_NEXT:  # the reduction, launched programmatically next, waits for this grid to end: start it now
         gdc_launch_dependents()
@@ -98,7 +99,8 @@ def _decode_split_kernel(
     hi = tl.minimum(lo + per_split, seq_len)
 
     query, group, heads = load_group_query(query_ptr, seq, kv_head, stride_query_seq, stride_query_head, scale,
-                                           GROUP, GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD)
+                                           GROUP, GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD, rotation_ptr, PART_SCALE,
+                                           SIGN_SCALE, ROTATE_QUERY)
     dims = tl.arange(0, HEAD_DIM_PAD)
     running_max, running_sum, acc = empty_softmax_state(GROUP_PAD, HEAD_DIM_PAD)
     # TOKEN_ROWS: the tile's tokens are the rows of both products (scores [TILE, GROUP_PAD], the value sum
@@ -339,6 +341,10 @@ CHAIN_REDUCTION_AFTER_FRAGMENTS = True
 # decode-variants-h200-chained.md): b2 0.0117 → 0.0104 ms, b4 0.0125 → 0.0114, but b8 0.0155 → 0.0169,
 # b16 and b32 3% slower, b8 x 4K 8% slower (b1 x 1K: 0.014 → 0.012 ms when it was first chained).
 CHAIN_MAX_BATCH = 4
+# Up to this batch, where the Triton split kernel serves every sequence and nothing else reads the rotated
+# query (no exact ring), each of its programs rotates its group's query rows itself instead of a rotation
+# launch before it (head_dim up to 128: a 256-wide rotation tile spills).
+ROTATE_IN_SPLIT_MAX_BATCH = 0
 # The Triton kernel's span limit when it serves every sequence (int32).
 ANY_SPAN = (1 << 31) - 1
 
@@ -354,33 +360,40 @@ def fragment_min_span(codec: KernelCodec, batch: int, group: int, max_tokens: in
     return -(-FRAGMENT_MIN_WORK // pairs)
 
 
-def launch_triton_split(rotated_query: torch.Tensor, cache: torch.Tensor, codec: KernelCodec,
+def launch_triton_split(query: torch.Tensor, cache: torch.Tensor, codec: KernelCodec,
                         block_table: torch.Tensor, seq_lens: torch.Tensor, key_starts: torch.Tensor | None,
                         partial_out: torch.Tensor, partial_lse: torch.Tensor, scale: float, softcap: float | None,
                         sliding_window: int | None, num_splits: int, min_span: int = 0, max_span: int = ANY_SPAN,
-                        chained: bool = False, readers_next: bool = False, after_store: bool = False) -> None:
+                        chained: bool = False, readers_next: bool = False, after_store: bool = False,
+                        rotates_query: bool = False) -> None:
     """Fill the partials [batch, Hq, S(, D_pad)] of the sequences whose visible keys number min_span …
     max_span, each cut into `num_splits` (a divisor of S) splits; their slots past those read empty.
-    `chained`: launched programmatically after the query's rotation, and the reduction after it so;
+    `chained`: the reduction is launched programmatically after it, and it so after the query's rotation
+    (where there is one);
     `readers_next`: a kernel that reads the query without waiting (the fragment kernel) is launched
     programmatically after it; `after_store`: launched
-    programmatically after the store that wrote the query and the step's keys."""
+    programmatically after the store that wrote the query and the step's keys. `rotates_query`: the
+    query is not rotated, and each program rotates its group's rows (no rotation launch before it)."""
     layout = codec.layout
     batch, num_q_heads, partial_splits = partial_lse.shape
     if partial_splits % num_splits:
         raise ValueError(f"num_splits ({num_splits}) must divide the partials' {partial_splits} splits")
     group = num_q_heads // layout.num_kv_heads
     lookups = lookup_constants(codec, table_inputs=True)
+    rotation, part_scale, sign_scale = (rotation_operand(codec, query.dtype) if rotates_query
+                                        else (partial_lse, 0.0, 0.0))
+    after_rotation = chained and not rotates_query
     _decode_split_kernel[(batch, layout.num_kv_heads, num_splits)](
-        rotated_query, cache, block_table, seq_lens, seq_lens if key_starts is None else key_starts,
-        codec.key_centroids_fp16, codec.value_centroids_fp16, codec.lut_lane_tables,
-        partial_out, partial_lse, rotated_query.stride(0), rotated_query.stride(1), block_table.stride(0),
+        query, cache, block_table, seq_lens, seq_lens if key_starts is None else key_starts,
+        codec.key_centroids_fp16, codec.value_centroids_fp16, codec.lut_lane_tables, rotation,
+        partial_out, partial_lse, query.stride(0), query.stride(1), block_table.stride(0),
         float(scale), float(softcap or 0.0), int(sliding_window or 0), int(min_span), int(max_span),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), NUM_SPLITS=num_splits,
         PARTIAL_SPLITS=partial_splits, **page_constants(layout), **lookups,
         USE_SOFTCAP=softcap is not None, USE_WINDOW=sliding_window is not None, USE_STARTS=key_starts is not None,
-        REDUCTION_NEXT=chained, READERS_NEXT=readers_next, WAIT_FOR_QUERY=chained or after_store,
-        **triton_split_launch(codec, lookups), **programmatic_launch(chained or after_store),
+        REDUCTION_NEXT=chained, READERS_NEXT=readers_next, WAIT_FOR_QUERY=after_rotation or after_store,
+        ROTATE_QUERY=rotates_query, PART_SCALE=part_scale, SIGN_SCALE=sign_scale,
+        **triton_split_launch(codec, lookups), **programmatic_launch(after_rotation or after_store),
     )
 
 
@@ -430,11 +443,17 @@ def split_plan(codec: KernelCodec, batch: int, group: int, max_tokens: int, devi
     return SplitPlan(min_span, triton_splits, num_splits)
 
 
+def rotates_in_split_kernel(batch: int, head_dim_pad: int) -> bool:
+    """Whether the Triton split kernel rotates an unrotated query itself (see ROTATE_IN_SPLIT_MAX_BATCH)."""
+    return batch <= ROTATE_IN_SPLIT_MAX_BATCH and head_dim_pad <= 128
+
+
 def variant_batches(codec: KernelCodec, group: int, max_tokens: int, device: torch.device, most: int,
                     rotates_queries: bool = False) -> list[int]:
     """The smallest batch of each set of kernel variants that `paged_decode_attention` calls of 1 … `most`
     sequences launch by default: the variants follow which split kernels run and their split counts (not
-    the fragment kernel's span, a run-time value), a batch up to CHAIN_MAX_BATCH (chained launches), the
+    the fragment kernel's span, a run-time value), a batch up to CHAIN_MAX_BATCH (chained launches) and up
+    to ROTATE_IN_SPLIT_MAX_BATCH (the split kernel's own query rotation, where an unrotated query allows it), the
     tile height of each rotation of the batch's rows (the output's where the reduction does not un-rotate,
     the query's where the calls rotate it: `rotates_queries`, an unrotated query or `store=`) and the
     reduction's programs per row block where it un-rotates (`reduce_column_programs`). Calls at these
@@ -447,7 +466,8 @@ def variant_batches(codec: KernelCodec, group: int, max_tokens: int, device: tor
         column_programs = (reduce_column_programs(batch * group * codec.layout.num_kv_heads, pad, device)
                            if unrotates else 1)
         key = (plan.min_span is None, plan.min_span == 0, plan.triton_splits, plan.num_splits,
-               batch <= CHAIN_MAX_BATCH, tall_rotation, column_programs)
+               batch <= CHAIN_MAX_BATCH, plan.min_span is None and rotates_in_split_kernel(batch, pad), tall_rotation,
+               column_programs)
         if key not in seen:
             seen.add(key)
             batches.append(batch)
@@ -552,6 +572,8 @@ def paged_decode_attention(query: torch.Tensor, cache: torch.Tensor, codec: Kern
     pad = head_dim_pad(layout.head_dim)
     # rotate q once (keys stay in the rotated space); up to CHAIN_MAX_BATCH sequences the launches are chained
     pdl = programmatic_launch_available(cache.device)
+    rotates_in_split = (not query_rotated and store is None and exact is None and min_span is None
+                        and rotates_in_split_kernel(batch, pad))
     pairs = batch * layout.num_kv_heads
     # the exact window's kernel on a stream of its own (see WINDOW_STREAM_MIN_PAIRS)
     window_beside = exact is not None and cache.is_cuda and (min_span is None or pairs >= WINDOW_STREAM_MIN_PAIRS)
@@ -563,8 +585,10 @@ def paged_decode_attention(query: torch.Tensor, cache: torch.Tensor, codec: Kern
                and exact is None)
     if store_beside:  # the split kernels wait for this rotation as for a store's
         rotated_query = rotate(query, codec, launch_dependents=after_store)
+    elif query_rotated or rotates_in_split:  # the latter: the split kernel rotates it
+        rotated_query = query
     else:
-        rotated_query = query if query_rotated else rotate(query, codec, launch_dependents=chained)
+        rotated_query = rotate(query, codec, launch_dependents=chained)
     partial_out = torch.empty(batch, num_q_heads, num_splits, pad, device=cache.device, dtype=torch.float32)
     partial_lse = torch.empty(batch, num_q_heads, num_splits, device=cache.device, dtype=torch.float32)
     # Where both split kernels are launched, the fragment kernel starts while the Triton one runs: a call
@@ -588,7 +612,7 @@ def paged_decode_attention(query: torch.Tensor, cache: torch.Tensor, codec: Kern
         launch_triton_split(rotated_query, cache, codec, block_table, seq_lens, key_starts, partial_out, partial_lse,
                             scale, softcap, sliding_window, triton_splits,
                             max_span=ANY_SPAN if min_span is None else min_span - 1, chained=chained,
-                            readers_next=overlapped, after_store=after_store)
+                            readers_next=overlapped, after_store=after_store, rotates_query=rotates_in_split)
     if min_span is not None:
         decode_fragments.launch_split(rotated_query, cache, codec, block_table, seq_lens, key_starts, partial_out,
                                       partial_lse, scale, softcap, sliding_window, min_span, after_split=overlapped,
