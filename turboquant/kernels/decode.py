@@ -342,9 +342,13 @@ CHAIN_REDUCTION_AFTER_FRAGMENTS = True
 # b16 and b32 3% slower, b8 x 4K 8% slower (b1 x 1K: 0.014 → 0.012 ms when it was first chained).
 CHAIN_MAX_BATCH = 4
 # Up to this batch, where the Triton split kernel serves every sequence and nothing else reads the rotated
-# query (no exact ring), each of its programs rotates its group's query rows itself instead of a rotation
-# launch before it (head_dim up to 128: a 256-wide rotation tile spills).
-ROTATE_IN_SPLIT_MAX_BATCH = 0
+# query (no exact ring, no store handed over), each of its programs rotates its group's query rows itself
+# instead of a rotation launch before it (head_dim up to 128: a 256-wide rotation tile spills). Same output
+# bit for bit; H200, k4v4 d=128 × 1K, in the split kernel against apart (`decode_variants.py --variants
+# query_rotated_apart,query_rotated_in_split`, decode-variants-h200-query-in-split.md): b1 0.981x, b2 0.983x
+# the time, but b4 1.012x, b8 1.043x, b16 1.032x, b4 / b8 × 4K 1.018x / 1.025x (every split program repeats
+# its group's rotation); at b8 × 1K k3v3 0.979x, d=64 0.913x.
+ROTATE_IN_SPLIT_MAX_BATCH = 2
 # The Triton kernel's span limit when it serves every sequence (int32).
 ANY_SPAN = (1 << 31) - 1
 
