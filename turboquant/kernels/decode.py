@@ -385,7 +385,7 @@ def launch_triton_split(query: torch.Tensor, cache: torch.Tensor, codec: KernelC
     group = num_q_heads // layout.num_kv_heads
     lookups = lookup_constants(codec, table_inputs=True)
     rotation, part_scale, sign_scale = (rotation_operand(codec, query.dtype) if rotates_query
-                                        else (partial_lse, 0.0, 0.0))
+                                        else (partial_lse, 0.0, 0.0))  # not read unless rotates_query
     after_rotation = chained and not rotates_query
     _decode_split_kernel[(batch, layout.num_kv_heads, num_splits)](
         query, cache, block_table, seq_lens, seq_lens if key_starts is None else key_starts,
