@@ -57,11 +57,11 @@ def test_gather_lookup_matches_unpacked_indices(generator, device):
     for head_dim, bits in widths:
         codec = make_codec(64, bits, bits, num_kv_heads=1, block_size=16, device=device)
         codes = torch.randint(0, 256, (40, head_dim * bits // 8), generator=generator, dtype=torch.uint8).to(device)
-        # the codebook's ascending levels at the unpacked indices, within the fp16 rounding of the codec's
-        ascending = codec.key_quantizer.codebook.centroids.to(device)
-        expected = ascending[unpack_indices(codes, bits, head_dim).long()]
+        # the codebook's ascending levels, made antisymmetric in fp16 as the codec's are, at the unpacked indices
+        ascending = codec.key_quantizer.codebook.centroids
+        expected = ((ascending - ascending.flip(0)) / 2).half().to(device)[unpack_indices(codes, bits, head_dim).long()]
         got = levels(codes, codec.key_centroids_fp16, bits, head_dim, "")
-        torch.testing.assert_close(got.float(), expected, rtol=2**-11, atol=1e-7)
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("table_inputs", [False, True])
