@@ -10,8 +10,8 @@ from .rotate import rotated_columns
 @triton.jit
 def load_group_query(query_ptr, seq, kv_head, stride_query_seq, stride_query_head, scale, GROUP: tl.constexpr,
                      GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-                    rotation_ptr=None, PART_SCALE: tl.constexpr = 0.0, SIGN_SCALE: tl.constexpr = 0.0,
-                    ROTATE: tl.constexpr = False):
+                     rotation_ptr=None, PART_SCALE: tl.constexpr = 0.0, SIGN_SCALE: tl.constexpr = 0.0,
+                     ROTATE: tl.constexpr = False):
     """(the group's query rows × scale, fp16 [GROUP_PAD, HEAD_DIM_PAD], zero-padded; their row index in
     the group; their query heads). ROTATE: the rows are read unrotated and rotated here (x @ Rᵀ,
     `rotate.rotated_columns` with `rotation_operand`'s tensor and scales), in fp32 before the scale."""
