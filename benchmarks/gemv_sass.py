@@ -101,9 +101,11 @@ def print_and_save(rows: list[dict], out: str | None) -> None:
 
 
 def loop_counts(sass: str) -> collections.Counter:
-    """Opcodes of the longest loop: from the target of the backward branch that spans most, to the branch."""
+    """Opcodes of the longest loop: from the target of the predicated backward branch that spans most, to
+    the branch (an unconditional one jumps back from out-of-line code, such as a divergent shuffle's
+    fallback, and closes no loop)."""
     loops = [(int(m.group(1), 16), address) for address, text in _instructions(sass)
-             if (m := re.search(r"BRA\s+0x([0-9a-f]+)", text)) and int(m.group(1), 16) < address]
+             if (m := re.search(r"@!?U?P\d\s+BRA\s+0x([0-9a-f]+)", text)) and int(m.group(1), 16) < address]
     if not loops:
         raise SystemExit("no loop found in the kernel")
     return opcode_counts(sass, *max(loops, key=lambda loop: loop[1] - loop[0]))

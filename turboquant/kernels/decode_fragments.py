@@ -5,9 +5,9 @@ tensor-core fragments (Gluon, Triton's layout-explicit dialect).
 moves them through shared memory into the layout that `mma.sync` reads (stores, barriers, `ldmatrix`).
 Here each lane loads exactly the codes whose levels its fragment registers hold, so levels go from the
 byte permute (`lut_asm.dequant_pairs_asm`) to the MMA in registers: no shared memory, no barrier, and
-fewer instructions per token (sm_90 SASS, Triton 3.6, d=128: 574 per 16 tokens in one warp with window,
+fewer instructions per token (sm_90 SASS, Triton 3.6, d=128: 538 per 16 tokens in one warp with window,
 softcap and key starts compiled in, against 647 per 64 tokens in each of 4 warps of the Triton kernel's
-wgmma form; 36 against 40 warp instructions per token; `benchmarks/decode_sass.py` and `split_sass.py`
+wgmma form; 34 against 40 warp instructions per token; `benchmarks/decode_sass.py` and `split_sass.py`
 count them).
 
 That works because the order of the coordinates inside the MMA is free: a score sums over them, so
@@ -19,8 +19,10 @@ rows are stored back to their coordinates (`value_coordinate`). The cache layout
 A program is one warp over one split of one (sequence, kv head): its heads (GROUP ≤ 8) are the rows of
 the score MMA, the softmax stays in the MMA's registers, and the sum is rescaled only in tiles where a
 maximum rose. Each step issues the next tile's loads before computing on the current one (H200, b32 ×
-32K: 0.637 → 0.595 ms). Its partial outputs and log-sum-exps are `_decode_split_kernel`'s, for the same
-reduction.
+32K: 0.637 → 0.595 ms). Only a split's first and last tiles can hold keys it must not see, so only they
+are masked: the tiles between skip its comparisons and selects, which take slots of the integer ALU pipe
+that the lookups keep busy (`benchmarks/decode_profile.py`). Its partial outputs and log-sum-exps are
+`_decode_split_kernel`'s, for the same reduction.
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ MAX_SPLIT_TOKENS = 4096
 
 def default_num_splits(pairs: int, max_tokens: int, num_sms: int, head_dim: int) -> int:
     """About as many one-warp programs as the device holds at once, for one wave of them: 8 per SM at
-    head_dim 128 and 256 (155 and 255 registers a thread: 12 and 8 warps per SM), 16 at 64 (109: 18
+    head_dim 128 and 256 (168 and 255 registers a thread: 12 and 8 warps per SM), 16 at 64 (127: 16
     warps); more where a split of the longest sequence the block table holds would exceed
     MAX_SPLIT_TOKENS keys; a power of two, no split shorter than 128 tokens. H200, d=128, fixed split
     counts (`decode-splits-h200-fine.md`): one wave of longer programs beats a second, partial wave of
@@ -98,6 +100,11 @@ def min_split_tokens(pairs: int) -> int:
 if gluon is not None:
     _TILE = gl.constexpr(TILE)
     _LOG2E = gl.constexpr(LOG2E)
+
+    @constexpr_function
+    def _mma_layout():
+        """One warp's mma.sync m16n8k16 accumulator: both products' layout."""
+        return gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
 
     @constexpr_function
     def _key_codes_layout(D):
@@ -157,31 +164,84 @@ if gluon is not None:
         return gl.load(table_ptr + start // BLOCK_SIZE, mask=start < hi, other=0)
 
     @gluon.jit
-    def _load_tile(cache_ptr, block, kv_head, start, first, hi, key_token, key_chunk, key_words, tokens,
-                   value_token, value_chunk, value_words, NUM_KV_HEADS: gl.constexpr, BLOCK_SIZE: gl.constexpr,
+    def _load_tile(cache_ptr, block, kv_head, start, hi, key_token, key_chunk, key_words, tokens, value_token,
+                   value_chunk, value_words, NUM_KV_HEADS: gl.constexpr, BLOCK_SIZE: gl.constexpr,
                    HEAD_PAGE_BYTES: gl.constexpr, VALUES_OFFSET: gl.constexpr, KEY_NORMS_OFFSET: gl.constexpr,
                    VALUE_NORMS_OFFSET: gl.constexpr, KEY_BYTES: gl.constexpr, VALUE_BYTES: gl.constexpr):
         """The tile of tokens start .. start + TILE − 1 on page `block` (`_tile_block`; each lane's share: key
-        words, key and value norms, value words); tokens outside [first, hi) read 0, and a tile at or past `hi`
-        reads no memory."""
+        words, key and value norms, value words), whole: a tile lies in one page, so its tokens outside the
+        visible keys are read too (any bytes; `_attend_tile` masks them). A tile at or past `hi` reads no
+        memory."""
         page = cache_ptr + (block.to(gl.int64) * NUM_KV_HEADS + kv_head) * HEAD_PAGE_BYTES
         offset = start % BLOCK_SIZE
-        visible = (start + key_token < hi) & (start + key_token >= first)
+        present = start < hi
         key_codes = gl.load((page + (offset + key_token) * KEY_BYTES + key_chunk).to(gl.pointer_type(gl.int32))[:, None]
-                            + key_words[None, :], mask=visible[:, None], other=0)
-        visible = (start + tokens < hi) & (start + tokens >= first)
+                            + key_words[None, :], mask=present, other=0)
         norms = page + (offset + tokens) * 4
-        key_norms = gl.load((norms + KEY_NORMS_OFFSET).to(gl.pointer_type(gl.float32)), mask=visible, other=0.0)
-        value_norms = gl.load((norms + VALUE_NORMS_OFFSET).to(gl.pointer_type(gl.float32)), mask=visible, other=0.0)
-        visible = (start + value_token < hi) & (start + value_token >= first)
+        key_norms = gl.load((norms + KEY_NORMS_OFFSET).to(gl.pointer_type(gl.float32)), mask=present, other=0.0)
+        value_norms = gl.load((norms + VALUE_NORMS_OFFSET).to(gl.pointer_type(gl.float32)), mask=present, other=0.0)
         value_codes = gl.load((page + VALUES_OFFSET + (offset + value_token) * VALUE_BYTES + value_chunk)
-                              .to(gl.pointer_type(gl.int32))[:, None] + value_words[None, :], mask=visible[:, None],
-                              other=0)
+                              .to(gl.pointer_type(gl.int32))[:, None] + value_words[None, :], mask=present, other=0)
         return key_codes, key_norms, value_norms, value_codes
 
     @gluon.jit
     def _tanh(x):
         return 1 - 2 / (gl.exp(2 * x) + 1)
+
+    @gluon.jit
+    def _attend_tile(tile, start, first, hi, query, key_tables, value_tables, acc, running_max, running_sum, softcap,
+                     KEY_LUT: gl.constexpr, VALUE_LUT: gl.constexpr, USE_SOFTCAP: gl.constexpr, MASKED: gl.constexpr):
+        """One step of the online softmax over the tile of tokens start .. start + TILE − 1 (`_load_tile`):
+        the updated (acc, running_max, running_sum). MASKED: some of its tokens lie outside the visible keys
+        [first, hi), and their scores and value norms are masked (only a split's first and last tiles)."""
+        D: gl.constexpr = acc.shape[0]
+        mma: gl.constexpr = _mma_layout()
+        a_layout: gl.constexpr = gl.DotOperandLayout(0, mma, 2)
+        b_layout: gl.constexpr = gl.DotOperandLayout(1, mma, 2)
+        pairs_layout: gl.constexpr = _value_pairs_layout(D)
+        heads_layout: gl.constexpr = gl.SliceLayout(0, mma)
+        key_codes, key_norms, value_norms, value_codes = tile
+
+        # keys, as the MMA's B operand [D, _TILE]: lane 4g + t holds chunk t of tokens g and g + 8
+        levels = _join_pairs(*_lookup_pairs(key_codes, key_tables, KEY_LUT))  # [4T, W, e, h, kb % 2]
+        levels = gl.permute(gl.reshape(levels, [_TILE, 4, D // 32, 2, 2, 2]), (2, 5, 4, 1, 3, 0))
+        keys = gl.convert_layout(gl.reshape(levels, [D, _TILE]), b_layout, assert_trivial=True)
+        scores = _group_rows(mma_v2(query, keys, gl.zeros([16, _TILE], gl.float32, layout=mma)))
+
+        scores = scores * key_norms[None, :]
+        if USE_SOFTCAP:  # softcap · tanh(s / softcap) on natural-unit scores, back in log2 units
+            scores = (softcap * _LOG2E) * _tanh(scores * (1 / (_LOG2E * softcap)))
+        if MASKED:  # a masked token's bytes are any: its score and its value norm (NaN × 0 is NaN) are set
+            tokens = start + gl.arange(0, _TILE, layout=key_norms.type.layout)
+            visible = (tokens < hi) & (tokens >= first)
+            scores = gl.where(visible[None, :], scores, float("-inf"))
+            value_norms = gl.where(visible, value_norms, 0.0)
+        new_max = gl.maximum(running_max, gl.max(scores, axis=1))
+        grew = gl.max(new_max - running_max, axis=0) > 0  # NaN (−inf − −inf) is not growth
+        correction = gl.exp2(running_max - new_max)
+        probs = gl.exp2(scores - new_max[:, None])
+        running_sum = running_sum * correction + gl.sum(probs, axis=1)
+        running_max = new_max
+        if grew:  # rescale the sum only when some head's maximum rose (after the first tiles, rarely)
+            acc = acc * gl.convert_layout(correction, heads_layout)[None, :]
+        probs = gl.permute((probs * value_norms[None, :]).to(gl.float16), (1, 0))
+        probs = gl.convert_layout(probs, b_layout, assert_trivial=True)
+
+        # values, as the A operand [D, _TILE] of O^T = V^T P^T: lane 4g + t holds chunk g of tokens 2t, 2t + 1,
+        # 2t + 8, 2t + 9; a register pairs one coordinate of two tokens, so their indices are interleaved
+        # nibble by nibble before the lookup
+        token_a, token_b = _token_pairs(value_codes.to(gl.uint32, bitcast=True))
+        token_a = gl.convert_layout(token_a, pairs_layout, assert_trivial=True)
+        token_b = gl.convert_layout(token_b, pairs_layout, assert_trivial=True)
+        even = (token_a & 0x0F0F0F0F) | ((token_b << 4) & 0xF0F0F0F0)  # nibbles a0 b0 a2 b2 ...
+        odd = ((token_a >> 4) & 0x0F0F0F0F) | (token_b & 0xF0F0F0F0)  # a1 b1 a3 b3 ...
+        levels = gl.join(_join_pairs(*_lookup_pairs(even, value_tables, VALUE_LUT)),
+                         _join_pairs(*_lookup_pairs(odd, value_tables, VALUE_LUT)))  # [4T, W, e, p % 2, p // 2, s]
+        levels = gl.reshape(levels, [2, 4, 8, D // 64, 2, 2, 2, 2])  # h t g w e p%2 p//2 s
+        levels = gl.permute(levels, (3, 6, 5, 7, 2, 0, 1, 4))  # rows w p//2 p%2 s g, columns h t e
+        values = gl.convert_layout(gl.reshape(levels, [D, _TILE]), a_layout, assert_trivial=True)
+        acc = mma_v2(values, probs, acc)
+        return acc, running_max, running_sum
 
     # a variant per split count only, as CUDA graphs compiled them
     @gluon.jit(do_not_specialize=["min_split", "min_span"])
@@ -196,9 +256,8 @@ if gluon is not None:
         USE_STARTS: gl.constexpr, AFTER_SPLIT: gl.constexpr, REDUCTION_NEXT: gl.constexpr,
     ):
         D: gl.constexpr = HEAD_DIM
-        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
+        mma: gl.constexpr = _mma_layout()
         a_layout: gl.constexpr = gl.DotOperandLayout(0, mma, 2)
-        b_layout: gl.constexpr = gl.DotOperandLayout(1, mma, 2)
         keys_layout: gl.constexpr = _key_codes_layout(D)
         values_layout: gl.constexpr = _value_codes_layout(D)
         pairs_layout: gl.constexpr = _value_pairs_layout(D)
@@ -266,56 +325,36 @@ if gluon is not None:
         table_ptr = block_table_ptr + seq * stride_table_seq
         # each step issues the next tile's loads before it computes on the tile loaded the step before, and
         # reads the page of the tile after that (read right before the codes it locates, it would hold them up)
-        tile = _load_tile(cache_ptr, _tile_block(table_ptr, lo, hi, BLOCK_SIZE), kv_head, lo, first, hi, key_token,
+        tile = _load_tile(cache_ptr, _tile_block(table_ptr, lo, hi, BLOCK_SIZE), kv_head, lo, hi, key_token,
                           key_chunk, key_words, tokens, value_token, value_chunk, value_words, NUM_KV_HEADS,
                           BLOCK_SIZE, HEAD_PAGE_BYTES, VALUES_OFFSET, KEY_NORMS_OFFSET, VALUE_NORMS_OFFSET, KEY_BYTES,
                           VALUE_BYTES)
         block = _tile_block(table_ptr, lo + _TILE, hi, BLOCK_SIZE)
-        for start in range(lo, hi, _TILE):
-            following = _load_tile(cache_ptr, block, kv_head, start + _TILE, first, hi, key_token, key_chunk,
-                                   key_words, tokens, value_token, value_chunk, value_words, NUM_KV_HEADS, BLOCK_SIZE,
+        following = _load_tile(cache_ptr, block, kv_head, lo + _TILE, hi, key_token, key_chunk, key_words, tokens,
+                               value_token, value_chunk, value_words, NUM_KV_HEADS, BLOCK_SIZE, HEAD_PAGE_BYTES,
+                               VALUES_OFFSET, KEY_NORMS_OFFSET, VALUE_NORMS_OFFSET, KEY_BYTES, VALUE_BYTES)
+        block = _tile_block(table_ptr, lo + 2 * _TILE, hi, BLOCK_SIZE)
+        # keys before `first` lie in the split's first tile only (tiles start at `aligned`), keys from `hi` in
+        # its last: the tiles between are attended unmasked
+        acc, running_max, running_sum = _attend_tile(tile, lo, first, hi, query, key_tables, value_tables, acc,
+                                                     running_max, running_sum, softcap, KEY_LUT, VALUE_LUT,
+                                                     USE_SOFTCAP, True)
+        tile = following
+        last = (hi - 1) // _TILE * _TILE
+        for start in range(lo + _TILE, last, _TILE):
+            following = _load_tile(cache_ptr, block, kv_head, start + _TILE, hi, key_token, key_chunk, key_words,
+                                   tokens, value_token, value_chunk, value_words, NUM_KV_HEADS, BLOCK_SIZE,
                                    HEAD_PAGE_BYTES, VALUES_OFFSET, KEY_NORMS_OFFSET, VALUE_NORMS_OFFSET, KEY_BYTES,
                                    VALUE_BYTES)
             block = _tile_block(table_ptr, start + 2 * _TILE, hi, BLOCK_SIZE)
-            key_codes, key_norms, value_norms, value_codes = tile
-
-            # keys, as the MMA's B operand [D, _TILE]: lane 4g + t holds chunk t of tokens g and g + 8
-            levels = _join_pairs(*_lookup_pairs(key_codes, key_tables, KEY_LUT))  # [4T, W, e, h, kb % 2]
-            levels = gl.permute(gl.reshape(levels, [_TILE, 4, D // 32, 2, 2, 2]), (2, 5, 4, 1, 3, 0))
-            keys = gl.convert_layout(gl.reshape(levels, [D, _TILE]), b_layout, assert_trivial=True)
-            scores = _group_rows(mma_v2(query, keys, gl.zeros([16, _TILE], gl.float32, layout=mma)))
-
-            visible = (start + tokens < hi) & (start + tokens >= first)
-            scores = scores * key_norms[None, :]
-            if USE_SOFTCAP:  # softcap · tanh(s / softcap) on natural-unit scores, back in log2 units
-                scores = (softcap * _LOG2E) * _tanh(scores * (1 / (_LOG2E * softcap)))
-            scores = gl.where(visible[None, :], scores, float("-inf"))
-            new_max = gl.maximum(running_max, gl.max(scores, axis=1))
-            grew = gl.max(new_max - running_max, axis=0) > 0  # NaN (−inf − −inf) is not growth
-            correction = gl.exp2(running_max - new_max)
-            probs = gl.exp2(scores - new_max[:, None])
-            running_sum = running_sum * correction + gl.sum(probs, axis=1)
-            running_max = new_max
-            if grew:  # rescale the sum only when some head's maximum rose (after the first tiles, rarely)
-                acc = acc * gl.convert_layout(correction, heads_layout)[None, :]
-            probs = gl.permute((probs * value_norms[None, :]).to(gl.float16), (1, 0))
-            probs = gl.convert_layout(probs, b_layout, assert_trivial=True)
-
-            # values, as the A operand [D, _TILE] of O^T = V^T P^T: lane 4g + t holds chunk g of tokens 2t, 2t + 1,
-            # 2t + 8, 2t + 9; a register pairs one coordinate of two tokens, so their indices are interleaved
-            # nibble by nibble before the lookup
-            token_a, token_b = _token_pairs(value_codes.to(gl.uint32, bitcast=True))
-            token_a = gl.convert_layout(token_a, pairs_layout, assert_trivial=True)
-            token_b = gl.convert_layout(token_b, pairs_layout, assert_trivial=True)
-            even = (token_a & 0x0F0F0F0F) | ((token_b << 4) & 0xF0F0F0F0)  # nibbles a0 b0 a2 b2 ...
-            odd = ((token_a >> 4) & 0x0F0F0F0F) | (token_b & 0xF0F0F0F0)  # a1 b1 a3 b3 ...
-            levels = gl.join(_join_pairs(*_lookup_pairs(even, value_tables, VALUE_LUT)),
-                             _join_pairs(*_lookup_pairs(odd, value_tables, VALUE_LUT)))  # [4T, W, e, p % 2, p // 2, s]
-            levels = gl.reshape(levels, [2, 4, 8, D // 64, 2, 2, 2, 2])  # h t g w e p%2 p//2 s
-            levels = gl.permute(levels, (3, 6, 5, 7, 2, 0, 1, 4))  # rows w p//2 p%2 s g, columns h t e
-            values = gl.convert_layout(gl.reshape(levels, [D, _TILE]), a_layout, assert_trivial=True)
-            acc = mma_v2(values, probs, acc)
+            acc, running_max, running_sum = _attend_tile(tile, start, first, hi, query, key_tables, value_tables, acc,
+                                                         running_max, running_sum, softcap, KEY_LUT, VALUE_LUT,
+                                                         USE_SOFTCAP, False)
             tile = following
+        if last > lo:
+            acc, running_max, running_sum = _attend_tile(tile, last, first, hi, query, key_tables, value_tables, acc,
+                                                         running_max, running_sum, softcap, KEY_LUT, VALUE_LUT,
+                                                         USE_SOFTCAP, True)
 
         heads = gl.arange(0, 8, layout=heads_layout)
         d = gl.arange(0, D, layout=gl.SliceLayout(1, mma))
