@@ -469,9 +469,9 @@ def variant_batches(codec: KernelCodec, group: int, max_tokens: int, device: tor
         tall_rotation = (rotates_queries or not unrotates) and batch > ROTATE_SHORT_TILE_MAX_TOKENS
         column_programs = (reduce_column_programs(batch * group * codec.layout.num_kv_heads, pad, device)
                            if unrotates else 1)
+        rotates_in_split = rotates_queries and plan.min_span is None and rotates_in_split_kernel(batch, pad)
         key = (plan.min_span is None, plan.min_span == 0, plan.triton_splits, plan.num_splits,
-               batch <= CHAIN_MAX_BATCH, plan.min_span is None and rotates_in_split_kernel(batch, pad), tall_rotation,
-               column_programs)
+               batch <= CHAIN_MAX_BATCH, rotates_in_split, tall_rotation, column_programs)
         if key not in seen:
             seen.add(key)
             batches.append(batch)
