@@ -54,4 +54,3 @@ def test_bad_packing_input():
         pack_indices(torch.zeros(5, dtype=torch.uint8), 3)
     with pytest.raises(ValueError, match="bytes"):
         unpack_indices(torch.zeros(7, dtype=torch.uint8), 4, 16)
-
