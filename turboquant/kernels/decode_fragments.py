@@ -11,7 +11,7 @@ wgmma form; 34 against 40 warp instructions per token; `benchmarks/decode_sass.p
 count them).
 
 That works because the order of the coordinates inside the MMA is free: a score sums over them, so
-the query's columns are permuted once (`key_coordinate`) to match the keys as each lane reads them,
+the query's columns are permuted once (`_key_order`) to match the keys as each lane reads them,
 a run of D/4 coordinates per lane; the output is computed transposed (O^T = V^T P^T, the group's heads
 as the 8 columns) so a lane's value codes are a run of D/8 coordinates of two adjacent tokens, and its
 rows are stored back to their coordinates (`value_coordinate`). The cache layout is `PagedLayout`'s.
@@ -105,6 +105,22 @@ if gluon is not None:
     def _mma_layout():
         """One warp's mma.sync m16n8k16 accumulator: both products' layout."""
         return gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
+
+    @constexpr_function
+    def _query_layout(D):
+        """[16 rows, D coordinates]: lane 4g + t holds rows g and g + 8, coordinates t·D/4 .. t·D/4 + D/4 − 1,
+        four adjacent ones per register group (one 16-byte load): the A operand's share of that lane once
+        its columns are reordered (`_key_order`), so the query is read in whole sectors."""
+        reg = [[0, 1], [0, 2], [8, 0]] + [[0, 4 << i] for i in range((D // 16).bit_length() - 1)]
+        return gl.DistributedLinearLayout(reg, [[0, D // 4], [0, D // 2], [1, 0], [2, 0], [4, 0]], [], [], [16, D])
+
+    @gluon.jit
+    def _key_order(query):
+        """[16, D] coordinates → columns in the order a lane reads its key levels: column 16c + 8b + 2t + e
+        holds coordinate t·D/4 + 4c + 2b + e."""
+        D: gl.constexpr = query.shape[1]
+        query = gl.permute(gl.reshape(query, [16, 4, D // 16, 2, 2]), (0, 2, 3, 1, 4))
+        return gl.reshape(query, [16, D])
 
     @constexpr_function
     def _key_codes_layout(D):
@@ -292,15 +308,18 @@ if gluon is not None:
             return
 
         # Query rows are the group's heads; rows past it hold the next heads' queries, discarded (rows of
-        # zeros or of copies would be copied into every MMA's operand registers). Column k holds coordinate
-        # _key_coordinate(k), the one whose key level sits in that place of a lane's fragment.
-        m = gl.arange(0, 16, layout=gl.SliceLayout(1, a_layout))
-        k = gl.arange(0, D, layout=gl.SliceLayout(0, a_layout))
-        key_coordinate = ((k >> 1) & 3) * (D // 4) + (k >> 4) * 4 + ((k >> 3) & 1) * 2 + (k & 1)
+        # zeros or of copies would be copied into every MMA's operand registers). Its columns are put in
+        # the order of the key levels in a lane's fragment (`_key_order`) after a load in whole 16-byte runs:
+        # read straight into the fragment's order, scattered 4-byte reads took 7-10 us of each program's
+        # start when a wave's programs all read at once (H200, b8 x 16K).
+        query_layout: gl.constexpr = _query_layout(D)
+        m = gl.arange(0, 16, layout=gl.SliceLayout(1, query_layout))
+        coordinates = gl.arange(0, D, layout=gl.SliceLayout(0, query_layout))
         heads_in_rows = (kv_head * GROUP + m) % (NUM_KV_HEADS * GROUP)
         query = gl.load(query_ptr + seq * stride_query_seq + heads_in_rows[:, None] * stride_query_head
-                        + key_coordinate[None, :])
+                        + coordinates[None, :])
         query = (query * (scale * _LOG2E)).to(gl.float16)  # scores in log2 units
+        query = gl.convert_layout(_key_order(query), a_layout, assert_trivial=True)
 
         acc = gl.zeros([D, 8], gl.float32, layout=mma)  # the group's output, transposed
         group_scores = _group_rows(gl.full([16, _TILE], float("-inf"), gl.float32, layout=mma))
