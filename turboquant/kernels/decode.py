@@ -322,13 +322,15 @@ def default_num_splits(batch: int, num_kv_heads: int, max_tokens: int, tile: int
 
 
 # The split kernel is chosen per sequence, from its visible keys times the call's (sequence · kv head)
-# pairs: at or above this many the fragment kernel, below it the Triton one. The Triton kernel measured
-# faster up to it on an H200 (batch 1 at every context, batch 2 at 16K, batch 8 up to 4K, batch 32 at 1K;
-# the fragment kernel from batch 8 × 16K, batch 32 × 4K, batch 64 × 1K): with little work, one-warp
-# programs cannot hide their latency. benchmarks/results/kernels-decode-h200*.md. Lowered to 2^18 with
-# one wave of fragment programs it won at b8 × 6K but lost at b1 and b32 × 1K in 33K-token tables
-# (kernels-decode-h200-table33k-min-work-2e18.md).
-FRAGMENT_MIN_WORK = 1 << 19
+# pairs: at or above this many the fragment kernel, below it the Triton one. One-warp programs cannot
+# hide their latency with little work. H200, k4v4 d=128, against 2^19 (`decode_min_work.py`,
+# decode-min-work-h200.md): b2 x 16K, b4 x 8K, b8 x 4K / 6K, b16 x 2K and b32 x 1K take 0.69-0.93x the
+# time, in exact and in 33K-token tables; below it the Triton kernel stays faster (b8 x 2K).
+FRAGMENT_MIN_WORK = 1 << 18
+# ... but calls of fewer pairs than this (one sequence of 8 kv heads) need twice that work: at 2^18 a
+# single sequence of 32K keys went to the fragment kernel and took 1.09x the time (its 128 splits of 256
+# keys, against 64 of 512 in the Triton kernel's chained launches).
+FRAGMENT_FEW_PAIRS = 16
 # Where both split kernels run, overlapped, and no exact window kernel runs between them and the reduction,
 # the reduction is launched programmatically after the fragment kernel. H200, 33K-token tables, against the
 # reduction launched after it ends: b8 x 1K 0.0156 against 0.0165 ms, b32 x 4K 0.6-1.0% slower, the other
@@ -359,9 +361,10 @@ def fragment_min_span(codec: KernelCodec, batch: int, group: int, max_tokens: in
     serve the layer, or no sequence the block table can hold reaches the limit). From shapes only, so a
     CUDA graph replays the same launches; each kernel's programs skip the other's sequences."""
     pairs = batch * codec.layout.num_kv_heads
-    if pairs * max_tokens < FRAGMENT_MIN_WORK or decode_fragments.unsupported_reason(codec, group, device):
+    work = FRAGMENT_MIN_WORK * (2 if pairs < FRAGMENT_FEW_PAIRS else 1)
+    if pairs * max_tokens < work or decode_fragments.unsupported_reason(codec, group, device):
         return None
-    return -(-FRAGMENT_MIN_WORK // pairs)
+    return -(-work // pairs)
 
 
 def launch_triton_split(query: torch.Tensor, cache: torch.Tensor, codec: KernelCodec,
