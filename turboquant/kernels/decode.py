@@ -323,13 +323,14 @@ def default_num_splits(batch: int, num_kv_heads: int, max_tokens: int, tile: int
 
 # The split kernel is chosen per sequence, from its visible keys times the call's (sequence · kv head)
 # pairs: at or above this many the fragment kernel, below it the Triton one. One-warp programs cannot
-# hide their latency with little work. H200, k4v4 d=128, against 2^19 (`decode_min_work.py`,
-# decode-min-work-h200.md): b2 x 16K, b4 x 8K, b8 x 4K / 6K, b16 x 2K and b32 x 1K take 0.69-0.93x the
-# time, in exact and in 33K-token tables; below it the Triton kernel stays faster (b8 x 2K).
+# hide their latency with little work. H200, k4v4 d=128, against 2^19 since the fragment kernel reads its
+# query in whole sectors (`python benchmarks/decode_min_work.py`, decode-min-work-h200.md): b2 x 16K, b4 x
+# 8K, b8 x 4K / 6K, b16 x 2K and b32 x 1K took 0.71-0.98x the time, in exact and in 33K-token tables, the
+# other cells within 2%.
 FRAGMENT_MIN_WORK = 1 << 18
 # ... but calls of fewer pairs than this (one sequence of 8 kv heads) need twice that work: at 2^18 a
-# single sequence of 32K keys went to the fragment kernel and took 1.09x the time (its 128 splits of 256
-# keys, against 64 of 512 in the Triton kernel's chained launches).
+# single sequence of 32K keys went to the fragment kernel and took 1.10x the time (of 16K keys in a
+# 33K-token table: 1.05x).
 FRAGMENT_FEW_PAIRS = 16
 # Where both split kernels run, overlapped, and no exact window kernel runs between them and the reduction,
 # the reduction is launched programmatically after the fragment kernel. H200, 33K-token tables, against the
