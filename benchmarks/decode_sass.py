@@ -32,7 +32,10 @@ POINTERS = dict(query_ptr="*fp32", cache_ptr="*u8", tables_ptr="*i32", block_tab
                 key_starts_ptr="*i32", partial_out_ptr="*fp32", partial_lse_ptr="*fp32")
 SCALARS = dict(stride_query_seq="i32", stride_query_head="i32", stride_table_seq="i32", scale="fp32", softcap="fp32",
                sliding_window="i32", min_split="i32", min_span="i32")
-ALIGNED = ("query_ptr", "cache_ptr", "tables_ptr", "partial_out_ptr", "partial_lse_ptr")  # as torch allocates them
+# as torch allocates them, and the query's strides, multiples of head_dim (64, 128 or 256), which Triton
+# specializes as multiples of 16 at launch (16-byte query loads)
+ALIGNED = ("query_ptr", "cache_ptr", "tables_ptr", "partial_out_ptr", "partial_lse_ptr", "stride_query_seq",
+           "stride_query_head")
 
 
 def compile_fragment_kernel(head_dim: int):

@@ -49,18 +49,18 @@ def test_fragment_decode_matches_reference(head_dim, block_size, num_q_heads, nu
 @needs_cuda
 @needs_gluon
 def test_each_sequence_takes_the_split_kernel_its_length_picks(generator):
-    """Batch 8 × 8 kv heads: sequences of ≥ 8192 visible keys go to the fragment kernel, shorter ones to the
-    Triton kernel, in one call (one CUDA graph's launches whatever the lengths)."""
+    """Batch 8 × 8 kv heads: sequences of ≥ 4096 visible keys (2^18 / 64 pairs) go to the fragment kernel,
+    shorter ones to the Triton kernel, in one call (one CUDA graph's launches whatever the lengths)."""
     codec = make_codec(128, 4, 4, 8, 16, "cuda")
-    seq_lens = [9000, 50, 8192, 8191, 0, 1, 300, 12000]
+    seq_lens = [5000, 50, 4096, 4095, 0, 1, 300, 9000]
     cache, block_table = filled_cache(codec, seq_lens, generator, "cuda")
-    assert fragment_min_span(codec, 8, 4, block_table.shape[1] * 16, torch.device("cuda")) == 8192
+    assert fragment_min_span(codec, 8, 4, block_table.shape[1] * 16, torch.device("cuda")) == 4096
     query = torch.randn(len(seq_lens), 32, 128, generator=generator).cuda()
     lengths = torch.tensor(seq_lens, dtype=torch.int32, device="cuda")
     automatic = paged_decode_attention(query, cache, codec, block_table, lengths, 0.1)
     fragments = paged_decode_attention(query, cache, codec, block_table, lengths, 0.1, fragments=True)
     torch.testing.assert_close(automatic, decode_reference(query, cache, codec, block_table, lengths, 0.1), **TOLERANCE)
-    long = lengths >= 8192
+    long = lengths >= 4096
     assert torch.equal(automatic[long], fragments[long])  # the same kernel, splits and reduction
     assert not torch.equal(automatic[~long], fragments[~long])
 
