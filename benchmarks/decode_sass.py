@@ -38,7 +38,9 @@ ALIGNED = ("query_ptr", "cache_ptr", "tables_ptr", "partial_out_ptr", "partial_l
            "stride_query_head")
 
 
-def compile_fragment_kernel(head_dim: int):
+def compile_fragment_kernel(head_dim: int, kernel=None, pointers: dict | None = None):
+    """`kernel` (decode_fragments' own by default; `decode_timeline.py` passes its stamped copy) for sm_90,
+    `pointers` the types of any pointer arguments it adds."""
     from triton.experimental.gluon._runtime import GluonASTSource
 
     codec = KernelCodec.from_config(TurboQuantConfig(key_bits=4, value_bits=4), head_dim, 8, 16)
@@ -46,9 +48,9 @@ def compile_fragment_kernel(head_dim: int):
     constants = pages | dict(GROUP=4, NUM_SPLITS=8, KEY_LUT=codec.key_pairs_lut_asm,
                              VALUE_LUT=codec.value_pairs_lut_asm, USE_SOFTCAP=True, USE_WINDOW=True, USE_STARTS=True,
                              AFTER_SPLIT=False)
-    kernel = decode_fragments._fragment_split_kernel
+    kernel = kernel or decode_fragments._fragment_split_kernel
     names = list(kernel.arg_names)
-    signature = {name: (POINTERS | SCALARS).get(name, "constexpr") for name in names}
+    signature = {name: (POINTERS | (pointers or {}) | SCALARS).get(name, "constexpr") for name in names}
     constants = {name: constants[name] for name in names if name in constants}  # in the kernel's order
     aligned = {(names.index(name),): [["tt.divisibility", 16]] for name in ALIGNED}
     source = GluonASTSource(kernel, signature, constants, aligned)

@@ -9,6 +9,7 @@ made by editing the kernel's source at its anchors; if the kernel changed there,
 
     python benchmarks/decode_timeline.py [--cells 8x16384x16,32x4096x4]
         [--out benchmarks/results/decode-timeline-h200.json]
+    python benchmarks/decode_timeline.py --compile-only   # no GPU: the stamped copy's sm_90 registers and stamps
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import argparse
 import datetime
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -144,12 +146,31 @@ def cell(stamped, codec: KernelCodec, batch: int, context: int, splits: int) -> 
     return row
 
 
+def compile_only() -> int:
+    from decode_sass import compile_fragment_kernel
+    from gemv_sass import disassemble
+
+    with tempfile.TemporaryDirectory() as directory:
+        stamped = stamped_module(Path(directory))
+        sass, usage = disassemble(compile_fragment_kernel(HEAD_DIM, stamped._fragment_split_kernel,
+                                                          {"times_ptr": "*i64"}).asm["cubin"])
+    registers = re.search(r"REG:(\d+)", usage)
+    print(json.dumps({"registers": int(registers.group(1)) if registers else None,
+                      "timer_reads": sass.count("SR_GLOBALTIMER")}))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="benchmarks/results/decode-timeline-h200.json")
     parser.add_argument("--cells", default=CELLS, help="BATCHxCONTEXTxSPLITS items, comma-separated "
                                                        "(default: %(default)s)")
+    parser.add_argument("--compile-only", action="store_true",
+                        help="compile the stamped copy for sm_90 on the CPU (no GPU) and print its registers and "
+                             "timer reads (tests/kernels/test_decode_fragments.py checks that it still builds)")
     args = parser.parse_args()
+    if args.compile_only:
+        return compile_only()
     try:
         cells = [tuple(int(n) for n in item.split("x")) for item in args.cells.split(",")]
         if any(len(c) != 3 for c in cells):

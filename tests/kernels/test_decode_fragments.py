@@ -75,3 +75,12 @@ def test_fragment_kernel_compiles_without_shared_memory_in_its_loop(head_dim):
     sass = json.loads(run_sass_script("decode_sass.py", "--head-dim", str(head_dim)))
     assert sass["loop_mma"] == 3 * head_dim // 16  # a tile's score MMA (D/8) and value MMA (D/16)
     assert sass["loop_shared_memory"] == {}
+
+
+@needs_gluon
+def test_the_timeline_benchmark_still_stamps_the_kernel():
+    """`benchmarks/decode_timeline.py` times each phase of a program in a copy of this kernel, edited at
+    anchors in its source: a change to the kernel that moves one must update that script. Compiled for
+    sm_90 on the CPU, like the test above."""
+    stamped = json.loads(run_sass_script("decode_timeline.py", "--compile-only"))
+    assert stamped["timer_reads"] == 7  # start, sequence length, query, first tile's codes, first, interior, last
