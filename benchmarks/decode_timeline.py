@@ -53,7 +53,6 @@ STAMP = '''
     # a variant per split count only'''
 # (anchor in decode_fragments.py, what replaces it); each anchor must occur exactly once
 EDITS = [
-    ("from .", "from turboquant.kernels."),
     ("\n    # a variant per split count only", STAMP),
     ("        partial_lse_ptr, stride_query_seq,", "        partial_lse_ptr, times_ptr, stride_query_seq,"),
     ("        split = gl.program_id(2)\n",
@@ -86,16 +85,16 @@ PHASES = [("to sequence length", 4, 0), ("to query", 5, 4), ("to first tile's co
 
 
 def stamped_module(directory: Path):
-    """decode_fragments.py with the stamps, as a module of its own (Gluon reads a kernel's source file)."""
+    """decode_fragments.py with the stamps, as a module of its own in `turboquant.kernels` (so its relative
+    imports resolve; Gluon reads a kernel's source file)."""
     source = Path(decode_fragments.__file__).read_text()
     for anchor, replacement in EDITS:
-        count = source.count(anchor)
-        if count != (3 if anchor == "from ." else 1):
+        if (count := source.count(anchor)) != 1:
             raise SystemExit(f"decode_fragments.py changed: anchor {anchor.strip()[:60]!r} found {count} times")
         source = source.replace(anchor, replacement)
     path = directory / "decode_fragments_stamped.py"
     path.write_text(source)
-    spec = importlib.util.spec_from_file_location(path.stem, path)
+    spec = importlib.util.spec_from_file_location(f"turboquant.kernels.{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
