@@ -142,6 +142,14 @@ def cell(stamped, codec: KernelCodec, batch: int, context: int, splits: int) -> 
     per_sm = torch.bincount(sms)
     row["programs per SM"] = {int(n): int((per_sm == n).sum()) for n in per_sm.unique().tolist() if n}
     row["SM end"] = percentiles(sm_end[per_sm > 0])
+    # whether the late programs are those of crowded SMs, and how far apart one pair's splits end (what
+    # handing a pair's tiles out at run time could even out)
+    crowding = per_sm[sms]
+    row["program end by programs on its SM"] = {int(n): percentiles(stamps[crowding == n, 3])
+                                                for n in crowding.unique().tolist()}
+    pair_ends = stamps[:, 3].view(batch * NUM_KV_HEADS, splits)
+    row["pair end spread"] = percentiles(pair_ends.max(1).values - pair_ends.min(1).values)
+    row["pair end"] = percentiles(pair_ends.max(1).values)
     return row
 
 
@@ -196,14 +204,15 @@ def main() -> int:
              "Phases in µs per program, median [10th–90th percentile]; 'interior tiles' per tile; program and SM "
              "ends from the wave's first start, median [max].", "",
              "| batch | context | splits | plain ms | stamped ms | " + " | ".join(names)
-             + " | program end | SM end | programs per SM |",
-             "|---:|---:|---:|---:|---:|" + "---:|" * (len(names) + 2) + "---|"]
+             + " | program end | SM end | pair end | one pair's splits, last − first end | programs per SM |",
+             "|---:|---:|---:|---:|---:|" + "---:|" * (len(names) + 4) + "---|"]
     for row in rows:
         lines.append(f"| {row['batch']} | {row['context']} | {row['splits']} | {row['plain_ms']:.4f} | "
                      f"{row['stamped_ms']:.4f} | "
                      + " | ".join(f"{row[n][50]} [{row[n][10]}–{row[n][90]}]" for n in names)
                      + f" | {row['program end'][50]} [{row['program end'][100]}] | {row['SM end'][50]} "
-                     f"[{row['SM end'][100]}] | {row['programs per SM']} |")
+                     f"[{row['SM end'][100]}] | {row['pair end'][50]} [{row['pair end'][100]}] | "
+                     f"{row['pair end spread'][50]} [{row['pair end spread'][100]}] | {row['programs per SM']} |")
     Path(args.out).with_suffix(".md").write_text("\n".join(lines) + "\n")
     return 0
 
