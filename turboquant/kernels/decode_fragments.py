@@ -82,7 +82,13 @@ def default_num_splits(pairs: int, max_tokens: int, num_sms: int, head_dim: int)
     16; b32 × 4K 0.099 at 4 against 0.106 at 8), but splits of 8K+ keys lose (b64 × 32K 1.14 ms at 4
     splits, 1.09 at 8). Every sequence takes all the splits (down to `min_split_tokens`): a variant in
     which each sequence took fewer splits of a larger grid measured slower wherever the grid's trailing
-    programs were left empty (H200; not kept)."""
+    programs were left empty (H200; not kept). Re-swept once the query was read in whole sectors
+    (`decode-splits-h200-sectors.md`, `-long.md`, `-long2.md`): one wave still wins at batch 8 (16K: 0.080
+    ms at 16 splits, 0.084 at 32), and in block tables as wide as the context b16-b64 at 16K-32K ran 2-5%
+    faster in splits of about 2048 keys (b64 × 16K 0.480 ms at 8 splits against 0.502-0.503 at 4, b32 ×
+    32K 0.477-0.478 at 16 against 0.497-0.500 at 8). Kept at 4096: the count follows the table's width,
+    and in vLLM's, as wide as the model's maximum length, every sequence would take twice the splits (b8 ×
+    16K 0.131 ms at 64 against 0.111 at 32, `decode-splits-h200.md`)."""
     per_sm = 16 if head_dim <= 64 else 8
     wanted = max(1, per_sm * num_sms // max(1, pairs), max_tokens // MAX_SPLIT_TOKENS)
     longest = max(1, max_tokens // 128)
