@@ -5,9 +5,9 @@ tensor-core fragments (Gluon, Triton's layout-explicit dialect).
 moves them through shared memory into the layout that `mma.sync` reads (stores, barriers, `ldmatrix`).
 Here each lane loads exactly the codes whose levels its fragment registers hold, so levels go from the
 byte permute (`lut_asm.dequant_pairs_asm`) to the MMA in registers: no shared memory, no barrier, and
-fewer instructions per token (sm_90 SASS, Triton 3.6, d=128: 538 per 16 tokens in one warp with window,
+fewer instructions per token (sm_90 SASS, Triton 3.6, d=128: 522 per 16 tokens in one warp with window,
 softcap and key starts compiled in, against 647 per 64 tokens in each of 4 warps of the Triton kernel's
-wgmma form; 34 against 40 warp instructions per token; `benchmarks/decode_sass.py` and `split_sass.py`
+wgmma form; 33 against 40 warp instructions per token; `benchmarks/decode_sass.py` and `split_sass.py`
 count them).
 
 That works because the order of the coordinates inside the MMA is free: a score sums over them, so
@@ -74,7 +74,7 @@ MAX_SPLIT_TOKENS = 4096
 
 def default_num_splits(pairs: int, max_tokens: int, num_sms: int, head_dim: int) -> int:
     """About as many one-warp programs as the device holds at once, for one wave of them: 8 per SM at
-    head_dim 128 and 256 (155 and 255 registers a thread: 12 and 8 warps per SM), 16 at 64 (122: 16
+    head_dim 128 and 256 (155 and 255 registers a thread: 12 and 8 warps per SM), 16 at 64 (124: 16
     warps); more where a split of the longest sequence the block table holds would exceed
     MAX_SPLIT_TOKENS keys; a power of two, no split shorter than 128 tokens. H200, d=128, fixed split
     counts (`decode-splits-h200-fine.md`): one wave of longer programs beats a second, partial wave of
@@ -189,21 +189,35 @@ if gluon is not None:
     def _load_tile(cache_ptr, block, kv_head, start, hi, key_token, key_chunk, key_words, tokens, value_token,
                    value_chunk, value_words, NUM_KV_HEADS: gl.constexpr, BLOCK_SIZE: gl.constexpr,
                    HEAD_PAGE_BYTES: gl.constexpr, VALUES_OFFSET: gl.constexpr, KEY_NORMS_OFFSET: gl.constexpr,
-                   VALUE_NORMS_OFFSET: gl.constexpr, KEY_BYTES: gl.constexpr, VALUE_BYTES: gl.constexpr):
+                   VALUE_NORMS_OFFSET: gl.constexpr, KEY_BYTES: gl.constexpr, VALUE_BYTES: gl.constexpr,
+                   BEFORE_HI: gl.constexpr = False):
         """The tile of tokens start .. start + TILE − 1 on page `block` (`_tile_block`; each lane's share: key
         words, key and value norms, value words), whole: a tile lies in one page, so its tokens outside the
         visible keys are read too (any bytes; `_attend_tile` masks them). A tile at or past `hi` reads no
-        memory."""
+        memory. BEFORE_HI: the caller knows it starts before `hi`, and the loads take no mask: a masked load's
+        registers are zeroed first, 16 of a loop step's 538 instructions at d=128 (9 of 363 at d=64, 23 of 885
+        at d=256). H200, the same outputs bit for bit in 0.951-0.973x the time (`decode-ab-h200-unmasked.md`);
+        two tiles per step as well, so that no tile is copied between register sets, was slower."""
         page = cache_ptr + (block.to(gl.int64) * NUM_KV_HEADS + kv_head) * HEAD_PAGE_BYTES
         offset = start % BLOCK_SIZE
-        present = start < hi
-        key_codes = gl.load((page + (offset + key_token) * KEY_BYTES + key_chunk).to(gl.pointer_type(gl.int32))[:, None]
-                            + key_words[None, :], mask=present, other=0)
+        key_ptrs = (page + (offset + key_token) * KEY_BYTES + key_chunk).to(gl.pointer_type(gl.int32))[:, None] \
+            + key_words[None, :]
         norms = page + (offset + tokens) * 4
-        key_norms = gl.load((norms + KEY_NORMS_OFFSET).to(gl.pointer_type(gl.float32)), mask=present, other=0.0)
-        value_norms = gl.load((norms + VALUE_NORMS_OFFSET).to(gl.pointer_type(gl.float32)), mask=present, other=0.0)
-        value_codes = gl.load((page + VALUES_OFFSET + (offset + value_token) * VALUE_BYTES + value_chunk)
-                              .to(gl.pointer_type(gl.int32))[:, None] + value_words[None, :], mask=present, other=0)
+        key_norm_ptrs = (norms + KEY_NORMS_OFFSET).to(gl.pointer_type(gl.float32))
+        value_norm_ptrs = (norms + VALUE_NORMS_OFFSET).to(gl.pointer_type(gl.float32))
+        value_ptrs = (page + VALUES_OFFSET + (offset + value_token) * VALUE_BYTES + value_chunk) \
+            .to(gl.pointer_type(gl.int32))[:, None] + value_words[None, :]
+        if BEFORE_HI:
+            key_codes = gl.load(key_ptrs)
+            key_norms = gl.load(key_norm_ptrs)
+            value_norms = gl.load(value_norm_ptrs)
+            value_codes = gl.load(value_ptrs)
+        else:
+            present = start < hi
+            key_codes = gl.load(key_ptrs, mask=present, other=0)
+            key_norms = gl.load(key_norm_ptrs, mask=present, other=0.0)
+            value_norms = gl.load(value_norm_ptrs, mask=present, other=0.0)
+            value_codes = gl.load(value_ptrs, mask=present, other=0)
         return key_codes, key_norms, value_norms, value_codes
 
     @gluon.jit
@@ -366,11 +380,11 @@ if gluon is not None:
                                                      USE_SOFTCAP, True)
         tile = following
         last = (hi - 1) // _TILE * _TILE
-        for start in range(lo + _TILE, last, _TILE):
+        for start in range(lo + _TILE, last, _TILE):  # start + _TILE <= last < hi: unmasked loads
             following = _load_tile(cache_ptr, block, kv_head, start + _TILE, hi, key_token, key_chunk, key_words,
                                    tokens, value_token, value_chunk, value_words, NUM_KV_HEADS, BLOCK_SIZE,
                                    HEAD_PAGE_BYTES, VALUES_OFFSET, KEY_NORMS_OFFSET, VALUE_NORMS_OFFSET, KEY_BYTES,
-                                   VALUE_BYTES)
+                                   VALUE_BYTES, True)
             block = _tile_block(table_ptr, start + 2 * _TILE, hi, BLOCK_SIZE)
             acc, running_max, running_sum = _attend_tile(tile, start, first, hi, query, key_tables, value_tables, acc,
                                                          running_max, running_sum, softcap, KEY_LUT, VALUE_LUT,

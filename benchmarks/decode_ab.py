@@ -1,0 +1,126 @@
+"""The fragment decode kernel of this checkout against the one of a git revision, side by side (CUDA): the
+same caches and queries, `decode_fragments.launch_split` plus the reduction in one CUDA graph per call,
+the two timed in turn three times (median), and whether their outputs are equal bit for bit (a change
+that should not move any sum, such as the loads' masks, must be). The revision's `decode_fragments.py`
+is loaded as a module of this checkout's `turboquant.kernels`, so it must still import from it. Default
+split counts; cells are HEAD_DIM x Q_HEADS x KV_HEADS x BATCH x CONTEXT, k4v4, page 16.
+
+    python benchmarks/decode_ab.py --base cdd8877 [--cells 128x32x8x8x16390,...]
+        [--out benchmarks/results/decode-ab-h200.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from kernels import block_table_for, graph_time_ms, random_compressed_cache  # noqa: E402
+from turboquant.core import TurboQuantConfig  # noqa: E402
+from turboquant.kernels import decode_fragments  # noqa: E402
+from turboquant.kernels.codec import KernelCodec  # noqa: E402
+from turboquant.kernels.decode import merge_splits  # noqa: E402
+from turboquant.kernels.launch import multiprocessor_count  # noqa: E402
+from turboquant.kernels.rotate import rotate  # noqa: E402
+
+# odd tile counts per split and a partial last tile (16390), every head_dim, batch 1 to 64
+CELLS = ("128x32x8x8x16390,128x32x8x8x32768,128x32x8x32x16384,128x32x8x64x32768,128x32x8x1x131072,"
+         "128x32x8x32x4112,64x32x8x32x16384,256x16x8x32x16384")
+REPEATS = 3
+
+
+def revision_module(revision: str, directory: Path):
+    """`turboquant/kernels/decode_fragments.py` as of `revision`, importable beside this checkout's."""
+    source = subprocess.run(["git", "show", f"{revision}:turboquant/kernels/decode_fragments.py"], cwd=ROOT,
+                            capture_output=True, text=True, check=True).stdout
+    path = directory / "decode_fragments_base.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(f"turboquant.kernels.{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def cell(kernels: dict, head_dim: int, num_q_heads: int, num_kv_heads: int, batch: int, context: int) -> dict:
+    codec = KernelCodec.from_config(TurboQuantConfig(key_bits=4, value_bits=4), head_dim, num_kv_heads, 16,
+                                    device="cuda")
+    table, seq_lens, num_blocks = block_table_for(batch, context)
+    cache = random_compressed_cache(codec, num_blocks)
+    query = rotate(torch.randn(batch, num_q_heads, head_dim, device="cuda", dtype=torch.bfloat16), codec)
+    splits = decode_fragments.default_num_splits(batch * num_kv_heads, context, multiprocessor_count(cache.device),
+                                                 head_dim)
+    partial_out = torch.empty(batch, num_q_heads, splits, head_dim, device="cuda")
+    partial_lse = torch.empty(batch, num_q_heads, splits, device="cuda")
+    out = torch.empty(batch, num_q_heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    calls, outputs, times = {}, {}, {name: [] for name in kernels}
+    for name, module in kernels.items():
+        def call(module=module):
+            module.launch_split(query, cache, codec, table, seq_lens, None, partial_out, partial_lse,
+                                head_dim**-0.5, None, None)
+            merge_splits(partial_out, partial_lse, out, None, codec)
+        call()
+        outputs[name], calls[name] = out.clone(), call
+    for _ in range(REPEATS):
+        for name in kernels:
+            times[name].append(graph_time_ms(calls[name]))
+    row = {"head_dim": head_dim, "q_heads": num_q_heads, "kv_heads": num_kv_heads, "batch": batch,
+           "context": context, "splits": splits}
+    for name in kernels:
+        row[f"{name}_ms"] = round(statistics.median(times[name]), 5)
+    row["ratio"] = round(row["this_ms"] / row["base_ms"], 3)
+    row["equal"] = bool(torch.equal(outputs["this"], outputs["base"]))
+    return row
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", required=True, help="the git revision whose kernel is the baseline")
+    parser.add_argument("--cells", default=CELLS, help="comma-separated HEAD_DIMxQ_HEADSxKV_HEADSxBATCHxCONTEXT "
+                                                       "items (default: %(default)s)")
+    parser.add_argument("--out", default="benchmarks/results/decode-ab-h200.json")
+    args = parser.parse_args()
+    try:
+        cells = [tuple(int(n) for n in item.split("x")) for item in args.cells.split(",")]
+        if any(len(c) != 5 or min(c) < 1 for c in cells):
+            raise ValueError
+    except ValueError:
+        parser.error("--cells takes HEAD_DIMxQ_HEADSxKV_HEADSxBATCHxCONTEXT items of positive numbers")
+    if not torch.cuda.is_available() or decode_fragments.gluon is None:
+        parser.error("needs a CUDA device and a Triton with Gluon")
+    build = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                           text=True).stdout.strip()
+    with tempfile.TemporaryDirectory() as directory:
+        kernels = {"base": revision_module(args.base, Path(directory)), "this": decode_fragments}
+        rows = []
+        for item in cells:
+            rows.append(cell(kernels, *item))
+            print(json.dumps(rows[-1]), flush=True)
+            torch.cuda.empty_cache()
+    result = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(), "base": args.base,
+              "build": build, "rows": rows}
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    lines = [f"Device: {result['device']}, {result['date']}. The fragment kernel of build `{build}` (this) against "
+             f"`{args.base}`'s (base), k4v4, page 16, default split counts; ms per call (split kernel and "
+             f"reduction, CUDA graph), median of {REPEATS} interleaved timings; 'equal': outputs bit for bit.", "",
+             "| head_dim | q / kv heads | batch | context | splits | base ms | this ms | this / base | equal |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for row in rows:
+        lines.append(f"| {row['head_dim']} | {row['q_heads']} / {row['kv_heads']} | {row['batch']} | {row['context']} "
+                     f"| {row['splits']} | {row['base_ms']:.4f} | {row['this_ms']:.4f} | {row['ratio']:.3f} "
+                     f"| {row['equal']} |")
+    Path(args.out).with_suffix(".md").write_text("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
