@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import statistics
 import subprocess
@@ -27,7 +26,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from kernels import block_table_for, graph_time_ms, random_compressed_cache  # noqa: E402
+from kernels import (block_table_for, graph_time_ms, kernel_module, parse_cells,  # noqa: E402
+                     random_compressed_cache)
 from turboquant.core import TurboQuantConfig  # noqa: E402
 from turboquant.kernels import decode, decode_fragments  # noqa: E402
 from turboquant.kernels.codec import KernelCodec  # noqa: E402
@@ -43,13 +43,7 @@ def revision_module(revision: str, name: str, directory: Path):
     """`turboquant/kernels/{name}.py` as of `revision`, importable beside this checkout's."""
     source = subprocess.run(["git", "show", f"{revision}:turboquant/kernels/{name}.py"], cwd=ROOT,
                             capture_output=True, text=True, check=True).stdout
-    path = directory / f"{name}_base.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location(f"turboquant.kernels.{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return kernel_module(source, f"{name}_base", directory)
 
 
 def cell(kernels: dict, kernel: str, preset: str, head_dim: int, num_q_heads: int, num_kv_heads: int, batch: int,
@@ -101,9 +95,7 @@ def main() -> int:
     parser.add_argument("--out", default="benchmarks/results/decode-ab-h200.json")
     args = parser.parse_args()
     try:
-        cells = [tuple(int(n) for n in item.split("x")) for item in args.cells.split(",")]
-        if any(len(c) != 5 or min(c) < 1 for c in cells):
-            raise ValueError
+        cells = parse_cells(args.cells, 5)
     except ValueError:
         parser.error("--cells takes HEAD_DIMxQ_HEADSxKV_HEADSxBATCHxCONTEXT items of positive numbers")
     if args.kernel == "fragments" and args.preset != "k4v4":

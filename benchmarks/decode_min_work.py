@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kernels import BLOCK_SIZE, block_table_for, graph_time_ms, random_compressed_cache  # noqa: E402
+from kernels import BLOCK_SIZE, block_table_for, graph_time_ms, parse_cells, random_compressed_cache  # noqa: E402
 from turboquant.core import TurboQuantConfig  # noqa: E402
 from turboquant.kernels import decode  # noqa: E402
 from turboquant.kernels.codec import KernelCodec  # noqa: E402
@@ -52,10 +52,11 @@ def main() -> int:
                              "(default: %(default)s)")
     args = parser.parse_args()
     try:
-        cells = [tuple(int(n) for n in cell.split("x")) for cell in args.cells.split(",")]
+        cells = parse_cells(args.cells, 2)
         widths = [int(n) for n in args.table_tokens.split(",")]
     except ValueError:
-        parser.error("--cells takes BATCHxCONTEXT items and --table-tokens integers, comma-separated")
+        parser.error("--cells takes BATCHxCONTEXT items of two positive numbers and --table-tokens integers, "
+                     "comma-separated")
     if not torch.cuda.is_available():
         parser.error("needs a CUDA device")
     codec = KernelCodec.from_config(TurboQuantConfig(key_bits=4, value_bits=4), HEAD_DIM, NUM_KV_HEADS, BLOCK_SIZE,

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kernels import block_table_for, graph_time_ms, random_compressed_cache  # noqa: E402
+from kernels import block_table_for, graph_time_ms, parse_cells, random_compressed_cache  # noqa: E402
 from turboquant.core import TurboQuantConfig  # noqa: E402
 from turboquant.kernels.codec import KernelCodec  # noqa: E402
 from turboquant.kernels.decode import paged_decode_attention  # noqa: E402
@@ -37,12 +37,13 @@ def main() -> int:
                         help="the split kernel swept (default: %(default)s)")
     args = parser.parse_args()
     try:
-        cells = [tuple(int(n) for n in cell.split("x")) for cell in args.cells.split(",")]
+        cells = parse_cells(args.cells, 2)
         split_counts = [int(n) for n in args.splits.split(",")]
     except ValueError:
-        parser.error("--cells takes BATCHxCONTEXT items and --splits integers, comma-separated")
-    if any(len(cell) != 2 or min(cell) < 1 for cell in cells) or min(split_counts) < 1:
-        parser.error("--cells takes BATCHxCONTEXT items of two positive numbers, --splits positive counts")
+        parser.error("--cells takes BATCHxCONTEXT items of two positive numbers and --splits integers, "
+                     "comma-separated")
+    if min(split_counts) < 1:
+        parser.error("--splits takes positive counts")
     if not torch.cuda.is_available():
         parser.error("needs a CUDA device")
     codec = KernelCodec.from_config(TurboQuantConfig.from_preset("k4v4"), 128, 8, 16, device="cuda")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import re
 import subprocess
@@ -27,7 +26,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kernels import BLOCK_SIZE, block_table_for, graph_time_ms, random_compressed_cache  # noqa: E402
+from kernels import (BLOCK_SIZE, block_table_for, graph_time_ms, kernel_module, parse_cells,  # noqa: E402
+                     random_compressed_cache)
 from turboquant.core import TurboQuantConfig  # noqa: E402
 from turboquant.kernels import decode_fragments  # noqa: E402
 from turboquant.kernels.codec import KernelCodec  # noqa: E402
@@ -92,12 +92,7 @@ def stamped_module(directory: Path):
         if (count := source.count(anchor)) != 1:
             raise SystemExit(f"decode_fragments.py changed: anchor {anchor.strip()[:60]!r} found {count} times")
         source = source.replace(anchor, replacement)
-    path = directory / "decode_fragments_stamped.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location(f"turboquant.kernels.{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return kernel_module(source, "decode_fragments_stamped", directory)
 
 
 def percentiles(values: torch.Tensor) -> dict:
@@ -179,11 +174,9 @@ def main() -> int:
     if args.compile_only:
         return compile_only()
     try:
-        cells = [tuple(int(n) for n in item.split("x")) for item in args.cells.split(",")]
-        if any(len(c) != 3 for c in cells):
-            raise ValueError
+        cells = parse_cells(args.cells, 3)
     except ValueError:
-        parser.error("--cells takes BATCHxCONTEXTxSPLITS items, comma-separated")
+        parser.error("--cells takes BATCHxCONTEXTxSPLITS items of positive numbers, comma-separated")
     if not torch.cuda.is_available() or decode_fragments.gluon is None:
         parser.error("needs a CUDA device and a Triton with Gluon")
     codec = KernelCodec.from_config(TurboQuantConfig(key_bits=4, value_bits=4), HEAD_DIM, NUM_KV_HEADS, BLOCK_SIZE,

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import importlib.util
 import json
 import math
 import statistics
@@ -88,6 +89,28 @@ def copy_bandwidth_gbs() -> float:
     ms = graph_time_ms(lambda: dst.copy_(src))
     del src, dst
     return 2 * (4 << 30) / ms / 1e6
+
+
+def parse_cells(text: str, fields: int) -> list[tuple[int, ...]]:
+    """Comma-separated items of `fields` positive integers joined by 'x' (BATCHxCONTEXT, ...); ValueError
+    otherwise. The decode scripts' --cells."""
+    cells = [tuple(int(n) for n in item.split("x")) for item in text.split(",")]
+    if any(len(cell) != fields or min(cell) < 1 for cell in cells):
+        raise ValueError(f"expected items of {fields} positive integers joined by 'x', got {text!r}")
+    return cells
+
+
+def kernel_module(source: str, name: str, directory: Path):
+    """`source`, a copy of a `turboquant/kernels` module (edited, or as of another revision), loaded as
+    `turboquant.kernels.<name>` from a file in `directory`: its relative imports resolve against this
+    checkout, and Gluon, which reads a kernel's source file, finds it."""
+    path = directory / f"{name}.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(f"turboquant.kernels.{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 def block_table_for(batch: int, context: int, table_tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor, int]:
