@@ -196,8 +196,7 @@ if gluon is not None:
         visible keys are read too (any bytes; `_attend_tile` masks them). A tile at or past `hi` reads no
         memory. BEFORE_HI: the caller knows it starts before `hi`, and the loads take no mask: a masked load's
         registers are zeroed first, 16 of a loop step's 538 instructions at d=128 (9 of 363 at d=64, 23 of 885
-        at d=256). H200, the same outputs bit for bit in 0.951-0.973x the time (`decode-ab-h200-unmasked.md`);
-        two tiles per step as well, so that no tile is copied between register sets, was slower."""
+        at d=256). H200, the same outputs bit for bit in 0.951-0.973x the time (`decode-ab-h200-unmasked.md`)."""
         page = cache_ptr + (block.to(gl.int64) * NUM_KV_HEADS + kv_head) * HEAD_PAGE_BYTES
         offset = start % BLOCK_SIZE
         key_ptrs = (page + (offset + key_token) * KEY_BYTES + key_chunk).to(gl.pointer_type(gl.int32))[:, None] \
@@ -380,7 +379,9 @@ if gluon is not None:
                                                      USE_SOFTCAP, True)
         tile = following
         last = (hi - 1) // _TILE * _TILE
-        for start in range(lo + _TILE, last, _TILE):  # start + _TILE <= last < hi: unmasked loads
+        # start + _TILE <= last < hi: unmasked loads. Two tiles per step, so that no tile is copied from one
+        # register set to another, measured slower (`decode-ab-h200-unmasked.md`).
+        for start in range(lo + _TILE, last, _TILE):
             following = _load_tile(cache_ptr, block, kv_head, start + _TILE, hi, key_token, key_chunk, key_words,
                                    tokens, value_token, value_chunk, value_words, NUM_KV_HEADS, BLOCK_SIZE,
                                    HEAD_PAGE_BYTES, VALUES_OFFSET, KEY_NORMS_OFFSET, VALUE_NORMS_OFFSET, KEY_BYTES,
