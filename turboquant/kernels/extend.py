@@ -6,7 +6,7 @@ where such programs would not fill the device (short chunks), each takes a share
 decode's reduction merges the shares.
 Everything runs in the rotated space (q and the fresh K/V are rotated once); the output is un-rotated
 once. Reference: `reference.extend_reference`. On Hopper, `extend_attention` runs the Gluon kernel of
-`extend_hopper.py` instead where it serves (4-bit codes, d=64/128): the same grid, outputs and reference,
+`extend_hopper.py` instead where it serves (4-bit codes, d=64/128/256): the same grid, outputs and reference,
 with the unpacking done by warps of its own beside the attention.
 
 `cached_attention` is the same kernel for chunks already stored: every query reads every key, its own
@@ -50,15 +50,15 @@ def extend_launch(head_dim: int, wide: bool) -> dict:
 
 
 def program_plan(layout, num_q_heads: int, batch: int, max_query_len: int, table_tokens: int, cached_chunk: bool,
-                 multiprocessors: int) -> tuple[dict, int, int]:
+                 multiprocessors: int, narrow: bool = False) -> tuple[dict, int, int]:
     """`extend_attention`'s programs for `batch` chunks of at most `max_query_len` tokens in block tables of
     `table_tokens` keys: (Triton launch options with TILE, query tokens per program, splits per query
     block). Few programs (short chunks) split each one's prefix, as decode does. A cached chunk
     (`cached_attention`) keeps one program shape and no splits whatever the batch: its results must not
-    depend on it."""
+    depend on it. `narrow`: programs of 64 rows whatever the batch (`extend_hopper.narrow_only`)."""
     group_pad = triton.next_power_of_2(num_q_heads // layout.num_kv_heads)
     blocks = triton.cdiv(max(max_query_len, 1), max(1, WIDE_ROWS // group_pad))
-    wide = not cached_chunk and batch * blocks * layout.num_kv_heads >= 0.9 * multiprocessors
+    wide = not narrow and not cached_chunk and batch * blocks * layout.num_kv_heads >= 0.9 * multiprocessors
     launch = extend_launch(layout.head_dim, wide)
     query_tokens = max(1, launch.pop("ROWS") // group_pad)
     if cached_chunk or wide:
@@ -261,9 +261,10 @@ def _launch(query, keys, values, query_start, seq_lens, cache, codec, block_tabl
     num_q_heads = query.shape[1]
     group = num_q_heads // layout.num_kv_heads
     cached_chunk = keys is None
+    narrow = extend_hopper.serves(layout, cache.device, cached_chunk, 64) and extend_hopper.narrow_only(layout.head_dim)
     launch, query_tokens, default_splits = program_plan(layout, num_q_heads, batch, max_query_len,
                                                         block_table.shape[1] * layout.block_size, cached_chunk,
-                                                        multiprocessor_count(cache.device))
+                                                        multiprocessor_count(cache.device), narrow)
     num_splits = default_splits if num_splits is None else num_splits
     if not isinstance(num_splits, int) or num_splits < 1:
         raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")

@@ -47,21 +47,31 @@ LOG2E = gl.constexpr(1.4426950408889634)
 # a barrier among the warps of one partition: `thread_barrier` in Triton 3.6, `barrier` in later releases
 partition_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 enabled = True  # False: `extend_attention` runs extend.py's kernel everywhere (benchmarks time both)
-STAGES = 4  # tiles the ring holds (d=128: 32 KB of fp16 keys and values each)
+STAGES = 4  # tiles the ring holds (d=128: 32 KB of fp16 keys and values each); 2 at d=256 (64 KB each)
 # Registers a thread: each consumer warpgroup's, and each producer's where there are two consumers (with
 # one, they have plenty). Two consumers and two producers at these counts use the whole register file
 # (the consumers need 184 with the query in registers).
 CONSUMER_REGS = 184
 PRODUCER_REGS = 72
 NARROW_PRODUCER_REGS = 152
+# d=256's, one tile ahead: the consumer needs the rest (up to 248 with splits, softcap and a window)
+WIDEST_PRODUCER_REGS = 128
 
 
 def serves(layout, device: torch.device, cached_chunk: bool, rows: int) -> bool:
-    """Whether `extend_attention` runs this kernel: a Hopper GPU, 4-bit keys and values, head_dim 64 or
-    128, fresh K/V, programs of 64 or 128 query rows."""
+    """Whether `extend_attention` runs this kernel: a Hopper GPU, 4-bit keys and values, fresh K/V, and
+    head_dim 64 or 128 in programs of 64 or 128 query rows, or 256 in programs of 64 (`narrow_only`)."""
     return (enabled and not cached_chunk and byte_permute_available(device)
             and torch.cuda.get_device_capability(device)[0] == 9 and layout.key_bits == 4 and layout.value_bits == 4
-            and layout.head_dim in (64, 128) and rows in (64, 128))
+            and layout.head_dim in (64, 128, 256) and rows in ((64,) if narrow_only(layout.head_dim) else (64, 128)))
+
+
+def narrow_only(head_dim: int) -> bool:
+    """Whether the kernel serves programs of 64 query rows only (one consumer). At d=256 two consumers and
+    two producers are 16 warps, 128 registers a thread at launch, fewer than the MMA into a [64, 256] fp32
+    accumulator needs (ptxas asks for 158); with producers of 2 warps each, consumers or producers spill
+    (sm_90, Triton 3.6, compiled on the CPU)."""
+    return head_dim > 128
 
 
 def program_warps(rows: int) -> int:
@@ -488,9 +498,11 @@ def _extend_hopper_kernel(
 
 def unrotates(codec, num_splits: int, out_dtype: torch.dtype) -> bool:
     """Whether the kernel un-rotates its outputs itself (`_unrotated`): unsplit programs, a rotation with a
-    sign form (a randomized Hadamard's), a 16-bit output. Else they come out rotated, for a rotation or a
-    merge after it."""
-    return num_splits == 1 and codec.rotation_signs is not None and out_dtype in (torch.float16, torch.bfloat16)
+    sign form (a randomized Hadamard's), a 16-bit output, head_dim up to 128 (at 256 the signs would take
+    128 KB of shared memory beside the ring's 128). Else they come out rotated, for a rotation or a merge
+    after it."""
+    return (num_splits == 1 and codec.rotation_signs is not None and out_dtype in (torch.float16, torch.bfloat16)
+            and codec.layout.head_dim <= 128)
 
 
 def launch(rotated_query, rotated_keys, rotated_values, cache, block_table, seq_lens, query_start, key_starts, out,
@@ -502,7 +514,8 @@ def launch(rotated_query, rotated_keys, rotated_values, cache, block_table, seq_
     layout = codec.layout
     unrotate = unrotates(codec, num_splits, out.dtype)
     consumers = rows // 64
-    tile = 64 if layout.head_dim == 128 or consumers == 2 else 128
+    widest = narrow_only(layout.head_dim)
+    tile = 64 if layout.head_dim == 128 or consumers == 2 or widest else 128
     wide = consumers == 2  # see WIDE below
     _extend_hopper_kernel[grid](
         rotated_query, rotated_keys, rotated_values, cache, codec.lut_lane_tables, block_table, seq_lens, query_start,
@@ -518,10 +531,11 @@ def launch(rotated_query, rotated_keys, rotated_values, cache, block_table, seq_
         VALUE_BYTES=layout.value_bytes, VALUE_LUT=codec.value_scaled_lut_asm, USE_SOFTCAP=softcap is not None,
         USE_WINDOW=sliding_window is not None, USE_STARTS=key_starts is not None, RETURN_LSE=return_lse,
         # 128-key tiles spill two consumers' registers; one consumer (d=64) has room for them
-        TILE=tile, SPLIT=num_splits > 1, CONSUMERS=consumers, STAGES=STAGES,
-        # a single consumer waits on the producers: there they keep 128 keys of codes in flight
-        PREFETCH=128 // tile if consumers == 1 else 1,
-        PRODUCER_REGS=PRODUCER_REGS if consumers == 2 else NARROW_PRODUCER_REGS,
+        TILE=tile, SPLIT=num_splits > 1, CONSUMERS=consumers, STAGES=2 if widest else STAGES,
+        # a single consumer waits on the producers: there they keep 128 keys of codes in flight (at d=256 64,
+        # as many bytes; two tiles ahead the producers need registers the consumer does not have to spare)
+        PREFETCH=128 // tile if consumers == 1 and not widest else 1,
+        PRODUCER_REGS=PRODUCER_REGS if consumers == 2 else WIDEST_PRODUCER_REGS if widest else NARROW_PRODUCER_REGS,
         # Two consumers are short of issue slots: there the query is the score MMA's register operand (no
         # shared-memory read of it per MMA; its buffers are then left unused) and the key producer scales
         # the keys by their fp32 norms (no multiply per score). H200, 16K prefix, scratch runs at d=128,
