@@ -65,53 +65,6 @@ def decode_launch(head_dim: int, key_bits: int, value_bits: int, byte_permute: b
     return tiling | dict(num_warps=4) | orientation
 
 
-@triton.jit
-def _attend_tile(start, hi, table_ptr, cache_ptr, kv_head, key_centroids_ptr, value_centroids_ptr, key_tables,
-                 value_tables, query_operand, acc, running_max, running_sum, softcap, NUM_KV_HEADS: tl.constexpr,
-                 BLOCK_SIZE: tl.constexpr, HEAD_PAGE_BYTES: tl.constexpr, VALUES_OFFSET: tl.constexpr,
-                 KEY_NORMS_OFFSET: tl.constexpr, VALUE_NORMS_OFFSET: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-                 KEY_BITS: tl.constexpr, KEY_BYTES: tl.constexpr, KEY_LUT: tl.constexpr, VALUE_BITS: tl.constexpr,
-                 VALUE_BYTES: tl.constexpr, VALUE_LUT: tl.constexpr, USE_SOFTCAP: tl.constexpr, TILE: tl.constexpr,
-                 TOKEN_ROWS: tl.constexpr, MASKED: tl.constexpr):
-    """One tile of `_decode_split_kernel`'s online softmax, tokens start .. start + TILE − 1: the updated
-    (acc, running_max, running_sum). query_operand: the query [GROUP_PAD, D] (transposed where TOKEN_ROWS).
-    MASKED: some tokens are at or past `hi`; else none is, and its loads and scores take no mask."""
-    AXIS: tl.constexpr = 0 if TOKEN_ROWS else 1  # the tokens' axis of the scores
-    tokens = start + tl.arange(0, TILE)
-    if MASKED:
-        valid = tokens < hi
-    else:  # a constant mask, which Triton drops
-        valid = tl.full([TILE], 1, tl.int1)
-    blocks = tl.load(table_ptr + tokens // BLOCK_SIZE, mask=valid, other=0)
-    page_ptrs = cache_ptr + (blocks.to(tl.int64) * NUM_KV_HEADS + kv_head) * HEAD_PAGE_BYTES
-    offsets = tokens % BLOCK_SIZE
-
-    keys = load_levels(page_ptrs + offsets * KEY_BYTES, valid, key_centroids_ptr, KEY_BITS, KEY_BYTES,
-                       HEAD_DIM_PAD, KEY_LUT, key_tables)
-    key_norms = load_norms(page_ptrs + KEY_NORMS_OFFSET + offsets * 4, valid)
-    if TOKEN_ROWS:
-        scores = tl.dot(keys, query_operand)
-    else:
-        scores = tl.dot(query_operand, tl.trans(keys))
-    scores = scores * tl.expand_dims(key_norms, 1 - AXIS)
-    if USE_SOFTCAP:
-        scores = softcap * tanh(scores / softcap)
-    # log2 units
-    scores = tl.where(tl.expand_dims(valid, 1 - AXIS), scores * 1.4426950408889634, float("-inf"))
-
-    probs, correction, new_max, running_sum = online_softmax_step(scores, running_max, running_sum, AXIS)
-
-    values = load_levels(page_ptrs + VALUES_OFFSET + offsets * VALUE_BYTES, valid, value_centroids_ptr,
-                         VALUE_BITS, VALUE_BYTES, HEAD_DIM_PAD, VALUE_LUT, value_tables)
-    value_norms = load_norms(page_ptrs + VALUE_NORMS_OFFSET + offsets * 4, valid)
-    weights = (probs * tl.expand_dims(value_norms, 1 - AXIS)).to(tl.float16)
-    if TOKEN_ROWS:
-        acc = acc * correction[None, :] + tl.dot(tl.trans(values), weights)
-    else:
-        acc = acc * correction[:, None] + tl.dot(weights, values)
-    return acc, new_max, running_sum
-
-
 @triton.jit(do_not_specialize=["min_span", "max_span"], do_not_specialize_on_alignment=SLICED_METADATA)
 def _decode_split_kernel(
     query_ptr, cache_ptr, block_table_ptr, seq_lens_ptr, key_starts_ptr, key_centroids_ptr, value_centroids_ptr,
@@ -152,7 +105,8 @@ def _decode_split_kernel(
     running_max, running_sum, acc = empty_softmax_state(GROUP_PAD, HEAD_DIM_PAD)
     # TOKEN_ROWS: the tile's tokens are the rows of both products (scores [TILE, GROUP_PAD], the value sum
     # transposed [HEAD_DIM_PAD, GROUP_PAD]), so a tile of 64+ tokens is a Hopper warpgroup MMA (wgmma);
-    # else the query heads are (scores [GROUP_PAD, TILE]).
+    # else the query heads are (scores [GROUP_PAD, TILE]). AXIS: the tokens' axis of the scores.
+    AXIS: tl.constexpr = 0 if TOKEN_ROWS else 1
     if TOKEN_ROWS:
         query_t = tl.trans(query)
         acc = tl.trans(acc)
@@ -162,21 +116,37 @@ def _decode_split_kernel(
     value_tables = lane_lookup_tables(lut_tables_ptr, 4) if VALUE_LUT != "" else None
 
     table_ptr = block_table_ptr + seq * stride_table_seq
-    query_operand = query_t if TOKEN_ROWS else query
-    # whole tiles take no mask (a masked load's registers are zeroed first); the split's last, partial one does
-    whole_end = lo + (hi - lo) // TILE * TILE
-    for start in range(lo, whole_end, TILE):
-        acc, running_max, running_sum = _attend_tile(
-            start, hi, table_ptr, cache_ptr, kv_head, key_centroids_ptr, value_centroids_ptr, key_tables,
-            value_tables, query_operand, acc, running_max, running_sum, softcap, NUM_KV_HEADS, BLOCK_SIZE,
-            HEAD_PAGE_BYTES, VALUES_OFFSET, KEY_NORMS_OFFSET, VALUE_NORMS_OFFSET, HEAD_DIM_PAD, KEY_BITS, KEY_BYTES,
-            KEY_LUT, VALUE_BITS, VALUE_BYTES, VALUE_LUT, USE_SOFTCAP, TILE, TOKEN_ROWS, False)
-    if whole_end < hi:
-        acc, running_max, running_sum = _attend_tile(
-            whole_end, hi, table_ptr, cache_ptr, kv_head, key_centroids_ptr, value_centroids_ptr, key_tables,
-            value_tables, query_operand, acc, running_max, running_sum, softcap, NUM_KV_HEADS, BLOCK_SIZE,
-            HEAD_PAGE_BYTES, VALUES_OFFSET, KEY_NORMS_OFFSET, VALUE_NORMS_OFFSET, HEAD_DIM_PAD, KEY_BITS, KEY_BYTES,
-            KEY_LUT, VALUE_BITS, VALUE_BYTES, VALUE_LUT, USE_SOFTCAP, TILE, TOKEN_ROWS, True)
+    for start in range(lo, hi, TILE):
+        tokens = start + tl.arange(0, TILE)
+        valid = tokens < hi
+        blocks = tl.load(table_ptr + tokens // BLOCK_SIZE, mask=valid, other=0)
+        page_ptrs = cache_ptr + (blocks.to(tl.int64) * NUM_KV_HEADS + kv_head) * HEAD_PAGE_BYTES
+        offsets = tokens % BLOCK_SIZE
+
+        keys = load_levels(page_ptrs + offsets * KEY_BYTES, valid, key_centroids_ptr, KEY_BITS, KEY_BYTES,
+                           HEAD_DIM_PAD, KEY_LUT, key_tables)
+        key_norms = load_norms(page_ptrs + KEY_NORMS_OFFSET + offsets * 4, valid)
+        if TOKEN_ROWS:
+            scores = tl.dot(keys, query_t)
+        else:
+            scores = tl.dot(query, tl.trans(keys))
+        scores = scores * tl.expand_dims(key_norms, 1 - AXIS)
+        if USE_SOFTCAP:
+            scores = softcap * tanh(scores / softcap)
+        # log2 units
+        scores = tl.where(tl.expand_dims(valid, 1 - AXIS), scores * 1.4426950408889634, float("-inf"))
+
+        probs, correction, new_max, running_sum = online_softmax_step(scores, running_max, running_sum, AXIS)
+
+        values = load_levels(page_ptrs + VALUES_OFFSET + offsets * VALUE_BYTES, valid, value_centroids_ptr,
+                             VALUE_BITS, VALUE_BYTES, HEAD_DIM_PAD, VALUE_LUT, value_tables)
+        value_norms = load_norms(page_ptrs + VALUE_NORMS_OFFSET + offsets * 4, valid)
+        weights = (probs * tl.expand_dims(value_norms, 1 - AXIS)).to(tl.float16)
+        if TOKEN_ROWS:
+            acc = acc * correction[None, :] + tl.dot(tl.trans(values), weights)
+        else:
+            acc = acc * correction[:, None] + tl.dot(weights, values)
+        running_max = new_max
     if TOKEN_ROWS:
         acc = tl.trans(acc)
 
