@@ -497,7 +497,7 @@ def markdown(result: dict) -> str:
             f"{tq.get('ms', nan):.4f} | {c.get('speedup_vs_vllm_tq', nan):.2f}x |")
     if result["extend"]:
         lines += ["", "Extend: 'fused' is `extend_attention` (on Hopper, `extend_hopper.py`'s Gluon kernel where it "
-                  "serves: 4-bit, d=64/128); 'Triton kernel' is extend.py's on the same inputs.", "",
+                  "serves: 4-bit, d=64/128/256); 'Triton kernel' is extend.py's on the same inputs.", "",
                   "| extend: shape | prefix | chunk | fused ms | Triton kernel ms | FA3 bf16 ms | fused / FA3 | "
                   "gather ms | gather + FA3 ms | (gather + FA3) / FA3 |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
