@@ -2,7 +2,7 @@ import pytest
 import torch
 import triton
 
-from turboquant.kernels import extend
+from turboquant.kernels import extend, extend_hopper
 from turboquant.kernels.extend import cached_attention, extend_attention
 from turboquant.kernels.reference import cached_attention_reference, extend_reference
 
@@ -57,6 +57,16 @@ def test_extend_wide_programs_match_reference(case, device, generator, monkeypat
     out = extend_attention(*inputs, cache, codec, table, head_dim**-0.5, 43)
     expected = extend_reference(*inputs, cache, codec, table, head_dim**-0.5)
     torch.testing.assert_close(out, expected, **TOLERANCE)
+
+
+def test_narrow_plan_keeps_64_row_programs():
+    """`narrow` (the Hopper kernel at d=256, `extend_hopper.narrow_only`) keeps programs of 64 query rows
+    where the grid would otherwise take wide ones (a one-SM device)."""
+    assert extend_hopper.narrow_only(256) and not extend_hopper.narrow_only(128)
+    layout = make_codec(256, 4, 4, 8, 16, "cpu").layout
+    wide = extend.program_plan(layout, 16, 2, 43, 256, False, 1)
+    narrow = extend.program_plan(layout, 16, 2, 43, 256, False, 1, narrow=True)
+    assert wide[1] == extend.WIDE_ROWS // 2 and narrow[1] == 64 // 2
 
 
 @pytest.mark.parametrize("case, options, num_splits", [(CASES[0], {}, 2), (CASES[3], {"sliding_window": 29}, 5),
