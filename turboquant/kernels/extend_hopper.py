@@ -24,7 +24,7 @@ FlashAttention-3 style, which the warp schedulers interleave:
 With the producers' registers few and the consumers' many (`setmaxnreg`), the unpacking no longer
 shares the consumers' register budget.
 
-It serves what `serves` says (4-bit keys and values, head_dim 64 or 128, the chunk's fresh K/V:
+It serves what `serves` says (4-bit keys and values, head_dim 64, 128 or 256, the chunk's fresh K/V:
 `extend_attention`, not `cached_attention`); `extend.py` runs everything else and is this kernel's
 specification, as `reference.extend_reference` is for both. Gluon does not run in Triton's interpreter:
 tests/kernels/test_extend_hopper.py runs it on a Hopper GPU only.
