@@ -46,7 +46,8 @@ def cell_rows(shape: dict, chunk: int, kernels_only: bool = False) -> list[dict]
                                        chunk, num_splits=num_splits)
     launch, query_tokens, splits = extend.program_plan(
         codec.layout, num_q_heads, 1, chunk, table.shape[1] * codec.layout.block_size, False,
-        torch.cuda.get_device_properties(0).multi_processor_count)
+        torch.cuda.get_device_properties(0).multi_processor_count, extend.narrow_programs(codec.layout, cache.device,
+                                                                                          False))
     reference = call().float()
     auto_ms = graph_time_ms(call)
     group_pad = triton.next_power_of_2(num_q_heads // num_kv_heads)  # the kernel's GQA group, padded

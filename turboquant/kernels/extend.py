@@ -55,7 +55,7 @@ def program_plan(layout, num_q_heads: int, batch: int, max_query_len: int, table
     `table_tokens` keys: (Triton launch options with TILE, query tokens per program, splits per query
     block). Few programs (short chunks) split each one's prefix, as decode does. A cached chunk
     (`cached_attention`) keeps one program shape and no splits whatever the batch: its results must not
-    depend on it. `narrow`: programs of 64 rows whatever the batch (`extend_hopper.narrow_only`)."""
+    depend on it. `narrow`: programs of 64 rows whatever the batch (`narrow_programs`)."""
     group_pad = triton.next_power_of_2(num_q_heads // layout.num_kv_heads)
     blocks = triton.cdiv(max(max_query_len, 1), max(1, WIDE_ROWS // group_pad))
     wide = not narrow and not cached_chunk and batch * blocks * layout.num_kv_heads >= 0.9 * multiprocessors
@@ -66,6 +66,12 @@ def program_plan(layout, num_q_heads: int, batch: int, max_query_len: int, table
     query_blocks = triton.cdiv(max(max_query_len, 1), query_tokens)
     return launch, query_tokens, default_num_splits(batch * query_blocks, layout.num_kv_heads, table_tokens,
                                                     launch["TILE"], multiprocessors)
+
+
+def narrow_programs(layout, device: torch.device, cached_chunk: bool) -> bool:
+    """`program_plan`'s `narrow` for `extend_attention`: where the Hopper kernel serves only programs of 64
+    rows (`extend_hopper.narrow_only`: d=256), it gets those whatever the batch."""
+    return extend_hopper.serves(layout, device, cached_chunk, 64) and extend_hopper.narrow_only(layout.head_dim)
 
 
 def split_counts(head_dim: int, num_kv_heads: int, max_tokens: int, multiprocessors: int) -> list[int]:
@@ -261,10 +267,10 @@ def _launch(query, keys, values, query_start, seq_lens, cache, codec, block_tabl
     num_q_heads = query.shape[1]
     group = num_q_heads // layout.num_kv_heads
     cached_chunk = keys is None
-    narrow = extend_hopper.serves(layout, cache.device, cached_chunk, 64) and extend_hopper.narrow_only(layout.head_dim)
     launch, query_tokens, default_splits = program_plan(layout, num_q_heads, batch, max_query_len,
                                                         block_table.shape[1] * layout.block_size, cached_chunk,
-                                                        multiprocessor_count(cache.device), narrow)
+                                                        multiprocessor_count(cache.device),
+                                                        narrow_programs(layout, cache.device, cached_chunk))
     num_splits = default_splits if num_splits is None else num_splits
     if not isinstance(num_splits, int) or num_splits < 1:
         raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")
