@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 import triton
@@ -7,6 +9,7 @@ from turboquant.kernels.extend import cached_attention, extend_attention
 from turboquant.kernels.reference import cached_attention_reference, extend_reference
 
 from .paged import filled_cache, make_codec
+from .sass_scripts import run_sass_script
 from .test_decode import CASES, TOLERANCE
 
 
@@ -67,6 +70,16 @@ def test_narrow_plan_keeps_64_row_programs():
     wide = extend.program_plan(layout, 16, 2, 43, 256, False, 1)
     narrow = extend.program_plan(layout, 16, 2, 43, 256, False, 1, narrow=True)
     assert wide[1] == extend.WIDE_ROWS // 2 and narrow[1] == 64 // 2
+
+
+def test_hopper_kernel_fits_shared_memory_at_every_program_shape():
+    """Each program shape the Hopper kernel serves, as `extend_hopper.launch` runs it (unsplit, and split
+    with every option), fits an sm_90 program's 227 KB of shared memory: a ring too deep for its tiles
+    would fail only at launch, on the GPU. Compiled by `benchmarks/extend_sass.py` in a process without
+    TRITON_INTERPRET."""
+    rows = [json.loads(line) for line in run_sass_script("extend_sass.py").splitlines()]
+    assert {(row["head_dim"], row["rows"]) for row in rows} == {(64, 64), (64, 128), (128, 64), (128, 128), (256, 64)}
+    assert len(rows) == 10 and all(row["fits"] for row in rows), rows
 
 
 @pytest.mark.parametrize("case, options, num_splits", [(CASES[0], {}, 2), (CASES[3], {"sliding_window": 29}, 5),

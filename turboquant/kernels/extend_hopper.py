@@ -505,33 +505,19 @@ def unrotates(codec, num_splits: int, out_dtype: torch.dtype) -> bool:
             and codec.layout.head_dim <= 128)
 
 
-def launch(rotated_query, rotated_keys, rotated_values, cache, block_table, seq_lens, query_start, key_starts, out,
-           lse, codec, group: int, group_pad: int, rows: int, grid: tuple, scale: float, softcap: float | None,
-           sliding_window: int | None, num_splits: int, return_lse: bool) -> None:
-    """The kernel over `extend._launch`'s rotated operands into its outputs (same grid and output layout as
-    `extend._extend_kernel`): `out` the rotated outputs unless `unrotates`, then the output (any 16-bit
-    dtype, any token and head strides). `rows`: query rows per program, 64 per consumer warpgroup."""
+def program_shape(codec, rows: int) -> dict:
+    """The kernel's constants and launch options that follow from its program of `rows` query rows (64 per
+    consumer warpgroup) and the head_dim: tile, ring, prefetch, registers, and where the query and the key
+    norms go (WIDE)."""
     layout = codec.layout
-    unrotate = unrotates(codec, num_splits, out.dtype)
     consumers = rows // 64
     widest = narrow_only(layout.head_dim)
     tile = 64 if layout.head_dim == 128 or consumers == 2 or widest else 128
     wide = consumers == 2  # see WIDE below
-    _extend_hopper_kernel[grid](
-        rotated_query, rotated_keys, rotated_values, cache, codec.lut_lane_tables, block_table, seq_lens, query_start,
-        seq_lens if key_starts is None else key_starts, codec.rotation_signs if unrotate else seq_lens, out, lse,
-        rotated_query.stride(0), rotated_query.stride(1), rotated_keys.stride(0), rotated_keys.stride(1),
-        out.stride(0), out.stride(1), block_table.stride(0), float(scale), float(softcap or 0.0),
-        int(sliding_window or 0), num_splits,
-        NUM_KV_HEADS=layout.num_kv_heads, GROUP=group, GROUP_PAD=group_pad, BLOCK_SIZE=layout.block_size,
-        HEAD_PAGE_BYTES=layout.head_page_bytes, VALUES_OFFSET=layout.values_offset,
-        KEY_NORMS_OFFSET=layout.key_norms_offset, VALUE_NORMS_OFFSET=layout.value_norms_offset,
-        HEAD_DIM=layout.head_dim, KEY_BYTES=layout.key_bytes,
+    return dict(
         KEY_LUT=codec.key_scaled_lut_asm if wide else codec.key_table_lut_asm,
-        VALUE_BYTES=layout.value_bytes, VALUE_LUT=codec.value_scaled_lut_asm, USE_SOFTCAP=softcap is not None,
-        USE_WINDOW=sliding_window is not None, USE_STARTS=key_starts is not None, RETURN_LSE=return_lse,
         # 128-key tiles spill two consumers' registers; one consumer (d=64) has room for them
-        TILE=tile, SPLIT=num_splits > 1, CONSUMERS=consumers, STAGES=2 if widest else STAGES,
+        TILE=tile, CONSUMERS=consumers, STAGES=2 if widest else STAGES,
         # a single consumer waits on the producers: there they keep 128 keys of codes in flight (at d=256 64,
         # as many bytes; two tiles ahead the producers need registers the consumer does not have to spare)
         PREFETCH=128 // tile if consumers == 1 and not widest else 1,
@@ -544,7 +530,30 @@ def launch(rotated_query, rotated_keys, rotated_values, cache, block_table, seq_
         # producers: there keys scaled (by fp16 norms) took chunk 64 from 0.099 to 0.109 ms, and the query
         # in registers d=64 chunk 16 from 0.037 to 0.038.
         CONSUMER_REGS=CONSUMER_REGS, WIDE=wide,
-        # Un-rotated here, the output saves the rotation a launch and an fp32 round trip (H200, scratch run)
-        UNROTATE=unrotate, SIGN_SCALE=codec.rotation_sign_scale if unrotate else 0.0,
         num_warps=4,  # the default partition: the first consumer
         maxnreg=(65536 // (32 * program_warps(rows))) // 8 * 8)  # the register file over every warp
+
+
+def launch(rotated_query, rotated_keys, rotated_values, cache, block_table, seq_lens, query_start, key_starts, out,
+           lse, codec, group: int, group_pad: int, rows: int, grid: tuple, scale: float, softcap: float | None,
+           sliding_window: int | None, num_splits: int, return_lse: bool) -> None:
+    """The kernel over `extend._launch`'s rotated operands into its outputs (same grid and output layout as
+    `extend._extend_kernel`): `out` the rotated outputs unless `unrotates`, then the output (any 16-bit
+    dtype, any token and head strides). `rows`: query rows per program, 64 per consumer warpgroup."""
+    layout = codec.layout
+    unrotate = unrotates(codec, num_splits, out.dtype)
+    _extend_hopper_kernel[grid](
+        rotated_query, rotated_keys, rotated_values, cache, codec.lut_lane_tables, block_table, seq_lens, query_start,
+        seq_lens if key_starts is None else key_starts, codec.rotation_signs if unrotate else seq_lens, out, lse,
+        rotated_query.stride(0), rotated_query.stride(1), rotated_keys.stride(0), rotated_keys.stride(1),
+        out.stride(0), out.stride(1), block_table.stride(0), float(scale), float(softcap or 0.0),
+        int(sliding_window or 0), num_splits,
+        NUM_KV_HEADS=layout.num_kv_heads, GROUP=group, GROUP_PAD=group_pad, BLOCK_SIZE=layout.block_size,
+        HEAD_PAGE_BYTES=layout.head_page_bytes, VALUES_OFFSET=layout.values_offset,
+        KEY_NORMS_OFFSET=layout.key_norms_offset, VALUE_NORMS_OFFSET=layout.value_norms_offset,
+        HEAD_DIM=layout.head_dim, KEY_BYTES=layout.key_bytes, VALUE_BYTES=layout.value_bytes,
+        VALUE_LUT=codec.value_scaled_lut_asm, USE_SOFTCAP=softcap is not None, USE_WINDOW=sliding_window is not None,
+        USE_STARTS=key_starts is not None, RETURN_LSE=return_lse, SPLIT=num_splits > 1,
+        # Un-rotated here, the output saves the rotation a launch and an fp32 round trip (H200, scratch run)
+        UNROTATE=unrotate, SIGN_SCALE=codec.rotation_sign_scale if unrotate else 0.0,
+        **program_shape(codec, rows))
