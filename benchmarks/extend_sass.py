@@ -18,14 +18,17 @@ import json
 import sys
 from pathlib import Path
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gemv_sass import disassemble, opcode_counts  # noqa: E402
+from kernels import parse_cells  # noqa: E402
 from turboquant.core import TurboQuantConfig  # noqa: E402
 from turboquant.kernels import extend_hopper  # noqa: E402
 from turboquant.kernels.codec import KernelCodec  # noqa: E402
+from turboquant.kernels.launch import page_constants  # noqa: E402
 
 SHAPES = "64x64,64x128,128x64,128x128,256x64"
 POINTERS = dict(query_ptr="*fp16", keys_ptr="*fp16", values_ptr="*fp16", cache_ptr="*u8", tables_ptr="*i32",
@@ -46,15 +49,11 @@ def compile_extend_kernel(head_dim: int, rows: int, split: bool, options: bool):
     from triton.experimental.gluon._runtime import GluonASTSource
 
     codec = KernelCodec.from_config(TurboQuantConfig(key_bits=4, value_bits=4), head_dim, 8, 16)
-    layout = codec.layout
-    unrotate = not split and extend_hopper.unrotates(codec, 1, extend_hopper.torch.bfloat16)
+    unrotate = not split and extend_hopper.unrotates(codec, 1, torch.bfloat16)
     shape = extend_hopper.program_shape(codec, rows)
     launch_options = {key: shape.pop(key) for key in ("num_warps", "maxnreg")}
-    constants = shape | dict(
-        NUM_KV_HEADS=8, GROUP=4, GROUP_PAD=4, BLOCK_SIZE=16, HEAD_PAGE_BYTES=layout.head_page_bytes,
-        VALUES_OFFSET=layout.values_offset, KEY_NORMS_OFFSET=layout.key_norms_offset,
-        VALUE_NORMS_OFFSET=layout.value_norms_offset, HEAD_DIM=head_dim, KEY_BYTES=layout.key_bytes,
-        VALUE_BYTES=layout.value_bytes, VALUE_LUT=codec.value_scaled_lut_asm, USE_SOFTCAP=options, USE_WINDOW=options,
+    constants = shape | page_constants(codec.layout) | dict(
+        GROUP=4, GROUP_PAD=4, VALUE_LUT=codec.value_scaled_lut_asm, USE_SOFTCAP=options, USE_WINDOW=options,
         USE_STARTS=options, RETURN_LSE=False, SPLIT=split, UNROTATE=unrotate,
         SIGN_SCALE=codec.rotation_sign_scale if unrotate else 0.0)
     kernel = extend_hopper._extend_hopper_kernel
@@ -73,7 +72,7 @@ def main() -> None:
     parser.add_argument("--sass-dir", help="also write each disassembly into this folder")
     args = parser.parse_args()
     try:
-        shapes = [tuple(int(n) for n in item.split("x")) for item in args.shapes.split(",")]
+        shapes = parse_cells(args.shapes, 2)
     except ValueError:
         parser.error("--shapes takes HEAD_DIMxROWS items")
     for head_dim, rows in shapes:
