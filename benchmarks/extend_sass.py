@@ -76,8 +76,7 @@ def main() -> None:
     except ValueError:
         parser.error("--shapes takes HEAD_DIMxROWS items")
     for head_dim, rows in shapes:
-        served = rows in ((64,) if extend_hopper.narrow_only(head_dim) else (64, 128))
-        if head_dim not in (64, 128, 256) or not served:
+        if not extend_hopper.shape_served(head_dim, rows):
             parser.error(f"the kernel does not serve {head_dim}x{rows} (extend_hopper.serves)")
         for split, options in ((False, False), (True, True)):
             compiled = compile_extend_kernel(head_dim, rows, split, options)

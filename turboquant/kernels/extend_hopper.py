@@ -63,7 +63,12 @@ def serves(layout, device: torch.device, cached_chunk: bool, rows: int) -> bool:
     head_dim 64 or 128 in programs of 64 or 128 query rows, or 256 in programs of 64 (`narrow_only`)."""
     return (enabled and not cached_chunk and byte_permute_available(device)
             and torch.cuda.get_device_capability(device)[0] == 9 and layout.key_bits == 4 and layout.value_bits == 4
-            and layout.head_dim in (64, 128, 256) and rows in ((64,) if narrow_only(layout.head_dim) else (64, 128)))
+            and shape_served(layout.head_dim, rows))
+
+
+def shape_served(head_dim: int, rows: int) -> bool:
+    """`serves`' program shapes: head_dim 64 or 128 in programs of 64 or 128 query rows, 256 in programs of 64."""
+    return head_dim in (64, 128, 256) and rows in ((64,) if narrow_only(head_dim) else (64, 128))
 
 
 def narrow_only(head_dim: int) -> bool:
