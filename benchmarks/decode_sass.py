@@ -27,6 +27,7 @@ from turboquant.core import TurboQuantConfig  # noqa: E402
 from turboquant.kernels import decode_fragments  # noqa: E402
 from turboquant.kernels.codec import KernelCodec  # noqa: E402
 from turboquant.kernels.launch import page_constants  # noqa: E402
+from turboquant.kernels.lut_asm import SIGNED_BYTE_LOOKUP  # noqa: E402
 
 POINTERS = dict(query_ptr="*fp32", cache_ptr="*u8", tables_ptr="*i32", block_table_ptr="*i32", seq_lens_ptr="*i32",
                 key_starts_ptr="*i32", partial_out_ptr="*fp32", partial_lse_ptr="*fp32")
@@ -45,7 +46,7 @@ def compile_fragment_kernel(head_dim: int, kernel=None, pointers: dict | None = 
 
     codec = KernelCodec.from_config(TurboQuantConfig(key_bits=4, value_bits=4), head_dim, 8, 16)
     pages = page_constants(codec.layout)
-    constants = pages | dict(GROUP=4, NUM_SPLITS=8, KEY_LUT=codec.key_pairs_lut_asm,
+    constants = pages | dict(GROUP=4, NUM_SPLITS=8, KEY_LUT=SIGNED_BYTE_LOOKUP, KEY_LEVEL_SCALE=codec.key_byte_scale,
                              VALUE_LUT=codec.value_pairs_lut_asm, USE_SOFTCAP=True, USE_WINDOW=True, USE_STARTS=True,
                              AFTER_SPLIT=False)
     kernel = kernel or decode_fragments._fragment_split_kernel
@@ -72,7 +73,7 @@ def main() -> None:
         "triton": triton.__version__, "head_dim": args.head_dim,
         "registers": int(registers.group(1)) if registers else None,
         "loop_instructions": sum(loop.values()),
-        "loop_mma": loop.get("HMMA.16816.F32", 0),
+        "loop_mma": sum(n for op, n in loop.items() if op.split(".")[0] in ("HMMA", "IMMA")),
         "loop_shared_memory": {op: n for op, n in sorted(loop.items()) if op.split(".")[0] in SHARED_MEMORY},
         "kernel_shared_memory": {op: n for op, n in sorted(every.items()) if op.split(".")[0] in SHARED_MEMORY},
         "loop_top": dict(loop.most_common(12)),

@@ -67,3 +67,19 @@ def test_uncommon_dim_is_solved_on_demand():
 def test_bad_dim_or_bits_is_a_value_error(dim, bits):
     with pytest.raises(ValueError, match="head_dim|bits"):
         cb.lloyd_max_codebook(dim, bits)
+
+
+@pytest.mark.parametrize("dim", [64, 80, 96, 128, 256])
+def test_byte_grid_keeps_the_levels_within_a_hair_of_the_optimum(dim):
+    """The fragment decode kernel's 4-bit key levels: each is s · (L + 1/2) for an integer L in 0..127 (up to
+    fp32 rounding), symmetric, with midpoints for boundaries; they move by at most 3e-3 of the largest
+    level and the exact distortion grows by less than 0.2% (measured: 2.6e-3 and 0.05–0.09%)."""
+    optimal = cb.lloyd_max_codebook(dim, 4)
+    grid, scale = cb.byte_grid(optimal)
+    units = grid.centroids.double()[8:] / scale - 0.5
+    torch.testing.assert_close(units, units.round(), rtol=0, atol=1e-4)
+    assert units.round().min() >= 0 and units.round().max() <= 127
+    assert torch.equal(grid.centroids, -grid.centroids.flip(0))
+    torch.testing.assert_close(grid.boundaries, (grid.centroids[1:] + grid.centroids[:-1]) / 2)
+    assert (grid.centroids - optimal.centroids).abs().max() <= 3e-3 * optimal.centroids.max()
+    assert optimal.distortion() < grid.distortion() < 1.002 * optimal.distortion()

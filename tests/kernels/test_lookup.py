@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from turboquant.core import unpack_indices
-from turboquant.kernels.lut_asm import dequant_asm, scaled_dequant_asm
+from turboquant.kernels.lut_asm import SIGNED_BYTE_LOOKUP, dequant_asm, scaled_dequant_asm
 from turboquant.kernels.packed_tile import load_levels
 
 from . import ptx_integer
@@ -89,7 +89,7 @@ def test_lookup_ptx_interpreted_on_the_cpu_gives_the_codebook_levels(bits, table
 
 
 def test_pair_lookup_ptx_gives_level_pairs_from_tables_in_registers(generator):
-    """`dequant_pairs_asm`, the fragment decode kernel's lookup, interpreted on the CPU: output k holds
+    """`dequant_pairs_asm`, the fragment decode kernel's value lookup, interpreted on the CPU: output k holds
     levels 2k (low half) and 2k + 1 of the word's indices, with the table words read from the codec's
     per-lane copies (`lut_lane_tables`), bit for bit."""
     codec = make_codec(128, 4, 4, num_kv_heads=1, block_size=16, device="cpu")
@@ -104,6 +104,25 @@ def test_pair_lookup_ptx_gives_level_pairs_from_tables_in_registers(generator):
     for k in range(4):
         low, high = (words >> (8 * k)) & 15, (words >> (8 * k + 4)) & 15
         assert torch.equal(registers[f"${k}"], level_bits[low] | level_bits[high] << 16), f"pair {k}"
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_signed_byte_lookup_ptx_gives_the_key_level_of_each_code(head_dim, generator):
+    """`SIGNED_BYTE_LOOKUP`, the fragment decode kernel's key lookup, interpreted on the CPU with the codec's
+    per-lane table words: byte i of output h is the int8 L of code 4h + i, and s · (L + 1/2) is that code's
+    level in the key codebook (on the byte grid)."""
+    codec = make_codec(head_dim, 4, 4, num_kv_heads=1, block_size=16, device="cpu")
+    words = torch.randint(0, 2**32, (4096,), generator=generator, dtype=torch.int64)
+    words[:16] = torch.arange(16) * 0x11111111  # every code
+    lanes = codec.lut_lane_tables.to(torch.int64) & 0xFFFFFFFF  # the signed byte words: rows 8, 9
+    registers = ptx_integer.run(SIGNED_BYTE_LOOKUP, {"$2": words, "$6": torch.full_like(words, int(lanes[8, 0])),
+                                                     "$10": torch.full_like(words, int(lanes[9, 0]))})
+    centroids = codec.key_centroids.cpu().double()  # indexed by code
+    for k in range(8):
+        code = (words >> (4 * k)) & 15
+        byte = (registers[f"${k // 4}"] >> (8 * (k % 4))) & 0xFF
+        level = (byte - 256 * (byte >= 128) + 0.5).double() * codec.key_byte_scale
+        torch.testing.assert_close(level, centroids[code], rtol=1e-6, atol=0, msg=f"code {k} of the word")
 
 
 @pytest.mark.parametrize("bits", [3, 4])

@@ -11,9 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..core import MSEQuantizer, TurboQuantConfig, code_order
+from ..core import MSEQuantizer, TurboQuantConfig, byte_grid, code_order
 from ..core.paged_layout import PagedLayout
-from .lut_asm import LUT_BITS, code_levels_fp16, dequant_asm, dequant_pairs_asm, lookup_tables, scaled_dequant_asm
+from .lut_asm import (LUT_BITS, code_levels_fp16, dequant_asm, dequant_pairs_asm, lookup_tables, scaled_dequant_asm,
+                      signed_byte_tables)
 
 KERNEL_HEAD_DIMS = (64, 80, 96, 128, 256)
 KERNEL_BITS = (2, 3, 4, 8)
@@ -46,19 +47,21 @@ class KernelCodec:
     key_lut_asm: str
     value_lut_asm: str
     # The same lookups taking the table words as inputs (`dequant_asm(..., table_inputs=True)`), for
-    # kernels that load `lut_lane_tables` once (the Triton decode split kernel), and for 4-bit codes in
+    # kernels that load `lut_lane_tables` once (the Triton decode split kernel), and for 4-bit values in
     # the fragment decode kernel (`decode_fragments.py`) as fp16 pairs; "" where there is no lookup.
     key_table_lut_asm: str
     value_table_lut_asm: str
-    key_pairs_lut_asm: str
     value_pairs_lut_asm: str
     # Lookups that scale the levels by a norm, table words as inputs (`scaled_dequant_asm`; the Hopper
     # extend kernel): keys by an fp32 norm given as an fp16 hi/lo pair, values by an fp16 norm.
     key_scaled_lut_asm: str
     value_scaled_lut_asm: str
-    # The table words, one copy per lane ([8, 32] int32: the key lookup's four words, then the value
-    # lookup's; zeros for codes of other widths).
+    # The table words, one copy per lane ([10, 32] int32: the key lookup's four words, then the value
+    # lookup's, then the two of the key's signed byte lookup; zeros for codes of other widths).
     lut_lane_tables: torch.Tensor
+    # 4-bit keys' levels are s · (L + 1/2), L an int8 (`core.byte_grid`; the key quantizer's codebook is
+    # that grid's), so the fragment decode kernel multiplies them as int8: s (0.0 for other widths).
+    key_byte_scale: float
 
     @property
     def norm_correction(self) -> bool:
@@ -90,11 +93,15 @@ class KernelCodec:
         key_quantizer = config.make_quantizer("key", head_dim, layer_idx)
         value_quantizer = config.make_quantizer("value", head_dim, layer_idx)
         assert key_quantizer.rotation is value_quantizer.rotation  # one rotation per layer: q is rotated once
+        key_byte_scale = 0.0
+        if config.key_bits == 4:  # on a byte grid (<0.1% more distortion) for the fragment decode kernel's int8 MMA
+            key_quantizer.codebook, key_byte_scale = byte_grid(key_quantizer.codebook)
         key_book, value_book = key_quantizer.codebook, value_quantizer.codebook
         for book in (key_book, value_book):  # the store counts positive boundaries only (store._quantize_block)
             if not torch.equal(book.boundaries, -book.boundaries.flip(0)):
                 raise ValueError(f"the kernels need a codebook symmetric around 0 ({book.bits} bits, d={book.dim})")
         key_levels, value_levels = code_levels_fp16(key_book.centroids), code_levels_fp16(value_book.centroids)
+        key_byte_tables = signed_byte_tables(key_levels, key_byte_scale) if config.key_bits == 4 else (0, 0)
         return cls(
             layout, key_quantizer, value_quantizer, **rotation_operands(key_quantizer.rotation.matrix(), device),
             key_centroids=key_book.centroids[code_order(key_book.bits)].to(device),
@@ -107,23 +114,24 @@ class KernelCodec:
             key_table_lut_asm=dequant_asm(key_levels, table_inputs=True) if config.key_bits in LUT_BITS else "",
             value_table_lut_asm=(dequant_asm(value_levels, table_inputs=True) if config.value_bits in LUT_BITS
                                  else ""),
-            key_pairs_lut_asm=dequant_pairs_asm(key_levels) if config.key_bits == 4 else "",
             value_pairs_lut_asm=dequant_pairs_asm(value_levels) if config.value_bits == 4 else "",
             key_scaled_lut_asm=(scaled_dequant_asm(key_levels, split_scale=True) if config.key_bits in LUT_BITS
                                 else ""),
             value_scaled_lut_asm=scaled_dequant_asm(value_levels) if config.value_bits in LUT_BITS else "",
-            lut_lane_tables=lane_tables(key_levels, value_levels).to(device),
+            lut_lane_tables=lane_tables(key_levels, value_levels, key_byte_tables).to(device),
+            key_byte_scale=key_byte_scale,
         )
 
 
-def lane_tables(key_levels: torch.Tensor, value_levels: torch.Tensor) -> torch.Tensor:
-    """[8, 32] int32: the four table words of each 3- or 4-bit codebook's lookup (zeros for other widths),
-    each repeated once per lane of a warp."""
+def lane_tables(key_levels: torch.Tensor, value_levels: torch.Tensor, key_byte_tables: tuple[int, int]) -> torch.Tensor:
+    """[10, 32] int32: the four table words of each 3- or 4-bit codebook's lookup (zeros for other widths),
+    then the key's two signed byte words, each repeated once per lane of a warp."""
     words = [word for levels in (key_levels, value_levels)
              for word in (lookup_tables(levels) if levels.numel() in (8, 16) else (0, 0, 0, 0))]
+    words += list(key_byte_tables)
     signed = torch.tensor(words, dtype=torch.int64)
     signed = torch.where(signed >= 1 << 31, signed - (1 << 32), signed).to(torch.int32)
-    return signed[:, None].expand(8, 32).contiguous()
+    return signed[:, None].expand(len(words), 32).contiguous()
 
 
 def rotation_operands(rotation: torch.Tensor, device: torch.device | str) -> dict:

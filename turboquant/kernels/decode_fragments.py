@@ -4,14 +4,20 @@ tensor-core fragments (Gluon, Triton's layout-explicit dialect).
 `decode._decode_split_kernel` turns a tile of codes into fp16 levels in a blocked layout, and Triton
 moves them through shared memory into the layout that `mma.sync` reads (stores, barriers, `ldmatrix`).
 Here each lane loads exactly the codes whose levels its fragment registers hold, so levels go from the
-byte permute (`lut_asm.dequant_pairs_asm`) to the MMA in registers: no shared memory, no barrier, and
-fewer instructions per token (sm_90 SASS, Triton 3.6, d=128: 522 per 16 tokens in one warp with window,
-softcap and key starts compiled in, against 647 per 64 tokens in each of 4 warps of the Triton kernel's
-wgmma form; 33 against 40 warp instructions per token; `benchmarks/decode_sass.py` and `split_sass.py`
-count them).
+byte permute (`lut_asm`) to the MMA in registers: no shared memory, no barrier, and fewer instructions
+per token (sm_90 SASS, Triton 3.6, d=128: 496 per 16 tokens in one warp with window, softcap and key
+starts compiled in, against 647 per 64 tokens in each of 4 warps of the Triton kernel's wgmma form; 31
+against 40 warp instructions per token; `benchmarks/decode_sass.py` and `split_sass.py` count them).
+
+Scores are an int8 MMA (m16n8k32): 4-bit keys are levels s · (L + 1/2) of a byte grid (`core.byte_grid`,
+the key codebook of `KernelCodec`), looked up as int8 L (`lut_asm.SIGNED_BYTE_LOOKUP`: 9 integer
+instructions per 8 codes, where fp16 pairs took 15; the byte permutes fill the integer ALU pipe), and the
+query row is rounded to 16-bit integers (a 2^-15 step of its largest coordinate, finer than fp16) in two
+int8 parts. H200 against fp16 key levels (`decode-ab-h200-int8-keys.md`): 0.97–0.98x the time at d=128,
+0.95x at d=64, 0.92x at d=256. Values stay fp16: their weights, the probabilities, need its range.
 
 That works because the order of the coordinates inside the MMA is free: a score sums over them, so
-the query's columns are permuted once (`_key_order`) to match the keys as each lane reads them,
+the query's columns are permuted once (`_key_byte_order`) to match the keys as each lane reads them,
 a run of D/4 coordinates per lane; the output is computed transposed (O^T = V^T P^T, the group's heads
 as the 8 columns) so a lane's value codes are a run of D/8 coordinates of two adjacent tokens, and its
 rows are stored back to their coordinates (`value_coordinate`). The cache layout is `PagedLayout`'s.
@@ -40,6 +46,7 @@ except ImportError:  # a Triton without Gluon: `unsupported_reason` says so and 
 
 from .codec import KernelCodec
 from .launch import page_constants, programmatic_launch
+from .lut_asm import SIGNED_BYTE_LOOKUP
 from .visible_keys import first_visible_key
 
 HEAD_DIMS = (64, 128, 256)
@@ -53,7 +60,7 @@ def unsupported_reason(codec: KernelCodec, group: int, device: torch.device) -> 
     layout = codec.layout
     if gluon is None:
         return "this Triton has no Gluon"
-    if device.type != "cuda" or not codec.key_pairs_lut_asm:
+    if device.type != "cuda" or not codec.value_pairs_lut_asm:
         return "it runs on CUDA devices with the byte-permute lookups (not in the Triton interpreter)"
     if torch.cuda.get_device_capability(device)[0] < 8:
         return "mma.sync needs compute capability 8.0 or newer"
@@ -115,17 +122,17 @@ if gluon is not None:
     @constexpr_function
     def _query_layout(D):
         """[16 rows, D coordinates]: lane 4g + t holds rows g and g + 8, coordinates t·D/4 .. t·D/4 + D/4 − 1,
-        four adjacent ones per register group (one 16-byte load): the A operand's share of that lane once
-        its columns are reordered (`_key_order`), so the query is read in whole sectors."""
+        four adjacent ones per register group (one 16-byte load): the int8 A operand's share of that lane
+        once its columns are reordered (`_key_byte_order`), so the query is read in whole sectors."""
         reg = [[0, 1], [0, 2], [8, 0]] + [[0, 4 << i] for i in range((D // 16).bit_length() - 1)]
         return gl.DistributedLinearLayout(reg, [[0, D // 4], [0, D // 2], [1, 0], [2, 0], [4, 0]], [], [], [16, D])
 
     @gluon.jit
-    def _key_order(query):
-        """[16, D] coordinates → columns in the order a lane reads its key levels: column 16c + 8b + 2t + e
-        holds coordinate t·D/4 + 4c + 2b + e."""
+    def _key_byte_order(query):
+        """[16, D] coordinates → the int8 MMA's columns in the order a lane reads its key bytes
+        (`_lookup_bytes`): column 32i + 16h + 4t + e holds coordinate t·D/4 + 8i + 4h + e."""
         D: gl.constexpr = query.shape[1]
-        query = gl.permute(gl.reshape(query, [16, 4, D // 16, 2, 2]), (0, 2, 3, 1, 4))
+        query = gl.permute(gl.reshape(query, [16, 4, D // 32, 2, 4]), (0, 2, 3, 1, 4))
         return gl.reshape(query, [16, D])
 
     @constexpr_function
@@ -157,6 +164,16 @@ if gluon is not None:
             dtype=(gl.float16,) * 4, is_pure=True, pack=2)
 
     @gluon.jit
+    def _lookup_bytes(words, tables, LUT: gl.constexpr):
+        """Words of eight 4-bit codes → two [.., 2, 2] int8 tensors of grid levels (`lut_asm.SIGNED_BYTE_LOOKUP`):
+        codes 2a + b and 4 + 2a + b at [.., a, b] (a register each)."""
+        words = gl.join(gl.join(words, words), gl.join(words, words))
+        low = gl.join(gl.join(tables[0], tables[0]), gl.join(tables[0], tables[0]))
+        high = gl.join(gl.join(tables[1], tables[1]), gl.join(tables[1], tables[1]))
+        return gl.inline_asm_elementwise(LUT, "=r,=r,r,r,r,r,r,r,r,r,r,r,r,r", [words, low, high],
+                                         dtype=(gl.int8, gl.int8), is_pure=True, pack=4)
+
+    @gluon.jit
     def _join_pairs(p0, p1, p2, p3):
         """Four [.., 2] level pairs → [.., 2, 2, 2]: level 2k + e of a word at [.., e, k % 2, k // 2]."""
         return gl.join(gl.join(p0, p1), gl.join(p2, p3))
@@ -179,6 +196,12 @@ if gluon is not None:
         register before every byte permute)."""
         ptrs = tables_ptr + TABLE_ROW * 32 + lanes
         return gl.load(ptrs), gl.load(ptrs + 32), gl.load(ptrs + 64), gl.load(ptrs + 96)
+
+    @gluon.jit
+    def _lane_byte_tables(tables_ptr, lanes):
+        """The two table words of the key's signed byte lookup (rows 8, 9 of `KernelCodec.lut_lane_tables`)."""
+        ptrs = tables_ptr + 8 * 32 + lanes
+        return gl.load(ptrs), gl.load(ptrs + 32)
 
     @gluon.jit
     def _tile_block(table_ptr, start, hi, BLOCK_SIZE: gl.constexpr):
@@ -224,8 +247,9 @@ if gluon is not None:
         return 1 - 2 / (gl.exp(2 * x) + 1)
 
     @gluon.jit
-    def _attend_tile(tile, start, first, hi, query, key_tables, value_tables, acc, running_max, running_sum, softcap,
-                     KEY_LUT: gl.constexpr, VALUE_LUT: gl.constexpr, USE_SOFTCAP: gl.constexpr, MASKED: gl.constexpr):
+    def _attend_tile(tile, start, first, hi, query_high, query_low, score_base, row_scale, key_tables, value_tables,
+                     acc, running_max, running_sum, softcap, KEY_LUT: gl.constexpr, VALUE_LUT: gl.constexpr,
+                     USE_SOFTCAP: gl.constexpr, MASKED: gl.constexpr):
         """One step of the online softmax over the tile of tokens start .. start + TILE − 1 (`_load_tile`):
         the updated (acc, running_max, running_sum). MASKED: some of its tokens lie outside the visible keys
         [first, hi), and their scores and value norms are masked (only a split's first and last tiles)."""
@@ -233,17 +257,19 @@ if gluon is not None:
         mma: gl.constexpr = _mma_layout()
         a_layout: gl.constexpr = gl.DotOperandLayout(0, mma, 2)
         b_layout: gl.constexpr = gl.DotOperandLayout(1, mma, 2)
+        b_bytes: gl.constexpr = gl.DotOperandLayout(1, mma, 4)
         pairs_layout: gl.constexpr = _value_pairs_layout(D)
         heads_layout: gl.constexpr = gl.SliceLayout(0, mma)
         key_codes, key_norms, value_norms, value_codes = tile
 
-        # keys, as the MMA's B operand [D, _TILE]: lane 4g + t holds chunk t of tokens g and g + 8
-        levels = _join_pairs(*_lookup_pairs(key_codes, key_tables, KEY_LUT))  # [4T, W, e, h, kb % 2]
-        levels = gl.permute(gl.reshape(levels, [_TILE, 4, D // 32, 2, 2, 2]), (2, 5, 4, 1, 3, 0))
-        keys = gl.convert_layout(gl.reshape(levels, [D, _TILE]), b_layout, assert_trivial=True)
-        scores = _group_rows(mma_v2(query, keys, gl.zeros([16, _TILE], gl.float32, layout=mma)))
-
-        scores = scores * key_norms[None, :]
+        # keys, as the int8 MMA's B operand [D, _TILE]: lane 4g + t holds chunk t of tokens g and g + 8
+        low, high = _lookup_bytes(key_codes, key_tables, KEY_LUT)  # [4T, W, a, b] each
+        levels = gl.reshape(gl.join(low, high), [_TILE, 4, D // 32, 2, 2, 2])  # n, t, i, a, b, h
+        levels = gl.permute(levels, (2, 5, 1, 3, 4, 0))  # column 32i + 16h + 4t + 2a + b, token n
+        keys = gl.convert_layout(gl.reshape(levels, [D, _TILE]), b_bytes, assert_trivial=True)
+        high_part = _group_rows(mma_v2(query_high, keys, gl.zeros([16, _TILE], gl.int32, layout=mma)))
+        low_part = _group_rows(mma_v2(query_low, keys, score_base))
+        scores = (high_part * 256 + low_part).to(gl.float32) * (row_scale * key_norms[None, :])
         if USE_SOFTCAP:  # softcap · tanh(s / softcap) on natural-unit scores, back in log2 units
             scores = (softcap * _LOG2E) * _tanh(scores * (1 / (_LOG2E * softcap)))
         if MASKED:  # a masked token's bytes are any: its score and its value norm (NaN × 0 is NaN) are set
@@ -289,10 +315,11 @@ if gluon is not None:
         VALUE_NORMS_OFFSET: gl.constexpr, HEAD_DIM: gl.constexpr, KEY_BYTES: gl.constexpr, VALUE_BYTES: gl.constexpr,
         KEY_LUT: gl.constexpr, VALUE_LUT: gl.constexpr, USE_SOFTCAP: gl.constexpr, USE_WINDOW: gl.constexpr,
         USE_STARTS: gl.constexpr, AFTER_SPLIT: gl.constexpr, REDUCTION_NEXT: gl.constexpr,
+        KEY_LEVEL_SCALE: gl.constexpr,
     ):
         D: gl.constexpr = HEAD_DIM
         mma: gl.constexpr = _mma_layout()
-        a_layout: gl.constexpr = gl.DotOperandLayout(0, mma, 2)
+        a_bytes: gl.constexpr = gl.DotOperandLayout(0, mma, 4)
         keys_layout: gl.constexpr = _key_codes_layout(D)
         values_layout: gl.constexpr = _value_codes_layout(D)
         pairs_layout: gl.constexpr = _value_pairs_layout(D)
@@ -328,7 +355,7 @@ if gluon is not None:
 
         # Query rows are the group's heads; rows past it hold the next heads' queries, discarded (rows of
         # zeros or of copies would be copied into every MMA's operand registers). Its columns are put in
-        # the order of the key levels in a lane's fragment (`_key_order`) after a load in whole 16-byte runs:
+        # the order of the key levels in a lane's fragment (`_key_byte_order`) after a load in whole 16-byte runs:
         # read straight into the fragment's order, scattered 4-byte reads took 7-10 us of each program's
         # start when a wave's programs all read at once (H200, b8 x 16K).
         query_layout: gl.constexpr = _query_layout(D)
@@ -337,8 +364,22 @@ if gluon is not None:
         heads_in_rows = (kv_head * GROUP + m) % (NUM_KV_HEADS * GROUP)
         query = gl.load(query_ptr + seq * stride_query_seq + heads_in_rows[:, None] * stride_query_head
                         + coordinates[None, :])
-        query = (query * (scale * _LOG2E)).to(gl.float16)  # scores in log2 units
-        query = gl.convert_layout(_key_order(query), a_layout, assert_trivial=True)
+        query = query * (scale * _LOG2E)  # scores in log2 units
+        # Each row as 16-bit integers (a 2^-15 step of its largest coordinate: finer than fp16), in two int8
+        # parts for the int8 MMA: q = step · (256 · high + low). The keys are levels s · (L + 1/2)
+        # (`lut_asm.signed_byte_grid`): a score is step · s · (Σ q·L + Σ q / 2), the second term the MMA's
+        # initial value (rounded down by half a unit at most).
+        peak = gl.maximum(gl.max(gl.abs(query), axis=1), 1e-30)
+        whole = gl.floor(query * (32512.0 / peak)[:, None] + 0.5).to(gl.int32)  # |whole| <= 127 * 256
+        high = (whole + 128) >> 8
+        low = whole - high * 256
+        query_high = gl.convert_layout(_key_byte_order(high.to(gl.int8)), a_bytes, assert_trivial=True)
+        query_low = gl.convert_layout(_key_byte_order(low.to(gl.int8)), a_bytes, assert_trivial=True)
+        rows_layout: gl.constexpr = gl.SliceLayout(1, mma)
+        score_base = gl.convert_layout(gl.sum(whole, axis=1) >> 1, rows_layout)[:, None] \
+            + gl.zeros([16, _TILE], gl.int32, layout=mma)
+        row_scale = _group_rows(gl.convert_layout(peak * (KEY_LEVEL_SCALE / 32512.0), rows_layout)[:, None]
+                                + gl.zeros([16, _TILE], gl.float32, layout=mma))
 
         acc = gl.zeros([D, 8], gl.float32, layout=mma)  # the group's output, transposed
         group_scores = _group_rows(gl.full([16, _TILE], float("-inf"), gl.float32, layout=mma))
@@ -355,7 +396,7 @@ if gluon is not None:
         value_token = ((value_rows >> 6) & 1) * 8 + ((value_rows >> 4) & 3) * 2 + (value_rows & 1)
         value_chunk = ((value_rows >> 1) & 7) * (D // 16)  # D/8 coordinates of 4 bits
         key_lanes = (key_rows & 31)[:, None] + gl.zeros([4 * _TILE, D // 32], gl.int32, layout=keys_layout)
-        key_tables = _lane_tables(tables_ptr, key_lanes, 0)
+        key_tables = _lane_byte_tables(tables_ptr, key_lanes)
         value_lanes = ((value_rows >> 1) & 31)[:, None] + gl.zeros([8 * _TILE, D // 64], gl.int32, layout=values_layout)
         value_lanes = gl.convert_layout(_token_pairs(value_lanes)[0], pairs_layout, assert_trivial=True)
         value_tables = _lane_tables(tables_ptr, value_lanes, 4)
@@ -374,9 +415,9 @@ if gluon is not None:
         block = _tile_block(table_ptr, lo + 2 * _TILE, hi, BLOCK_SIZE)
         # keys before `first` lie in the split's first tile only (tiles start at `aligned`), keys from `hi` in
         # its last: the tiles between are attended unmasked
-        acc, running_max, running_sum = _attend_tile(tile, lo, first, hi, query, key_tables, value_tables, acc,
-                                                     running_max, running_sum, softcap, KEY_LUT, VALUE_LUT,
-                                                     USE_SOFTCAP, True)
+        acc, running_max, running_sum = _attend_tile(tile, lo, first, hi, query_high, query_low, score_base, row_scale,
+                                                     key_tables, value_tables, acc, running_max, running_sum, softcap,
+                                                     KEY_LUT, VALUE_LUT, USE_SOFTCAP, True)
         tile = following
         last = (hi - 1) // _TILE * _TILE
         # start + _TILE <= last < hi: unmasked loads. Two tiles per step, so that no tile is copied from one
@@ -387,14 +428,14 @@ if gluon is not None:
                                    HEAD_PAGE_BYTES, VALUES_OFFSET, KEY_NORMS_OFFSET, VALUE_NORMS_OFFSET, KEY_BYTES,
                                    VALUE_BYTES, True)
             block = _tile_block(table_ptr, start + 2 * _TILE, hi, BLOCK_SIZE)
-            acc, running_max, running_sum = _attend_tile(tile, start, first, hi, query, key_tables, value_tables, acc,
-                                                         running_max, running_sum, softcap, KEY_LUT, VALUE_LUT,
-                                                         USE_SOFTCAP, False)
+            acc, running_max, running_sum = _attend_tile(tile, start, first, hi, query_high, query_low, score_base,
+                                                         row_scale, key_tables, value_tables, acc, running_max,
+                                                         running_sum, softcap, KEY_LUT, VALUE_LUT, USE_SOFTCAP, False)
             tile = following
         if last > lo:
-            acc, running_max, running_sum = _attend_tile(tile, last, first, hi, query, key_tables, value_tables, acc,
-                                                         running_max, running_sum, softcap, KEY_LUT, VALUE_LUT,
-                                                         USE_SOFTCAP, True)
+            acc, running_max, running_sum = _attend_tile(tile, last, first, hi, query_high, query_low, score_base,
+                                                         row_scale, key_tables, value_tables, acc, running_max,
+                                                         running_sum, softcap, KEY_LUT, VALUE_LUT, USE_SOFTCAP, True)
 
         heads = gl.arange(0, 8, layout=heads_layout)
         d = gl.arange(0, D, layout=gl.SliceLayout(1, mma))
@@ -428,7 +469,8 @@ def launch_split(rotated_query: torch.Tensor, cache: torch.Tensor, codec: Kernel
         NUM_SPLITS=num_splits, BLOCK_SIZE=layout.block_size, HEAD_PAGE_BYTES=constants["HEAD_PAGE_BYTES"],
         VALUES_OFFSET=constants["VALUES_OFFSET"], KEY_NORMS_OFFSET=constants["KEY_NORMS_OFFSET"],
         VALUE_NORMS_OFFSET=constants["VALUE_NORMS_OFFSET"], HEAD_DIM=layout.head_dim, KEY_BYTES=constants["KEY_BYTES"],
-        VALUE_BYTES=constants["VALUE_BYTES"], KEY_LUT=codec.key_pairs_lut_asm, VALUE_LUT=codec.value_pairs_lut_asm,
+        VALUE_BYTES=constants["VALUE_BYTES"], KEY_LUT=SIGNED_BYTE_LOOKUP, KEY_LEVEL_SCALE=codec.key_byte_scale,
+        VALUE_LUT=codec.value_pairs_lut_asm,
         USE_SOFTCAP=softcap is not None, USE_WINDOW=sliding_window is not None, USE_STARTS=key_starts is not None,
         AFTER_SPLIT=after_split, REDUCTION_NEXT=reduction_next, num_warps=1, **programmatic_launch(after_split),
     )

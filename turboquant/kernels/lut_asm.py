@@ -155,6 +155,31 @@ def dot_asm(centroids: torch.Tensor) -> str:
             + "mov.b32 {h0, h1}, acc;\ncvt.f32.f16 f0, h0;\ncvt.f32.f16 f1, h1;\nadd.f32 $0, f0, f1;\n}")
 
 
+# Eight 4-bit codes ($2, given four times) → two registers of four int8 levels L of a byte grid
+# (`core.byte_grid`): $0 the codes 0–3, $1 the codes 4–7, byte i of a register from code i of its half; the
+# table words (`signed_byte_tables`) are inputs $6 and $10. The magnitude rank (c & 7) picks a negative
+# level's byte from the table, and the code's sign bit, moved to the top of a byte and copied to all eight
+# bits by `prmt`'s sign mode (selector nibble bit 3), flips it to the positive level (−L − 1 = ~L): 9
+# integer instructions, where an fp16 lookup makes its pairs in 15.
+SIGNED_BYTE_LOOKUP = ("{\n.reg .b32 j, jh, up, slo, shi, lo, hi;\nand.b32 j, $2, 0x77777777;\nshr.b32 jh, j, 16;\n"
+                      "shl.b32 up, $2, 4;\nprmt.b32 slo, up, $2, 0xD9C8;\nprmt.b32 shi, up, $2, 0xFBEA;\n"
+                      "prmt.b32 lo, $6, $10, j;\nprmt.b32 hi, $6, $10, jh;\nxor.b32 $0, lo, slo;\n"
+                      "xor.b32 $1, hi, shi;\n}")
+
+
+def signed_byte_tables(centroids: torch.Tensor, scale: float) -> tuple[int, int]:
+    """The two table words of `SIGNED_BYTE_LOOKUP` for 4-bit levels on a byte grid of step `scale`
+    (`core.byte_grid`), indexed by code: the bytes ~L of the negative levels −scale · (L + 1/2), by rank."""
+    magnitudes, bits = _stored_levels(centroids)
+    if bits != 4:
+        raise ValueError(f"the signed byte lookup reads 4-bit codes, got {bits} bits")
+    ranks = (magnitudes.double() / scale - 0.5).round()
+    if not (ranks >= 0).all() or not (ranks <= 127).all():
+        raise ValueError("the levels are not on a byte grid of this scale")
+    stored = (~ranks.long() & 0xFF).tolist()
+    return tuple(sum(b << (8 * i) for i, b in enumerate(stored[k:k + 4])) for k in (0, 4))
+
+
 def byte_permute_available(device: torch.device) -> bool:
     """PTX runs on CUDA devices, not in the Triton interpreter."""
     return device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"

@@ -228,7 +228,7 @@ def run_levels(run, centroids_ptr, BITS: tl.constexpr, LUT_ASM: tl.constexpr, ta
 
 @triton.jit
 def lane_lookup_tables(lane_tables_ptr, FIRST_ROW: tl.constexpr):
-    """The four table words at rows FIRST_ROW.. of `KernelCodec.lut_lane_tables` ([8, 32] int32), each
+    """The four table words at rows FIRST_ROW.. of `KernelCodec.lut_lane_tables` ([10, 32] int32), each
     thread reading its lane's copy: a value the compiler knows every lane shares lives in a uniform
     register, which is copied into a register before every byte permute; these stay in registers."""
     # the asm reads no input; FIRST_ROW stands in for the operand inline_asm_elementwise requires
