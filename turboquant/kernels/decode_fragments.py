@@ -367,7 +367,7 @@ if gluon is not None:
         query = query * (scale * _LOG2E)  # scores in log2 units
         # Each row as 16-bit integers (a 2^-15 step of its largest coordinate: finer than fp16), in two int8
         # parts for the int8 MMA: q = step · (256 · high + low). The keys are levels s · (L + 1/2)
-        # (`lut_asm.signed_byte_grid`): a score is step · s · (Σ q·L + Σ q / 2), the second term the MMA's
+        # (`core.byte_grid`): a score is step · s · (Σ q·L + Σ q / 2), the second term the MMA's
         # initial value (rounded down by half a unit at most).
         peak = gl.maximum(gl.max(gl.abs(query), axis=1), 1e-30)
         whole = gl.floor(query * (32512.0 / peak)[:, None] + 0.5).to(gl.int32)  # |whole| <= 127 * 256
