@@ -81,7 +81,7 @@ MAX_SPLIT_TOKENS = 4096
 
 def default_num_splits(pairs: int, max_tokens: int, num_sms: int, head_dim: int) -> int:
     """About as many one-warp programs as the device holds at once, for one wave of them: 8 per SM at
-    head_dim 128 and 256 (155 and 255 registers a thread: 12 and 8 warps per SM), 16 at 64 (124: 16
+    head_dim 128 and 256 (161 and 255 registers a thread: 12 and 8 warps per SM), 16 at 64 (126: 16
     warps); more where a split of the longest sequence the block table holds would exceed
     MAX_SPLIT_TOKENS keys; a power of two, no split shorter than 128 tokens. H200, d=128, fixed split
     counts (`decode-splits-h200-fine.md`): one wave of longer programs beats a second, partial wave of
