@@ -27,7 +27,6 @@ from turboquant.core import TurboQuantConfig  # noqa: E402
 from turboquant.kernels import decode_fragments  # noqa: E402
 from turboquant.kernels.codec import KernelCodec  # noqa: E402
 from turboquant.kernels.launch import page_constants  # noqa: E402
-from turboquant.kernels.lut_asm import SIGNED_BYTE_LOOKUP  # noqa: E402
 
 POINTERS = dict(query_ptr="*fp32", cache_ptr="*u8", tables_ptr="*i32", block_table_ptr="*i32", seq_lens_ptr="*i32",
                 key_starts_ptr="*i32", partial_out_ptr="*fp32", partial_lse_ptr="*fp32")
@@ -46,7 +45,7 @@ def compile_fragment_kernel(head_dim: int, kernel=None, pointers: dict | None = 
 
     codec = KernelCodec.from_config(TurboQuantConfig(key_bits=4, value_bits=4), head_dim, 8, 16)
     pages = page_constants(codec.layout)
-    constants = pages | dict(GROUP=4, NUM_SPLITS=8, KEY_LUT=SIGNED_BYTE_LOOKUP, KEY_LEVEL_SCALE=codec.key_byte_scale,
+    constants = pages | dict(GROUP=4, NUM_SPLITS=8, KEY_LEVEL_SCALE=codec.key_byte_scale,
                              VALUE_LUT=codec.value_pairs_lut_asm, USE_SOFTCAP=True, USE_WINDOW=True, USE_STARTS=True,
                              AFTER_SPLIT=False)
     kernel = kernel or decode_fragments._fragment_split_kernel

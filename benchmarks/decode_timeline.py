@@ -67,8 +67,8 @@ EDITS = [
      "        block = _tile_block(table_ptr, lo + 2 * _TILE, hi, BLOCK_SIZE)\n"
      "        _stamp(times_ptr, 6, gl.sum(gl.sum(tile[0], 1), 0) + gl.sum(gl.sum(tile[3], 1), 0))\n"
      "        # keys before"),
-    ("KEY_LUT, VALUE_LUT, USE_SOFTCAP, True)\n        tile = following\n",
-     "KEY_LUT, VALUE_LUT, USE_SOFTCAP, True)\n"
+    ("VALUE_LUT, USE_SOFTCAP, True)\n        tile = following\n",
+     "VALUE_LUT, USE_SOFTCAP, True)\n"
      "        _stamp(times_ptr, 1, gl.sum(running_sum, 0))\n        tile = following\n"),
     ("        if last > lo:\n", "        _stamp(times_ptr, 2, gl.sum(running_sum, 0))\n        if last > lo:\n"),
     ("        out = acc / gl.convert_layout(gl.maximum(running_sum, 1e-30), heads_layout)[None, :]\n",

@@ -66,8 +66,9 @@ def byte_grid(codebook: Codebook) -> tuple[Codebook, float]:
         raise ValueError("a byte grid needs a codebook symmetric around 0")
     scales = magnitudes.max() / torch.linspace(96.0, 127.5, 31501, dtype=torch.float64)
     ranks = (magnitudes[None, :] / scales[:, None] - 0.5).round().clamp(0, 127)
-    scale = float(scales[int(((ranks + 0.5) * scales[:, None] - magnitudes).abs().amax(dim=1).argmin())])
-    grid = ((magnitudes / scale - 0.5).round().clamp(0, 127) + 0.5) * scale
+    best = int(((ranks + 0.5) * scales[:, None] - magnitudes).abs().amax(dim=1).argmin())
+    scale = float(scales[best])
+    grid = (ranks[best] + 0.5) * scales[best]
     centroids = torch.cat([-grid.flip(0), grid])
     boundaries = (centroids[1:] + centroids[:-1]) / 2
     return replace(codebook, centroids=centroids.float(), boundaries=boundaries.float()), scale

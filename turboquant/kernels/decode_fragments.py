@@ -112,6 +112,7 @@ def min_split_tokens(pairs: int) -> int:
 
 if gluon is not None:
     _TILE = gl.constexpr(TILE)
+    _SIGNED_BYTE_LOOKUP = gl.constexpr(SIGNED_BYTE_LOOKUP)
     _LOG2E = gl.constexpr(LOG2E)
 
     @constexpr_function
@@ -164,13 +165,13 @@ if gluon is not None:
             dtype=(gl.float16,) * 4, is_pure=True, pack=2)
 
     @gluon.jit
-    def _lookup_bytes(words, tables, LUT: gl.constexpr):
+    def _lookup_bytes(words, tables):
         """Words of eight 4-bit codes → two [.., 2, 2] int8 tensors of grid levels (`lut_asm.SIGNED_BYTE_LOOKUP`):
         codes 2a + b and 4 + 2a + b at [.., a, b] (a register each)."""
         words = gl.join(gl.join(words, words), gl.join(words, words))
         low = gl.join(gl.join(tables[0], tables[0]), gl.join(tables[0], tables[0]))
         high = gl.join(gl.join(tables[1], tables[1]), gl.join(tables[1], tables[1]))
-        return gl.inline_asm_elementwise(LUT, "=r,=r,r,r,r,r,r,r,r,r,r,r,r,r", [words, low, high],
+        return gl.inline_asm_elementwise(_SIGNED_BYTE_LOOKUP, "=r,=r,r,r,r,r,r,r,r,r,r,r,r,r", [words, low, high],
                                          dtype=(gl.int8, gl.int8), is_pure=True, pack=4)
 
     @gluon.jit
@@ -248,8 +249,8 @@ if gluon is not None:
 
     @gluon.jit
     def _attend_tile(tile, start, first, hi, query_high, query_low, score_base, row_scale, key_tables, value_tables,
-                     acc, running_max, running_sum, softcap, KEY_LUT: gl.constexpr, VALUE_LUT: gl.constexpr,
-                     USE_SOFTCAP: gl.constexpr, MASKED: gl.constexpr):
+                     acc, running_max, running_sum, softcap, VALUE_LUT: gl.constexpr, USE_SOFTCAP: gl.constexpr,
+                     MASKED: gl.constexpr):
         """One step of the online softmax over the tile of tokens start .. start + TILE − 1 (`_load_tile`):
         the updated (acc, running_max, running_sum). MASKED: some of its tokens lie outside the visible keys
         [first, hi), and their scores and value norms are masked (only a split's first and last tiles)."""
@@ -263,7 +264,7 @@ if gluon is not None:
         key_codes, key_norms, value_norms, value_codes = tile
 
         # keys, as the int8 MMA's B operand [D, _TILE]: lane 4g + t holds chunk t of tokens g and g + 8
-        low, high = _lookup_bytes(key_codes, key_tables, KEY_LUT)  # [4T, W, a, b] each
+        low, high = _lookup_bytes(key_codes, key_tables)  # [4T, W, a, b] each
         levels = gl.reshape(gl.join(low, high), [_TILE, 4, D // 32, 2, 2, 2])  # n, t, i, a, b, h
         levels = gl.permute(levels, (2, 5, 1, 3, 4, 0))  # column 32i + 16h + 4t + 2a + b, token n
         keys = gl.convert_layout(gl.reshape(levels, [D, _TILE]), b_bytes, assert_trivial=True)
@@ -313,7 +314,7 @@ if gluon is not None:
         BLOCK_SIZE: gl.constexpr,
         HEAD_PAGE_BYTES: gl.constexpr, VALUES_OFFSET: gl.constexpr, KEY_NORMS_OFFSET: gl.constexpr,
         VALUE_NORMS_OFFSET: gl.constexpr, HEAD_DIM: gl.constexpr, KEY_BYTES: gl.constexpr, VALUE_BYTES: gl.constexpr,
-        KEY_LUT: gl.constexpr, VALUE_LUT: gl.constexpr, USE_SOFTCAP: gl.constexpr, USE_WINDOW: gl.constexpr,
+        VALUE_LUT: gl.constexpr, USE_SOFTCAP: gl.constexpr, USE_WINDOW: gl.constexpr,
         USE_STARTS: gl.constexpr, AFTER_SPLIT: gl.constexpr, REDUCTION_NEXT: gl.constexpr,
         KEY_LEVEL_SCALE: gl.constexpr,
     ):
@@ -417,7 +418,7 @@ if gluon is not None:
         # its last: the tiles between are attended unmasked
         acc, running_max, running_sum = _attend_tile(tile, lo, first, hi, query_high, query_low, score_base, row_scale,
                                                      key_tables, value_tables, acc, running_max, running_sum, softcap,
-                                                     KEY_LUT, VALUE_LUT, USE_SOFTCAP, True)
+                                                     VALUE_LUT, USE_SOFTCAP, True)
         tile = following
         last = (hi - 1) // _TILE * _TILE
         # start + _TILE <= last < hi: unmasked loads. Two tiles per step, so that no tile is copied from one
@@ -430,12 +431,12 @@ if gluon is not None:
             block = _tile_block(table_ptr, start + 2 * _TILE, hi, BLOCK_SIZE)
             acc, running_max, running_sum = _attend_tile(tile, start, first, hi, query_high, query_low, score_base,
                                                          row_scale, key_tables, value_tables, acc, running_max,
-                                                         running_sum, softcap, KEY_LUT, VALUE_LUT, USE_SOFTCAP, False)
+                                                         running_sum, softcap, VALUE_LUT, USE_SOFTCAP, False)
             tile = following
         if last > lo:
             acc, running_max, running_sum = _attend_tile(tile, last, first, hi, query_high, query_low, score_base,
                                                          row_scale, key_tables, value_tables, acc, running_max,
-                                                         running_sum, softcap, KEY_LUT, VALUE_LUT, USE_SOFTCAP, True)
+                                                         running_sum, softcap, VALUE_LUT, USE_SOFTCAP, True)
 
         heads = gl.arange(0, 8, layout=heads_layout)
         d = gl.arange(0, D, layout=gl.SliceLayout(1, mma))
@@ -469,7 +470,7 @@ def launch_split(rotated_query: torch.Tensor, cache: torch.Tensor, codec: Kernel
         NUM_SPLITS=num_splits, BLOCK_SIZE=layout.block_size, HEAD_PAGE_BYTES=constants["HEAD_PAGE_BYTES"],
         VALUES_OFFSET=constants["VALUES_OFFSET"], KEY_NORMS_OFFSET=constants["KEY_NORMS_OFFSET"],
         VALUE_NORMS_OFFSET=constants["VALUE_NORMS_OFFSET"], HEAD_DIM=layout.head_dim, KEY_BYTES=constants["KEY_BYTES"],
-        VALUE_BYTES=constants["VALUE_BYTES"], KEY_LUT=SIGNED_BYTE_LOOKUP, KEY_LEVEL_SCALE=codec.key_byte_scale,
+        VALUE_BYTES=constants["VALUE_BYTES"], KEY_LEVEL_SCALE=codec.key_byte_scale,
         VALUE_LUT=codec.value_pairs_lut_asm,
         USE_SOFTCAP=softcap is not None, USE_WINDOW=sliding_window is not None, USE_STARTS=key_starts is not None,
         AFTER_SPLIT=after_split, REDUCTION_NEXT=reduction_next, num_warps=1, **programmatic_launch(after_split),
