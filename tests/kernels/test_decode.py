@@ -158,8 +158,9 @@ def test_the_split_kernel_rotating_the_query_itself_gives_the_rotated_querys_out
         assert len(rotations) == 1  # the query's, in the first call only (the reduction un-rotates the output)
     if torch.device(device).type == "cuda":
         assert torch.equal(outs[1], outs[0])
-    else:
-        torch.testing.assert_close(outs[1], outs[0], **TOLERANCE)
+    else:  # a bf16 output moved across a rounding point moves by one unit of it: up to 2^-7 of |out|
+        moved = dict(atol=TOLERANCE["atol"], rtol=1e-2) if dtype == torch.bfloat16 else TOLERANCE
+        torch.testing.assert_close(outs[1], outs[0], **moved)
     expected = decode_reference(query, cache, codec, block_table, lengths, head_dim**-0.5)
     rounding = 2e-2 if dtype == torch.bfloat16 else TOLERANCE["atol"]  # of the bf16 output
     torch.testing.assert_close(outs[1], expected, atol=rounding, rtol=rounding)
