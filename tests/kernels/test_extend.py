@@ -12,6 +12,12 @@ from .paged import filled_cache, make_codec
 from .sass_scripts import run_sass_script
 from .test_decode import CASES, TOLERANCE
 
+# A chunk's first rows attend to two or three keys. Where two of similar weight carry values that cancel, a
+# score's fp16 rounding (which grows with |q|·|k|) reaches the output almost whole: a call's worst error is
+# 1.4-1.8e-3 typically and passed 4e-3 in 1 of 5,000 emulated calls at d=128 (4.1e-3; CI once saw 4.4e-3),
+# against 2.1e-3 at most for decode (benchmarks/results/attention-rounding-cpu.md). Decode's tolerance, doubled.
+CHUNK_TOLERANCE = {name: 2 * value for name, value in TOLERANCE.items()}
+
 
 def chunks(query_lens: list[int], device: str) -> torch.Tensor:
     starts = torch.zeros(len(query_lens) + 1, dtype=torch.int32)
@@ -44,7 +50,7 @@ def test_extend_matches_reference(head_dim, key_bits, value_bits, block_size, nu
     codec, cache, table, inputs = chunked_case(case, [90, 0, 33], query_lens, device, generator, key_scale=2.0)
     out = extend_attention(*inputs, cache, codec, table, head_dim**-0.5, max(query_lens), **options)
     expected = extend_reference(*inputs, cache, codec, table, head_dim**-0.5, **options)
-    torch.testing.assert_close(out, expected, **TOLERANCE)
+    torch.testing.assert_close(out, expected, **CHUNK_TOLERANCE)
 
 
 @pytest.mark.parametrize("case", [CASES[4], CASES[5]])
@@ -59,7 +65,7 @@ def test_extend_wide_programs_match_reference(case, device, generator, monkeypat
     assert plan[1:] == (extend.WIDE_ROWS // group_pad, 1)  # query tokens per program, splits
     out = extend_attention(*inputs, cache, codec, table, head_dim**-0.5, 43)
     expected = extend_reference(*inputs, cache, codec, table, head_dim**-0.5)
-    torch.testing.assert_close(out, expected, **TOLERANCE)
+    torch.testing.assert_close(out, expected, **CHUNK_TOLERANCE)
 
 
 def test_narrow_plan_keeps_64_row_programs():
@@ -95,7 +101,7 @@ def test_extend_split_prefix_matches_reference(case, options, num_splits, device
                                 return_lse=True, num_splits=num_splits, **options)
     expected, expected_lse = extend_reference(*inputs, cache, codec, table, head_dim**-0.5, key_starts=key_starts,
                                               return_lse=True, **options)
-    torch.testing.assert_close(out, expected, **TOLERANCE)
+    torch.testing.assert_close(out, expected, **CHUNK_TOLERANCE)
     torch.testing.assert_close(lse, expected_lse, **TOLERANCE)
 
 
@@ -129,7 +135,7 @@ def test_extend_key_starts_and_log_sum_exp(head_dim, key_bits, value_bits, block
                                 return_lse=True)
     expected, expected_lse = extend_reference(*inputs, cache, codec, table, head_dim**-0.5, key_starts=key_starts,
                                               return_lse=True)
-    torch.testing.assert_close(out, expected, **TOLERANCE)
+    torch.testing.assert_close(out, expected, **CHUNK_TOLERANCE)
     torch.testing.assert_close(lse, expected_lse, **TOLERANCE)
 
 
@@ -141,7 +147,8 @@ def test_extend_fresh_keys_and_values_of_different_dtypes(device, generator):
                                                                                generator)
     inputs = (query, keys.float(), values, starts, lengths)
     out = extend_attention(*inputs, cache, codec, table, head_dim**-0.5, 9)
-    torch.testing.assert_close(out, extend_reference(*inputs, cache, codec, table, head_dim**-0.5), **TOLERANCE)
+    expected = extend_reference(*inputs, cache, codec, table, head_dim**-0.5)
+    torch.testing.assert_close(out, expected, **CHUNK_TOLERANCE)
 
 
 # the window and soft-capping code is extend's (tested above over every case): one case each here
@@ -159,7 +166,7 @@ def test_cached_attention_matches_reference(case, options, device, generator):
                            **options)
     expected = cached_attention_reference(query, starts, seq_lens_t, cache, codec, block_table, head_dim**-0.5,
                                           **options)
-    torch.testing.assert_close(out, expected, **TOLERANCE)
+    torch.testing.assert_close(out, expected, **CHUNK_TOLERANCE)
 
 
 def test_cached_attention_is_invariant_to_chunking_and_batching(device, generator):
