@@ -8,8 +8,7 @@ from turboquant.kernels import ExactRing, compress_store, paged_decode_attention
 from turboquant.kernels.reference import decode_reference
 
 from .paged import filled_cache, make_codec
-
-TOLERANCE = dict(atol=4e-3, rtol=4e-3)  # as test_decode: fp16 operands, fp32 accumulation
+from .test_decode import TOLERANCE  # fp16 operands, fp32 accumulation
 
 
 def sequence_slots(block_table: torch.Tensor, seq: int, positions: torch.Tensor, block_size: int) -> torch.Tensor:

@@ -9,10 +9,11 @@ from turboquant.core import TurboQuantConfig, unpack_indices
 from turboquant.kernels.latent import LatentCodec, LatentLayout, latent_decode, latent_gather, latent_store
 from turboquant.kernels.reference import latent_decode_reference, latent_gather_reference, latent_store_reference
 
+from .test_decode import TOLERANCE  # fp16 tensor-core operands, fp32 sums
+
 # (latent_dim, rope_dim, bits, block_size, heads): every bit width, a latent of DeepSeek's 512 scaled
 # down and one that is not a power of two, head counts below, at and above one program's 16.
 CASES = [(64, 16, 4, 16, 4), (96, 32, 3, 32, 20), (128, 16, 2, 16, 16), (64, 24, 8, 64, 3)]
-TOLERANCE = dict(atol=4e-3, rtol=4e-3)  # fp16 tensor-core operands, fp32 sums (as tests/kernels/test_decode.py)
 
 
 def make(latent_dim, rope_dim, bits, block_size, device, rope_dtype=torch.bfloat16) -> LatentCodec:
