@@ -7,7 +7,11 @@
 # its `vllm.general_plugins` entry point visible without a pip install (a dist-info in /tmp/tq-site,
 # which vLLM's plugin loader finds on the path), and puts the 8B-shaped config at /tmp/models/llama8b-shape
 # when its copy travelled in .gpu/tools. The host is offline and starts bare: nothing here persists.
-eval "$(bash .gpu/tools/install-vllm-bundle.sh)"
+if [ -f .gpu/tools/install-vllm-bundle.sh ]; then
+    eval "$(bash .gpu/tools/install-vllm-bundle.sh)"
+elif [ -f /tmp/vllm-site/.vllm-done ]; then  # a later call on the same host, the tools not carried again
+    export PYTHONPATH="/tmp/vllm-site${PYTHONPATH:+:$PYTHONPATH}" VLLM_USE_FLASHINFER_SAMPLER=0
+fi
 TQ_SITE=/tmp/tq-site
 mkdir -p "$TQ_SITE/turboquant-0.1.0.dist-info"
 printf 'Metadata-Version: 2.1\nName: turboquant\nVersion: 0.1.0\n' > "$TQ_SITE/turboquant-0.1.0.dist-info/METADATA"
