@@ -245,6 +245,10 @@ def test_decode_rejects_bad_input(device, generator):
         paged_decode_attention(query, cache[..., :-4], codec, block_table, lengths, 0.1)
     with pytest.raises(ValueError, match="sliding_window"):
         paged_decode_attention(query, cache, codec, block_table, lengths, 0.1, sliding_window=0)
+    with pytest.raises(ValueError, match="softcap"):
+        paged_decode_attention(query, cache, codec, block_table, lengths, 0.1, softcap=0.0)
+    with pytest.raises(ValueError, match="key_starts"):
+        paged_decode_attention(query, cache, codec, block_table, lengths, 0.1, key_starts=lengths.long())
     with pytest.raises(ValueError, match="fragment decode kernel"):  # it serves k4v4 only
         paged_decode_attention(query, cache, codec, block_table, lengths, 0.1, fragments=True)
 

@@ -122,6 +122,13 @@ def test_extend_rejects_bad_input(device, generator):
     with pytest.raises(ValueError, match="out must have shape"):
         extend_attention(query, keys, keys, starts, seq_lens, cache, codec, block_table, 0.1, 5,
                          out=torch.empty(5, 2, 64, device=device))
+    with pytest.raises(ValueError, match="sliding_window"):
+        extend_attention(query, keys, keys, starts, seq_lens, cache, codec, block_table, 0.1, 5, sliding_window=-1)
+    with pytest.raises(ValueError, match="softcap"):
+        extend_attention(query, keys, keys, starts, seq_lens, cache, codec, block_table, 0.1, 5, softcap=-1.0)
+    with pytest.raises(ValueError, match="key_starts"):
+        extend_attention(query, keys, keys, starts, seq_lens, cache, codec, block_table, 0.1, 5,
+                         key_starts=torch.zeros(2, dtype=torch.int32, device=device))
 
 
 @pytest.mark.parametrize("head_dim,key_bits,value_bits,block_size,num_q_heads,num_kv_heads", [CASES[1], CASES[3]])

@@ -26,8 +26,8 @@ from . import decode_fragments
 from .codec import KernelCodec
 from .exact_ring import ExactRing, exact_window_partials, middle_ends
 from .group_query import load_group_query
-from .launch import (FLOAT_DTYPES, SLICED_METADATA, check_block_table, check_codec_device, check_device_tensor,
-                     head_dim_pad, lookup_constants, multiprocessor_count, page_constants,
+from .launch import (FLOAT_DTYPES, SLICED_METADATA, check_attention_options, check_block_table, check_codec_device,
+                     check_device_tensor, head_dim_pad, lookup_constants, multiprocessor_count, page_constants,
                      programmatic_launch, programmatic_launch_available)
 from .packed_tile import lane_lookup_tables, load_levels, load_norms
 from .rotate import SHORT_TILE_MAX_TOKENS as ROTATE_SHORT_TILE_MAX_TOKENS
@@ -550,14 +550,7 @@ def paged_decode_attention(query: torch.Tensor, cache: torch.Tensor, codec: Kern
     if num_q_heads % layout.num_kv_heads:
         raise ValueError(f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads ({layout.num_kv_heads})")
     check_block_table(block_table, seq_lens, batch, cache.device)
-    if sliding_window is not None and sliding_window <= 0:
-        raise ValueError(f"sliding_window must be a positive number of tokens or None, got {sliding_window!r}")
-    if softcap is not None and softcap <= 0:
-        raise ValueError(f"softcap must be positive or None, got {softcap!r}")
-    if key_starts is not None:
-        check_device_tensor(key_starts, "key_starts", (torch.int32,), (batch,), cache.device)
-    if out is not None:
-        check_device_tensor(out, "out", FLOAT_DTYPES, query.shape, cache.device)
+    check_attention_options(sliding_window, softcap, key_starts, out, batch, query.shape, cache.device)
     window_lengths = seq_lens
     if store is not None and (exact is None or exact.recent < 1 or query_rotated):
         raise ValueError("store= runs the step's store beside the split kernels, which needs an exact ring with "

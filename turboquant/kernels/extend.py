@@ -26,8 +26,9 @@ import triton.language as tl
 from . import extend_hopper
 from .codec import KernelCodec
 from .decode import default_num_splits, merge_splits
-from .launch import (FLOAT_DTYPES, SLICED_METADATA, check_block_table, check_codec_device, check_device_tensor,
-                     check_kv, head_dim_pad, lookup_constants, multiprocessor_count, page_constants)
+from .launch import (FLOAT_DTYPES, SLICED_METADATA, check_attention_options, check_block_table, check_codec_device,
+                     check_device_tensor, check_kv, head_dim_pad, lookup_constants, multiprocessor_count,
+                     page_constants)
 from .packed_tile import load_levels, load_norms
 from .rotate import rotate
 from .softmax import masked_softmax_step, tanh
@@ -255,14 +256,7 @@ def _launch(query, keys, values, query_start, seq_lens, cache, codec, block_tabl
     batch = seq_lens.shape[0] if isinstance(seq_lens, torch.Tensor) else 0
     check_block_table(block_table, seq_lens, batch, cache.device)
     check_device_tensor(query_start, "query_start", (torch.int32,), (batch + 1,), cache.device)
-    if sliding_window is not None and sliding_window <= 0:
-        raise ValueError(f"sliding_window must be a positive number of tokens or None, got {sliding_window!r}")
-    if softcap is not None and softcap <= 0:
-        raise ValueError(f"softcap must be positive or None, got {softcap!r}")
-    if key_starts is not None:
-        check_device_tensor(key_starts, "key_starts", (torch.int32,), (batch,), cache.device)
-    if out is not None:
-        check_device_tensor(out, "out", FLOAT_DTYPES, query.shape, cache.device)
+    check_attention_options(sliding_window, softcap, key_starts, out, batch, query.shape, cache.device)
 
     num_q_heads = query.shape[1]
     group = num_q_heads // layout.num_kv_heads

@@ -88,6 +88,20 @@ def check_kv(keys: torch.Tensor, values: torch.Tensor, layout: PagedLayout, devi
         check_device_tensor(tensor, name, FLOAT_DTYPES, shape, device)
 
 
+def check_attention_options(sliding_window: int | None, softcap: float | None, key_starts: torch.Tensor | None,
+                            out: torch.Tensor | None, batch: int, query_shape, device: torch.device) -> None:
+    """The options decode and extend attention share: a window and a soft-cap must be positive, key starts
+    int32 [batch], `out` the query's shape."""
+    if sliding_window is not None and sliding_window <= 0:
+        raise ValueError(f"sliding_window must be a positive number of tokens or None, got {sliding_window!r}")
+    if softcap is not None and softcap <= 0:
+        raise ValueError(f"softcap must be positive or None, got {softcap!r}")
+    if key_starts is not None:
+        check_device_tensor(key_starts, "key_starts", (torch.int32,), (batch,), device)
+    if out is not None:
+        check_device_tensor(out, "out", FLOAT_DTYPES, query_shape, device)
+
+
 def check_codec_device(codec, cache: torch.Tensor) -> None:
     if codec.device != cache.device:
         raise ValueError(f"the codec's tensors are on {codec.device}, the cache on {cache.device}")
