@@ -8,7 +8,7 @@ from .quantizer import MSECode, MSEQuantizer, ProdCode, ProdQuantizer, check_vec
 from .rotation import Rotation, make_rotation
 
 __all__ = [
-    "Codebook", "byte_grid", "lloyd_max_codebook", "PRESETS", "TurboQuantConfig", "vector_bytes", "PACKABLE_BITS", "code_order",
-    "pack_indices", "packed_bytes", "sign_magnitude", "unpack_indices", "MSECode", "MSEQuantizer", "ProdCode",
-    "ProdQuantizer", "check_vectors", "qjl_correction", "Rotation", "make_rotation",
+    "Codebook", "byte_grid", "lloyd_max_codebook", "PRESETS", "TurboQuantConfig", "vector_bytes", "PACKABLE_BITS",
+    "code_order", "pack_indices", "packed_bytes", "sign_magnitude", "unpack_indices", "MSECode", "MSEQuantizer",
+    "ProdCode", "ProdQuantizer", "check_vectors", "qjl_correction", "Rotation", "make_rotation",
 ]

@@ -123,7 +123,8 @@ class KernelCodec:
         )
 
 
-def lane_tables(key_levels: torch.Tensor, value_levels: torch.Tensor, key_byte_tables: tuple[int, int]) -> torch.Tensor:
+def lane_tables(key_levels: torch.Tensor, value_levels: torch.Tensor,
+                key_byte_tables: tuple[int, int]) -> torch.Tensor:
     """[10, 32] int32: the four table words of each 3- or 4-bit codebook's lookup (zeros for other widths),
     then the key's two signed byte words, each repeated once per lane of a warp."""
     words = [word for levels in (key_levels, value_levels)
