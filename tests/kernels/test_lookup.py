@@ -9,6 +9,7 @@ import triton
 import triton.language as tl
 
 from turboquant.core import unpack_indices
+from turboquant.kernels.codec import KEY_BYTE_TABLE_ROW, KEY_TABLE_ROW, VALUE_TABLE_ROW
 from turboquant.kernels.lut_asm import SIGNED_BYTE_LOOKUP, dequant_asm, scaled_dequant_asm
 from turboquant.kernels.packed_tile import load_levels
 
@@ -78,7 +79,7 @@ def test_lookup_ptx_interpreted_on_the_cpu_gives_the_codebook_levels(bits, table
     words[:2**bits] = torch.arange(2**bits) * sum(1 << (bits * k) for k in range(8))
     if table_inputs:
         lanes = codec.lut_lane_tables.to(torch.int64) & 0xFFFFFFFF
-        tables = {f"${9 + i}": torch.full_like(words, int(lanes[i, 0])) for i in range(4)}
+        tables = {f"${9 + i}": torch.full_like(words, int(lanes[KEY_TABLE_ROW + i, 0])) for i in range(4)}
         registers = ptx_integer.run(codec.key_table_lut_asm, {"$8": words, **tables})
     else:
         registers = ptx_integer.run(dequant_asm(centroids), {"$8": words})
@@ -98,7 +99,8 @@ def test_pair_lookup_ptx_gives_level_pairs_from_tables_in_registers(generator):
     words[:16] = torch.arange(16) * 0x11111111  # every index
     lanes = codec.lut_lane_tables.to(torch.int64) & 0xFFFFFFFF
     assert (lanes == lanes[:, :1]).all()  # the same words in every lane
-    tables = {name: torch.full_like(words, int(lanes[4 + i, 0])) for i, name in enumerate(("$6", "$8", "$10", "$12"))}
+    tables = {name: torch.full_like(words, int(lanes[VALUE_TABLE_ROW + i, 0]))
+              for i, name in enumerate(("$6", "$8", "$10", "$12"))}
     registers = ptx_integer.run(codec.value_pairs_lut_asm, {"$4": words, **tables})
     level_bits = centroids.view(torch.int16).to(torch.int64) & 0xFFFF
     for k in range(4):
@@ -114,9 +116,10 @@ def test_signed_byte_lookup_ptx_gives_the_key_level_of_each_code(head_dim, gener
     codec = make_codec(head_dim, 4, 4, num_kv_heads=1, block_size=16, device="cpu")
     words = torch.randint(0, 2**32, (4096,), generator=generator, dtype=torch.int64)
     words[:16] = torch.arange(16) * 0x11111111  # every code
-    lanes = codec.lut_lane_tables.to(torch.int64) & 0xFFFFFFFF  # the signed byte words: rows 8, 9
-    registers = ptx_integer.run(SIGNED_BYTE_LOOKUP, {"$2": words, "$6": torch.full_like(words, int(lanes[8, 0])),
-                                                     "$10": torch.full_like(words, int(lanes[9, 0]))})
+    lanes = codec.lut_lane_tables.to(torch.int64) & 0xFFFFFFFF
+    tables = {name: torch.full_like(words, int(lanes[KEY_BYTE_TABLE_ROW + i, 0]))
+              for i, name in enumerate(("$6", "$10"))}
+    registers = ptx_integer.run(SIGNED_BYTE_LOOKUP, {"$2": words, **tables})
     centroids = codec.key_centroids.cpu().double()  # indexed by code
     for k in range(8):
         code = (words >> (4 * k)) & 15
@@ -136,8 +139,8 @@ def test_scaled_lookup_ptx_gives_levels_times_the_scale(bits, generator):
     words[:2**bits] = torch.arange(2**bits) * sum(1 << (bits * k) for k in range(8))
     scales = (torch.rand(4096, generator=generator) * 300).half()
     scale_bits = scales.view(torch.int16).to(torch.int64) & 0xFFFF
-    lanes = codec.lut_lane_tables.to(torch.int64) & 0xFFFFFFFF  # the value's table words: rows 4..7
-    tables = {f"${11 + i}": torch.full_like(words, int(lanes[4 + i, 0])) for i in range(4)}
+    lanes = codec.lut_lane_tables.to(torch.int64) & 0xFFFFFFFF
+    tables = {f"${11 + i}": torch.full_like(words, int(lanes[VALUE_TABLE_ROW + i, 0])) for i in range(4)}
     registers = ptx_integer.run(scaled_dequant_asm(centroids), {"$8": words, "$9": scale_bits, "$10": scale_bits,
                                                                 **tables})
     for k in range(8):
@@ -161,8 +164,8 @@ def test_split_scaled_lookup_ptx_rounds_the_product_with_the_fp32_norm_once(bits
     lo = (norms - hi.float()).half()
     as_bits = lambda halves: halves.view(torch.int16).to(torch.int64) & 0xFFFF  # noqa: E731
     spacing = lambda x: numpy.spacing(numpy.abs(x).astype(numpy.float16)).astype(numpy.float64)  # noqa: E731
-    lanes = codec.lut_lane_tables.to(torch.int64) & 0xFFFFFFFF  # the key's table words: rows 0..3
-    tables = {f"${13 + i}": torch.full_like(words, int(lanes[i, 0])) for i in range(4)}
+    lanes = codec.lut_lane_tables.to(torch.int64) & 0xFFFFFFFF
+    tables = {f"${13 + i}": torch.full_like(words, int(lanes[KEY_TABLE_ROW + i, 0])) for i in range(4)}
     registers = ptx_integer.run(scaled_dequant_asm(centroids, split_scale=True),
                                 {"$8": words, "$9": as_bits(hi), "$10": as_bits(hi), "$11": as_bits(lo),
                                  "$12": as_bits(lo), **tables})

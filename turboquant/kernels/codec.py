@@ -20,6 +20,9 @@ KERNEL_HEAD_DIMS = (64, 80, 96, 128, 256)
 KERNEL_BITS = (2, 3, 4, 8)
 # The rotation as three 16-bit parts, R = P0 + P1/s + P2/s² (`rotate.py` says why).
 PART_SCALES = {torch.bfloat16: 256.0, torch.float16: 2048.0}
+# Where the kernels find their table words in `KernelCodec.lut_lane_tables`: the rows of the key
+# lookup's four words, of the value lookup's four, and of the key's two signed byte words.
+KEY_TABLE_ROW, VALUE_TABLE_ROW, KEY_BYTE_TABLE_ROW = 0, 4, 8
 
 
 @dataclass(frozen=True, eq=False)
@@ -56,8 +59,8 @@ class KernelCodec:
     # extend kernel): keys by an fp32 norm given as an fp16 hi/lo pair, values by an fp16 norm.
     key_scaled_lut_asm: str
     value_scaled_lut_asm: str
-    # The table words, one copy per lane ([10, 32] int32: the key lookup's four words, then the value
-    # lookup's, then the two of the key's signed byte lookup; zeros for codes of other widths).
+    # The table words, one copy per lane ([10, 32] int32, rows KEY_TABLE_ROW, VALUE_TABLE_ROW and
+    # KEY_BYTE_TABLE_ROW on; zeros for codes of other widths).
     lut_lane_tables: torch.Tensor
     # 4-bit keys' levels are s · (L + 1/2), L an int8 (`core.byte_grid`; the key quantizer's codebook is
     # that grid's), so the fragment decode kernel multiplies them as int8: s (0.0 for other widths).
@@ -129,6 +132,7 @@ def lane_tables(key_levels: torch.Tensor, value_levels: torch.Tensor,
     then the key's two signed byte words, each repeated once per lane of a warp."""
     words = [word for levels in (key_levels, value_levels)
              for word in (lookup_tables(levels) if levels.numel() in (8, 16) else (0, 0, 0, 0))]
+    assert len(words) == KEY_BYTE_TABLE_ROW
     words += list(key_byte_tables)
     signed = torch.tensor(words, dtype=torch.int64)
     signed = torch.where(signed >= 1 << 31, signed - (1 << 32), signed).to(torch.int32)

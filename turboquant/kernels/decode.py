@@ -23,7 +23,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from . import decode_fragments
-from .codec import KernelCodec
+from .codec import KEY_TABLE_ROW, VALUE_TABLE_ROW, KernelCodec
 from .exact_ring import ExactRing, exact_window_partials, middle_ends
 from .group_query import load_group_query
 from .launch import (FLOAT_DTYPES, SLICED_METADATA, check_attention_options, check_block_table, check_codec_device,
@@ -34,6 +34,8 @@ from .rotate import SHORT_TILE_MAX_TOKENS as ROTATE_SHORT_TILE_MAX_TOKENS
 from .rotate import rotate, rotated_columns, rotation_columns, rotation_operand
 from .softmax import empty_softmax_state, online_softmax_step, tanh
 from .visible_keys import first_visible_key
+
+_KEY_TABLE_ROW, _VALUE_TABLE_ROW = tl.constexpr(KEY_TABLE_ROW), tl.constexpr(VALUE_TABLE_ROW)
 
 
 def decode_launch(head_dim: int, key_bits: int, value_bits: int, byte_permute: bool) -> dict:
@@ -112,8 +114,8 @@ def _decode_split_kernel(
         acc = tl.trans(acc)
 
     # the byte-permute lookups' table words, held in registers (`lane_lookup_tables`)
-    key_tables = lane_lookup_tables(lut_tables_ptr, 0) if KEY_LUT != "" else None
-    value_tables = lane_lookup_tables(lut_tables_ptr, 4) if VALUE_LUT != "" else None
+    key_tables = lane_lookup_tables(lut_tables_ptr, _KEY_TABLE_ROW) if KEY_LUT != "" else None
+    value_tables = lane_lookup_tables(lut_tables_ptr, _VALUE_TABLE_ROW) if VALUE_LUT != "" else None
 
     table_ptr = block_table_ptr + seq * stride_table_seq
     for start in range(lo, hi, TILE):

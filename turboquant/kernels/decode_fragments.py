@@ -44,7 +44,7 @@ try:
 except ImportError:  # a Triton without Gluon: `unsupported_reason` says so and decode uses its Triton kernel
     gluon = None
 
-from .codec import KernelCodec
+from .codec import KEY_BYTE_TABLE_ROW, VALUE_TABLE_ROW, KernelCodec
 from .launch import page_constants, programmatic_launch
 from .lut_asm import SIGNED_BYTE_LOOKUP
 from .visible_keys import first_visible_key
@@ -114,6 +114,8 @@ if gluon is not None:
     _TILE = gl.constexpr(TILE)
     _SIGNED_BYTE_LOOKUP = gl.constexpr(SIGNED_BYTE_LOOKUP)
     _LOG2E = gl.constexpr(LOG2E)
+    _VALUE_TABLE_ROW = gl.constexpr(VALUE_TABLE_ROW)
+    _KEY_BYTE_TABLE_ROW = gl.constexpr(KEY_BYTE_TABLE_ROW)
 
     @constexpr_function
     def _mma_layout():
@@ -200,8 +202,8 @@ if gluon is not None:
 
     @gluon.jit
     def _lane_byte_tables(tables_ptr, lanes):
-        """The two table words of the key's signed byte lookup (rows 8, 9 of `KernelCodec.lut_lane_tables`)."""
-        ptrs = tables_ptr + 8 * 32 + lanes
+        """The two table words of the key's signed byte lookup (`KernelCodec.lut_lane_tables`)."""
+        ptrs = tables_ptr + _KEY_BYTE_TABLE_ROW * 32 + lanes
         return gl.load(ptrs), gl.load(ptrs + 32)
 
     @gluon.jit
@@ -400,7 +402,7 @@ if gluon is not None:
         key_tables = _lane_byte_tables(tables_ptr, key_lanes)
         value_lanes = ((value_rows >> 1) & 31)[:, None] + gl.zeros([8 * _TILE, D // 64], gl.int32, layout=values_layout)
         value_lanes = gl.convert_layout(_token_pairs(value_lanes)[0], pairs_layout, assert_trivial=True)
-        value_tables = _lane_tables(tables_ptr, value_lanes, 4)
+        value_tables = _lane_tables(tables_ptr, value_lanes, _VALUE_TABLE_ROW)
 
         table_ptr = block_table_ptr + seq * stride_table_seq
         # each step issues the next tile's loads before it computes on the tile loaded the step before, and

@@ -38,12 +38,14 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
+from .codec import KEY_TABLE_ROW, VALUE_TABLE_ROW
 from .launch import SLICED_METADATA
 from .lut_asm import byte_permute_available
 from .softmax import masked_online_softmax_step
 from .visible_keys import extend_tile_range
 
 LOG2E = gl.constexpr(1.4426950408889634)
+_KEY_TABLE_ROW, _VALUE_TABLE_ROW = gl.constexpr(KEY_TABLE_ROW), gl.constexpr(VALUE_TABLE_ROW)
 # a barrier among the warps of one partition: `thread_barrier` in Triton 3.6, `barrier` in later releases
 partition_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 enabled = True  # False: `extend_attention` runs extend.py's kernel everywhere (benchmarks time both)
@@ -148,9 +150,9 @@ def _producer(cache_ptr, tables_ptr, block_table_ptr, table_row, kv_head, fresh_
     WORDS: gl.constexpr = HEAD_DIM // 8
     WORDS_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 4], [128 // WORDS, WORDS // 4], [4, 1], [1, 0])
     ROWS_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [256 // HEAD_DIM, HEAD_DIM // 8], [4, 1], [1, 0])
-    # the lookup's table words (`KernelCodec.lut_lane_tables`: the key's four, then the value's), one
-    # register each that every lookup shares (a constant would be re-materialized before each byte permute)
-    table = gl.zeros([1, 1], gl.int32, layout=WORDS_LAYOUT) + (0 if KEYS else 128)
+    # the lookup's four table words (`KernelCodec.lut_lane_tables`), one register each that every lookup
+    # shares (a constant would be re-materialized before each byte permute)
+    table = gl.zeros([1, 1], gl.int32, layout=WORDS_LAYOUT) + (_KEY_TABLE_ROW if KEYS else _VALUE_TABLE_ROW) * 32
     t0 = gl.load(tables_ptr + table)
     t1 = gl.load(tables_ptr + table + 32)
     t2 = gl.load(tables_ptr + table + 64)
