@@ -59,8 +59,8 @@ class KernelCodec:
     # extend kernel): keys by an fp32 norm given as an fp16 hi/lo pair, values by an fp16 norm.
     key_scaled_lut_asm: str
     value_scaled_lut_asm: str
-    # The table words, one copy per lane ([10, 32] int32, rows KEY_TABLE_ROW, VALUE_TABLE_ROW and
-    # KEY_BYTE_TABLE_ROW on; zeros for codes of other widths).
+    # The table words, one copy per lane ([10, 32] int32; each lookup's words start at its row,
+    # KEY_TABLE_ROW, VALUE_TABLE_ROW or KEY_BYTE_TABLE_ROW; zeros for codes of other widths).
     lut_lane_tables: torch.Tensor
     # 4-bit keys' levels are s · (L + 1/2), L an int8 (`core.byte_grid`; the key quantizer's codebook is
     # that grid's), so the fragment decode kernel multiplies them as int8: s (0.0 for other widths).
